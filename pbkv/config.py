@@ -1,0 +1,159 @@
+"""Settings: ``conf/settings.conf`` (JSON with string values, as in the course)
+overridden by command-line flags.
+
+Every field of ``Settings`` can appear in the file under its own name and on
+the command line as ``--name-with-dashes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = "conf/settings.conf"
+ROLES = ("primary", "backup")
+BACKUP_INITIAL_STAGES = ("cold_start", "bootstrapping_primary")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    primary: str = "127.0.0.1"
+    backup: str = "127.0.0.2"
+    port: int = 8080
+    # None: same as ``port``, or port + 1 when both servers share an address.
+    backup_port: int | None = None
+
+    store: str = "sharded"  # "sharded" or "hash"
+    shards: int = 16
+    max_key_bytes: int = 4 * 1024
+    max_value_bytes: int = 1024 * 1024
+
+    # Replication timing, in seconds.
+    ack_timeout: float = 2.0  # a batch not acknowledged by then fails
+    heartbeat_interval: float = 0.2  # each side sends at least this often
+    peer_timeout: float = 2.0  # silence after which the peer is gone
+    retry_min: float = 0.05  # first back-off after a failed attempt
+    retry_max: float = 1.0  # back-off ceiling
+    transfer_chunk: int = 2048  # pairs per frame during a full transfer
+
+    backup_initial_stage: str = "cold_start"
+    # A primary that answers writes without a backup (tests, one-node use).
+    standalone: bool = False
+    idle_timeout: float = 300.0  # close idle client connections after this
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.store not in ("sharded", "hash"):
+            raise SettingsError(f"store must be 'sharded' or 'hash', not {self.store!r}")
+        if self.backup_initial_stage not in BACKUP_INITIAL_STAGES:
+            raise SettingsError(
+                f"backup_initial_stage must be one of {', '.join(BACKUP_INITIAL_STAGES)}"
+            )
+        for name in ("port", "shards", "max_key_bytes", "max_value_bytes", "transfer_chunk"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be a positive number")
+        if not 0 < self.port < 65536:
+            raise SettingsError("port must be between 1 and 65535")
+        for name in ("ack_timeout", "heartbeat_interval", "peer_timeout", "retry_min"):
+            if getattr(self, name) <= 0:
+                raise SettingsError(f"{name} must be a positive number of seconds")
+        if self.retry_max < self.retry_min:
+            raise SettingsError("retry_max must be at least retry_min")
+
+    @property
+    def effective_backup_port(self) -> int:
+        if self.backup_port is not None:
+            return self.backup_port
+        return self.port + 1 if self.primary == self.backup else self.port
+
+    def address_of(self, role: str) -> tuple[str, int]:
+        if role == "primary":
+            return self.primary, self.port
+        if role == "backup":
+            return self.backup, self.effective_backup_port
+        raise SettingsError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+
+
+_FIELDS = {f.name: f for f in fields(Settings)}
+
+
+def _convert(name: str, raw: Any) -> Any:
+    """Turn a string (file or flag) into the field's type."""
+    kind = _FIELDS[name].type
+    if raw is None:
+        return None
+    try:
+        if kind in ("int", "int | None"):
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise SettingsError(f"setting {name!r} has an invalid value {raw!r}") from None
+
+
+def parse_mapping(values: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise SettingsError(f"unknown setting(s): {', '.join(unknown)}")
+    return {name: _convert(name, raw) for name, raw in values.items()}
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"cannot read settings file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"settings file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"settings file {path} must hold a JSON object")
+    return parse_mapping(data)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per setting, plus ``--config``."""
+    parser.add_argument("--config", default=DEFAULT_CONFIG_PATH, help="settings file (JSON)")
+    for name, field in _FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(flag, dest=name, default=None, action="store_const", const=True)
+            parser.add_argument(
+                "--no-" + name.replace("_", "-"), dest=name, action="store_const", const=False
+            )
+        else:
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper())
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """File values first, then the flags that were given."""
+    values: dict[str, Any] = {}
+    config = getattr(args, "config", None)
+    if config and (Path(config).exists() or config != DEFAULT_CONFIG_PATH):
+        values.update(load_file(config))
+    flags = {n: getattr(args, n) for n in _FIELDS if getattr(args, n, None) is not None}
+    values.update(parse_mapping(flags))
+    return Settings(**values)
+
+
+def to_public_dict(settings: Settings) -> dict[str, Any]:
+    return dataclasses.asdict(settings)

@@ -1,0 +1,425 @@
+"""The client API: HTTP/1.1 on ``httptools`` with a bare asyncio protocol.
+
+Parsing belongs to httptools; this module routes, decodes parameters, checks
+limits and turns outcomes into the course's exact JSON replies.  Replies on
+one connection go out in request order even when a write is answered later
+than a read behind it (pipelining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import parse_qsl
+
+import httptools
+import orjson
+
+from pbkv.core import (
+    Command,
+    Counted,
+    Done,
+    Dumped,
+    Outcome,
+    Refused,
+    ReplicationFailed,
+)
+from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
+
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    413: b"Content Too Large",
+    503: b"Service Unavailable",
+}
+
+
+class App(Protocol):
+    """What the HTTP layer needs from a server (``node.Node`` implements it)."""
+
+    accepts_replication: bool
+
+    def read(self, command: Command, key: str) -> Outcome: ...
+
+    def submit(
+        self, command: Command, key: str, value: str | None, respond: Callable[[Outcome], None]
+    ) -> Outcome | None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def metrics(self) -> tuple[bytes, str]: ...
+
+    def shutdown(self) -> None: ...
+
+    def upgrade(self, transport: asyncio.Transport, leftover: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_key_bytes: int = 4096
+    max_value_bytes: int = 1024 * 1024
+
+    @property
+    def max_body_bytes(self) -> int:
+        # Percent-encoding can triple every byte; leave room for names and separators.
+        return 3 * (self.max_key_bytes + self.max_value_bytes) + 1024
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# -- replies -----------------------------------------------------------------------
+def response(status: int, body: bytes, extra: bytes = b"", close: bool = False) -> bytes:
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+        status,
+        _REASONS.get(status, b"Error"),
+        len(body),
+    )
+    if close:
+        head += b"Connection: close\r\n"
+    return head + extra + b"\r\n" + body
+
+
+def error_body(message: str, **extra: str) -> bytes:
+    return orjson.dumps({"success": "false", "error": message, **extra})
+
+
+_TRUE = b'{"success":"true"}'
+_FALSE = b'{"success":"false"}'
+_MISS = b'{"success":"false","value":""}'
+_RETRY = b"Retry-After: 1\r\n"
+
+
+def outcome_reply(command: Command, outcome: Outcome) -> tuple[int, bytes, bytes]:
+    """(status, body, extra headers) for an outcome of ``command``."""
+    if isinstance(outcome, Done):
+        if command is Command.GET or command is Command.DELETE:
+            if not outcome.ok:
+                return 200, _MISS, b""
+            return 200, b'{"success":"true","value":' + orjson.dumps(outcome.value) + b"}", b""
+        return 200, (_TRUE if outcome.ok else _FALSE), b""
+    if isinstance(outcome, Counted):
+        return 200, b'{"result":"%d"}' % outcome.count, b""
+    if isinstance(outcome, Dumped):
+        return 200, orjson.dumps(outcome.pairs), b""
+    if isinstance(outcome, ReplicationFailed):
+        return 503, b'{"success":"false","error":"replication failed"}', _RETRY
+    if isinstance(outcome, Refused):
+        stage = outcome.stage.value
+        if outcome.primary is not None:
+            body = error_body(
+                f"this server is the backup; send writes to the primary at {outcome.primary}",
+                stage=stage,
+                primary=outcome.primary,
+            )
+        else:
+            body = error_body(f"not accepting this request in stage {stage}", stage=stage)
+        return 503, body, _RETRY
+    raise TypeError(f"unknown outcome {outcome!r}")
+
+
+# -- routing -------------------------------------------------------------------------
+_KV_ROUTES: dict[bytes, tuple[bytes, Command]] = {
+    b"/kv/get": (b"GET", Command.GET),
+    b"/kv/insert": (b"POST", Command.INSERT),
+    b"/kv/update": (b"POST", Command.UPDATE),
+    b"/kv/delete": (b"POST", Command.DELETE),
+    b"/kvman/countkey": (b"GET", Command.COUNT),
+    b"/kvman/dump": (b"GET", Command.DUMP),
+}
+_ADMIN_ROUTES = {b"/kvman/shutdown", b"/kvman/status", b"/metrics"}
+_ADMIN_METHODS = {
+    b"/kvman/shutdown": (b"GET", b"POST"),
+    b"/kvman/status": (b"GET",),
+    b"/metrics": (b"GET",),
+}
+_NEEDS_VALUE = frozenset({Command.INSERT, Command.UPDATE})
+_NEEDS_KEY = frozenset({Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE})
+
+
+def _decode_pairs(text: str, into: dict[str, str]) -> None:
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise RequestError(400, "parameters are not valid UTF-8 after percent-decoding") from None
+    except ValueError as exc:
+        raise RequestError(400, f"malformed parameters: {exc}") from None
+    for name, value in pairs:
+        if name in into:
+            raise RequestError(400, f"parameter {name!r} given more than once")
+        into[name] = value
+
+
+def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[str, str]:
+    """Query string and form or JSON body, merged; a name may appear once."""
+    params: dict[str, str] = {}
+    if query:
+        try:
+            _decode_pairs(query.decode("ascii"), params)
+        except UnicodeDecodeError:
+            raise RequestError(
+                400, "query string must be ASCII (percent-encode the rest)"
+            ) from None
+    if not body:
+        return params
+    if content_type.split(b";", 1)[0].strip().lower() == b"application/json":
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RequestError(400, "a JSON body must be an object")
+        for name, value in data.items():
+            if not isinstance(value, str):
+                raise RequestError(400, f"parameter {name!r} must be a string")
+            if name in params:
+                raise RequestError(400, f"parameter {name!r} given more than once")
+            params[name] = value
+        return params
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, "body is not valid UTF-8") from None
+    _decode_pairs(text, params)
+    return params
+
+
+def key_and_value(
+    command: Command, params: dict[str, str], limits: Limits
+) -> tuple[str, str | None]:
+    key = params.get("key")
+    if command in _NEEDS_KEY:
+        if key is None:
+            raise RequestError(400, "missing parameter 'key'")
+        if not key:
+            raise RequestError(400, "key must not be empty")
+        if len(key) > limits.max_key_bytes or len(key.encode()) > limits.max_key_bytes:
+            raise RequestError(413, f"key longer than {limits.max_key_bytes} bytes")
+    value = params.get("value")
+    if command in _NEEDS_VALUE:
+        if value is None:
+            raise RequestError(400, "missing parameter 'value'")
+        if len(value) > limits.max_value_bytes or len(value.encode()) > limits.max_value_bytes:
+            raise RequestError(413, f"value longer than {limits.max_value_bytes} bytes")
+    return key or "", value
+
+
+# -- the protocol ------------------------------------------------------------------
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, app: App, limits: Limits, connections: set[HttpProtocol]) -> None:
+        self.app = app
+        self.limits = limits
+        self.connections = connections
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.last_active = time.monotonic()
+        self._url = b""
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._content_type = b""
+        self._too_large = False
+        self._upgrade = False
+        # Replies in request order: [bytes or None, close after it].
+        self._pending: collections.deque[list[Any]] = collections.deque()
+        self._closing = False
+        self._after_reply: Callable[[], None] | None = None
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+        self._closing = True
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self._closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._handle_upgrade(data[exc.args[0] :])
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._body = []
+        self._body_size = 0
+        self._content_type = b""
+        self._too_large = False
+        self._upgrade = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower == b"content-type":
+            self._content_type = value
+        elif lower == b"content-length":
+            try:
+                if int(value) > self.limits.max_body_bytes:
+                    self._too_large = True
+            except ValueError:
+                pass  # httptools rejects it
+        elif lower == b"upgrade" and value.strip().lower() == UPGRADE_TOKEN:
+            self._upgrade = True
+
+    def on_headers_complete(self) -> None:
+        if self._too_large:
+            self._fail(413, f"request body larger than {self.limits.max_body_bytes} bytes")
+
+    def on_body(self, body: bytes) -> None:
+        if self._too_large:
+            return
+        self._body_size += len(body)
+        if self._body_size > self.limits.max_body_bytes:
+            self._too_large = True
+            self._fail(413, f"request body larger than {self.limits.max_body_bytes} bytes")
+            return
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._closing or self._too_large:
+            return
+        if self._upgrade and self.parser.should_upgrade():
+            return  # data_received takes over
+        keep_alive = self.parser.should_keep_alive()
+        slot: list[Any] = [None, not keep_alive]
+        self._pending.append(slot)
+        try:
+            self._dispatch(slot)
+        except RequestError as exc:
+            self._reply(slot, exc.status, error_body(exc.message))
+
+    # internals
+    def _dispatch(self, slot: list[Any]) -> None:
+        url = httptools.parse_url(self._url)
+        path = url.path
+        method = self.parser.get_method()
+        route = _KV_ROUTES.get(path)
+        if route is None:
+            self._admin(slot, path, method)
+            return
+        allowed, command = route
+        if method != allowed:
+            raise_method(allowed)
+        body = b"".join(self._body) if self._body else b""
+        params = parse_params(url.query, body, self._content_type)
+        key, value = key_and_value(command, params, self.limits)
+        app = self.app
+        if command is Command.GET or command is Command.COUNT or command is Command.DUMP:
+            outcome: Outcome | None = app.read(command, key)
+        else:
+            outcome = app.submit(command, key, value, lambda o: self._answer(slot, command, o))
+        if outcome is not None:
+            self._answer(slot, command, outcome)
+
+    def _admin(self, slot: list[Any], path: bytes, method: bytes) -> None:
+        if path not in _ADMIN_ROUTES:
+            if path == UPGRADE_PATH:
+                raise RequestError(400, "the replication channel needs an Upgrade header")
+            raise RequestError(404, f"unknown path {path.decode('utf-8', 'replace')}")
+        if method not in _ADMIN_METHODS[path]:
+            raise_method(b", ".join(_ADMIN_METHODS[path]))
+        if path == b"/kvman/status":
+            self._reply(slot, 200, orjson.dumps(self.app.status()))
+        elif path == b"/metrics":
+            body, content_type = self.app.metrics()
+            self._reply(slot, 200, body, content_type=content_type.encode())
+        else:
+            slot[1] = True
+            self._after_reply = self.app.shutdown
+            self._reply(slot, 200, b'{"success":"true"}')
+
+    def _answer(self, slot: list[Any], command: Command, outcome: Outcome) -> None:
+        status, body, extra = outcome_reply(command, outcome)
+        self._reply(slot, status, body, extra)
+
+    def _reply(
+        self,
+        slot: list[Any],
+        status: int,
+        body: bytes,
+        extra: bytes = b"",
+        content_type: bytes | None = None,
+    ) -> None:
+        data = response(status, body, extra, close=slot[1])
+        if content_type is not None:
+            data = data.replace(b"application/json", content_type, 1)
+        slot[0] = data
+        self._flush()
+
+    def _flush(self) -> None:
+        pending = self._pending
+        transport = self.transport
+        while pending and pending[0][0] is not None:
+            data, close = pending.popleft()
+            if transport is None:
+                continue
+            transport.write(data)
+            if close:
+                self._close_after_write()
+                return
+
+    def _close_after_write(self) -> None:
+        self._closing = True
+        self._pending.clear()
+        if self.transport is not None:
+            self.transport.close()
+        if self._after_reply is not None:
+            after, self._after_reply = self._after_reply, None
+            after()
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer an unrecoverable request error and close the connection."""
+        if self._closing:
+            return
+        slot: list[Any] = [None, True]
+        self._pending.append(slot)
+        self._reply(slot, status, error_body(message))
+
+    def _handle_upgrade(self, leftover: bytes) -> None:
+        url = httptools.parse_url(self._url)
+        if not self._upgrade or url.path != UPGRADE_PATH or self._pending:
+            self._fail(400, "unsupported upgrade")
+            return
+        if not self.app.accepts_replication:
+            self._fail(400, "only the backup accepts a replication channel")
+            return
+        transport = self.transport
+        self.connections.discard(self)
+        self._closing = True
+        self.transport = None
+        assert transport is not None
+        transport.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: "
+            + UPGRADE_TOKEN
+            + b"\r\nConnection: Upgrade\r\n\r\n"
+        )
+        self.app.upgrade(transport, leftover)
+
+    def close_if_idle(self, now: float, idle_timeout: float) -> None:
+        if self.transport is not None and now - self.last_active > idle_timeout:
+            self.transport.close()
+
+
+def raise_method(allowed: bytes) -> None:
+    raise RequestError(405, f"method not allowed here; use {allowed.decode()}")

@@ -1,0 +1,77 @@
+"""Prometheus metrics, read from the node when scraped.
+
+Counting on the hot path is a dict increment; the prometheus-client objects
+are built only at scrape time (a custom collector), so serving requests pays
+nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from pbkv.core import Command
+from pbkv.stages import ACCEPTANCE
+
+if TYPE_CHECKING:
+    from pbkv.node import Node
+
+
+class Metrics:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.requests: Counter[Command] = Counter()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    def count(self, command: Command) -> None:
+        self.requests[command] += 1
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def collect(self):  # prometheus-client collector protocol
+        node = self.node
+        status = node.core.status()
+        role = node.role
+        requests = CounterMetricFamily(
+            "pbkv_requests", "Client requests by command", labels=["role", "command"]
+        )
+        for command in Command:
+            requests.add_metric([role, command.value], self.requests[command])
+        yield requests
+        stage = GaugeMetricFamily("pbkv_stage", "1 for the current stage", labels=["role", "stage"])
+        for name in ACCEPTANCE[role]:
+            stage.add_metric([role, name.value], 1.0 if name.value == status["stage"] else 0.0)
+        yield stage
+        gauges = {
+            "pbkv_keys": ("Keys held", status["keys"]),
+            "pbkv_replication_seq": ("Last replicated batch applied", status["seq"]),
+            "pbkv_replication_lag": ("Batches not yet acknowledged", status["lag"]),
+            "pbkv_peer_connected": (
+                "1 while the replication channel is up",
+                int(status["peer_connected"]),
+            ),
+            "pbkv_uptime_seconds": ("Seconds since start", status["uptime"]),
+            "pbkv_client_connections": ("Open client connections", len(node.connections)),
+        }
+        for name, (text, value) in gauges.items():
+            gauge = GaugeMetricFamily(name, text, labels=["role"])
+            gauge.add_metric([role], float(value))
+            yield gauge
+        counters = {
+            "pbkv_transfers_completed": ("Full transfers completed", "transfers_completed"),
+            "pbkv_transfers_failed": ("Full transfers that failed", "transfers_failed"),
+            "pbkv_writes_rewound": ("Writes rewound after a replication failure", "writes_rewound"),
+            "pbkv_batches": ("Replication batches sent or applied", "batches_sent"),
+        }
+        for name, (text, field) in counters.items():
+            if field == "batches_sent" and role == "backup":
+                field = "batches_applied"
+            if field in status:
+                counter = CounterMetricFamily(name, text, labels=["role"])
+                counter.add_metric([role], float(status[field]))
+                yield counter

@@ -1,0 +1,418 @@
+"""The asyncio driver: real sockets and timers in, core events out.
+
+One event loop owns the store and the replication core; every store
+operation runs on it, so none needs a lock.  The driver carries out the
+actions the core queues (see ``core.py``) and never decides anything itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+
+from pbkv import config
+from pbkv.backup import BackupCore
+from pbkv.core import (
+    CloseChannel,
+    Command,
+    Connect,
+    Outcome,
+    Probe,
+    PumpTransfer,
+    Respond,
+    Send,
+    StartTimer,
+)
+from pbkv.http import HttpProtocol, Limits
+from pbkv.metrics import Metrics
+from pbkv.primary import PrimaryCore
+from pbkv.store import make_store
+from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, FrameDecoder, FrameError, encode
+
+log = logging.getLogger("pbkv")
+
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024
+PUMP_FRAMES = 4  # transfer frames queued per turn of the event loop
+
+
+class ChannelProtocol(asyncio.Protocol):
+    """The replication channel: frames both ways after an HTTP upgrade.
+
+    On the primary it first sends the upgrade request and waits for ``101``
+    (parsed by httptools); on the backup the HTTP layer hands it an already
+    upgraded transport.
+    """
+
+    def __init__(self, node: Node, upgraded: bool) -> None:
+        self.node = node
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder()
+        self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._response_parser = None if upgraded else httptools.HttpResponseParser(self)
+        if upgraded:
+            self.upgraded.set_result(None)
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        if self._response_parser is not None:
+            host, port = self.node.settings.address_of("backup")
+            self.transport.write(
+                b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: %s\r\nConnection: Upgrade\r\n\r\n"
+                % (UPGRADE_PATH, host.encode(), port, UPGRADE_TOKEN)
+            )
+
+    def data_received(self, data: bytes) -> None:
+        if self._response_parser is not None:
+            try:
+                self._response_parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                self._response_parser = None
+                if not self.upgraded.done():
+                    self.upgraded.set_result(None)
+                data = data[exc.args[0] :]
+            except httptools.HttpParserError as exc:
+                self._refused(f"bad upgrade response: {exc}")
+                return
+            else:
+                return
+        try:
+            frames = self.decoder.feed(data)
+        except FrameError as exc:
+            self.node.channel_broken(self, f"bad frame: {exc}")
+            return
+        if frames:
+            self.node.frames_received(self, frames)
+
+    def on_message_complete(self) -> None:
+        # A complete response without an upgrade: the peer refused the channel.
+        parser = self._response_parser
+        if parser is not None and parser.get_status_code() != 101:
+            self._refused("the peer refused the replication channel")
+
+    def _refused(self, reason: str) -> None:
+        if not self.upgraded.done():
+            self.upgraded.set_exception(ConnectionRefusedError(reason))
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._writable.set()
+        if not self.upgraded.done():
+            self.upgraded.set_exception(ConnectionError("connection closed during upgrade"))
+        self.node.channel_broken(self, f"connection closed ({exc or 'EOF'})")
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def wait_writable(self) -> None:
+        await self._writable.wait()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Node:
+    """One pbkv server process: HTTP front, replication core, channel."""
+
+    def __init__(self, settings: config.Settings, role: str) -> None:
+        self.settings = settings
+        self.role = role
+        self.loop = asyncio.get_running_loop()
+        self.store = make_store(settings.store, settings.shards)
+        now = self.loop.time()
+        core_class = PrimaryCore if role == "primary" else BackupCore
+        self.core: PrimaryCore | BackupCore = core_class(settings, self.store, now)
+        self.accepts_replication = role == "backup"
+        self.address = settings.address_of(role)
+        self.peer_address = settings.address_of("backup" if role == "primary" else "primary")
+        self.limits = Limits(settings.max_key_bytes, settings.max_value_bytes)
+        self.connections: set[HttpProtocol] = set()
+        self.channel: ChannelProtocol | None = None
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.stopped = asyncio.Event()
+        self.stats = Metrics(self)
+        self._flush_scheduled = False
+        self._pumping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def run(self) -> None:
+        host, port = self.address
+        server = await self.loop.create_server(
+            lambda: HttpProtocol(self, self.limits, self.connections),
+            host,
+            port,
+            reuse_address=True,
+            backlog=2048,
+        )
+        log.info("%s listening on %s:%d (store %s)", self.role, host, port, self.store.kind)
+        self.core.start(self.loop.time())
+        self._drain()
+        self._sweep = self.loop.call_later(5.0, self._sweep_idle)
+        try:
+            await self.stopped.wait()
+        finally:
+            self._sweep.cancel()
+            server.close()  # frees the port at once
+            for timer in self.timers.values():
+                timer.cancel()
+            if self.channel is not None:
+                self.channel.close()
+            for connection in list(self.connections):
+                if connection.transport is not None:
+                    connection.transport.close()
+            for task in list(self._tasks):
+                task.cancel()
+            log.info("%s stopped", self.role)
+
+    def shutdown(self) -> None:
+        log.info("%s shutting down on request", self.role)
+        self.stopped.set()
+
+    def _sweep_idle(self) -> None:
+        now = time.monotonic()  # the clock HttpProtocol stamps activity with
+        for connection in list(self.connections):
+            connection.close_if_idle(now, self.settings.idle_timeout)
+        self._sweep = self.loop.call_later(5.0, self._sweep_idle)
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the App interface of http.py --------------------------------------------
+    def read(self, command: Command, key: str) -> Outcome:
+        self.stats.count(command)
+        return self.core.read(command, key)
+
+    def submit(
+        self, command: Command, key: str, value: str | None, respond: Callable[[Outcome], None]
+    ) -> Outcome | None:
+        self.stats.count(command)
+        outcome = self.core.submit(command, key, value, respond)
+        if outcome is None and not self._flush_scheduled:
+            # Everything that arrives in this turn of the loop shares one batch.
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+        return outcome
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        core = self.core
+        assert isinstance(core, PrimaryCore)
+        core.flush(self.loop.time())
+        self._drain()
+
+    def status(self) -> dict[str, Any]:
+        status = self.core.status()
+        status["address"] = "%s:%d" % self.address
+        status["peer"] = "%s:%d" % self.peer_address
+        status["store"] = self.store.kind
+        status["shards"] = self.store.shard_count
+        status["clients"] = len(self.connections)
+        return status
+
+    def metrics(self) -> tuple[bytes, str]:
+        return self.stats.render()
+
+    def upgrade(self, transport: asyncio.Transport, leftover: bytes) -> None:
+        channel = ChannelProtocol(self, upgraded=True)
+        transport.set_protocol(channel)
+        channel.connection_made(transport)
+        core = self.core
+        assert isinstance(core, BackupCore)
+        core.channel_opened(self.loop.time())
+        self._drain()  # closes a channel this one replaces
+        self.channel = channel
+        log.info("backup accepted a replication channel from %s", _peername(transport))
+        if leftover:
+            channel.data_received(leftover)
+
+    # -- channel events ----------------------------------------------------------
+    def frames_received(self, channel: ChannelProtocol, frames: list[list[Any]]) -> None:
+        if channel is not self.channel:
+            return
+        core = self.core
+        for frame in frames:
+            core.frame_received(self.loop.time(), frame)
+            if channel is not self.channel:
+                break
+        self._drain()
+
+    def channel_broken(self, channel: ChannelProtocol, reason: str) -> None:
+        if channel is not self.channel:
+            return
+        self.channel = None
+        channel.close()
+        self.core.channel_closed(self.loop.time(), reason)
+        self._drain()
+
+    # -- carrying out actions ------------------------------------------------------
+    def _drain(self) -> None:
+        core = self.core
+        while core.outbox:
+            for action in core.take_actions():
+                self._carry_out(action)
+
+    def _carry_out(self, action: Any) -> None:
+        if isinstance(action, Respond):
+            action.token(action.outcome)
+        elif isinstance(action, Send):
+            if self.channel is not None:
+                self.channel.write(encode(action.frame))
+        elif isinstance(action, StartTimer):
+            old = self.timers.pop(action.name, None)
+            if old is not None:
+                old.cancel()
+            self.timers[action.name] = self.loop.call_later(
+                action.delay, self._timer_fired, action.name
+            )
+        elif isinstance(action, CloseChannel):
+            channel, self.channel = self.channel, None
+            if channel is not None:
+                log.info("%s closes the replication channel: %s", self.role, action.reason)
+                channel.close()
+        elif isinstance(action, Connect):
+            self._spawn(self._connect())
+        elif isinstance(action, Probe):
+            self._spawn(self._probe())
+        elif isinstance(action, PumpTransfer):
+            if not self._pumping:
+                self._spawn(self._pump())
+        else:
+            raise TypeError(f"unknown action {action!r}")
+
+    def _timer_fired(self, name: str) -> None:
+        self.timers.pop(name, None)
+        self.core.timer_fired(self.loop.time(), name)
+        self._drain()
+
+    async def _connect(self) -> None:
+        core = self.core
+        assert isinstance(core, PrimaryCore)
+        host, port = self.peer_address
+        timeout = self.settings.peer_timeout
+        transport = None
+        try:
+            transport, channel = await asyncio.wait_for(
+                self.loop.create_connection(
+                    lambda: ChannelProtocol(self, upgraded=False), host, port
+                ),
+                timeout,
+            )
+            await asyncio.wait_for(channel.upgraded, timeout)
+        except (TimeoutError, OSError) as exc:
+            if transport is not None:
+                transport.close()
+            core.channel_failed(self.loop.time(), f"{host}:{port}: {exc or type(exc).__name__}")
+            self._drain()
+            return
+        if channel.closed:
+            core.channel_failed(self.loop.time(), "closed during the upgrade")
+            self._drain()
+            return
+        self.channel = channel
+        core.channel_opened(self.loop.time())
+        self._drain()
+
+    async def _probe(self) -> None:
+        core = self.core
+        assert isinstance(core, BackupCore)
+        host, port = self.peer_address
+        try:
+            _, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), self.settings.peer_timeout
+            )
+            writer.close()
+            running = True
+        except (TimeoutError, OSError):
+            running = False
+        core.probe_result(self.loop.time(), running)
+        self._drain()
+
+    async def _pump(self) -> None:
+        """Send a transfer a few frames at a time, yielding between them."""
+        self._pumping = True
+        try:
+            while True:
+                channel = self.channel
+                if channel is None:
+                    return
+                more = self.core.pump_transfer(self.loop.time(), PUMP_FRAMES)
+                self._drain()
+                if not more:
+                    return
+                await channel.wait_writable()
+                await asyncio.sleep(0)
+        finally:
+            self._pumping = False
+
+
+def _peername(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return "%s:%d" % peer[:2] if peer else "?"
+
+
+def setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s {role} %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pbkv serve", description="Run a pbkv server.")
+    parser.add_argument("--role", choices=config.ROLES, required=True)
+    config.add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = config.settings_from_args(args)
+    except config.SettingsError as exc:
+        print(f"pbkv: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level, args.role)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        runner = asyncio.run
+    try:
+        runner(_serve(settings, args.role))
+    except OSError as exc:
+        host, port = settings.address_of(args.role)
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _serve(settings: config.Settings, role: str) -> None:
+    node = Node(settings, role)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, node.stopped.set)
+    await node.run()

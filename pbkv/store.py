@@ -1,0 +1,167 @@
+"""The in-memory database: a map of str to str with an always-current checksum.
+
+Two implementations share one interface (SPEC section 5):
+
+* ``ShardedStore`` splits keys over N dicts by a stable hash of the key.  The
+  shard is also the unit of a full transfer and of the warm-start rule "this
+  part of the key space has arrived, so a miss there is certain".
+* ``HashStore`` is one dict; for transfers it is a single shard.
+
+Callers need no locks: pbkv runs every store operation on the one event loop
+that owns the store (the Redis way), so each call is atomic.
+
+The checksum is order independent: the sum, modulo 2**128, of xxh3_128 over
+each (key, value) pair.  Adding and removing a pair adjusts it in O(1), so two
+databases compare in O(1) and a transfer can be verified shard by shard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import xxhash
+
+CHECKSUM_MODULUS = 1 << 128
+_MASK = CHECKSUM_MODULUS - 1
+# 0xFF never occurs in UTF-8, so "key 0xFF value" is unambiguous.
+_SEPARATOR = b"\xff"
+
+_pair_digest = xxhash.xxh3_128_intdigest
+_key_digest = xxhash.xxh3_64_intdigest
+
+
+def pair_checksum(key: str, value: str) -> int:
+    """The checksum contribution of one pair."""
+    return _pair_digest(key.encode() + _SEPARATOR + value.encode())
+
+
+def shard_of(key: str, shard_count: int) -> int:
+    """Stable across processes (unlike ``hash()``), so both servers agree."""
+    if shard_count == 1:
+        return 0
+    return _key_digest(key.encode()) % shard_count
+
+
+def combine(checksums: Iterable[int]) -> int:
+    return sum(checksums) & _MASK
+
+
+class ShardedStore:
+    """N dicts, each with its own running checksum."""
+
+    kind = "sharded"
+
+    def __init__(self, shard_count: int = 16) -> None:
+        if shard_count < 1:
+            raise ValueError("shard_count must be at least 1")
+        self.shard_count = shard_count
+        self._shards: list[dict[str, str]] = [{} for _ in range(shard_count)]
+        self._sums: list[int] = [0] * shard_count
+        self._size = 0
+
+    # -- reads ---------------------------------------------------------------
+    def get(self, key: str) -> str | None:
+        return self._shards[shard_of(key, self.shard_count)].get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shards[shard_of(key, self.shard_count)]
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def checksum(self) -> int:
+        return combine(self._sums)
+
+    def shard_checksum(self, shard: int) -> int:
+        return self._sums[shard] & _MASK
+
+    def shard_len(self, shard: int) -> int:
+        return len(self._shards[shard])
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        for shard in self._shards:
+            yield from shard.items()
+
+    def shard_chunks(self, shard: int, chunk_size: int) -> Iterator[list[tuple[str, str]]]:
+        """The pairs of one shard in lists of at most ``chunk_size``.
+
+        The caller must not write to the store while iterating (a transfer
+        runs in a stage that refuses writes).
+        """
+        chunk: list[tuple[str, str]] = []
+        for pair in self._shards[shard].items():
+            chunk.append(pair)
+            if len(chunk) >= chunk_size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    # -- writes --------------------------------------------------------------
+    def put(self, key: str, value: str) -> str | None:
+        """Insert or overwrite; returns the previous value."""
+        index = shard_of(key, self.shard_count)
+        shard = self._shards[index]
+        old = shard.get(key)
+        delta = pair_checksum(key, value)
+        if old is None:
+            self._size += 1
+        else:
+            delta -= pair_checksum(key, old)
+        shard[key] = value
+        self._sums[index] = (self._sums[index] + delta) & _MASK
+        return old
+
+    def remove(self, key: str) -> str | None:
+        """Delete if present; returns the removed value."""
+        index = shard_of(key, self.shard_count)
+        old = self._shards[index].pop(key, None)
+        if old is not None:
+            self._size -= 1
+            self._sums[index] = (self._sums[index] - pair_checksum(key, old)) & _MASK
+        return old
+
+    def clear(self) -> None:
+        for shard in self._shards:
+            shard.clear()
+        self._sums = [0] * self.shard_count
+        self._size = 0
+
+    def clear_shard(self, shard: int) -> None:
+        self._size -= len(self._shards[shard])
+        self._shards[shard].clear()
+        self._sums[shard] = 0
+
+    def load_chunk(self, shard: int, pairs: Iterable[tuple[str, str]]) -> None:
+        """Add pairs received for ``shard`` during a transfer."""
+        target = self._shards[shard]
+        total = self._sums[shard]
+        added = 0
+        for key, value in pairs:
+            old = target.get(key)
+            if old is None:
+                added += 1
+            else:
+                total -= pair_checksum(key, old)
+            target[key] = value
+            total += pair_checksum(key, value)
+        self._sums[shard] = total & _MASK
+        self._size += added
+
+
+class HashStore(ShardedStore):
+    """A single hash map: the sharded store with one shard."""
+
+    kind = "hash"
+
+    def __init__(self, shard_count: int = 1) -> None:
+        super().__init__(1)
+
+
+def make_store(kind: str, shard_count: int) -> ShardedStore:
+    if kind == "sharded":
+        return ShardedStore(shard_count)
+    if kind == "hash":
+        return HashStore()
+    raise ValueError(f"unknown store kind {kind!r} (expected 'sharded' or 'hash')")
