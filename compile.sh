@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install pbkv and everything it needs into .venv (run once after cloning).
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'
+echo "pbkv installed in .venv"

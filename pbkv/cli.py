@@ -1,0 +1,251 @@
+"""The ``pbkv`` command: talk to a running server, or run one with ``pbkv serve ...``.
+
+Exit status: 0 done; 1 the answer was "no" (key missing, key already exists);
+2 usage error, server error or no connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pbkv.client import (
+    DEFAULT_TIMEOUT,
+    Client,
+    NotPrimary,
+    PbkvError,
+    ReplicationFailed,
+    Unavailable,
+    server_address,
+)
+from pbkv.config import DEFAULT_CONFIG_PATH, Settings
+
+EXIT_OK = 0
+EXIT_NO = 1
+EXIT_ERROR = 2
+
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\0": "\\0"})
+
+
+def escape(text: str) -> str:
+    """Backslash-escape ``\\``, tab, newline, CR and NUL so a dump line stays one line."""
+    return text.translate(_ESCAPES)
+
+
+def _connection_options(defaults: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the command; only the top level holds defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+
+    def default(value: Any) -> Any:
+        # On the subcommands, an option not given must not overwrite the top level's value.
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--config",
+        default=default(None),
+        metavar="PATH",
+        help=f"settings file (default {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument("--host", default=default(None), help="server address (overrides config)")
+    parser.add_argument("--port", type=int, default=default(None), help="server port")
+    parser.add_argument(
+        "--backup",
+        action="store_true",
+        default=default(False),
+        help="talk to the backup instead of the primary",
+    )
+    parser.add_argument(
+        "--json", action="store_true", default=default(False), help="print raw JSON replies"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT),
+        metavar="SECONDS",
+        help=f"per-request timeout (default {DEFAULT_TIMEOUT:g})",
+    )
+    return parser
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pbkv",
+        description="Client for a pbkv server (primary-backup replicated key-value store).",
+        parents=[_connection_options(defaults=True)],
+        epilog="Exit status: 0 ok, 1 key missing or already there, 2 error.",
+    )
+    common = [_connection_options(defaults=False)]
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    cmd = commands.add_parser("get", parents=common, help="print the value of KEY")
+    cmd.add_argument("key", metavar="KEY")
+    cmd = commands.add_parser("insert", parents=common, help="add KEY (fails if it exists)")
+    cmd.add_argument("key", metavar="KEY")
+    cmd.add_argument("value", metavar="VALUE")
+    cmd = commands.add_parser("update", parents=common, help="change KEY (fails if missing)")
+    cmd.add_argument("key", metavar="KEY")
+    cmd.add_argument("value", metavar="VALUE")
+    cmd = commands.add_parser("delete", parents=common, help="remove KEY, print its old value")
+    cmd.add_argument("key", metavar="KEY")
+    commands.add_parser("count", parents=common, help="print the number of keys")
+    commands.add_parser(
+        "dump",
+        parents=common,
+        help="print every pair as KEY<TAB>VALUE (backslash, tab, newline, CR, NUL escaped)",
+    )
+    commands.add_parser("status", parents=common, help="print the server's status")
+    commands.add_parser("shutdown", parents=common, help="stop the server")
+    # No option prefix: every word after "serve" (even -h or --port) is the server's.
+    cmd = commands.add_parser(
+        "serve", add_help=False, prefix_chars="\0", help="run a server (see: pbkv serve -h)"
+    )
+    cmd.add_argument("server_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _serve(server_args: list[str]) -> int:
+    from pbkv.node import serve_main  # the server's dependencies are not the client's
+
+    return serve_main(server_args)
+
+
+def _address(args: argparse.Namespace) -> tuple[str, int]:
+    if args.host is not None and args.port is not None:
+        return args.host, args.port
+    role = "backup" if args.backup else "primary"
+    if args.config is None and not Path(DEFAULT_CONFIG_PATH).exists():
+        host, port = Settings().address_of(role)  # what a server started here would use
+    else:
+        host, port = server_address(args.config or DEFAULT_CONFIG_PATH, role)
+    return (args.host if args.host is not None else host), (
+        args.port if args.port is not None else port
+    )
+
+
+def _flatten(status: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, value in status.items():
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def status_lines(status: dict[str, Any]) -> list[str]:
+    """``field: value`` lines with the values aligned; nested objects use dotted names."""
+    items = list(_flatten(status))
+    width = max((len(name) for name, _ in items), default=0) + 1
+    return [
+        f"{name + ':':<{width}} {value if isinstance(value, str) else json.dumps(value)}"
+        for name, value in items
+    ]
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, ensure_ascii=False))
+
+
+def _no(message: str) -> int:
+    print(f"pbkv: {message}", file=sys.stderr)
+    return EXIT_NO
+
+
+def _run(client: Client, args: argparse.Namespace) -> int:
+    """Run one command and print its result; the exit status says whether it said "yes"."""
+    command = args.command
+    if command in ("get", "delete"):
+        value = client.get(args.key) if command == "get" else client.delete(args.key)
+        if args.json:
+            _print_json({"success": "false" if value is None else "true", "value": value or ""})
+        elif value is not None:
+            print(value)
+        if value is None:
+            return EXIT_NO if args.json else _no(f"key not found: {escape(args.key)}")
+        return EXIT_OK
+    if command in ("insert", "update"):
+        done = (client.insert if command == "insert" else client.update)(args.key, args.value)
+        if args.json:
+            _print_json({"success": "true" if done else "false"})
+        if done:
+            return EXIT_OK
+        if args.json:
+            return EXIT_NO
+        problem = "key already exists" if command == "insert" else "key not found"
+        return _no(f"{problem}: {escape(args.key)}")
+    if command == "count":
+        count = client.count()
+        if args.json:
+            _print_json({"result": str(count)})
+        else:
+            print(count)
+    elif command == "dump":
+        pairs = client.dump()
+        if args.json:
+            _print_json([list(pair) for pair in pairs])
+        else:
+            for key, value in pairs:
+                print(f"{escape(key)}\t{escape(value)}")
+    elif command == "status":
+        status = client.status()
+        if args.json:
+            _print_json(status)
+        else:
+            print("\n".join(status_lines(status)))
+    elif command == "shutdown":
+        client.shutdown()
+    return EXIT_OK
+
+
+def _describe(error: PbkvError) -> str:
+    if isinstance(error, NotPrimary):
+        return f"{error.error} (this is the backup; the primary is {error.primary})"
+    if isinstance(error, Unavailable):
+        hints = [f"stage {error.stage}"] if error.stage else []
+        if error.retry_after is not None:
+            hints.append(f"retry after {error.retry_after:g}s")
+        return f"{error.error} ({', '.join(hints)})" if hints else error.error
+    if isinstance(error, ReplicationFailed):
+        return f"{error.error}: the write was not acknowledged and may or may not have applied"
+    return str(error)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pbkv`` command; returns the exit status."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(words)
+    except SystemExit as exc:  # --help or a usage error: report it as a status
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    if args.command == "serve":
+        if len(words) != len(args.server_args) + 1:
+            parser.print_usage(sys.stderr)
+            print("pbkv: error: put server options after 'serve'", file=sys.stderr)
+            return EXIT_ERROR
+        return _serve(args.server_args)
+
+    try:
+        host, port = _address(args)
+    except ValueError as exc:
+        print(f"pbkv: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        with Client(host, port, timeout=args.timeout) as client:
+            return _run(client, args)
+    except PbkvError as exc:
+        message = _describe(exc)
+    except ConnectionRefusedError:
+        message = f"cannot connect to {host}:{port}: connection refused"
+    except TimeoutError:
+        message = f"no reply from {host}:{port} within {args.timeout:g}s"
+    except OSError as exc:
+        message = f"{host}:{port}: {exc.strerror or exc}"
+    print(f"pbkv: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

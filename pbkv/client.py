@@ -1,0 +1,622 @@
+"""Python clients for a pbkv server: blocking :class:`Client` and asyncio :class:`AsyncClient`.
+
+Both speak the course HTTP/JSON interface over one keep-alive connection and turn
+replies into results with the same function, :func:`parse_reply`: a logical failure
+(key missing, key exists) comes back as ``None`` or ``False``; anything else the server
+refuses raises a :class:`PbkvError` subclass. Transport failures raise ``OSError``
+(``ConnectionError``, ``TimeoutError``); after one of those a write's outcome is unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import http.client
+import json
+import os
+import select
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self, cast
+from urllib.parse import quote, urlencode
+
+import httptools
+
+from pbkv.config import DEFAULT_CONFIG_PATH, ROLES, Settings, load_file
+
+__all__ = [
+    "AsyncClient",
+    "BadRequest",
+    "Client",
+    "NotPrimary",
+    "PbkvError",
+    "ReplicationFailed",
+    "Unavailable",
+    "parse_reply",
+    "server_address",
+]
+
+DEFAULT_TIMEOUT = 5.0
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class PbkvError(Exception):
+    """The server refused a request, or answered with something that is not a pbkv reply.
+
+    ``status`` is the HTTP status (0 when the reply was not valid HTTP), ``error`` the
+    server's message and ``body`` the decoded JSON reply (empty when there was none).
+    """
+
+    def __init__(self, status: int, error: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{error} (HTTP {status})" if status else error)
+        self.status = status
+        self.error = error
+        self.body: dict[str, Any] = body if body is not None else {}
+
+
+class ReplicationFailed(PbkvError):
+    """The backup did not acknowledge the write.
+
+    The primary rewound it, but the outcome is indeterminate: in one rare case (the backup
+    applied it, the network split, the primary restarted from that backup) it survives.
+    """
+
+
+class Unavailable(PbkvError):
+    """503: the server does not accept this request in its current stage; try again later."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        body: dict[str, Any] | None = None,
+        stage: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(status, error, body)
+        self.stage = stage
+        self.retry_after = retry_after
+
+
+class NotPrimary(Unavailable):
+    """A write was sent to the backup; ``primary`` is the primary's ``"host:port"``."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        body: dict[str, Any] | None = None,
+        stage: str | None = None,
+        retry_after: float | None = None,
+        primary: str = "",
+    ) -> None:
+        super().__init__(status, error, body, stage, retry_after)
+        self.primary = primary
+
+
+class BadRequest(PbkvError):
+    """4xx other than 503: malformed or missing parameter, empty key, too large, ..."""
+
+
+# --- requests and replies (shared by both clients) ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    method: str
+    path: str
+    # Safe to send again when a reused connection turned out dead before the reply came.
+    resendable: bool
+
+
+_OPS: dict[str, _Op] = {
+    "get": _Op("GET", "/kv/get", True),
+    "insert": _Op("POST", "/kv/insert", False),
+    "update": _Op("POST", "/kv/update", False),
+    "delete": _Op("POST", "/kv/delete", False),
+    "count": _Op("GET", "/kvman/countkey", True),
+    "dump": _Op("GET", "/kvman/dump", True),
+    "status": _Op("GET", "/kvman/status", True),
+    "shutdown": _Op("GET", "/kvman/shutdown", False),
+}
+
+_FORM = "application/x-www-form-urlencoded"
+
+
+def _encode(params: Mapping[str, str]) -> str:
+    # quote, not quote_plus, and nothing "safe": '+', '/', '&', '=', '%' arrive as sent.
+    return urlencode(params, quote_via=quote, safe="")
+
+
+def _request_parts(
+    op: str, params: Mapping[str, str] | None
+) -> tuple[str, str, bytes | None, dict[str, str]]:
+    """Method, target, body and extra headers of one request."""
+    spec = _OPS[op]
+    if spec.method == "GET":
+        target = f"{spec.path}?{_encode(params)}" if params else spec.path
+        return "GET", target, None, {}
+    body = _encode(params or {}).encode("ascii")
+    return "POST", spec.path, body, {"Content-Type": _FORM}
+
+
+_NOT_JSON = object()
+
+
+def _retry_after(header: str | None) -> float | None:
+    if header is None:
+        return None
+    try:
+        return float(header)
+    except ValueError:  # an HTTP date: not worth parsing for a hint
+        return None
+
+
+def _error(status: int, body: Any, raw: bytes, retry_after: str | None) -> PbkvError:
+    """The exception for an error reply (HTTP error, or a 200 carrying ``"error"``)."""
+    fields: dict[str, Any] = body if isinstance(body, dict) else {}
+    if "error" in fields:
+        message = str(fields["error"])
+    elif raw and body is _NOT_JSON:
+        message = raw[:200].decode("utf-8", "replace").strip()
+    else:
+        try:
+            message = http.HTTPStatus(status).phrase
+        except ValueError:
+            message = "unexpected reply"
+    if message.startswith("replication failed"):
+        return ReplicationFailed(status, message, fields)
+    if status == 503 or "primary" in fields:
+        stage = fields.get("stage")
+        extra = (str(stage) if stage is not None else None, _retry_after(retry_after))
+        if "primary" in fields:
+            return NotPrimary(status, message, fields, *extra, primary=str(fields["primary"]))
+        return Unavailable(status, message, fields, *extra)
+    if 400 <= status < 500:
+        return BadRequest(status, message, fields)
+    return PbkvError(status, message, fields)
+
+
+def _malformed(status: int, body: Any) -> PbkvError:
+    return PbkvError(status, "unexpected reply", body if isinstance(body, dict) else {})
+
+
+def _success(status: int, body: Any) -> bool:
+    flag = body.get("success") if isinstance(body, dict) else None
+    if flag not in ("true", "false"):
+        raise _malformed(status, body)
+    return flag == "true"
+
+
+def _value(status: int, body: Any) -> str | None:
+    if not _success(status, body):
+        return None
+    value = body.get("value")
+    if not isinstance(value, str):
+        raise _malformed(status, body)
+    return value
+
+
+def _count(status: int, body: Any) -> int:
+    try:
+        return int(body["result"])
+    except (TypeError, KeyError, ValueError):
+        raise _malformed(status, body) from None
+
+
+def _pairs(status: int, body: Any) -> list[tuple[str, str]]:
+    if not isinstance(body, list):
+        raise _malformed(status, body)
+    pairs: list[tuple[str, str]] = []
+    for item in body:
+        if not (
+            isinstance(item, list)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], str)
+        ):
+            raise _malformed(status, body)
+        pairs.append((item[0], item[1]))
+    return pairs
+
+
+def _object(status: int, body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise _malformed(status, body)
+    return body
+
+
+_RESULTS: dict[str, Callable[[int, Any], Any]] = {
+    "get": _value,
+    "insert": _success,
+    "update": _success,
+    "delete": _value,
+    "count": _count,
+    "dump": _pairs,
+    "status": _object,
+    "shutdown": lambda status, body: None,
+}
+
+
+def parse_reply(op: str, status: int, raw: bytes, retry_after: str | None = None) -> Any:
+    """Turn one reply to ``op`` into its result, or raise the matching :class:`PbkvError`.
+
+    ``op`` is one of get, insert, update, delete, count, dump, status, shutdown;
+    ``retry_after`` is the reply's Retry-After header, if any.
+    """
+    try:
+        body: Any = json.loads(raw)
+    except ValueError:
+        body = _NOT_JSON
+    # "replication failed" may come as 200 or 5xx; a success reply never says "false" + error.
+    failed = isinstance(body, dict) and body.get("success") == "false" and "error" in body
+    if status >= 400 or failed:
+        raise _error(status, body, raw, retry_after)
+    if op == "shutdown":  # the server is going away; whatever it said first is fine
+        return None
+    if body is _NOT_JSON:
+        raise PbkvError(status, "reply is not JSON")
+    return _RESULTS[op](status, body)
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+def server_address(
+    path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH, role: str = "primary"
+) -> tuple[str, int]:
+    """(host, port) of the primary or the backup, from a course-style settings file.
+
+    The backup listens on ``backup_port`` if given, else on ``port + 1`` when both servers
+    share an address, else on ``port``. Raises ``ValueError`` (``SettingsError``).
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    return Settings(**load_file(os.fspath(path))).address_of(role)
+
+
+# --- transport helpers --------------------------------------------------------------------
+
+
+def _peer_closed(fileno: int) -> bool:
+    """An idle keep-alive socket that is readable was closed by the server (or is junk)."""
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _bad_http(exc: Exception) -> PbkvError:
+    return PbkvError(0, f"bad HTTP reply: {exc}")
+
+
+def _host_header(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- blocking client ----------------------------------------------------------------------
+
+
+class Client:
+    """Blocking client over one keep-alive connection; not thread-safe.
+
+    A connection the server dropped while idle is replaced transparently; a write is never
+    sent twice: if the connection fails after a write went out, the ``OSError`` is raised.
+    """
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 8080, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+    @classmethod
+    def from_settings(
+        cls,
+        path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH,
+        role: str = "primary",
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> Self:
+        """A client for the primary or the backup named in a settings file."""
+        host, port = server_address(path, role)
+        return cls(host, port, timeout)
+
+    def get(self, key: str) -> str | None:
+        """The value of ``key``, or None when it is missing."""
+        return cast("str | None", self._call("get", {"key": key}))
+
+    def insert(self, key: str, value: str) -> bool:
+        """Add a new key; False when it already exists."""
+        return cast(bool, self._call("insert", {"key": key, "value": value}))
+
+    def update(self, key: str, value: str) -> bool:
+        """Change an existing key; False when it is missing."""
+        return cast(bool, self._call("update", {"key": key, "value": value}))
+
+    def delete(self, key: str) -> str | None:
+        """Remove ``key`` and return its old value, or None when it was missing."""
+        return cast("str | None", self._call("delete", {"key": key}))
+
+    def count(self) -> int:
+        """Number of keys."""
+        return cast(int, self._call("count"))
+
+    def dump(self) -> list[tuple[str, str]]:
+        """Every (key, value) pair."""
+        return cast("list[tuple[str, str]]", self._call("dump"))
+
+    def dump_dict(self) -> dict[str, str]:
+        """The whole database as a dict."""
+        return dict(self.dump())
+
+    def status(self) -> dict[str, Any]:
+        """The server's status object (role, stage, keys, checksum, ...)."""
+        return cast("dict[str, Any]", self._call("status"))
+
+    def shutdown(self) -> None:
+        """Ask the server to stop; it replies first, then exits."""
+        try:
+            self._call("shutdown")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _call(self, op: str, params: Mapping[str, str] | None = None) -> Any:
+        method, target, body, headers = _request_parts(op, params)
+        status, raw, retry_after = self._exchange(
+            method, target, body, headers, _OPS[op].resendable
+        )
+        return parse_reply(op, status, raw, retry_after)
+
+    def _exchange(
+        self,
+        method: str,
+        target: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        resendable: bool,
+    ) -> tuple[int, bytes, str | None]:
+        conn = self._conn
+        for attempt in (1, 2):
+            sock = conn.sock
+            reused = sock is not None
+            if sock is not None and _peer_closed(sock.fileno()):
+                conn.close()
+                reused = False
+            try:
+                # One sendall: if it fails the server never saw a whole request.
+                conn.request(method, target, body=body, headers=headers)
+            except ConnectionError:
+                conn.close()
+                if reused and attempt == 1:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            try:
+                resp = conn.getresponse()
+                raw = resp.read()
+            except ConnectionError:  # includes RemoteDisconnected: no reply at all
+                conn.close()
+                if reused and resendable and attempt == 1:
+                    continue
+                raise
+            except http.client.HTTPException as exc:
+                conn.close()
+                raise _bad_http(exc) from exc
+            except BaseException:
+                conn.close()
+                raise
+            return resp.status, raw, resp.getheader("Retry-After")
+        raise AssertionError("unreachable")
+
+
+# --- asyncio client -----------------------------------------------------------------------
+
+
+class _Reply:
+    """httptools callbacks collecting one response."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.body = bytearray()
+        self.status = 0
+        self.retry_after: str | None = None
+        self.headers_done = False
+        self.framed = False  # Content-Length or chunked: else the body ends at EOF
+        self.complete = False
+        self.keep_alive = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lname = name.lower()
+        if lname == b"retry-after":
+            self.retry_after = value.decode("latin-1").strip()
+        elif lname in (b"content-length", b"transfer-encoding"):
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+        self.status = self.parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.extend(body)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        # Only valid inside the callback: the parser resets once the message is done.
+        self.keep_alive = self.parser.should_keep_alive()
+
+
+class AsyncClient:
+    """asyncio client over one keep-alive connection; concurrent calls take turns.
+
+    Same methods, results and errors as :class:`Client`, as coroutines. For parallel
+    requests use several clients.
+    """
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 8080, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(
+        cls,
+        path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH,
+        role: str = "primary",
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> Self:
+        """A client for the primary or the backup named in a settings file."""
+        host, port = server_address(path, role)
+        return cls(host, port, timeout)
+
+    async def get(self, key: str) -> str | None:
+        """The value of ``key``, or None when it is missing."""
+        return cast("str | None", await self._call("get", {"key": key}))
+
+    async def insert(self, key: str, value: str) -> bool:
+        """Add a new key; False when it already exists."""
+        return cast(bool, await self._call("insert", {"key": key, "value": value}))
+
+    async def update(self, key: str, value: str) -> bool:
+        """Change an existing key; False when it is missing."""
+        return cast(bool, await self._call("update", {"key": key, "value": value}))
+
+    async def delete(self, key: str) -> str | None:
+        """Remove ``key`` and return its old value, or None when it was missing."""
+        return cast("str | None", await self._call("delete", {"key": key}))
+
+    async def count(self) -> int:
+        """Number of keys."""
+        return cast(int, await self._call("count"))
+
+    async def dump(self) -> list[tuple[str, str]]:
+        """Every (key, value) pair."""
+        return cast("list[tuple[str, str]]", await self._call("dump"))
+
+    async def dump_dict(self) -> dict[str, str]:
+        """The whole database as a dict."""
+        return dict(await self.dump())
+
+    async def status(self) -> dict[str, Any]:
+        """The server's status object (role, stage, keys, checksum, ...)."""
+        return cast("dict[str, Any]", await self._call("status"))
+
+    async def shutdown(self) -> None:
+        """Ask the server to stop; it replies first, then exits."""
+        try:
+            await self._call("shutdown")
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        writer = self._writer
+        self._drop()
+        if writer is not None:
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _drop(self) -> None:
+        """Forget the connection without waiting (safe while being cancelled)."""
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    def _idle_connection_alive(self) -> bool:
+        if self._reader is None or self._writer is None:
+            return False
+        if self._reader.at_eof() or self._writer.is_closing():
+            return False
+        sock = self._writer.get_extra_info("socket")
+        return sock is None or not _peer_closed(sock.fileno())
+
+    async def _call(self, op: str, params: Mapping[str, str] | None = None) -> Any:
+        method, target, body, headers = _request_parts(op, params)
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {_host_header(self.host, self.port)}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
+        async with self._lock:
+            status, raw, retry_after = await self._exchange(request, _OPS[op].resendable)
+        return parse_reply(op, status, raw, retry_after)
+
+    async def _exchange(self, request: bytes, resendable: bool) -> tuple[int, bytes, str | None]:
+        for attempt in (1, 2):
+            reused = self._writer is not None
+            if reused and not self._idle_connection_alive():
+                self._drop()
+                reused = False
+            try:
+                async with asyncio.timeout(self.timeout):
+                    if self._writer is None:
+                        self._reader, self._writer = await asyncio.open_connection(
+                            self.host, self.port
+                        )
+                    self._writer.write(request)
+                    await self._writer.drain()
+                    return await self._read_reply()
+            except ConnectionError:
+                self._drop()
+                # Unlike a blocking sendall, write() gives no proof the request stayed
+                # unsent, so only requests that are safe to repeat are sent again.
+                if reused and resendable and attempt == 1:
+                    continue
+                raise
+            except httptools.HttpParserError as exc:
+                self._drop()
+                raise _bad_http(exc) from exc
+            except BaseException:
+                self._drop()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _read_reply(self) -> tuple[int, bytes, str | None]:
+        assert self._reader is not None
+        reply = _Reply()
+        while not reply.complete:
+            chunk = await self._reader.read(65536)
+            if not chunk:
+                if reply.headers_done and not reply.framed:
+                    break  # body delimited by the end of the connection
+                raise ConnectionResetError("server closed the connection without a full reply")
+            reply.parser.feed_data(chunk)
+        if not reply.keep_alive:
+            self._drop()
+        return reply.status, bytes(reply.body), reply.retry_after

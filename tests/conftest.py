@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import Pair
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """A primary and a backup on free ports, not yet started; killed afterwards."""
+    servers = Pair(tmp_path)
+    yield servers
+    servers.cleanup()
+
+
+@pytest.fixture
+def make_pair(tmp_path):
+    """Build a Pair with extra settings: ``make_pair(store="hash")``."""
+    made: list[Pair] = []
+
+    def make(**settings: str) -> Pair:
+        directory = tmp_path / f"pair{len(made)}"
+        directory.mkdir()
+        servers = Pair(directory, **settings)
+        made.append(servers)
+        return servers
+
+    yield make
+    for servers in made:
+        servers.cleanup()

@@ -1,0 +1,831 @@
+"""Client library and CLI against a small in-process imitation of a pbkv server.
+
+The fake speaks the same HTTP/JSON replies as pbkv and can be told to misbehave
+(forced replies, hang up, drop idle connections, stall) so the client's error mapping
+and its keep-alive rules can be checked without starting a real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pbkv.cli import escape, main, status_lines
+from pbkv.client import (
+    AsyncClient,
+    BadRequest,
+    Client,
+    NotPrimary,
+    PbkvError,
+    ReplicationFailed,
+    Unavailable,
+    parse_reply,
+    server_address,
+)
+
+TRICKY = [
+    "a+b",
+    "a&b=c",
+    "100%",
+    "%41%2B",
+    "sp ace",
+    "  leading and trailing  ",
+    "emoji 🎉👍🏽",
+    "line\r\nbreak",
+    "nul\0byte",
+    "quote\"'",
+    "back\\slash",
+    "slash/and?query#fragment",
+    "ünïcödé 中文",
+    "tab\there",
+    ";,:@$!*()~[]{}|^`<>",
+    "=",
+    "&",
+    "+",
+    "?key=x&value=y",
+]
+
+STATUS = {
+    "role": "primary",
+    "stage": "in_sync",
+    "keys": 0,
+    "checksum": "00ff",
+    "peer": {"address": "127.0.0.2:8080", "state": "up"},
+}
+
+
+# --- the fake server ----------------------------------------------------------------------
+
+
+class FakePbkv(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.port = self.server_address[1]
+        self.data: dict[str, str] = {}
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.connections = 0
+        # Test controls, each consumed by the next request(s).
+        self.forced: list[tuple[int, Any, dict[str, str]]] = []
+        self.raw: list[bytes] = []
+        self.hangups = 0  # read the request, then close without replying
+        self.close_after_reply = False  # keep-alive reply, then close (an idle drop)
+        self.delay = 0.0
+        self.closed = threading.Event()
+        self.lock = threading.Lock()
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        self.closed.set()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a stalled reply written to a client that gave up is expected
+
+    def answer(self, method: str, path: str, params: dict[str, str]) -> tuple[int, Any]:
+        """What pbkv itself would reply."""
+        gets = {"/kv/get", "/kvman/countkey", "/kvman/dump", "/kvman/status", "/kvman/shutdown"}
+        posts = {"/kv/insert", "/kv/update", "/kv/delete"}
+        if path not in gets | posts:
+            return 404, {"success": "false", "error": f"unknown path {path}"}
+        if (method == "GET") != (path in gets):
+            return 405, {"success": "false", "error": "method not allowed"}
+        needed = ["value"] if path in ("/kv/insert", "/kv/update") else []
+        if path.startswith("/kv/"):
+            needed.append("key")
+        for name in needed:
+            if name not in params:
+                return 400, {"success": "false", "error": f"missing parameter {name}"}
+        if "key" in needed and not params["key"]:
+            return 400, {"success": "false", "error": "empty key"}
+        data, key = self.data, params.get("key", "")
+        if path == "/kv/get":
+            found = key in data
+            return 200, {"success": "true" if found else "false", "value": data.get(key, "")}
+        if path == "/kv/insert":
+            if key in data:
+                return 200, {"success": "false"}
+            data[key] = params["value"]
+            return 200, {"success": "true"}
+        if path == "/kv/update":
+            if key not in data:
+                return 200, {"success": "false"}
+            data[key] = params["value"]
+            return 200, {"success": "true"}
+        if path == "/kv/delete":
+            if key not in data:
+                return 200, {"success": "false", "value": ""}
+            return 200, {"success": "true", "value": data.pop(key)}
+        if path == "/kvman/countkey":
+            return 200, {"result": str(len(data))}
+        if path == "/kvman/dump":
+            return 200, [[k, v] for k, v in data.items()]
+        if path == "/kvman/status":
+            return 200, {**STATUS, "keys": len(data)}
+        return 200, {"success": "true"}  # shutdown
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: FakePbkv
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes; without this, Nagle adds 40 ms a reply.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.server.lock:
+            self.server.connections += 1
+
+    def do_GET(self) -> None:
+        self._handle()
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    def _handle(self) -> None:
+        srv = self.server
+        url = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode("ascii") if length else ""
+        query = body if self.command == "POST" else url.query
+        params = dict(parse_qsl(query, keep_blank_values=True))
+        with srv.lock:
+            srv.requests.append((self.command, url.path, params))
+            if srv.hangups:
+                srv.hangups -= 1
+                self.close_connection = True
+                return
+            raw = srv.raw.pop(0) if srv.raw else None
+            forced = srv.forced.pop(0) if srv.forced else None
+            if raw is None and forced is None:
+                status, reply = srv.answer(self.command, url.path, params)
+                forced = (status, reply, {})
+        time.sleep(srv.delay)
+        if raw is not None:
+            self.wfile.write(raw)
+            self.close_connection = True
+            return
+        assert forced is not None
+        status, reply, headers = forced
+        payload = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+        if srv.close_after_reply:
+            self.close_connection = True
+
+
+@pytest.fixture
+def server() -> Iterator[FakePbkv]:
+    srv = FakePbkv()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_close(srv: FakePbkv) -> None:
+    assert srv.closed.wait(5)
+    srv.closed.clear()
+
+
+# --- reply mapping ------------------------------------------------------------------------
+
+
+def _reply(op: str, status: int, body: Any, retry_after: str | None = None) -> Any:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_reply(op, status, raw, retry_after)
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "expected"),
+    [
+        ("get", {"success": "true", "value": "v"}, "v"),
+        ("get", {"success": "true", "value": ""}, ""),
+        ("get", {"success": "false", "value": ""}, None),
+        ("insert", {"success": "true"}, True),
+        ("insert", {"success": "false"}, False),
+        ("update", {"success": "true"}, True),
+        ("update", {"success": "false"}, False),
+        ("delete", {"success": "true", "value": "old"}, "old"),
+        ("delete", {"success": "false", "value": ""}, None),
+        ("count", {"result": "42"}, 42),
+        ("dump", [["k1", "v1"], ["k2", ""]], [("k1", "v1"), ("k2", "")]),
+        ("dump", [], []),
+        ("status", STATUS, STATUS),
+        ("shutdown", {"success": "true"}, None),
+        ("shutdown", b"bye", None),
+    ],
+)
+def test_reply_results(op: str, body: Any, expected: Any) -> None:
+    assert _reply(op, 200, body) == expected
+
+
+@pytest.mark.parametrize("status", [200, 500, 503])
+def test_replication_failed_any_status(status: int) -> None:
+    with pytest.raises(ReplicationFailed) as info:
+        _reply("insert", status, {"success": "false", "error": "replication failed"})
+    assert info.value.status == status
+    assert info.value.error == "replication failed"
+
+
+def test_unavailable_carries_stage_and_retry_after() -> None:
+    body = {"success": "false", "error": "not accepting writes now", "stage": "cold_start"}
+    with pytest.raises(Unavailable) as info:
+        _reply("insert", 503, body, retry_after="2")
+    err = info.value
+    assert not isinstance(err, NotPrimary)
+    assert (err.status, err.stage, err.retry_after) == (503, "cold_start", 2.0)
+    assert err.body == body
+
+
+def test_retry_after_date_is_ignored() -> None:
+    with pytest.raises(Unavailable) as info:
+        _reply("get", 503, {"success": "false", "error": "x"}, "Wed, 21 Oct 2015 07:28:00 GMT")
+    assert info.value.retry_after is None and info.value.stage is None
+
+
+def test_write_to_backup_names_the_primary() -> None:
+    body = {"success": "false", "error": "not the primary", "primary": "127.0.0.1:8080"}
+    with pytest.raises(NotPrimary) as info:
+        _reply("update", 503, {**body, "stage": "in_sync"}, "1")
+    assert isinstance(info.value, Unavailable)
+    assert info.value.primary == "127.0.0.1:8080"
+    assert info.value.stage == "in_sync"
+
+
+@pytest.mark.parametrize("status", [400, 404, 405, 413])
+def test_client_errors(status: int) -> None:
+    with pytest.raises(BadRequest) as info:
+        _reply("get", status, {"success": "false", "error": "empty key"})
+    assert (info.value.status, info.value.error) == (status, "empty key")
+    assert "empty key" in str(info.value) and str(status) in str(info.value)
+
+
+def test_server_error_is_plain_pbkv_error() -> None:
+    with pytest.raises(PbkvError) as info:
+        _reply("get", 500, {"success": "false", "error": "boom"})
+    assert type(info.value) is PbkvError
+    assert info.value.error == "boom"
+
+
+def test_error_without_json_uses_the_text() -> None:
+    with pytest.raises(PbkvError) as info:
+        _reply("count", 502, b"Bad Gateway from proxy")
+    assert info.value.error == "Bad Gateway from proxy"
+    assert info.value.body == {}
+    with pytest.raises(BadRequest) as bad:
+        _reply("count", 404, b"")
+    assert bad.value.error == "Not Found"
+
+
+def test_error_field_on_200_is_an_error() -> None:
+    with pytest.raises(PbkvError) as info:
+        _reply("insert", 200, {"success": "false", "error": "something odd"})
+    assert info.value.status == 200
+
+
+@pytest.mark.parametrize(
+    ("op", "body"),
+    [
+        ("get", {"success": "maybe"}),
+        ("get", {"success": "true"}),
+        ("insert", ["not", "an", "object"]),
+        ("count", {"result": "many"}),
+        ("dump", {"k": "v"}),
+        ("dump", [["k"]]),
+        ("dump", [["k", 1]]),
+        ("status", []),
+        ("get", b"<html>"),
+    ],
+)
+def test_malformed_replies(op: str, body: Any) -> None:
+    with pytest.raises(PbkvError):
+        _reply(op, 200, body)
+
+
+# --- settings -----------------------------------------------------------------------------
+
+
+def _settings(tmp_path: Path, **values: str) -> Path:
+    path = tmp_path / "settings.conf"
+    path.write_text(json.dumps(values))
+    return path
+
+
+def test_backup_on_same_address_uses_next_port(tmp_path: Path) -> None:
+    path = _settings(tmp_path, primary="127.0.0.1", backup="127.0.0.1", port="9000")
+    assert server_address(path, "primary") == ("127.0.0.1", 9000)
+    assert server_address(path, "backup") == ("127.0.0.1", 9001)
+
+
+def test_backup_on_other_address_uses_same_port(tmp_path: Path) -> None:
+    path = _settings(tmp_path, primary="127.0.0.1", backup="127.0.0.2", port="8080")
+    assert server_address(path) == ("127.0.0.1", 8080)
+    assert server_address(path, "backup") == ("127.0.0.2", 8080)
+
+
+def test_backup_port_overrides(tmp_path: Path) -> None:
+    for backup in ("127.0.0.1", "127.0.0.2"):
+        path = _settings(
+            tmp_path, primary="127.0.0.1", backup=backup, port="8080", backup_port="7070"
+        )
+        assert server_address(path, "backup") == (backup, 7070)
+        assert server_address(path, "primary") == ("127.0.0.1", 8080)
+
+
+def test_course_default_file() -> None:
+    path = Path(__file__).resolve().parent.parent / "conf" / "settings.conf"
+    assert server_address(path, "primary") == ("127.0.0.1", 8080)
+    assert server_address(path, "backup") == ("127.0.0.2", 8080)
+
+
+def test_settings_errors(tmp_path: Path) -> None:
+    good = _settings(tmp_path, primary="127.0.0.1", backup="127.0.0.2", port="8080")
+    with pytest.raises(ValueError):
+        server_address(good, "leader")
+    with pytest.raises(ValueError):
+        server_address(tmp_path / "missing.conf")
+    bad = tmp_path / "bad.conf"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError):
+        server_address(bad)
+    with pytest.raises(ValueError):
+        server_address(_settings(tmp_path, primary="127.0.0.1", port="eighty"))
+
+
+def test_from_settings(tmp_path: Path) -> None:
+    path = _settings(tmp_path, primary="10.0.0.1", backup="10.0.0.1", port="9000")
+    with Client.from_settings(path, "backup", timeout=1.0) as client:
+        assert (client.host, client.port, client.timeout) == ("10.0.0.1", 9001, 1.0)
+    aclient = AsyncClient.from_settings(str(path))
+    assert (aclient.host, aclient.port) == ("10.0.0.1", 9000)
+
+
+# --- blocking client ----------------------------------------------------------------------
+
+
+def test_sync_operations(server: FakePbkv) -> None:
+    with Client("127.0.0.1", server.port) as client:
+        assert client.get("k") is None
+        assert client.insert("k", "v1") is True
+        assert client.insert("k", "again") is False
+        assert client.get("k") == "v1"
+        assert client.update("k", "v2") is True
+        assert client.update("nope", "x") is False
+        assert client.insert("e", "") is True
+        assert client.get("e") == ""
+        assert client.count() == 2
+        assert client.dump() == [("k", "v2"), ("e", "")]
+        assert client.dump_dict() == {"k": "v2", "e": ""}
+        assert client.status()["keys"] == 2
+        assert client.delete("k") == "v2"
+        assert client.delete("k") is None
+        assert client.count() == 1
+        client.shutdown()
+    assert server.requests[-1][:2] == ("GET", "/kvman/shutdown")
+    assert server.connections == 1  # one keep-alive connection for everything
+
+
+def test_sync_methods_and_encoding(server: FakePbkv) -> None:
+    with Client("127.0.0.1", server.port) as client:
+        client.insert("a b", "c&d")
+        client.get("a b")
+        client.count()
+    assert server.requests == [
+        ("POST", "/kv/insert", {"key": "a b", "value": "c&d"}),
+        ("GET", "/kv/get", {"key": "a b"}),
+        ("GET", "/kvman/countkey", {}),
+    ]
+
+
+def test_sync_tricky_strings_round_trip(server: FakePbkv) -> None:
+    with Client("127.0.0.1", server.port) as client:
+        for text in TRICKY:
+            assert client.insert(text, text + "|" + text)
+        assert server.data == {text: text + "|" + text for text in TRICKY}
+        for text in TRICKY:
+            assert client.get(text) == text + "|" + text
+            assert client.update(text, text)
+        assert client.dump_dict() == {text: text for text in TRICKY}
+        for text in TRICKY:
+            assert client.delete(text) == text
+        assert client.count() == 0
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    key=st.text(st.characters(codec="utf-8"), min_size=1),
+    value=st.text(st.characters(codec="utf-8")),
+)
+def test_any_text_round_trips(server: FakePbkv, key: str, value: str) -> None:
+    with Client("127.0.0.1", server.port) as client:
+        client.delete(key)
+        assert client.insert(key, value)
+        assert server.data[key] == value
+        assert client.get(key) == value
+
+
+def test_sync_errors(server: FakePbkv) -> None:
+    with Client("127.0.0.1", server.port) as client:
+        with pytest.raises(BadRequest) as bad:
+            client.get("")
+        assert bad.value.error == "empty key"
+        server.forced.append(
+            (
+                503,
+                {"success": "false", "error": "not accepting writes", "stage": "warm_start"},
+                {"Retry-After": "3"},
+            )
+        )
+        with pytest.raises(Unavailable) as unavailable:
+            client.insert("k", "v")
+        assert (unavailable.value.stage, unavailable.value.retry_after) == ("warm_start", 3.0)
+        server.forced.append(
+            (503, {"success": "false", "error": "not the primary", "primary": "10.0.0.1:80"}, {})
+        )
+        with pytest.raises(NotPrimary) as not_primary:
+            client.delete("k")
+        assert not_primary.value.primary == "10.0.0.1:80"
+        server.forced.append((200, {"success": "false", "error": "replication failed"}, {}))
+        with pytest.raises(ReplicationFailed):
+            client.update("k", "v")
+        # Errors leave the connection usable.
+        assert client.insert("k", "v")
+    assert server.connections == 1
+
+
+def test_sync_other_framings(server: FakePbkv) -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5\r\n{"res\r\n9\r\nult":"7"}\r\n0\r\n\r\n'
+    )
+    until_close = b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"result":"8"}'
+    server.raw += [chunked, until_close, b"garbage\r\n\r\n"]
+    with Client("127.0.0.1", server.port) as client:
+        assert client.count() == 7
+        assert client.count() == 8
+        with pytest.raises(PbkvError) as info:
+            client.count()
+        assert info.value.status == 0
+        assert client.count() == 0
+
+
+def test_sync_reconnects_after_idle_drop(server: FakePbkv) -> None:
+    server.close_after_reply = True
+    with Client("127.0.0.1", server.port) as client:
+        assert client.insert("a", "1")
+        _wait_for_close(server)
+        assert client.insert("b", "2")  # noticed before sending: a write is safe here
+        _wait_for_close(server)
+        assert client.get("a") == "1"
+    assert server.connections == 3
+    assert [path for _, path, _ in server.requests] == ["/kv/insert", "/kv/insert", "/kv/get"]
+
+
+def test_sync_read_resent_once_when_reused_connection_dies(server: FakePbkv) -> None:
+    with Client("127.0.0.1", server.port) as client:
+        assert client.insert("k", "v")
+        server.hangups = 1
+        assert client.get("k") == "v"
+    assert [path for _, path, _ in server.requests] == ["/kv/insert", "/kv/get", "/kv/get"]
+
+
+def test_sync_write_never_resent(server: FakePbkv) -> None:
+    with Client("127.0.0.1", server.port) as client:
+        assert client.count() == 0
+        server.hangups = 1
+        with pytest.raises(ConnectionError):
+            client.insert("k", "v")
+        assert [path for _, path, _ in server.requests] == ["/kvman/countkey", "/kv/insert"]
+        assert client.count() == 0  # and the client recovers
+
+
+def test_sync_fresh_connection_failure_not_resent(server: FakePbkv) -> None:
+    server.hangups = 1
+    with Client("127.0.0.1", server.port) as client, pytest.raises(ConnectionError):
+        client.get("k")
+    assert len(server.requests) == 1
+
+
+def test_sync_refused_and_timeout(server: FakePbkv) -> None:
+    with Client("127.0.0.1", _closed_port()) as client, pytest.raises(ConnectionRefusedError):
+        client.count()
+    server.delay = 1.0
+    with Client("127.0.0.1", server.port, timeout=0.2) as client, pytest.raises(TimeoutError):
+        client.count()
+
+
+# --- asyncio client -----------------------------------------------------------------------
+
+
+def test_async_operations(server: FakePbkv) -> None:
+    async def scenario() -> None:
+        async with AsyncClient("127.0.0.1", server.port) as client:
+            assert await client.get("k") is None
+            assert await client.insert("k", "v1") is True
+            assert await client.insert("k", "x") is False
+            assert await client.update("k", "v2") is True
+            assert await client.update("nope", "x") is False
+            assert await client.get("k") == "v2"
+            assert await client.count() == 1
+            assert await client.dump() == [("k", "v2")]
+            assert await client.dump_dict() == {"k": "v2"}
+            assert (await client.status())["stage"] == "in_sync"
+            assert await client.delete("k") == "v2"
+            assert await client.delete("k") is None
+            await client.shutdown()
+
+    asyncio.run(scenario())
+    assert server.connections == 1
+
+
+def test_async_tricky_strings_and_concurrency(server: FakePbkv) -> None:
+    async def scenario() -> None:
+        async with AsyncClient("127.0.0.1", server.port) as client:
+            results = await asyncio.gather(*(client.insert(t, t[::-1]) for t in TRICKY))
+            assert all(results)
+            values = await asyncio.gather(*(client.get(t) for t in TRICKY))
+            assert values == [t[::-1] for t in TRICKY]
+            assert await client.dump_dict() == {t: t[::-1] for t in TRICKY}
+
+    asyncio.run(scenario())
+    assert server.data == {t: t[::-1] for t in TRICKY}
+    assert server.connections == 1
+
+
+def test_async_errors(server: FakePbkv) -> None:
+    async def scenario() -> None:
+        async with AsyncClient("127.0.0.1", server.port) as client:
+            with pytest.raises(BadRequest):
+                await client.delete("")
+            server.forced.append(
+                (
+                    503,
+                    {"success": "false", "error": "wait", "stage": "cold_start"},
+                    {"Retry-After": "1"},
+                )
+            )
+            with pytest.raises(Unavailable) as unavailable:
+                await client.get("k")
+            assert (unavailable.value.stage, unavailable.value.retry_after) == ("cold_start", 1.0)
+            server.forced.append(
+                (503, {"success": "false", "error": "backup", "primary": "127.0.0.1:8080"}, {})
+            )
+            with pytest.raises(NotPrimary) as not_primary:
+                await client.insert("k", "v")
+            assert not_primary.value.primary == "127.0.0.1:8080"
+            server.forced.append((500, {"success": "false", "error": "replication failed"}, {}))
+            with pytest.raises(ReplicationFailed):
+                await client.insert("k", "v")
+            assert await client.insert("k", "v")
+
+    asyncio.run(scenario())
+    assert server.connections == 1
+
+
+def test_async_other_framings(server: FakePbkv) -> None:
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5\r\n{"res\r\n9\r\nult":"7"}\r\n0\r\n\r\n'
+    )
+    until_close = b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"result":"8"}'
+    server.raw += [chunked, until_close, b"garbage\r\n\r\n"]
+
+    async def scenario() -> None:
+        async with AsyncClient("127.0.0.1", server.port) as client:
+            assert await client.count() == 7
+            assert await client.count() == 8
+            with pytest.raises(PbkvError) as info:
+                await client.count()
+            assert info.value.status == 0
+            assert await client.count() == 0
+
+    asyncio.run(scenario())
+
+
+def test_async_keep_alive_rules(server: FakePbkv) -> None:
+    async def scenario() -> None:
+        async with AsyncClient("127.0.0.1", server.port) as client:
+            server.close_after_reply = True
+            assert await client.insert("a", "1")
+            _wait_for_close(server)
+            assert await client.insert("b", "2")  # idle drop noticed before sending
+            _wait_for_close(server)
+            server.close_after_reply = False
+            assert await client.count() == 2
+            server.hangups = 1
+            assert await client.get("a") == "1"  # a read is sent again once
+            server.hangups = 1
+            with pytest.raises(ConnectionError):
+                await client.update("a", "x")  # a write is not
+            assert await client.get("a") == "1"
+
+    asyncio.run(scenario())
+    paths = [path for _, path, _ in server.requests]
+    assert paths == [
+        "/kv/insert",
+        "/kv/insert",
+        "/kvman/countkey",
+        "/kv/get",
+        "/kv/get",
+        "/kv/update",
+        "/kv/get",
+    ]
+
+
+def test_async_refused_and_timeout(server: FakePbkv) -> None:
+    async def scenario() -> None:
+        async with AsyncClient("127.0.0.1", _closed_port()) as client:
+            with pytest.raises(ConnectionRefusedError):
+                await client.count()
+        server.delay = 1.0
+        async with AsyncClient("127.0.0.1", server.port, timeout=0.2) as client:
+            with pytest.raises(TimeoutError):
+                await client.count()
+
+    asyncio.run(scenario())
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _cli(server: FakePbkv, *args: str) -> int:
+    return main(["--host", "127.0.0.1", "--port", str(server.port), *args])
+
+
+def test_cli_reads_and_writes(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(server, "insert", "k", "hello world") == 0
+    assert _cli(server, "get", "k") == 0
+    assert capsys.readouterr().out == "hello world\n"
+    assert _cli(server, "insert", "k", "again") == 1
+    assert "already exists" in capsys.readouterr().err
+    assert _cli(server, "update", "k", "v2") == 0
+    assert _cli(server, "update", "missing", "v") == 1
+    assert "not found" in capsys.readouterr().err
+    assert _cli(server, "count") == 0
+    assert capsys.readouterr().out == "1\n"
+    assert _cli(server, "delete", "k") == 0
+    assert capsys.readouterr().out == "v2\n"
+    assert _cli(server, "get", "k") == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "key not found: k" in err
+    assert _cli(server, "delete", "k") == 1
+    assert _cli(server, "insert", "--", "-dash", "-5") == 0
+    assert server.data == {"-dash": "-5"}
+
+
+def test_cli_options_after_command(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
+    server.data["k"] = "v"
+    assert main(["get", "k", "--json", "--port", str(server.port), "--host", "127.0.0.1"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"success": "true", "value": "v"}
+
+
+def test_cli_json(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
+    server.data.update({"a": "1", "b\t": "x\ny"})
+    assert _cli(server, "--json", "get", "nope") == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"success": "false", "value": ""} and err == ""
+    assert _cli(server, "--json", "insert", "a", "2") == 1
+    assert json.loads(capsys.readouterr().out) == {"success": "false"}
+    assert _cli(server, "--json", "count") == 0
+    assert json.loads(capsys.readouterr().out) == {"result": "2"}
+    assert _cli(server, "--json", "dump") == 0
+    assert json.loads(capsys.readouterr().out) == [["a", "1"], ["b\t", "x\ny"]]
+    assert _cli(server, "--json", "status") == 0
+    assert json.loads(capsys.readouterr().out)["peer"]["state"] == "up"
+
+
+def test_cli_dump_escapes(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
+    server.data.update({"plain": "value", "t\tab": "new\nline\\", "cr\r": "nul\0"})
+    assert _cli(server, "dump") == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "plain\tvalue",
+        "t\\tab\tnew\\nline\\\\",
+        "cr\\r\tnul\\0",
+    ]
+    assert escape("a\\tb") == "a\\\\tb"  # a literal backslash-t stays distinguishable
+
+
+def test_cli_status(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(server, "status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == status_lines({**STATUS, "keys": 0})
+    assert "role:         primary" in lines
+    assert "peer.address: 127.0.0.2:8080" in lines
+    assert len({re.match(r"\S+:\s+", line).end() for line in lines}) == 1  # type: ignore[union-attr]
+    assert status_lines({"ok": True, "lag": None, "n": 3}) == ["ok:  true", "lag: null", "n:   3"]
+
+
+def test_cli_server_errors(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(server, "get", "") == 2
+    assert "empty key" in capsys.readouterr().err
+    server.forced.append(
+        (503, {"success": "false", "error": "not the primary", "primary": "10.1.1.1:8080"}, {})
+    )
+    assert _cli(server, "insert", "k", "v") == 2
+    assert "10.1.1.1:8080" in capsys.readouterr().err
+    server.forced.append(
+        (503, {"success": "false", "error": "not now", "stage": "cold_start"}, {"Retry-After": "1"})
+    )
+    assert _cli(server, "count") == 2
+    err = capsys.readouterr().err
+    assert "not now" in err and "cold_start" in err
+    server.forced.append((500, {"success": "false", "error": "replication failed"}, {}))
+    assert _cli(server, "update", "k", "v") == 2
+    assert "replication failed" in capsys.readouterr().err
+
+
+def test_cli_connection_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    port = _closed_port()
+    assert main(["--host", "127.0.0.1", "--port", str(port), "count"]) == 2
+    assert f"cannot connect to 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_cli_config_and_backup(
+    server: FakePbkv, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    conf = _settings(tmp_path, primary="127.0.0.1", backup="127.0.0.1", port=str(server.port - 1))
+    assert main(["--config", str(conf), "--backup", "count"]) == 0
+    assert capsys.readouterr().out == "0\n"
+    conf = _settings(tmp_path, primary="127.0.0.1", backup="127.0.0.2", port=str(server.port))
+    assert main(["--config", str(conf), "count"]) == 0
+    assert main(["--config", str(tmp_path / "missing.conf"), "count"]) == 2
+    assert "missing.conf" in capsys.readouterr().err
+
+
+def test_cli_without_settings_file_uses_defaults(
+    server: FakePbkv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no conf/settings.conf here
+    assert main(["--port", str(server.port), "count"]) == 0
+
+
+def test_cli_shutdown(server: FakePbkv) -> None:
+    assert _cli(server, "shutdown") == 0
+    assert server.requests[-1][1] == "/kvman/shutdown"
+
+
+def test_cli_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "COMMAND" in capsys.readouterr().out
+    assert main([]) == 2
+    assert main(["get"]) == 2
+    assert main(["frobnicate"]) == 2
+    assert main(["count", "extra"]) == 2
+
+
+def test_cli_serve_passes_everything_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+
+    def serve_main(argv: list[str]) -> int:
+        seen.append(argv)
+        return 7
+
+    monkeypatch.setitem(sys.modules, "pbkv.node", types.SimpleNamespace(serve_main=serve_main))
+    words = ["--role", "backup", "--port", "9000", "-h", "--", "x", "--config=c.conf"]
+    assert main(["serve", *words]) == 7
+    assert main(["serve"]) == 7
+    assert seen == [words, []]
+
+
+def test_cli_serve_rejects_client_options_first(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "pbkv.node", types.SimpleNamespace(serve_main=lambda argv: 0))
+    assert main(["--port", "1", "serve", "--role", "primary"]) == 2
+    assert "after 'serve'" in capsys.readouterr().err
