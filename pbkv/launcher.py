@@ -57,8 +57,19 @@ def _read_pid(pid_file: Path) -> int | None:
     return pid if _alive(pid) else None
 
 
+def _ready(status: dict, peer_host: str, peer_port: int) -> bool:
+    """In sync, or past start-up with no peer to sync with."""
+    if status.get("stage") in START_UP_STAGES:
+        return False
+    return status["stage"] == "in_sync" or _status(peer_host, peer_port, 0.5) is None
+
+
 def start(
-    role: str, settings: config.Settings, config_path: str, extra: list[str], run_dir: Path,
+    role: str,
+    settings: config.Settings,
+    config_path: str,
+    extra: list[str],
+    run_dir: Path,
     wait: float,
 ) -> int:
     host, port = settings.address_of(role)
@@ -92,22 +103,27 @@ def start(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pid_file.unlink(missing_ok=True)
-            print(f"{role} failed to start on {host}:{port}; last lines of {log_file}:",
-                  file=sys.stderr)
+            print(
+                f"{role} failed to start on {host}:{port}; last lines of {log_file}:",
+                file=sys.stderr,
+            )
             lines = log_file.read_text(errors="replace").splitlines()[-5:]
             print("\n".join("  " + line for line in lines), file=sys.stderr)
             return 1
         status = _status(host, port, timeout=0.5)
-        if status is not None and status.get("stage") not in START_UP_STAGES:
-            if status["stage"] == "in_sync" or _status(peer_host, peer_port, 0.5) is None:
-                break
+        if status is not None and _ready(status, peer_host, peer_port):
+            break
         time.sleep(0.05)
     if status is None:
-        print(f"{role} (pid {process.pid}) did not answer on {host}:{port} within {wait}s",
-              file=sys.stderr)
+        print(
+            f"{role} (pid {process.pid}) did not answer on {host}:{port} within {wait}s",
+            file=sys.stderr,
+        )
         return 1
-    print(f"{role} running on {host}:{port} (pid {process.pid}, stage {status['stage']}, "
-          f"log {log_file})")
+    print(
+        f"{role} running on {host}:{port} (pid {process.pid}, stage {status['stage']}, "
+        f"log {log_file})"
+    )
     return 0
 
 
@@ -143,10 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("-p", "--primary", dest="role", action="store_const", const="primary")
     which.add_argument("-b", "--backup", dest="role", action="store_const", const="backup")
     parser.add_argument("--config", default=str(REPO_ROOT / config.DEFAULT_CONFIG_PATH))
-    parser.add_argument("--run-dir", default=os.environ.get("PBKV_RUN_DIR", str(REPO_ROOT)),
-                        help="where run/ (pid files) and logs/ go")
-    parser.add_argument("--wait", type=float, default=30.0,
-                        help="seconds to wait for the server to be ready / to stop")
+    parser.add_argument(
+        "--run-dir",
+        default=os.environ.get("PBKV_RUN_DIR", str(REPO_ROOT)),
+        help="where run/ (pid files) and logs/ go",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for the server to be ready / to stop",
+    )
     args, extra = parser.parse_known_args(argv)
     try:
         file_values = config.load_file(args.config)
