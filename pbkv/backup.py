@@ -77,11 +77,6 @@ class BackupCore(ReplicationCore):
             return
         self.fire(Event.PEER_LOST, reason)
 
-    def _drop(self, reason: str) -> None:
-        if self.channel_up:
-            self.close_channel(reason)
-            self.channel_lost(reason)
-
     def tick(self) -> None:
         if (
             self.stage is Stage.WARM_START
@@ -130,18 +125,18 @@ class BackupCore(ReplicationCore):
                 self.last_transfer_error = str(frame[1])
                 self._fail_transfer(f"primary refused the transfer: {frame[1]}")
             elif kind == FrameType.FENCE:
-                self._drop(f"fenced by the primary: {frame[1]}")
+                self.drop(f"fenced by the primary: {frame[1]}")
             else:
-                self._drop(
+                self.drop(
                     f"unexpected {kind.name} in stage {self.stage.value} "
                     f"while awaiting {self.awaiting or 'nothing'}"
                 )
         except (IndexError, TypeError, ValueError) as exc:
-            self._drop(f"malformed {kind.name} frame: {exc}")
+            self.drop(f"malformed {kind.name} frame: {exc}")
 
     def _apply_batch(self, seq: Any, ops: list[Any]) -> None:
         if seq != self.seq + 1:
-            self._drop(f"batch {seq!r} out of order (expected {self.seq + 1})")
+            self.drop(f"batch {seq!r} out of order (expected {self.seq + 1})")
             return
         store = self.store
         for i in range(0, len(ops), 2):
@@ -157,7 +152,7 @@ class BackupCore(ReplicationCore):
     def _hello(self, frame: list[Any]) -> None:
         role, seq = frame[1], frame[7]
         if role != "primary":
-            self._drop(f"peer says it is the {role}, expected the primary")
+            self.drop(f"peer says it is the {role}, expected the primary")
             return
         self.peer_hello = frame
         self.peer_seq = seq
@@ -222,7 +217,7 @@ class BackupCore(ReplicationCore):
         self._confirm(self.store.checksum, "fetched by the primary")
 
     def _fail_transfer(self, reason: str) -> None:
-        self._drop(reason)
+        self.drop(reason)
         if self.stage in (Stage.WARM_START, Stage.BOOTSTRAPPING_PRIMARY):
             self.fire(Event.TRANSFER_FAILED, reason)
 

@@ -210,6 +210,12 @@ class ReplicationCore:
             self.outbox.append(CloseChannel(reason))
         self._reset_session()
 
+    def drop(self, reason: str) -> None:
+        """Close the channel ourselves and handle it as lost."""
+        if self.channel_up:
+            self.close_channel(reason)
+            self.channel_lost(reason)
+
     def _reset_session(self) -> None:
         self.peer_hello = None
         self.sender = None
@@ -234,7 +240,7 @@ class ReplicationCore:
         """Heartbeats and peer silence; subclasses add their own checks."""
         if self.channel_up:
             if self.now - self.last_received > self.settings.peer_timeout:
-                self.channel_lost(f"{self.peer_label()} silent for {self.settings.peer_timeout}s")
+                self.drop(f"{self.peer_label()} silent for {self.settings.peer_timeout}s")
             elif self.now - self.last_sent >= self.settings.heartbeat_interval * 0.9:
                 self.send([FrameType.HEARTBEAT, self.seq])
         self.start_tick()

@@ -111,18 +111,12 @@ class PrimaryCore(ReplicationCore):
             self.fire(Event.PEER_LOST, reason)
         self.schedule_retry()
 
-    def _drop(self, reason: str) -> None:
-        """Close the channel ourselves and handle it as lost."""
-        if self.channel_up:
-            self.close_channel(reason)
-            self.channel_lost(reason)
-
     def tick(self) -> None:
         if self.in_flight is not None and self.now > self.in_flight.deadline:
             # Seed: "try to kill the backup", then bootstrap a new one.
             if self.channel_up:
                 self.send([FrameType.FENCE, "acknowledgement timed out"])
-            self._drop(f"backup did not acknowledge batch {self.in_flight.seq} in time")
+            self.drop(f"backup did not acknowledge batch {self.in_flight.seq} in time")
         super().tick()
 
     # -- client requests ---------------------------------------------------------
@@ -213,7 +207,7 @@ class PrimaryCore(ReplicationCore):
     def _batch_acked(self, seq: Any) -> None:
         batch = self.in_flight
         if batch is None or seq != batch.seq:
-            self._drop(f"acknowledgement for unexpected batch {seq!r}")
+            self.drop(f"acknowledgement for unexpected batch {seq!r}")
             return
         ops, overlay, apply = batch.ops, self.overlay, self._apply
         for i in range(0, len(ops), 2):
@@ -259,16 +253,16 @@ class PrimaryCore(ReplicationCore):
             elif kind == FrameType.SYNC_NACK:
                 self.transfers_failed += 1
                 self.last_transfer_error = str(frame[1])
-                self._drop(f"backup refused the transfer: {frame[1]}")
+                self.drop(f"backup refused the transfer: {frame[1]}")
             else:
-                self._drop(f"unexpected {kind.name} while awaiting {self.awaiting or 'nothing'}")
+                self.drop(f"unexpected {kind.name} while awaiting {self.awaiting or 'nothing'}")
         except (IndexError, TypeError, ValueError) as exc:
-            self._drop(f"malformed {kind.name} frame: {exc}")
+            self.drop(f"malformed {kind.name} frame: {exc}")
 
     def _hello(self, frame: list[Any]) -> None:
         _, role, _incarnation, peer_confirmed, raw_checksum, count, _shards, seq = frame
         if role != "backup":
-            self._drop(f"peer says it is the {role}, expected the backup")
+            self.drop(f"peer says it is the {role}, expected the backup")
             return
         self.peer_hello = frame
         self.peer_seq = seq
@@ -309,7 +303,7 @@ class PrimaryCore(ReplicationCore):
             checksum = receiver.feed(frame)
         except TransferError as exc:
             self.transfer_failed(str(exc))
-            self._drop(f"transfer from backup failed: {exc}")
+            self.drop(f"transfer from backup failed: {exc}")
             return
         if frame[0] == FrameType.SHARD_END:
             self.complete_shards = receiver.complete_shards
@@ -321,7 +315,7 @@ class PrimaryCore(ReplicationCore):
     def _sync_ack(self, frame: list[Any]) -> None:
         if checksum_from_bytes(frame[1]) != self.store.checksum:
             self.transfer_failed("backup acknowledged a different checksum")
-            self._drop("checksum mismatch at the end of the transfer")
+            self.drop("checksum mismatch at the end of the transfer")
             return
         self.awaiting = ""
         self.confirmed = True

@@ -1,0 +1,1 @@
+"""Tools for testing pbkv: history recording and linearizability checking."""

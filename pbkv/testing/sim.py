@@ -1,0 +1,572 @@
+"""Deterministic simulation of a primary and a backup (FoundationDB-style).
+
+The real replication cores (``PrimaryCore``, ``BackupCore``) run against a
+simulated clock and network: one seed draws every delay, client request and
+fault, so a run is reproducible bit for bit.  Faults: crashes that lose the
+process's memory and restarts, pauses (SIGSTOP), partitions that silently
+black-hole the channel, closed connections, and delays that reorder frames
+of an old connection after a new one.  Clients talk to the primary; their
+history is checked for linearizability, together with the final content of
+both servers once the faults stop and the pair is in sync again.
+
+Run many seeds: ``python -m pbkv.testing.sim --seeds 1000``; replay one with
+its log: ``python -m pbkv.testing.sim --seed 42 --verbose``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pbkv.backup import BackupCore
+from pbkv.config import Settings
+from pbkv.core import (
+    CloseChannel,
+    Command,
+    Connect,
+    Done,
+    Outcome,
+    Probe,
+    PumpTransfer,
+    Refused,
+    ReplicationFailed,
+    Respond,
+    Send,
+    StartTimer,
+)
+from pbkv.primary import PrimaryCore
+from pbkv.stages import Stage
+from pbkv.store import make_store
+from pbkv.testing.linearizability import Operation, Result, check
+from pbkv.wire import FrameDecoder, encode
+
+log = logging.getLogger("pbkv.sim")
+
+ROLES = ("primary", "backup")
+KEYS = tuple(f"k{i}" for i in range(6))
+COMMANDS = {
+    "get": Command.GET,
+    "insert": Command.INSERT,
+    "update": Command.UPDATE,
+    "delete": Command.DELETE,
+}
+
+
+def sim_settings(store: str = "sharded") -> Settings:
+    return Settings(
+        primary="p",
+        backup="b",
+        port=1,
+        store=store,
+        shards=4,
+        transfer_chunk=2,
+        ack_timeout=1.0,
+        heartbeat_interval=0.1,
+        peer_timeout=0.6,
+        retry_min=0.05,
+        retry_max=0.4,
+    )
+
+
+@dataclass
+class Channel:
+    """One TCP connection between the primary and the backup."""
+
+    id: int
+    open_at: dict[str, bool] = field(default_factory=lambda: {"primary": False, "backup": False})
+    closed: bool = False
+    black_holed: bool = False  # a partition ate some bytes: nothing more gets through
+    last_delivery: dict[str, float] = field(default_factory=lambda: {r: 0.0 for r in ROLES})
+    decoders: dict[str, FrameDecoder] = field(
+        default_factory=lambda: {r: FrameDecoder() for r in ROLES}
+    )
+
+
+class SimNode:
+    def __init__(self, sim: Simulation, role: str) -> None:
+        self.sim = sim
+        self.role = role
+        self.core: PrimaryCore | BackupCore | None = None
+        self.life = 0  # bumps on every crash: events of an earlier life are dropped
+        self.paused = False
+        self.deferred: list[Callable[[], None]] = []
+        self.timers: dict[str, int] = {}
+        self.channel: Channel | None = None
+        self.flush_scheduled = False
+        self.pumping = False
+        self.replies: dict[int, Callable[[Outcome], None]] = {}
+
+    @property
+    def alive(self) -> bool:
+        return self.core is not None
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        sim = self.sim
+        store = make_store(sim.settings.store, sim.settings.shards)
+        rng = random.Random(sim.rng.getrandbits(64))
+        core_class = PrimaryCore if self.role == "primary" else BackupCore
+        self.core = core_class(sim.settings, store, sim.now, rng)
+        self.timers.clear()
+        self.channel = None
+        self.flush_scheduled = self.pumping = False
+        self.core.start(sim.now)
+        self.drain()
+
+    def crash(self) -> None:
+        sim = self.sim
+        sim.trace(f"{self.role} crashes")
+        self.core = None
+        self.life += 1
+        self.paused = False
+        self.deferred.clear()
+        self.replies.clear()
+        if self.channel is not None:
+            sim.close_channel(self.channel, self.role)
+            self.channel = None
+
+    def pause(self) -> None:
+        self.sim.trace(f"{self.role} paused")
+        self.paused = True
+
+    def resume(self) -> None:
+        self.sim.trace(f"{self.role} resumed")
+        self.paused = False
+        deferred, self.deferred = self.deferred, []
+        for event in deferred:
+            event()
+
+    # -- event delivery ----------------------------------------------------------
+    def deliver(self, delay: float, event: Callable[[], None]) -> None:
+        """Run ``event`` on this node after ``delay``, in this life only."""
+        life = self.life
+
+        def run() -> None:
+            if self.life != life or self.core is None:
+                return
+            if self.paused:
+                self.deferred.append(run)
+                return
+            event()
+            self.drain()
+
+        self.sim.schedule(delay, run)
+
+    def drain(self) -> None:
+        core = self.core
+        while core is not None and core.outbox:
+            for action in core.take_actions():
+                self.carry_out(action)
+            core = self.core
+
+    def carry_out(self, action: Any) -> None:
+        sim = self.sim
+        core = self.core
+        assert core is not None
+        if isinstance(action, Respond):
+            reply = self.replies.pop(action.token, None)
+            if reply is not None:
+                reply(action.outcome)
+        elif isinstance(action, Send):
+            if self.channel is not None:
+                sim.transmit(self.channel, self.role, encode(action.frame))
+        elif isinstance(action, StartTimer):
+            generation = self.timers.get(action.name, 0) + 1
+            self.timers[action.name] = generation
+            name = action.name
+
+            def fire() -> None:
+                if self.timers.get(name) == generation:
+                    self.core.timer_fired(sim.now, name)
+
+            self.deliver(action.delay, fire)
+        elif isinstance(action, CloseChannel):
+            channel, self.channel = self.channel, None
+            if channel is not None:
+                sim.close_channel(channel, self.role)
+        elif isinstance(action, Connect):
+            sim.connect()
+        elif isinstance(action, Probe):
+            sim.probe()
+        elif isinstance(action, PumpTransfer):
+            if not self.pumping:
+                self.pumping = True
+                self.deliver(sim.tiny(), self.pump)
+        else:
+            raise TypeError(f"unknown action {action!r}")
+
+    def pump(self) -> None:
+        more = self.core.pump_transfer(self.sim.now, 3)
+        if more:
+            self.deliver(self.sim.tiny(), self.pump)
+        else:
+            self.pumping = False
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        core = self.core
+        assert isinstance(core, PrimaryCore)
+        core.flush(self.sim.now)
+
+
+@dataclass
+class RunResult:
+    seed: int
+    ok: bool | None
+    explanation: str = ""
+    operations: int = 0
+    faults: list[str] = field(default_factory=list)
+    converged: bool = True
+
+    def replay_command(self) -> str:
+        return f"python -m pbkv.testing.sim --seed {self.seed} --verbose"
+
+
+class Simulation:
+    """One seeded run: clients, nemesis, convergence, checks."""
+
+    def __init__(
+        self,
+        seed: int,
+        *,
+        clients: int = 4,
+        duration: float = 8.0,
+        faults: bool = True,
+        settings: Settings | None = None,
+        trace: Callable[[str], None] | None = None,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.settings = settings or sim_settings(self.rng.choice(("sharded", "hash")))
+        self.now = 0.0
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._counter = itertools.count()
+        self.nodes = {role: SimNode(self, role) for role in ROLES}
+        self.partitioned = False
+        self.channel_ids = itertools.count(1)
+        self.clients = clients
+        self.duration = duration
+        self.faults_enabled = faults
+        self.operations: list[Operation] = []
+        self.fault_log: list[str] = []
+        self._values = itertools.count()
+        self._trace = trace
+
+    # -- scheduling ----------------------------------------------------------------
+    def schedule(self, delay: float, event: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (self.now + delay, next(self._counter), event))
+
+    def run_until(self, deadline: float, stop: Callable[[], bool] | None = None) -> bool:
+        while self._queue and self._queue[0][0] <= deadline:
+            when, _, event = heapq.heappop(self._queue)
+            self.now = when
+            event()
+            if stop is not None and stop():
+                return True
+        self.now = max(self.now, deadline)
+        return stop() if stop is not None else True
+
+    def tiny(self) -> float:
+        return self.rng.uniform(0.0001, 0.002)
+
+    def latency(self) -> float:
+        # Mostly fast, sometimes slow: slow frames reorder old connections' traffic.
+        if self.rng.random() < 0.05:
+            return self.rng.uniform(0.05, 0.5)
+        return self.rng.uniform(0.0002, 0.005)
+
+    def trace(self, text: str) -> None:
+        if self._trace is not None:
+            self._trace(f"[{self.now:9.4f}] {text}")
+
+    # -- network -------------------------------------------------------------------
+    def reachable(self) -> bool:
+        return not self.partitioned
+
+    def connect(self) -> None:
+        """The primary opens a channel to the backup."""
+        primary, backup = self.nodes["primary"], self.nodes["backup"]
+        if not backup.alive or not self.reachable() or backup.paused:
+            # Refused at once when the backup is down; a time-out otherwise.
+            delay = 0.001 if not backup.alive else self.settings.peer_timeout
+            reason = "refused" if not backup.alive else "timed out"
+            primary.deliver(delay, lambda: primary.core.channel_failed(self.now, reason))
+            return
+        channel = Channel(next(self.channel_ids))
+
+        def backup_accepts() -> None:
+            if channel.closed:
+                return
+            backup.core.channel_opened(self.now)
+            backup.drain()  # closes the channel this one replaces
+            backup.channel = channel
+            channel.open_at["backup"] = True
+
+        def primary_opens() -> None:
+            if channel.closed or not channel.open_at["backup"]:
+                primary.core.channel_failed(self.now, "upgrade failed")
+                return
+            primary.channel = channel
+            channel.open_at["primary"] = True
+            primary.core.channel_opened(self.now)
+
+        first = self.latency()
+        backup.deliver(first, backup_accepts)
+        primary.deliver(first + self.latency(), primary_opens)
+
+    def transmit(self, channel: Channel, sender: str, data: bytes) -> None:
+        receiver_role = "backup" if sender == "primary" else "primary"
+        receiver = self.nodes[receiver_role]
+        if channel.closed:
+            return
+        if not self.reachable():
+            channel.black_holed = True
+        if channel.black_holed:
+            return
+        # TCP keeps order within a connection.
+        at = max(self.now + self.latency(), channel.last_delivery[receiver_role])
+        channel.last_delivery[receiver_role] = at
+
+        def arrive() -> None:
+            if receiver.channel is not channel or channel.closed:
+                return
+            for frame in channel.decoders[receiver_role].feed(data):
+                receiver.core.frame_received(self.now, frame)
+                if receiver.channel is not channel:
+                    break
+
+        receiver.deliver(at - self.now, arrive)
+
+    def close_channel(self, channel: Channel, closer: str) -> None:
+        if channel.closed:
+            return
+        channel.closed = True
+        other_role = "backup" if closer == "primary" else "primary"
+        other = self.nodes[other_role]
+        if channel.black_holed or not self.reachable():
+            return  # the FIN is lost too: the peer notices by silence
+        at = max(self.now + self.latency(), channel.last_delivery[other_role])
+
+        def notice() -> None:
+            if other.channel is channel:
+                other.channel = None
+                other.core.channel_closed(self.now, "connection closed by peer")
+
+        other.deliver(at - self.now, notice)
+
+    def probe(self) -> None:
+        primary, backup = self.nodes["primary"], self.nodes["backup"]
+        running = primary.alive and self.reachable()
+        backup.deliver(self.latency(), lambda: backup.core.probe_result(self.now, running))
+
+    # -- clients -----------------------------------------------------------------------
+    def client_loop(self, client: int) -> None:
+        if self.now >= self.duration:
+            return
+        kind = self.rng.choice(("get", "get", "insert", "update", "delete"))
+        key = self.rng.choice(KEYS)
+        value = f"v{next(self._values)}" if kind in ("insert", "update") else None
+        call = self.now
+        primary = self.nodes["primary"]
+        state = {"done": False}
+
+        def finish(ok: bool | None, output: str | None, record: bool = True) -> None:
+            if state["done"]:
+                return
+            state["done"] = True
+            if record:
+                ret = self.now if ok is not None else None
+                if ok is None and kind == "get":
+                    record = False
+                if record:
+                    self.operations.append(
+                        Operation(client, kind, key, value, call, ret, ok, output)
+                    )
+            self.schedule(self.rng.uniform(0.001, 0.05), lambda: self.client_loop(client))
+
+        def answer(outcome: Outcome) -> None:
+            delay = self.latency()
+            if isinstance(outcome, Done):
+                self.schedule(delay, lambda: finish(outcome.ok, outcome.value))
+            elif isinstance(outcome, Refused):
+                # Applied nowhere and observed nothing: not part of the history.
+                self.schedule(delay, lambda: finish(None, None, record=False))
+            elif isinstance(outcome, ReplicationFailed):
+                self.schedule(delay, lambda: finish(None, None))
+            else:
+                raise AssertionError(f"unexpected outcome {outcome!r}")
+
+        def at_primary() -> None:
+            core = primary.core
+            command = COMMANDS[kind]
+            if command is Command.GET:
+                answer(core.read(command, key))
+                return
+            token = object()
+            outcome = core.submit(command, key, value, token)
+            if outcome is not None:
+                answer(outcome)
+                return
+            primary.replies[token] = answer
+            if not primary.flush_scheduled:
+                primary.flush_scheduled = True
+                primary.deliver(self.tiny(), primary.flush)
+
+        if primary.alive:
+            primary.deliver(self.latency(), at_primary)
+        # A request with no reply (crash, pause) times out: indeterminate.
+        self.schedule(3.0, lambda: finish(None, None))
+
+    # -- nemesis -------------------------------------------------------------------------
+    def confirmed(self, role: str) -> bool:
+        node = self.nodes[role]
+        return node.alive and node.core.confirmed
+
+    def nemesis(self) -> None:
+        if self.now >= self.duration:
+            return
+        primary, backup = self.nodes["primary"], self.nodes["backup"]
+        choice = self.rng.random()
+        if choice < 0.25:
+            # Crash one server, never both: only when the other holds a confirmed copy.
+            role = self.rng.choice(ROLES)
+            other = "backup" if role == "primary" else "primary"
+            node = self.nodes[role]
+            if node.alive and self.confirmed(other) and not self.nodes[other].paused:
+                self.fault(f"crash {role}")
+                node.crash()
+                self.schedule(self.rng.uniform(0.1, 2.0), lambda: self.restart(node))
+        elif choice < 0.45:
+            node = self.rng.choice((primary, backup))
+            if node.alive and not node.paused:
+                self.fault(f"pause {node.role}")
+                node.pause()
+                self.schedule(self.rng.uniform(0.05, 2.5), lambda: self.resume(node))
+        elif choice < 0.65:
+            if not self.partitioned:
+                self.fault("partition")
+                self.partitioned = True
+                self.schedule(self.rng.uniform(0.1, 2.5), self.heal)
+        elif choice < 0.8:
+            # Close the channel from one side (a reset connection).
+            node = self.rng.choice((primary, backup))
+            if node.alive and node.channel is not None and not node.paused:
+                self.fault(f"{node.role} connection reset")
+                channel, node.channel = node.channel, None
+                self.close_channel(channel, node.role)
+                node.core.channel_closed(self.now, "connection reset")
+                node.drain()
+        self.schedule(self.rng.uniform(0.2, 1.5), self.nemesis)
+
+    def fault(self, text: str) -> None:
+        self.fault_log.append(f"{self.now:.3f} {text}")
+        self.trace(f"nemesis: {text}")
+
+    def restart(self, node: SimNode) -> None:
+        if not node.alive:
+            self.fault(f"restart {node.role}")
+            node.start()
+
+    def resume(self, node: SimNode) -> None:
+        if node.paused:
+            self.fault(f"resume {node.role}")
+            node.resume()
+
+    def heal(self) -> None:
+        if self.partitioned:
+            self.fault("heal")
+            self.partitioned = False
+
+    # -- the run ---------------------------------------------------------------------------
+    def in_sync(self) -> bool:
+        return all(
+            n.alive and not n.paused and n.core.stage is Stage.IN_SYNC for n in self.nodes.values()
+        )
+
+    def run(self) -> RunResult:
+        order = list(ROLES)
+        self.rng.shuffle(order)
+        first, second = (self.nodes[r] for r in order)
+        first.start()
+        self.schedule(self.rng.uniform(0.0, 1.0), second.start)
+        for client in range(self.clients):
+            self.schedule(self.rng.uniform(0.5, 1.5), lambda c=client: self.client_loop(c))
+        if self.faults_enabled:
+            self.schedule(self.rng.uniform(0.5, 2.0), self.nemesis)
+        self.run_until(self.duration)
+        # Faults stop; everything comes back.
+        self.heal()
+        for node in self.nodes.values():
+            self.resume(node)
+            self.restart(node)
+        converged = self.run_until(self.duration + 30.0, self.in_sync)
+        # Let answers in flight arrive (clients stopped issuing at ``duration``).
+        self.run_until(self.now + 5.0)
+        result = RunResult(self.seed, True, operations=len(self.operations), faults=self.fault_log)
+        if not converged or not self.in_sync():
+            result.ok = False
+            result.converged = False
+            stages = {r: (n.core.stage.value if n.alive else "down") for r, n in self.nodes.items()}
+            result.explanation = f"the pair did not return to in sync: {stages}"
+            return result
+        primary = dict(self.nodes["primary"].core.store.items())
+        backup = dict(self.nodes["backup"].core.store.items())
+        if primary != backup:
+            result.ok = False
+            result.explanation = (
+                f"primary and backup differ after sync: primary {primary} backup {backup}"
+            )
+            return result
+        verdict: Result = check(self.operations, final=primary, timeout=20.0)
+        result.ok = verdict.ok
+        result.explanation = verdict.explanation
+        return result
+
+
+def run_seed(seed: int, **options: Any) -> RunResult:
+    return Simulation(seed, **options).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, help="run this one seed")
+    parser.add_argument("--seeds", type=int, default=200, help="how many seeds to run")
+    parser.add_argument("--first", type=int, default=0, help="first seed of the range")
+    parser.add_argument("--duration", type=float, default=8.0, help="simulated seconds of load")
+    parser.add_argument("--verbose", action="store_true", help="print the trace and core logs")
+    args = parser.parse_args(argv)
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    else:
+        logging.getLogger("pbkv").setLevel(logging.ERROR)
+    seeds = [args.seed] if args.seed is not None else range(args.first, args.first + args.seeds)
+    started = time.monotonic()
+    failures = 0
+    operations = 0
+    for seed in seeds:
+        trace = print if args.verbose else None
+        result = run_seed(seed, duration=args.duration, trace=trace)
+        operations += result.operations
+        if result.ok is not True:
+            failures += 1
+            print(f"seed {seed} FAILED: {result.explanation}")
+            print(f"  faults: {'; '.join(result.faults)}")
+            print(f"  replay: {result.replay_command()}")
+    elapsed = time.monotonic() - started
+    print(
+        f"{len(seeds)} seeds, {operations} operations, {failures} failed, {elapsed:.1f}s",
+        file=sys.stderr,
+    )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
