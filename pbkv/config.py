@@ -62,7 +62,15 @@ class Settings:
                 raise SettingsError(f"{name} must be a positive number")
         if not 0 < self.port < 65536:
             raise SettingsError("port must be between 1 and 65535")
-        for name in ("ack_timeout", "heartbeat_interval", "peer_timeout", "retry_min"):
+        if self.backup_port is not None and not 0 < self.backup_port < 65536:
+            raise SettingsError("backup_port must be between 1 and 65535")
+        for name in (
+            "ack_timeout",
+            "heartbeat_interval",
+            "peer_timeout",
+            "retry_min",
+            "idle_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be a positive number of seconds")
         if self.retry_max < self.retry_min:
@@ -121,6 +129,8 @@ def load_file(path: str | Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SettingsError(f"cannot read settings file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"settings file {path} is not valid UTF-8: {exc.reason}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

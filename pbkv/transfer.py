@@ -53,12 +53,10 @@ class SnapshotSender:
     def next_frames(self, limit: int) -> list[list[Any]]:
         """Up to ``limit`` frames; ``done`` turns true after the last one."""
         frames: list[list[Any]] = []
-        for frame in self._frames:
+        while not self.done and len(frames) < limit:
+            frame = next(self._frames)
             frames.append(frame)
-            if len(frames) >= limit:
-                break
-        else:
-            self.done = True
+            self.done = frame[0] is FrameType.SNAPSHOT_END
         return frames
 
 
@@ -75,6 +73,7 @@ class SnapshotReceiver:
         self._sender_shards = 0
         self._same_layout = False
         self._running = [0]  # per sender shard, when the layouts differ
+        self._counts = [0]  # pairs per sender shard, when the layouts differ
 
     def begin(self, frame: list[Any]) -> None:
         _, shards, total = frame
@@ -84,6 +83,7 @@ class SnapshotReceiver:
         self.expected_total = total
         self._same_layout = shards == self.store.shard_count
         self._running = [0] * shards
+        self._counts = [0] * shards
         self.store.clear()
 
     def chunk(self, frame: list[Any]) -> None:
@@ -104,6 +104,7 @@ class SnapshotReceiver:
                 self.store.put(key, value)
                 total += pair_checksum(key, value)
             self._running[shard] = total
+            self._counts[shard] += len(pairs)
 
     def shard_end(self, frame: list[Any]) -> None:
         _, shard, raw_checksum, count = frame
@@ -116,6 +117,10 @@ class SnapshotReceiver:
                 raise TransferError(f"shard {shard}: {actual_count} pairs, sender had {count}")
         else:
             actual = self._running[shard] % (1 << 128)
+            if self._counts[shard] != count:
+                raise TransferError(
+                    f"shard {shard}: {self._counts[shard]} pairs, sender had {count}"
+                )
         if actual != expected:
             raise TransferError(f"shard {shard}: checksum mismatch")
         if self._same_layout:
@@ -125,7 +130,7 @@ class SnapshotReceiver:
         """Verify the whole database; returns its checksum."""
         _, raw_checksum, count, seq = frame
         expected = checksum_from_bytes(raw_checksum)
-        if len(self.store) != count or self.received != count:
+        if len(self.store) != count or self.received != count or self.expected_total != count:
             raise TransferError(f"received {len(self.store)} pairs, sender had {count}")
         if self.store.checksum != expected:
             raise TransferError("database checksum mismatch")

@@ -1,0 +1,347 @@
+"""The pure parts of the client API: parameters, limits and the course's JSON replies."""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote, urlencode
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pbkv.core import Command, Counted, Done, Dumped, Refused, ReplicationFailed
+from pbkv.http import (
+    Limits,
+    RequestError,
+    error_body,
+    key_and_value,
+    outcome_reply,
+    parse_params,
+    response,
+)
+from pbkv.stages import Stage
+
+FORM = b"application/x-www-form-urlencoded"
+JSON = b"application/json"
+
+NASTY = [
+    "",
+    "a&b=c",
+    "1+1=2",
+    "100%",
+    "%2B",
+    "%",
+    "  spaced out  ",
+    "line\r\nbreak",
+    "nul\0byte",
+    "quote\"s and 'single'",
+    "back\\slash",
+    "emoji 😀🎉",
+    "ключ",
+    "\u2028\u2029",
+    "?#;/",
+]
+
+
+def encoded(params: dict[str, str]) -> bytes:
+    """Percent-encode everything, as a careful client does."""
+    return "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in params.items()).encode()
+
+
+def status_of(call, *args) -> int:
+    with pytest.raises(RequestError) as info:
+        call(*args)
+    return info.value.status
+
+
+# -- parse_params: round trips -------------------------------------------------------------
+@pytest.mark.parametrize("value", NASTY)
+def test_nasty_values_round_trip_every_way(value: str) -> None:
+    params = {"key": value + "k", "value": value}
+    assert parse_params(encoded(params), b"", b"") == params
+    assert parse_params(None, encoded(params), FORM) == params
+    assert parse_params(None, urlencode(params).encode(), FORM) == params  # '+' for spaces
+    assert parse_params(None, json.dumps(params).encode(), JSON) == params
+    assert parse_params(None, json.dumps(params, ensure_ascii=False).encode(), JSON) == params
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.text(min_size=1), value=st.text())
+def test_any_text_round_trips(key: str, value: str) -> None:
+    params = {"key": key, "value": value}
+    assert parse_params(encoded(params), b"", b"") == params
+    assert parse_params(None, encoded(params), FORM) == params
+    assert parse_params(None, encoded(params), b"") == params  # no content type: a form
+    assert parse_params(None, urlencode(params).encode(), FORM) == params
+    assert parse_params(None, json.dumps(params).encode(), JSON) == params
+
+
+def test_empty_value_round_trips() -> None:
+    assert parse_params(b"key=k&value=", b"", b"") == {"key": "k", "value": ""}
+    assert parse_params(None, b"key=k&value", FORM) == {"key": "k", "value": ""}
+    assert parse_params(encoded({"key": "k", "value": ""}), b"", b"") == {
+        "key": "k",
+        "value": "",
+    }
+
+
+def test_plus_is_space_unless_encoded() -> None:
+    assert parse_params(None, b"key=a+b", FORM) == {"key": "a b"}
+    assert parse_params(None, b"key=a%2Bb", FORM) == {"key": "a+b"}
+    assert parse_params(b"key=a+b%2B", b"", b"") == {"key": "a b+"}
+    assert parse_params(None, b"key=a%20b", FORM) == {"key": "a b"}
+
+
+def test_special_characters_when_encoded() -> None:
+    body = b"key=a%26b%3Dc&value=%25%0D%0A%00%22%27%F0%9F%98%80"
+    assert parse_params(None, body, FORM) == {"key": "a&b=c", "value": "%\r\n\0\"'😀"}
+    # A stray '%' not followed by two hex digits is kept as it is.
+    assert parse_params(None, b"key=100%&value=%zz", FORM) == {"key": "100%", "value": "%zz"}
+
+
+def test_raw_utf8_in_a_form_body() -> None:
+    assert parse_params(None, "key=ключ&value=😀".encode(), FORM) == {
+        "key": "ключ",
+        "value": "😀",
+    }
+
+
+def test_query_and_body_merge() -> None:
+    assert parse_params(b"key=k", b"value=v", FORM) == {"key": "k", "value": "v"}
+    assert parse_params(b"key=k", b'{"value": "v"}', JSON) == {"key": "k", "value": "v"}
+    assert parse_params(None, b"", FORM) == {}
+    assert parse_params(b"", b"", b"") == {}
+
+
+def test_json_content_type_variants() -> None:
+    body = b'{"key": "k", "value": "v"}'
+    expected = {"key": "k", "value": "v"}
+    assert parse_params(None, body, b"application/json; charset=utf-8") == expected
+    assert parse_params(None, body, b"Application/JSON") == expected
+
+
+# -- parse_params: errors ------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("query", "body", "content_type"),
+    [
+        (b"key=%FF", b"", b""),
+        (b"key=%C3", b"", b""),
+        (b"key=%ED%A0%80", b"", b""),  # an encoded surrogate
+        (None, b"key=%FF", FORM),
+        (None, b"key=\xff", FORM),  # raw invalid UTF-8
+        (None, b"key=k&value=%80abc", FORM),
+    ],
+)
+def test_invalid_utf8_is_400(query: bytes | None, body: bytes, content_type: bytes) -> None:
+    with pytest.raises(RequestError, match="UTF-8") as info:
+        parse_params(query, body, content_type)
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "content_type"),
+    [
+        (b"key=a&key=b", b"", b""),
+        (b"key=a&key=a", b"", b""),
+        (None, b"value=1&value=2", FORM),
+        (b"key=a", b"key=b", FORM),
+        (b"key=a", b'{"key": "b"}', JSON),
+    ],
+)
+def test_duplicated_parameter_is_400(query: bytes | None, body: bytes, content_type: bytes) -> None:
+    with pytest.raises(RequestError, match="more than once") as info:
+        parse_params(query, body, content_type)
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'["key", "k"]',
+        b'"key"',
+        b"42",
+        b"null",
+        b'{"key": 1}',
+        b'{"key": null}',
+        b'{"key": "k", "value": ["v"]}',
+        b'{"key": "k", "value": {"a": "b"}}',
+        b'{"key": true}',
+        b'{"key": "k"',
+        b"key=k",
+        b'{"key": "\\ud800"}',  # a lone surrogate
+        b'{"key": "\xff"}',
+    ],
+)
+def test_bad_json_body_is_400(body: bytes) -> None:
+    assert status_of(parse_params, None, body, JSON) == 400
+
+
+# -- key_and_value -------------------------------------------------------------------------
+LIMITS = Limits()
+
+
+@pytest.mark.parametrize("command", [Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE])
+def test_key_required(command: Command) -> None:
+    with pytest.raises(RequestError, match="missing parameter 'key'") as info:
+        key_and_value(command, {"value": "v"}, LIMITS)
+    assert info.value.status == 400
+    with pytest.raises(RequestError, match="empty") as info:
+        key_and_value(command, {"key": "", "value": "v"}, LIMITS)
+    assert info.value.status == 400
+
+
+@pytest.mark.parametrize("command", [Command.INSERT, Command.UPDATE])
+def test_value_required_for_writes(command: Command) -> None:
+    with pytest.raises(RequestError, match="missing parameter 'value'") as info:
+        key_and_value(command, {"key": "k"}, LIMITS)
+    assert info.value.status == 400
+    assert key_and_value(command, {"key": "k", "value": ""}, LIMITS) == ("k", "")
+
+
+def test_commands_without_value_or_key() -> None:
+    assert key_and_value(Command.GET, {"key": "k"}, LIMITS) == ("k", None)
+    assert key_and_value(Command.DELETE, {"key": "k"}, LIMITS) == ("k", None)
+    assert key_and_value(Command.COUNT, {}, LIMITS) == ("", None)
+    assert key_and_value(Command.DUMP, {}, LIMITS) == ("", None)
+    # Unknown extra parameters are ignored.
+    assert key_and_value(Command.GET, {"key": "k", "x": "y"}, LIMITS) == ("k", None)
+
+
+def test_key_limit_counts_bytes() -> None:
+    assert LIMITS.max_key_bytes == 4096
+    assert key_and_value(Command.GET, {"key": "k" * 4096}, LIMITS)[0] == "k" * 4096
+    assert status_of(key_and_value, Command.GET, {"key": "k" * 4097}, LIMITS) == 413
+    emoji = "😀" * 1024  # 4096 bytes
+    assert key_and_value(Command.GET, {"key": emoji}, LIMITS)[0] == emoji
+    with pytest.raises(RequestError, match="4096 bytes") as info:
+        key_and_value(Command.INSERT, {"key": "😀" * 1025, "value": "v"}, LIMITS)
+    assert info.value.status == 413
+
+
+def test_value_limit_counts_bytes() -> None:
+    limits = Limits(max_key_bytes=8, max_value_bytes=10)
+    assert key_and_value(Command.INSERT, {"key": "k", "value": "v" * 10}, limits)[1] == "v" * 10
+    assert status_of(key_and_value, Command.INSERT, {"key": "k", "value": "v" * 11}, limits) == 413
+    assert status_of(key_and_value, Command.UPDATE, {"key": "k", "value": "é" * 6}, limits) == 413
+    assert key_and_value(Command.UPDATE, {"key": "k", "value": "é" * 5}, limits)[1] == "é" * 5
+    assert status_of(key_and_value, Command.GET, {"key": "k" * 9}, limits) == 413
+    assert LIMITS.max_value_bytes == 1024 * 1024
+    assert LIMITS.max_body_bytes > 3 * (LIMITS.max_key_bytes + LIMITS.max_value_bytes)
+
+
+# -- outcome_reply -------------------------------------------------------------------------
+def reply(command: Command, outcome) -> tuple[int, object, bytes]:
+    status, body, extra = outcome_reply(command, outcome)
+    return status, json.loads(body), extra
+
+
+@pytest.mark.parametrize("command", [Command.INSERT, Command.UPDATE])
+def test_insert_update_replies(command: Command) -> None:
+    assert outcome_reply(command, Done(True)) == (200, b'{"success":"true"}', b"")
+    assert outcome_reply(command, Done(False)) == (200, b'{"success":"false"}', b"")
+
+
+@pytest.mark.parametrize("command", [Command.GET, Command.DELETE])
+def test_get_delete_replies(command: Command) -> None:
+    assert reply(command, Done(True, "v")) == (200, {"success": "true", "value": "v"}, b"")
+    assert reply(command, Done(True, "")) == (200, {"success": "true", "value": ""}, b"")
+    assert outcome_reply(command, Done(False)) == (
+        200,
+        b'{"success":"false","value":""}',
+        b"",
+    )
+
+
+def test_count_reply() -> None:
+    assert outcome_reply(Command.COUNT, Counted(3)) == (200, b'{"result":"3"}', b"")
+    assert reply(Command.COUNT, Counted(0)) == (200, {"result": "0"}, b"")
+    assert reply(Command.COUNT, Counted(10**7)) == (200, {"result": "10000000"}, b"")
+
+
+def test_dump_reply() -> None:
+    pairs = [("k1", "v1"), ("k2", "v2")]
+    assert reply(Command.DUMP, Dumped(pairs)) == (200, [["k1", "v1"], ["k2", "v2"]], b"")
+    assert reply(Command.DUMP, Dumped([])) == (200, [], b"")
+
+
+def test_replication_failed_reply() -> None:
+    status, body, extra = outcome_reply(Command.INSERT, ReplicationFailed())
+    assert status == 503
+    assert json.loads(body) == {"success": "false", "error": "replication failed"}
+    assert body == b'{"success":"false","error":"replication failed"}'
+    assert b"Retry-After:" in extra
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+@pytest.mark.parametrize("command", [Command.GET, Command.INSERT, Command.COUNT])
+def test_stage_refusal_reply(stage: Stage, command: Command) -> None:
+    status, body, extra = reply(command, Refused(stage, "primary"))
+    assert status == 503
+    assert body == {
+        "success": "false",
+        "error": f"not accepting this request in stage {stage.value}",
+        "stage": stage.value,
+    }
+    assert extra.startswith(b"Retry-After: ")
+    assert extra.endswith(b"\r\n")
+
+
+def test_backup_write_refusal_names_the_primary() -> None:
+    refused = Refused(Stage.IN_SYNC, "backup", primary="127.0.0.1:8080")
+    status, body, extra = reply(Command.INSERT, refused)
+    assert status == 503
+    assert set(body) == {"success", "error", "stage", "primary"}
+    assert body["success"] == "false"
+    assert "127.0.0.1:8080" in body["error"]
+    assert body["primary"] == "127.0.0.1:8080"
+    assert body["stage"] == "in_sync"
+    assert b"Retry-After:" in extra
+
+
+def test_unknown_outcome_is_a_programming_error() -> None:
+    with pytest.raises(TypeError):
+        outcome_reply(Command.GET, "not an outcome")
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_nasty_values_survive_the_json_reply(value: str) -> None:
+    for command in (Command.GET, Command.DELETE):
+        assert reply(command, Done(True, value))[1] == {"success": "true", "value": value}
+    assert reply(Command.DUMP, Dumped([(value + "k", value)]))[1] == [[value + "k", value]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=st.text(), pairs=st.lists(st.tuples(st.text(min_size=1), st.text()), max_size=5))
+def test_any_value_survives_the_json_reply(value: str, pairs: list[tuple[str, str]]) -> None:
+    assert reply(Command.GET, Done(True, value))[1] == {"success": "true", "value": value}
+    assert reply(Command.DUMP, Dumped(pairs))[1] == [list(pair) for pair in pairs]
+
+
+# -- framing helpers -----------------------------------------------------------------------
+def test_error_body_shape() -> None:
+    assert json.loads(error_body('bad "input"\n')) == {
+        "success": "false",
+        "error": 'bad "input"\n',
+    }
+    assert json.loads(error_body("x", stage="warm_start")) == {
+        "success": "false",
+        "error": "x",
+        "stage": "warm_start",
+    }
+
+
+def test_response_framing() -> None:
+    body = '{"value":"😀"}'.encode()
+    raw = response(503, body, b"Retry-After: 1\r\n", close=True)
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 503 Service Unavailable"
+    assert b"Content-Type: application/json" in lines
+    assert f"Content-Length: {len(body)}".encode() in lines
+    assert b"Connection: close" in lines
+    assert b"Retry-After: 1" in lines
+    assert rest == body
+    keep = response(200, b"{}")
+    assert keep.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"Connection: close" not in keep
+    assert keep.endswith(b"\r\n\r\n{}")
