@@ -160,10 +160,11 @@ class BackupCore(ReplicationCore):
         self.send(self.hello_frame())
 
     def _begin_receiving(self, frame: list[Any]) -> None:
-        # The primary's data wins; ours is no longer a confirmed copy.
-        self.confirmed = False
+        # The primary's data wins, but only once all of it has arrived: until
+        # then we keep our copy (and whether it is confirmed), so a primary
+        # that dies mid-transfer can still warm-start from it.
         self.fire(Event.TRANSFER_STARTED, f"primary sends {frame[2]} pairs")
-        self.receiver = SnapshotReceiver(self.store)
+        self.receiver = SnapshotReceiver(self.store.empty_like())
         self.awaiting = "snapshot"
         self._transfer_frame(frame)
 
@@ -177,6 +178,7 @@ class BackupCore(ReplicationCore):
             return
         if checksum is not None:
             self.seq = self.receiver.seq
+            self.store = self.receiver.store
             self._confirm(checksum, "received")
 
     def _skip(self, frame: list[Any]) -> None:

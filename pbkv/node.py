@@ -139,10 +139,11 @@ class Node:
         self.settings = settings
         self.role = role
         self.loop = asyncio.get_running_loop()
-        self.store = make_store(settings.store, settings.shards)
+        store = make_store(settings.store, settings.shards)
         now = self.loop.time()
         core_class = PrimaryCore if role == "primary" else BackupCore
-        self.core: PrimaryCore | BackupCore = core_class(settings, self.store, now)
+        # The core owns the store (the backup swaps in a new one after a transfer).
+        self.core: PrimaryCore | BackupCore = core_class(settings, store, now)
         self.accepts_replication = role == "backup"
         self.address = settings.address_of(role)
         self.peer_address = settings.address_of("backup" if role == "primary" else "primary")
@@ -166,7 +167,7 @@ class Node:
             reuse_address=True,
             backlog=2048,
         )
-        log.info("%s listening on %s:%d (store %s)", self.role, host, port, self.store.kind)
+        log.info("%s listening on %s:%d (store %s)", self.role, host, port, store_kind(self.core))
         self.core.start(self.loop.time())
         self._drain()
         self._sweep = self.loop.call_later(5.0, self._sweep_idle)
@@ -228,8 +229,8 @@ class Node:
         status = self.core.status()
         status["address"] = "%s:%d" % self.address
         status["peer"] = "%s:%d" % self.peer_address
-        status["store"] = self.store.kind
-        status["shards"] = self.store.shard_count
+        status["store"] = self.core.store.kind
+        status["shards"] = self.core.store.shard_count
         status["clients"] = len(self.connections)
         return status
 
@@ -367,6 +368,10 @@ class Node:
                 await asyncio.sleep(0)
         finally:
             self._pumping = False
+
+
+def store_kind(core: PrimaryCore | BackupCore) -> str:
+    return f"{core.store.kind}, {core.store.shard_count} shards"
 
 
 def _peername(transport: asyncio.BaseTransport) -> str:

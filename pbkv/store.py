@@ -98,6 +98,10 @@ class ShardedStore:
         if chunk:
             yield chunk
 
+    def empty_like(self) -> ShardedStore:
+        """A new empty store of the same kind and layout."""
+        return type(self)(self.shard_count)
+
     # -- writes --------------------------------------------------------------
     def put(self, key: str, value: str) -> str | None:
         """Insert or overwrite; returns the previous value."""

@@ -94,3 +94,17 @@ def test_catches_reads_of_unacknowledged_writes(monkeypatch):
 
     monkeypatch.setattr(PrimaryCore, "read", read_through_overlay)
     assert failures(range(150)), "reads of writes in flight went unnoticed"
+
+
+def test_catches_a_backup_that_drops_its_copy_when_a_transfer_starts(monkeypatch):
+    from pbkv.backup import BackupCore
+
+    original = BackupCore._begin_receiving
+
+    def wipe_first(self, frame):
+        self.confirmed = False
+        self.store.clear()
+        original(self, frame)
+
+    monkeypatch.setattr(BackupCore, "_begin_receiving", wipe_first)
+    assert failures(range(300)), "a backup wiping its copy at transfer start went unnoticed"

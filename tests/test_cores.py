@@ -1,0 +1,1227 @@
+"""The primary's and the backup's replication cores, wired together by hand.
+
+The cores are sans-I/O: they take events (a frame arrived, a timer fired, a
+client request came in) and queue actions.  ``Link`` plays the driver for
+both: it carries every ``Send`` through the real wire encoding to the other
+core, opens and closes the channel, answers probes, pumps transfers and
+collects the answers to client requests.  Time is a number the test moves.
+Nothing here sleeps or touches a socket.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import random
+import re
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+
+from pbkv.backup import BackupCore
+from pbkv.config import Settings
+from pbkv.core import (
+    REPLICATION_FAILED,
+    RETRY,
+    TICK,
+    CloseChannel,
+    Command,
+    Connect,
+    Counted,
+    Done,
+    Dumped,
+    Outcome,
+    Probe,
+    PumpTransfer,
+    Refused,
+    Respond,
+    Send,
+    StartTimer,
+)
+from pbkv.primary import PrimaryCore
+from pbkv.stages import Stage
+from pbkv.store import ShardedStore, make_store, shard_of
+from pbkv.wire import FrameDecoder, FrameError, FrameType, encode
+
+SHARDS = 4
+ROLES = ("primary", "backup")
+PRIMARY_ADDRESS = "127.0.0.1:8080"
+
+S = Stage
+GET, INSERT, UPDATE, DELETE = Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE
+COUNT, DUMP = Command.COUNT, Command.DUMP
+
+_TRANSITION = re.compile(
+    r"^(primary|backup) stage (\w+) -> (\w+) \((.*)\) peer=(?:primary|backup)$", re.S
+)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {"shards": SHARDS, "transfer_chunk": 2}
+    values.update(overrides)
+    return Settings(**values)
+
+
+def new_store() -> ShardedStore:
+    return make_store("sharded", SHARDS)
+
+
+def peer_of(role: str) -> str:
+    return "backup" if role == "primary" else "primary"
+
+
+Core = PrimaryCore | BackupCore
+
+
+class Link:
+    """Both drivers at once: a FIFO byte channel between the two cores."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture, settings: Settings) -> None:
+        self.caplog = caplog
+        self.settings = settings
+        self.rng = random.Random(7)
+        self.now = 0.0
+        self.cores: dict[str, Core] = {}
+        self.unreachable: set[str] = set()  # alive, but connecting to it fails
+        self.primary_answers_probe: bool | None = None  # None: whether it runs
+        self.connected = False
+        self.pipes: dict[str, deque[bytes]] = {role: deque() for role in ROLES}  # to role
+        self.decoders = {role: FrameDecoder() for role in ROLES}
+        self.timers: dict[str, dict[str, float]] = {role: {} for role in ROLES}
+        # Faults the test switches on.
+        self.paused: set[str] = set()  # frames to these roles wait in the pipe
+        self.lossy: set[str] = set()  # frames from these roles vanish
+        self.tamper: Callable[[str, list[Any]], list[Any]] | None = None
+        self.corrupt: Callable[[str, list[Any], bytes], bytes] | None = None
+        self.manual_pump = False
+        self.pumping: set[str] = set()
+        # What happened.
+        self.sent: dict[str, list[list[Any]]] = {role: [] for role in ROLES}
+        self.received: dict[str, list[list[Any]]] = {role: [] for role in ROLES}
+        self.closed_by: list[tuple[str, str]] = []
+        self.timer_starts: list[tuple[str, str, float]] = []
+        self.responses: dict[Any, Outcome] = {}
+        self.answer_order: list[Any] = []
+        self._tokens = itertools.count(1)
+
+    # -- processes ---------------------------------------------------------------------
+    @property
+    def primary(self) -> PrimaryCore:
+        core = self.cores["primary"]
+        assert isinstance(core, PrimaryCore)
+        return core
+
+    @property
+    def backup(self) -> BackupCore:
+        core = self.cores["backup"]
+        assert isinstance(core, BackupCore)
+        return core
+
+    def start_primary(self, settings: Settings | None = None) -> PrimaryCore:
+        core = PrimaryCore(
+            settings or self.settings, new_store(), self.now, random.Random(self.rng.random())
+        )
+        self._start("primary", core)
+        return core
+
+    def start_backup(self, settings: Settings | None = None) -> BackupCore:
+        core = BackupCore(
+            settings or self.settings, new_store(), self.now, random.Random(self.rng.random())
+        )
+        self._start("backup", core)
+        return core
+
+    def _start(self, role: str, core: Core) -> None:
+        assert role not in self.cores, f"the {role} is already running"
+        self.cores[role] = core
+        self.timers[role] = {}
+        core.start(self.now)
+        self.run()
+
+    def kill(self, role: str) -> Core:
+        """``kill -9``: the process and its memory are gone; the peer sees a reset."""
+        core = self.cores.pop(role)
+        core.take_actions()
+        self.timers[role] = {}
+        self.pumping.discard(role)
+        if self.connected:
+            self.reset(notify=(peer_of(role),), reason="connection reset by peer")
+        self.run()
+        return core
+
+    # -- the channel -------------------------------------------------------------------
+    def reset(self, notify: Iterable[str] = ROLES, reason: str = "connection reset") -> None:
+        """The connection breaks; frames in flight are lost; ``notify`` learn of it."""
+        self._disconnect()
+        for role in notify:
+            core = self.cores.get(role)
+            if core is not None:
+                core.channel_closed(self.now, reason)
+        self.run()
+
+    def _disconnect(self) -> None:
+        self.connected = False
+        for role in ROLES:
+            self.pipes[role].clear()
+            self.decoders[role] = FrameDecoder()
+
+    def _close_from(self, closer: str, reason: str) -> None:
+        """An orderly close: what the closer sent still arrives, then EOF."""
+        other = peer_of(closer)
+        pending = list(self.pipes[other])
+        self._disconnect()
+        decoder = FrameDecoder()
+        core = self.cores.get(other)
+        if core is None:
+            return
+        for data in pending:
+            for frame in decoder.feed(data):
+                self.received[other].append(frame)
+                core.frame_received(self.now, frame)
+        core.channel_closed(self.now, f"{closer} closed the channel: {reason}")
+
+    def _connect(self) -> None:
+        primary = self.primary
+        backup = self.cores.get("backup")
+        if backup is None or "backup" in self.unreachable:
+            primary.channel_failed(self.now, "connection refused")
+            return
+        if self.lossy:
+            primary.channel_failed(self.now, "timed out")
+            return
+        # A new connection; the backup closes one it replaces before this one is used.
+        self._disconnect()
+        backup.channel_opened(self.now)
+        for action in backup.take_actions():
+            self._carry_out("backup", action)
+        self.connected = True
+        primary.channel_opened(self.now)
+
+    def _transmit(self, source: str, frame: list[Any]) -> None:
+        if not self.connected or source in self.lossy:
+            return
+        if self.tamper is not None:
+            frame = self.tamper(source, copy.deepcopy(frame))
+        data = encode(frame)
+        if self.corrupt is not None:
+            data = self.corrupt(source, frame, data)
+        self.pipes[peer_of(source)].append(data)
+
+    def _deliver_one(self) -> bool:
+        for role in ROLES:
+            if role in self.paused or not self.pipes[role]:
+                continue
+            data = self.pipes[role].popleft()
+            try:
+                frames = self.decoders[role].feed(data)
+            except FrameError as exc:
+                # The driver closes a channel that carries garbage; the peer sees EOF.
+                self._disconnect()
+                self.cores[role].channel_closed(self.now, f"bad frame: {exc}")
+                self.cores[peer_of(role)].channel_closed(self.now, "connection closed")
+                return True
+            for frame in frames:
+                self.received[role].append(frame)
+                self.cores[role].frame_received(self.now, frame)
+            return True
+        return False
+
+    def inject(self, role: str, frame: list[Any]) -> None:
+        """A frame from nowhere (a confused or malicious peer), through the real codec."""
+        (decoded,) = FrameDecoder().feed(encode(frame))
+        self.cores[role].frame_received(self.now, decoded)
+        self.run()
+
+    # -- the driver loop ---------------------------------------------------------------
+    def _carry_out(self, role: str, action: Any) -> None:
+        core = self.cores[role]
+        if isinstance(action, Send):
+            self.sent[role].append(copy.deepcopy(action.frame))
+            self._transmit(role, action.frame)
+        elif isinstance(action, Respond):
+            assert action.token not in self.responses, f"{action.token} answered twice"
+            self.responses[action.token] = action.outcome
+            self.answer_order.append(action.token)
+        elif isinstance(action, StartTimer):
+            self.timers[role][action.name] = self.now + action.delay
+            self.timer_starts.append((role, action.name, action.delay))
+        elif isinstance(action, CloseChannel):
+            self.closed_by.append((role, action.reason))
+            if self.connected and role in self.lossy:
+                self._disconnect()  # not even the FIN gets through
+            elif self.connected:
+                self._close_from(role, action.reason)
+        elif isinstance(action, Connect):
+            assert role == "primary", "only the primary opens the channel"
+            self._connect()
+        elif isinstance(action, Probe):
+            assert isinstance(core, BackupCore)
+            answers = self.primary_answers_probe
+            core.probe_result(self.now, "primary" in self.cores if answers is None else answers)
+        elif isinstance(action, PumpTransfer):
+            if self.manual_pump:
+                self.pumping.add(role)
+            else:
+                while core.pump_transfer(self.now):
+                    pass
+        else:  # pragma: no cover - a new action type the harness must learn
+            raise AssertionError(f"unknown action {action!r}")
+
+    def run(self) -> None:
+        """Carry out actions and deliver frames until nothing moves."""
+        for _ in range(1_000_000):
+            moved = False
+            for role in ROLES:
+                core = self.cores.get(role)
+                if core is None:
+                    continue
+                for action in core.take_actions():
+                    moved = True
+                    self._carry_out(role, action)
+            if not moved and not self._deliver_one():
+                return
+        raise AssertionError("the cores never went quiet")
+
+    def pump(self, role: str, frames: int = 1) -> bool:
+        """One step of a manual transfer; False once the sender is done."""
+        more = self.cores[role].pump_transfer(self.now, frames)
+        if not more:
+            self.pumping.discard(role)
+        self.run()
+        return more
+
+    def fire(self, role: str, name: str) -> None:
+        """Timer ``name`` of ``role`` fires now (whether it was due or not)."""
+        self.timers[role].pop(name, None)
+        self.cores[role].timer_fired(self.now, name)
+        self.run()
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock, firing every timer that falls due on the way, in order."""
+        end = self.now + seconds
+        while True:
+            due = [
+                (when, role, name)
+                for role in ROLES
+                if role in self.cores
+                for name, when in self.timers[role].items()
+                if when <= end
+            ]
+            if not due:
+                break
+            when, role, name = min(due)
+            self.now = max(self.now, when)
+            self.fire(role, name)
+        self.now = end
+
+    # -- clients -----------------------------------------------------------------------
+    def token(self) -> str:
+        return f"w{next(self._tokens)}"
+
+    def submit(self, token: Any, command: Command, key: str, value: str | None = None) -> Any:
+        outcome = self.primary.submit(command, key, value, token)
+        self.run()
+        return outcome
+
+    def flush(self) -> None:
+        self.primary.flush(self.now)
+        self.run()
+
+    def write(self, command: Command, key: str, value: str | None = None) -> Outcome:
+        """A write from start to answer (an immediate outcome or a Respond)."""
+        token = self.token()
+        outcome = self.submit(token, command, key, value)
+        if outcome is not None:
+            return outcome
+        self.flush()
+        assert token in self.responses, "the write was not answered"
+        return self.responses[token]
+
+    def read(self, role: str, command: Command, key: str = "") -> Outcome:
+        return self.cores[role].read(command, key)
+
+    # -- what happened -----------------------------------------------------------------
+    def transitions(self) -> list[tuple[str, Stage, Stage, str]]:
+        """Every logged ``<role> stage A -> B (reason)`` line, in order."""
+        found = []
+        for record in self.caplog.records:
+            match = _TRANSITION.match(record.getMessage())
+            if record.name == "pbkv" and match:
+                found.append((match[1], Stage(match[2]), Stage(match[3]), match[4]))
+        return found
+
+    def moves(self) -> list[tuple[str, Stage, Stage]]:
+        return [(role, old, new) for role, old, new, _ in self.transitions()]
+
+    def kinds(self, role: str, start: int = 0) -> list[FrameType]:
+        return [frame[0] for frame in self.sent[role][start:]]
+
+    def mark(self) -> dict[str, int]:
+        """Where the frame logs stand now, to look only at what follows."""
+        return {role: len(self.sent[role]) for role in ROLES}
+
+
+@pytest.fixture
+def make_link(caplog: pytest.LogCaptureFixture) -> Callable[..., Link]:
+    caplog.set_level(logging.INFO, logger="pbkv")
+
+    def make(**settings: Any) -> Link:
+        return Link(caplog, make_settings(**settings))
+
+    return make
+
+
+@pytest.fixture
+def link(make_link: Callable[..., Link]) -> Link:
+    return make_link()
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def keys_by_shard(count: int = 24, prefix: str = "key") -> dict[int, list[str]]:
+    shards: dict[int, list[str]] = {shard: [] for shard in range(SHARDS)}
+    for i in range(count):
+        key = f"{prefix}{i}"
+        shards[shard_of(key, SHARDS)].append(key)
+    assert all(shards.values()), "every shard should hold some keys"
+    return shards
+
+
+def absent_key(shard: int) -> str:
+    for i in itertools.count():
+        key = f"absent{i}"
+        if shard_of(key, SHARDS) == shard:
+            return key
+    raise AssertionError("unreachable")
+
+
+DATA = {f"key{i}": f"value {i} & = é" for i in range(24)}
+
+
+def in_sync_pair(link: Link, data: dict[str, str] | None = None) -> tuple[PrimaryCore, BackupCore]:
+    """A backup, then a primary, both empty, brought in sync; then ``data`` written."""
+    backup = link.start_backup()
+    primary = link.start_primary()
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    if data:
+        tokens = []
+        for key, value in data.items():
+            token = link.token()
+            assert link.submit(token, INSERT, key, value) is None
+            tokens.append(token)
+        link.flush()
+        assert all(link.responses[token] == Done(True) for token in tokens)
+    return primary, backup
+
+
+def assert_same_data(primary: PrimaryCore, backup: BackupCore) -> None:
+    assert primary.store.checksum == backup.store.checksum
+    assert dict(primary.store.items()) == dict(backup.store.items())
+    assert primary.seq == backup.seq
+
+
+def in_sync_order(link: Link) -> list[str]:
+    return [role for role, _, new in link.moves() if new is S.IN_SYNC]
+
+
+# -- primary cold start ----------------------------------------------------------------
+
+
+def test_primary_cold_start_refuses_everything(link: Link) -> None:
+    primary = PrimaryCore(link.settings, new_store(), 0.0, random.Random(1))
+    assert primary.stage is S.COLD_START
+    for command in (GET, COUNT, DUMP):
+        assert primary.read(command, "k") == Refused(S.COLD_START, "primary")
+    assert primary.submit(INSERT, "k", "v", "t") == Refused(S.COLD_START, "primary")
+
+
+def test_primary_cold_start_without_a_backup_waits_unconfirmed(link: Link) -> None:
+    primary = link.start_primary()
+
+    assert link.moves() == [("primary", S.COLD_START, S.BOOTSTRAPPING_SECONDARY)]
+    assert "no backup" in link.transitions()[0][3]
+    assert not primary.confirmed
+    # Unconfirmed (possibly lost) data is not served: 503 for reads and writes.
+    refused = Refused(S.BOOTSTRAPPING_SECONDARY, "primary")
+    for command in (GET, COUNT, DUMP):
+        assert link.read("primary", command, "k") == refused
+    for command in (INSERT, UPDATE, DELETE):
+        assert link.submit(link.token(), command, "k", "v") == refused
+    assert link.kinds("primary") == []
+    # It waits patiently: a retry is scheduled, it never starts a backup itself.
+    assert ("primary", RETRY) in [(role, name) for role, name, _ in link.timer_starts]
+    link.fire("primary", RETRY)
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+
+
+# -- both empty ------------------------------------------------------------------------
+
+
+def test_both_empty_backup_first(link: Link) -> None:
+    backup = link.start_backup()
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY  # no primary answered the probe
+    assert link.read("backup", COUNT) == Counted(0)
+
+    primary = link.start_primary()
+
+    assert link.moves() == [
+        ("backup", S.COLD_START, S.BOOTSTRAPPING_PRIMARY),
+        ("primary", S.COLD_START, S.BOOTSTRAPPING_SECONDARY),
+        ("backup", S.BOOTSTRAPPING_PRIMARY, S.WARM_START),
+        ("backup", S.WARM_START, S.IN_SYNC),
+        ("primary", S.BOOTSTRAPPING_SECONDARY, S.IN_SYNC),
+    ]
+    assert in_sync_order(link) == ["backup", "primary"]
+    assert primary.confirmed and backup.confirmed
+    assert_same_data(primary, backup)
+    assert link.kinds("primary") == [
+        FrameType.HELLO,
+        FrameType.SNAPSHOT_BEGIN,
+        *[FrameType.SHARD_END] * SHARDS,
+        FrameType.SNAPSHOT_END,
+    ]
+    assert link.kinds("backup") == [FrameType.HELLO, FrameType.SYNC_ACK]
+    assert link.read("primary", COUNT) == Counted(0)
+    assert link.write(INSERT, "k", "v") == Done(True)
+
+
+def test_both_empty_primary_first(link: Link) -> None:
+    primary = link.start_primary()  # nobody there yet
+    backup = link.start_backup()  # finds the primary running
+    assert backup.stage is S.WARM_START
+
+    link.fire("primary", RETRY)
+
+    assert link.moves() == [
+        ("primary", S.COLD_START, S.BOOTSTRAPPING_SECONDARY),
+        ("backup", S.COLD_START, S.WARM_START),
+        ("backup", S.WARM_START, S.WARM_START),  # the primary's data starts arriving
+        ("backup", S.WARM_START, S.IN_SYNC),
+        ("primary", S.BOOTSTRAPPING_SECONDARY, S.IN_SYNC),
+    ]
+    assert_same_data(primary, backup)
+
+
+def test_a_backup_started_in_bootstrapping_primary_skips_the_probe(make_link) -> None:
+    link = make_link(backup_initial_stage="bootstrapping_primary")
+    backup = link.start_backup()
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+    assert link.moves() == []
+    link.start_primary()
+    assert in_sync_order(link) == ["backup", "primary"]
+
+
+# -- writes in sync --------------------------------------------------------------------
+
+
+def test_group_commit_one_batch_and_nothing_visible_before_the_ack(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    before = link.mark()
+    link.paused.add("primary")  # the backup's ACK waits on the wire
+
+    tokens = [link.token() for _ in range(50)]
+    for i, token in enumerate(tokens):
+        assert link.submit(token, INSERT, f"k{i}", f"v{i}") is None
+    assert link.kinds("primary", before["primary"]) == []  # nothing sent before the flush
+    link.flush()
+
+    batches = [f for f in link.sent["primary"][before["primary"] :] if f[0] == FrameType.BATCH]
+    assert len(batches) == 1
+    _, seq, ops = batches[0]
+    assert seq == primary.seq + 1
+    assert ops == [item for i in range(50) for item in (f"k{i}", f"v{i}")]
+    # The backup applied and acknowledged it; the ACK has not arrived.
+    assert len(backup.store) == 50
+    assert link.responses == {}
+    assert link.read("primary", GET, "k0") == Done(False, "")
+    assert link.read("primary", COUNT) == Counted(0)
+    assert link.read("primary", DUMP) == Dumped([])
+
+    link.paused.clear()
+    link.run()
+
+    assert [link.responses[token] for token in tokens] == [Done(True)] * 50
+    assert link.answer_order == tokens
+    assert link.read("primary", GET, "k7") == Done(True, "v7")
+    assert link.read("primary", COUNT) == Counted(50)
+    assert_same_data(primary, backup)
+    assert primary.batches_sent == 1
+
+
+def test_writes_queued_behind_a_batch_in_flight_go_in_the_next_one(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    before = link.mark()
+    link.paused.add("primary")
+    first = link.token()
+    link.submit(first, INSERT, "a", "1")
+    link.flush()
+    later = [link.token() for _ in range(10)]
+    for i, token in enumerate(later):
+        link.submit(token, INSERT, f"b{i}", str(i))
+        link.flush()  # a batch is in flight: nothing more goes out
+    assert link.kinds("primary", before["primary"]) == [FrameType.BATCH]
+
+    link.paused.clear()
+    link.run()
+
+    batches = [f for f in link.sent["primary"][before["primary"] :] if f[0] == FrameType.BATCH]
+    assert [len(f[2]) // 2 for f in batches] == [1, 10]
+    assert all(link.responses[token] == Done(True) for token in [first, *later])
+    assert_same_data(primary, backup)
+
+
+def test_logical_outcomes_of_writes(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1", "b": "2"})
+    sent = len(link.sent["primary"])
+
+    # Failures that depend only on acknowledged state are answered at once.
+    assert link.write(INSERT, "a", "x") == Done(False)
+    assert link.write(UPDATE, "missing", "x") == Done(False)
+    assert link.write(DELETE, "missing") == Done(False, "")
+    assert len(link.sent["primary"]) == sent  # nothing replicated for them
+
+    assert link.write(UPDATE, "a", "10") == Done(True)
+    assert link.write(DELETE, "b") == Done(True, "2")
+    assert link.write(INSERT, "c", "") == Done(True)  # empty values are values
+
+    assert dict(primary.store.items()) == {"a": "10", "c": ""}
+    assert link.read("primary", GET, "b") == Done(False, "")
+    assert link.read("primary", GET, "c") == Done(True, "")
+    assert_same_data(primary, backup)
+
+
+def test_a_logical_failure_behind_a_write_in_flight_waits_for_its_ack(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    link.paused.add("primary")
+    first, second, third = link.token(), link.token(), link.token()
+    link.submit(first, INSERT, "k", "1")
+    link.flush()
+
+    assert link.submit(second, INSERT, "k", "2") is None  # key exists, but not yet for sure
+    assert link.submit(third, DELETE, "k") is None  # succeeds only if the insert does
+    assert link.responses == {}
+    link.flush()
+    assert link.responses == {}
+
+    link.paused.clear()
+    link.run()
+
+    assert link.responses == {first: Done(True), second: Done(False), third: Done(True, "1")}
+    assert link.answer_order == [first, second, third]
+    assert link.read("primary", GET, "k") == Done(False, "")
+    assert_same_data(primary, backup)
+
+
+def test_a_logical_failure_in_the_same_batch_is_answered_with_it(link: Link) -> None:
+    in_sync_pair(link)
+    first, second = link.token(), link.token()
+    link.submit(first, INSERT, "k", "1")
+    assert link.submit(second, UPDATE, "gone", "x") == Done(False)
+    assert link.submit(second, INSERT, "k", "2") is None
+    link.flush()
+    assert link.responses == {first: Done(True), second: Done(False)}
+    assert link.answer_order == [first, second]
+
+
+def test_a_logical_failure_behind_a_failed_batch_is_answered_replication_failed(
+    link: Link,
+) -> None:
+    primary, _ = in_sync_pair(link)
+    link.paused.add("primary")
+    first, second = link.token(), link.token()
+    link.submit(first, INSERT, "k", "1")
+    link.flush()
+    link.submit(second, INSERT, "k", "2")
+
+    link.reset(notify=("primary",))
+
+    assert link.responses == {first: REPLICATION_FAILED, second: REPLICATION_FAILED}
+    assert "k" not in primary.store
+
+
+# -- failures in sync: rewind ----------------------------------------------------------
+
+
+def time_out_a_batch(link: Link) -> tuple[PrimaryCore, BackupCore, list[str], int]:
+    """In sync with {a, b}; a batch the backup applies but whose ACK is lost times out."""
+    primary, backup = in_sync_pair(link, {"a": "1", "b": "2"})
+    before = primary.store.checksum
+    link.lossy.add("backup")
+    in_flight = [link.token(), link.token()]
+    link.submit(in_flight[0], INSERT, "c", "3")
+    link.submit(in_flight[1], UPDATE, "a", "new")
+    link.flush()
+    queued = [link.token(), link.token()]
+    link.submit(queued[0], DELETE, "b")
+    link.submit(queued[1], INSERT, "d", "4")
+    link.flush()
+    assert link.responses.keys().isdisjoint(in_flight + queued)
+    assert backup.store.get("c") == "3"  # the backup applied it; its ACK is lost
+
+    link.now += link.settings.ack_timeout - 0.01
+    link.fire("primary", TICK)
+    assert primary.stage is S.IN_SYNC  # not yet
+    link.now += 0.02
+    link.fire("primary", TICK)
+    return primary, backup, in_flight + queued, before
+
+
+def test_ack_timeout_rewinds_fences_and_bootstraps_again(make_link) -> None:
+    link = make_link(ack_timeout=0.5)
+    primary, backup, tokens, before = time_out_a_batch(link)
+
+    assert [link.responses[token] for token in tokens] == [REPLICATION_FAILED] * 4
+    assert primary.store.checksum == before
+    assert dict(primary.store.items()) == {"a": "1", "b": "2"}
+    assert primary.overlay == {} and primary.in_flight is None
+    assert primary.writes_rewound == 4
+    # Seed: "try to kill the backup", then bootstrap again after a back-off.
+    kinds = link.kinds("primary")
+    assert kinds[-1] is FrameType.FENCE
+    assert kinds.count(FrameType.BATCH) == 2  # the data, then the batch that timed out
+    assert link.closed_by[0][0] == "primary"
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+    assert link.moves()[-2:] == [
+        ("primary", S.IN_SYNC, S.BOOTSTRAPPING_SECONDARY),
+        ("backup", S.IN_SYNC, S.BOOTSTRAPPING_PRIMARY),  # the fence
+    ]
+    assert RETRY in link.timers["primary"]
+    # Its data is confirmed: it serves reads, still refuses writes.
+    assert primary.confirmed
+    assert link.read("primary", GET, "a") == Done(True, "1")
+    assert link.read("primary", GET, "c") == Done(False, "")
+    assert link.write(INSERT, "e", "5") == Refused(S.BOOTSTRAPPING_SECONDARY, "primary")
+    # The fenced backup keeps what it has, confirmed.
+    assert backup.confirmed and backup.store.get("c") == "3"
+
+
+def test_a_backup_holding_a_rewound_batch_never_overwrites_the_live_primary(make_link) -> None:
+    link = make_link(ack_timeout=0.5)
+    primary, backup, _, _ = time_out_a_batch(link)
+    assert backup.store.checksum != primary.store.checksum
+    link.lossy.clear()
+    mark = link.mark()
+
+    link.fire("primary", RETRY)
+
+    assert FrameType.SNAPSHOT_BEGIN in link.kinds("primary", mark["primary"])
+    assert FrameType.SNAPSHOT_BEGIN not in link.kinds("backup", mark["backup"])
+    assert FrameType.FETCH not in link.kinds("primary", mark["primary"])
+    assert dict(backup.store.items()) == {"a": "1", "b": "2"}
+    assert_same_data(primary, backup)
+    assert link.moves()[-3:] == [
+        ("backup", S.BOOTSTRAPPING_PRIMARY, S.WARM_START),
+        ("backup", S.WARM_START, S.IN_SYNC),
+        ("primary", S.BOOTSTRAPPING_SECONDARY, S.IN_SYNC),
+    ]
+    # The sequence numbers agree again: the next batch is accepted.
+    assert link.write(INSERT, "c", "again") == Done(True)
+    assert_same_data(primary, backup)
+
+
+def test_channel_closed_at_the_primary_rewinds(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    link.paused.add("primary")
+    tokens = [link.token(), link.token()]
+    link.submit(tokens[0], UPDATE, "a", "2")
+    link.flush()
+    link.submit(tokens[1], INSERT, "b", "3")
+
+    link.reset(notify=("primary",), reason="connection reset")
+
+    assert [link.responses[token] for token in tokens] == [REPLICATION_FAILED] * 2
+    assert dict(primary.store.items()) == {"a": "1"}
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+    assert link.transitions()[-1][3] == "connection reset"
+    assert RETRY in link.timers["primary"]
+    assert link.read("primary", GET, "a") == Done(True, "1")
+
+    # The backup never heard of the break and applied the update.
+    assert backup.stage is S.IN_SYNC and backup.store.get("a") == "2"
+    link.paused.clear()
+    link.fire("primary", RETRY)
+    # The new connection replaces the old one; the primary's data wins.
+    assert ("backup", S.IN_SYNC, S.BOOTSTRAPPING_PRIMARY) in link.moves()
+    assert in_sync_order(link)[-2:] == ["backup", "primary"]
+    assert dict(backup.store.items()) == {"a": "1"}
+    assert_same_data(primary, backup)
+
+
+def test_channel_closed_at_the_backup_keeps_its_data(link: Link) -> None:
+    primary, backup = in_sync_pair(link, DATA)
+    checksum = backup.store.checksum
+
+    link.reset(notify=("backup",), reason="connection reset")
+
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+    assert link.moves()[-1] == ("backup", S.IN_SYNC, S.BOOTSTRAPPING_PRIMARY)
+    assert backup.confirmed
+    assert backup.store.checksum == checksum
+    assert link.read("backup", GET, "key3") == Done(True, DATA["key3"])
+    assert link.read("backup", COUNT) == Counted(len(DATA))
+    assert primary.stage is S.IN_SYNC  # the primary has not noticed yet
+
+
+def test_a_byte_corrupted_on_the_wire_closes_the_channel(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+
+    def flip(source: str, frame: list[Any], data: bytes) -> bytes:
+        if frame[0] != FrameType.BATCH:
+            return data
+        return data[:-1] + bytes([data[-1] ^ 0x01])
+
+    link.corrupt = flip
+    assert link.write(UPDATE, "a", "2") == REPLICATION_FAILED
+
+    assert backup.store.get("a") == "1" and primary.store.get("a") == "1"
+    assert (primary.stage, backup.stage) == (S.BOOTSTRAPPING_SECONDARY, S.BOOTSTRAPPING_PRIMARY)
+    link.corrupt = None
+    mark = link.mark()
+    link.fire("primary", RETRY)
+    assert FrameType.SKIP in link.kinds("primary", mark["primary"])  # same data on both
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+
+
+# -- restarts: the newest confirmed data wins ------------------------------------------
+
+
+def test_restarted_empty_primary_fetches_the_backups_data(link: Link) -> None:
+    by_shard = keys_by_shard()
+    data = {key: f"v-{key}" for keys in by_shard.values() for key in keys}
+    _, backup = in_sync_pair(link, data)
+    link.kill("primary")
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY and backup.confirmed
+    backup_seq = backup.seq
+    link.manual_pump = True
+
+    primary = link.start_primary()  # empty
+
+    assert primary.stage is S.WARM_START
+    assert link.moves()[-1] == ("primary", S.COLD_START, S.WARM_START)
+    assert FrameType.FETCH in link.kinds("primary")
+    assert link.pumping == {"backup"}
+
+    refused = Refused(S.WARM_START, "primary")
+    complete: set[int] = set()
+    partial_seen = False
+    while primary.stage is S.WARM_START:
+        assert link.submit(link.token(), INSERT, "new", "x") == refused
+        for shard, keys in by_shard.items():
+            for key in [*keys, absent_key(shard)]:
+                outcome = link.read("primary", GET, key)
+                if shard not in complete:
+                    assert outcome == refused, (key, shard, complete)
+                elif key in data:
+                    assert outcome == Done(True, data[key])
+                else:
+                    assert outcome == Done(False, "")  # a miss is certain here
+        if len(complete) < SHARDS:
+            assert link.read("primary", COUNT) == refused
+            assert link.read("primary", DUMP) == refused
+            partial_seen |= len(complete) > 0
+        else:
+            assert link.read("primary", COUNT) == Counted(len(data))
+        assert link.pump("backup", 1) or primary.stage is S.IN_SYNC
+        complete |= {f[1] for f in link.received["primary"] if f[0] == FrameType.SHARD_END}
+
+    assert partial_seen
+    assert in_sync_order(link)[-2:] == ["backup", "primary"]
+    assert link.moves()[-2:] == [
+        ("backup", S.BOOTSTRAPPING_PRIMARY, S.IN_SYNC),
+        ("primary", S.WARM_START, S.IN_SYNC),
+    ]
+    assert FrameType.SYNC_ACK in link.kinds("primary")
+    assert primary.confirmed
+    assert_same_data(primary, backup)
+    assert primary.seq == backup_seq
+    assert dict(primary.store.items()) == data
+    assert link.write(INSERT, "new", "x") == Done(True)
+    assert_same_data(primary, backup)
+
+
+def test_restarted_primary_that_found_no_backup_fetches_once_it_appears(link: Link) -> None:
+    _, backup = in_sync_pair(link, DATA)
+    link.kill("primary")
+    link.unreachable.add("backup")
+
+    primary = link.start_primary()
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY and not primary.confirmed
+    # Its empty store is not the truth: a miss would be wrong.
+    assert link.read("primary", GET, "key1") == Refused(S.BOOTSTRAPPING_SECONDARY, "primary")
+
+    link.unreachable.clear()
+    link.fire("primary", RETRY)
+
+    assert ("primary", S.BOOTSTRAPPING_SECONDARY, S.WARM_START) in link.moves()
+    assert primary.stage is S.IN_SYNC
+    assert dict(primary.store.items()) == DATA
+    assert_same_data(primary, backup)
+
+
+def test_restarted_empty_backup_receives_the_live_primarys_data(link: Link) -> None:
+    primary, _ = in_sync_pair(link, DATA)
+    link.kill("backup")
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+    assert link.read("primary", GET, "key2") == Done(True, DATA["key2"])  # confirmed data
+
+    backup = link.start_backup()  # empty; the primary answers its probe
+    assert backup.stage is S.WARM_START
+    mark = link.mark()
+    link.fire("primary", RETRY)
+
+    assert FrameType.SNAPSHOT_BEGIN in link.kinds("primary", mark["primary"])
+    assert FrameType.FETCH not in link.kinds("primary", mark["primary"])
+    assert link.moves()[-3:] == [
+        ("backup", S.WARM_START, S.WARM_START),
+        ("backup", S.WARM_START, S.IN_SYNC),
+        ("primary", S.BOOTSTRAPPING_SECONDARY, S.IN_SYNC),
+    ]
+    assert dict(primary.store.items()) == DATA
+    assert_same_data(primary, backup)
+    assert link.write(DELETE, "key0") == Done(True, DATA["key0"])
+    assert_same_data(primary, backup)
+
+
+def test_same_data_on_both_sides_skips_the_transfer(link: Link) -> None:
+    primary, backup = in_sync_pair(link, DATA)
+    seq = primary.seq
+    link.reset()
+    assert (primary.stage, backup.stage) == (S.BOOTSTRAPPING_SECONDARY, S.BOOTSTRAPPING_PRIMARY)
+    mark = link.mark()
+
+    link.fire("primary", RETRY)
+
+    sent = link.kinds("primary", mark["primary"]) + link.kinds("backup", mark["backup"])
+    assert FrameType.SKIP in sent
+    transfer = {FrameType.SNAPSHOT_BEGIN, FrameType.SHARD_CHUNK, FrameType.SNAPSHOT_END}
+    assert transfer.isdisjoint(sent)
+    assert in_sync_order(link)[-2:] == ["backup", "primary"]
+    assert_same_data(primary, backup)
+    assert primary.seq == seq
+    assert link.write(UPDATE, "key5", "changed") == Done(True)
+    assert_same_data(primary, backup)
+
+
+# -- corrupted transfers ---------------------------------------------------------------
+
+
+def corrupt_once(source_role: str) -> Callable[[str, list[Any]], list[Any]]:
+    """Alter the first value of the first SHARD_CHUNK that ``source_role`` sends."""
+    done = []
+
+    def tamper(source: str, frame: list[Any]) -> list[Any]:
+        if source == source_role and frame[0] == FrameType.SHARD_CHUNK and not done:
+            frame[2][1] += "!"
+            done.append(frame)
+        return frame
+
+    return tamper
+
+
+def test_a_corrupted_transfer_to_the_backup_is_refused_and_retried(link: Link) -> None:
+    primary, _ = in_sync_pair(link, DATA)
+    link.kill("backup")
+    backup = link.start_backup()
+    link.tamper = corrupt_once("primary")
+
+    link.fire("primary", RETRY)
+
+    assert FrameType.SYNC_NACK in link.kinds("backup")
+    assert any(role == "backup" for role, _ in link.closed_by)
+    failed = [t for t in link.transitions() if t[0] == "backup" and "failed" in t[3]]
+    assert failed and failed[-1][1:3] == (S.WARM_START, S.WARM_START)
+    assert "transfer from primary failed" in failed[-1][3]
+    assert backup.transfers_failed == 1 and not backup.confirmed
+    assert primary.transfers_failed == 1
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+    assert backup.stage is S.WARM_START
+
+    link.tamper = None
+    link.fire("primary", RETRY)
+
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert dict(backup.store.items()) == DATA
+    assert_same_data(primary, backup)
+
+
+def test_a_corrupted_transfer_to_the_primary_is_refused_and_retried(link: Link) -> None:
+    _, backup = in_sync_pair(link, DATA)
+    link.kill("primary")
+    link.tamper = corrupt_once("backup")
+
+    primary = link.start_primary()
+
+    assert FrameType.SYNC_NACK in link.kinds("primary")
+    assert any(role == "primary" for role, _ in link.closed_by)
+    retried = [t for t in link.transitions() if t[0] == "primary" and t[1] is t[2]]
+    assert retried and retried[-1][1] is S.WARM_START
+    assert "transfer from backup failed" in retried[-1][3]
+    assert primary.stage is S.WARM_START and not primary.confirmed
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY and backup.confirmed
+    assert dict(backup.store.items()) == DATA  # the sender's data is untouched
+
+    link.tamper = None
+    link.fire("primary", RETRY)
+
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert dict(primary.store.items()) == DATA
+    assert_same_data(primary, backup)
+
+
+# -- heartbeats and silence ------------------------------------------------------------
+
+
+def test_an_idle_channel_carries_heartbeats_and_stays_in_sync(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    mark = link.mark()
+
+    link.advance(link.settings.heartbeat_interval)
+
+    assert link.kinds("primary", mark["primary"]) == [FrameType.HEARTBEAT]
+    assert link.kinds("backup", mark["backup"]) == [FrameType.HEARTBEAT]
+
+    link.advance(5 * link.settings.peer_timeout)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert link.closed_by == []
+    assert link.kinds("primary", mark["primary"]).count(FrameType.HEARTBEAT) > 10
+
+
+def test_a_busy_channel_needs_no_heartbeat(link: Link) -> None:
+    in_sync_pair(link)
+    link.advance(link.settings.heartbeat_interval * 0.5)
+    link.write(INSERT, "k", "v")
+    mark = link.mark()
+    link.advance(link.settings.heartbeat_interval * 0.5)  # the tick, just after a batch
+    assert FrameType.HEARTBEAT not in link.kinds("primary", mark["primary"])
+
+
+def test_a_silent_peer_is_given_up_on_both_sides_and_the_pair_recovers(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    before = len(link.transitions())
+    link.lossy.update(ROLES)  # a silent partition: nothing gets through, not even a FIN
+
+    link.advance(link.settings.peer_timeout - link.settings.heartbeat_interval)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    link.advance(2 * link.settings.heartbeat_interval)
+
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+    assert {role for role, _ in link.closed_by} == {"primary", "backup"}
+    assert not primary.channel_up and not backup.channel_up
+    lost = link.transitions()[before:]
+    assert sorted(t[:3] for t in lost) == [
+        ("backup", S.IN_SYNC, S.BOOTSTRAPPING_PRIMARY),
+        ("primary", S.IN_SYNC, S.BOOTSTRAPPING_SECONDARY),
+    ]
+    assert all("silent" in reason for *_, reason in lost)
+    assert backup.confirmed and backup.store.get("a") == "1"
+
+    # Reconnecting fails while the partition lasts, without new transitions.
+    link.advance(5 * link.settings.retry_max)
+    assert len(link.transitions()) == before + 2
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+
+    link.lossy.clear()  # the partition heals
+    link.advance(link.settings.retry_max + link.settings.heartbeat_interval)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert FrameType.SKIP in link.kinds("primary")
+    assert link.write(INSERT, "b", "2") == Done(True)
+    assert_same_data(primary, backup)
+
+
+# -- the backup alone ------------------------------------------------------------------
+
+
+def test_the_backup_refuses_client_writes_in_every_stage_naming_the_primary(link: Link) -> None:
+    settings = make_settings(primary="10.1.2.3", port=9000)
+    backup = BackupCore(settings, new_store(), 0.0, random.Random(1))
+
+    def refusal(stage: Stage) -> Refused:
+        return Refused(stage, "backup", primary="10.1.2.3:9000")
+
+    assert backup.submit(INSERT, "k", "v", "t") == refusal(S.COLD_START)
+    assert backup.read(GET, "k") == Refused(S.COLD_START, "backup")
+
+    link.settings = settings
+    backup = link.start_backup()
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+    assert backup.submit(UPDATE, "k", "v", "t") == refusal(S.BOOTSTRAPPING_PRIMARY)
+    assert backup.read(GET, "k") == Done(False, "")
+
+    primary = link.start_primary()
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert link.write(INSERT, "k", "v") == Done(True)
+    for command in (INSERT, UPDATE, DELETE):
+        assert backup.submit(command, "k", "w", "t") == refusal(S.IN_SYNC)
+    assert backup.store.get("k") == "v"
+    assert backup.read(GET, "k") == Done(True, "v")
+    assert backup.read(DUMP) == Dumped([("k", "v")])
+
+
+def test_the_default_backup_refusal_names_the_default_primary(link: Link) -> None:
+    backup = link.start_backup()
+    assert backup.submit(DELETE, "k", None, "t") == Refused(
+        S.BOOTSTRAPPING_PRIMARY, "backup", primary=PRIMARY_ADDRESS
+    )
+
+
+def test_a_backup_in_warm_start_without_a_primary_gives_up_after_peer_timeout(
+    link: Link,
+) -> None:
+    link.primary_answers_probe = True  # a primary answers the probe, then never connects
+    backup = link.start_backup()
+    assert backup.stage is S.WARM_START
+    assert backup.read(GET, "k") == Refused(S.WARM_START, "backup")
+
+    link.advance(link.settings.peer_timeout - link.settings.heartbeat_interval)
+    assert backup.stage is S.WARM_START
+    link.advance(2 * link.settings.heartbeat_interval)
+
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+    assert link.moves() == [
+        ("backup", S.COLD_START, S.WARM_START),
+        ("backup", S.WARM_START, S.BOOTSTRAPPING_PRIMARY),
+    ]
+    assert "no primary" in link.transitions()[-1][3]
+
+
+# -- unexpected frames close the channel -----------------------------------------------
+
+
+def test_a_batch_while_the_backup_is_in_warm_start_closes_the_channel(link: Link) -> None:
+    primary, _ = in_sync_pair(link, DATA)
+    link.kill("backup")
+    backup = link.start_backup()
+    link.manual_pump = True
+    link.fire("primary", RETRY)  # hellos exchanged; the transfer waits to be pumped
+    link.pump("primary", 2)  # SNAPSHOT_BEGIN and a first chunk
+    assert backup.stage is S.WARM_START and backup.channel_up
+
+    link.inject("backup", [FrameType.BATCH, primary.seq + 1, ["intruder", "x"]])
+
+    assert link.closed_by[-1][0] == "backup"
+    assert "unexpected BATCH" in link.closed_by[-1][1]
+    assert "intruder" not in backup.store
+    assert not backup.channel_up
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY  # saw the channel close
+
+
+def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    link.paused.add("primary")
+    token = link.token()
+    link.submit(token, UPDATE, "a", "2")
+    link.flush()
+
+    link.inject("primary", [FrameType.ACK, primary.in_flight.seq + 7])
+
+    assert link.closed_by[-1][0] == "primary"
+    assert "unexpected batch" in link.closed_by[-1][1]
+    assert link.responses[token] == REPLICATION_FAILED
+    assert primary.store.get("a") == "1"
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+
+
+@pytest.mark.parametrize(
+    ("role", "frame"),
+    [
+        ("primary", [FrameType.ACK, 1]),  # nothing in flight
+        ("primary", [FrameType.HELLO, "backup", 1, True, bytes(16), 0, SHARDS, 0]),
+        ("primary", [FrameType.SYNC_ACK, bytes(16)]),
+        ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
+        ("backup", [FrameType.BATCH, 99, ["k", "v"]]),  # out of order
+        ("backup", [FrameType.SKIP, bytes(16), 0, 0]),
+        ("backup", [FrameType.FETCH]),
+        ("backup", [FrameType.SNAPSHOT_BEGIN, SHARDS, 1]),
+        ("backup", [FrameType.SYNC_ACK, bytes(16)]),
+        ("backup", [FrameType.HELLO, "primary", 1, True, bytes(16), 0, SHARDS, 0]),
+        ("backup", [FrameType.BATCH, "not a number"]),  # malformed
+    ],
+    ids=lambda v: v if isinstance(v, str) else FrameType(v[0]).name,
+)
+def test_an_unexpected_frame_in_sync_closes_the_channel(
+    link: Link, role: str, frame: list[Any]
+) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    checksums = (primary.store.checksum, backup.store.checksum)
+
+    link.inject(role, frame)
+
+    assert link.closed_by and link.closed_by[0][0] == role
+    assert (primary.stage, backup.stage) == (S.BOOTSTRAPPING_SECONDARY, S.BOOTSTRAPPING_PRIMARY)
+    assert (primary.store.checksum, backup.store.checksum) == checksums
+    assert primary.confirmed and backup.confirmed
+
+
+def test_a_fetch_from_a_backup_without_confirmed_data_is_refused(link: Link) -> None:
+    backup = link.start_backup()
+    assert not backup.confirmed
+    backup.channel_opened(link.now)
+    hello = [FrameType.HELLO, "primary", 1, False, bytes(16), 0, SHARDS, 0]
+    link.inject("backup", hello)
+    assert link.kinds("backup") == [FrameType.HELLO]
+
+    link.inject("backup", [FrameType.FETCH])
+
+    assert link.kinds("backup")[-1] is FrameType.SYNC_NACK
+    assert link.closed_by[-1][0] == "backup"
+    assert link.moves()[-1] == (
+        "backup",
+        S.BOOTSTRAPPING_PRIMARY,
+        S.BOOTSTRAPPING_PRIMARY,
+    )
+    assert not backup.channel_up
+
+
+# -- standalone ------------------------------------------------------------------------
+
+
+def test_a_standalone_primary_answers_writes_at_once(make_link) -> None:
+    link = make_link(standalone=True)
+    primary = link.start_primary()
+
+    assert primary.stage is S.IN_SYNC and primary.confirmed
+    assert link.moves() == []
+    assert link.timer_starts == []
+    assert link.submit("t1", INSERT, "k", "v") == Done(True)
+    assert link.submit("t2", INSERT, "k", "w") == Done(False)
+    assert link.submit("t3", UPDATE, "k", "w") == Done(True)
+    assert link.submit("t4", UPDATE, "nope", "w") == Done(False)
+    assert link.read("primary", GET, "k") == Done(True, "w")
+    assert link.submit("t5", DELETE, "k") == Done(True, "w")
+    assert link.submit("t6", DELETE, "k") == Done(False, "")
+    link.flush()
+    assert link.sent["primary"] == [] and link.responses == {}
+    assert len(primary.store) == 0
+
+
+# -- regressions -----------------------------------------------------------------------
+
+
+def test_a_backup_keeps_its_confirmed_copy_until_a_replacement_has_fully_arrived(
+    make_link,
+) -> None:
+    link = make_link(ack_timeout=0.5)
+    primary, backup, _, _ = time_out_a_batch(link)  # the backup now holds a rewound batch
+    acknowledged = dict(primary.store.items())
+    link.lossy.clear()
+    link.manual_pump = True
+    link.fire("primary", RETRY)  # the primary's data wins: it starts sending
+    link.pump("primary", 1)  # SNAPSHOT_BEGIN arrives
+    assert backup.stage is S.WARM_START
+
+    link.kill("primary")  # kill -9 mid-transfer; only the primary is down
+    link.manual_pump = False
+    primary = link.start_primary()  # restarts empty
+
+    # Every acknowledged write still exists: the primary got them from the backup
+    # (plus, indeterminately, the rewound batch), never an empty database.
+    assert primary.stage is S.IN_SYNC
+    for key, value in acknowledged.items():
+        if key != "a":  # "a" was updated by the rewound batch: indeterminate
+            assert link.read("primary", GET, key) == Done(True, value)

@@ -1,0 +1,299 @@
+"""The stage tables of both roles, and the small machine that fires them.
+
+Everything that decides which stage follows which, and what a stage accepts,
+is data in ``pbkv.stages``; these tests read that data against the seed design
+(the primary's four stages, the backup's four stages, and what each of them
+answers) and check that ``StageMachine`` does exactly what the table says.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import pytest
+
+from pbkv.stages import (
+    ACCEPTANCE,
+    BACKUP_ACCEPTANCE,
+    BACKUP_TRANSITIONS,
+    PRIMARY_ACCEPTANCE,
+    PRIMARY_TRANSITIONS,
+    TRANSITIONS,
+    Acceptance,
+    Event,
+    ProtocolError,
+    ReadRule,
+    Stage,
+    StageMachine,
+    WriteRule,
+    describe,
+)
+
+S, E = Stage, Event
+
+ROLE_STAGES = {
+    "primary": {S.COLD_START, S.BOOTSTRAPPING_SECONDARY, S.WARM_START, S.IN_SYNC},
+    "backup": {S.COLD_START, S.BOOTSTRAPPING_PRIMARY, S.WARM_START, S.IN_SYNC},
+}
+ROLES = tuple(ROLE_STAGES)
+
+EDGES = [
+    (role, stage, event, new)
+    for role in ROLES
+    for stage, edges in TRANSITIONS[role].items()
+    for event, new in edges.items()
+]
+MISSING = [
+    (role, stage, event)
+    for role in ROLES
+    for stage, edges in TRANSITIONS[role].items()
+    for event in Event
+    if event not in edges
+]
+
+
+def edge_id(part: object) -> str:
+    """Test ids from stage and event names."""
+    return str(getattr(part, "value", part))
+
+
+# -- the shape of the tables -----------------------------------------------------------
+
+
+def test_the_role_tables_are_the_published_ones() -> None:
+    assert TRANSITIONS == {"primary": PRIMARY_TRANSITIONS, "backup": BACKUP_TRANSITIONS}
+    assert ACCEPTANCE == {"primary": PRIMARY_ACCEPTANCE, "backup": BACKUP_ACCEPTANCE}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_stage_of_the_role_has_a_transition_and_an_acceptance_entry(role: str) -> None:
+    assert set(TRANSITIONS[role]) == ROLE_STAGES[role]
+    assert set(ACCEPTANCE[role]) == ROLE_STAGES[role]
+    for stage, edges in TRANSITIONS[role].items():
+        assert edges, f"{role} {stage.value} is a dead end"
+        assert isinstance(ACCEPTANCE[role][stage], Acceptance)
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_transitions_stay_within_the_role(role: str) -> None:
+    for edges in TRANSITIONS[role].values():
+        assert set(edges.values()) <= ROLE_STAGES[role]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_stage_is_reachable_from_cold_start_and_in_sync_from_every_stage(
+    role: str,
+) -> None:
+    table = TRANSITIONS[role]
+
+    def reachable(start: Stage) -> set[Stage]:
+        seen, todo = {start}, deque([start])
+        while todo:
+            for new in table[todo.popleft()].values():
+                if new not in seen:
+                    seen.add(new)
+                    todo.append(new)
+        return seen
+
+    assert reachable(S.COLD_START) == ROLE_STAGES[role]
+    for stage in ROLE_STAGES[role]:
+        assert S.IN_SYNC in reachable(stage), f"{role} cannot get back in sync from {stage}"
+
+
+@pytest.mark.parametrize(
+    ("role", "stage", "event", "new"),
+    [
+        # Primary, seed: "if none exist ... bootstrapping stage with empty data".
+        ("primary", S.COLD_START, E.BACKUP_UNREACHABLE, S.BOOTSTRAPPING_SECONDARY),
+        ("primary", S.COLD_START, E.BACKUP_NEEDS_DATA, S.BOOTSTRAPPING_SECONDARY),
+        # "If there exists a backup server already, then primary ... warm start".
+        ("primary", S.COLD_START, E.BACKUP_HOLDS_DATA, S.WARM_START),
+        ("primary", S.BOOTSTRAPPING_SECONDARY, E.SYNC_CONFIRMED, S.IN_SYNC),
+        # "if any failure happens ... start over the bootstrapping".
+        ("primary", S.BOOTSTRAPPING_SECONDARY, E.PEER_LOST, S.BOOTSTRAPPING_SECONDARY),
+        ("primary", S.WARM_START, E.SYNC_CONFIRMED, S.IN_SYNC),
+        # "if failed, restart the warm start".
+        ("primary", S.WARM_START, E.PEER_LOST, S.WARM_START),
+        ("primary", S.WARM_START, E.TRANSFER_FAILED, S.WARM_START),
+        # "If backup server fails or timed out ... enters Bootstrapping Secondary".
+        ("primary", S.IN_SYNC, E.PEER_LOST, S.BOOTSTRAPPING_SECONDARY),
+        # Backup: look for a primary.
+        ("backup", S.COLD_START, E.PRIMARY_RUNNING, S.WARM_START),
+        ("backup", S.COLD_START, E.PRIMARY_ABSENT, S.BOOTSTRAPPING_PRIMARY),
+        # "if the primary has ... replied with the correct checksum ... enters in sync".
+        ("backup", S.BOOTSTRAPPING_PRIMARY, E.SYNC_CONFIRMED, S.IN_SYNC),
+        ("backup", S.BOOTSTRAPPING_PRIMARY, E.TRANSFER_FAILED, S.BOOTSTRAPPING_PRIMARY),
+        ("backup", S.WARM_START, E.SYNC_CONFIRMED, S.IN_SYNC),
+        # "If not matched, the secondary will reply failure and listen again".
+        ("backup", S.WARM_START, E.TRANSFER_FAILED, S.WARM_START),
+        # "if primary is offline ... kick itself to bootstrapping stage".
+        ("backup", S.IN_SYNC, E.PEER_LOST, S.BOOTSTRAPPING_PRIMARY),
+    ],
+    ids=edge_id,
+)
+def test_the_seed_transitions_are_in_the_tables(
+    role: str, stage: Stage, event: Event, new: Stage
+) -> None:
+    assert TRANSITIONS[role][stage][event] is new
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_in_sync_is_left_only_when_the_peer_is_lost(role: str) -> None:
+    back_to = S.BOOTSTRAPPING_SECONDARY if role == "primary" else S.BOOTSTRAPPING_PRIMARY
+    assert TRANSITIONS[role][S.IN_SYNC] == {E.PEER_LOST: back_to}
+
+
+# -- StageMachine ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("role", "stage", "event", "new"), EDGES, ids=edge_id)
+def test_fire_follows_the_table_and_reports_the_transition(
+    role: str, stage: Stage, event: Event, new: Stage
+) -> None:
+    seen: list[tuple[Stage, Stage, str]] = []
+    machine = StageMachine(role, stage, lambda old, to, why: seen.append((old, to, why)))
+    assert machine.acceptance == ACCEPTANCE[role][stage]
+    assert machine.can_fire(event)
+
+    assert machine.fire(event, "because") is new
+
+    assert machine.stage is new
+    assert machine.acceptance == ACCEPTANCE[role][new]
+    # Self-transitions (a failed attempt that starts over) are reported too.
+    assert seen == [(stage, new, "because")]
+
+
+def test_the_tables_hold_self_transitions() -> None:
+    selfish = {(role, stage, event) for role, stage, event, new in EDGES if stage is new}
+    assert ("primary", S.WARM_START, E.PEER_LOST) in selfish
+    assert ("backup", S.WARM_START, E.TRANSFER_FAILED) in selfish
+    assert ("backup", S.BOOTSTRAPPING_PRIMARY, E.PEER_LOST) in selfish
+
+
+@pytest.mark.parametrize(("role", "stage", "event"), MISSING, ids=edge_id)
+def test_an_event_not_in_the_table_raises_and_changes_nothing(
+    role: str, stage: Stage, event: Event
+) -> None:
+    seen: list[object] = []
+    machine = StageMachine(role, stage, lambda *args: seen.append(args))
+    assert not machine.can_fire(event)
+
+    with pytest.raises(ProtocolError) as info:
+        machine.fire(event, "should not happen")
+
+    assert machine.stage is stage
+    assert machine.acceptance == ACCEPTANCE[role][stage]
+    assert seen == []
+    message = str(info.value)
+    assert role in message and stage.value in message and event.value in message
+
+
+def test_fire_without_a_callback() -> None:
+    machine = StageMachine("backup", S.COLD_START)
+    assert machine.fire(E.PRIMARY_ABSENT, "nobody home") is S.BOOTSTRAPPING_PRIMARY
+    assert machine.fire(E.TRANSFER_STARTED, "a primary sends") is S.WARM_START
+    assert machine.fire(E.SYNC_CONFIRMED, "checksum verified") is S.IN_SYNC
+    with pytest.raises(ProtocolError):
+        machine.fire(E.PRIMARY_RUNNING, "too late")
+    assert machine.stage is S.IN_SYNC
+
+
+def test_a_protocol_error_is_a_runtime_error() -> None:
+    assert issubclass(ProtocolError, RuntimeError)
+
+
+@pytest.mark.parametrize(
+    ("role", "stage"),
+    [("primary", S.BOOTSTRAPPING_PRIMARY), ("backup", S.BOOTSTRAPPING_SECONDARY)],
+)
+def test_the_machine_refuses_a_stage_of_the_other_role(role: str, stage: Stage) -> None:
+    with pytest.raises(ValueError, match=stage.value):
+        StageMachine(role, stage)
+
+
+def test_the_machine_does_not_know_which_side_it_plays_beyond_its_table() -> None:
+    primary = StageMachine("primary", S.COLD_START)
+    backup = StageMachine("backup", S.COLD_START)
+    assert primary.table is PRIMARY_TRANSITIONS
+    assert backup.table is BACKUP_TRANSITIONS
+    with pytest.raises(ProtocolError):
+        primary.fire(E.PRIMARY_RUNNING, "a backup event")
+    with pytest.raises(ProtocolError):
+        backup.fire(E.BACKUP_UNREACHABLE, "a primary event")
+
+
+# -- acceptance (seed: what each stage answers) ----------------------------------------
+
+
+def test_cold_start_refuses_everything() -> None:
+    # Seed: "During this stage, the server refuses all query."
+    assert PRIMARY_ACCEPTANCE[S.COLD_START] == Acceptance(ReadRule.REFUSE, WriteRule.REFUSE)
+    assert BACKUP_ACCEPTANCE[S.COLD_START].reads is ReadRule.REFUSE
+    assert BACKUP_ACCEPTANCE[S.COLD_START].writes is WriteRule.REDIRECT
+
+
+def test_primary_bootstrapping_secondary_serves_confirmed_reads_and_refuses_writes() -> None:
+    rule = PRIMARY_ACCEPTANCE[S.BOOTSTRAPPING_SECONDARY]
+    assert rule.reads is ReadRule.SERVE_IF_CONFIRMED
+    assert rule.writes is WriteRule.REFUSE
+
+
+def test_primary_warm_start_refuses_writes_and_reads_outside_complete_shards() -> None:
+    rule = PRIMARY_ACCEPTANCE[S.WARM_START]
+    assert rule.reads is ReadRule.SERVE_IF_SHARD_COMPLETE
+    assert rule.writes is WriteRule.REFUSE
+
+
+def test_primary_in_sync_serves_everything() -> None:
+    assert PRIMARY_ACCEPTANCE[S.IN_SYNC] == Acceptance(ReadRule.SERVE, WriteRule.REPLICATE)
+
+
+def test_only_the_primary_in_sync_accepts_writes() -> None:
+    accepting = [
+        (role, stage)
+        for role in ROLES
+        for stage, rule in ACCEPTANCE[role].items()
+        if rule.writes is WriteRule.REPLICATE
+    ]
+    assert accepting == [("primary", S.IN_SYNC)]
+
+
+@pytest.mark.parametrize("stage", sorted(ROLE_STAGES["backup"], key=lambda s: s.value))
+def test_the_backup_always_refuses_client_writes_naming_the_primary(stage: Stage) -> None:
+    assert BACKUP_ACCEPTANCE[stage].writes is WriteRule.REDIRECT
+
+
+def test_the_backup_serves_reads_only_from_a_whole_database() -> None:
+    assert BACKUP_ACCEPTANCE[S.IN_SYNC].reads is ReadRule.SERVE
+    assert BACKUP_ACCEPTANCE[S.BOOTSTRAPPING_PRIMARY].reads is ReadRule.SERVE
+    # Receiving: the database is being replaced.
+    assert BACKUP_ACCEPTANCE[S.WARM_START].reads is ReadRule.REFUSE
+
+
+# -- describe(): the README tables -----------------------------------------------------
+
+
+def test_describe_mentions_every_stage_event_and_rule() -> None:
+    text = describe()
+    for role in ROLES:
+        assert role.capitalize() in text
+    for stage in Stage:
+        assert stage.value in text
+    for _, _, event, _ in EDGES:
+        assert event.value in text
+    for rule in (*ReadRule, *WriteRule):
+        if any(rule in (a.reads, a.writes) for t in ACCEPTANCE.values() for a in t.values()):
+            assert rule.value in text
+
+
+def test_describe_has_one_row_per_transition_and_per_stage() -> None:
+    rows = [line for line in describe().splitlines() if line.startswith("| ")]
+    headers = [row for row in rows if row.startswith("| stage |")]
+    body = [row for row in rows if row not in headers and not row.startswith("| ---")]
+    stage_rows = sum(len(ACCEPTANCE[role]) for role in ROLES)
+    assert len(body) == len(EDGES) + stage_rows
+    for role, stage, event, new in EDGES:
+        assert f"| {stage.value} | {event.value} | {new.value} |" in body, role
+    for role in ROLES:
+        for stage, rule in ACCEPTANCE[role].items():
+            assert f"| {stage.value} | {rule.reads.value} | {rule.writes.value} |" in body
