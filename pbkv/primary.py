@@ -111,6 +111,19 @@ class PrimaryCore(ReplicationCore):
             self.fire(Event.PEER_LOST, reason)
         self.schedule_retry()
 
+    def _abandon_transfer(self, reason: str) -> None:
+        """Close the channel and start over after a back-off (seed: "start over")."""
+        if not self.channel_up:
+            return
+        self.close_channel(reason)
+        self.awaiting = ""
+        if self.machine.can_fire(Event.TRANSFER_FAILED):
+            self.fire(Event.TRANSFER_FAILED, reason)
+        else:  # a NACK outside a transfer: the channel simply failed
+            self.channel_lost(reason)
+            return
+        self.schedule_retry()
+
     def tick(self) -> None:
         if self.in_flight is not None and self.now > self.in_flight.deadline:
             # Seed: "try to kill the backup", then bootstrap a new one.
@@ -253,7 +266,7 @@ class PrimaryCore(ReplicationCore):
             elif kind == FrameType.SYNC_NACK:
                 self.transfers_failed += 1
                 self.last_transfer_error = str(frame[1])
-                self.drop(f"backup refused the transfer: {frame[1]}")
+                self._abandon_transfer(f"backup refused the transfer: {frame[1]}")
             else:
                 self.drop(f"unexpected {kind.name} while awaiting {self.awaiting or 'nothing'}")
         except (IndexError, TypeError, ValueError) as exc:
@@ -303,7 +316,7 @@ class PrimaryCore(ReplicationCore):
             checksum = receiver.feed(frame)
         except TransferError as exc:
             self.transfer_failed(str(exc))
-            self.drop(f"transfer from backup failed: {exc}")
+            self._abandon_transfer(f"transfer from backup failed: {exc}")
             return
         if frame[0] == FrameType.SHARD_END:
             self.complete_shards = receiver.complete_shards
@@ -315,7 +328,7 @@ class PrimaryCore(ReplicationCore):
     def _sync_ack(self, frame: list[Any]) -> None:
         if checksum_from_bytes(frame[1]) != self.store.checksum:
             self.transfer_failed("backup acknowledged a different checksum")
-            self.drop("checksum mismatch at the end of the transfer")
+            self._abandon_transfer("checksum mismatch at the end of the transfer")
             return
         self.awaiting = ""
         self.confirmed = True
