@@ -130,6 +130,7 @@ def test_indeterminate_writes_of_unread_values() -> None:
     history[1] = get(6, 7, None)  # after the update succeeded, the key cannot be absent
     assert check(history, final={"k": "b"}).ok is False
 
+
 def test_failed_insert_on_existing_key_is_accepted() -> None:
     history = [ins(0, 1, True, "a"), ins(2, 3, False, "b"), get(4, 5, "a")]
     assert check(history, final={"k": "a"}).ok is True
