@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,12 +31,15 @@ from pbkv.core import (
 )
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
+log = logging.getLogger("pbkv")
+
 _REASONS = {
     200: b"OK",
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",
     413: b"Content Too Large",
+    500: b"Internal Server Error",
     503: b"Service Unavailable",
 }
 
@@ -69,6 +73,11 @@ class Limits:
     def max_body_bytes(self) -> int:
         # Percent-encoding can triple every byte; leave room for names and separators.
         return 3 * (self.max_key_bytes + self.max_value_bytes) + 1024
+
+    @property
+    def max_head_bytes(self) -> int:
+        # The query string may carry what a body can, plus room for ordinary headers.
+        return self.max_body_bytes + 64 * 1024
 
 
 class RequestError(Exception):
@@ -194,6 +203,22 @@ def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[
     return params
 
 
+def split_target(target: bytes) -> tuple[bytes, bytes | None]:
+    """Path and query string of a request target.
+
+    ``httptools.parse_url`` refuses targets over 64 KiB, but a query string may
+    carry a whole value, so the usual origin form ``/path?query`` is split here.
+    """
+    if target.startswith(b"/"):
+        path, has_query, query = target.partition(b"?")
+        return path, query.partition(b"#")[0] if has_query else None
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        raise RequestError(400, "malformed request target") from None
+    return url.path or b"/", url.query
+
+
 def key_and_value(
     command: Command, params: dict[str, str], limits: Limits
 ) -> tuple[str, str | None]:
@@ -231,6 +256,8 @@ class HttpProtocol(asyncio.Protocol):
         self._content_type = b""
         self._too_large = False
         self._upgrade = False
+        self._in_head = False  # between the first byte of a request and its blank line
+        self._head_bytes = 0
         # Replies in request order: [bytes or None, close after it].
         self._pending: collections.deque[list[Any]] = collections.deque()
         self._closing = False
@@ -256,6 +283,14 @@ class HttpProtocol(asyncio.Protocol):
             self._handle_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
+            return
+        if self._in_head:
+            # httptools buffers a request line and headers without bound: cap them.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_head_bytes:
+                self._fail(
+                    413, f"request line and headers larger than {self.limits.max_head_bytes} bytes"
+                )
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -265,6 +300,8 @@ class HttpProtocol(asyncio.Protocol):
         self._content_type = b""
         self._too_large = False
         self._upgrade = False
+        self._in_head = True
+        self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -283,6 +320,7 @@ class HttpProtocol(asyncio.Protocol):
             self._upgrade = True
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         if self._too_large:
             self._fail(413, f"request body larger than {self.limits.max_body_bytes} bytes")
 
@@ -308,11 +346,14 @@ class HttpProtocol(asyncio.Protocol):
             self._dispatch(slot)
         except RequestError as exc:
             self._reply(slot, exc.status, error_body(exc.message))
+        except Exception:  # a bug must not stall this connection's later replies
+            log.exception("internal error while handling a request")
+            slot[1] = True
+            self._reply(slot, 500, error_body("internal server error"))
 
     # internals
     def _dispatch(self, slot: list[Any]) -> None:
-        url = httptools.parse_url(self._url)
-        path = url.path
+        path, query = split_target(self._url)
         method = self.parser.get_method()
         route = _KV_ROUTES.get(path)
         if route is None:
@@ -322,7 +363,7 @@ class HttpProtocol(asyncio.Protocol):
         if method != allowed:
             raise_method(allowed)
         body = b"".join(self._body) if self._body else b""
-        params = parse_params(url.query, body, self._content_type)
+        params = parse_params(query, body, self._content_type)
         key, value = key_and_value(command, params, self.limits)
         app = self.app
         if command is Command.GET or command is Command.COUNT or command is Command.DUMP:
@@ -397,8 +438,8 @@ class HttpProtocol(asyncio.Protocol):
         self._reply(slot, status, error_body(message))
 
     def _handle_upgrade(self, leftover: bytes) -> None:
-        url = httptools.parse_url(self._url)
-        if not self._upgrade or url.path != UPGRADE_PATH or self._pending:
+        path = self._url.partition(b"?")[0]
+        if not self._upgrade or path != UPGRADE_PATH or self._pending:
             self._fail(400, "unsupported upgrade")
             return
         if not self.app.accepts_replication:
