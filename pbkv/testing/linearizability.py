@@ -360,7 +360,7 @@ def _search(
             (max_steps is not None and steps > max_steps)
             or (deadline is not None and time.monotonic() > deadline)
         ):
-            return _Found(None, best, all_definite)
+            return _Found(None, _longest(best, stack), all_definite)
 
         if slot < 0:
             if entry == -1 or not is_call[entry]:
@@ -373,6 +373,9 @@ def _search(
             # Nothing can go next: undo the last choice and try its successors.
             if not stack:
                 return _Found(False, best, all_definite)
+            # Copy the stack only when about to shrink it: copying on every
+            # step made long histories quadratic.
+            best = _longest(best, stack)
             i, slot, state, limit = stack.pop()
             if slot < 0:
                 done &= ~(1 << i)
@@ -400,18 +403,21 @@ def _search(
                     unlink(call_entry[i])
                     unlink(ret_entry[i])
                     remaining -= 1
-                if len(stack) > len(best):
-                    best = [op for op, *_ in stack]
                 if remaining == 0:
                     all_definite = True
                     if end is _ANY_END or state == end:
-                        return _Found(True, best, True)
+                        return _Found(True, _longest(best, stack), True)
                 entry, slot = nxt[0], -1
                 continue
         if slot < 0:
             entry = nxt[entry]
         else:
             slot += 1
+
+
+def _longest(best: list[int], stack: list[tuple[int, int, _State, float]]) -> list[int]:
+    """The longer of the best prefix so far and the current stack's ops."""
+    return [op for op, *_ in stack] if len(stack) > len(best) else best
 
 
 def _abstract_values(
