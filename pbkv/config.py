@@ -43,6 +43,7 @@ class Settings:
     retry_min: float = 0.05  # first back-off after a failed attempt
     retry_max: float = 1.0  # back-off ceiling
     transfer_chunk: int = 2048  # pairs per frame during a full transfer
+    batches_in_flight: int = 2  # replication batches sent before the oldest is acked
 
     backup_initial_stage: str = "cold_start"
     # A primary that answers writes without a backup (tests, one-node use).
@@ -57,7 +58,14 @@ class Settings:
             raise SettingsError(
                 f"backup_initial_stage must be one of {', '.join(BACKUP_INITIAL_STAGES)}"
             )
-        for name in ("port", "shards", "max_key_bytes", "max_value_bytes", "transfer_chunk"):
+        for name in (
+            "port",
+            "shards",
+            "max_key_bytes",
+            "max_value_bytes",
+            "transfer_chunk",
+            "batches_in_flight",
+        ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive number")
         if not 0 < self.port < 65536:

@@ -21,6 +21,7 @@ holds a confirmed copy, and otherwise starts empty.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +65,9 @@ class PrimaryCore(ReplicationCore):
         super().__init__(settings, store, initial, now, rng)
         self.overlay: dict[str, tuple[str | None, int]] = {}
         self.queued = Batch()
-        self.in_flight: Batch | None = None
+        # Batches sent and not yet acknowledged, oldest first (acks come in order).
+        self.in_flight: deque[Batch] = deque()
+        self.window = settings.batches_in_flight
         self.sent_seq = 0
         self.awaiting = ""  # "hello", "snapshot", "sync_ack" or "final_ack"
         self.complete_shards: set[int] = set()
@@ -125,11 +128,11 @@ class PrimaryCore(ReplicationCore):
         self.schedule_retry()
 
     def tick(self) -> None:
-        if self.in_flight is not None and self.now > self.in_flight.deadline:
+        if self.in_flight and self.now > self.in_flight[0].deadline:
             # Seed: "try to kill the backup", then bootstrap a new one.
             if self.channel_up:
                 self.send([FrameType.FENCE, "acknowledgement timed out"])
-            self.drop(f"backup did not acknowledge batch {self.in_flight.seq} in time")
+            self.drop(f"backup did not acknowledge batch {self.in_flight[0].seq} in time")
         super().tick()
 
     # -- client requests ---------------------------------------------------------
@@ -191,18 +194,22 @@ class PrimaryCore(ReplicationCore):
         return None
 
     def flush(self, now: float) -> None:
-        """Send the queued writes as one batch if none is in flight."""
+        """Send the queued writes as one batch if the window has room."""
         self.now = now
-        if self.in_flight is not None or not self.queued.entries:
+        if len(self.in_flight) >= self.window or not self.queued.entries:
             return
         batch, self.queued = self.queued, Batch()
-        if not batch.ops:  # only answers that waited for an earlier batch
-            self._answer(batch)
+        if not batch.ops:
+            # Only answers that wait for earlier batches: answer them with the last.
+            if self.in_flight:
+                self.in_flight[-1].entries.extend(batch.entries)
+            else:
+                self._answer(batch)
             return
         self.sent_seq += 1
         batch.seq = self.sent_seq
         batch.deadline = now + self.settings.ack_timeout
-        self.in_flight = batch
+        self.in_flight.append(batch)
         self.batches_sent += 1
         self.send([FrameType.BATCH, batch.seq, batch.ops])
 
@@ -218,10 +225,10 @@ class PrimaryCore(ReplicationCore):
             outbox.append(Respond(token, outcome))
 
     def _batch_acked(self, seq: Any) -> None:
-        batch = self.in_flight
-        if batch is None or seq != batch.seq:
+        if not self.in_flight or seq != self.in_flight[0].seq:
             self.drop(f"acknowledgement for unexpected batch {seq!r}")
             return
+        batch = self.in_flight.popleft()
         ops, overlay, apply = batch.ops, self.overlay, self._apply
         for i in range(0, len(ops), 2):
             key = ops[i]
@@ -230,13 +237,12 @@ class PrimaryCore(ReplicationCore):
             if pending is not None and pending[1] == seq:
                 del overlay[key]
         self.seq = seq
-        self.in_flight = None
         self._answer(batch)
         self.flush(self.now)
 
     def _rewind(self, reason: str) -> None:
         """Fail every write not yet acknowledged; the store never saw them."""
-        batches = [b for b in (self.in_flight, self.queued) if b is not None]
+        batches = [*self.in_flight, self.queued]
         failed = sum(len(b.entries) for b in batches)
         if failed:
             self.writes_rewound += failed
@@ -244,7 +250,7 @@ class PrimaryCore(ReplicationCore):
         for batch in batches:
             for token, _ in batch.entries:
                 self.outbox.append(Respond(token, REPLICATION_FAILED))
-        self.in_flight = None
+        self.in_flight.clear()
         self.queued = Batch()
         self.overlay.clear()
         self.sent_seq = self.seq
@@ -344,9 +350,9 @@ class PrimaryCore(ReplicationCore):
         status = super().status()
         status.update(
             standalone=self.standalone,
-            lag=(self.sent_seq - self.seq) if self.in_flight else 0,
+            lag=self.sent_seq - self.seq,
             writes_queued=len(self.queued.entries),
-            writes_in_flight=len(self.in_flight.entries) if self.in_flight else 0,
+            writes_in_flight=sum(len(b.entries) for b in self.in_flight),
             writes_rewound=self.writes_rewound,
             batches_sent=self.batches_sent,
         )

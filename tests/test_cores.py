@@ -60,7 +60,8 @@ _TRANSITION = re.compile(
 
 
 def make_settings(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {"shards": SHARDS, "transfer_chunk": 2}
+    # One batch in flight keeps frame counts simple; the window has its own test.
+    values: dict[str, Any] = {"shards": SHARDS, "transfer_chunk": 2, "batches_in_flight": 1}
     values.update(overrides)
     return Settings(**values)
 
@@ -552,25 +553,28 @@ def test_group_commit_one_batch_and_nothing_visible_before_the_ack(link: Link) -
     assert primary.batches_sent == 1
 
 
-def test_writes_queued_behind_a_batch_in_flight_go_in_the_next_one(link: Link) -> None:
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_writes_queued_behind_a_full_window_go_in_the_next_batch(
+    make_link: Callable[..., Link], window: int
+) -> None:
+    link = make_link(batches_in_flight=window)
     primary, backup = in_sync_pair(link)
     before = link.mark()
     link.paused.add("primary")
-    first = link.token()
-    link.submit(first, INSERT, "a", "1")
-    link.flush()
-    later = [link.token() for _ in range(10)]
-    for i, token in enumerate(later):
+    tokens = [link.token() for _ in range(11)]
+    for i, token in enumerate(tokens):
         link.submit(token, INSERT, f"b{i}", str(i))
-        link.flush()  # a batch is in flight: nothing more goes out
-    assert link.kinds("primary", before["primary"]) == [FrameType.BATCH]
+        link.flush()  # one batch per flush until the window is full
+    assert link.kinds("primary", before["primary"]) == [FrameType.BATCH] * window
 
     link.paused.clear()
     link.run()
 
     batches = [f for f in link.sent["primary"][before["primary"] :] if f[0] == FrameType.BATCH]
-    assert [len(f[2]) // 2 for f in batches] == [1, 10]
-    assert all(link.responses[token] == Done(True) for token in [first, *later])
+    assert [len(f[2]) // 2 for f in batches] == [1] * window + [11 - window]
+    assert [f[1] for f in batches] == list(range(batches[0][1], batches[0][1] + window + 1))
+    assert all(link.responses[token] == Done(True) for token in tokens)
+    assert link.answer_order == tokens
     assert_same_data(primary, backup)
 
 
@@ -677,7 +681,7 @@ def test_ack_timeout_rewinds_fences_and_bootstraps_again(make_link) -> None:
     assert [link.responses[token] for token in tokens] == [REPLICATION_FAILED] * 4
     assert primary.store.checksum == before
     assert dict(primary.store.items()) == {"a": "1", "b": "2"}
-    assert primary.overlay == {} and primary.in_flight is None
+    assert primary.overlay == {} and not primary.in_flight
     assert primary.writes_rewound == 4
     # Seed: "try to kill the backup", then bootstrap again after a back-off.
     kinds = link.kinds("primary")
@@ -1117,7 +1121,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
     link.submit(token, UPDATE, "a", "2")
     link.flush()
 
-    link.inject("primary", [FrameType.ACK, primary.in_flight.seq + 7])
+    link.inject("primary", [FrameType.ACK, primary.in_flight[0].seq + 7])
 
     assert link.closed_by[-1][0] == "primary"
     assert "unexpected batch" in link.closed_by[-1][1]

@@ -60,7 +60,7 @@ COMMANDS = {
 }
 
 
-def sim_settings(store: str = "sharded") -> Settings:
+def sim_settings(store: str = "sharded", window: int = 2) -> Settings:
     return Settings(
         primary="p",
         backup="b",
@@ -73,6 +73,7 @@ def sim_settings(store: str = "sharded") -> Settings:
         peer_timeout=0.6,
         retry_min=0.05,
         retry_max=0.4,
+        batches_in_flight=window,
     )
 
 
@@ -246,7 +247,9 @@ class Simulation:
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
-        self.settings = settings or sim_settings(self.rng.choice(("sharded", "hash")))
+        self.settings = settings or sim_settings(
+            self.rng.choice(("sharded", "hash")), self.rng.choice((1, 2, 3))
+        )
         self.now = 0.0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._counter = itertools.count()
