@@ -1,0 +1,160 @@
+"""Fast loading of a data set: pipelined HTTP inserts into pbkv, pipelined RESP SETs into
+Redis, and the data set the transfer and memory benchmarks share.
+
+pbkv has no bulk path, so loading is ordinary `POST /kv/insert` requests, written
+`depth` at a time on each of many keep-alive connections (HTTP pipelining; pbkv answers
+in request order). The primary batches them into group commits to the backup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+from bench import resp_load
+from bench.loadgen import host_header
+
+KEY_BYTES = 16
+VALUE_BYTES = 100
+
+
+def key_of(i: int) -> str:
+    """16 bytes: `key-` and 12 digits."""
+    return f"key-{i:012d}"
+
+
+def value_of(i: int) -> str:
+    """100 bytes, different for every key and not compressible by repetition (hex digits)."""
+    return hashlib.blake2b(i.to_bytes(8, "little"), digest_size=VALUE_BYTES // 2).hexdigest()
+
+
+def pbkv_insert_requests(host: str, port: int, start: int, stop: int) -> Iterator[bytes]:
+    """`POST /kv/insert` for pairs start..stop-1 (keys and values need no escaping)."""
+    hh = host_header(host, port)
+    length = len("key=&value=") + KEY_BYTES + VALUE_BYTES
+    head = (
+        b"POST /kv/insert HTTP/1.1\r\nHost: %b\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n"
+        % (hh, length)
+    )
+    for i in range(start, stop):
+        yield b"%bkey=%b&value=%b" % (head, key_of(i).encode(), value_of(i).encode())
+
+
+def redis_set_commands(start: int, stop: int) -> Iterator[bytes]:
+    for i in range(start, stop):
+        yield resp_load.command("SET", key_of(i), value_of(i))
+
+
+@dataclass
+class FillResult:
+    sent: int
+    ok: int  # 200 with "success": "true"
+    refused: int  # anything else
+
+
+class _HttpFiller(asyncio.Protocol):
+    """One connection writing requests with up to `depth` unanswered (pipelining)."""
+
+    def __init__(self, requests: Iterator[bytes], depth: int) -> None:
+        self._requests = requests
+        self._depth = depth
+        self._in_flight = 0
+        self._exhausted = False
+        self._status_ok = False
+        self._body: list[bytes] = []
+        self.sent = self.ok = self.refused = 0
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._refill()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(ConnectionError(f"bad HTTP reply: {exc}"))
+            return
+        self._refill()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(ConnectionError(f"pbkv closed a bulk connection: {exc}"))
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    # httptools callbacks
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        self._in_flight -= 1
+        body = b"".join(self._body)
+        self._body.clear()
+        if self._parser.get_status_code() == 200 and b'"success":"true"' in body:
+            self.ok += 1
+        else:
+            self.refused += 1
+
+    def _refill(self) -> None:
+        room = self._depth - self._in_flight
+        if room >= self._depth // 2 or not self._in_flight:
+            batch = list(itertools.islice(self._requests, room))
+            if batch:
+                self._in_flight += len(batch)
+                self.sent += len(batch)
+                assert self._transport is not None
+                self._transport.write(b"".join(batch))
+            else:
+                self._exhausted = True
+        if self._exhausted and not self._in_flight and not self.done.done():
+            self.done.set_result(None)
+
+
+async def http_fill(
+    host: str,
+    port: int,
+    requests: Iterable[bytes],
+    connections: int = 64,
+    depth: int = 16,
+    timeout: float = 3600.0,
+) -> FillResult:
+    """Send every request, pipelined over `connections`; raises ConnectionError if a
+    connection drops."""
+    shared = iter(requests)  # one iterator shared by the connections: a work queue
+    loop = asyncio.get_running_loop()
+    fillers = [_HttpFiller(shared, depth) for _ in range(connections)]
+    transports = []
+    try:
+        for f in fillers:
+            transport, _ = await loop.create_connection(lambda f=f: f, host, port)
+            transports.append(transport)
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(f.done for f in fillers))
+    finally:
+        for t in transports:
+            t.close()
+    return FillResult(
+        sent=sum(f.sent for f in fillers),
+        ok=sum(f.ok for f in fillers),
+        refused=sum(f.refused for f in fillers),
+    )
+
+
+async def redis_fill(host: str, port: int, start: int, stop: int) -> int:
+    """SET pairs start..stop-1, pipelined; returns the number of error replies."""
+    replies, errors = await resp_load.fill(host, port, redis_set_commands(start, stop))
+    if replies != stop - start:
+        raise RuntimeError(f"redis answered {replies} of {stop - start} SETs")
+    return errors

@@ -1,0 +1,452 @@
+"""Servers for the benchmarks: pbkv pairs and standalone primaries (through the real
+bin/start_server and bin/stop_server), Redis primaries and replicas (child processes),
+free ports, RSS, and a background prober that records how long a server went without
+answering.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.resp_load import RespError, SyncRedis
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = REPO / "bin"
+LOOPBACK = ("127.0.0.1", "127.0.0.2")
+
+
+# ---------------------------------------------------------------- ports and processes
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+_handed_out: set[int] = set()
+
+
+def free_port(hosts: Sequence[str] = LOOPBACK) -> int:
+    """A port free on every host (a pbkv pair uses one port on two addresses)."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind((hosts[0], 0))
+            port = sock.getsockname()[1]
+        if port not in _handed_out and all(_bindable(h, port) for h in hosts):
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no free port")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size from /proc/PID/status (VmRSS)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
+# ---------------------------------------------------------------- pbkv
+
+
+def pbkv_revision() -> str:
+    """The commit measured, marked when pbkv/ has uncommitted changes."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "pbkv"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (rev or "unknown") + (" with uncommitted changes" if dirty else "")
+
+
+def http_get_json(host: str, port: int, path: str, timeout: float = 2.0) -> Any:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+class Pbkv:
+    """A pbkv primary and backup (or a standalone primary) in their own directory."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        *,
+        standalone: bool = False,
+        settings: dict[str, str] | None = None,
+        serve_flags: Sequence[str] = (),
+    ) -> None:
+        self.name = name
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.standalone = standalone
+        self.port = free_port()
+        values = {"primary": LOOPBACK[0], "backup": LOOPBACK[1], "port": str(self.port)}
+        if standalone:
+            values["standalone"] = "true"
+        values.update(settings or {})
+        self.config = self.dir / "settings.conf"
+        self.config.write_text(json.dumps(values))
+        self.address = {
+            "primary": (values["primary"], self.port),
+            "backup": (values["backup"], self.port),
+        }
+        self.serve_flags = list(serve_flags)
+
+    def _command(self, script: str, role: str) -> list[str]:
+        flag = "-p" if role == "primary" else "-b"
+        command = [
+            str(BIN / script),
+            flag,
+            "--config",
+            str(self.config),
+            "--run-dir",
+            str(self.dir),
+        ]
+        return command + self.serve_flags if script == "start_server" else command
+
+    def start(self, role: str, wait: float = 120.0) -> None:
+        """bin/start_server: returns once the server is ready (in sync when paired)."""
+        result = subprocess.run(
+            self._command("start_server", role) + ["--wait", str(wait)],
+            capture_output=True,
+            text=True,
+            timeout=wait + 30,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{self.name}: cannot start the {role}: {result.stderr.strip()}")
+
+    def spawn(self, role: str, wait: float = 600.0) -> subprocess.Popen[bytes]:
+        """bin/start_server in the background, for timing what happens meanwhile."""
+        return subprocess.Popen(
+            self._command("start_server", role) + ["--wait", str(wait)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def start_all(self) -> None:
+        if self.standalone:
+            self.start("primary")
+            return
+        self.start("backup")
+        self.start("primary")
+        self.wait_stage("primary", "in_sync")
+        self.wait_stage("backup", "in_sync")
+
+    def stop(self, role: str) -> None:
+        subprocess.run(self._command("stop_server", role), capture_output=True, timeout=60)
+
+    def pid_file(self, role: str) -> Path:
+        host, port = self.address[role]
+        return self.dir / "run" / f"{role}-{host}-{port}.pid"
+
+    def pid(self, role: str) -> int | None:
+        try:
+            pid = int(self.pid_file(role).read_text())
+        except (OSError, ValueError):
+            return None
+        return pid if alive(pid) else None
+
+    def kill(self, role: str) -> None:
+        """kill -9, then wait until the process is gone."""
+        pid = self.pid(role)
+        if pid is None:
+            raise RuntimeError(f"{self.name}: the {role} is not running")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not alive(pid), 10, f"{role} to die")
+        self.pid_file(role).unlink(missing_ok=True)
+
+    def status(self, role: str = "primary", timeout: float = 2.0) -> dict[str, Any] | None:
+        host, port = self.address[role]
+        try:
+            return http_get_json(host, port, "/kvman/status", timeout)
+        except (OSError, ValueError, http.client.HTTPException):
+            return None
+
+    def wait_stage(self, role: str, stage: str, timeout: float = 120.0) -> dict[str, Any]:
+        return wait_for(
+            lambda: (s := self.status(role)) is not None and s.get("stage") == stage and s,
+            timeout,
+            f"{self.name} {role} to reach {stage}",
+            step=0.02,
+        )
+
+    def cleanup(self) -> None:
+        roles = ("primary",) if self.standalone else ("primary", "backup")
+        for role in roles:
+            if self.pid(role) is not None:
+                self.stop(role)
+            pid = self.pid(role)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- Redis
+
+
+def ensure_redis(install: bool = True) -> tuple[str | None, str]:
+    """The redis-server binary, installed with apt-get when missing and allowed.
+
+    Returns (path, "") or (None, why not).
+    """
+    found = shutil.which("redis-server")
+    if found:
+        return found, ""
+    if not install:
+        return None, "redis-server is not installed (installation not allowed)"
+    if not shutil.which("apt-get"):
+        return None, "redis-server is not installed and there is no apt-get"
+    if os.geteuid() != 0:
+        return None, "redis-server is not installed and installing it needs root"
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for step in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+        try:
+            done = subprocess.run(step, capture_output=True, text=True, env=env, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return None, f"{' '.join(step[:2])} failed: {exc}"
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
+            return None, f"{' '.join(step[:2])} failed: {tail[0]}"
+    found = shutil.which("redis-server")
+    return (found, "") if found else (None, "apt-get installed no redis-server")
+
+
+def redis_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout
+    for word in out.split():
+        if word.startswith("v="):
+            return word[2:]
+    return out.strip()
+
+
+class Redis:
+    """One redis-server on 127.0.0.1, persistence off, diskless replication."""
+
+    def __init__(self, binary: str, workdir: Path, name: str) -> None:
+        self.binary = binary
+        self.name = name
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host = LOOPBACK[0]
+        self.port = free_port((self.host,))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, replicaof: Redis | None = None, extra: Sequence[str] = ()) -> None:
+        args = [
+            self.binary,
+            "--port", str(self.port),
+            "--bind", self.host,
+            "--daemonize", "no",
+            "--save", "",
+            "--appendonly", "no",
+            "--repl-diskless-sync", "yes",
+            "--repl-diskless-sync-delay", "0",
+            "--dir", str(self.dir),
+            "--logfile", str(self.dir / "redis.log"),
+        ]  # fmt: skip
+        if replicaof is not None:
+            args += ["--replicaof", replicaof.host, str(replicaof.port)]
+        args += list(extra)
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for(self._pong, 20, f"redis {self.name} to answer PING", step=0.02)
+        except TimeoutError:
+            self.stop()
+            log = (self.dir / "redis.log").read_text(errors="replace").splitlines()[-5:]
+            raise RuntimeError(f"redis {self.name} did not start: {' | '.join(log)}") from None
+
+    def _pong(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise TimeoutError("exited")
+        try:
+            with self.client(1.0) as r:
+                return r.call("PING") == b"PONG"
+        except OSError:
+            return False
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def client(self, timeout: float = 10.0) -> SyncRedis:
+        return SyncRedis(self.host, self.port, timeout)
+
+    def info(self, section: str) -> dict[str, str]:
+        with self.client() as r:
+            return r.info(section)
+
+    def link_up(self) -> bool:
+        return self.info("replication").get("master_link_status") == "up"
+
+    def wait_link_up(self, timeout: float = 120.0) -> None:
+        wait_for(self.link_up, timeout, f"redis {self.name} replication link", step=0.005)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+# ---------------------------------------------------------------- stall probe
+
+
+class Prober(threading.Thread):
+    """Asks a server one thing in a loop on one connection, recording when replies came.
+
+    `samples` holds (monotonic time of the reply, status, body): status is the HTTP status
+    (Redis: 1), or 0 when the request failed (refused, reset), which is retried after
+    `interval`. The longest time between consecutive replies is the longest the server
+    left a client waiting.
+    """
+
+    def __init__(self, interval: float = 0.002, timeout: float = 30.0) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.timeout = timeout
+        self.samples: list[tuple[float, int, bytes]] = []
+        self.connected: list[float] = []  # when each connection was accepted
+        self._stop_event = threading.Event()
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _ask(self, conn: Any) -> tuple[int, bytes]:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        conn: Any = None
+        while not self._stop_event.is_set():
+            try:
+                if conn is None:
+                    conn = self._connect()
+                    self.connected.append(time.monotonic())
+                status, body = self._ask(conn)
+                self.samples.append((time.monotonic(), status, body))
+            except (OSError, http.client.HTTPException, ValueError, RespError):
+                self.samples.append((time.monotonic(), 0, b""))
+                if conn is not None:
+                    conn.close()
+                conn = None
+            self._stop_event.wait(self.interval)
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(self.timeout + 5)
+
+    def replies(self, start: float, end: float) -> list[tuple[float, int, bytes]]:
+        return [s for s in self.samples if s[1] and start <= s[0] <= end]
+
+    def max_gap(self, start: float, end: float, only_ok: bool = False) -> float:
+        """Longest time in [start, end] without a reply (only successful ones if only_ok)."""
+        times = [start]
+        times += [
+            t for t, status, _ in self.replies(start, end) if not only_ok or status in (1, 200)
+        ]
+        times.append(end)
+        return max(b - a for a, b in zip(times, times[1:], strict=False))
+
+    def statuses(self) -> list[tuple[float, dict[str, Any]]]:
+        """Parsed JSON bodies of the 200 replies (for a prober of /kvman/status)."""
+        out = []
+        for t, status, body in list(self.samples):
+            if status == 200:
+                try:
+                    out.append((t, json.loads(body)))
+                except ValueError:
+                    pass
+        return out
+
+
+class HttpProber(Prober):
+    """GET `path` on a keep-alive connection."""
+
+    def __init__(self, host: str, port: int, path: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.host, self.port, self.path = host, port, path
+
+    def _connect(self) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        conn.connect()  # now, so that `connected` says when the server began to listen
+        return conn
+
+    def _ask(self, conn: http.client.HTTPConnection) -> tuple[int, bytes]:
+        conn.request("GET", self.path)
+        response = conn.getresponse()
+        return response.status, response.read()
+
+
+class RedisProber(Prober):
+    """GET `key` on one connection."""
+
+    def __init__(self, host: str, port: int, key: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.host, self.port, self.key = host, port, key
+
+    def _connect(self) -> SyncRedis:
+        return SyncRedis(self.host, self.port, self.timeout)
+
+    def _ask(self, conn: SyncRedis) -> tuple[int, bytes]:
+        value = conn.call("GET", self.key)
+        return 1, value if isinstance(value, bytes) else b""
