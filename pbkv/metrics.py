@@ -57,6 +57,10 @@ class Metrics:
             ),
             "pbkv_uptime_seconds": ("Seconds since start", status["uptime"]),
             "pbkv_client_connections": ("Open client connections", len(node.connections)),
+            "pbkv_loop_lag_seconds": (
+                "Longest event-loop delay in the last 10 s",
+                node.lag.recent_max(node.loop.time()),
+            ),
         }
         for name, (text, value) in gauges.items():
             gauge = GaugeMetricFamily(name, text, labels=["role"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import signal
 import sys
@@ -40,6 +41,8 @@ from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, FrameDecoder, FrameError, enc
 log = logging.getLogger("pbkv")
 
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024
+LAG_PROBE_INTERVAL = 0.02  # how often the event loop's responsiveness is sampled
+READ_BUDGET = 0.005  # seconds of frame handling before the channel yields the loop
 PUMP_FRAMES = 4  # transfer frames queued per turn of the event loop
 
 
@@ -62,6 +65,8 @@ class ChannelProtocol(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.closed = False
+        self._busy = 0.0  # seconds spent on frames since reading last paused
+        self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -93,7 +98,21 @@ class ChannelProtocol(asyncio.Protocol):
             self.node.channel_broken(self, f"bad frame: {exc}")
             return
         if frames:
+            started = time.perf_counter()
             self.node.frames_received(self, frames)
+            self._busy += time.perf_counter() - started
+            if self._busy > READ_BUDGET and self.transport is not None and not self._paused:
+                # A full transfer arrives faster than we load it: let the other
+                # sockets of this loop turn be served before reading on.
+                self._paused = True
+                self.transport.pause_reading()
+                asyncio.get_running_loop().call_soon(self._read_on)
+
+    def _read_on(self) -> None:
+        self._busy = 0.0
+        self._paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def on_message_complete(self) -> None:
         # A complete response without an upgrade: the peer refused the channel.
@@ -132,6 +151,29 @@ class ChannelProtocol(asyncio.Protocol):
             self.transport.close()
 
 
+class LoopLag:
+    """The event loop's longest delay: over the last ``window`` seconds and ever."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self.worst = 0.0
+        self._buckets: collections.deque[tuple[float, float]] = collections.deque()
+
+    def record(self, now: float, lag: float) -> None:
+        self.worst = max(self.worst, lag)
+        buckets = self._buckets
+        if buckets and now - buckets[-1][0] < 1.0:  # one bucket per second
+            start, worst = buckets[-1]
+            buckets[-1] = (start, max(worst, lag))
+        else:
+            buckets.append((now, lag))
+        while buckets and now - buckets[0][0] > self.window:
+            buckets.popleft()
+
+    def recent_max(self, now: float) -> float:
+        return max((lag for start, lag in self._buckets if now - start <= self.window), default=0)
+
+
 class Node:
     """One pbkv server process: HTTP front, replication core, channel."""
 
@@ -156,6 +198,7 @@ class Node:
         self._flush_scheduled = False
         self._pumping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.lag = LoopLag()
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> None:
@@ -171,10 +214,12 @@ class Node:
         self.core.start(self.loop.time())
         self._drain()
         self._sweep = self.loop.call_later(5.0, self._sweep_idle)
+        self._probe_lag(self.loop.time() + LAG_PROBE_INTERVAL)
         try:
             await self.stopped.wait()
         finally:
             self._sweep.cancel()
+            self._lag_timer.cancel()
             server.close()  # frees the port at once
             for timer in self.timers.values():
                 timer.cancel()
@@ -196,6 +241,13 @@ class Node:
         for connection in list(self.connections):
             connection.close_if_idle(now, self.settings.idle_timeout)
         self._sweep = self.loop.call_later(5.0, self._sweep_idle)
+
+    def _probe_lag(self, due: float) -> None:
+        """A timer that notes how late it fires: how long the loop was busy."""
+        now = self.loop.time()
+        self.lag.record(now, max(0.0, now - due))
+        due = now + LAG_PROBE_INTERVAL
+        self._lag_timer = self.loop.call_at(due, self._probe_lag, due)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -232,6 +284,8 @@ class Node:
         status["store"] = self.core.store.kind
         status["shards"] = self.core.store.shard_count
         status["clients"] = len(self.connections)
+        status["loop_lag_ms"] = round(self.lag.recent_max(self.loop.time()) * 1000, 1)
+        status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         return status
 
     def metrics(self) -> tuple[bytes, str]:
