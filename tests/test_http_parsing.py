@@ -345,3 +345,24 @@ def test_response_framing() -> None:
     assert keep.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"Connection: close" not in keep
     assert keep.endswith(b"\r\n\r\n{}")
+
+
+@given(st.text(alphabet=st.sampled_from("ab=&%+2F0c é"), max_size=30))
+def test_form_decoding_agrees_with_parse_qsl(text):
+    """Our bytes-level form decoding gives what urllib's parse_qsl gives."""
+    from urllib.parse import parse_qsl
+
+    from pbkv.http import _decode_pairs
+
+    try:
+        expected_pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        expected_pairs = None
+    names = [name for name, _ in expected_pairs or []]
+    ours: dict[str, str] = {}
+    if expected_pairs is None or len(names) != len(set(names)):
+        with pytest.raises(RequestError):
+            _decode_pairs(text.encode(), ours)
+    else:
+        _decode_pairs(text.encode(), ours)
+        assert ours == dict(expected_pairs)
