@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.resp_load import RespError, SyncRedis
+from pbkv.launcher import process_alive
+from pbkv.testing import cluster
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = REPO / "bin"
@@ -29,43 +30,16 @@ LOOPBACK = ("127.0.0.1", "127.0.0.2")
 # ---------------------------------------------------------------- ports and processes
 
 
-def _bindable(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 _handed_out: set[int] = set()
 
 
 def free_port(hosts: Sequence[str] = LOOPBACK) -> int:
-    """A port free on every host (a pbkv pair uses one port on two addresses)."""
-    for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind((hosts[0], 0))
-            port = sock.getsockname()[1]
-        if port not in _handed_out and all(_bindable(h, port) for h in hosts):
+    """A free port (on every host), never the same one twice in this process."""
+    while True:
+        port = cluster.free_port(tuple(hosts))
+        if port not in _handed_out:
             _handed_out.add(port)
             return port
-    raise RuntimeError("no free port")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def rss_bytes(pid: int) -> int:
@@ -78,14 +52,7 @@ def rss_bytes(pid: int) -> int:
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, step: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
+    return cluster.wait_for(condition, timeout, what, step)
 
 
 # ---------------------------------------------------------------- pbkv
@@ -195,7 +162,7 @@ class Pbkv:
             pid = int(self.pid_file(role).read_text())
         except (OSError, ValueError):
             return None
-        return pid if alive(pid) else None
+        return pid if process_alive(pid) else None
 
     def kill(self, role: str) -> None:
         """kill -9, then wait until the process is gone."""
@@ -203,7 +170,7 @@ class Pbkv:
         if pid is None:
             raise RuntimeError(f"{self.name}: the {role} is not running")
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not alive(pid), 10, f"{role} to die")
+        wait_for(lambda: not process_alive(pid), 10, f"{role} to die")
         self.pid_file(role).unlink(missing_ok=True)
 
     def status(self, role: str = "primary", timeout: float = 2.0) -> dict[str, Any] | None:

@@ -39,14 +39,19 @@ def _paths(run_dir: Path, role: str, host: str, port: int) -> tuple[Path, Path]:
     return run_dir / "run" / f"{name}.pid", run_dir / "logs" / f"{name}.log"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (stopped counts as running; a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _read_pid(pid_file: Path) -> int | None:
@@ -54,7 +59,7 @@ def _read_pid(pid_file: Path) -> int | None:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if process_alive(pid) else None
 
 
 def _ready(status: dict, peer_host: str, peer_port: int) -> bool:
@@ -79,7 +84,7 @@ def start(
     if running is not None and _status(host, port) is None:
         # Probably still exiting after /kvman/shutdown: give it a moment.
         deadline = time.monotonic() + 3.0
-        while _alive(running) and time.monotonic() < deadline:
+        while process_alive(running) and time.monotonic() < deadline:
             time.sleep(0.02)
         running = _read_pid(pid_file)
     if running is not None:
@@ -143,9 +148,9 @@ def stop(role: str, settings: config.Settings, run_dir: Path, wait: float) -> in
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + wait
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if _alive(pid):
+    if process_alive(pid):
         os.kill(pid, signal.SIGKILL)
     pid_file.unlink(missing_ok=True)
     print(f"{role} on {host}:{port} stopped (pid {pid})")

@@ -32,6 +32,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from pbkv.client import Client
+from pbkv.launcher import process_alive
 
 __all__ = ["FAST_SETTINGS", "LocalPair", "free_port", "process_alive", "wait_for"]
 
@@ -82,21 +83,6 @@ def wait_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what or condition}")
         time.sleep(interval)
-
-
-def process_alive(pid: int) -> bool:
-    """True while ``pid`` runs (stopped counts as running; a zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class LocalPair:

@@ -57,6 +57,8 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Self
 
+from pbkv.launcher import process_alive
+
 __all__ = [
     "CLIENT_ADDRESS",
     "ROLES",
@@ -349,22 +351,12 @@ def remove_stale() -> list[str]:
     removed = []
     for name in names:
         match = _OURS.match(name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or process_alive(int(match.group(1))):
             continue
         result = Topology._run([_tool("ip") or "ip", "netns", "del", name], check=False)
         if result.returncode == 0:
             removed.append(name)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @functools.cache
