@@ -240,6 +240,7 @@ class ReplicationCore:
         """Heartbeats and peer silence; subclasses add their own checks."""
         if self.channel_up:
             if self.now - self.last_received > self.settings.peer_timeout:
+                self._note_interrupted_transfer("peer silent during a transfer")
                 self.drop(f"{self.peer_label()} silent for {self.settings.peer_timeout}s")
             elif self.now - self.last_sent >= self.settings.heartbeat_interval * 0.9:
                 self.send([FrameType.HEARTBEAT, self.seq])
@@ -297,9 +298,16 @@ class ReplicationCore:
         """The driver saw the channel close (EOF, reset, bad frame)."""
         self.now = now
         if self.channel_up:
+            self._note_interrupted_transfer(reason)
             self.channel_up = False
             self._reset_session()
             self.channel_lost(reason)
+
+    def _note_interrupted_transfer(self, reason: str) -> None:
+        """A channel that fails mid-transfer (a corrupted frame, say) fails the transfer."""
+        if self.sender is not None or self.receiver is not None:
+            self.transfers_failed += 1
+            self.last_transfer_error = reason
 
     # -- for subclasses --------------------------------------------------------
     def handle_frame(self, frame: list[Any]) -> None:
