@@ -829,3 +829,9 @@ def test_cli_serve_rejects_client_options_first(
     monkeypatch.setitem(sys.modules, "pbkv.node", types.SimpleNamespace(serve_main=lambda argv: 0))
     assert main(["--port", "1", "serve", "--role", "primary"]) == 2
     assert "after 'serve'" in capsys.readouterr().err
+
+
+def test_the_package_exports_both_clients():
+    import pbkv
+
+    assert pbkv.Client is Client and pbkv.AsyncClient is AsyncClient
