@@ -8,17 +8,17 @@ in request order). The primary batches them into group commits to the backup.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import itertools
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import cast
 
 import httptools
+import uvloop
 
 from bench import resp_load
 from bench.loadgen import host_header
+from bench.pipeline import PipelinedFiller, run_fillers
 
 KEY_BYTES = 16
 VALUE_BYTES = 100
@@ -59,25 +59,16 @@ class FillResult:
     refused: int  # anything else
 
 
-class _HttpFiller(asyncio.Protocol):
+class _HttpFiller(PipelinedFiller):
     """One connection writing requests with up to `depth` unanswered (pipelining)."""
 
-    def __init__(self, requests: Iterator[bytes], depth: int) -> None:
-        self._requests = requests
-        self._depth = depth
-        self._in_flight = 0
-        self._exhausted = False
-        self._status_ok = False
-        self._body: list[bytes] = []
-        self.sent = self.ok = self.refused = 0
-        self._transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpResponseParser(self)
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    server = "pbkv"
 
-    # asyncio.Protocol
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._refill()
+    def __init__(self, requests: Iterator[bytes], depth: int) -> None:
+        super().__init__(requests, depth)
+        self._body: list[bytes] = []
+        self.ok = self.refused = 0
+        self._parser = httptools.HttpResponseParser(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -87,39 +78,18 @@ class _HttpFiller(asyncio.Protocol):
             return
         self._refill()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail(ConnectionError(f"pbkv closed a bulk connection: {exc}"))
-
-    def _fail(self, exc: Exception) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc)
-
     # httptools callbacks
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self._in_flight -= 1
+        self._answered()
         body = b"".join(self._body)
         self._body.clear()
         if self._parser.get_status_code() == 200 and b'"success":"true"' in body:
             self.ok += 1
         else:
             self.refused += 1
-
-    def _refill(self) -> None:
-        room = self._depth - self._in_flight
-        if room >= self._depth // 2 or not self._in_flight:
-            batch = list(itertools.islice(self._requests, room))
-            if batch:
-                self._in_flight += len(batch)
-                self.sent += len(batch)
-                assert self._transport is not None
-                self._transport.write(b"".join(batch))
-            else:
-                self._exhausted = True
-        if self._exhausted and not self._in_flight and not self.done.done():
-            self.done.set_result(None)
 
 
 async def http_fill(
@@ -133,23 +103,24 @@ async def http_fill(
     """Send every request, pipelined over `connections`; raises ConnectionError if a
     connection drops."""
     shared = iter(requests)  # one iterator shared by the connections: a work queue
-    loop = asyncio.get_running_loop()
     fillers = [_HttpFiller(shared, depth) for _ in range(connections)]
-    transports = []
-    try:
-        for f in fillers:
-            transport, _ = await loop.create_connection(lambda f=f: f, host, port)
-            transports.append(transport)
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*(f.done for f in fillers))
-    finally:
-        for t in transports:
-            t.close()
+    await run_fillers(host, port, fillers, timeout)
     return FillResult(
         sent=sum(f.sent for f in fillers),
         ok=sum(f.ok for f in fillers),
         refused=sum(f.refused for f in fillers),
     )
+
+
+def load_pbkv(host: str, port: int, keys: int, context: str = "") -> float:
+    """Insert pairs 0..keys-1 into a pbkv primary (64 connections, depth 16); returns the
+    seconds it took. Raises RuntimeError, `context` appended, if any insert is refused."""
+    started = time.monotonic()
+    done = uvloop.run(http_fill(host, port, pbkv_insert_requests(host, port, 0, keys), 64, 16))
+    seconds = time.monotonic() - started
+    if done.ok != keys:
+        raise RuntimeError(f"pbkv refused {done.refused} of {keys} inserts{context}")
+    return seconds
 
 
 async def redis_fill(host: str, port: int, start: int, stop: int) -> int:

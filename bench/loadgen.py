@@ -19,11 +19,11 @@ import random
 import sys
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from time import perf_counter_ns
-from typing import cast
+from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 import httptools
@@ -34,6 +34,8 @@ INSERT = 0
 GET = 1
 KIND_NAMES = {INSERT: "insert", GET: "get"}
 WORKLOADS = ("insert", "get", "mix")
+
+T = TypeVar("T")
 
 # One request: (kind, raw HTTP bytes, value a get must return or None to not check).
 Op = tuple[int, bytes, str | None]
@@ -173,10 +175,16 @@ class LoadResult:
 # ---------------------------------------------------------------- engine
 
 
-class _Client(asyncio.Protocol):
-    """One closed-loop connection; survives reconnects (the loop reuses this object)."""
+class ClosedLoopClient(asyncio.Protocol):
+    """One closed-loop connection; survives reconnects (the loop reuses this object).
 
-    def __init__(self, ops: Iterator[Op], quota: int | None) -> None:
+    The protocol-neutral part: window, quota, sending, latency records and connection
+    loss. An op is a tuple `(kind, request bytes, ...)`; a subclass parses the replies,
+    calls `_reply_complete` once the reply to the request in flight is in, and judges
+    that reply in `_judge` (counting it in `ok`, `failed`, `reply_errors`, `mismatches`).
+    """
+
+    def __init__(self, ops: Iterator[tuple], quota: int | None) -> None:
         self._ops = ops
         self._quota = quota  # measured requests still owed; None: run until the deadline
         self._warm_end_ns = 0  # requests sent before this are not measured
@@ -186,17 +194,15 @@ class _Client(asyncio.Protocol):
         self.kinds = bytearray(cap)
         self.n = 0
         self.ok = self.failed = self.mismatches = 0
-        self.http_errors = 0  # replies that are not 200 with a JSON object
+        self.reply_errors = 0  # replies that are errors or cannot be understood
         self.dropped = 0  # measured requests whose connection was lost before the reply
         self.connect_errors = 0
         self.sent_at = 0  # perf_counter_ns of the request in flight; 0 when idle
         self.last_end = 0
+        self._op: tuple = ()  # the request in flight (or the last one)
         self._kind = INSERT
-        self._expect: str | None = None
         self._measured = False
-        self._chunks: list[bytes] = []
         self._transport: asyncio.Transport | None = None
-        self._parser: httptools.HttpResponseParser | None = None
         self._done: asyncio.Future[bool] | None = None
 
     # -- driving
@@ -228,11 +234,12 @@ class _Client(asyncio.Protocol):
             self._quota = 0
             self._finish()
             return
-        self._kind, request, self._expect = op
+        self._op = op
+        self._kind = op[0]
         self._measured = now >= self._warm_end_ns
         self.sent_at = perf_counter_ns()
         assert self._transport is not None
-        self._transport.write(request)
+        self._transport.write(op[1])
 
     def _finish(self) -> None:
         if self._done is not None and not self._done.done():
@@ -244,50 +251,17 @@ class _Client(asyncio.Protocol):
         if self._quota is not None:
             self._quota -= 1
 
-    # -- asyncio.Protocol
+    def _reply_complete(self, end: int) -> bool:
+        """The reply to the request in flight arrived at `end`: record and judge it.
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport but implement it.
-        self._transport = cast(asyncio.Transport, transport)
-        self._parser = httptools.HttpResponseParser(self)
-        self._chunks.clear()
-
-    def data_received(self, data: bytes) -> None:
-        assert self._parser is not None
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.abort()  # connection_lost counts the request as an error
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        if self.sent_at:
-            self.sent_at = 0
-            if self._measured:
-                self.dropped += 1
-                self._count_done()
-        if self._done is not None and not self._done.done():
-            self._done.set_result(False)
-
-    # -- httptools callbacks
-
-    def on_body(self, body: bytes) -> None:
-        self._chunks.append(body)
-
-    def on_message_complete(self) -> None:
-        end = perf_counter_ns()
+        False when no request was in flight (a reply nobody asked for).
+        """
         if not self.sent_at:
-            return  # a reply nobody asked for: ignore it
+            return False
         start, self.sent_at = self.sent_at, 0
         if self._measured:
             self._record(end - start, end)
-        self._chunks.clear()
-        assert self._parser is not None
-        if not self._parser.should_keep_alive():
-            assert self._transport is not None
-            self._transport.close()  # connection_lost reports the drop; the driver reconnects
-            return
-        self._send_next()
+        return True
 
     def _record(self, elapsed_ns: int, end: int) -> None:
         n = self.n
@@ -299,27 +273,92 @@ class _Client(asyncio.Protocol):
         self.n = n + 1
         self.last_end = end
         self._count_done()
+        self._judge()
+
+    # -- protocol-specific
+
+    def _reset(self) -> None:
+        """A new connection is up: forget any partial reply."""
+
+    def _judge(self) -> None:
+        raise NotImplementedError
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport but implement it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._reset()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self.sent_at:
+            self.sent_at = 0
+            if self._measured:
+                self.dropped += 1
+                self._count_done()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(False)
+
+
+class _HttpClient(ClosedLoopClient):
+    """Requests are `Op`s; replies are parsed by httptools and judged by their JSON."""
+
+    def __init__(self, ops: Iterator[Op], quota: int | None) -> None:
+        super().__init__(ops, quota)
+        self._chunks: list[bytes] = []
+        self._parser: httptools.HttpResponseParser | None = None
+
+    def _reset(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._chunks.clear()
+
+    def data_received(self, data: bytes) -> None:
+        assert self._parser is not None
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.abort()  # connection_lost counts the request as an error
+
+    # -- httptools callbacks
+
+    def on_body(self, body: bytes) -> None:
+        self._chunks.append(body)
+
+    def on_message_complete(self) -> None:
+        if not self._reply_complete(perf_counter_ns()):
+            return  # a reply nobody asked for: ignore it
+        self._chunks.clear()
+        assert self._parser is not None
+        if not self._parser.should_keep_alive():
+            assert self._transport is not None
+            self._transport.close()  # connection_lost reports the drop; the driver reconnects
+            return
+        self._send_next()
+
+    def _judge(self) -> None:
         assert self._parser is not None
         if self._parser.get_status_code() != 200:
-            self.http_errors += 1
+            self.reply_errors += 1
             return
         chunks = self._chunks
         try:
             reply = orjson.loads(chunks[0] if len(chunks) == 1 else b"".join(chunks))
         except orjson.JSONDecodeError:
-            self.http_errors += 1
+            self.reply_errors += 1
             return
         if not isinstance(reply, dict):
-            self.http_errors += 1
+            self.reply_errors += 1
         elif reply.get("success") == "true":
             self.ok += 1
-            if self._expect is not None and reply.get("value") != self._expect:
+            expect = self._op[2]
+            if expect is not None and reply.get("value") != expect:
                 self.mismatches += 1
         else:
             self.failed += 1
 
 
-async def _watchdog(clients: list[_Client], timeout: float) -> None:
+async def _watchdog(clients: list[ClosedLoopClient], timeout: float) -> None:
     """Drop connections whose reply is overdue, so a hung server cannot hang the run."""
     limit = int(timeout * 1e9)
     while True:
@@ -330,13 +369,13 @@ async def _watchdog(clients: list[_Client], timeout: float) -> None:
                 c.abort()
 
 
-async def _connect(client: _Client, host: str, port: int, timeout: float) -> None:
+async def _connect(client: asyncio.Protocol, host: str, port: int, timeout: float) -> None:
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout):
         await loop.create_connection(lambda: client, host, port)
 
 
-async def _drive(client: _Client, host: str, port: int, timeout: float) -> None:
+async def _drive(client: ClosedLoopClient, host: str, port: int, timeout: float) -> None:
     failures = 0
     while True:
         if await client.begin() or client.finished():
@@ -356,25 +395,27 @@ async def _drive(client: _Client, host: str, port: int, timeout: float) -> None:
                     return
 
 
-def _sorted_ms(clients: Iterable[_Client], kind: int) -> list[float]:
+def _sorted_ms(clients: Iterable[ClosedLoopClient], kind: int) -> list[float]:
     return sorted(c.lat[i] / 1e6 for c in clients for i in range(c.n) if c.kinds[i] == kind)
 
 
 async def run_ops(
     host: str,
     port: int,
-    streams: Sequence[Iterable[Op]],
+    streams: Sequence[Iterable[Any]],
     *,
     requests: int | None = None,
     duration: float | None = None,
     warmup: float = 0.0,
     timeout: float = 10.0,
     workload: str = "custom",
+    make_client: Callable[[Iterator[Any], int | None], ClosedLoopClient] = _HttpClient,
 ) -> LoadResult:
     """Run one connection per stream until `requests` measured replies in total, the
     end of `duration` seconds (after `warmup`), or every stream is exhausted.
 
-    Raises OSError if the server cannot be reached at the start.
+    Streams hold `Op`s and connections speak HTTP unless `make_client(ops, quota)` makes
+    clients of another protocol. Raises OSError if the server cannot be reached at the start.
     """
     conns = len(streams)
     quotas: list[int | None]
@@ -382,7 +423,7 @@ async def run_ops(
         quotas = [requests // conns + (1 if i < requests % conns else 0) for i in range(conns)]
     else:
         quotas = [None] * conns
-    clients = [_Client(iter(s), q) for s, q in zip(streams, quotas, strict=True)]
+    clients = [make_client(iter(s), q) for s, q in zip(streams, quotas, strict=True)]
     connected = await asyncio.gather(
         *(_connect(c, host, port, timeout) for c in clients), return_exceptions=True
     )
@@ -414,7 +455,7 @@ async def run_ops(
         workload=workload,
         connections=conns,
         requests=replies + sum(c.dropped for c in clients),
-        errors=sum(c.http_errors + c.dropped + c.connect_errors for c in clients),
+        errors=sum(c.reply_errors + c.dropped + c.connect_errors for c in clients),
         failed=sum(c.failed for c in clients),
         ok=sum(c.ok for c in clients),
         mismatches=sum(c.mismatches for c in clients),
@@ -443,10 +484,11 @@ def _insert_stream(template: InsertTemplate) -> Iterator[Op]:
         yield INSERT, request(i), None
 
 
-def _get_stream(gets: Sequence[Op], rng: random.Random) -> Iterator[Op]:
+def choice_stream(ops: Sequence[T], rng: random.Random) -> Iterator[T]:
+    """Endless random picks from `ops` (the get streams of both protocols)."""
     choice = rng.choice
     while True:
-        yield choice(gets)
+        yield choice(ops)
 
 
 def _mix_stream(
@@ -460,6 +502,23 @@ def _mix_stream(
         else:
             yield INSERT, request(i), None
             i += 1
+
+
+def check_load_args(
+    workloads: Sequence[str],
+    workload: str,
+    connections: int,
+    requests: int | None,
+    duration: float | None,
+) -> int | None:
+    """Validate a run's shape; returns `requests`, DEFAULT_REQUESTS if nothing limits it."""
+    if workload not in workloads:
+        raise ValueError(f"unknown workload {workload!r}; expected one of {tuple(workloads)}")
+    if connections < 1:
+        raise ValueError("need at least one connection")
+    if requests is None and duration is None:
+        return DEFAULT_REQUESTS
+    return requests
 
 
 async def run_load(
@@ -486,12 +545,7 @@ async def run_load(
     `read_ratio` and otherwise inserts unique keys. Without `requests` or `duration`
     it sends DEFAULT_REQUESTS requests.
     """
-    if workload not in WORKLOADS:
-        raise ValueError(f"unknown workload {workload!r}; expected one of {WORKLOADS}")
-    if connections < 1:
-        raise ValueError("need at least one connection")
-    if requests is None and duration is None:
-        requests = DEFAULT_REQUESTS
+    requests = check_load_args(WORKLOADS, workload, connections, requests, duration)
     prefix = key_prefix if key_prefix is not None else unique_prefix()
     hh = host_header(host, port)
     value = "x" * value_size
@@ -517,7 +571,7 @@ async def run_load(
     if workload == "insert":
         streams = [_insert_stream(t) for t in templates]
     elif workload == "get":
-        streams = [_get_stream(gets, random.Random(rng.random())) for _ in range(connections)]
+        streams = [choice_stream(gets, random.Random(rng.random())) for _ in range(connections)]
     else:
         streams = [_mix_stream(gets, t, read_ratio, random.Random(rng.random())) for t in templates]
     return await run_ops(
@@ -535,18 +589,53 @@ async def run_load(
 # ---------------------------------------------------------------- command line
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench.loadgen", description="Closed-loop HTTP load generator for pbkv."
-    )
-    ap.add_argument("--workload", choices=WORKLOADS, default="insert")
+def add_load_arguments(
+    ap: argparse.ArgumentParser, workloads: Sequence[str], keys_help: str
+) -> None:
+    """The options both load generators share: workload, connections, run length, sizes."""
+    ap.add_argument("--workload", choices=workloads, default="insert")
     ap.add_argument("--connections", "-c", type=int, default=64)
     limit = ap.add_mutually_exclusive_group()
     limit.add_argument("--requests", "-n", type=int, help=f"total (default {DEFAULT_REQUESTS})")
     limit.add_argument("--duration", "-d", type=float, help="seconds, after the warmup")
     ap.add_argument("--warmup", type=float, default=0.0, help="seconds not measured")
     ap.add_argument("--value-size", type=int, default=100, help="bytes per value")
-    ap.add_argument("--keys", type=int, default=10_000, help="key set size for get and mix")
+    ap.add_argument("--keys", type=int, default=10_000, help=keys_help)
+
+
+def load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `run_load` / `run_resp_load` both command lines set alike."""
+    return {
+        "requests": args.requests,
+        "duration": args.duration,
+        "value_size": args.value_size,
+        "keys": args.keys,
+        "key_prefix": args.key_prefix,
+        "warmup": args.warmup,
+        "preload": not args.no_preload,
+        "timeout": args.timeout,
+        "seed": args.seed,
+    }
+
+
+def run_and_print(
+    prog: str, host: str, port: int, run: Coroutine[Any, Any, LoadResult], as_json: bool
+) -> int:
+    """Run a load under uvloop and print its result; 2 if the server cannot be reached."""
+    try:
+        result = uvloop.run(run)
+    except (OSError, TimeoutError) as e:
+        print(f"{prog}: cannot reach {host}:{port}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.summary()) if as_json else result.human())
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.loadgen", description="Closed-loop HTTP load generator for pbkv."
+    )
+    add_load_arguments(ap, WORKLOADS, "key set size for get and mix")
     ap.add_argument("--read-ratio", type=float, default=0.9, help="share of gets in mix")
     ap.add_argument("--no-preload", action="store_true", help="the key set already exists")
     ap.add_argument("--key-prefix", help="default: unique per run")
@@ -566,30 +655,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         conf_host, conf_port = read_settings(args.config)
         host = host if host is not None else conf_host
         port = port if port is not None else conf_port
-    try:
-        result = uvloop.run(
-            run_load(
-                host,
-                port,
-                args.workload,
-                args.connections,
-                requests=args.requests,
-                duration=args.duration,
-                value_size=args.value_size,
-                keys=args.keys,
-                read_ratio=args.read_ratio,
-                key_prefix=args.key_prefix,
-                warmup=args.warmup,
-                preload=not args.no_preload,
-                timeout=args.timeout,
-                seed=args.seed,
-            )
-        )
-    except (OSError, TimeoutError) as e:
-        print(f"loadgen: cannot reach {host}:{port}: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.summary()) if args.json else result.human())
-    return 0
+    options = load_options(args)
+    run = run_load(
+        host, port, args.workload, args.connections, read_ratio=args.read_ratio, **options
+    )
+    return run_and_print("loadgen", host, port, run, args.json)
 
 
 if __name__ == "__main__":

@@ -43,13 +43,8 @@ def _measure_pbkv(workdir: Path, keys: int, flags: list[str], say: Callable[[str
         assert all(pids.values()), pids
         empty = {role: servers.rss_bytes(pid) for role, pid in pids.items() if pid}
         host, port = pair.address["primary"]
-        started = time.monotonic()
-        done = uvloop.run(
-            bulk.http_fill(host, port, bulk.pbkv_insert_requests(host, port, 0, keys), 64, 16)
-        )
-        if done.ok != keys:
-            raise RuntimeError(f"pbkv refused {done.refused} of {keys} inserts")
-        say(f"pbkv: loaded {keys} pairs in {time.monotonic() - started:.1f} s")
+        seconds = bulk.load_pbkv(host, port, keys)
+        say(f"pbkv: loaded {keys} pairs in {seconds:.1f} s")
         _settle()
         for role in ("primary", "backup"):
             status = pair.status(role)
@@ -106,32 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--keys", type=int, default=1_000_000, help="pairs (default 1000000)")
     ap.add_argument("--pbkv-flags", default="", help="extra `pbkv serve` flags")
-    ap.add_argument("--no-redis", action="store_true", help="measure pbkv only")
-    ap.add_argument("--no-install", action="store_true", help="never apt-get install Redis")
-    ap.add_argument(
-        "--no-redis-if-missing",
-        action="store_true",
-        help="skip Redis (instead of failing) when it is missing and cannot be installed",
-    )
+    servers.add_redis_arguments(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object instead")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    say: Callable[[str], None] = (
-        (lambda text: print(text, file=sys.stderr, flush=True))
-        if args.json
-        else (lambda text: print(text, flush=True))
-    )
-    redis_binary, reason = None, "--no-redis"
-    if not args.no_redis:
-        redis_binary, reason = servers.ensure_redis(install=not args.no_install)
-        if redis_binary is None and not args.no_redis_if_missing:
-            print(f"memory: redis is needed: {reason}", file=sys.stderr)
-            return 2
-    if redis_binary is None:
-        say(f"redis: skipped ({reason})")
+    say = servers.progress_printer(args.json)
+    found = servers.redis_for_run(args, "memory", say)
+    if found is None:
+        return 2
+    redis_binary, reason = found
 
     workdir = Path(tempfile.mkdtemp(prefix="pbkv-memory-"))
     try:

@@ -16,25 +16,31 @@ succeeds when WAIT reports at least one replica. A get is a plain `GET`.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import itertools
-import json
 import random
 import socket
 import sys
-from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from time import perf_counter_ns
-from typing import cast
+from typing import Any, cast
 
-import uvloop
-
-from bench.loadgen import GET, INSERT, LoadResult, percentile, unique_prefix
+from bench.loadgen import (
+    GET,
+    INSERT,
+    ClosedLoopClient,
+    LoadResult,
+    add_load_arguments,
+    check_load_args,
+    choice_stream,
+    load_options,
+    run_and_print,
+    run_ops,
+    unique_prefix,
+)
+from bench.pipeline import PipelinedFiller, run_fillers
 
 WORKLOADS = ("insert", "get")
-DEFAULT_REQUESTS = 10_000
-RECONNECT_DELAY = 0.05
-MAX_RECONNECTS = 5
 
 # One request: (kind, raw RESP bytes, replies it produces, expected GET value or None).
 RespOp = tuple[int, bytes, int, bytes | None]
@@ -173,132 +179,50 @@ def get_command(key: str) -> bytes:
 # ---------------------------------------------------------------- engine
 
 
-class _Client(asyncio.Protocol):
-    """One closed-loop connection; survives reconnects (the loop reuses this object)."""
+class _RespClient(ClosedLoopClient):
+    """Requests are `RespOp`s; replies are parsed by `parse_reply` and judged here."""
 
     def __init__(self, ops: Iterator[RespOp], quota: int | None, min_replicas: int) -> None:
-        self._ops = ops
-        self._quota = quota
+        super().__init__(ops, quota)
         self._min_replicas = min_replicas
-        self._warm_end_ns = 0
-        self._deadline_ns = 2**62
-        cap = quota if quota is not None else 4096
-        self.lat = array("q", bytes(8 * cap))
-        self.kinds = bytearray(cap)
-        self.n = 0
-        self.ok = self.failed = self.mismatches = 0
-        self.resp_errors = 0  # error replies and unparsable data
-        self.dropped = 0
-        self.connect_errors = 0
-        self.sent_at = 0
-        self.last_end = 0
-        self._kind = INSERT
-        self._expect: bytes | None = None
-        self._want = 0  # replies still owed for the request in flight
-        self._replies: list[Reply] = []
-        self._measured = False
-        self._buf = b""
-        self._transport: asyncio.Transport | None = None
-        self._done: asyncio.Future[bool] | None = None
-
-    def set_window(self, warm_end_ns: int, deadline_ns: int) -> None:
-        self._warm_end_ns = warm_end_ns
-        self._deadline_ns = deadline_ns
-
-    def begin(self) -> asyncio.Future[bool]:
-        self._done = asyncio.get_running_loop().create_future()
-        self._send_next()
-        return self._done
-
-    def finished(self) -> bool:
-        return self._quota == 0 or perf_counter_ns() >= self._deadline_ns
-
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    def _send_next(self) -> None:
-        now = perf_counter_ns()
-        if self._quota == 0 or now >= self._deadline_ns:
-            self._finish()
-            return
-        op = next(self._ops, None)
-        if op is None:
-            self._quota = 0
-            self._finish()
-            return
-        self._kind, request, self._want, self._expect = op
-        self._replies = []
-        self._measured = now >= self._warm_end_ns
-        self.sent_at = perf_counter_ns()
-        assert self._transport is not None
-        self._transport.write(request)
-
-    def _finish(self) -> None:
-        if self._done is not None and not self._done.done():
-            self._done.set_result(True)
-        if self._transport is not None:
-            self._transport.close()
-
-    def _count_done(self) -> None:
-        if self._quota is not None:
-            self._quota -= 1
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
+        self._replies: list[Reply] = []  # replies so far to the request in flight
         self._buf = b""
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-        if self.sent_at:
-            self.sent_at = 0
-            if self._measured:
-                self.dropped += 1
-                self._count_done()
-        if self._done is not None and not self._done.done():
-            self._done.set_result(False)
+    def _reset(self) -> None:
+        self._buf = b""
+        self._replies.clear()
 
     def data_received(self, data: bytes) -> None:
         end = perf_counter_ns()
         buf = self._buf + data if self._buf else data
         pos = 0
+        replies = self._replies
+        want = self._op[2] if self.sent_at else 0  # replies the request in flight produces
         try:
-            while self._want and pos < len(buf):
+            while len(replies) < want and pos < len(buf):
                 parsed = parse_reply(buf, pos)
                 if parsed is None:
                     break
                 reply, pos = parsed
-                self._replies.append(reply)
-                self._want -= 1
+                replies.append(reply)
         except ValueError:
             self.abort()
             return
         self._buf = buf[pos:]
-        if self._want or not self.sent_at:
+        if len(replies) < want or not self._reply_complete(end):
             return
-        start, self.sent_at = self.sent_at, 0
-        if self._measured:
-            self._record(end - start, end)
+        replies.clear()
         self._send_next()
 
-    def _record(self, elapsed_ns: int, end: int) -> None:
-        n = self.n
-        if n == len(self.kinds):
-            self.lat.extend(self.lat)
-            self.kinds.extend(self.kinds)
-        self.lat[n] = elapsed_ns
-        self.kinds[n] = self._kind
-        self.n = n + 1
-        self.last_end = end
-        self._count_done()
+    def _judge(self) -> None:
         replies = self._replies
         if any(kind == _MINUS for kind, _ in replies):
-            self.resp_errors += 1
+            self.reply_errors += 1
             return
         if self._kind == INSERT:
             # SET must say OK; WAIT (if sent) must count enough replicas.
             if replies[0] != (_PLUS, b"OK"):
-                self.resp_errors += 1
+                self.reply_errors += 1
             elif len(replies) > 1 and cast(int, replies[1][1]) < self._min_replicas:
                 self.failed += 1
             else:
@@ -306,53 +230,14 @@ class _Client(asyncio.Protocol):
             return
         kind, payload = replies[0]
         if kind != _DOLLAR:
-            self.resp_errors += 1
+            self.reply_errors += 1
         elif payload is None:
             self.failed += 1
         else:
             self.ok += 1
-            if self._expect is not None and payload != self._expect:
+            expect = self._op[3]
+            if expect is not None and payload != expect:
                 self.mismatches += 1
-
-
-async def _watchdog(clients: list[_Client], timeout: float) -> None:
-    limit = int(timeout * 1e9)
-    while True:
-        await asyncio.sleep(min(timeout / 4, 0.25))
-        now = perf_counter_ns()
-        for c in clients:
-            if c.sent_at and now - c.sent_at > limit:
-                c.abort()
-
-
-async def _connect(client: asyncio.Protocol, host: str, port: int, timeout: float) -> None:
-    loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        await loop.create_connection(lambda: client, host, port)
-
-
-async def _drive(client: _Client, host: str, port: int, timeout: float) -> None:
-    failures = 0
-    while True:
-        if await client.begin() or client.finished():
-            return
-        while True:
-            await asyncio.sleep(RECONNECT_DELAY)
-            if client.finished():
-                return
-            try:
-                await _connect(client, host, port, timeout)
-                failures = 0
-                break
-            except (OSError, TimeoutError):
-                client.connect_errors += 1
-                failures += 1
-                if failures >= MAX_RECONNECTS:
-                    return
-
-
-def _sorted_ms(clients: Iterable[_Client], kind: int) -> list[float]:
-    return sorted(c.lat[i] / 1e6 for c in clients for i in range(c.n) if c.kinds[i] == kind)
 
 
 async def run_resp_ops(
@@ -360,100 +245,28 @@ async def run_resp_ops(
     port: int,
     streams: Sequence[Iterable[RespOp]],
     *,
-    requests: int | None = None,
-    duration: float | None = None,
-    warmup: float = 0.0,
-    timeout: float = 10.0,
-    workload: str = "custom",
     min_replicas: int = 1,
+    **options: Any,
 ) -> LoadResult:
-    """Like `bench.loadgen.run_ops`, over RESP."""
-    conns = len(streams)
-    quotas: list[int | None]
-    if requests is not None:
-        quotas = [requests // conns + (1 if i < requests % conns else 0) for i in range(conns)]
-    else:
-        quotas = [None] * conns
-    clients = [_Client(iter(s), q, min_replicas) for s, q in zip(streams, quotas, strict=True)]
-    connected = await asyncio.gather(
-        *(_connect(c, host, port, timeout) for c in clients), return_exceptions=True
-    )
-    for outcome in connected:
-        if isinstance(outcome, BaseException):
-            for c in clients:
-                c.abort()
-            raise outcome
-    start = perf_counter_ns()
-    warm_end = start + int(warmup * 1e9)
-    deadline = warm_end + int(duration * 1e9) if duration is not None else 2**62
-    for c in clients:
-        c.set_window(warm_end, deadline)
-    watchdog = asyncio.create_task(_watchdog(clients, timeout))
-    try:
-        await asyncio.gather(*(_drive(c, host, port, timeout) for c in clients))
-    finally:
-        watchdog.cancel()
-        for c in clients:
-            c.abort()
-
-    measure_start = max(start, warm_end)
-    end = max((c.last_end for c in clients), default=measure_start)
-    seconds = max(end - measure_start, 0) / 1e9
-    replies = sum(c.n for c in clients)
-    everything = sorted(c.lat[i] / 1e6 for c in clients for i in range(c.n))
-    return LoadResult(
-        workload=workload,
-        connections=conns,
-        requests=replies + sum(c.dropped for c in clients),
-        errors=sum(c.resp_errors + c.dropped + c.connect_errors for c in clients),
-        failed=sum(c.failed for c in clients),
-        ok=sum(c.ok for c in clients),
-        mismatches=sum(c.mismatches for c in clients),
-        seconds=seconds,
-        throughput=replies / seconds if seconds > 0 else 0.0,
-        p50_ms=percentile(everything, 50),
-        p90_ms=percentile(everything, 90),
-        p99_ms=percentile(everything, 99),
-        max_ms=everything[-1] if everything else 0.0,
-        insert_ms=_sorted_ms(clients, INSERT),
-        get_ms=_sorted_ms(clients, GET),
-    )
+    """`bench.loadgen.run_ops` (same options: requests, duration, warmup, timeout,
+    workload), over RESP."""
+    make_client = functools.partial(_RespClient, min_replicas=min_replicas)
+    return await run_ops(host, port, streams, make_client=make_client, **options)
 
 
 # ---------------------------------------------------------------- pipelined bulk load
 
 
-class _Filler(asyncio.Protocol):
-    """Writes commands with up to `depth` in flight and counts the replies."""
+class _Filler(PipelinedFiller):
+    """Writes commands with up to `depth` in flight and counts the (error) replies."""
+
+    server = "redis"
 
     def __init__(self, commands: Iterator[bytes], depth: int) -> None:
-        self._commands = commands
-        self._depth = depth
-        self._in_flight = 0
-        self._exhausted = False
+        super().__init__(commands, depth)
         self._buf = b""
         self.replies = 0
         self.errors = 0
-        self._transport: asyncio.Transport | None = None
-        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._refill()
-
-    def _refill(self) -> None:
-        room = self._depth - self._in_flight
-        if room < self._depth // 2 and self._in_flight:
-            return
-        batch = list(itertools.islice(self._commands, room))
-        if not batch:
-            self._exhausted = True
-        else:
-            self._in_flight += len(batch)
-            assert self._transport is not None
-            self._transport.write(b"".join(batch))
-        if self._exhausted and not self._in_flight and not self.done.done():
-            self.done.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf + data if self._buf else data
@@ -465,15 +278,11 @@ class _Filler(asyncio.Protocol):
                 break
             (kind, _), pos = parsed
             self.replies += 1
-            self._in_flight -= 1
+            self._answered()
             if kind == _MINUS:
                 self.errors += 1
         self._buf = buf[pos:]
         self._refill()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_exception(ConnectionError(f"redis closed a bulk connection: {exc}"))
 
 
 async def fill(
@@ -486,18 +295,8 @@ async def fill(
 ) -> tuple[int, int]:
     """Send every command, pipelined over `connections`; returns (replies, error replies)."""
     shared = iter(commands)  # the connections share one iterator: a natural work queue
-    loop = asyncio.get_running_loop()
     fillers = [_Filler(shared, depth) for _ in range(connections)]
-    transports = []
-    try:
-        for f in fillers:
-            transport, _ = await loop.create_connection(lambda f=f: f, host, port)
-            transports.append(transport)
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*(f.done for f in fillers))
-    finally:
-        for t in transports:
-            t.close()
+    await run_fillers(host, port, fillers, timeout)
     return sum(f.replies for f in fillers), sum(f.errors for f in fillers)
 
 
@@ -508,12 +307,6 @@ def _insert_stream(template: SetTemplate) -> Iterator[RespOp]:
     request, replies = template.request, template.replies
     for i in itertools.count():
         yield INSERT, request(i), replies, None
-
-
-def _get_stream(gets: Sequence[RespOp], rng: random.Random) -> Iterator[RespOp]:
-    choice = rng.choice
-    while True:
-        yield choice(gets)
 
 
 async def run_resp_load(
@@ -540,12 +333,7 @@ async def run_resp_load(
     `wait_replicas` 0 unless that is 0); `get` reads random keys of the set
     `<prefix>key-<9 digits>` (written first, pipelined, unless `preload` is false).
     """
-    if workload not in WORKLOADS:
-        raise ValueError(f"unknown workload {workload!r}; expected one of {WORKLOADS}")
-    if connections < 1:
-        raise ValueError("need at least one connection")
-    if requests is None and duration is None:
-        requests = DEFAULT_REQUESTS
+    requests = check_load_args(WORKLOADS, workload, connections, requests, duration)
     prefix = key_prefix if key_prefix is not None else unique_prefix()
     value = b"x" * value_size
     rng = random.Random(seed)
@@ -561,7 +349,7 @@ async def run_resp_load(
             await fill(host, port, (key_set.request(i) for i in range(keys)), timeout=timeout * 60)
         expect = value if check_values else None
         gets: list[RespOp] = [(GET, get_command(key_set.key(i)), 1, expect) for i in range(keys)]
-        streams = [_get_stream(gets, random.Random(rng.random())) for _ in range(connections)]
+        streams = [choice_stream(gets, random.Random(rng.random())) for _ in range(connections)]
     return await run_resp_ops(
         host,
         port,
@@ -584,14 +372,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=6379)
-    ap.add_argument("--workload", choices=WORKLOADS, default="insert")
-    ap.add_argument("--connections", "-c", type=int, default=64)
-    limit = ap.add_mutually_exclusive_group()
-    limit.add_argument("--requests", "-n", type=int, help=f"total (default {DEFAULT_REQUESTS})")
-    limit.add_argument("--duration", "-d", type=float, help="seconds, after the warmup")
-    ap.add_argument("--warmup", type=float, default=0.0, help="seconds not measured")
-    ap.add_argument("--value-size", type=int, default=100, help="bytes per value")
-    ap.add_argument("--keys", type=int, default=10_000, help="key set size for get")
+    add_load_arguments(ap, WORKLOADS, "key set size for get")
     ap.add_argument("--no-preload", action="store_true", help="the key set already exists")
     ap.add_argument("--key-prefix", help="default: unique per run")
     ap.add_argument(
@@ -605,31 +386,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        result = uvloop.run(
-            run_resp_load(
-                args.host,
-                args.port,
-                args.workload,
-                args.connections,
-                requests=args.requests,
-                duration=args.duration,
-                value_size=args.value_size,
-                keys=args.keys,
-                key_prefix=args.key_prefix,
-                wait_replicas=args.wait,
-                warmup=args.warmup,
-                preload=not args.no_preload,
-                check_values=True,
-                timeout=args.timeout,
-                seed=args.seed,
-            )
-        )
-    except (OSError, TimeoutError) as e:
-        print(f"resp_load: cannot reach {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.summary()) if args.json else result.human())
-    return 0
+    options = load_options(args)
+    run = run_resp_load(
+        args.host,
+        args.port,
+        args.workload,
+        args.connections,
+        wait_replicas=args.wait,
+        check_values=True,
+        **options,
+    )
+    return run_and_print("resp_load", args.host, args.port, run, args.json)
 
 
 if __name__ == "__main__":

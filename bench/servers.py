@@ -6,12 +6,14 @@ answering.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -199,6 +201,40 @@ class Pbkv:
 
 
 # ---------------------------------------------------------------- Redis
+
+
+def add_redis_arguments(ap: argparse.ArgumentParser) -> None:
+    """--no-redis, --no-install and --no-redis-if-missing (see `redis_for_run`)."""
+    ap.add_argument("--no-redis", action="store_true", help="measure pbkv only")
+    ap.add_argument("--no-install", action="store_true", help="never apt-get install Redis")
+    ap.add_argument(
+        "--no-redis-if-missing",
+        action="store_true",
+        help="skip Redis (instead of failing) when it is missing and cannot be installed",
+    )
+
+
+def progress_printer(as_json: bool) -> Callable[[str], None]:
+    """Prints progress lines: to stderr when stdout carries a JSON report."""
+    if as_json:
+        return lambda text: print(text, file=sys.stderr, flush=True)
+    return lambda text: print(text, flush=True)
+
+
+def redis_for_run(
+    args: argparse.Namespace, prog: str, say: Callable[[str], None]
+) -> tuple[str | None, str] | None:
+    """The redis-server to compare with, per `add_redis_arguments`' options: (binary, "")
+    or (None, why it is skipped); None (after saying why) when the run must stop."""
+    redis_binary, reason = None, "--no-redis"
+    if not args.no_redis:
+        redis_binary, reason = ensure_redis(install=not args.no_install)
+        if redis_binary is None and not args.no_redis_if_missing:
+            print(f"{prog}: redis is needed: {reason}", file=sys.stderr)
+            return None
+    if redis_binary is None:
+        say(f"redis: skipped ({reason})")
+    return redis_binary, reason
 
 
 def ensure_redis(install: bool = True) -> tuple[str | None, str]:
