@@ -171,7 +171,7 @@ class BackupCore(ReplicationCore):
     def _transfer_frame(self, frame: list[Any]) -> None:
         assert self.receiver is not None
         try:
-            checksum = self.receiver.feed(frame)
+            checksum = self.receive_transfer_frame(frame)
         except TransferError as exc:
             self.transfer_failed(str(exc))
             self._fail_transfer(f"transfer from primary failed: {exc}")

@@ -272,6 +272,23 @@ class ReplicationCore:
             return False
         return True
 
+    def receive_transfer_frame(self, frame: list[Any]) -> int | None:
+        """Feed the receiver one frame (raises TransferError); log each verified shard."""
+        receiver = self.receiver
+        assert receiver is not None
+        checksum = receiver.feed(frame)
+        if frame[0] == FrameType.SHARD_END:
+            log.info(
+                "%s transfer from %s: shard %d/%d verified, %d/%d pairs",
+                self.role,
+                self.peer_label(),
+                frame[1] + 1,
+                receiver.sender_shards,
+                receiver.received,
+                receiver.expected_total,
+            )
+        return checksum
+
     def transfer_failed(self, reason: str) -> None:
         self.transfers_failed += 1
         self.last_transfer_error = reason

@@ -319,7 +319,7 @@ class PrimaryCore(ReplicationCore):
         if frame[0] == FrameType.SNAPSHOT_BEGIN:
             log.info("primary warm start: receiving %s pairs from the backup", frame[2])
         try:
-            checksum = receiver.feed(frame)
+            checksum = self.receive_transfer_frame(frame)
         except TransferError as exc:
             self.transfer_failed(str(exc))
             self._abandon_transfer(f"transfer from backup failed: {exc}")

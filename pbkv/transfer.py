@@ -70,7 +70,7 @@ class SnapshotReceiver:
         self.seq = 0
         self.expected_total = 0
         self.received = 0
-        self._sender_shards = 0
+        self.sender_shards = 0
         self._same_layout = False
         self._running = [0]  # per sender shard, when the layouts differ
         self._counts = [0]  # pairs per sender shard, when the layouts differ
@@ -79,7 +79,7 @@ class SnapshotReceiver:
         _, shards, total = frame
         if not isinstance(shards, int) or shards < 1 or not isinstance(total, int):
             raise TransferError("malformed SNAPSHOT_BEGIN")
-        self._sender_shards = shards
+        self.sender_shards = shards
         self.expected_total = total
         self._same_layout = shards == self.store.shard_count
         self._running = [0] * shards
@@ -158,5 +158,5 @@ class SnapshotReceiver:
         return None
 
     def _check_shard(self, shard: Any) -> None:
-        if not isinstance(shard, int) or not 0 <= shard < self._sender_shards:
+        if not isinstance(shard, int) or not 0 <= shard < self.sender_shards:
             raise TransferError(f"shard number {shard!r} out of range")

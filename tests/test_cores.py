@@ -843,6 +843,12 @@ def test_restarted_empty_primary_fetches_the_backups_data(link: Link) -> None:
     assert_same_data(primary, backup)
     assert primary.seq == backup_seq
     assert dict(primary.store.items()) == data
+    progress = [r.getMessage() for r in link.caplog.records if "verified" in r.getMessage()]
+    assert progress[-1] == (
+        f"primary transfer from backup: shard {SHARDS}/{SHARDS} verified, "
+        f"{len(data)}/{len(data)} pairs"
+    )
+    assert len(progress) >= SHARDS
     assert link.write(INSERT, "new", "x") == Done(True)
     assert_same_data(primary, backup)
 
