@@ -24,7 +24,7 @@ from pbkv.core import (
     log,
 )
 from pbkv.stages import Event, ReadRule, Stage
-from pbkv.transfer import SnapshotReceiver, TransferError
+from pbkv.transfer import TRANSFER_FRAMES, SnapshotReceiver, TransferError
 from pbkv.wire import FrameType, checksum_from_bytes, checksum_to_bytes
 
 
@@ -110,7 +110,7 @@ class BackupCore(ReplicationCore):
                 self.peer_seq = frame[1]
             elif kind == FrameType.HELLO and self.awaiting == "hello":
                 self._hello(frame)
-            elif self.awaiting == "snapshot" and kind in _TRANSFER_FRAMES:
+            elif self.awaiting == "snapshot" and kind in TRANSFER_FRAMES:
                 self._transfer_frame(frame)
             elif kind == FrameType.SNAPSHOT_BEGIN and self.awaiting == "directive":
                 self._begin_receiving(frame)
@@ -231,13 +231,3 @@ class BackupCore(ReplicationCore):
             batches_applied=self.batches_applied,
         )
         return status
-
-
-_TRANSFER_FRAMES = frozenset(
-    {
-        FrameType.SNAPSHOT_BEGIN,
-        FrameType.SHARD_CHUNK,
-        FrameType.SHARD_END,
-        FrameType.SNAPSHOT_END,
-    }
-)

@@ -299,12 +299,8 @@ def _host_header(host: str, port: int) -> str:
 # --- blocking client ----------------------------------------------------------------------
 
 
-class Client:
-    """Blocking client over one keep-alive connection; not thread-safe.
-
-    A connection the server dropped while idle is replaced transparently; a write is never
-    sent twice: if the connection fails after a write went out, the ``OSError`` is raised.
-    """
+class _Endpoint:
+    """Where a client connects; shared by the blocking and the asyncio client."""
 
     def __init__(
         self, host: str = "127.0.0.1", port: int = 8080, timeout: float | None = DEFAULT_TIMEOUT
@@ -312,7 +308,6 @@ class Client:
         self.host = host
         self.port = port
         self.timeout = timeout
-        self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
 
     @classmethod
     def from_settings(
@@ -324,6 +319,20 @@ class Client:
         """A client for the primary or the backup named in a settings file."""
         host, port = server_address(path, role)
         return cls(host, port, timeout)
+
+
+class Client(_Endpoint):
+    """Blocking client over one keep-alive connection; not thread-safe.
+
+    A connection the server dropped while idle is replaced transparently; a write is never
+    sent twice: if the connection fails after a write went out, the ``OSError`` is raised.
+    """
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 8080, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        super().__init__(host, port, timeout)
+        self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
 
     def get(self, key: str) -> str | None:
         """The value of ``key``, or None when it is missing."""
@@ -465,7 +474,7 @@ class _Reply:
         self.keep_alive = self.parser.should_keep_alive()
 
 
-class AsyncClient:
+class AsyncClient(_Endpoint):
     """asyncio client over one keep-alive connection; concurrent calls take turns.
 
     Same methods, results and errors as :class:`Client`, as coroutines. For parallel
@@ -475,23 +484,10 @@ class AsyncClient:
     def __init__(
         self, host: str = "127.0.0.1", port: int = 8080, timeout: float | None = DEFAULT_TIMEOUT
     ) -> None:
-        self.host = host
-        self.port = port
-        self.timeout = timeout
+        super().__init__(host, port, timeout)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
-
-    @classmethod
-    def from_settings(
-        cls,
-        path: str | os.PathLike[str] = DEFAULT_CONFIG_PATH,
-        role: str = "primary",
-        timeout: float | None = DEFAULT_TIMEOUT,
-    ) -> Self:
-        """A client for the primary or the backup named in a settings file."""
-        host, port = server_address(path, role)
-        return cls(host, port, timeout)
 
     async def get(self, key: str) -> str | None:
         """The value of ``key``, or None when it is missing."""

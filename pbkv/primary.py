@@ -42,7 +42,7 @@ from pbkv.core import (
 )
 from pbkv.stages import Event, ReadRule, Stage, WriteRule
 from pbkv.store import shard_of
-from pbkv.transfer import SnapshotReceiver, TransferError
+from pbkv.transfer import TRANSFER_FRAMES, SnapshotReceiver, TransferError
 from pbkv.wire import FrameType, checksum_from_bytes, checksum_to_bytes
 
 _MISS_VALUE = ""
@@ -263,7 +263,7 @@ class PrimaryCore(ReplicationCore):
                 self._batch_acked(frame[1])
             elif kind == FrameType.HEARTBEAT:
                 self.peer_seq = frame[1]
-            elif self.awaiting == "snapshot" and kind in _TRANSFER_FRAMES:
+            elif self.awaiting == "snapshot" and kind in TRANSFER_FRAMES:
                 self._transfer_frame(frame)
             elif kind == FrameType.HELLO and self.awaiting == "hello":
                 self._hello(frame)
@@ -357,13 +357,3 @@ class PrimaryCore(ReplicationCore):
             batches_sent=self.batches_sent,
         )
         return status
-
-
-_TRANSFER_FRAMES = frozenset(
-    {
-        FrameType.SNAPSHOT_BEGIN,
-        FrameType.SHARD_CHUNK,
-        FrameType.SHARD_END,
-        FrameType.SNAPSHOT_END,
-    }
-)

@@ -16,6 +16,16 @@ from typing import Any
 from pbkv.store import ShardedStore, pair_checksum
 from pbkv.wire import FrameType, checksum_from_bytes, checksum_to_bytes
 
+# The frames of a full transfer, in the order they come.
+TRANSFER_FRAMES = frozenset(
+    {
+        FrameType.SNAPSHOT_BEGIN,
+        FrameType.SHARD_CHUNK,
+        FrameType.SHARD_END,
+        FrameType.SNAPSHOT_END,
+    }
+)
+
 
 class TransferError(Exception):
     """The transfer is wrong (checksum, count or order); start over."""
