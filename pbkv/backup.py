@@ -10,8 +10,10 @@ When the primary goes away we keep our data and wait for it.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+from pbkv.config import Settings
 from pbkv.core import (
     Command,
     Counted,
@@ -24,6 +26,7 @@ from pbkv.core import (
     log,
 )
 from pbkv.stages import Event, ReadRule, Stage
+from pbkv.store import ShardedStore
 from pbkv.transfer import TRANSFER_FRAMES, SnapshotReceiver, TransferError
 from pbkv.wire import FrameType, checksum_from_bytes, checksum_to_bytes
 
@@ -31,7 +34,13 @@ from pbkv.wire import FrameType, checksum_from_bytes, checksum_to_bytes
 class BackupCore(ReplicationCore):
     role = "backup"
 
-    def __init__(self, settings, store, now, rng=None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ShardedStore,
+        now: float,
+        rng: random.Random | None = None,
+    ) -> None:
         initial = Stage(settings.backup_initial_stage)
         super().__init__(settings, store, initial, now, rng)
         self.primary_address = "%s:%d" % settings.address_of("primary")

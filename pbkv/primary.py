@@ -21,10 +21,12 @@ holds a confirmed copy, and otherwise starts empty.
 
 from __future__ import annotations
 
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from pbkv.config import Settings
 from pbkv.core import (
     REPLICATION_FAILED,
     RETRY,
@@ -41,7 +43,7 @@ from pbkv.core import (
     log,
 )
 from pbkv.stages import Event, ReadRule, Stage, WriteRule
-from pbkv.store import shard_of
+from pbkv.store import ShardedStore, shard_of
 from pbkv.transfer import TRANSFER_FRAMES, SnapshotReceiver, TransferError
 from pbkv.wire import FrameType, checksum_from_bytes, checksum_to_bytes
 
@@ -59,7 +61,13 @@ class Batch:
 class PrimaryCore(ReplicationCore):
     role = "primary"
 
-    def __init__(self, settings, store, now, rng=None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ShardedStore,
+        now: float,
+        rng: random.Random | None = None,
+    ) -> None:
         self.standalone = settings.standalone
         initial = Stage.IN_SYNC if self.standalone else Stage.COLD_START
         super().__init__(settings, store, initial, now, rng)

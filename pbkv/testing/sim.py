@@ -103,7 +103,7 @@ class SimNode:
         self.channel: Channel | None = None
         self.flush_scheduled = False
         self.pumping = False
-        self.replies: dict[int, Callable[[Outcome], None]] = {}
+        self.replies: dict[object, Callable[[Outcome], None]] = {}
 
     @property
     def alive(self) -> bool:
