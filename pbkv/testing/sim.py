@@ -4,8 +4,8 @@ The real replication cores (``PrimaryCore``, ``BackupCore``) run against a
 simulated clock and network: one seed draws every delay, client request and
 fault, so a run is reproducible bit for bit.  Faults: crashes that lose the
 process's memory and restarts, pauses (SIGSTOP), partitions that silently
-black-hole the channel, closed connections, and delays that reorder frames
-of an old connection after a new one.  Clients talk to the primary; their
+black-hole the channel, closed connections, delays that reorder frames of an
+old connection after a new one, and (rarely) a frame delivered twice.  Clients talk to the primary; their
 history is checked for linearizability, together with the final content of
 both servers once the faults stop and the pair is in sync again.
 
@@ -51,6 +51,7 @@ from pbkv.wire import FrameDecoder, encode
 log = logging.getLogger("pbkv.sim")
 
 ROLES = ("primary", "backup")
+DUPLICATE_RATE = 0.01  # share of frames a faulty network delivers twice
 KEYS = tuple(f"k{i}" for i in range(6))
 COMMANDS = {
     "get": Command.GET,
@@ -349,6 +350,12 @@ class Simulation:
                     break
 
         receiver.deliver(at - self.now, arrive)
+        if self.faults_enabled and self.rng.random() < DUPLICATE_RATE:
+            # Not TCP's doing, but a faulty middlebox's: the cores must refuse a
+            # repeated frame (a batch applied twice, an ack for the wrong batch).
+            self.trace(f"duplicating a frame {sender} -> {receiver_role}")
+            channel.last_delivery[receiver_role] = at + self.tiny()
+            receiver.deliver(channel.last_delivery[receiver_role] - self.now, arrive)
 
     def close_channel(self, channel: Channel, closer: str) -> None:
         if channel.closed:
