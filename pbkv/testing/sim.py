@@ -5,9 +5,10 @@ simulated clock and network: one seed draws every delay, client request and
 fault, so a run is reproducible bit for bit.  Faults: crashes that lose the
 process's memory and restarts, pauses (SIGSTOP), partitions that silently
 black-hole the channel, closed connections, delays that reorder frames of an
-old connection after a new one, and (rarely) a frame delivered twice.  Clients talk to the primary; their
-history is checked for linearizability, together with the final content of
-both servers once the faults stop and the pair is in sync again.
+old connection after a new one, and (rarely) a frame delivered twice.
+Clients talk to the primary; their history is checked for linearizability,
+together with the final content of both servers once the faults stop and the
+pair is in sync again.
 
 Run many seeds: ``python -m pbkv.testing.sim --seeds 1000``; replay one with
 its log: ``python -m pbkv.testing.sim --seed 42 --verbose``.
