@@ -377,8 +377,11 @@ def verify(
     if primary_restarted:  # requests that met the dead primary
         errors = [r for r in errors if "Connection" not in r.outcome]
     assert not errors, f"{len(errors)} unexpected errors: {errors[:3]}"
-    slow = [r for r in load.records if r.kind in WRITES and r.latency > WRITE_DEADLINE
-            and not r.outcome.startswith("error")]
+    slow = [
+        r
+        for r in load.records
+        if r.kind in WRITES and r.latency > WRITE_DEADLINE and not r.outcome.startswith("error")
+    ]
     assert not slow, f"writes answered after more than {WRITE_DEADLINE}s: {slow[:3]}"
     return primary
 
@@ -422,8 +425,10 @@ def partition_while_writing(
     assert_partitioned_primary_serves_reads(servers)
     # The isolated primary keeps answering the workload's reads and refuses its writes.
     wait_for(
-        lambda: load.count(("ok", "no"), ("get",), since=faulted + detected) >= 10
-        and load.count(("unavailable",), WRITES, since=faulted + detected) >= 5,
+        lambda: (
+            load.count(("ok", "no"), ("get",), since=faulted + detected) >= 10
+            and load.count(("unavailable",), WRITES, since=faulted + detected) >= 5
+        ),
         10,
         "reads served and writes refused during the partition",
     )
@@ -589,9 +594,11 @@ def test_partition_during_warm_start(servers, net, workload):
     launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         status = wait_for(
-            lambda: (s := servers.status("primary")) is not None
-            and (s["stage"] == "in_sync" or s["keys"] >= BULK_KEYS // 2)
-            and s,
+            lambda: (
+                (s := servers.status("primary")) is not None
+                and (s["stage"] == "in_sync" or s["keys"] >= BULK_KEYS // 2)
+                and s
+            ),
             20,
             "the primary's warm start to be half-way",
         )
