@@ -232,8 +232,8 @@ class BackupCore(ReplicationCore):
         if self.stage in (Stage.WARM_START, Stage.BOOTSTRAPPING_PRIMARY):
             self.fire(Event.TRANSFER_FAILED, reason)
 
-    def status(self) -> dict[str, Any]:
-        status = super().status()
+    def status(self, now: float) -> dict[str, Any]:
+        status = super().status(now)
         status.update(
             primary=self.primary_address,
             lag=max(0, self.peer_seq - self.seq),

@@ -336,7 +336,8 @@ class ReplicationCore:
     def retry(self) -> None:
         pass
 
-    def status(self) -> dict[str, Any]:
+    def status(self, now: float) -> dict[str, Any]:
+        self.now = now
         return {
             "role": self.role,
             "stage": self.stage.value,

@@ -35,7 +35,7 @@ class Metrics:
 
     def collect(self):  # prometheus-client collector protocol
         node = self.node
-        status = node.core.status()
+        status = node.status()
         role = node.role
         requests = CounterMetricFamily(
             "pbkv_requests", "Client requests by command", labels=["role", "command"]

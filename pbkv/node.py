@@ -278,7 +278,7 @@ class Node:
         self._drain()
 
     def status(self) -> dict[str, Any]:
-        status = self.core.status()
+        status = self.core.status(self.loop.time())
         status["address"] = "%s:%d" % self.address
         status["peer"] = "%s:%d" % self.peer_address
         status["store"] = self.core.store.kind

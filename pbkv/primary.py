@@ -354,8 +354,8 @@ class PrimaryCore(ReplicationCore):
             Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how} the backup, checksums match"
         )
 
-    def status(self) -> dict[str, Any]:
-        status = super().status()
+    def status(self, now: float) -> dict[str, Any]:
+        status = super().status(now)
         status.update(
             standalone=self.standalone,
             lag=self.sent_seq - self.seq,

@@ -1235,3 +1235,10 @@ def test_a_backup_keeps_its_confirmed_copy_until_a_replacement_has_fully_arrived
     for key, value in acknowledged.items():
         if key != "a":  # "a" was updated by the rewound batch: indeterminate
             assert link.read("primary", GET, key) == Done(True, value)
+
+
+def test_status_reports_uptime_from_the_time_asked_even_without_timers() -> None:
+    store = make_store("sharded", SHARDS)
+    primary = PrimaryCore(make_settings(standalone=True), store, now=100.0)
+    primary.start(100.0)  # a standalone primary sets no timers
+    assert primary.status(112.5)["uptime"] == 12.5
