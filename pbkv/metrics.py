@@ -11,7 +11,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
 from pbkv.core import Command
 from pbkv.stages import ACCEPTANCE
@@ -72,6 +72,19 @@ class Metrics:
             "pbkv_writes_rewound": ("Writes rewound after a replication failure", "writes_rewound"),
             "pbkv_batches": ("Replication batches sent or applied", "batches_sent"),
         }
+        if "batches_acked" in status:
+            core = node.core
+            yield SummaryMetricFamily(
+                "pbkv_replication_ack_seconds",
+                "Time from sending a batch to the backup's acknowledgement",
+                count_value=core.batches_acked,
+                sum_value=core.ack_seconds_total,
+            )
+            replicated = CounterMetricFamily(
+                "pbkv_writes_replicated", "Writes acknowledged by the backup", labels=["role"]
+            )
+            replicated.add_metric([role], float(core.writes_replicated))
+            yield replicated
         for name, (text, field) in counters.items():
             if field == "batches_sent" and role == "backup":
                 field = "batches_applied"

@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -633,3 +634,34 @@ def test_corrupted_transfer_is_detected_and_started_over(pair: Pair, proxied: Fa
     # Started over on a new channel; the primary sent the whole snapshot twice.
     assert backup_log.count("accepted a replication channel") >= 2, backup_log
     assert pair.log("primary").count("transfer to backup started: 2000 pairs") >= 2
+
+
+def test_group_commit_is_visible_in_status_and_metrics(pair):
+    pair.start_both()
+    primary = pair.client("primary")
+    for i in range(20):
+        assert primary.insert(f"seq{i}", "v")
+    status = pair.status("primary")
+    assert status["writes_replicated"] == 20
+    assert status["batches_acked"] == 20  # one writer: one write per batch
+    assert status["ack_ms_mean"] > 0
+
+    def writer(n: int) -> None:
+        with pair.client("primary") as client:
+            for i in range(100):
+                assert client.insert(f"w{n}-{i}", "v")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    status = pair.status("primary")
+    assert status["writes_replicated"] == 20 + 800
+    assert status["batches_acked"] < 20 + 800  # concurrent writes shared batches
+    assert status["writes_per_batch"] > 1
+    host, port = pair.address["primary"]
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    assert f"pbkv_replication_ack_seconds_count {status['batches_acked']}.0" in text
+    assert 'pbkv_writes_replicated_total{role="primary"} 820.0' in text
