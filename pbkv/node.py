@@ -95,6 +95,8 @@ class ChannelProtocol(asyncio.Protocol):
         try:
             frames = self.decoder.feed(data)
         except FrameError as exc:
+            if exc.frames:  # the good frames before the bad one still count
+                self.node.frames_received(self, exc.frames)
             self.node.channel_broken(self, f"bad frame: {exc}")
             return
         if frames:

@@ -41,7 +41,15 @@ class FrameType(enum.IntEnum):
 
 
 class FrameError(ValueError):
-    """The byte stream is not a valid frame sequence; the channel must close."""
+    """The byte stream is not a valid frame sequence; the channel must close.
+
+    ``frames`` holds the good frames that came before the bad one in the same
+    feed: they are real and are still handled before the channel closes.
+    """
+
+    def __init__(self, message: str, frames: list[list[Any]] | None = None) -> None:
+        super().__init__(message)
+        self.frames = frames or []
 
 
 def checksum_to_bytes(value: int) -> bytes:
@@ -72,6 +80,13 @@ class FrameDecoder:
     def feed(self, data: bytes) -> list[list[Any]]:
         self._buffer += data
         frames: list[list[Any]] = []
+        try:
+            self._decode(frames)
+        except FrameError as exc:
+            raise FrameError(str(exc), frames) from None
+        return frames
+
+    def _decode(self, frames: list[list[Any]]) -> None:
         buffer = self._buffer
         offset = 0
         while len(buffer) - offset >= HEADER_SIZE:
@@ -98,4 +113,3 @@ class FrameDecoder:
             offset = end
         if offset:
             del buffer[:offset]
-        return frames

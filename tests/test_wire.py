@@ -211,3 +211,12 @@ def test_checksum_bytes_round_trip_any(value: int) -> None:
 def test_checksum_from_bytes_rejects(raw: Any) -> None:
     with pytest.raises(FrameError, match="16 bytes"):
         checksum_from_bytes(raw)
+
+
+def test_a_bad_frame_hands_back_the_good_frames_before_it():
+    good = [encode([FrameType.HEARTBEAT, n]) for n in range(3)]
+    bad = bytearray(encode([FrameType.ACK, 7]))
+    bad[-1] ^= 0x01
+    with pytest.raises(FrameError) as info:
+        FrameDecoder().feed(b"".join(good) + bytes(bad))
+    assert info.value.frames == [[FrameType.HEARTBEAT, n] for n in range(3)]
