@@ -13,6 +13,17 @@ def pair(tmp_path):
     servers.cleanup()
 
 
+@pytest.fixture(scope="module")
+def standalone(tmp_path_factory):
+    """One standalone primary (answers writes without a backup) per test module."""
+    servers = Pair(tmp_path_factory.mktemp("standalone"), standalone="true")
+    try:
+        servers.start("primary")
+        yield servers
+    finally:
+        servers.cleanup()
+
+
 @pytest.fixture
 def make_pair(tmp_path):
     """Build a Pair with extra settings: ``make_pair(store="hash")``."""

@@ -36,13 +36,8 @@ TRICKY = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    servers = Pair(tmp_path_factory.mktemp("cli-real"), standalone="true")
-    try:
-        servers.start("primary")
-        yield servers
-    finally:
-        servers.cleanup()
+def server(standalone: Pair) -> Pair:
+    return standalone
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,13 +157,8 @@ def assert_error(reply: Reply, status: int) -> str:
 
 # -- the shared server -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    servers = Pair(tmp_path_factory.mktemp("http-server"), standalone="true")
-    try:
-        servers.start("primary")
-        yield servers
-    finally:
-        servers.cleanup()
+def server(standalone: Pair) -> Pair:
+    return standalone
 
 
 @pytest.fixture

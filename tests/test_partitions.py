@@ -344,6 +344,21 @@ def assert_partitioned_primary_serves_reads(servers: Servers) -> None:
         assert refused.value.stage == "bootstrapping_secondary"
 
 
+def back_in_sync(servers: Servers, since: float) -> float:
+    """Wait until both servers are in sync again; seconds since ``since``."""
+    servers.wait_stage("primary", "in_sync")
+    servers.wait_stage("backup", "in_sync")
+    return time.monotonic() - since
+
+
+def finish(servers: Servers, load: Workload, in_sync_at: float) -> list[Operation]:
+    """Let the recovered pair acknowledge writes again, stop the load, check it all."""
+    wait_acked_writes(load, since=in_sync_at)
+    ops = load.stop()
+    verify(servers, load, ops)
+    return ops
+
+
 def verify(
     servers: Servers,
     load: Workload,
@@ -437,12 +452,8 @@ def partition_while_writing(
 
     healed = time.monotonic()
     heal()
-    servers.wait_stage("primary", "in_sync")
-    servers.wait_stage("backup", "in_sync")
-    recovered = time.monotonic() - healed
-    wait_acked_writes(load, since=healed + recovered)
-    ops = load.stop()
-    verify(servers, load, ops)
+    recovered = back_in_sync(servers, healed)
+    ops = finish(servers, load, healed + recovered)
 
     during = [r for r in load.records if faulted <= r.call and r.kind in WRITES]
     failed = [r for r in during if r.outcome == "failed"]
@@ -507,12 +518,8 @@ def test_packet_loss(servers, net, workload):
     hold(4.0, load)
     net.clear_rules()
     healed = time.monotonic()
-    servers.wait_stage("primary", "in_sync")
-    servers.wait_stage("backup", "in_sync")
-    recovered = time.monotonic() - healed
-    wait_acked_writes(load, since=healed + recovered)
-    ops = load.stop()
-    verify(servers, load, ops)
+    recovered = back_in_sync(servers, healed)
+    finish(servers, load, healed + recovered)
     acked_during = load.acked_writes(start) - load.acked_writes(healed)
     flaps = servers.log("primary").count("stage in_sync -> bootstrapping_secondary")
     print(
@@ -560,9 +567,7 @@ def test_primary_killed_and_restarted_while_partitioned(servers, net, workload):
 
     healed = time.monotonic()
     net.clear_rules()
-    servers.wait_stage("primary", "in_sync")
-    servers.wait_stage("backup", "in_sync")
-    recovered = time.monotonic() - healed
+    recovered = back_in_sync(servers, healed)
     log = servers.log("primary")
     assert "-> warm_start" in log, "the restarted primary did not fetch the backup's data"
     wait_acked_writes(load, since=healed + recovered)
@@ -638,9 +643,7 @@ def test_partition_during_warm_start(servers, net, workload):
 
         healed = time.monotonic()
         net.clear_rules()
-        servers.wait_stage("primary", "in_sync")
-        servers.wait_stage("backup", "in_sync")
-        recovered = time.monotonic() - healed
+        recovered = back_in_sync(servers, healed)
         output, _ = launcher.communicate(timeout=60)
         assert launcher.returncode == 0, output
     finally:
@@ -701,12 +704,8 @@ def test_delay_through_proxy(servers, net, workload):
 
         proxy.up.delay = proxy.down.delay = 0.0
         healed = time.monotonic()
-        servers.wait_stage("primary", "in_sync")
-        servers.wait_stage("backup", "in_sync")
-        recovered = time.monotonic() - healed
-        wait_acked_writes(load, since=healed + recovered)
-        ops = load.stop()
-        verify(servers, load, ops)
+        recovered = back_in_sync(servers, healed)
+        finish(servers, load, healed + recovered)
         print(
             "delay: write latency with +%.2fs each way: %.3f..%.3f s; recover_s %.3f"
             % (added, min(r.latency for r in changed), max(r.latency for r in changed),
