@@ -13,18 +13,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused
 from pbkv.config import Settings
-from pbkv.core import (
-    Command,
-    Counted,
-    Done,
-    Dumped,
-    Outcome,
-    Probe,
-    Refused,
-    ReplicationCore,
-    log,
-)
+from pbkv.core import Probe, ReplicationCore, log
 from pbkv.stages import Event, ReadRule, Stage
 from pbkv.store import ShardedStore
 from pbkv.transfer import TRANSFER_FRAMES, SnapshotReceiver, TransferError

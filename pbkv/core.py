@@ -1,5 +1,5 @@
-"""What the replication cores of both roles share: commands, outcomes,
-actions, and the channel bookkeeping (heartbeats, peer silence, transfers).
+"""What the replication cores of both roles share: the actions they ask of a driver,
+and the channel bookkeeping (heartbeats, peer silence, transfers).
 
 The cores are sans-I/O.  A driver (``node.py`` for real sockets, the
 simulator in tests) calls their methods with the current time and carries
@@ -19,12 +19,12 @@ out the actions they queue in ``outbox``:
 
 from __future__ import annotations
 
-import enum
 import logging
 import random
 from dataclasses import dataclass
 from typing import Any
 
+from pbkv.commands import Outcome
 from pbkv.config import Settings
 from pbkv.stages import Event, Stage, StageMachine
 from pbkv.store import ShardedStore
@@ -32,55 +32,6 @@ from pbkv.transfer import SnapshotReceiver, SnapshotSender
 from pbkv.wire import FrameType, checksum_to_bytes
 
 log = logging.getLogger("pbkv")
-
-
-class Command(enum.Enum):
-    GET = "get"
-    INSERT = "insert"
-    UPDATE = "update"
-    DELETE = "delete"
-    COUNT = "countkey"
-    DUMP = "dump"
-
-
-WRITES = frozenset({Command.INSERT, Command.UPDATE, Command.DELETE})
-
-
-# -- outcomes of a client request -------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Done:
-    """A logical result: ``ok`` is the course's "success"; ``value`` for get/delete."""
-
-    ok: bool
-    value: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """The stage does not accept this request (HTTP 503)."""
-
-    stage: Stage
-    role: str
-    primary: str | None = None  # set when a backup refuses a write
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicationFailed:
-    """The backup did not acknowledge; the write was rewound here."""
-
-
-@dataclass(frozen=True, slots=True)
-class Counted:
-    count: int
-
-
-@dataclass(frozen=True, slots=True)
-class Dumped:
-    pairs: list[tuple[str, str]]
-
-
-Outcome = Done | Refused | ReplicationFailed | Counted | Dumped
-REPLICATION_FAILED = ReplicationFailed()
 
 
 # -- actions for the driver -----------------------------------------------------

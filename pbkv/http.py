@@ -20,15 +20,7 @@ from urllib.parse import unquote_to_bytes
 import httptools
 import orjson
 
-from pbkv.core import (
-    Command,
-    Counted,
-    Done,
-    Dumped,
-    Outcome,
-    Refused,
-    ReplicationFailed,
-)
+from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused, ReplicationFailed
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
 log = logging.getLogger("pbkv")

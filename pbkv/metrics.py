@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-from pbkv.core import Command
+from pbkv.commands import Command
 from pbkv.stages import ACCEPTANCE
 
 if TYPE_CHECKING:

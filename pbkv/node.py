@@ -21,17 +21,8 @@ import httptools
 
 from pbkv import config
 from pbkv.backup import BackupCore
-from pbkv.core import (
-    CloseChannel,
-    Command,
-    Connect,
-    Outcome,
-    Probe,
-    PumpTransfer,
-    Respond,
-    Send,
-    StartTimer,
-)
+from pbkv.commands import Command, Outcome
+from pbkv.core import CloseChannel, Connect, Probe, PumpTransfer, Respond, Send, StartTimer
 from pbkv.http import HttpProtocol, Limits
 from pbkv.metrics import Metrics
 from pbkv.primary import PrimaryCore

@@ -26,22 +26,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from pbkv.commands import REPLICATION_FAILED, Command, Counted, Done, Dumped, Outcome, Refused
 from pbkv.config import Settings
-from pbkv.core import (
-    REPLICATION_FAILED,
-    RETRY,
-    Command,
-    Connect,
-    Counted,
-    Done,
-    Dumped,
-    Outcome,
-    Refused,
-    ReplicationCore,
-    Respond,
-    StartTimer,
-    log,
-)
+from pbkv.core import RETRY, Connect, ReplicationCore, Respond, StartTimer, log
 from pbkv.stages import Event, ReadRule, Stage, WriteRule
 from pbkv.store import ShardedStore, shard_of
 from pbkv.transfer import TRANSFER_FRAMES, SnapshotReceiver, TransferError

@@ -22,21 +22,15 @@ from typing import Any
 import pytest
 
 from pbkv.backup import BackupCore
+from pbkv.commands import REPLICATION_FAILED, Command, Counted, Done, Dumped, Outcome, Refused
 from pbkv.config import Settings
 from pbkv.core import (
-    REPLICATION_FAILED,
     RETRY,
     TICK,
     CloseChannel,
-    Command,
     Connect,
-    Counted,
-    Done,
-    Dumped,
-    Outcome,
     Probe,
     PumpTransfer,
-    Refused,
     Respond,
     Send,
     StartTimer,

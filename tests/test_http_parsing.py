@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbkv.core import Command, Counted, Done, Dumped, Refused, ReplicationFailed
+from pbkv.commands import Command, Counted, Done, Dumped, Refused, ReplicationFailed
 from pbkv.http import (
     Limits,
     RequestError,

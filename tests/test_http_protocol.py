@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pbkv.core import Done
+from pbkv.commands import Done
 from pbkv.http import HttpProtocol, Limits
 
 

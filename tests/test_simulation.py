@@ -87,7 +87,7 @@ def test_catches_reads_of_unacknowledged_writes(monkeypatch):
     def read_through_overlay(self, command, key=""):
         pending = self.overlay.get(key)
         if pending is not None and pending[0] is not None:
-            from pbkv.core import Done
+            from pbkv.commands import Done
 
             return Done(True, pending[0])
         return original(self, command, key)

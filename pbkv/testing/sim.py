@@ -28,21 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pbkv.backup import BackupCore
+from pbkv.commands import Command, Done, Outcome, Refused, ReplicationFailed
 from pbkv.config import Settings
-from pbkv.core import (
-    CloseChannel,
-    Command,
-    Connect,
-    Done,
-    Outcome,
-    Probe,
-    PumpTransfer,
-    Refused,
-    ReplicationFailed,
-    Respond,
-    Send,
-    StartTimer,
-)
+from pbkv.core import CloseChannel, Connect, Probe, PumpTransfer, Respond, Send, StartTimer
 from pbkv.primary import PrimaryCore
 from pbkv.stages import Stage
 from pbkv.store import make_store
