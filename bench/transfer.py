@@ -41,6 +41,7 @@ from typing import Any
 import uvloop
 
 from bench import bulk, servers
+from pbkv.stages import Role
 
 STALL_LIMIT_MS = 100.0
 
@@ -67,7 +68,7 @@ def _timeline(prober: servers.Prober, keys: int) -> dict[str, float | None]:
 
 def _pbkv_transfer(pair: servers.Pbkv, keys: int, restart: str, timeout: float) -> dict[str, Any]:
     """kill -9 `restart`, start it again, time it back to in sync; probe the other side."""
-    server = "backup" if restart == "primary" else "primary"
+    server = Role(restart).peer
     stage_alone = "bootstrapping_primary" if server == "backup" else "bootstrapping_secondary"
     pair.kill(restart)
     pair.wait_stage(server, stage_alone, timeout=30)

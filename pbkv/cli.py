@@ -7,7 +7,10 @@ Exit status: 0 done; 1 the answer was "no" (key missing, key already exists);
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,14 @@ from pbkv.client import (
     Unavailable,
     server_address,
 )
-from pbkv.config import DEFAULT_CONFIG_PATH, Settings
+from pbkv.config import (
+    DEFAULT_CONFIG_PATH,
+    Settings,
+    SettingsError,
+    add_arguments,
+    settings_from_args,
+)
+from pbkv.stages import Role
 
 EXIT_OK = 0
 EXIT_NO = 1
@@ -107,10 +117,49 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(server_args: list[str]) -> int:
-    from pbkv.node import serve_main  # the server's dependencies are not the client's
+def setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s {role} %(message)s",
+        stream=sys.stderr,
+    )
 
-    return serve_main(server_args)
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """``pbkv serve --role primary|backup [settings...]``: run one server until stopped."""
+    parser = argparse.ArgumentParser(prog="pbkv serve", description="Run a pbkv server.")
+    parser.add_argument("--role", choices=[role.value for role in Role], required=True)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except SettingsError as exc:
+        print(f"pbkv: {exc}", file=sys.stderr)
+        return 2
+    role = Role(args.role)
+    setup_logging(settings.log_level, role)
+    import uvloop
+
+    from pbkv.node import Node  # the server's dependencies are not the client's
+
+    async def serve() -> None:
+        node = Node(settings, role)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, node.stopped.set)
+        await node.run()
+
+    try:
+        uvloop.run(serve())
+    except OSError as exc:
+        host, port = settings.address_of(role)
+        logging.getLogger("pbkv").error(
+            "cannot listen on %s:%d: %s", host, port, exc.strerror or exc
+        )
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def _address(args: argparse.Namespace) -> tuple[str, int]:
@@ -225,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_usage(sys.stderr)
             print("pbkv: error: put server options after 'serve'", file=sys.stderr)
             return EXIT_ERROR
-        return _serve(args.server_args)
+        return serve_main(args.server_args)
 
     try:
         host, port = _address(args)

@@ -7,6 +7,7 @@ replication cores (``primary.py``, ``backup.py``) decide the outcomes.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pbkv.stages import Stage
@@ -59,3 +60,6 @@ class Dumped:
 
 Outcome = Done | Refused | ReplicationFailed | Counted | Dumped
 REPLICATION_FAILED = ReplicationFailed()
+
+# How a write queued in a core is answered: the driver's callable, called with the outcome.
+Reply = Callable[[Outcome], None]

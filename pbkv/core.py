@@ -1,81 +1,37 @@
-"""What the replication cores of both roles share: the actions they ask of a driver,
-and the channel bookkeeping (heartbeats, peer silence, transfers).
+"""What the replication cores of both roles share: the channel bookkeeping
+(handshake dispatch, heartbeats, peer silence, transfers, losing the channel)
+and the reads.
 
-The cores are sans-I/O.  A driver (``node.py`` for real sockets, the
-simulator in tests) calls their methods with the current time and carries
-out the actions they queue in ``outbox``:
-
-* ``Send(frame)``: write a frame on the replication channel.
-* ``Connect()`` / ``Probe()``: open the channel to the backup / look whether
-  the primary answers; the driver reports back with ``channel_opened`` /
-  ``channel_failed`` or ``probe_result``.
-* ``CloseChannel(reason)``: close it; the driver reports nothing more for it.
-* ``StartTimer(name, delay)``: call ``timer_fired(name)`` after ``delay``
-  (restarting a timer of the same name replaces it).
-* ``Respond(token, outcome)``: answer a client request queued earlier.
-* ``PumpTransfer()``: call ``pump_transfer()`` until it returns False,
-  yielding to other work (and socket back-pressure) between calls.
+The cores are sans-I/O.  A driver calls their methods with the current time
+and carries out the actions they queue in ``outbox`` (see ``actions.py``).
+Every frame goes through one dispatch, :meth:`ReplicationCore.frame_received`,
+which reads the handshake table of ``stages.py``; every loss of the channel
+goes through :meth:`ReplicationCore.lose_channel` (we close it) or
+:meth:`ReplicationCore.channel_closed` (the driver saw it close), and fires
+exactly one stage event.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from pbkv.commands import Outcome
+from pbkv.actions import Action, CloseChannel, Driver, PumpTransfer, Send, StartTimer, carry_out
+from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused
 from pbkv.config import Settings
-from pbkv.stages import Event, Stage, StageMachine
+from pbkv.stages import Event, Handshake, Role, Stage, StageMachine, Step
 from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, SnapshotSender
-from pbkv.wire import FrameType, checksum_to_bytes
+from pbkv.wire import Frame, FrameType, Heartbeat, Hello, ShardEnd, SyncNack
 
 log = logging.getLogger("pbkv")
 
-
-# -- actions for the driver -----------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Send:
-    frame: list[Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Connect:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class Probe:
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class CloseChannel:
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class StartTimer:
-    name: str
-    delay: float
-
-
-@dataclass(frozen=True, slots=True)
-class Respond:
-    token: Any
-    outcome: Outcome
-
-
-@dataclass(frozen=True, slots=True)
-class PumpTransfer:
-    pass
-
-
-Action = Send | Connect | Probe | CloseChannel | StartTimer | Respond | PumpTransfer
-
 TICK = "tick"
 RETRY = "retry"
+
+MISS = Done(False, "")
 
 
 class Backoff:
@@ -97,7 +53,7 @@ class Backoff:
 class ReplicationCore:
     """Channel bookkeeping common to both roles."""
 
-    role = ""
+    role: Role
 
     def __init__(
         self,
@@ -112,6 +68,7 @@ class ReplicationCore:
         self.rng = rng or random.Random()
         self.incarnation = self.rng.getrandbits(63)
         self.machine = StageMachine(self.role, initial, self._log_transition)
+        self.handshake = Handshake(self.role)
         self.outbox: list[Action] = []
         self.started_at = now
         self.now = now
@@ -121,7 +78,7 @@ class ReplicationCore:
         self.seq = 0  # last replicated batch applied here
         self.peer_seq = 0  # the peer's seq, from its last hello/heartbeat
         self.channel_up = False
-        self.peer_hello: list[Any] | None = None
+        self.peer_hello: Hello | None = None
         self.last_received = now
         self.last_sent = now
         self.sender: SnapshotSender | None = None
@@ -129,14 +86,20 @@ class ReplicationCore:
         self.transfers_completed = 0
         self.transfers_failed = 0
         self.last_transfer_error = ""
+        # The handler of each frame type; the handshake table says when it may run.
+        self.handlers: dict[FrameType, Callable[[Any], Step]] = {
+            FrameType.HEARTBEAT: self._heartbeat,
+            FrameType.SYNC_NACK: self._refused_by_peer,
+        }
 
-    # -- helpers -------------------------------------------------------------
+    # -- helpers -------------------------------------------------------------------
     @property
     def stage(self) -> Stage:
         return self.machine.stage
 
-    def peer_label(self) -> str:
-        return "backup" if self.role == "primary" else "primary"
+    @property
+    def step(self) -> Step:
+        return self.handshake.step
 
     def _log_transition(self, old: Stage, new: Stage, reason: str) -> None:
         log.info(
@@ -145,67 +108,60 @@ class ReplicationCore:
             old.value,
             new.value,
             reason,
-            self.peer_label(),
+            self.role.peer,
         )
 
     def fire(self, event: Event, reason: str) -> None:
         self.machine.fire(event, reason)
 
-    def send(self, frame: list[Any]) -> None:
+    def send(self, frame: Frame) -> None:
         self.last_sent = self.now
         self.outbox.append(Send(frame))
 
-    def close_channel(self, reason: str) -> None:
-        if self.channel_up:
-            self.channel_up = False
-            self.outbox.append(CloseChannel(reason))
-        self._reset_session()
-
-    def drop(self, reason: str) -> None:
-        """Close the channel ourselves and handle it as lost."""
-        if self.channel_up:
-            self.close_channel(reason)
-            self.channel_lost(reason)
-
-    def _reset_session(self) -> None:
-        self.peer_hello = None
-        self.sender = None
-        self.receiver = None
-
-    def hello_frame(self) -> list[Any]:
-        return [
-            FrameType.HELLO,
-            self.role,
-            self.incarnation,
-            self.confirmed,
-            checksum_to_bytes(self.store.checksum),
-            len(self.store),
-            self.store.shard_count,
-            self.seq,
-        ]
+    def hello_frame(self) -> Hello:
+        return Hello(self.role, self.confirmed, self.store.checksum, len(self.store), self.seq)
 
     def start_tick(self) -> None:
         self.outbox.append(StartTimer(TICK, self.settings.heartbeat_interval))
-
-    def tick(self) -> None:
-        """Heartbeats and peer silence; subclasses add their own checks."""
-        if self.channel_up:
-            if self.now - self.last_received > self.settings.peer_timeout:
-                self._note_interrupted_transfer("peer silent during a transfer")
-                self.drop(f"{self.peer_label()} silent for {self.settings.peer_timeout}s")
-            elif self.now - self.last_sent >= self.settings.heartbeat_interval * 0.9:
-                self.send([FrameType.HEARTBEAT, self.seq])
-        self.start_tick()
 
     def take_actions(self) -> list[Action]:
         actions, self.outbox = self.outbox, []
         return actions
 
-    # -- transfers -------------------------------------------------------------
+    def drain(self, driver: Driver) -> None:
+        """Carry out every queued action, and those they queue in turn."""
+        while self.outbox:
+            carry_out(self.take_actions(), driver)
+
+    def tick(self) -> None:
+        """Heartbeats and peer silence; subclasses add their own checks."""
+        if self.channel_up:
+            if self.now - self.last_received > self.settings.peer_timeout:
+                self.lose_channel(f"{self.role.peer} silent for {self.settings.peer_timeout}s")
+            elif self.now - self.last_sent >= self.settings.heartbeat_interval * 0.9:
+                self.send(Heartbeat(self.seq))
+        self.start_tick()
+
+    # -- reads (both roles) --------------------------------------------------------
+    def may_read(self, command: Command, key: str) -> bool:
+        raise NotImplementedError
+
+    def read(self, command: Command, key: str = "") -> Outcome:
+        if not self.may_read(command, key):
+            return Refused(self.stage, self.role)
+        store = self.store
+        if command is Command.GET:
+            value = store.get(key)
+            return MISS if value is None else Done(True, value)
+        if command is Command.COUNT:
+            return Counted(len(store))
+        return Dumped(list(store.items()))
+
+    # -- transfers -----------------------------------------------------------------
     def start_sending_snapshot(self) -> None:
         self.sender = SnapshotSender(self.store, self.settings.transfer_chunk, self.seq)
         log.info(
-            "%s transfer to %s started: %d pairs", self.role, self.peer_label(), self.sender.total
+            "%s transfer to %s started: %d pairs", self.role, self.role.peer, self.sender.total
         )
         self.outbox.append(PumpTransfer())
 
@@ -218,42 +174,56 @@ class ReplicationCore:
         for frame in sender.next_frames(max_frames):
             self.send(frame)
         if sender.done:
-            log.info("%s transfer to %s sent: %d pairs", self.role, self.peer_label(), sender.total)
+            log.info("%s transfer to %s sent: %d pairs", self.role, self.role.peer, sender.total)
             self.sender = None
             return False
         return True
 
-    def receive_transfer_frame(self, frame: list[Any]) -> int | None:
+    def receive_transfer_frame(self, frame: Frame) -> int | None:
         """Feed the receiver one frame (raises TransferError); log each verified shard."""
         receiver = self.receiver
         assert receiver is not None
         checksum = receiver.feed(frame)
-        if frame[0] == FrameType.SHARD_END:
+        if type(frame) is ShardEnd:
             log.info(
                 "%s transfer from %s: shard %d/%d verified, %d/%d pairs",
                 self.role,
-                self.peer_label(),
-                frame[1] + 1,
+                self.role.peer,
+                frame.shard + 1,
                 receiver.sender_shards,
                 receiver.received,
                 receiver.expected_total,
             )
         return checksum
 
-    def transfer_failed(self, reason: str) -> None:
-        self.transfers_failed += 1
-        self.last_transfer_error = reason
-        log.warning("%s transfer failed: %s peer=%s", self.role, reason, self.peer_label())
-        if self.channel_up:
-            self.send([FrameType.SYNC_NACK, reason])
+    def fail_transfer(self, reason: str, tell_peer: bool = True) -> None:
+        """The one path of a failed transfer: tell the peer, close, count, one event."""
+        log.warning("%s transfer failed: %s peer=%s", self.role, reason, self.role.peer)
+        if tell_peer and self.channel_up:
+            self.send(SyncNack(reason))
+        self.lose_channel(reason, Event.TRANSFER_FAILED)
 
-    # -- events every driver delivers ------------------------------------------
-    def frame_received(self, now: float, frame: list[Any]) -> None:
+    def _refused_by_peer(self, frame: SyncNack) -> Step:
+        self.fail_transfer(f"{self.role.peer} refused the transfer: {frame.reason}", False)
+        return Step.NONE
+
+    def _heartbeat(self, frame: Heartbeat) -> Step:
+        self.peer_seq = frame.seq
+        return self.step
+
+    # -- events every driver delivers ----------------------------------------------
+    def frame_received(self, now: float, frame: Frame) -> None:
         self.now = now
         self.last_received = now
         if not self.channel_up:
             return
-        self.handle_frame(frame)
+        kind = frame.kind
+        if not self.handshake.accepts(kind):
+            self.lose_channel(f"unexpected {kind.name} in handshake step {self.step.value}")
+            return
+        new = self.handlers[kind](frame)
+        if self.channel_up:  # a handler that lost the channel has reset the step
+            self.handshake.advance(kind, new)
 
     def timer_fired(self, now: float, name: str) -> None:
         self.now = now
@@ -266,23 +236,36 @@ class ReplicationCore:
         """The driver saw the channel close (EOF, reset, bad frame)."""
         self.now = now
         if self.channel_up:
-            self._note_interrupted_transfer(reason)
-            self.channel_up = False
-            self._reset_session()
-            self.channel_lost(reason)
+            self._channel_lost(reason, Event.PEER_LOST)
 
-    def _note_interrupted_transfer(self, reason: str) -> None:
-        """A channel that fails mid-transfer (a corrupted frame, say) fails the transfer."""
-        if self.sender is not None or self.receiver is not None:
+    def lose_channel(self, reason: str, event: Event = Event.PEER_LOST) -> None:
+        """Close the channel ourselves; ``event`` is the stage event it fires."""
+        if self.channel_up:
+            self.outbox.append(CloseChannel(reason))
+            self._channel_lost(reason, event)
+
+    def _channel_lost(self, reason: str, event: Event) -> None:
+        # A channel lost mid-transfer (a corrupted frame, silence) fails the transfer.
+        if event is Event.TRANSFER_FAILED or self.sender is not None or self.receiver is not None:
             self.transfers_failed += 1
             self.last_transfer_error = reason
+        self.channel_up = False
+        self.handshake.reset()
+        self.peer_hello = None
+        self.sender = None
+        self.receiver = None
+        self.on_channel_lost(reason)
+        self.fire(event, reason)
 
-    # -- for subclasses --------------------------------------------------------
-    def handle_frame(self, frame: list[Any]) -> None:
-        raise NotImplementedError
+    def opened(self, now: float) -> None:
+        self.now = now
+        self.channel_up = True
+        self.last_received = now
+        self.handshake.opened()
 
-    def channel_lost(self, reason: str) -> None:
-        raise NotImplementedError
+    # -- for subclasses ------------------------------------------------------------
+    def on_channel_lost(self, reason: str) -> None:
+        """What the role does when the channel goes, before the stage event fires."""
 
     def retry(self) -> None:
         pass
@@ -290,8 +273,9 @@ class ReplicationCore:
     def status(self, now: float) -> dict[str, Any]:
         self.now = now
         return {
-            "role": self.role,
+            "role": self.role.value,
             "stage": self.stage.value,
+            "handshake": self.step.value,
             "keys": len(self.store),
             "checksum": f"{self.store.checksum:032x}",
             "confirmed": self.confirmed,

@@ -7,6 +7,7 @@ nothing for them.
 
 from __future__ import annotations
 
+import collections
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,29 @@ from pbkv.stages import ACCEPTANCE
 
 if TYPE_CHECKING:
     from pbkv.node import Node
+
+
+class LoopLag:
+    """The event loop's longest delay: over the last ``window`` seconds and ever."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self.window = window
+        self.worst = 0.0
+        self._buckets: collections.deque[tuple[float, float]] = collections.deque()
+
+    def record(self, now: float, lag: float) -> None:
+        self.worst = max(self.worst, lag)
+        buckets = self._buckets
+        if buckets and now - buckets[-1][0] < 1.0:  # one bucket per second
+            start, worst = buckets[-1]
+            buckets[-1] = (start, max(worst, lag))
+        else:
+            buckets.append((now, lag))
+        while buckets and now - buckets[0][0] > self.window:
+            buckets.popleft()
+
+    def recent_max(self, now: float) -> float:
+        return max((lag for start, lag in self._buckets if now - start <= self.window), default=0)
 
 
 class Metrics:

@@ -7,27 +7,22 @@ actions the core queues (see ``core.py``) and never decides anything itself.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import collections
 import logging
-import signal
-import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httptools
 
 from pbkv import config
 from pbkv.backup import BackupCore
-from pbkv.commands import Command, Outcome
-from pbkv.core import CloseChannel, Connect, Probe, PumpTransfer, Respond, Send, StartTimer
+from pbkv.commands import Command, Outcome, Reply
 from pbkv.http import HttpProtocol, Limits
-from pbkv.metrics import Metrics
+from pbkv.metrics import LoopLag, Metrics
 from pbkv.primary import PrimaryCore
+from pbkv.stages import Role
 from pbkv.store import make_store
-from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, FrameDecoder, FrameError, encode
+from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, Frame, FrameDecoder, FrameError, encode
 
 log = logging.getLogger("pbkv")
 
@@ -144,51 +139,33 @@ class ChannelProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-class LoopLag:
-    """The event loop's longest delay: over the last ``window`` seconds and ever."""
-
-    def __init__(self, window: float = 10.0) -> None:
-        self.window = window
-        self.worst = 0.0
-        self._buckets: collections.deque[tuple[float, float]] = collections.deque()
-
-    def record(self, now: float, lag: float) -> None:
-        self.worst = max(self.worst, lag)
-        buckets = self._buckets
-        if buckets and now - buckets[-1][0] < 1.0:  # one bucket per second
-            start, worst = buckets[-1]
-            buckets[-1] = (start, max(worst, lag))
-        else:
-            buckets.append((now, lag))
-        while buckets and now - buckets[0][0] > self.window:
-            buckets.popleft()
-
-    def recent_max(self, now: float) -> float:
-        return max((lag for start, lag in self._buckets if now - start <= self.window), default=0)
-
-
 class Node:
-    """One pbkv server process: HTTP front, replication core, channel."""
+    """One pbkv server process: HTTP front, replication core, channel.
 
-    def __init__(self, settings: config.Settings, role: str) -> None:
+    It is the core's driver (``actions.Driver``): it turns sockets and timers
+    into core events, and carries out the actions the core queues.  The core
+    sees ``time.monotonic()``: uvloop's ``loop.time()`` has millisecond
+    resolution, too coarse for acknowledgement times.
+    """
+
+    def __init__(self, settings: config.Settings, role: Role) -> None:
         self.settings = settings
-        self.role = role
+        self.role = Role(role)
         self.loop = asyncio.get_running_loop()
+        self.clock = time.monotonic
         store = make_store(settings.store, settings.shards)
-        now = self.loop.time()
-        core_class = PrimaryCore if role == "primary" else BackupCore
+        core_class = PrimaryCore if self.role is Role.PRIMARY else BackupCore
         # The core owns the store (the backup swaps in a new one after a transfer).
-        self.core: PrimaryCore | BackupCore = core_class(settings, store, now)
-        self.accepts_replication = role == "backup"
-        self.address = settings.address_of(role)
-        self.peer_address = settings.address_of("backup" if role == "primary" else "primary")
+        self.core: PrimaryCore | BackupCore = core_class(settings, store, self.clock())
+        self.accepts_replication = self.role is Role.BACKUP
+        self.address = settings.address_of(self.role)
+        self.peer_address = settings.address_of(self.role.peer)
         self.limits = Limits(settings.max_key_bytes, settings.max_value_bytes)
         self.connections: set[HttpProtocol] = set()
         self.channel: ChannelProtocol | None = None
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.stopped = asyncio.Event()
         self.stats = Metrics(self)
-        self._flush_scheduled = False
         self._pumping = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.lag = LoopLag()
@@ -204,10 +181,10 @@ class Node:
             backlog=2048,
         )
         log.info("%s listening on %s:%d (store %s)", self.role, host, port, store_kind(self.core))
-        self.core.start(self.loop.time())
-        self._drain()
+        self.core.start(self.clock())
+        self.core.drain(self)
         self._sweep = self.loop.call_later(5.0, self._sweep_idle)
-        self._probe_lag(self.loop.time() + LAG_PROBE_INTERVAL)
+        self._probe_lag(self.clock() + LAG_PROBE_INTERVAL)
         try:
             await self.stopped.wait()
         finally:
@@ -237,10 +214,10 @@ class Node:
 
     def _probe_lag(self, due: float) -> None:
         """A timer that notes how late it fires: how long the loop was busy."""
-        now = self.loop.time()
+        now = self.clock()
         self.lag.record(now, max(0.0, now - due))
         due = now + LAG_PROBE_INTERVAL
-        self._lag_timer = self.loop.call_at(due, self._probe_lag, due)
+        self._lag_timer = self.loop.call_later(LAG_PROBE_INTERVAL, self._probe_lag, due)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -252,32 +229,23 @@ class Node:
         self.stats.count(command)
         return self.core.read(command, key)
 
-    def submit(
-        self, command: Command, key: str, value: str | None, respond: Callable[[Outcome], None]
-    ) -> Outcome | None:
+    def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome | None:
         self.stats.count(command)
-        outcome = self.core.submit(command, key, value, respond)
-        if outcome is None and not self._flush_scheduled:
-            # Everything that arrives in this turn of the loop shares one batch.
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        core = self.core
+        outcome = core.submit(command, key, value, reply)
+        if core.outbox:
+            core.drain(self)
         return outcome
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        core = self.core
-        assert isinstance(core, PrimaryCore)
-        core.flush(self.loop.time())
-        self._drain()
-
     def status(self) -> dict[str, Any]:
-        status = self.core.status(self.loop.time())
+        now = self.clock()
+        status = self.core.status(now)
         status["address"] = "%s:%d" % self.address
         status["peer"] = "%s:%d" % self.peer_address
         status["store"] = self.core.store.kind
         status["shards"] = self.core.store.shard_count
         status["clients"] = len(self.connections)
-        status["loop_lag_ms"] = round(self.lag.recent_max(self.loop.time()) * 1000, 1)
+        status["loop_lag_ms"] = round(self.lag.recent_max(now) * 1000, 1)
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         return status
 
@@ -290,71 +258,73 @@ class Node:
         channel.connection_made(transport)
         core = self.core
         assert isinstance(core, BackupCore)
-        core.channel_opened(self.loop.time())
-        self._drain()  # closes a channel this one replaces
+        core.channel_opened(self.clock())
+        core.drain(self)  # closes a channel this one replaces
         self.channel = channel
         log.info("backup accepted a replication channel from %s", _peername(transport))
         if leftover:
             channel.data_received(leftover)
 
     # -- channel events ----------------------------------------------------------
-    def frames_received(self, channel: ChannelProtocol, frames: list[list[Any]]) -> None:
+    def frames_received(self, channel: ChannelProtocol, frames: list[Frame]) -> None:
         if channel is not self.channel:
             return
         core = self.core
         for frame in frames:
-            core.frame_received(self.loop.time(), frame)
+            core.frame_received(self.clock(), frame)
             if channel is not self.channel:
                 break
-        self._drain()
+        core.drain(self)
 
     def channel_broken(self, channel: ChannelProtocol, reason: str) -> None:
         if channel is not self.channel:
             return
         self.channel = None
         channel.close()
-        self.core.channel_closed(self.loop.time(), reason)
-        self._drain()
+        self.core.channel_closed(self.clock(), reason)
+        self.core.drain(self)
 
-    # -- carrying out actions ------------------------------------------------------
-    def _drain(self) -> None:
+    # -- carrying out actions (actions.Driver) ---------------------------------------
+    def send(self, frame: Frame) -> None:
+        if self.channel is not None:
+            self.channel.write(encode(frame))
+
+    def start_timer(self, name: str, delay: float) -> None:
+        old = self.timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self.timers[name] = self.loop.call_later(delay, self._timer_fired, name)
+
+    def close_channel(self, reason: str) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            log.info("%s closes the replication channel: %s", self.role, reason)
+            channel.close()
+
+    def connect(self) -> None:
+        self._spawn(self._connect())
+
+    def probe(self) -> None:
+        self._spawn(self._probe())
+
+    def pump_transfer(self) -> None:
+        if not self._pumping:
+            self._spawn(self._pump())
+
+    def flush_soon(self) -> None:
+        # After the other events of this turn of the loop: they share the batch.
+        self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
         core = self.core
-        while core.outbox:
-            for action in core.take_actions():
-                self._carry_out(action)
-
-    def _carry_out(self, action: Any) -> None:
-        if isinstance(action, Respond):
-            action.token(action.outcome)
-        elif isinstance(action, Send):
-            if self.channel is not None:
-                self.channel.write(encode(action.frame))
-        elif isinstance(action, StartTimer):
-            old = self.timers.pop(action.name, None)
-            if old is not None:
-                old.cancel()
-            self.timers[action.name] = self.loop.call_later(
-                action.delay, self._timer_fired, action.name
-            )
-        elif isinstance(action, CloseChannel):
-            channel, self.channel = self.channel, None
-            if channel is not None:
-                log.info("%s closes the replication channel: %s", self.role, action.reason)
-                channel.close()
-        elif isinstance(action, Connect):
-            self._spawn(self._connect())
-        elif isinstance(action, Probe):
-            self._spawn(self._probe())
-        elif isinstance(action, PumpTransfer):
-            if not self._pumping:
-                self._spawn(self._pump())
-        else:
-            raise TypeError(f"unknown action {action!r}")
+        assert isinstance(core, PrimaryCore)
+        core.flush(self.clock())
+        core.drain(self)
 
     def _timer_fired(self, name: str) -> None:
         self.timers.pop(name, None)
-        self.core.timer_fired(self.loop.time(), name)
-        self._drain()
+        self.core.timer_fired(self.clock(), name)
+        self.core.drain(self)
 
     async def _connect(self) -> None:
         core = self.core
@@ -373,16 +343,16 @@ class Node:
         except (TimeoutError, OSError) as exc:
             if transport is not None:
                 transport.close()
-            core.channel_failed(self.loop.time(), f"{host}:{port}: {exc or type(exc).__name__}")
-            self._drain()
+            core.channel_failed(self.clock(), f"{host}:{port}: {exc or type(exc).__name__}")
+            core.drain(self)
             return
         if channel.closed:
-            core.channel_failed(self.loop.time(), "closed during the upgrade")
-            self._drain()
+            core.channel_failed(self.clock(), "closed during the upgrade")
+            core.drain(self)
             return
         self.channel = channel
-        core.channel_opened(self.loop.time())
-        self._drain()
+        core.channel_opened(self.clock())
+        core.drain(self)
 
     async def _probe(self) -> None:
         core = self.core
@@ -396,8 +366,8 @@ class Node:
             running = True
         except (TimeoutError, OSError):
             running = False
-        core.probe_result(self.loop.time(), running)
-        self._drain()
+        core.probe_result(self.clock(), running)
+        core.drain(self)
 
     async def _pump(self) -> None:
         """Send a transfer a few frames at a time, yielding between them."""
@@ -407,8 +377,8 @@ class Node:
                 channel = self.channel
                 if channel is None:
                     return
-                more = self.core.pump_transfer(self.loop.time(), PUMP_FRAMES)
-                self._drain()
+                more = self.core.pump_transfer(self.clock(), PUMP_FRAMES)
+                self.core.drain(self)
                 if not more:
                     return
                 await channel.wait_writable()
@@ -424,47 +394,3 @@ def store_kind(core: PrimaryCore | BackupCore) -> str:
 def _peername(transport: asyncio.BaseTransport) -> str:
     peer = transport.get_extra_info("peername")
     return "%s:%d" % peer[:2] if peer else "?"
-
-
-def setup_logging(level: str, role: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s {role} %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def serve_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pbkv serve", description="Run a pbkv server.")
-    parser.add_argument("--role", choices=config.ROLES, required=True)
-    config.add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        settings = config.settings_from_args(args)
-    except config.SettingsError as exc:
-        print(f"pbkv: {exc}", file=sys.stderr)
-        return 2
-    setup_logging(settings.log_level, args.role)
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        runner = asyncio.run
-    try:
-        runner(_serve(settings, args.role))
-    except OSError as exc:
-        host, port = settings.address_of(args.role)
-        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-async def _serve(settings: config.Settings, role: str) -> None:
-    node = Node(settings, role)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, node.stopped.set)
-    await node.run()

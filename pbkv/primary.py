@@ -21,33 +21,55 @@ holds a confirmed copy, and otherwise starts empty.
 
 from __future__ import annotations
 
+import enum
 import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from pbkv.commands import REPLICATION_FAILED, Command, Counted, Done, Dumped, Outcome, Refused
+from pbkv.actions import Connect, FlushSoon, Respond, StartTimer
+from pbkv.commands import REPLICATION_FAILED, Command, Done, Outcome, Refused, Reply
 from pbkv.config import Settings
-from pbkv.core import RETRY, Connect, ReplicationCore, Respond, StartTimer, log
-from pbkv.stages import Event, ReadRule, Stage, WriteRule
+from pbkv.core import MISS, RETRY, ReplicationCore, log
+from pbkv.stages import Event, ReadRule, Role, Stage, Step, WriteRule
 from pbkv.store import ShardedStore, shard_of
-from pbkv.transfer import TRANSFER_FRAMES, SnapshotReceiver, TransferError
-from pbkv.wire import FrameType, checksum_from_bytes, checksum_to_bytes
+from pbkv.transfer import SnapshotReceiver, TransferError
+from pbkv.wire import (
+    Ack,
+    Fence,
+    Fetch,
+    FrameType,
+    Hello,
+    Skip,
+    SnapshotBegin,
+    SnapshotEnd,
+    SyncAck,
+)
+from pbkv.wire import (
+    Batch as BatchFrame,
+)
 
-_MISS_VALUE = ""
+
+class Plan(enum.Enum):
+    """What the primary decided from the backup's hello."""
+
+    SEND = "sent to"  # our confirmed data wins
+    SKIP = "already matched on"  # both hold the same confirmed data
+    FETCH = "fetched from"  # the backup's confirmed data wins
+    START_EMPTY = "started empty with"  # neither side holds confirmed data
 
 
 @dataclass(slots=True)
 class Batch:
     seq: int = 0
     ops: list[Any] = field(default_factory=list)  # key, value-or-None, key, ...
-    entries: list[tuple[Any, Outcome]] = field(default_factory=list)  # token, answer
+    entries: list[tuple[Reply, Outcome]] = field(default_factory=list)  # reply, answer
     sent_at: float = 0.0
     deadline: float = 0.0
 
 
 class PrimaryCore(ReplicationCore):
-    role = "primary"
+    role = Role.PRIMARY
 
     def __init__(
         self,
@@ -61,11 +83,12 @@ class PrimaryCore(ReplicationCore):
         super().__init__(settings, store, initial, now, rng)
         self.overlay: dict[str, tuple[str | None, int]] = {}
         self.queued = Batch()
+        self.flush_pending = False
         # Batches sent and not yet acknowledged, oldest first (acks come in order).
         self.in_flight: deque[Batch] = deque()
         self.window = settings.batches_in_flight
         self.sent_seq = 0
-        self.awaiting = ""  # "hello", "snapshot", "sync_ack" or "final_ack"
+        self.plan: Plan | None = None
         self.complete_shards: set[int] = set()
         self.writes_rewound = 0
         self.batches_sent = 0
@@ -73,6 +96,17 @@ class PrimaryCore(ReplicationCore):
         self.batches_acked = 0
         self.writes_replicated = 0
         self.ack_seconds_total = 0.0
+        self.handlers.update(
+            {
+                FrameType.HELLO: self._hello,
+                FrameType.ACK: self._batch_acked,
+                FrameType.SNAPSHOT_BEGIN: self._transfer_frame,
+                FrameType.SHARD_CHUNK: self._transfer_frame,
+                FrameType.SHARD_END: self._transfer_frame,
+                FrameType.SNAPSHOT_END: self._transfer_frame,
+                FrameType.SYNC_ACK: self._sync_ack,
+            }
+        )
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -92,62 +126,30 @@ class PrimaryCore(ReplicationCore):
         self.outbox.append(StartTimer(RETRY, self.backoff.next_delay()))
 
     def channel_opened(self, now: float) -> None:
-        self.now = now
-        self.channel_up = True
-        self.last_received = now
-        self.awaiting = "hello"
+        self.opened(now)
         self.send(self.hello_frame())
 
     def channel_failed(self, now: float, reason: str) -> None:
         """Connecting to the backup did not work."""
         self.now = now
-        if self.stage is Stage.COLD_START:
-            self.fire(Event.BACKUP_UNREACHABLE, f"no backup: {reason}")
+        self.fire(Event.BACKUP_UNREACHABLE, f"no backup: {reason}")
         self.schedule_retry()
 
-    def channel_lost(self, reason: str) -> None:
-        self.awaiting = ""
+    def on_channel_lost(self, reason: str) -> None:
+        self.plan = None
         self._rewind(reason)
-        if self.stage is Stage.COLD_START:
-            self.fire(Event.BACKUP_UNREACHABLE, f"backup left during the handshake: {reason}")
-        else:
-            self.fire(Event.PEER_LOST, reason)
-        self.schedule_retry()
-
-    def _abandon_transfer(self, reason: str) -> None:
-        """Close the channel and start over after a back-off (seed: "start over")."""
-        if not self.channel_up:
-            return
-        self.close_channel(reason)
-        self.awaiting = ""
-        if self.machine.can_fire(Event.TRANSFER_FAILED):
-            self.fire(Event.TRANSFER_FAILED, reason)
-        else:  # a NACK outside a transfer: the channel simply failed
-            self.channel_lost(reason)
-            return
         self.schedule_retry()
 
     def tick(self) -> None:
         if self.in_flight and self.now > self.in_flight[0].deadline:
             # Seed: "try to kill the backup", then bootstrap a new one.
             if self.channel_up:
-                self.send([FrameType.FENCE, "acknowledgement timed out"])
-            self.drop(f"backup did not acknowledge batch {self.in_flight[0].seq} in time")
+                self.send(Fence("acknowledgement timed out"))
+            self.lose_channel(f"backup did not acknowledge batch {self.in_flight[0].seq} in time")
         super().tick()
 
     # -- client requests ---------------------------------------------------------
-    def read(self, command: Command, key: str = "") -> Outcome:
-        store = self.store
-        if not self._may_read(command, key):
-            return Refused(self.stage, self.role)
-        if command is Command.GET:
-            value = store.get(key)
-            return Done(False, _MISS_VALUE) if value is None else Done(True, value)
-        if command is Command.COUNT:
-            return Counted(len(store))
-        return Dumped(list(store.items()))
-
-    def _may_read(self, command: Command, key: str) -> bool:
+    def may_read(self, command: Command, key: str) -> bool:
         rule = self.machine.acceptance.reads
         if rule is ReadRule.SERVE:
             return True
@@ -160,42 +162,42 @@ class PrimaryCore(ReplicationCore):
             return command is Command.GET and shard_of(key, self.store.shard_count) in complete
         return False
 
-    def submit(self, command: Command, key: str, value: str | None, token: Any) -> Outcome | None:
-        """A write: an outcome now, or None when ``Respond(token, ...)`` follows."""
+    def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome | None:
+        """A write: an outcome now, or None when ``Respond(reply, ...)`` follows."""
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
         pending = self.overlay.get(key)
         current = self.store.get(key) if pending is None else pending[0]
         if command is Command.INSERT:
-            ok, new = current is None, value
+            ok, new, outcome = current is None, value, Done(current is None)
         elif command is Command.UPDATE:
-            ok, new = current is not None, value
+            ok, new, outcome = current is not None, value, Done(current is not None)
         else:
             ok, new = current is not None, None
-        if command is Command.DELETE:
-            outcome = Done(ok, current if ok else _MISS_VALUE)
-        else:
-            outcome = Done(ok)
+            outcome = Done(True, current) if ok else MISS
         if self.standalone:
             if ok:
-                self._apply(key, new)
+                self.store.write(key, new)
             return outcome
-        if not ok:
-            if pending is None:
-                return outcome
-            # Depends on a write in flight: answer after it is acknowledged.
-            self.queued.entries.append((token, outcome))
-            return None
+        if not ok and pending is None:
+            return outcome
         queued = self.queued
-        queued.ops.append(key)
-        queued.ops.append(new)
-        queued.entries.append((token, outcome))
-        self.overlay[key] = (new, self.sent_seq + 1)
+        if ok:
+            queued.ops.append(key)
+            queued.ops.append(new)
+            self.overlay[key] = (new, self.sent_seq + 1)
+        # else: it depends on a write in flight: answer after that is acknowledged.
+        queued.entries.append((reply, outcome))
+        if not self.flush_pending:
+            # Everything submitted before the driver calls flush shares one batch.
+            self.flush_pending = True
+            self.outbox.append(FlushSoon())
         return None
 
     def flush(self, now: float) -> None:
         """Send the queued writes as one batch if the window has room."""
         self.now = now
+        self.flush_pending = False
         if len(self.in_flight) >= self.window or not self.queued.entries:
             return
         batch, self.queued = self.queued, Batch()
@@ -212,28 +214,22 @@ class PrimaryCore(ReplicationCore):
         batch.deadline = now + self.settings.ack_timeout
         self.in_flight.append(batch)
         self.batches_sent += 1
-        self.send([FrameType.BATCH, batch.seq, batch.ops])
-
-    def _apply(self, key: str, value: str | None) -> None:
-        if value is None:
-            self.store.remove(key)
-        else:
-            self.store.put(key, value)
+        self.send(BatchFrame(batch.seq, batch.ops))
 
     def _answer(self, batch: Batch) -> None:
         outbox = self.outbox
-        for token, outcome in batch.entries:
-            outbox.append(Respond(token, outcome))
+        for reply, outcome in batch.entries:
+            outbox.append(Respond(reply, outcome))
 
-    def _batch_acked(self, seq: Any) -> None:
+    def _batch_acked(self, frame: Ack) -> Step:
+        seq = frame.seq
         if not self.in_flight or seq != self.in_flight[0].seq:
-            self.drop(f"acknowledgement for unexpected batch {seq!r}")
-            return
+            self.lose_channel(f"acknowledgement for unexpected batch {seq}")
+            return Step.NONE
         batch = self.in_flight.popleft()
-        ops, overlay, apply = batch.ops, self.overlay, self._apply
-        for i in range(0, len(ops), 2):
-            key = ops[i]
-            apply(key, ops[i + 1])
+        ops, overlay = batch.ops, self.overlay
+        self.store.apply(ops)
+        for key in ops[0::2]:
             pending = overlay.get(key)
             if pending is not None and pending[1] == seq:
                 del overlay[key]
@@ -243,6 +239,7 @@ class PrimaryCore(ReplicationCore):
         self.ack_seconds_total += self.now - batch.sent_at
         self._answer(batch)
         self.flush(self.now)
+        return Step.STREAMING
 
     def _rewind(self, reason: str) -> None:
         """Fail every write not yet acknowledged; the store never saw them."""
@@ -252,103 +249,84 @@ class PrimaryCore(ReplicationCore):
             self.writes_rewound += failed
             log.warning("primary rewound %d writes (%s) peer=backup", failed, reason)
         for batch in batches:
-            for token, _ in batch.entries:
-                self.outbox.append(Respond(token, REPLICATION_FAILED))
+            for reply, _ in batch.entries:
+                self.outbox.append(Respond(reply, REPLICATION_FAILED))
         self.in_flight.clear()
         self.queued = Batch()
         self.overlay.clear()
         self.sent_seq = self.seq
 
-    # -- replication frames ------------------------------------------------------
-    def handle_frame(self, frame: list[Any]) -> None:
-        kind = frame[0]
-        try:
-            if kind == FrameType.ACK:
-                self._batch_acked(frame[1])
-            elif kind == FrameType.HEARTBEAT:
-                self.peer_seq = frame[1]
-            elif self.awaiting == "snapshot" and kind in TRANSFER_FRAMES:
-                self._transfer_frame(frame)
-            elif kind == FrameType.HELLO and self.awaiting == "hello":
-                self._hello(frame)
-            elif kind == FrameType.SYNC_ACK and self.awaiting in ("sync_ack", "final_ack"):
-                self._sync_ack(frame)
-            elif kind == FrameType.SYNC_NACK:
-                self.transfers_failed += 1
-                self.last_transfer_error = str(frame[1])
-                self._abandon_transfer(f"backup refused the transfer: {frame[1]}")
-            else:
-                self.drop(f"unexpected {kind.name} while awaiting {self.awaiting or 'nothing'}")
-        except (IndexError, TypeError, ValueError) as exc:
-            self.drop(f"malformed {kind.name} frame: {exc}")
-
-    def _hello(self, frame: list[Any]) -> None:
-        _, role, _incarnation, peer_confirmed, raw_checksum, count, _shards, seq = frame
-        if role != "backup":
-            self.drop(f"peer says it is the {role}, expected the backup")
-            return
+    # -- the handshake -------------------------------------------------------------
+    def _hello(self, frame: Hello) -> Step:
+        if frame.role != Role.BACKUP:
+            self.lose_channel(f"peer says it is the {frame.role}, expected the backup")
+            return Step.NONE
         self.peer_hello = frame
-        self.peer_seq = seq
-        peer_checksum = checksum_from_bytes(raw_checksum)
+        self.peer_seq = frame.seq
+        count = frame.count
         if self.confirmed:
-            if peer_confirmed and peer_checksum == self.store.checksum and count == len(self.store):
+            if (
+                frame.confirmed
+                and frame.checksum == self.store.checksum
+                and count == len(self.store)
+            ):
+                self.plan = Plan.SKIP
                 log.info("primary and backup already hold the same data: skipping transfer")
-                self.send([FrameType.SKIP, raw_checksum, count, self.seq])
+                self.send(Skip(frame.checksum, count, self.seq))
             else:
+                self.plan = Plan.SEND
                 self.start_sending_snapshot()
-            self.awaiting = "sync_ack"
-        elif peer_confirmed:
-            if self.stage is not Stage.WARM_START:
-                self.fire(Event.BACKUP_HOLDS_DATA, f"backup holds {count} confirmed pairs")
+            return Step.AWAIT_SYNC_ACK
+        if frame.confirmed:
+            self.plan = Plan.FETCH
+            self.fire(Event.BACKUP_HOLDS_DATA, f"backup holds {count} confirmed pairs")
             self.receiver = SnapshotReceiver(self.store)
             self.complete_shards = self.receiver.complete_shards
-            self.awaiting = "snapshot"
-            self.send([FrameType.FETCH])
-        else:
-            if len(self.store):
-                log.warning(
-                    "primary discards %d unconfirmed pairs: the backup holds no data",
-                    len(self.store),
-                )
-                self.store.clear()
-            self.confirmed = True
-            if self.stage is not Stage.BOOTSTRAPPING_SECONDARY:
-                self.fire(Event.BACKUP_NEEDS_DATA, "no confirmed data on either side: start empty")
-            self.start_sending_snapshot()
-            self.awaiting = "sync_ack"
+            self.send(Fetch())
+            return Step.RECEIVE_SNAPSHOT
+        if len(self.store):
+            log.warning(
+                "primary discards %d unconfirmed pairs: the backup holds no data", len(self.store)
+            )
+            self.store.clear()
+        self.plan = Plan.START_EMPTY
+        self.confirmed = True
+        self.fire(Event.BACKUP_NEEDS_DATA, "no confirmed data on either side: start empty")
+        self.start_sending_snapshot()
+        return Step.AWAIT_SYNC_ACK
 
-    def _transfer_frame(self, frame: list[Any]) -> None:
+    def _transfer_frame(self, frame: Any) -> Step:
         receiver = self.receiver
         assert receiver is not None
-        if frame[0] == FrameType.SNAPSHOT_BEGIN:
-            log.info("primary warm start: receiving %s pairs from the backup", frame[2])
+        if type(frame) is SnapshotBegin:
+            log.info("primary warm start: receiving %d pairs from the backup", frame.count)
         try:
             checksum = self.receive_transfer_frame(frame)
         except TransferError as exc:
-            self.transfer_failed(str(exc))
-            self._abandon_transfer(f"transfer from backup failed: {exc}")
-            return
-        if frame[0] == FrameType.SHARD_END:
-            self.complete_shards = receiver.complete_shards
-        if checksum is not None:
-            self.seq = self.sent_seq = receiver.seq
-            self.awaiting = "final_ack"
-            self.send([FrameType.SYNC_ACK, checksum_to_bytes(checksum)])
+            self.fail_transfer(f"transfer from backup failed: {exc}")
+            return Step.NONE
+        self.complete_shards = receiver.complete_shards
+        if checksum is None:
+            return Step.RECEIVE_SNAPSHOT
+        assert type(frame) is SnapshotEnd
+        self.seq = self.sent_seq = receiver.seq
+        self.send(SyncAck(checksum))
+        return Step.AWAIT_FINAL_ACK
 
-    def _sync_ack(self, frame: list[Any]) -> None:
-        if checksum_from_bytes(frame[1]) != self.store.checksum:
-            self.transfer_failed("backup acknowledged a different checksum")
-            self._abandon_transfer("checksum mismatch at the end of the transfer")
-            return
-        self.awaiting = ""
+    def _sync_ack(self, frame: SyncAck) -> Step:
+        if frame.checksum != self.store.checksum:
+            self.fail_transfer("backup acknowledged a different checksum")
+            return Step.NONE
         self.confirmed = True
         self.receiver = None
         self.transfers_completed += 1
         self.backoff.reset()
-        how = "fetched from" if self.stage is Stage.WARM_START else "sent to"
+        assert self.plan is not None, "a SYNC_ACK is accepted only after the hello"
+        how = self.plan.value
         self.fire(
             Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how} the backup, checksums match"
         )
+        return Step.STREAMING
 
     def status(self, now: float) -> dict[str, Any]:
         status = super().status(now)

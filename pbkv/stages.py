@@ -1,13 +1,16 @@
-"""The stages of both roles, as data.
+"""The stages of both roles and the steps of their handshake, as data.
 
 Two rules, as in h11's ``_state.py``:
 
-1. Everything that decides which stage follows which lives in this file: the
-   transition tables (``stage -> {event: next stage}``) and the acceptance
-   table (``stage -> what reads and writes get``).  The replication cores in
-   ``primary.py`` and ``backup.py`` only name events; ``StageMachine.fire``
-   looks the next stage up and raises ``ProtocolError`` for an event that the
-   current stage does not expect, instead of silently ignoring it.
+1. Everything that decides what a server does next lives in this file: the
+   transition tables (``stage -> {event: next stage}``), the events a stage
+   ignores, the acceptance table (``stage -> what reads and writes get``) and
+   the handshake tables (``step -> {frame type: steps it may lead to}``).  The
+   replication cores in ``primary.py`` and ``backup.py`` only name events and
+   steps; ``StageMachine.fire`` looks the next stage up and raises
+   ``ProtocolError`` for an event that the current stage does not expect,
+   instead of silently ignoring it; a frame the current step does not list
+   closes the channel.
 2. No I/O and no clock here.  The README's stage diagram and tables are
    generated from these tables (``python -m pbkv.stages``), so they cannot drift.
 """
@@ -17,6 +20,17 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from pbkv.wire import FrameType
+
+
+class Role(enum.StrEnum):
+    PRIMARY = "primary"
+    BACKUP = "backup"
+
+    @property
+    def peer(self) -> Role:
+        return Role.BACKUP if self is Role.PRIMARY else Role.PRIMARY
 
 
 class Stage(enum.Enum):
@@ -32,9 +46,11 @@ class Event(enum.Enum):
     BACKUP_UNREACHABLE = "backup_unreachable"
     BACKUP_HOLDS_DATA = "backup_holds_data"  # and we hold nothing confirmed
     BACKUP_NEEDS_DATA = "backup_needs_data"
-    # Backup: outcome of looking for the primary.
+    # Backup: outcome of looking for the primary (a probe), and of waiting for
+    # it to connect (peer_timeout after the probe found it, or after it left).
     PRIMARY_RUNNING = "primary_running"
     PRIMARY_ABSENT = "primary_absent"
+    NO_PRIMARY_IN_TIME = "no_primary_in_time"
     # Either side.
     TRANSFER_STARTED = "transfer_started"  # the primary began sending its data
     SYNC_CONFIRMED = "sync_confirmed"  # checksums matched, mutual ack done
@@ -49,6 +65,7 @@ PRIMARY_TRANSITIONS: dict[Stage, dict[Event, Stage]] = {
         E.BACKUP_UNREACHABLE: S.BOOTSTRAPPING_SECONDARY,
         E.BACKUP_NEEDS_DATA: S.BOOTSTRAPPING_SECONDARY,
         E.BACKUP_HOLDS_DATA: S.WARM_START,
+        E.PEER_LOST: S.BOOTSTRAPPING_SECONDARY,  # the backup left during the handshake
     },
     S.BOOTSTRAPPING_SECONDARY: {
         E.SYNC_CONFIRMED: S.IN_SYNC,
@@ -73,7 +90,8 @@ BACKUP_TRANSITIONS: dict[Stage, dict[Event, Stage]] = {
     S.COLD_START: {
         E.PRIMARY_RUNNING: S.WARM_START,
         E.PRIMARY_ABSENT: S.BOOTSTRAPPING_PRIMARY,
-        E.TRANSFER_STARTED: S.WARM_START,
+        E.TRANSFER_STARTED: S.WARM_START,  # the primary reached us before the probe did
+        E.TRANSFER_FAILED: S.BOOTSTRAPPING_PRIMARY,
         E.PEER_LOST: S.BOOTSTRAPPING_PRIMARY,
     },
     S.BOOTSTRAPPING_PRIMARY: {
@@ -85,15 +103,39 @@ BACKUP_TRANSITIONS: dict[Stage, dict[Event, Stage]] = {
     S.WARM_START: {
         E.TRANSFER_STARTED: S.WARM_START,
         E.SYNC_CONFIRMED: S.IN_SYNC,
+        # Seed: "reply failure and listen again" -- the primary reconnects and
+        # sends again; only when it stays away for peer_timeout do we give up.
         E.TRANSFER_FAILED: S.WARM_START,
-        E.PEER_LOST: S.BOOTSTRAPPING_PRIMARY,
+        E.PEER_LOST: S.WARM_START,
+        E.NO_PRIMARY_IN_TIME: S.BOOTSTRAPPING_PRIMARY,
     },
     S.IN_SYNC: {
         E.PEER_LOST: S.BOOTSTRAPPING_PRIMARY,
+        # We are in sync (and said so) before the primary: it may still refuse.
+        E.TRANSFER_FAILED: S.BOOTSTRAPPING_PRIMARY,
     },
 }
 
-TRANSITIONS = {"primary": PRIMARY_TRANSITIONS, "backup": BACKUP_TRANSITIONS}
+TRANSITIONS = {Role.PRIMARY: PRIMARY_TRANSITIONS, Role.BACKUP: BACKUP_TRANSITIONS}
+
+# Events that may happen in a stage and change nothing (not logged): news that
+# comes late or repeats what the stage already knows.
+PRIMARY_IGNORED: dict[Stage, frozenset[Event]] = {
+    # Retrying: the backup is still unreachable, or needs our data again.
+    S.BOOTSTRAPPING_SECONDARY: frozenset({E.BACKUP_UNREACHABLE, E.BACKUP_NEEDS_DATA}),
+    # Retrying the fetch.
+    S.WARM_START: frozenset({E.BACKUP_UNREACHABLE, E.BACKUP_HOLDS_DATA}),
+}
+
+BACKUP_IGNORED: dict[Stage, frozenset[Event]] = {
+    # The probe's answer after the primary reached us first, and the end of a
+    # wait that no longer matters.
+    S.BOOTSTRAPPING_PRIMARY: frozenset({E.PRIMARY_RUNNING, E.PRIMARY_ABSENT, E.NO_PRIMARY_IN_TIME}),
+    S.WARM_START: frozenset({E.PRIMARY_RUNNING, E.PRIMARY_ABSENT}),
+    S.IN_SYNC: frozenset({E.PRIMARY_RUNNING, E.PRIMARY_ABSENT}),
+}
+
+IGNORED = {Role.PRIMARY: PRIMARY_IGNORED, Role.BACKUP: BACKUP_IGNORED}
 
 
 class ReadRule(enum.Enum):
@@ -133,52 +175,146 @@ BACKUP_ACCEPTANCE: dict[Stage, Acceptance] = {
     S.IN_SYNC: Acceptance(ReadRule.SERVE, WriteRule.REDIRECT),
 }
 
-ACCEPTANCE = {"primary": PRIMARY_ACCEPTANCE, "backup": BACKUP_ACCEPTANCE}
+ACCEPTANCE = {Role.PRIMARY: PRIMARY_ACCEPTANCE, Role.BACKUP: BACKUP_ACCEPTANCE}
+
+
+# -- the handshake ---------------------------------------------------------------
+# Within a stage, the replication channel moves through steps (as Redis's
+# REPL_STATE_*): which frame each step accepts, and the steps that frame may
+# lead to, are the tables below.  A frame a step does not list is a protocol
+# violation: the channel closes with the step and the frame in the reason.
+# Losing the channel (a failure, a close, silence) returns every step to
+# ``NONE``; opening it starts at ``AWAIT_HELLO``.
+
+
+class Step(enum.Enum):
+    NONE = "none"  # no channel
+    AWAIT_HELLO = "await_hello"  # channel open; the peer's HELLO comes next
+    # Backup: our HELLO sent; the primary says what happens (send, skip, fetch).
+    AWAIT_DIRECTIVE = "await_directive"
+    AWAIT_SYNC_ACK = "await_sync_ack"  # primary: our data (or SKIP) sent; is it verified?
+    RECEIVE_SNAPSHOT = "receive_snapshot"  # the peer's whole database arrives
+    AWAIT_FINAL_ACK = "await_final_ack"  # our verdict on a transfer sent; the peer's comes
+    STREAMING = "streaming"  # in sync: batches and their acknowledgements
+
+
+F = FrameType
+_SHARDS = {F.SHARD_CHUNK: (Step.RECEIVE_SNAPSHOT,), F.SHARD_END: (Step.RECEIVE_SNAPSHOT,)}
+
+PRIMARY_HANDSHAKE: dict[Step, dict[FrameType, tuple[Step, ...]]] = {
+    Step.NONE: {},
+    # The backup's hello decides: send our data or SKIP (await_sync_ack), or FETCH.
+    Step.AWAIT_HELLO: {F.HELLO: (Step.AWAIT_SYNC_ACK, Step.RECEIVE_SNAPSHOT)},
+    Step.AWAIT_SYNC_ACK: {F.SYNC_ACK: (Step.STREAMING,), F.SYNC_NACK: (Step.NONE,)},
+    Step.RECEIVE_SNAPSHOT: {
+        F.SNAPSHOT_BEGIN: (Step.RECEIVE_SNAPSHOT,),
+        **_SHARDS,
+        F.SNAPSHOT_END: (Step.AWAIT_FINAL_ACK,),
+        F.SYNC_NACK: (Step.NONE,),
+    },
+    Step.AWAIT_FINAL_ACK: {F.SYNC_ACK: (Step.STREAMING,), F.SYNC_NACK: (Step.NONE,)},
+    Step.STREAMING: {F.ACK: (Step.STREAMING,)},
+}
+
+BACKUP_HANDSHAKE: dict[Step, dict[FrameType, tuple[Step, ...]]] = {
+    Step.NONE: {},
+    Step.AWAIT_HELLO: {F.HELLO: (Step.AWAIT_DIRECTIVE,)},
+    Step.AWAIT_DIRECTIVE: {
+        F.SNAPSHOT_BEGIN: (Step.RECEIVE_SNAPSHOT,),
+        F.SKIP: (Step.STREAMING,),
+        F.FETCH: (Step.AWAIT_FINAL_ACK,),
+    },
+    # The backup is in sync (and says so) before the primary: the primary may
+    # still refuse our acknowledgement, in streaming.
+    Step.RECEIVE_SNAPSHOT: {
+        **_SHARDS,  # SNAPSHOT_BEGIN was the directive
+        F.SNAPSHOT_END: (Step.STREAMING,),
+        F.SYNC_NACK: (Step.NONE,),
+    },
+    Step.AWAIT_FINAL_ACK: {F.SYNC_ACK: (Step.STREAMING,), F.SYNC_NACK: (Step.NONE,)},
+    Step.STREAMING: {F.BATCH: (Step.STREAMING,), F.FENCE: (Step.NONE,), F.SYNC_NACK: (Step.NONE,)},
+}
+
+# A heartbeat is welcome in every step that has a channel, and changes nothing.
+for _table in (PRIMARY_HANDSHAKE, BACKUP_HANDSHAKE):
+    for _step, _frames in _table.items():
+        if _step is not Step.NONE:
+            _frames[F.HEARTBEAT] = (_step,)
+
+HANDSHAKES = {Role.PRIMARY: PRIMARY_HANDSHAKE, Role.BACKUP: BACKUP_HANDSHAKE}
 
 
 class ProtocolError(RuntimeError):
-    """An event arrived that the current stage has no transition for."""
+    """An event or a step arrived that the tables have no entry for (a bug)."""
 
 
 class StageMachine:
     """Holds the current stage of one role and fires transitions from the table.
 
     ``on_transition(old, new, reason)`` is called for every transition,
-    self-transitions included (a failed attempt that starts over is news).
+    self-transitions included (a failed attempt that starts over is news);
+    an ignored event changes nothing and is not reported.
     """
 
     def __init__(
         self,
-        role: str,
+        role: Role,
         initial: Stage,
         on_transition: Callable[[Stage, Stage, str], None] | None = None,
     ) -> None:
-        self.role = role
-        self.table = TRANSITIONS[role]
+        self.role = Role(role)
+        self.table = TRANSITIONS[self.role]
+        self.ignored = IGNORED[self.role]
         if initial not in self.table:
             raise ValueError(f"{initial.value} is not a stage of the {role}")
         self.stage = initial
-        self.acceptance = ACCEPTANCE[role][initial]
+        self.acceptance = ACCEPTANCE[self.role][initial]
         self._on_transition = on_transition
 
-    def can_fire(self, event: Event) -> bool:
-        return event in self.table[self.stage]
-
     def fire(self, event: Event, reason: str) -> Stage:
-        try:
-            new = self.table[self.stage][event]
-        except KeyError:
+        old = self.stage
+        new = self.table[old].get(event)
+        if new is None:
+            if event in self.ignored.get(old, ()):
+                return old
             raise ProtocolError(
-                f"{self.role} in stage {self.stage.value} has no transition for {event.value}"
-            ) from None
-        old, self.stage = self.stage, new
+                f"{self.role} in stage {old.value} has no transition for {event.value}"
+            )
+        self.stage = new
         self.acceptance = ACCEPTANCE[self.role][new]
         if self._on_transition is not None:
             self._on_transition(old, new, reason)
         return new
 
 
-def mermaid(role: str) -> str:
+class Handshake:
+    """The current handshake step of one role, moved only along its table."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = Role(role)
+        self.table = HANDSHAKES[self.role]
+        self.step = Step.NONE
+
+    def accepts(self, kind: FrameType) -> bool:
+        return kind in self.table[self.step]
+
+    def advance(self, kind: FrameType, new: Step) -> None:
+        """After handling a ``kind`` frame, move to ``new`` (which its entry must list)."""
+        if new not in self.table[self.step].get(kind, ()):
+            raise ProtocolError(
+                f"{self.role} handshake: {kind.name} in step {self.step.value} "
+                f"cannot lead to {new.value}"
+            )
+        self.step = new
+
+    def opened(self) -> None:
+        self.step = Step.AWAIT_HELLO
+
+    def reset(self) -> None:
+        self.step = Step.NONE
+
+
+def mermaid(role: Role) -> str:
     """A state diagram of one role (self-transitions folded into the edge label)."""
     lines = ["```mermaid", "stateDiagram-v2", f"    [*] --> {Stage.COLD_START.value}"]
     edges: dict[tuple[Stage, Stage], list[str]] = {}
@@ -194,15 +330,22 @@ def mermaid(role: str) -> str:
 def describe() -> str:
     """Diagrams and markdown tables of both roles, for the README."""
     lines: list[str] = []
-    for role in ("primary", "backup"):
+    for role in Role:
         lines += [f"#### {role.capitalize()}", "", mermaid(role), ""]
         lines += ["| stage | event | next stage |", "| --- | --- | --- |"]
         for stage, edges in TRANSITIONS[role].items():
             for event, new in edges.items():
                 lines.append(f"| {stage.value} | {event.value} | {new.value} |")
+            for event in sorted(IGNORED[role].get(stage, ()), key=lambda e: e.value):
+                lines.append(f"| {stage.value} | {event.value} | (ignored) |")
         lines += ["", "| stage | reads | writes |", "| --- | --- | --- |"]
         for stage, rule in ACCEPTANCE[role].items():
             lines.append(f"| {stage.value} | {rule.reads.value} | {rule.writes.value} |")
+        lines += ["", "| handshake step | frame | next step |", "| --- | --- | --- |"]
+        for step, frames in HANDSHAKES[role].items():
+            for name, steps in frames.items():
+                following = ", ".join(s.value for s in steps)
+                lines.append(f"| {step.value} | {name.name} | {following} |")
         lines.append("")
     return "\n".join(lines)
 

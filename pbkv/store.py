@@ -1,6 +1,6 @@
 """The in-memory database: a map of str to str with an always-current checksum.
 
-Two implementations share one interface (SPEC section 5):
+Two implementations share one interface:
 
 * ``ShardedStore`` splits keys over N dicts by a stable hash of the key.  The
   shard is also the unit of a full transfer and of the warm-start rule "this
@@ -126,16 +126,28 @@ class ShardedStore:
             self._sums[index] = (self._sums[index] - pair_checksum(key, old)) & _MASK
         return old
 
+    def write(self, key: str, value: str | None) -> None:
+        """Upsert, or delete when ``value`` is None."""
+        if value is None:
+            self.remove(key)
+        else:
+            self.put(key, value)
+
+    def apply(self, ops: list[str | None]) -> None:
+        """A replicated batch: key, value-or-None, key, ... in order."""
+        put, remove = self.put, self.remove
+        for i in range(0, len(ops), 2):
+            value = ops[i + 1]
+            if value is None:
+                remove(ops[i])  # type: ignore[arg-type]
+            else:
+                put(ops[i], value)  # type: ignore[arg-type]
+
     def clear(self) -> None:
         for shard in self._shards:
             shard.clear()
         self._sums = [0] * self.shard_count
         self._size = 0
-
-    def clear_shard(self, shard: int) -> None:
-        self._size -= len(self._shards[shard])
-        self._shards[shard].clear()
-        self._sums[shard] = 0
 
     def load_chunk(self, shard: int, pairs: Iterable[tuple[str, str]]) -> None:
         """Add pairs received for ``shard`` during a transfer."""

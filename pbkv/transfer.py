@@ -11,20 +11,9 @@ stages that transfer refuse client writes.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 from pbkv.store import ShardedStore, pair_checksum
-from pbkv.wire import FrameType, checksum_from_bytes, checksum_to_bytes
-
-# The frames of a full transfer, in the order they come.
-TRANSFER_FRAMES = frozenset(
-    {
-        FrameType.SNAPSHOT_BEGIN,
-        FrameType.SHARD_CHUNK,
-        FrameType.SHARD_END,
-        FrameType.SNAPSHOT_END,
-    }
-)
+from pbkv.wire import Frame, ShardChunk, ShardEnd, SnapshotBegin, SnapshotEnd
 
 
 class TransferError(Exception):
@@ -43,68 +32,63 @@ class SnapshotSender:
     def __init__(self, store: ShardedStore, chunk_size: int, seq: int) -> None:
         self._frames = self._generate(store, chunk_size, seq)
         self.done = False
-        self.pairs_sent = 0
         self.total = len(store)
 
-    def _generate(self, store: ShardedStore, chunk_size: int, seq: int) -> Iterator[list[Any]]:
-        yield [FrameType.SNAPSHOT_BEGIN, store.shard_count, len(store)]
+    def _generate(self, store: ShardedStore, chunk_size: int, seq: int) -> Iterator[Frame]:
+        yield SnapshotBegin(store.shard_count, len(store))
         for shard in range(store.shard_count):
             for chunk in store.shard_chunks(shard, chunk_size):
-                self.pairs_sent += len(chunk)
-                yield [FrameType.SHARD_CHUNK, shard, _flatten(chunk)]
-            yield [
-                FrameType.SHARD_END,
-                shard,
-                checksum_to_bytes(store.shard_checksum(shard)),
-                store.shard_len(shard),
-            ]
-        yield [FrameType.SNAPSHOT_END, checksum_to_bytes(store.checksum), len(store), seq]
+                yield ShardChunk(shard, _flatten(chunk))
+            yield ShardEnd(shard, store.shard_checksum(shard), store.shard_len(shard))
+        yield SnapshotEnd(store.checksum, len(store), seq)
 
-    def next_frames(self, limit: int) -> list[list[Any]]:
+    def next_frames(self, limit: int) -> list[Frame]:
         """Up to ``limit`` frames; ``done`` turns true after the last one."""
-        frames: list[list[Any]] = []
+        frames: list[Frame] = []
         while not self.done and len(frames) < limit:
             frame = next(self._frames)
             frames.append(frame)
-            self.done = frame[0] is FrameType.SNAPSHOT_END
+            self.done = type(frame) is SnapshotEnd
         return frames
 
 
 class SnapshotReceiver:
-    """Feed it SNAPSHOT_BEGIN ... SNAPSHOT_END; it raises ``TransferError``."""
+    """Feed it SNAPSHOT_BEGIN ... SNAPSHOT_END, in order; it raises ``TransferError``.
+
+    It loads into ``store`` (a fresh one on the backup, so its own copy
+    survives a failed transfer) and trusts nothing the sender claims: every
+    count and checksum is computed here and compared.
+    """
 
     def __init__(self, store: ShardedStore) -> None:
         self.store = store
         self.complete_shards: set[int] = set()
-        self.finished = False
         self.seq = 0
         self.expected_total = 0
         self.received = 0
         self.sender_shards = 0
+        self._begun = False
         self._same_layout = False
         self._running = [0]  # per sender shard, when the layouts differ
         self._counts = [0]  # pairs per sender shard, when the layouts differ
 
-    def begin(self, frame: list[Any]) -> None:
-        _, shards, total = frame
-        if not isinstance(shards, int) or shards < 1 or not isinstance(total, int):
-            raise TransferError("malformed SNAPSHOT_BEGIN")
-        self.sender_shards = shards
-        self.expected_total = total
-        self._same_layout = shards == self.store.shard_count
-        self._running = [0] * shards
-        self._counts = [0] * shards
+    def begin(self, frame: SnapshotBegin) -> None:
+        if self._begun:
+            raise TransferError("a second SNAPSHOT_BEGIN")
+        if frame.shards < 1:
+            raise TransferError("a snapshot needs at least one shard")
+        self._begun = True
+        self.sender_shards = frame.shards
+        self.expected_total = frame.count
+        self._same_layout = frame.shards == self.store.shard_count
+        self._running = [0] * frame.shards
+        self._counts = [0] * frame.shards
         self.store.clear()
 
-    def chunk(self, frame: list[Any]) -> None:
-        _, shard, flat = frame
-        self._check_shard(shard)
-        if not isinstance(flat, list) or len(flat) % 2:
-            raise TransferError("malformed SHARD_CHUNK")
+    def chunk(self, frame: ShardChunk) -> None:
+        shard = self._check_shard(frame.shard)
+        flat = frame.pairs
         pairs = list(zip(flat[0::2], flat[1::2], strict=True))
-        for key, value in pairs:
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise TransferError("keys and values must be strings")
         self.received += len(pairs)
         if self._same_layout:
             self.store.load_chunk(shard, pairs)
@@ -116,57 +100,51 @@ class SnapshotReceiver:
             self._running[shard] = total
             self._counts[shard] += len(pairs)
 
-    def shard_end(self, frame: list[Any]) -> None:
-        _, shard, raw_checksum, count = frame
-        self._check_shard(shard)
-        expected = checksum_from_bytes(raw_checksum)
+    def shard_end(self, frame: ShardEnd) -> None:
+        shard = self._check_shard(frame.shard)
         if self._same_layout:
             actual = self.store.shard_checksum(shard)
             actual_count = self.store.shard_len(shard)
-            if actual_count != count:
-                raise TransferError(f"shard {shard}: {actual_count} pairs, sender had {count}")
         else:
             actual = self._running[shard] % (1 << 128)
-            if self._counts[shard] != count:
-                raise TransferError(
-                    f"shard {shard}: {self._counts[shard]} pairs, sender had {count}"
-                )
-        if actual != expected:
+            actual_count = self._counts[shard]
+        if actual_count != frame.count:
+            raise TransferError(f"shard {shard}: {actual_count} pairs, sender had {frame.count}")
+        if actual != frame.checksum:
             raise TransferError(f"shard {shard}: checksum mismatch")
         if self._same_layout:
             self.complete_shards.add(shard)
 
-    def end(self, frame: list[Any]) -> int:
+    def end(self, frame: SnapshotEnd) -> int:
         """Verify the whole database; returns its checksum."""
-        _, raw_checksum, count, seq = frame
-        expected = checksum_from_bytes(raw_checksum)
+        if not self._begun:
+            raise TransferError("SNAPSHOT_END before SNAPSHOT_BEGIN")
+        count = frame.count
         if len(self.store) != count or self.received != count or self.expected_total != count:
             raise TransferError(f"received {len(self.store)} pairs, sender had {count}")
-        if self.store.checksum != expected:
+        if self.store.checksum != frame.checksum:
             raise TransferError("database checksum mismatch")
-        self.finished = True
         self.complete_shards = set(range(self.store.shard_count))
-        self.seq = seq if isinstance(seq, int) else 0
-        return expected
+        self.seq = frame.seq
+        return frame.checksum
 
-    def feed(self, frame: list[Any]) -> int | None:
-        """Dispatch one transfer frame; returns the checksum once verified."""
-        kind = frame[0]
-        try:
-            if kind == FrameType.SHARD_CHUNK:
-                self.chunk(frame)
-            elif kind == FrameType.SHARD_END:
-                self.shard_end(frame)
-            elif kind == FrameType.SNAPSHOT_BEGIN:
-                self.begin(frame)
-            elif kind == FrameType.SNAPSHOT_END:
-                return self.end(frame)
-            else:
-                raise TransferError(f"unexpected {kind.name} during a transfer")
-        except (ValueError, TypeError) as exc:
-            raise TransferError(f"malformed transfer frame: {exc}") from None
+    def feed(self, frame: Frame) -> int | None:
+        """Take one transfer frame; returns the checksum once all is verified."""
+        if type(frame) is ShardChunk:
+            self.chunk(frame)
+        elif type(frame) is ShardEnd:
+            self.shard_end(frame)
+        elif type(frame) is SnapshotBegin:
+            self.begin(frame)
+        elif type(frame) is SnapshotEnd:
+            return self.end(frame)
+        else:
+            raise TransferError(f"unexpected {frame.kind.name} during a transfer")
         return None
 
-    def _check_shard(self, shard: Any) -> None:
-        if not isinstance(shard, int) or not 0 <= shard < self.sender_shards:
-            raise TransferError(f"shard number {shard!r} out of range")
+    def _check_shard(self, shard: int) -> int:
+        if not self._begun:
+            raise TransferError("shard data before SNAPSHOT_BEGIN")
+        if not shard < self.sender_shards:
+            raise TransferError(f"shard number {shard} out of range")
+        return shard

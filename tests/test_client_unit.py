@@ -11,10 +11,8 @@ import asyncio
 import json
 import re
 import socket
-import sys
 import threading
 import time
-import types
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pbkv import cli
 from pbkv.cli import escape, main, status_lines
 from pbkv.client import (
     AsyncClient,
@@ -816,7 +815,7 @@ def test_cli_serve_passes_everything_through(monkeypatch: pytest.MonkeyPatch) ->
         seen.append(argv)
         return 7
 
-    monkeypatch.setitem(sys.modules, "pbkv.node", types.SimpleNamespace(serve_main=serve_main))
+    monkeypatch.setattr(cli, "serve_main", serve_main)
     words = ["--role", "backup", "--port", "9000", "-h", "--", "x", "--config=c.conf"]
     assert main(["serve", *words]) == 7
     assert main(["serve"]) == 7
@@ -826,7 +825,7 @@ def test_cli_serve_passes_everything_through(monkeypatch: pytest.MonkeyPatch) ->
 def test_cli_serve_rejects_client_options_first(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "pbkv.node", types.SimpleNamespace(serve_main=lambda argv: 0))
+    monkeypatch.setattr(cli, "serve_main", lambda argv: 0)
     assert main(["--port", "1", "serve", "--role", "primary"]) == 2
     assert "after 'serve'" in capsys.readouterr().err
 

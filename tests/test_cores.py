@@ -24,21 +24,11 @@ import pytest
 from pbkv.backup import BackupCore
 from pbkv.commands import REPLICATION_FAILED, Command, Counted, Done, Dumped, Outcome, Refused
 from pbkv.config import Settings
-from pbkv.core import (
-    RETRY,
-    TICK,
-    CloseChannel,
-    Connect,
-    Probe,
-    PumpTransfer,
-    Respond,
-    Send,
-    StartTimer,
-)
+from pbkv.core import RETRY, TICK
 from pbkv.primary import PrimaryCore
-from pbkv.stages import Stage
+from pbkv.stages import Role, Stage
 from pbkv.store import ShardedStore, make_store, shard_of
-from pbkv.wire import FrameDecoder, FrameError, FrameType, encode
+from pbkv.wire import Frame, FrameDecoder, FrameError, FrameType, ShardChunk, encode
 
 SHARDS = 4
 ROLES = ("primary", "backup")
@@ -65,7 +55,7 @@ def new_store() -> ShardedStore:
 
 
 def peer_of(role: str) -> str:
-    return "backup" if role == "primary" else "primary"
+    return Role(role).peer
 
 
 Core = PrimaryCore | BackupCore
@@ -89,13 +79,13 @@ class Link:
         # Faults the test switches on.
         self.paused: set[str] = set()  # frames to these roles wait in the pipe
         self.lossy: set[str] = set()  # frames from these roles vanish
-        self.tamper: Callable[[str, list[Any]], list[Any]] | None = None
-        self.corrupt: Callable[[str, list[Any], bytes], bytes] | None = None
+        self.tamper: Callable[[str, Frame], Frame] | None = None
+        self.corrupt: Callable[[str, Frame, bytes], bytes] | None = None
         self.manual_pump = False
         self.pumping: set[str] = set()
         # What happened.
-        self.sent: dict[str, list[list[Any]]] = {role: [] for role in ROLES}
-        self.received: dict[str, list[list[Any]]] = {role: [] for role in ROLES}
+        self.sent: dict[str, list[Frame]] = {role: [] for role in ROLES}
+        self.received: dict[str, list[Frame]] = {role: [] for role in ROLES}
         self.closed_by: list[tuple[str, str]] = []
         self.timer_starts: list[tuple[str, str, float]] = []
         self.responses: dict[Any, Outcome] = {}
@@ -190,12 +180,11 @@ class Link:
         # A new connection; the backup closes one it replaces before this one is used.
         self._disconnect()
         backup.channel_opened(self.now)
-        for action in backup.take_actions():
-            self._carry_out("backup", action)
+        backup.drain(self.drivers["backup"])
         self.connected = True
         primary.channel_opened(self.now)
 
-    def _transmit(self, source: str, frame: list[Any]) -> None:
+    def _transmit(self, source: str, frame: Frame) -> None:
         if not self.connected or source in self.lossy:
             return
         if self.tamper is not None:
@@ -231,39 +220,9 @@ class Link:
         self.run()
 
     # -- the driver loop ---------------------------------------------------------------
-    def _carry_out(self, role: str, action: Any) -> None:
-        core = self.cores[role]
-        if isinstance(action, Send):
-            self.sent[role].append(copy.deepcopy(action.frame))
-            self._transmit(role, action.frame)
-        elif isinstance(action, Respond):
-            assert action.token not in self.responses, f"{action.token} answered twice"
-            self.responses[action.token] = action.outcome
-            self.answer_order.append(action.token)
-        elif isinstance(action, StartTimer):
-            self.timers[role][action.name] = self.now + action.delay
-            self.timer_starts.append((role, action.name, action.delay))
-        elif isinstance(action, CloseChannel):
-            self.closed_by.append((role, action.reason))
-            if self.connected and role in self.lossy:
-                self._disconnect()  # not even the FIN gets through
-            elif self.connected:
-                self._close_from(role, action.reason)
-        elif isinstance(action, Connect):
-            assert role == "primary", "only the primary opens the channel"
-            self._connect()
-        elif isinstance(action, Probe):
-            assert isinstance(core, BackupCore)
-            answers = self.primary_answers_probe
-            core.probe_result(self.now, "primary" in self.cores if answers is None else answers)
-        elif isinstance(action, PumpTransfer):
-            if self.manual_pump:
-                self.pumping.add(role)
-            else:
-                while core.pump_transfer(self.now):
-                    pass
-        else:  # pragma: no cover - a new action type the harness must learn
-            raise AssertionError(f"unknown action {action!r}")
+    @property
+    def drivers(self) -> dict[str, RoleDriver]:
+        return {role: RoleDriver(self, role) for role in ROLES}
 
     def run(self) -> None:
         """Carry out actions and deliver frames until nothing moves."""
@@ -273,9 +232,9 @@ class Link:
                 core = self.cores.get(role)
                 if core is None:
                     continue
-                for action in core.take_actions():
+                if core.outbox:
                     moved = True
-                    self._carry_out(role, action)
+                    core.drain(RoleDriver(self, role))
             if not moved and not self._deliver_one():
                 return
         raise AssertionError("the cores never went quiet")
@@ -316,8 +275,16 @@ class Link:
     def token(self) -> str:
         return f"w{next(self._tokens)}"
 
+    def reply_to(self, token: Any) -> Callable[[Outcome], None]:
+        def reply(outcome: Outcome) -> None:
+            assert token not in self.responses, f"{token} answered twice"
+            self.responses[token] = outcome
+            self.answer_order.append(token)
+
+        return reply
+
     def submit(self, token: Any, command: Command, key: str, value: str | None = None) -> Any:
-        outcome = self.primary.submit(command, key, value, token)
+        outcome = self.primary.submit(command, key, value, self.reply_to(token))
         self.run()
         return outcome
 
@@ -352,11 +319,56 @@ class Link:
         return [(role, old, new) for role, old, new, _ in self.transitions()]
 
     def kinds(self, role: str, start: int = 0) -> list[FrameType]:
-        return [frame[0] for frame in self.sent[role][start:]]
+        return [frame.kind for frame in self.sent[role][start:]]
 
     def mark(self) -> dict[str, int]:
         """Where the frame logs stand now, to look only at what follows."""
         return {role: len(self.sent[role]) for role in ROLES}
+
+
+class RoleDriver:
+    """One role's side of the ``Link``: the ``actions.Driver`` its core drains into."""
+
+    def __init__(self, link: Link, role: str) -> None:
+        self.link, self.role = link, role
+
+    def send(self, frame: Frame) -> None:
+        self.link.sent[self.role].append(copy.deepcopy(frame))
+        self.link._transmit(self.role, frame)
+
+    def start_timer(self, name: str, delay: float) -> None:
+        link = self.link
+        link.timers[self.role][name] = link.now + delay
+        link.timer_starts.append((self.role, name, delay))
+
+    def close_channel(self, reason: str) -> None:
+        link = self.link
+        link.closed_by.append((self.role, reason))
+        if link.connected and self.role in link.lossy:
+            link._disconnect()  # not even the FIN gets through
+        elif link.connected:
+            link._close_from(self.role, reason)
+
+    def connect(self) -> None:
+        assert self.role == "primary", "only the primary opens the channel"
+        self.link._connect()
+
+    def probe(self) -> None:
+        link = self.link
+        answers = link.primary_answers_probe
+        link.backup.probe_result(link.now, "primary" in link.cores if answers is None else answers)
+
+    def pump_transfer(self) -> None:
+        link = self.link
+        if link.manual_pump:
+            link.pumping.add(self.role)
+        else:
+            core = link.cores[self.role]
+            while core.pump_transfer(link.now):
+                pass
+
+    def flush_soon(self) -> None:
+        """Writes are flushed when the test says so (``Link.flush``)."""
 
 
 @pytest.fixture
@@ -524,9 +536,9 @@ def test_group_commit_one_batch_and_nothing_visible_before_the_ack(link: Link) -
     assert link.kinds("primary", before["primary"]) == []  # nothing sent before the flush
     link.flush()
 
-    batches = [f for f in link.sent["primary"][before["primary"] :] if f[0] == FrameType.BATCH]
+    batches = [f for f in link.sent["primary"][before["primary"] :] if f.kind == FrameType.BATCH]
     assert len(batches) == 1
-    _, seq, ops = batches[0]
+    seq, ops = batches[0].seq, batches[0].ops
     assert seq == primary.seq + 1
     assert ops == [item for i in range(50) for item in (f"k{i}", f"v{i}")]
     # The backup applied and acknowledged it; the ACK has not arrived.
@@ -564,9 +576,9 @@ def test_writes_queued_behind_a_full_window_go_in_the_next_batch(
     link.paused.clear()
     link.run()
 
-    batches = [f for f in link.sent["primary"][before["primary"] :] if f[0] == FrameType.BATCH]
-    assert [len(f[2]) // 2 for f in batches] == [1] * window + [11 - window]
-    assert [f[1] for f in batches] == list(range(batches[0][1], batches[0][1] + window + 1))
+    batches = [f for f in link.sent["primary"][before["primary"] :] if f.kind == FrameType.BATCH]
+    assert [len(f.ops) // 2 for f in batches] == [1] * window + [11 - window]
+    assert [f.seq for f in batches] == list(range(batches[0].seq, batches[0].seq + window + 1))
     assert all(link.responses[token] == Done(True) for token in tokens)
     assert link.answer_order == tokens
     assert_same_data(primary, backup)
@@ -767,8 +779,8 @@ def test_channel_closed_at_the_backup_keeps_its_data(link: Link) -> None:
 def test_a_byte_corrupted_on_the_wire_closes_the_channel(link: Link) -> None:
     primary, backup = in_sync_pair(link, {"a": "1"})
 
-    def flip(source: str, frame: list[Any], data: bytes) -> bytes:
-        if frame[0] != FrameType.BATCH:
+    def flip(source: str, frame: Frame, data: bytes) -> bytes:
+        if frame.kind != FrameType.BATCH:
             return data
         return data[:-1] + bytes([data[-1] ^ 0x01])
 
@@ -824,7 +836,7 @@ def test_restarted_empty_primary_fetches_the_backups_data(link: Link) -> None:
         else:
             assert link.read("primary", COUNT) == Counted(len(data))
         assert link.pump("backup", 1) or primary.stage is S.IN_SYNC
-        complete |= {f[1] for f in link.received["primary"] if f[0] == FrameType.SHARD_END}
+        complete |= {f.shard for f in link.received["primary"] if f.kind == FrameType.SHARD_END}
 
     assert partial_seen
     assert in_sync_order(link)[-2:] == ["backup", "primary"]
@@ -913,13 +925,13 @@ def test_same_data_on_both_sides_skips_the_transfer(link: Link) -> None:
 # -- corrupted transfers ---------------------------------------------------------------
 
 
-def corrupt_once(source_role: str) -> Callable[[str, list[Any]], list[Any]]:
+def corrupt_once(source_role: str) -> Callable[[str, Frame], Frame]:
     """Alter the first value of the first SHARD_CHUNK that ``source_role`` sends."""
     done = []
 
-    def tamper(source: str, frame: list[Any]) -> list[Any]:
-        if source == source_role and frame[0] == FrameType.SHARD_CHUNK and not done:
-            frame[2][1] += "!"
+    def tamper(source: str, frame: Frame) -> Frame:
+        if source == source_role and type(frame) is ShardChunk and not done:
+            frame.pairs[1] += "!"
             done.append(frame)
         return frame
 
@@ -1135,7 +1147,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
     ("role", "frame"),
     [
         ("primary", [FrameType.ACK, 1]),  # nothing in flight
-        ("primary", [FrameType.HELLO, "backup", 1, True, bytes(16), 0, SHARDS, 0]),
+        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0]),
         ("primary", [FrameType.SYNC_ACK, bytes(16)]),
         ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
         ("backup", [FrameType.BATCH, 99, ["k", "v"]]),  # out of order
@@ -1143,8 +1155,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
         ("backup", [FrameType.FETCH]),
         ("backup", [FrameType.SNAPSHOT_BEGIN, SHARDS, 1]),
         ("backup", [FrameType.SYNC_ACK, bytes(16)]),
-        ("backup", [FrameType.HELLO, "primary", 1, True, bytes(16), 0, SHARDS, 0]),
-        ("backup", [FrameType.BATCH, "not a number"]),  # malformed
+        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0]),
     ],
     ids=lambda v: v if isinstance(v, str) else FrameType(v[0]).name,
 )
@@ -1162,23 +1173,50 @@ def test_an_unexpected_frame_in_sync_closes_the_channel(
     assert primary.confirmed and backup.confirmed
 
 
+@pytest.mark.parametrize(
+    ("role", "frame"),
+    [
+        ("backup", [FrameType.BATCH, "not a number"]),
+        ("backup", [FrameType.BATCH, 2, ["k", "v", 7, "v"]]),  # an integer key mid-batch
+        ("backup", [FrameType.BATCH, 2, ["k", 7]]),
+        ("primary", [FrameType.ACK, "1"]),
+        ("primary", [FrameType.HELLO, "backup"]),
+    ],
+    ids=lambda v: v if isinstance(v, str) else FrameType(v[0]).name,
+)
+def test_a_malformed_frame_is_refused_whole_before_any_handler_runs(
+    link: Link, role: str, frame: list[Any]
+) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    before = {r: (c.store.checksum, c.seq, c.stage) for r, c in link.cores.items()}
+    with pytest.raises(FrameError):
+        FrameDecoder().feed(encode(frame))
+    # The driver closes a channel that carries a bad frame: both sides lose it.
+    link.pipes[role].append(encode(frame))
+    link.run()
+
+    assert not primary.channel_up and not backup.channel_up
+    assert backup.store.get("k") is None and "k" not in backup.store
+    for r, core in link.cores.items():
+        assert (core.store.checksum, core.seq) == before[r][:2]
+
+
 def test_a_fetch_from_a_backup_without_confirmed_data_is_refused(link: Link) -> None:
     backup = link.start_backup()
     assert not backup.confirmed
     backup.channel_opened(link.now)
-    hello = [FrameType.HELLO, "primary", 1, False, bytes(16), 0, SHARDS, 0]
-    link.inject("backup", hello)
+    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0])
     assert link.kinds("backup") == [FrameType.HELLO]
+    moves = len(link.moves())
 
     link.inject("backup", [FrameType.FETCH])
 
     assert link.kinds("backup")[-1] is FrameType.SYNC_NACK
     assert link.closed_by[-1][0] == "backup"
-    assert link.moves()[-1] == (
-        "backup",
-        S.BOOTSTRAPPING_PRIMARY,
-        S.BOOTSTRAPPING_PRIMARY,
-    )
+    # One failed transfer: counted once, one event (not peer_lost and transfer_failed).
+    assert link.moves()[moves:] == [("backup", S.BOOTSTRAPPING_PRIMARY, S.BOOTSTRAPPING_PRIMARY)]
+    assert link.transitions()[-1][3] == "fetch asked of a backup without confirmed data"
+    assert backup.transfers_failed == 1
     assert not backup.channel_up
 
 

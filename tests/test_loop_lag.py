@@ -1,6 +1,6 @@
 """The event-loop lag measure behind /kvman/status's loop_lag_ms."""
 
-from pbkv.node import LoopLag
+from pbkv.metrics import LoopLag
 
 
 def test_recent_max_forgets_old_delays_but_worst_keeps_them():

@@ -1,5 +1,5 @@
 """Replication on real processes: start orders, failures under load, restarts,
-the handshake cases of SPEC section 4, and faults injected by a proxy.
+every handshake case (who wins), and faults injected by a proxy.
 
 Every test starts a real primary (127.0.0.1) and backup (127.0.0.2) with the
 real scripts and short timeouts (see ``tests/harness.py``), drives them with
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from pbkv.client import Client, NotPrimary, PbkvError, ReplicationFailed, Unavailable
+from pbkv.stages import Role
 from pbkv.testing.proxy import FaultProxy
 from tests.harness import FAST_SETTINGS, Pair, wait_for
 
@@ -279,7 +280,7 @@ class WriteLoad:
 # -- start orders and plain replication --------------------------------------------------------
 @pytest.mark.parametrize("first", ["primary", "backup"])
 def test_both_start_orders_reach_in_sync_and_replicate(pair: Pair, first: str):
-    second = "backup" if first == "primary" else "primary"
+    second = Role(first).peer
     pair.start(first)
     assert pair.stage(first) == (
         "bootstrapping_secondary" if first == "primary" else "bootstrapping_primary"
@@ -407,7 +408,7 @@ def test_restarts_in_every_order_keep_the_model(pair: Pair):
         assert model
 
 
-# -- handshakes (SPEC section 4) -------------------------------------------------------------------
+# -- handshakes: the side with the newest acknowledged state wins ---------------------
 def test_restarted_empty_primary_warm_starts_from_the_backup(pair: Pair):
     pair.start_both()
     model: dict[str, str] = {}
@@ -550,7 +551,7 @@ def test_primary_killed_while_resyncing_a_stale_backup_keeps_acknowledged_writes
     pair.start("primary", "--backup-port", str(proxied.port))
     dump = assert_replicas_equal(pair)
     assert "primary stage cold_start -> warm_start" in last_run(pair.log("primary"))
-    dump.pop("rewound", None)  # indeterminate (SPEC 1.3): either outcome is allowed
+    dump.pop("rewound", None)  # indeterminate ("replication failed"): either outcome is allowed
     assert dump == model, _diff(dump, model)
 
 

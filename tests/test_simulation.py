@@ -3,11 +3,12 @@ every history checked for linearizability and the final contents against it."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 
-from pbkv.core import Respond
+from pbkv.actions import Respond
 from pbkv.primary import PrimaryCore
 from pbkv.testing import sim
 
@@ -54,14 +55,14 @@ def test_runs_without_faults_have_no_indeterminate_writes():
 def test_catches_acknowledging_before_the_backup(monkeypatch):
     original = PrimaryCore.submit
 
-    def acknowledge_at_once(self, command, key, value, token):
-        outcome = original(self, command, key, value, token)
+    def acknowledge_at_once(self, command, key, value, reply):
+        outcome = original(self, command, key, value, reply)
         if outcome is None:
             for entry in self.queued.entries:
-                if entry[0] is token:
+                if entry[0] is reply:
                     self.queued.entries.remove(entry)
-                    self.queued.entries.append((object(), entry[1]))
-                    self.outbox.append(Respond(token, entry[1]))
+                    self.queued.entries.append((lambda outcome: None, entry[1]))
+                    self.outbox.append(Respond(reply, entry[1]))
                     break
         return outcome
 
@@ -73,9 +74,8 @@ def test_catches_a_restarted_primary_overwriting_the_backup(monkeypatch):
     original = PrimaryCore._hello
 
     def ignore_the_backups_data(self, frame):
-        frame = list(frame)
-        frame[3] = False  # pretend the backup holds no confirmed copy
-        original(self, frame)
+        # Pretend the backup holds no confirmed copy.
+        return original(self, dataclasses.replace(frame, confirmed=False))
 
     monkeypatch.setattr(PrimaryCore, "_hello", ignore_the_backups_data)
     assert failures(range(60)), "an empty primary overwriting the backup went unnoticed"
@@ -104,7 +104,7 @@ def test_catches_a_backup_that_drops_its_copy_when_a_transfer_starts(monkeypatch
     def wipe_first(self, frame):
         self.confirmed = False
         self.store.clear()
-        original(self, frame)
+        return original(self, frame)
 
     monkeypatch.setattr(BackupCore, "_begin_receiving", wipe_first)
     assert failures(range(300)), "a backup wiping its copy at transfer start went unnoticed"

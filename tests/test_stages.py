@@ -16,18 +16,24 @@ from pbkv.stages import (
     ACCEPTANCE,
     BACKUP_ACCEPTANCE,
     BACKUP_TRANSITIONS,
+    HANDSHAKES,
+    IGNORED,
     PRIMARY_ACCEPTANCE,
     PRIMARY_TRANSITIONS,
     TRANSITIONS,
     Acceptance,
     Event,
+    Handshake,
     ProtocolError,
     ReadRule,
+    Role,
     Stage,
     StageMachine,
+    Step,
     WriteRule,
     describe,
 )
+from pbkv.wire import FrameType
 
 S, E = Stage, Event
 
@@ -43,12 +49,18 @@ EDGES = [
     for stage, edges in TRANSITIONS[role].items()
     for event, new in edges.items()
 ]
+IGNORED_EVENTS = [
+    (role, stage, event)
+    for role in ROLES
+    for stage, events in IGNORED[role].items()
+    for event in sorted(events, key=lambda e: e.value)
+]
 MISSING = [
     (role, stage, event)
     for role in ROLES
     for stage, edges in TRANSITIONS[role].items()
     for event in Event
-    if event not in edges
+    if event not in edges and event not in IGNORED[role].get(stage, ())
 ]
 
 
@@ -138,9 +150,13 @@ def test_the_seed_transitions_are_in_the_tables(
 
 
 @pytest.mark.parametrize("role", ROLES)
-def test_in_sync_is_left_only_when_the_peer_is_lost(role: str) -> None:
+def test_in_sync_is_left_only_for_bootstrapping_when_the_peer_is_lost(role: str) -> None:
     back_to = S.BOOTSTRAPPING_SECONDARY if role == "primary" else S.BOOTSTRAPPING_PRIMARY
-    assert TRANSITIONS[role][S.IN_SYNC] == {E.PEER_LOST: back_to}
+    assert TRANSITIONS[role][S.IN_SYNC][E.PEER_LOST] is back_to
+    assert set(TRANSITIONS[role][S.IN_SYNC].values()) == {back_to}
+    # The primary is in sync only after the backup: only the backup can still fail there.
+    expected = {E.PEER_LOST} if role == "primary" else {E.PEER_LOST, E.TRANSFER_FAILED}
+    assert set(TRANSITIONS[role][S.IN_SYNC]) == expected
 
 
 # -- StageMachine ----------------------------------------------------------------------
@@ -153,7 +169,6 @@ def test_fire_follows_the_table_and_reports_the_transition(
     seen: list[tuple[Stage, Stage, str]] = []
     machine = StageMachine(role, stage, lambda old, to, why: seen.append((old, to, why)))
     assert machine.acceptance == ACCEPTANCE[role][stage]
-    assert machine.can_fire(event)
 
     assert machine.fire(event, "because") is new
 
@@ -176,7 +191,6 @@ def test_an_event_not_in_the_table_raises_and_changes_nothing(
 ) -> None:
     seen: list[object] = []
     machine = StageMachine(role, stage, lambda *args: seen.append(args))
-    assert not machine.can_fire(event)
 
     with pytest.raises(ProtocolError) as info:
         machine.fire(event, "should not happen")
@@ -188,13 +202,37 @@ def test_an_event_not_in_the_table_raises_and_changes_nothing(
     assert role in message and stage.value in message and event.value in message
 
 
+@pytest.mark.parametrize(("role", "stage", "event"), IGNORED_EVENTS, ids=edge_id)
+def test_an_ignored_event_changes_nothing_and_is_not_reported(
+    role: str, stage: Stage, event: Event
+) -> None:
+    assert event not in TRANSITIONS[role][stage], "an event is either a transition or ignored"
+    seen: list[object] = []
+    machine = StageMachine(role, stage, lambda *args: seen.append(args))
+
+    assert machine.fire(event, "old news") is stage
+
+    assert machine.stage is stage and seen == []
+
+
+def test_the_late_and_repeated_news_the_stages_ignore() -> None:
+    assert E.BACKUP_UNREACHABLE in IGNORED["primary"][S.BOOTSTRAPPING_SECONDARY]
+    assert E.BACKUP_HOLDS_DATA in IGNORED["primary"][S.WARM_START]
+    assert E.PRIMARY_RUNNING in IGNORED["backup"][S.IN_SYNC]
+    # Only the backup's own waiting may end a warm start for want of a primary.
+    assert TRANSITIONS["backup"][S.WARM_START][E.NO_PRIMARY_IN_TIME] is S.BOOTSTRAPPING_PRIMARY
+    assert E.PRIMARY_ABSENT in IGNORED["backup"][S.WARM_START]  # a late probe
+    assert E.PEER_LOST not in IGNORED["primary"].get(S.IN_SYNC, ())
+
+
 def test_fire_without_a_callback() -> None:
     machine = StageMachine("backup", S.COLD_START)
     assert machine.fire(E.PRIMARY_ABSENT, "nobody home") is S.BOOTSTRAPPING_PRIMARY
     assert machine.fire(E.TRANSFER_STARTED, "a primary sends") is S.WARM_START
     assert machine.fire(E.SYNC_CONFIRMED, "checksum verified") is S.IN_SYNC
     with pytest.raises(ProtocolError):
-        machine.fire(E.PRIMARY_RUNNING, "too late")
+        machine.fire(E.TRANSFER_STARTED, "no transfer starts while streaming")
+    assert machine.fire(E.PRIMARY_RUNNING, "a late probe") is S.IN_SYNC  # ignored
     assert machine.stage is S.IN_SYNC
 
 
@@ -209,6 +247,11 @@ def test_a_protocol_error_is_a_runtime_error() -> None:
 def test_the_machine_refuses_a_stage_of_the_other_role(role: str, stage: Stage) -> None:
     with pytest.raises(ValueError, match=stage.value):
         StageMachine(role, stage)
+
+
+def test_roles_know_their_peer() -> None:
+    assert Role.PRIMARY.peer is Role.BACKUP and Role.BACKUP.peer is Role.PRIMARY
+    assert Role("primary") is Role.PRIMARY and Role.PRIMARY == "primary"
 
 
 def test_the_machine_does_not_know_which_side_it_plays_beyond_its_table() -> None:
@@ -270,6 +313,81 @@ def test_the_backup_serves_reads_only_from_a_whole_database() -> None:
     assert BACKUP_ACCEPTANCE[S.WARM_START].reads is ReadRule.REFUSE
 
 
+# -- the handshake ---------------------------------------------------------------------
+
+HANDSHAKE_EDGES = [
+    (role, step, kind, following)
+    for role in ROLES
+    for step, frames in HANDSHAKES[role].items()
+    for kind, following in frames.items()
+]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_step_has_a_row_and_none_accepts_no_frame(role: str) -> None:
+    assert set(HANDSHAKES[role]) <= set(Step)
+    assert HANDSHAKES[role][Step.NONE] == {}
+    for step, frames in HANDSHAKES[role].items():
+        if step is not Step.NONE:
+            assert frames[FrameType.HEARTBEAT] == (step,)
+        for following in frames.values():
+            assert following and set(following) <= set(HANDSHAKES[role])
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_the_handshake_reaches_streaming_from_the_hello_and_only_the_primary_opens(
+    role: str,
+) -> None:
+    table = HANDSHAKES[role]
+    seen, todo = {Step.AWAIT_HELLO}, deque([Step.AWAIT_HELLO])
+    while todo:
+        for following in table[todo.popleft()].values():
+            for step in following:
+                if step not in seen:
+                    seen.add(step)
+                    todo.append(step)
+    assert Step.STREAMING in seen
+    assert seen | {Step.NONE} == set(table)
+
+
+def test_the_frames_each_role_accepts_while_streaming() -> None:
+    assert set(HANDSHAKES["primary"][Step.STREAMING]) == {FrameType.ACK, FrameType.HEARTBEAT}
+    assert set(HANDSHAKES["backup"][Step.STREAMING]) == {
+        FrameType.BATCH,
+        FrameType.FENCE,
+        FrameType.SYNC_NACK,
+        FrameType.HEARTBEAT,
+    }
+    # Only the primary decides: the backup never sends FETCH, SKIP or a snapshot unasked.
+    assert FrameType.FETCH not in {k for f in HANDSHAKES["primary"].values() for k in f}
+    assert FrameType.HELLO in HANDSHAKES["backup"][Step.AWAIT_HELLO]
+
+
+@pytest.mark.parametrize(("role", "step", "kind", "following"), HANDSHAKE_EDGES, ids=edge_id)
+def test_a_handshake_moves_only_along_its_table(
+    role: str, step: Step, kind: FrameType, following: tuple[Step, ...]
+) -> None:
+    handshake = Handshake(role)
+    handshake.step = step
+    assert handshake.accepts(kind)
+    for new in set(Step) - set(following):
+        with pytest.raises(ProtocolError, match=kind.name):
+            handshake.advance(kind, new)
+        assert handshake.step is step
+    handshake.advance(kind, following[0])
+    assert handshake.step is following[0]
+
+
+def test_a_handshake_starts_at_the_hello_and_ends_with_the_channel() -> None:
+    handshake = Handshake("backup")
+    assert handshake.step is Step.NONE and not handshake.accepts(FrameType.HELLO)
+    handshake.opened()
+    assert handshake.step is Step.AWAIT_HELLO and handshake.accepts(FrameType.HELLO)
+    assert not handshake.accepts(FrameType.BATCH)
+    handshake.reset()
+    assert handshake.step is Step.NONE
+
+
 # -- describe(): the README tables -----------------------------------------------------
 
 
@@ -288,12 +406,17 @@ def test_describe_mentions_every_stage_event_and_rule() -> None:
 
 def test_describe_has_one_row_per_transition_and_per_stage() -> None:
     rows = [line for line in describe().splitlines() if line.startswith("| ")]
-    headers = [row for row in rows if row.startswith("| stage |")]
+    headers = [row for row in rows if row.startswith(("| stage |", "| handshake step |"))]
     body = [row for row in rows if row not in headers and not row.startswith("| ---")]
     stage_rows = sum(len(ACCEPTANCE[role]) for role in ROLES)
-    assert len(body) == len(EDGES) + stage_rows
+    assert len(body) == len(EDGES) + len(IGNORED_EVENTS) + stage_rows + len(HANDSHAKE_EDGES)
     for role, stage, event, new in EDGES:
         assert f"| {stage.value} | {event.value} | {new.value} |" in body, role
     for role in ROLES:
         for stage, rule in ACCEPTANCE[role].items():
             assert f"| {stage.value} | {rule.reads.value} | {rule.writes.value} |" in body
+    for _, stage, event in IGNORED_EVENTS:
+        assert f"| {stage.value} | {event.value} | (ignored) |" in body
+    for _, step, kind, following in HANDSHAKE_EDGES:
+        row = f"| {step.value} | {kind.name} | {', '.join(s.value for s in following)} |"
+        assert row in body

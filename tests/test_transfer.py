@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from pbkv.store import ShardedStore, make_store, shard_of
 from pbkv.transfer import SnapshotReceiver, SnapshotSender, TransferError
-from pbkv.wire import FrameDecoder, FrameType, checksum_to_bytes, encode
+from pbkv.wire import (
+    Frame,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    checksum_to_bytes,
+    encode,
+    frame_from_wire,
+)
 
 SHAPES = [("sharded", 1), ("sharded", 3), ("sharded", 16), ("hash", 1)]
 SHAPE_IDS = [f"{kind}-{count}" for kind, count in SHAPES]
@@ -30,23 +38,27 @@ def filled(shape: tuple[str, int], pairs: dict[str, str]) -> ShardedStore:
 
 
 def all_frames(store: ShardedStore, chunk_size: int, seq: int = 0) -> list[list[Any]]:
-    """Every frame of a transfer, each passed through the wire encoding."""
+    """Every frame of a transfer as it travels (a list a test may alter)."""
     sender = SnapshotSender(store, chunk_size, seq)
     decoder = FrameDecoder()
     frames: list[list[Any]] = []
     while not sender.done:
         for frame in sender.next_frames(4):
-            frames.extend(decoder.feed(encode(frame)))
+            frames.extend(decoded.to_wire() for decoded in decoder.feed(encode(frame)))
     return frames
 
 
+def typed(items: list[Any]) -> Frame:
+    """What the receiver gets: the frame as the decoder builds it (FrameError if malformed)."""
+    return frame_from_wire(items)
+
+
 def feed_until_error(receiver: SnapshotReceiver, frames: list[list[Any]]) -> int:
-    """Feed frames; returns the index of the frame that raised TransferError."""
+    """Feed frames; returns the index of the first frame refused."""
     for index, frame in enumerate(frames):
         try:
-            receiver.feed(frame)
-        except TransferError:
-            assert not receiver.finished
+            receiver.feed(typed(frame))
+        except (TransferError, FrameError):  # refused by the receiver, or at decode
             return index
     pytest.fail("the receiver accepted a bad transfer")
 
@@ -96,14 +108,13 @@ def test_round_trip(
 
     assert results[-1] == source.checksum
     assert all(result is None for result in results[:-1])
-    assert receiver.finished
     assert receiver.seq == seq
     assert target.checksum == source.checksum
     assert len(target) == len(source) == len(pairs)
     assert sorted(target.items()) == sorted(pairs.items())
     assert all(target.get(key) == value for key, value in pairs.items())
     assert receiver.complete_shards == set(range(target.shard_count))
-    assert sender.total == sender.pairs_sent == len(pairs)
+    assert sender.total == len(pairs)
 
 
 @pytest.mark.parametrize("sender_shape", SHAPES, ids=SHAPE_IDS)
@@ -113,11 +124,10 @@ def test_empty_transfer_clears_receiver(
 ) -> None:
     target = filled(receiver_shape, {"stale": "data", "more": "stale"})
     receiver = SnapshotReceiver(target)
-    results = [receiver.feed(frame) for frame in all_frames(make_store(*sender_shape), 5)]
+    results = [receiver.feed(typed(f)) for f in all_frames(make_store(*sender_shape), 5)]
     assert results[-1] == 0
     assert len(target) == 0
     assert target.checksum == 0
-    assert receiver.finished
 
 
 # -- complete shards -----------------------------------------------------------------------
@@ -130,7 +140,7 @@ def test_complete_shards_same_layout(pairs: dict[str, str], count: int, chunk_si
     done: set[int] = set()
     probes = [*pairs, "absent", "also-absent", "😀😀"]
     for frame in all_frames(source, chunk_size):
-        receiver.feed(frame)
+        receiver.feed(typed(frame))
         if frame[0] is FrameType.SHARD_END:
             done.add(frame[1])
         assert receiver.complete_shards == done or frame[0] is FrameType.SNAPSHOT_END
@@ -151,9 +161,9 @@ def test_complete_shards_different_layout_only_at_the_end(
     frames = all_frames(filled(("sharded", 3), pairs), chunk_size)
     receiver = SnapshotReceiver(ShardedStore(16))
     for frame in frames[:-1]:
-        receiver.feed(frame)
+        receiver.feed(typed(frame))
         assert receiver.complete_shards == set()
-    receiver.feed(frames[-1])
+    receiver.feed(typed(frames[-1]))
     assert receiver.complete_shards == set(range(16))
 
 
@@ -247,24 +257,44 @@ def test_wrong_checksums_fail(receiver_shape: tuple[str, int]) -> None:
 # -- malformed frames ----------------------------------------------------------------------
 def begun(shards: int = 4) -> SnapshotReceiver:
     receiver = SnapshotReceiver(ShardedStore(shards))
-    receiver.feed([FrameType.SNAPSHOT_BEGIN, shards, 1])
+    receiver.feed(typed([FrameType.SNAPSHOT_BEGIN, shards, 1]))
     return receiver
 
 
-@pytest.mark.parametrize("shard", [4, 5, -1, "0", None, 1.0, b"\x00"])
+@pytest.mark.parametrize("shard", [4, 5, 2**40])
 def test_shard_number_out_of_range(shard: Any) -> None:
     receiver = begun(4)
     with pytest.raises(TransferError, match="shard number"):
-        receiver.feed([FrameType.SHARD_CHUNK, shard, ["k", "v"]])
+        receiver.feed(typed([FrameType.SHARD_CHUNK, shard, ["k", "v"]]))
     with pytest.raises(TransferError, match="shard number"):
-        receiver.feed([FrameType.SHARD_END, shard, checksum_to_bytes(0), 0])
+        receiver.feed(typed([FrameType.SHARD_END, shard, checksum_to_bytes(0), 0]))
     assert len(receiver.store) == 0
 
 
-def test_chunk_before_begin() -> None:
+@pytest.mark.parametrize("shard", [-1, "0", None, 1.0, b"\x00"])
+def test_a_shard_number_that_is_no_count_is_refused_at_decode(shard: Any) -> None:
+    with pytest.raises(FrameError, match="non-negative integer"):
+        typed([FrameType.SHARD_CHUNK, shard, ["k", "v"]])
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        [FrameType.SHARD_CHUNK, 0, ["k", "v"]],
+        [FrameType.SHARD_END, 0, checksum_to_bytes(0), 0],
+        [FrameType.SNAPSHOT_END, checksum_to_bytes(0), 0, 0],
+    ],
+)
+def test_nothing_before_begin(frame: list[Any]) -> None:
     receiver = SnapshotReceiver(ShardedStore(4))
-    with pytest.raises(TransferError):
-        receiver.feed([FrameType.SHARD_CHUNK, 0, ["k", "v"]])
+    with pytest.raises(TransferError, match="before SNAPSHOT_BEGIN"):
+        receiver.feed(typed(frame))
+
+
+def test_a_second_begin_is_refused() -> None:
+    receiver = begun(4)
+    with pytest.raises(TransferError, match="second SNAPSHOT_BEGIN"):
+        receiver.feed(typed([FrameType.SNAPSHOT_BEGIN, 4, 1]))
 
 
 @pytest.mark.parametrize(
@@ -282,8 +312,8 @@ def test_chunk_before_begin() -> None:
 )
 def test_malformed_chunk_loads_nothing(flat: Any) -> None:
     receiver = begun(1)
-    with pytest.raises(TransferError):
-        receiver.feed([FrameType.SHARD_CHUNK, 0, flat])
+    with pytest.raises(FrameError):
+        receiver.feed(typed([FrameType.SHARD_CHUNK, 0, flat]))
     assert len(receiver.store) == 0
     assert receiver.received == 0
 
@@ -291,7 +321,6 @@ def test_malformed_chunk_loads_nothing(flat: Any) -> None:
 @pytest.mark.parametrize(
     "frame",
     [
-        [FrameType.SNAPSHOT_BEGIN, 0, 0],
         [FrameType.SNAPSHOT_BEGIN, "4", 0],
         [FrameType.SNAPSHOT_BEGIN, 4, None],
         [FrameType.SNAPSHOT_BEGIN, 4],
@@ -302,15 +331,28 @@ def test_malformed_chunk_loads_nothing(flat: Any) -> None:
         [FrameType.SHARD_END, 0, checksum_to_bytes(0)],
         [FrameType.SNAPSHOT_END, bytes(17), 0, 0],
         [FrameType.SNAPSHOT_END, checksum_to_bytes(0), 0],
+    ],
+)
+def test_malformed_transfer_frames_are_refused_at_decode(frame: list[Any]) -> None:
+    with pytest.raises(FrameError):
+        typed(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        [FrameType.SNAPSHOT_BEGIN, 0, 0],  # no shards
         [FrameType.HEARTBEAT, 1],
         [FrameType.BATCH, 1, []],
     ],
 )
-def test_malformed_frames_raise_transfer_error(frame: list[Any]) -> None:
-    receiver = begun(1)
+def test_frames_that_are_no_transfer_raise_transfer_error(frame: list[Any]) -> None:
+    receiver = SnapshotReceiver(ShardedStore(1))
+    if frame[0] is not FrameType.SNAPSHOT_BEGIN:
+        receiver = begun(1)
     with pytest.raises(TransferError):
-        receiver.feed(frame)
-    assert not receiver.finished
+        receiver.feed(typed(frame))
+    assert len(receiver.store) == 0
 
 
 # -- the sender's pacing -------------------------------------------------------------------
@@ -330,7 +372,7 @@ def test_next_frames_respects_limit_and_done(
     sender = SnapshotSender(store, chunk_size, 0)
     assert sender.next_frames(0) == []
     assert not sender.done
-    sent: list[list[Any]] = []
+    sent: list[Frame] = []
     calls = 0
     while not sender.done:
         limit = limits[calls % len(limits)]
@@ -339,13 +381,13 @@ def test_next_frames_respects_limit_and_done(
         sent.extend(frames)
         if sender.done:
             assert 0 < len(frames) <= limit
-            assert frames[-1][0] is FrameType.SNAPSHOT_END
+            assert frames[-1].kind is FrameType.SNAPSHOT_END
         else:
             assert len(frames) == limit
-            assert all(frame[0] is not FrameType.SNAPSHOT_END for frame in frames)
+            assert all(frame.kind is not FrameType.SNAPSHOT_END for frame in frames)
     assert len(sent) == expected
-    assert [frame[0] for frame in sent].count(FrameType.SNAPSHOT_END) == 1
-    assert sent[0][0] is FrameType.SNAPSHOT_BEGIN
+    assert [frame.kind for frame in sent].count(FrameType.SNAPSHOT_END) == 1
+    assert sent[0].kind is FrameType.SNAPSHOT_BEGIN
     assert sender.next_frames(5) == []
     assert sender.done
 

@@ -1,4 +1,5 @@
-"""Replication frames: encoding, incremental decoding and corruption detection."""
+"""Replication frames: typed frames, encoding, incremental decoding, corruption and
+malformed-frame detection (everything a handler may assume is checked at decode)."""
 
 from __future__ import annotations
 
@@ -12,27 +13,54 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pbkv.wire import (
+    FRAME_CLASSES,
     HEADER_SIZE,
     MAX_FRAME,
+    Ack,
+    Batch,
+    Fence,
+    Fetch,
+    Frame,
     FrameDecoder,
     FrameError,
     FrameType,
-    checksum_from_bytes,
+    Heartbeat,
+    Hello,
+    ShardChunk,
+    ShardEnd,
+    Skip,
+    SnapshotBegin,
+    SnapshotEnd,
+    SyncAck,
+    SyncNack,
     checksum_to_bytes,
     encode,
+    frame_from_wire,
 )
 
-scalars = st.one_of(
-    st.none(),
-    st.integers(-(2**63), 2**64 - 1),
-    st.text(max_size=20),
-    st.binary(max_size=20),
+counts = st.integers(0, 2**63)
+checksums = st.integers(0, 2**128 - 1)
+texts = st.text(max_size=20)
+ops = st.lists(st.tuples(texts, st.one_of(st.none(), texts)), max_size=6).map(
+    lambda pairs: [item for pair in pairs for item in pair]
 )
-items = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4), max_leaves=12)
-frames = st.builds(
-    lambda kind, rest: [kind, *rest],
-    st.sampled_from(FrameType),
-    st.lists(items, max_size=6),
+pairs = st.lists(st.tuples(texts, texts), max_size=6).map(
+    lambda found: [item for pair in found for item in pair]
+)
+frames: st.SearchStrategy[Frame] = st.one_of(
+    st.builds(Hello, texts, st.booleans(), checksums, counts, counts),
+    st.builds(Batch, counts, ops),
+    st.builds(Ack, counts),
+    st.builds(Heartbeat, counts),
+    st.builds(Fetch),
+    st.builds(SnapshotBegin, counts, counts),
+    st.builds(ShardChunk, counts, pairs),
+    st.builds(ShardEnd, counts, checksums, counts),
+    st.builds(SnapshotEnd, checksums, counts, counts),
+    st.builds(Skip, checksums, counts, counts),
+    st.builds(SyncAck, checksums),
+    st.builds(SyncNack, texts),
+    st.builds(Fence, texts),
 )
 
 
@@ -46,9 +74,9 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
     return pieces
 
 
-def feed_pieces(pieces: list[bytes]) -> list[list[Any]]:
+def feed_pieces(pieces: list[bytes]) -> list[Frame]:
     decoder = FrameDecoder()
-    out: list[list[Any]] = []
+    out: list[Frame] = []
     for piece in pieces:
         out.extend(decoder.feed(piece))
     assert decoder.feed(b"") == []  # nothing left over
@@ -61,95 +89,92 @@ def raw_frame(payload: bytes, length: int | None = None) -> bytes:
     return struct.pack(">IQ", size, xxhash.xxh3_64_intdigest(payload)) + payload
 
 
-def assert_same_frames(decoded: list[list[Any]], sent: list[list[Any]]) -> None:
-    assert decoded == sent
-    for frame in decoded:
-        assert type(frame[0]) is FrameType
+def decode_one(items: list[Any]) -> Frame:
+    (frame,) = FrameDecoder().feed(encode(items))
+    return frame
 
 
 # -- round trips ---------------------------------------------------------------------------
-@settings(max_examples=80, deadline=None)
+def test_every_frame_type_has_its_class() -> None:
+    assert set(FRAME_CLASSES) == set(FrameType)
+    for kind, cls in FRAME_CLASSES.items():
+        assert cls.kind is kind
+
+
+@settings(max_examples=150, deadline=None)
 @given(frame=frames)
-def test_round_trip_all_at_once(frame: list[Any]) -> None:
+def test_round_trip_all_at_once(frame: Frame) -> None:
     data = encode(frame)
     assert len(data) > HEADER_SIZE
-    assert_same_frames(feed_pieces([data]), [frame])
+    assert feed_pieces([data]) == [frame]
 
 
 @settings(max_examples=40, deadline=None)
 @given(frame=frames)
-def test_round_trip_byte_by_byte(frame: list[Any]) -> None:
+def test_round_trip_byte_by_byte(frame: Frame) -> None:
     data = encode(frame)
-    decoder = FrameDecoder()
-    for index in range(len(data) - 1):
-        assert decoder.feed(data[index : index + 1]) == []
-    assert_same_frames(decoder.feed(data[-1:]), [frame])
+    assert feed_pieces([data[i : i + 1] for i in range(len(data))]) == [frame]
 
 
 @settings(max_examples=60, deadline=None)
-@given(sent=st.lists(frames, min_size=1, max_size=6), data=st.data())
-def test_several_frames_random_chunking(sent: list[list[Any]], data: st.DataObject) -> None:
+@given(sent=st.lists(frames, min_size=1, max_size=8), data=st.data())
+def test_several_frames_random_chunking(sent: list[Frame], data: st.DataObject) -> None:
     stream = b"".join(encode(frame) for frame in sent)
-    assert_same_frames(feed_pieces([stream]), sent)
-    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12), label="cuts")
-    assert_same_frames(feed_pieces(split_at(stream, cuts)), sent)
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10), label="cuts")
+    assert feed_pieces(split_at(stream, cuts)) == sent
 
 
-def test_tuples_and_types_survive() -> None:
-    checksum = checksum_to_bytes(2**127 + 5)
-    sent = (FrameType.SHARD_END, 3, checksum, 10)
-    [frame] = FrameDecoder().feed(encode(sent))
-    assert frame == [FrameType.SHARD_END, 3, checksum, 10]
-    assert isinstance(frame[2], bytes)
-    assert checksum_from_bytes(frame[2]) == 2**127 + 5
+def test_a_checksum_travels_as_16_big_endian_bytes() -> None:
+    frame = ShardEnd(3, 2**127 + 5, 10)
+    assert frame.to_wire() == [FrameType.SHARD_END, 3, checksum_to_bytes(2**127 + 5), 10]
+    assert checksum_to_bytes(1) == bytes(15) + b"\x01"
+    assert decode_one(frame.to_wire()) == frame
 
 
-def test_text_and_bytes_stay_distinct() -> None:
-    [frame] = FrameDecoder().feed(encode([FrameType.BATCH, "abc", b"abc", None, [""]]))
-    assert frame == [FrameType.BATCH, "abc", b"abc", None, [""]]
-    assert type(frame[1]) is str
-    assert type(frame[2]) is bytes
+def test_a_batch_keeps_deletes_and_empty_values() -> None:
+    frame = decode_one([FrameType.BATCH, 4, ["a", None, "b", "", "", "x"]])
+    assert frame == Batch(4, ["a", None, "b", "", "", "x"])
 
 
-# -- corruption ----------------------------------------------------------------------------
-@settings(max_examples=80, deadline=None)
-@given(frame=frames, data=st.data())
-def test_flipped_payload_byte_is_detected(frame: list[Any], data: st.DataObject) -> None:
-    raw = bytearray(encode(frame))
-    index = data.draw(st.integers(HEADER_SIZE, len(raw) - 1), label="index")
-    raw[index] ^= data.draw(st.integers(1, 255), label="mask")
-    with pytest.raises(FrameError):
-        feed_pieces([bytes(raw)])
+# -- malformed frames are refused before any handler runs -----------------------------------
+@pytest.mark.parametrize(
+    ("items", "why"),
+    [
+        ([FrameType.ACK], "has 0 fields, expected 1"),
+        ([FrameType.ACK, 1, 2], "has 2 fields"),
+        ([FrameType.ACK, "1"], "non-negative integer"),
+        ([FrameType.ACK, -1], "non-negative integer"),
+        ([FrameType.ACK, True], "non-negative integer"),
+        ([FrameType.HEARTBEAT, 1.5], "non-negative integer"),
+        ([FrameType.HELLO, "backup", 1, bytes(16), 0, 0], "true or false"),
+        ([FrameType.HELLO, "backup", True, bytes(15), 0, 0], "16-byte checksum"),
+        ([FrameType.HELLO, b"backup", True, bytes(16), 0, 0], "must be a string"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 9], "has 6 fields"),
+        ([FrameType.SYNC_ACK, "0" * 16], "16-byte checksum"),
+        ([FrameType.SYNC_NACK, None], "must be a string"),
+        ([FrameType.FETCH, 1], "has 1 fields, expected 0"),
+        ([FrameType.BATCH, 1, ["k"]], "flat list"),
+        ([FrameType.BATCH, 1, {"k": "v"}], "flat list"),
+        ([FrameType.BATCH, 1, ["k", "v", 7, "v"]], "keys must be strings"),
+        ([FrameType.BATCH, 1, ["k", "v", None, "v"]], "keys must be strings"),
+        ([FrameType.BATCH, 1, ["k", 7]], "values must be strings or null"),
+        ([FrameType.BATCH, 1, ["k", b"v"]], "values must be strings or null"),
+        ([FrameType.SHARD_CHUNK, 0, ["k", None]], "must be strings"),
+        ([FrameType.SHARD_CHUNK, 0, ["k"]], "flat list"),
+        ([FrameType.SHARD_CHUNK, -1, []], "non-negative integer"),
+    ],
+)
+def test_a_malformed_frame_is_refused_at_decode(items: list[Any], why: str) -> None:
+    with pytest.raises(FrameError, match=why) as info:
+        FrameDecoder().feed(encode(items))
+    assert FrameType(items[0]).name in str(info.value)
 
 
-@settings(max_examples=50, deadline=None)
-@given(frame=frames, data=st.data())
-def test_flipped_hash_byte_is_detected(frame: list[Any], data: st.DataObject) -> None:
-    raw = bytearray(encode(frame))
-    index = data.draw(st.integers(4, HEADER_SIZE - 1), label="index")
-    raw[index] ^= data.draw(st.integers(1, 255), label="mask")
-    with pytest.raises(FrameError, match="hash"):
-        FrameDecoder().feed(bytes(raw))
-
-
-def test_corrupted_frame_after_good_ones_is_detected() -> None:
-    good = encode([FrameType.HEARTBEAT, 1])
-    bad = bytearray(encode([FrameType.HEARTBEAT, 2]))
-    bad[-1] ^= 0x01
-    decoder = FrameDecoder()
-    assert decoder.feed(good) == [[FrameType.HEARTBEAT, 1]]
-    with pytest.raises(FrameError):
-        decoder.feed(bytes(bad))
-
-
-def test_length_over_max_frame() -> None:
-    header = struct.pack(">IQ", MAX_FRAME + 1, 0)
-    with pytest.raises(FrameError, match="exceeds"):
-        FrameDecoder().feed(header)  # rejected before any payload arrives
-    with pytest.raises(FrameError):
-        FrameDecoder().feed(struct.pack(">IQ", 2**32 - 1, 0))
-    # At the limit it waits for the payload instead.
-    assert FrameDecoder().feed(struct.pack(">IQ", MAX_FRAME, 0)) == []
+def test_a_batch_with_one_bad_operation_is_refused_whole() -> None:
+    ops: list[Any] = [f"key{i}" for i in range(100) for _ in (0, 1)]
+    ops[150] = 12345  # a key in the middle of the batch
+    with pytest.raises(FrameError, match="keys must be strings"):
+        frame_from_wire([FrameType.BATCH, 1, ops])
 
 
 @pytest.mark.parametrize("kind", [0, 14, 99, -1, 2**40])
@@ -166,6 +191,7 @@ def test_unknown_frame_type(kind: int) -> None:
         msgpack.packb(["HELLO"]),
         msgpack.packb({"type": 1}),
         msgpack.packb([None, 1]),
+        msgpack.packb([True, 1]),
         b"\xc1",  # never used in msgpack
         b"",
         msgpack.packb([4, 1]) + msgpack.packb([4, 2]),  # two objects in one frame
@@ -177,46 +203,67 @@ def test_malformed_payload_with_valid_hash(payload: bytes) -> None:
         FrameDecoder().feed(raw_frame(payload))
 
 
+# -- corruption ----------------------------------------------------------------------------
+@settings(max_examples=80, deadline=None)
+@given(frame=frames, data=st.data())
+def test_flipped_payload_byte_is_detected(frame: Frame, data: st.DataObject) -> None:
+    raw = bytearray(encode(frame))
+    index = data.draw(st.integers(HEADER_SIZE, len(raw) - 1), label="index")
+    raw[index] ^= data.draw(st.integers(1, 255), label="mask")
+    with pytest.raises(FrameError):
+        feed_pieces([bytes(raw)])
+
+
+@settings(max_examples=50, deadline=None)
+@given(frame=frames, data=st.data())
+def test_flipped_hash_byte_is_detected(frame: Frame, data: st.DataObject) -> None:
+    raw = bytearray(encode(frame))
+    index = data.draw(st.integers(4, HEADER_SIZE - 1), label="index")
+    raw[index] ^= data.draw(st.integers(1, 255), label="mask")
+    with pytest.raises(FrameError, match="hash"):
+        FrameDecoder().feed(bytes(raw))
+
+
+def test_corrupted_frame_after_good_ones_is_detected() -> None:
+    good = encode(Heartbeat(1))
+    bad = bytearray(encode(Heartbeat(2)))
+    bad[-1] ^= 0x01
+    decoder = FrameDecoder()
+    assert decoder.feed(good) == [Heartbeat(1)]
+    with pytest.raises(FrameError):
+        decoder.feed(bytes(bad))
+
+
+def test_length_over_max_frame() -> None:
+    header = struct.pack(">IQ", MAX_FRAME + 1, 0)
+    with pytest.raises(FrameError, match="exceeds"):
+        FrameDecoder().feed(header)  # rejected before any payload arrives
+    with pytest.raises(FrameError):
+        FrameDecoder().feed(struct.pack(">IQ", 2**32 - 1, 0))
+    # At the limit it waits for the payload instead.
+    assert FrameDecoder().feed(struct.pack(">IQ", MAX_FRAME, 0)) == []
+
+
 def test_incomplete_frame_waits() -> None:
-    data = encode([FrameType.ACK, 7])
+    data = encode(Ack(7))
     decoder = FrameDecoder()
     assert decoder.feed(data[: HEADER_SIZE - 1]) == []
     assert decoder.feed(data[HEADER_SIZE - 1 : -1]) == []
-    assert decoder.feed(data[-1:] + data[:3]) == [[FrameType.ACK, 7]]
-    assert decoder.feed(data[3:]) == [[FrameType.ACK, 7]]
-
-
-# -- checksums -----------------------------------------------------------------------------
-@pytest.mark.parametrize("value", [0, 1, 2**64, 2**128 - 1])
-def test_checksum_bytes_round_trip(value: int) -> None:
-    raw = checksum_to_bytes(value)
-    assert isinstance(raw, bytes)
-    assert len(raw) == 16
-    assert checksum_from_bytes(raw) == value
-
-
-def test_checksum_bytes_are_big_endian() -> None:
-    assert checksum_to_bytes(0) == bytes(16)
-    assert checksum_to_bytes(1) == bytes(15) + b"\x01"
-    assert checksum_to_bytes(2**128 - 1) == b"\xff" * 16
-
-
-@settings(max_examples=100, deadline=None)
-@given(value=st.integers(0, 2**128 - 1))
-def test_checksum_bytes_round_trip_any(value: int) -> None:
-    assert checksum_from_bytes(checksum_to_bytes(value)) == value
-
-
-@pytest.mark.parametrize("raw", [b"", bytes(15), bytes(17), bytes(32), "0" * 16, None, 0, [0] * 16])
-def test_checksum_from_bytes_rejects(raw: Any) -> None:
-    with pytest.raises(FrameError, match="16 bytes"):
-        checksum_from_bytes(raw)
+    assert decoder.feed(data[-1:] + data[:3]) == [Ack(7)]
+    assert decoder.feed(data[3:]) == [Ack(7)]
 
 
 def test_a_bad_frame_hands_back_the_good_frames_before_it():
-    good = [encode([FrameType.HEARTBEAT, n]) for n in range(3)]
-    bad = bytearray(encode([FrameType.ACK, 7]))
+    good = [encode(Heartbeat(n)) for n in range(3)]
+    bad = bytearray(encode(Ack(7)))
     bad[-1] ^= 0x01
     with pytest.raises(FrameError) as info:
         FrameDecoder().feed(b"".join(good) + bytes(bad))
-    assert info.value.frames == [[FrameType.HEARTBEAT, n] for n in range(3)]
+    assert info.value.frames == [Heartbeat(n) for n in range(3)]
+
+
+def test_a_malformed_frame_hands_back_the_good_frames_before_it():
+    stream = encode(Heartbeat(1)) + encode([FrameType.BATCH, 1, ["k", 7]])
+    with pytest.raises(FrameError) as info:
+        FrameDecoder().feed(stream)
+    assert info.value.frames == [Heartbeat(1)]

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from pbkv.client import AsyncClient, PbkvError, ReplicationFailed, Unavailable
+from pbkv.stages import Role
 from pbkv.testing.cluster import ROLES, LocalPair
 from pbkv.testing.linearizability import History, Operation, Result, check
 
@@ -68,7 +69,7 @@ _KINDS = ("get", "get", "insert", "update", "delete")
 
 
 def _other(role: str) -> str:
-    return "backup" if role == "primary" else "primary"
+    return Role(role).peer
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from types import TracebackType
 from typing import Self
 
 from pbkv.launcher import process_alive
+from pbkv.stages import Role
 
 __all__ = [
     "CLIENT_ADDRESS",
@@ -289,7 +290,7 @@ class Topology:
         burst of one second's worth): TCP then slows down to about that rate."""
         if sender not in SERVER_ADDRESSES or kbytes_per_second < 1:
             raise ValueError("sender must be primary or backup, the rate at least 1 kB/s")
-        peer = "backup" if sender == "primary" else "primary"
+        peer = Role(sender).peer
         rate = f"{kbytes_per_second}kb"
         self._rule(sender, "OUTPUT", self.addresses[sender], self.addresses[peer], [
             "-m", "hashlimit", "--hashlimit-name", f"pbkv-{sender}",

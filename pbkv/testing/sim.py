@@ -30,16 +30,15 @@ from typing import Any
 from pbkv.backup import BackupCore
 from pbkv.commands import Command, Done, Outcome, Refused, ReplicationFailed
 from pbkv.config import Settings
-from pbkv.core import CloseChannel, Connect, Probe, PumpTransfer, Respond, Send, StartTimer
 from pbkv.primary import PrimaryCore
-from pbkv.stages import Stage
+from pbkv.stages import Role, Stage
 from pbkv.store import make_store
 from pbkv.testing.linearizability import Operation, Result, check
-from pbkv.wire import FrameDecoder, encode
+from pbkv.wire import Frame, FrameDecoder, encode
 
 log = logging.getLogger("pbkv.sim")
 
-ROLES = ("primary", "backup")
+ROLES = tuple(Role)
 DUPLICATE_RATE = 0.01  # share of frames a faulty network delivers twice
 KEYS = tuple(f"k{i}" for i in range(6))
 COMMANDS = {
@@ -91,9 +90,7 @@ class SimNode:
         self.deferred: list[Callable[[], None]] = []
         self.timers: dict[str, int] = {}
         self.channel: Channel | None = None
-        self.flush_scheduled = False
         self.pumping = False
-        self.replies: dict[object, Callable[[Outcome], None]] = {}
 
     @property
     def alive(self) -> bool:
@@ -108,7 +105,7 @@ class SimNode:
         self.core = core_class(sim.settings, store, sim.now, rng)
         self.timers.clear()
         self.channel = None
-        self.flush_scheduled = self.pumping = False
+        self.pumping = False
         self.core.start(sim.now)
         self.drain()
 
@@ -119,7 +116,6 @@ class SimNode:
         self.life += 1
         self.paused = False
         self.deferred.clear()
-        self.replies.clear()
         if self.channel is not None:
             sim.close_channel(self.channel, self.role)
             self.channel = None
@@ -153,47 +149,43 @@ class SimNode:
 
     def drain(self) -> None:
         core = self.core
-        while core is not None and core.outbox:
-            for action in core.take_actions():
-                self.carry_out(action)
-            core = self.core
+        if core is not None:
+            core.drain(self)
         self.sim.note_sync()
 
-    def carry_out(self, action: Any) -> None:
-        sim = self.sim
-        core = self.core
-        assert core is not None
-        if isinstance(action, Respond):
-            reply = self.replies.pop(action.token, None)
-            if reply is not None:
-                reply(action.outcome)
-        elif isinstance(action, Send):
-            if self.channel is not None:
-                sim.transmit(self.channel, self.role, encode(action.frame))
-        elif isinstance(action, StartTimer):
-            generation = self.timers.get(action.name, 0) + 1
-            self.timers[action.name] = generation
-            name = action.name
+    # -- actions.Driver ----------------------------------------------------------
+    def send(self, frame: Frame) -> None:
+        if self.channel is not None:
+            self.sim.transmit(self.channel, self.role, encode(frame))
 
-            def fire() -> None:
-                if self.timers.get(name) == generation:
-                    self.core.timer_fired(sim.now, name)
+    def start_timer(self, name: str, delay: float) -> None:
+        generation = self.timers.get(name, 0) + 1
+        self.timers[name] = generation
 
-            self.deliver(action.delay, fire)
-        elif isinstance(action, CloseChannel):
-            channel, self.channel = self.channel, None
-            if channel is not None:
-                sim.close_channel(channel, self.role)
-        elif isinstance(action, Connect):
-            sim.connect()
-        elif isinstance(action, Probe):
-            sim.probe()
-        elif isinstance(action, PumpTransfer):
-            if not self.pumping:
-                self.pumping = True
-                self.deliver(sim.tiny(), self.pump)
-        else:
-            raise TypeError(f"unknown action {action!r}")
+        def fire() -> None:
+            if self.timers.get(name) == generation:
+                self.core.timer_fired(self.sim.now, name)
+
+        self.deliver(delay, fire)
+
+    def close_channel(self, reason: str) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            self.sim.close_channel(channel, self.role)
+
+    def connect(self) -> None:
+        self.sim.connect()
+
+    def probe(self) -> None:
+        self.sim.probe()
+
+    def pump_transfer(self) -> None:
+        if not self.pumping:
+            self.pumping = True
+            self.deliver(self.sim.tiny(), self.pump)
+
+    def flush_soon(self) -> None:
+        self.deliver(self.sim.tiny(), self.flush)
 
     def pump(self) -> None:
         more = self.core.pump_transfer(self.sim.now, 3)
@@ -203,7 +195,6 @@ class SimNode:
             self.pumping = False
 
     def flush(self) -> None:
-        self.flush_scheduled = False
         core = self.core
         assert isinstance(core, PrimaryCore)
         core.flush(self.sim.now)
@@ -318,7 +309,7 @@ class Simulation:
         primary.deliver(first + self.latency(), primary_opens)
 
     def transmit(self, channel: Channel, sender: str, data: bytes) -> None:
-        receiver_role = "backup" if sender == "primary" else "primary"
+        receiver_role = Role(sender).peer
         receiver = self.nodes[receiver_role]
         if channel.closed:
             return
@@ -350,7 +341,7 @@ class Simulation:
         if channel.closed:
             return
         channel.closed = True
-        other_role = "backup" if closer == "primary" else "primary"
+        other_role = Role(closer).peer
         other = self.nodes[other_role]
         if channel.black_holed or not self.reachable():
             return  # the FIN is lost too: the peer notices by silence
@@ -411,15 +402,9 @@ class Simulation:
             if command is Command.GET:
                 answer(core.read(command, key))
                 return
-            token = object()
-            outcome = core.submit(command, key, value, token)
+            outcome = core.submit(command, key, value, answer)
             if outcome is not None:
                 answer(outcome)
-                return
-            primary.replies[token] = answer
-            if not primary.flush_scheduled:
-                primary.flush_scheduled = True
-                primary.deliver(self.tiny(), primary.flush)
 
         if primary.alive:
             primary.deliver(self.latency(), at_primary)
@@ -450,7 +435,7 @@ class Simulation:
         if choice < 0.25:
             # Crash one server, never both: only when the other holds every acknowledged write.
             role = self.rng.choice(ROLES)
-            other = "backup" if role == "primary" else "primary"
+            other = role.peer
             node = self.nodes[role]
             if node.alive and self.holds_every_acknowledged_write(other):
                 self.fault(f"crash {role}")
