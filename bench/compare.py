@@ -16,6 +16,11 @@ so slow phases of a noisy machine hit all of them; a cell reports its best round
 
     python -m bench.compare            # 1, 8 and 64 connections, 2 rounds of 3 s
     python -m bench.compare --quick    # smoke run: 8 connections, tiny durations
+
+``--variant`` adds more replicated pairs to the same run, each compared with the
+plain one: ``--variant secret,secret=s3cret`` (other settings), or
+``--variant before@../old-checkout`` (another checkout's code, e.g. the previous
+commit in a ``git worktree``; it needs a ``.venv`` of its own or a link to one).
 """
 
 from __future__ import annotations
@@ -187,6 +192,36 @@ async def _preload_redis(primary: servers.Redis, prefix: str, keys: int) -> None
 # ---------------------------------------------------------------- report
 
 
+@dataclass(frozen=True)
+class Variant:
+    """Another replicated pair measured beside the plain one."""
+
+    label: str
+    root: Path
+    settings: dict[str, str]
+
+    @property
+    def system(self) -> str:
+        return f"pbkv {self.label}"
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """``LABEL[@CHECKOUT][,setting=value...]``."""
+        head, *pairs = text.split(",")
+        label, _, root = head.partition("@")
+        settings = {}
+        for pair in pairs:
+            name, equals, value = pair.partition("=")
+            if not equals:
+                raise argparse.ArgumentTypeError(f"{pair!r} is not setting=value")
+            settings[name] = value
+        return cls(label, Path(root).resolve() if root else servers.REPO, settings)
+
+
+def label_of(system: str, workload: str) -> str:
+    return LABELS.get((system, workload), workload)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
@@ -256,7 +291,7 @@ def print_table(
         errors = result.errors + result.failed
         cores = " ".join(f"{k} {v:.2f}" for k, v in cpu.items())
         print(
-            f"{cell.system:<16} {LABELS[cell.system, cell.workload]:<13} {cell.connections:>5} "
+            f"{cell.system:<16} {label_of(cell.system, cell.workload):<13} {cell.connections:>5} "
             f"{result.throughput:>9.0f} {result.p50_ms:>7.2f} {result.p90_ms:>7.2f} "
             f"{result.p99_ms:>7.2f} {errors:>6}  {cores}"
         )
@@ -294,6 +329,15 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     ap.add_argument("--pbkv-flags", default="", help="extra `pbkv serve` flags, e.g. '--shards 64'")
     ap.add_argument("--no-redis", action="store_true", help="measure pbkv only")
+    ap.add_argument("--no-standalone", action="store_true", help="skip the standalone primary")
+    ap.add_argument(
+        "--variant",
+        type=Variant.parse,
+        action="append",
+        default=[],
+        metavar="LABEL[@CHECKOUT][,setting=value...]",
+        help="another replicated pair in the same run, compared with the plain one",
+    )
     ap.add_argument("--no-install", action="store_true", help="never apt-get install Redis")
     ap.add_argument(
         "--no-redis-if-missing",
@@ -342,13 +386,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pbkv-compare-"))
     flags = shlex.split(args.pbkv_flags)
     pair = servers.Pbkv(workdir, "replicated", serve_flags=flags)
-    alone = servers.Pbkv(workdir, "standalone", standalone=True, serve_flags=flags)
-    started: list[Any] = [pair, alone]
+    pbkvs = {REPLICATED: pair}
+    if not args.no_standalone:
+        pbkvs[STANDALONE] = servers.Pbkv(workdir, "standalone", standalone=True, serve_flags=flags)
+    for variant in args.variant:
+        pbkvs[variant.system] = servers.Pbkv(
+            workdir, variant.label, settings=variant.settings, serve_flags=flags, root=variant.root
+        )
+    started: list[Any] = list(pbkvs.values())
     redis_pair: tuple[servers.Redis, servers.Redis] | None = None
     try:
-        pair.start_all()
-        alone.start_all()
-        systems = [_pbkv_system(REPLICATED, pair), _pbkv_system(STANDALONE, alone)]
+        for pbkv in pbkvs.values():
+            pbkv.start_all()
+        systems = [_pbkv_system(name, pbkv) for name, pbkv in pbkvs.items()]
         if redis_binary is not None:
             primary = servers.Redis(redis_binary, workdir, "redis-primary")
             replica = servers.Redis(redis_binary, workdir, "redis-replica")
@@ -363,8 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = unique_prefix()
         if "get" in args.workloads:
             say(f"preloading {args.keys} keys into each system for gets")
-            uvloop.run(_preload_pbkv(pair, prefix, args.keys))
-            uvloop.run(_preload_pbkv(alone, prefix, args.keys))
+            for pbkv in pbkvs.values():
+                uvloop.run(_preload_pbkv(pbkv, prefix, args.keys))
             if redis_pair is not None:
                 uvloop.run(_preload_redis(redis_pair[0], prefix, args.keys))
 
@@ -397,6 +447,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     chosen = {(c.system, c.workload, c.connections): c.pick(args.stat)[0] for c in cells}
     table = ratios(chosen, args.connections)
+    variants = {
+        variant.system: {
+            f"{workload}_{c}": _ratio(
+                getattr(chosen.get((variant.system, workload, c)), "throughput", None),
+                getattr(chosen.get((REPLICATED, workload, c)), "throughput", None),
+            )
+            for workload in args.workloads
+            for c in args.connections
+        }
+        for variant in args.variant
+    }
     top = max(args.connections)
     checks = check_targets(table[top])
     report = {
@@ -415,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             {
                 "system": c.system,
                 "workload": c.workload,
-                "operation": LABELS[c.system, c.workload],
+                "operation": label_of(c.system, c.workload),
                 "connections": c.connections,
                 "chosen": c.pick(args.stat)[0].summary(),
                 "cpu_cores": c.pick(args.stat)[1],
@@ -424,6 +485,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for c in cells
         ],
         "ratios": {str(c): v for c, v in table.items()},
+        "variants_vs_replicated": variants,
         "targets_at": top,
         "targets": checks,
     }
@@ -441,6 +503,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(cells, args.stat, args.connections, table)
     if redis_binary is None:
         print(f"redis: skipped ({redis_reason})")
+    for system, figures in variants.items():
+        text = ", ".join(
+            f"{name.replace('_', ' @ ')} {_fmt_ratio(v)}" for name, v in figures.items()
+        )
+        print(f"{system} / {REPLICATED} (req/s): {text}")
     print()
     where = f"at {top} connections" if top == 64 else f"(set for 64 connections) at {top}"
     print(f"targets {where}:")

@@ -94,8 +94,10 @@ class Pbkv:
         standalone: bool = False,
         settings: dict[str, str] | None = None,
         serve_flags: Sequence[str] = (),
+        root: Path = REPO,
     ) -> None:
         self.name = name
+        self.bin = root / "bin"  # another checkout's scripts run that checkout's code
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.standalone = standalone
@@ -115,7 +117,7 @@ class Pbkv:
     def _command(self, script: str, role: str) -> list[str]:
         flag = "-p" if role == "primary" else "-b"
         command = [
-            str(BIN / script),
+            str(self.bin / script),
             flag,
             "--config",
             str(self.config),

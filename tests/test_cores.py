@@ -920,6 +920,40 @@ def test_same_data_on_both_sides_skips_the_transfer(link: Link) -> None:
     assert primary.seq == seq
     assert link.write(UPDATE, "key5", "changed") == Done(True)
     assert_same_data(primary, backup)
+    # The log says the data already matched, not that it was sent.
+    reason = link.transitions()[-1][3]
+    assert reason == f"{len(DATA)} pairs already matched on the backup, checksums match"
+    assert "sent" not in reason
+
+
+def test_status_shows_each_sides_handshake_step(link: Link) -> None:
+    backup = link.start_backup()
+    assert backup.status(link.now)["handshake"] == "none"
+    link.manual_pump = True
+    primary = link.start_primary()
+    assert primary.status(link.now)["handshake"] == "await_sync_ack"  # our data goes out
+    assert backup.status(link.now)["handshake"] == "await_directive"
+    link.pump("primary", 1)  # SNAPSHOT_BEGIN
+    assert backup.status(link.now)["handshake"] == "receive_snapshot"
+    while link.pump("primary", 1):
+        pass
+    assert primary.status(link.now)["handshake"] == "streaming"
+    assert backup.status(link.now)["handshake"] == "streaming"
+    link.reset()
+    assert primary.status(link.now)["handshake"] == "none"
+
+
+def test_a_bug_in_a_handler_is_not_reported_as_a_malformed_frame(
+    link: Link, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+
+    def broken(frame: Any) -> None:
+        raise KeyError("a bug")
+
+    monkeypatch.setitem(backup.handlers, FrameType.BATCH, broken)
+    with pytest.raises(KeyError, match="a bug"):
+        link.write(UPDATE, "a", "2")
 
 
 # -- corrupted transfers ---------------------------------------------------------------
@@ -1120,7 +1154,7 @@ def test_a_batch_while_the_backup_is_in_warm_start_closes_the_channel(link: Link
     link.inject("backup", [FrameType.BATCH, primary.seq + 1, ["intruder", "x"]])
 
     assert link.closed_by[-1][0] == "backup"
-    assert "unexpected BATCH" in link.closed_by[-1][1]
+    assert link.closed_by[-1][1] == "unexpected BATCH in handshake step receive_snapshot"
     assert "intruder" not in backup.store
     assert not backup.channel_up
     assert primary.stage is S.BOOTSTRAPPING_SECONDARY  # saw the channel close

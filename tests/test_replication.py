@@ -62,6 +62,7 @@ def assert_replicas_equal(pair: Pair, expected: dict[str, str] | None = None) ->
     assert p_status is not None and b_status is not None
     assert p_status["checksum"] == b_status["checksum"]
     assert p_status["keys"] == b_status["keys"] == len(primary)
+    assert p_status["handshake"] == b_status["handshake"] == "streaming"
     with pair.client("primary") as p, pair.client("backup") as b:
         assert p.count() == b.count() == len(primary)
     return primary
