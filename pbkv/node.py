@@ -436,8 +436,8 @@ def log_trust(settings: config.Settings) -> None:
     transport = "TLS" if settings.tls else "plain TCP (no encryption)"
     if settings.secret is None:
         log.warning(
-            "no secret set: protected mode (replication only from %s, shutdown only "
-            "from loopback and the configured addresses); channel over %s",
+            "no secret set: protected mode (replication only from %s, shutdown only from "
+            "127.0.0.1, ::1 and the configured addresses); channel over %s",
             settings.primary,
             transport,
         )

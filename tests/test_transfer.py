@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pbkv.store import ShardedStore, make_store, shard_of
 from pbkv.transfer import SnapshotReceiver, SnapshotSender, TransferError
 from pbkv.wire import FrameDecoder, FrameType, checksum_to_bytes, encode
+from tests.forge import transfer_frames
 
 SHAPES = [("sharded", 1), ("sharded", 3), ("sharded", 16), ("hash", 1)]
 SHAPE_IDS = [f"{kind}-{count}" for kind, count in SHAPES]
@@ -367,31 +368,10 @@ def test_done_right_after_last_frame_when_limit_divides(limit: int) -> None:
     assert calls == math.ceil(4 / limit)
 
 
-def misplaced_transfer(pairs: dict[str, str], shards: int, moved: str) -> list[list[Any]]:
-    """A consistent lie: ``moved`` sent in the shard after its own, with every shard's
-    checksum and count, and the total, computed over what is sent (as the issue's attack)."""
-    home = {key: shard_of(key, shards) for key in pairs}
-    home[moved] = (home[moved] + 1) % shards
-    frames: list[list[Any]] = [[FrameType.SNAPSHOT_BEGIN, shards, len(pairs)]]
-    for shard in range(shards):
-        members = {k: v for k, v in pairs.items() if home[k] == shard}
-        flat = [item for pair in members.items() for item in pair]
-        frames.append([FrameType.SHARD_CHUNK, shard, flat])
-        reference = ShardedStore(1)
-        for key, value in members.items():
-            reference.put(key, value)
-        frames.append(
-            [FrameType.SHARD_END, shard, checksum_to_bytes(reference.checksum), len(members)]
-        )
-    total = filled(("hash", 1), pairs)
-    frames.append([FrameType.SNAPSHOT_END, checksum_to_bytes(total.checksum), len(pairs), 0])
-    return frames
-
-
 @pytest.mark.parametrize("receiver_shape", [("sharded", 16), ("sharded", 4), ("hash", 1)])
 def test_a_key_in_the_wrong_shard_is_refused(receiver_shape: tuple[str, int]) -> None:
     pairs = {f"key{i}": f"value{i}" for i in range(40)}
-    frames = misplaced_transfer(pairs, 16, "key7")
+    frames = transfer_frames(pairs, 16, moved="key7")
     receiver = SnapshotReceiver(make_store(*receiver_shape))
     index = feed_until_error(receiver, frames)
     assert frames[index][0] is FrameType.SHARD_CHUNK
@@ -408,4 +388,4 @@ def test_any_misplaced_key_is_refused(pairs: dict[str, str], data: st.DataObject
     moved = data.draw(st.sampled_from(sorted(pairs)))
     shards = data.draw(st.sampled_from([2, 3, 16]))
     receiver = SnapshotReceiver(make_store(*data.draw(shapes)))
-    feed_until_error(receiver, misplaced_transfer(pairs, shards, moved))
+    feed_until_error(receiver, transfer_frames(pairs, shards, moved=moved))
