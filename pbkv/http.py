@@ -350,6 +350,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size = 0
         self._content_type = b""
         self._authorization: bytes | None = None
+        self._from_web_page = False  # a browser sent it on a page's behalf
         self._too_large = False
         self._upgrade = False
         self._in_head = False  # between the first byte of a request and its blank line
@@ -395,6 +396,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size = 0
         self._content_type = b""
         self._authorization = None
+        self._from_web_page = False
         self._too_large = False
         self._upgrade = False
         self._in_head = True
@@ -417,6 +419,8 @@ class HttpProtocol(asyncio.Protocol):
             self._upgrade = True
         elif lower == b"authorization":
             self._authorization = value.strip()
+        elif lower == b"origin" or (lower == b"sec-fetch-site" and value.strip() != b"none"):
+            self._from_web_page = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -511,6 +515,10 @@ class HttpProtocol(asyncio.Protocol):
                 )
                 raise RequestError(401, "shutdown needs Authorization: Bearer <secret>")
         elif access.shutdown_from is not None:
+            if self._from_web_page:
+                # A page the owner opened may send requests from loopback: refuse them.
+                log.warning("refused /kvman/shutdown sent by a web page (Origin or Sec-Fetch-Site)")
+                raise RequestError(403, "shutdown is not accepted from a web page")
             ip = peer_ip(self.transport)
             if ip is None or not (ip in access.shutdown_from or ip in LOOPBACK):
                 log.warning("refused /kvman/shutdown from %s: not a server address", ip)

@@ -157,3 +157,18 @@ def test_tls_channel_needs_a_certificate_naming_the_primary() -> None:
 def test_open_access_changes_nothing() -> None:
     status, _, app = request(Access(), get("/kvman/shutdown"), "203.0.113.7")
     assert status == 200 and app.stopped
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["Origin: http://evil.example", "Sec-Fetch-Site: cross-site", "Sec-Fetch-Site: same-site"],
+)
+def test_protected_mode_refuses_a_shutdown_sent_by_a_web_page(header: str) -> None:
+    raw = f"GET /kvman/shutdown HTTP/1.1\r\nHost: x\r\n{header}\r\n\r\n".encode()
+    status, body, app = request(PROTECTED, raw, "127.0.0.1")
+    assert status == 403 and not app.stopped
+    assert "web page" in body["error"]
+    # Typed into the address bar by the owner: allowed, like curl.
+    typed = b"GET /kvman/shutdown HTTP/1.1\r\nHost: x\r\nSec-Fetch-Site: none\r\n\r\n"
+    status, _, app = request(PROTECTED, typed, "127.0.0.1")
+    assert status == 200 and app.stopped
