@@ -6,6 +6,7 @@ socket bound to 127.0.0.9 is an outsider on the same network.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import ssl
@@ -14,7 +15,7 @@ import sys
 
 import pytest
 
-from pbkv.client import BadRequest, Client, tls_context
+from pbkv.client import AsyncClient, BadRequest, Client, tls_context
 from pbkv.wire import FrameType
 from tests.forge import UPGRADE_REQUEST, RawChannel, forged_hello, transfer_frames
 from tests.harness import Pair, wait_for
@@ -182,6 +183,15 @@ def test_client_token_is_needed_by_every_client(make_pair) -> None:
         assert refused.value.status == 401
     assert Client(host, port, token="client-token").insert("a", "1")
     assert pair.client().get("a") == "1"
+
+    async def async_calls() -> tuple[int, str | None]:
+        with pytest.raises(BadRequest):
+            async with AsyncClient(host, port) as anonymous:
+                await anonymous.count()
+        async with AsyncClient(host, port, token="client-token") as client:
+            return await client.count(), await client.get("a")
+
+    assert asyncio.run(async_calls()) == (1, "1")
     base = [sys.executable, "-m", "pbkv", "--host", host, "--port", str(port)]
     run = lambda *words, env=None: subprocess.run(  # noqa: E731
         [*base, *words], env=env, capture_output=True, text=True, timeout=30
@@ -221,6 +231,18 @@ def test_tls_pair_syncs_and_serves(make_pair, authority) -> None:
     start_tls_pair(pair)
     load(pair, dict(list(PAIRS.items())[:100]))
     assert pair.dump("backup") == dict(list(PAIRS.items())[:100])
+    # Every client speaks HTTPS from the settings: the library, asyncio, the CLI.
+    with Client.from_settings(pair.config, "backup") as client:
+        assert client.get("key0001") == "value1"
+
+    async def async_get() -> str | None:
+        async with AsyncClient.from_settings(pair.config) as client:
+            return await client.get("key0002")
+
+    assert asyncio.run(async_get()) == "value2"
+    command = [sys.executable, "-m", "pbkv", "--config", str(pair.config), "get", "key0003"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    assert result.stdout == "value3\n", result.stderr
     pair.kill("primary")
     pair.start("primary")  # warm start over TLS
     pair.wait_stage("primary", "in_sync")
