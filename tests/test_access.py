@@ -172,3 +172,10 @@ def test_protected_mode_refuses_a_shutdown_sent_by_a_web_page(header: str) -> No
     typed = b"GET /kvman/shutdown HTTP/1.1\r\nHost: x\r\nSec-Fetch-Site: none\r\n\r\n"
     status, _, app = request(PROTECTED, typed, "127.0.0.1")
     assert status == 200 and app.stopped
+
+
+def test_configured_host_names_resolve_once_to_their_addresses() -> None:
+    access = access_for(Settings(primary="localhost", backup="127.0.0.2"), "backup")
+    assert access.replication_from is not None and "127.0.0.1" in access.replication_from
+    status, _, app = request(access, UPGRADE, "127.0.0.1", App(accepts_replication=True))
+    assert status == 101 and app.upgraded

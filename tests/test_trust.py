@@ -69,6 +69,8 @@ def test_forged_channel_from_another_address_is_refused(make_pair) -> None:
     assert pair.stage("backup") == "in_sync"
     assert_untouched(pair, "backup")
     assert f"refused a replication channel from {OUTSIDER}" in pair.log("backup")
+    for role in ("primary", "backup"):
+        assert pair.log(role).count("no secret set: protected mode") == 1
     # The real primary's channel came from its own configured address, and still serves.
     assert "accepted a replication channel from 127.0.0.1:" in pair.log("backup")
     assert pair.client().insert("after", "1")
