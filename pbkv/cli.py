@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -24,13 +25,18 @@ from pbkv.client import (
     ReplicationFailed,
     Unavailable,
     server_address,
+    tls_context,
 )
 from pbkv.config import (
+    CLIENT_TOKEN_ENV,
     DEFAULT_CONFIG_PATH,
+    SECRET_ENV,
     Settings,
     SettingsError,
     add_arguments,
+    load_file,
     settings_from_args,
+    with_secrets,
 )
 from pbkv.stages import Role
 
@@ -77,6 +83,22 @@ def _connection_options(defaults: bool) -> argparse.ArgumentParser:
         default=default(DEFAULT_TIMEOUT),
         metavar="SECONDS",
         help=f"per-request timeout (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(None),
+        help=f"the servers' client_token (default: the settings, then ${CLIENT_TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--secret",
+        default=default(None),
+        help=f"the servers' secret, for shutdown (default: the settings, then ${SECRET_ENV})",
+    )
+    parser.add_argument(
+        "--cafile",
+        default=default(None),
+        metavar="PATH",
+        help="speak HTTPS, verifying the server against this CA (default: the settings' tls_ca)",
     )
     return parser
 
@@ -175,6 +197,30 @@ def _address(args: argparse.Namespace) -> tuple[str, int]:
     )
 
 
+def _client(args: argparse.Namespace, host: str, port: int) -> tuple[Client, str | None]:
+    """A client with the token and TLS of the flags or the settings, and the secret.
+
+    The same precedence as the server's: a flag, then the settings file (``secret``,
+    then ``secret_file``), then ``PBKV_SECRET`` / ``PBKV_CLIENT_TOKEN``.
+    """
+    path = args.config or DEFAULT_CONFIG_PATH
+    settings = Settings(**load_file(path)) if Path(path).exists() or args.config else Settings()
+    if args.secret is not None:
+        settings = dataclasses.replace(settings, secret=args.secret)
+    if args.token is not None:
+        settings = dataclasses.replace(settings, client_token=args.token)
+    settings = with_secrets(settings)
+    cafile = args.cafile if args.cafile is not None else settings.tls_ca
+    client = Client(
+        host,
+        port,
+        timeout=args.timeout,
+        token=settings.client_token,
+        ssl_context=tls_context(cafile) if cafile is not None else None,
+    )
+    return client, settings.secret
+
+
 def _flatten(status: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for name, value in status.items():
         if isinstance(value, dict) and value:
@@ -202,7 +248,7 @@ def _no(message: str) -> int:
     return EXIT_NO
 
 
-def _run(client: Client, args: argparse.Namespace) -> int:
+def _run(client: Client, args: argparse.Namespace, secret: str | None = None) -> int:
     """Run one command and print its result; the exit status says whether it said "yes"."""
     command = args.command
     if command in ("get", "delete"):
@@ -244,7 +290,7 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         else:
             print("\n".join(status_lines(status)))
     elif command == "shutdown":
-        client.shutdown()
+        client.shutdown(secret=secret)
     return EXIT_OK
 
 
@@ -278,12 +324,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         host, port = _address(args)
+        client, secret = _client(args, host, port)
     except ValueError as exc:
         print(f"pbkv: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
-        with Client(host, port, timeout=args.timeout) as client:
-            return _run(client, args)
+        with client:
+            return _run(client, args, secret)
     except PbkvError as exc:
         message = _describe(exc)
     except ConnectionRefusedError:

@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import select
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,7 +24,7 @@ from urllib.parse import quote, urlencode
 
 import httptools
 
-from pbkv.config import DEFAULT_CONFIG_PATH, ROLES, Settings, load_file
+from pbkv.config import DEFAULT_CONFIG_PATH, ROLES, Settings, load_file, with_secrets
 
 __all__ = [
     "AsyncClient",
@@ -278,6 +279,11 @@ def server_address(
     return Settings(**load_file(os.fspath(path))).address_of(role)
 
 
+def tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """A context that verifies the server against ``cafile`` (or the system's CAs)."""
+    return ssl.create_default_context(cafile=cafile)
+
+
 # --- transport helpers --------------------------------------------------------------------
 
 
@@ -300,14 +306,29 @@ def _host_header(host: str, port: int) -> str:
 
 
 class _Endpoint:
-    """Where a client connects; shared by the blocking and the asyncio client."""
+    """Where a client connects; shared by the blocking and the asyncio client.
+
+    ``token`` is the server's ``client_token`` (sent as ``Authorization: Bearer``);
+    ``ssl_context`` (or just ``cafile``) makes the client speak HTTPS.
+    """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 8080, timeout: float | None = DEFAULT_TIMEOUT
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        cafile: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.token = token
+        if ssl_context is None and cafile is not None:
+            ssl_context = tls_context(cafile)
+        self.ssl_context = ssl_context
 
     @classmethod
     def from_settings(
@@ -316,9 +337,21 @@ class _Endpoint:
         role: str = "primary",
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> Self:
-        """A client for the primary or the backup named in a settings file."""
-        host, port = server_address(path, role)
-        return cls(host, port, timeout)
+        """A client for the primary or the backup named in a settings file (with its
+        client token, also from ``PBKV_CLIENT_TOKEN``, and HTTPS when it sets TLS)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+        settings = with_secrets(Settings(**load_file(os.fspath(path))))
+        host, port = settings.address_of(role)
+        context = tls_context(settings.tls_ca) if settings.tls else None
+        return cls(host, port, timeout, token=settings.client_token, ssl_context=context)
+
+    def _headers(self, headers: dict[str, str], credential: str | None) -> dict[str, str]:
+        """The request's headers plus its credential: ``credential`` or the token."""
+        credential = credential if credential is not None else self.token
+        if credential is None:
+            return headers
+        return {**headers, "Authorization": f"Bearer {credential}"}
 
 
 class Client(_Endpoint):
@@ -329,10 +362,22 @@ class Client(_Endpoint):
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 8080, timeout: float | None = DEFAULT_TIMEOUT
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        cafile: str | None = None,
     ) -> None:
-        super().__init__(host, port, timeout)
-        self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        super().__init__(host, port, timeout, token=token, ssl_context=ssl_context, cafile=cafile)
+        if self.ssl_context is not None:
+            self._conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=self.ssl_context
+            )
+        else:
+            self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
 
     def get(self, key: str) -> str | None:
         """The value of ``key``, or None when it is missing."""
@@ -366,10 +411,13 @@ class Client(_Endpoint):
         """The server's status object (role, stage, keys, checksum, ...)."""
         return cast("dict[str, Any]", self._call("status"))
 
-    def shutdown(self) -> None:
-        """Ask the server to stop; it replies first, then exits."""
+    def shutdown(self, secret: str | None = None) -> None:
+        """Ask the server to stop; it replies first, then exits.
+
+        A server with a ``secret`` needs it here; otherwise the token (if any) is sent.
+        """
         try:
-            self._call("shutdown")
+            self._call("shutdown", credential=secret)
         finally:
             self.close()
 
@@ -387,8 +435,11 @@ class Client(_Endpoint):
     ) -> None:
         self.close()
 
-    def _call(self, op: str, params: Mapping[str, str] | None = None) -> Any:
+    def _call(
+        self, op: str, params: Mapping[str, str] | None = None, credential: str | None = None
+    ) -> Any:
         method, target, body, headers = _request_parts(op, params)
+        headers = self._headers(headers, credential)
         status, raw, retry_after = self._exchange(
             method, target, body, headers, _OPS[op].resendable
         )
@@ -482,9 +533,16 @@ class AsyncClient(_Endpoint):
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 8080, timeout: float | None = DEFAULT_TIMEOUT
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        cafile: str | None = None,
     ) -> None:
-        super().__init__(host, port, timeout)
+        super().__init__(host, port, timeout, token=token, ssl_context=ssl_context, cafile=cafile)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -521,10 +579,13 @@ class AsyncClient(_Endpoint):
         """The server's status object (role, stage, keys, checksum, ...)."""
         return cast("dict[str, Any]", await self._call("status"))
 
-    async def shutdown(self) -> None:
-        """Ask the server to stop; it replies first, then exits."""
+    async def shutdown(self, secret: str | None = None) -> None:
+        """Ask the server to stop; it replies first, then exits.
+
+        A server with a ``secret`` needs it here; otherwise the token (if any) is sent.
+        """
         try:
-            await self._call("shutdown")
+            await self._call("shutdown", credential=secret)
         finally:
             await self.close()
 
@@ -562,8 +623,11 @@ class AsyncClient(_Endpoint):
         sock = self._writer.get_extra_info("socket")
         return sock is None or not _peer_closed(sock.fileno())
 
-    async def _call(self, op: str, params: Mapping[str, str] | None = None) -> Any:
+    async def _call(
+        self, op: str, params: Mapping[str, str] | None = None, credential: str | None = None
+    ) -> Any:
         method, target, body, headers = _request_parts(op, params)
+        headers = self._headers(headers, credential)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {_host_header(self.host, self.port)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if body is not None:
@@ -583,7 +647,7 @@ class AsyncClient(_Endpoint):
                 async with asyncio.timeout(self.timeout):
                     if self._writer is None:
                         self._reader, self._writer = await asyncio.open_connection(
-                            self.host, self.port
+                            self.host, self.port, ssl=self.ssl_context
                         )
                     self._writer.write(request)
                     await self._writer.drain()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,10 @@ from typing import Any
 DEFAULT_CONFIG_PATH = "conf/settings.conf"
 ROLES = ("primary", "backup")
 BACKUP_INITIAL_STAGES = ("cold_start", "bootstrapping_primary")
+SECRET_ENV = "PBKV_SECRET"
+CLIENT_TOKEN_ENV = "PBKV_CLIENT_TOKEN"
+# Never shown: not in repr, status, logs or ``to_public_dict``.
+SECRET_FIELDS = ("secret", "client_token")
 
 
 class SettingsError(ValueError):
@@ -51,6 +57,16 @@ class Settings:
     idle_timeout: float = 300.0  # close idle client connections after this
     log_level: str = "info"
 
+    # Trust (README "Security"). The secret authenticates the two servers to each
+    # other and the owner's /kvman/shutdown; see ``with_secrets`` for where it
+    # may come from. The client token, when set, is needed by every client request.
+    secret: str | None = dataclasses.field(default=None, repr=False)
+    secret_file: str | None = None
+    client_token: str | None = dataclasses.field(default=None, repr=False)
+    tls_cert: str | None = None  # PEM certificate chain of this server
+    tls_key: str | None = None  # its private key
+    tls_ca: str | None = None  # the CA that signed both servers' certificates
+
     def __post_init__(self) -> None:
         if self.store not in ("sharded", "hash"):
             raise SettingsError(f"store must be 'sharded' or 'hash', not {self.store!r}")
@@ -83,6 +99,21 @@ class Settings:
                 raise SettingsError(f"{name} must be a positive number of seconds")
         if self.retry_max < self.retry_min:
             raise SettingsError("retry_max must be at least retry_min")
+        for name in SECRET_FIELDS:
+            value = getattr(self, name)
+            # It travels in an Authorization header: visible ASCII only. The
+            # message never quotes the value.
+            if value is not None and (not value or not all("!" <= c <= "~" for c in value)):
+                raise SettingsError(f"{name} must be non-empty printable ASCII without spaces")
+        tls = (self.tls_cert, self.tls_key, self.tls_ca)
+        if any(tls) and not all(tls):
+            raise SettingsError(
+                "TLS needs all of tls_cert, tls_key and tls_ca (the CA verifies the peer)"
+            )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def effective_backup_port(self) -> int:
@@ -170,8 +201,42 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         values.update(load_file(config))
     flags = {n: getattr(args, n) for n in _FIELDS if getattr(args, n, None) is not None}
     values.update(parse_mapping(flags))
-    return Settings(**values)
+    return with_secrets(Settings(**values))
+
+
+def with_secrets(settings: Settings, environ: Mapping[str, str] | None = None) -> Settings:
+    """Fill in the secret and the client token from where they may live outside the
+    settings, so that neither needs to sit in a world-readable file.
+
+    The secret is the first of: ``secret`` (flag, then settings file), the stripped
+    contents of ``secret_file`` (read now), the ``PBKV_SECRET`` environment variable.
+    The client token: ``client_token``, then ``PBKV_CLIENT_TOKEN``.
+    """
+    env = os.environ if environ is None else environ
+    secret = settings.secret
+    if secret is None and settings.secret_file is not None:
+        try:
+            secret = Path(settings.secret_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8"
+            raise SettingsError(
+                f"cannot read secret_file {settings.secret_file}: {reason}"
+            ) from None
+        if not secret:
+            raise SettingsError(f"secret_file {settings.secret_file} is empty")
+    if secret is None:
+        secret = env.get(SECRET_ENV) or None
+    token = settings.client_token
+    if token is None:
+        token = env.get(CLIENT_TOKEN_ENV) or None
+    if secret == settings.secret and token == settings.client_token:
+        return settings
+    return dataclasses.replace(settings, secret=secret, client_token=token)
 
 
 def to_public_dict(settings: Settings) -> dict[str, Any]:
-    return dataclasses.asdict(settings)
+    """Every setting except the secret and the client token."""
+    public = dataclasses.asdict(settings)
+    for name in SECRET_FIELDS:
+        del public[name]
+    return public

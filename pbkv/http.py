@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ import httptools
 import orjson
 
 from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused, ReplicationFailed
+from pbkv.config import Settings
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
 log = logging.getLogger("pbkv")
@@ -28,6 +32,8 @@ log = logging.getLogger("pbkv")
 _REASONS = {
     200: b"OK",
     400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     413: b"Content Too Large",
@@ -70,6 +76,94 @@ class Limits:
     def max_head_bytes(self) -> int:
         # The query string may carry what a body can, plus room for ordinary headers.
         return self.max_body_bytes + 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """Who may do what (README "Security"); the default lets anyone do anything.
+
+    The expected ``Authorization`` values are held whole (``b"Bearer <token>"``) so a
+    request costs one constant-time comparison, and only when they are set.
+    """
+
+    client_token: bytes | None = None  # every request needs this Authorization value
+    shutdown_secret: bytes | None = None  # /kvman/shutdown needs this one instead
+    # Without a secret: the peer addresses that may shut the server down (and LOOPBACK).
+    shutdown_from: frozenset[str] | None = None
+    # The peer addresses that may open the replication channel (None: any).
+    replication_from: frozenset[str] | None = None
+    # TLS: the channel's client certificate must be verified and name one of these.
+    replication_certificate_names: frozenset[str] | None = None
+
+
+def _bearer(value: str | None) -> bytes | None:
+    return None if value is None else b"Bearer " + value.encode("ascii")
+
+
+def host_addresses(host: str) -> frozenset[str]:
+    """The IP addresses a configured host name stands for (resolved once, at start)."""
+    try:
+        return frozenset({str(ipaddress.ip_address(host))})
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        log.warning("cannot resolve %s (%s): no peer address will match it", host, exc)
+        return frozenset()
+    return frozenset(_normal(info[4][0]) for info in infos)
+
+
+def _normal(address: str) -> str:
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def access_for(settings: Settings, role: str) -> Access:
+    primary = host_addresses(settings.primary)
+    # With a secret the owner proves itself; without one (protected mode), addresses.
+    shutdown_from = None if settings.secret else primary | host_addresses(settings.backup)
+    return Access(
+        client_token=_bearer(settings.client_token),
+        shutdown_secret=_bearer(settings.secret),
+        shutdown_from=shutdown_from,
+        # Kept with a secret too: until a peer has proved itself, only the primary's
+        # address may even start a handshake.
+        replication_from=primary if role == "backup" else frozenset(),
+        replication_certificate_names=frozenset({settings.primary}) if settings.tls else None,
+    )
+
+
+def peer_ip(transport: asyncio.BaseTransport | None) -> str | None:
+    """The connection's source address, normalised (None when unknown)."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    if not peer or not isinstance(peer, tuple):
+        return None
+    try:
+        return _normal(peer[0])
+    except ValueError:
+        return None
+
+
+# Loopback as a local process reaches it by default; the rest of 127.0.0.0/8 stands
+# for other hosts in a single-machine pair (the course puts the backup on 127.0.0.2).
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+
+
+def certificate_names(certificate: dict[str, Any] | None) -> set[str]:
+    """The DNS names and IP addresses in a verified certificate's subjectAltName."""
+    if not certificate:
+        return set()
+    return {
+        value if kind == "DNS" else _normal(value)
+        for kind, value in certificate.get("subjectAltName", ())
+        if kind in ("DNS", "IP Address")
+    }
+
+
+OPEN = Access()
 
 
 class RequestError(Exception):
@@ -138,7 +232,8 @@ _KV_ROUTES: dict[bytes, tuple[bytes, Command]] = {
     b"/kvman/countkey": (b"GET", Command.COUNT),
     b"/kvman/dump": (b"GET", Command.DUMP),
 }
-_ADMIN_ROUTES = {b"/kvman/shutdown", b"/kvman/status", b"/metrics"}
+_SHUTDOWN = b"/kvman/shutdown"
+_ADMIN_ROUTES = {_SHUTDOWN, b"/kvman/status", b"/metrics"}
 _ADMIN_METHODS = {
     b"/kvman/shutdown": (b"GET", b"POST"),
     b"/kvman/status": (b"GET",),
@@ -240,9 +335,12 @@ def key_and_value(
 class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, app: App, limits: Limits, connections: set[HttpProtocol]) -> None:
+    def __init__(
+        self, app: App, limits: Limits, connections: set[HttpProtocol], access: Access = OPEN
+    ) -> None:
         self.app = app
         self.limits = limits
+        self.access = access
         self.connections = connections
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
@@ -251,6 +349,8 @@ class HttpProtocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._content_type = b""
+        self._authorization: bytes | None = None
+        self._from_web_page = False  # a browser sent it on a page's behalf
         self._too_large = False
         self._upgrade = False
         self._in_head = False  # between the first byte of a request and its blank line
@@ -295,6 +395,8 @@ class HttpProtocol(asyncio.Protocol):
         self._body = []
         self._body_size = 0
         self._content_type = b""
+        self._authorization = None
+        self._from_web_page = False
         self._too_large = False
         self._upgrade = False
         self._in_head = True
@@ -315,6 +417,10 @@ class HttpProtocol(asyncio.Protocol):
                 pass  # httptools rejects it
         elif lower == b"upgrade" and value.strip().lower() == UPGRADE_TOKEN:
             self._upgrade = True
+        elif lower == b"authorization":
+            self._authorization = value.strip()
+        elif lower == b"origin" or (lower == b"sec-fetch-site" and value.strip() != b"none"):
+            self._from_web_page = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -352,6 +458,8 @@ class HttpProtocol(asyncio.Protocol):
     def _dispatch(self, slot: list[Any]) -> None:
         path, query = split_target(self._url)
         method = self.parser.get_method()
+        if self.access.client_token is not None:
+            self._check_client_token(path)
         route = _KV_ROUTES.get(path)
         if route is None:
             self._admin(slot, path, method)
@@ -383,9 +491,61 @@ class HttpProtocol(asyncio.Protocol):
             body, content_type = self.app.metrics()
             self._reply(slot, 200, body, content_type=content_type.encode())
         else:
+            self._check_shutdown()
             slot[1] = True
             self._after_reply = self.app.shutdown
             self._reply(slot, 200, b'{"success":"true"}')
+
+    def _check_client_token(self, path: bytes) -> None:
+        access = self.access
+        if path == _SHUTDOWN and access.shutdown_secret is not None:
+            return  # the secret, checked there, is the stronger credential
+        expected = access.client_token
+        given = self._authorization
+        if expected is not None and (given is None or not hmac.compare_digest(given, expected)):
+            raise RequestError(401, "this server needs Authorization: Bearer <client token>")
+
+    def _check_shutdown(self) -> None:
+        access = self.access
+        if access.shutdown_secret is not None:
+            given = self._authorization
+            if given is None or not hmac.compare_digest(given, access.shutdown_secret):
+                log.warning(
+                    "refused /kvman/shutdown from %s: wrong or missing secret", self._peer()
+                )
+                raise RequestError(401, "shutdown needs Authorization: Bearer <secret>")
+        elif access.shutdown_from is not None:
+            if self._from_web_page:
+                # A page the owner opened may send requests from loopback: refuse them.
+                log.warning("refused /kvman/shutdown sent by a web page (Origin or Sec-Fetch-Site)")
+                raise RequestError(403, "shutdown is not accepted from a web page")
+            ip = peer_ip(self.transport)
+            if ip is None or not (ip in access.shutdown_from or ip in LOOPBACK):
+                log.warning("refused /kvman/shutdown from %s: not a server address", ip)
+                raise RequestError(
+                    403,
+                    "shutdown is accepted only from 127.0.0.1, ::1 "
+                    "or the configured server addresses",
+                )
+
+    def _peer(self) -> str:
+        return peer_ip(self.transport) or "?"
+
+    def _channel_refusal(self) -> str | None:
+        """Why this connection may not become the replication channel (None: it may)."""
+        access = self.access
+        ip = peer_ip(self.transport)
+        if access.replication_from is not None and ip not in access.replication_from:
+            return f"the replication channel is accepted only from the primary, not from {ip}"
+        names = access.replication_certificate_names
+        if names is not None:
+            assert self.transport is not None
+            certificate = self.transport.get_extra_info("peercert")
+            if not certificate:
+                return "the replication channel needs a client certificate signed by tls_ca"
+            if not names & certificate_names(certificate):
+                return "the client certificate does not name the configured primary"
+        return None
 
     def _answer(self, slot: list[Any], command: Command, outcome: Outcome) -> None:
         status, body, extra = outcome_reply(command, outcome)
@@ -441,6 +601,11 @@ class HttpProtocol(asyncio.Protocol):
             return
         if not self.app.accepts_replication:
             self._fail(400, "only the backup accepts a replication channel")
+            return
+        refusal = self._channel_refusal()
+        if refusal is not None:
+            log.warning("refused a replication channel from %s: %s", self._peer(), refusal)
+            self._fail(403, refusal)
             return
         transport = self.transport
         self.connections.discard(self)

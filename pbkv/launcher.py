@@ -13,12 +13,14 @@ import argparse
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from pbkv import config
 
@@ -26,9 +28,30 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 START_UP_STAGES = ("cold_start", "warm_start")
 
 
-def _status(host: str, port: int, timeout: float = 1.0) -> dict | None:
+def _open(
+    settings: config.Settings | None,
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,
+    credential: str | None = None,
+) -> Any:
+    """GET ``path`` over HTTP or HTTPS, with the client token (or ``credential``)."""
+    tls = settings is not None and settings.tls
+    request = urllib.request.Request(f"{'https' if tls else 'http'}://{host}:{port}{path}")
+    if credential is None and settings is not None:
+        credential = settings.client_token
+    if credential is not None:
+        request.add_header("Authorization", f"Bearer {credential}")
+    context = ssl.create_default_context(cafile=settings.tls_ca) if settings and tls else None
+    return urllib.request.urlopen(request, timeout=timeout, context=context)
+
+
+def _status(
+    host: str, port: int, timeout: float = 1.0, settings: config.Settings | None = None
+) -> dict | None:
     try:
-        with urllib.request.urlopen(f"http://{host}:{port}/kvman/status", timeout=timeout) as r:
+        with _open(settings, host, port, "/kvman/status", timeout) as r:
             return json.loads(r.read())
     except (OSError, ValueError, urllib.error.URLError):
         return None
@@ -62,11 +85,13 @@ def _read_pid(pid_file: Path) -> int | None:
     return pid if process_alive(pid) else None
 
 
-def _ready(status: dict, peer_host: str, peer_port: int) -> bool:
+def _ready(
+    status: dict, peer_host: str, peer_port: int, settings: config.Settings | None = None
+) -> bool:
     """In sync, or past start-up with no peer to sync with."""
     if status.get("stage") in START_UP_STAGES:
         return False
-    return status["stage"] == "in_sync" or _status(peer_host, peer_port, 0.5) is None
+    return status["stage"] == "in_sync" or _status(peer_host, peer_port, 0.5, settings) is None
 
 
 def start(
@@ -81,7 +106,7 @@ def start(
     peer_host, peer_port = settings.address_of("backup" if role == "primary" else "primary")
     pid_file, log_file = _paths(run_dir, role, host, port)
     running = _read_pid(pid_file)
-    if running is not None and _status(host, port) is None:
+    if running is not None and _status(host, port, settings=settings) is None:
         # Probably still exiting after /kvman/shutdown: give it a moment.
         deadline = time.monotonic() + 3.0
         while process_alive(running) and time.monotonic() < deadline:
@@ -115,8 +140,8 @@ def start(
             lines = log_file.read_text(errors="replace").splitlines()[-5:]
             print("\n".join("  " + line for line in lines), file=sys.stderr)
             return 1
-        status = _status(host, port, timeout=0.5)
-        if status is not None and _ready(status, peer_host, peer_port):
+        status = _status(host, port, timeout=0.5, settings=settings)
+        if status is not None and _ready(status, peer_host, peer_port, settings):
             break
         time.sleep(0.05)
     if status is None:
@@ -140,7 +165,11 @@ def stop(role: str, settings: config.Settings, run_dir: Path, wait: float) -> in
         pid_file.unlink(missing_ok=True)
         # Started some other way: ask it over HTTP.
         try:
-            urllib.request.urlopen(f"http://{host}:{port}/kvman/shutdown", timeout=2).read()
+            with _open(settings, host, port, "/kvman/shutdown", 2, settings.secret) as reply:
+                reply.read()
+        except urllib.error.HTTPError as exc:
+            print(f"{role} on {host}:{port} refused to shut down: {exc.reason}", file=sys.stderr)
+            return 1
         except (OSError, urllib.error.URLError):
             print(f"no {role} is running on {host}:{port}", file=sys.stderr)
             return 1
@@ -178,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         file_values = config.load_file(args.config)
-        settings = config.Settings(**file_values)
+        settings = config.with_secrets(config.Settings(**file_values))
         if extra:  # flags for the server may move its address
             serve_parser = argparse.ArgumentParser()
             config.add_arguments(serve_parser)

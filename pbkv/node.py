@@ -14,10 +14,10 @@ from typing import Any
 
 import httptools
 
-from pbkv import config
+from pbkv import config, tls
 from pbkv.backup import BackupCore
 from pbkv.commands import Command, Outcome, Reply
-from pbkv.http import HttpProtocol, Limits
+from pbkv.http import HttpProtocol, Limits, access_for
 from pbkv.metrics import LoopLag, Metrics
 from pbkv.primary import PrimaryCore
 from pbkv.stages import Role
@@ -161,6 +161,7 @@ class Node:
         self.address = settings.address_of(self.role)
         self.peer_address = settings.address_of(self.role.peer)
         self.limits = Limits(settings.max_key_bytes, settings.max_value_bytes)
+        self.access = access_for(settings, role)
         self.connections: set[HttpProtocol] = set()
         self.channel: ChannelProtocol | None = None
         self.timers: dict[str, asyncio.TimerHandle] = {}
@@ -174,13 +175,15 @@ class Node:
     async def run(self) -> None:
         host, port = self.address
         server = await self.loop.create_server(
-            lambda: HttpProtocol(self, self.limits, self.connections),
+            lambda: HttpProtocol(self, self.limits, self.connections, self.access),
             host,
             port,
             reuse_address=True,
             backlog=2048,
+            ssl=tls.server_context(self.settings),
         )
         log.info("%s listening on %s:%d (store %s)", self.role, host, port, store_kind(self.core))
+        log_trust(self.settings)
         self.core.start(self.clock())
         self.core.drain(self)
         self._sweep = self.loop.call_later(5.0, self._sweep_idle)
@@ -332,10 +335,17 @@ class Node:
         host, port = self.peer_address
         timeout = self.settings.peer_timeout
         transport = None
+        context = tls.channel_context(self.settings)
         try:
             transport, channel = await asyncio.wait_for(
                 self.loop.create_connection(
-                    lambda: ChannelProtocol(self, upgraded=False), host, port
+                    lambda: ChannelProtocol(self, upgraded=False),
+                    host,
+                    port,
+                    # From our own configured address, which the backup checks.
+                    local_addr=(self.address[0], 0),
+                    ssl=context,
+                    server_hostname=host if context is not None else None,
                 ),
                 timeout,
             )
@@ -389,6 +399,20 @@ class Node:
 
 def store_kind(core: PrimaryCore | BackupCore) -> str:
     return f"{core.store.kind}, {core.store.shard_count} shards"
+
+
+def log_trust(settings: config.Settings) -> None:
+    """One line at start saying how this server tells its peer and its owner apart."""
+    transport = "TLS" if settings.tls else "plain TCP (no encryption)"
+    if settings.secret is None:
+        log.warning(
+            "no secret set: protected mode (replication only from %s, shutdown only from "
+            "127.0.0.1, ::1 and the configured addresses); channel over %s",
+            settings.primary,
+            transport,
+        )
+    else:
+        log.info("secret set; channel over %s", transport)
 
 
 def _peername(transport: asyncio.BaseTransport) -> str:

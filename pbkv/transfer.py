@@ -4,7 +4,9 @@
 can yield to the event loop (and to socket back-pressure) between calls and
 reads never stall behind a large transfer.  ``SnapshotReceiver`` loads those
 frames into a store and verifies every shard's checksum as it completes, then
-the whole database's.  Both sides must not write to the store meanwhile: the
+the whole database's; every key must belong to the shard it arrives in.  The
+checksums it compares are computed from the pairs it actually stored, never
+taken from the sender.  Both sides must not write to the store meanwhile: the
 stages that transfer refuse client writes.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from pbkv.store import ShardedStore, pair_checksum
+from pbkv.store import ShardedStore, pair_checksum, shard_of
 from pbkv.wire import Frame, ShardChunk, ShardEnd, SnapshotBegin, SnapshotEnd
 
 
@@ -89,6 +91,15 @@ class SnapshotReceiver:
         shard = self._check_shard(frame.shard)
         flat = frame.pairs
         pairs = list(zip(flat[0::2], flat[1::2], strict=True))
+        sender_shards = self.sender_shards
+        if sender_shards > 1:
+            # A key in a shard it does not belong to would pass every checksum (they
+            # are sums) yet sit where no lookup finds it: refuse it.
+            for key in flat[0::2]:
+                if shard_of(key, sender_shards) != shard:
+                    raise TransferError(
+                        f"shard {shard}: holds a key of shard {shard_of(key, sender_shards)}"
+                    )
         self.received += len(pairs)
         if self._same_layout:
             self.store.load_chunk(shard, pairs)

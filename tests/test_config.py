@@ -328,3 +328,76 @@ def test_default_config_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     write(tmp_path / "conf", {**COURSE, "port": "7000"})
     assert parse_flags([]).port == 7000
     assert parse_flags(["--port", "9000"]).port == 9000
+
+
+# -- secrets -------------------------------------------------------------------------------
+@pytest.fixture
+def no_secret_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv(config.SECRET_ENV, raising=False)
+    monkeypatch.delenv(config.CLIENT_TOKEN_ENV, raising=False)
+    return monkeypatch
+
+
+def test_secret_precedence_flag_file_secret_file_environment(
+    tmp_path: Path, no_secret_env: pytest.MonkeyPatch
+) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("  from-secret-file\n")
+    base = write(tmp_path, {**COURSE, "secret_file": str(secret_file)})
+    no_secret_env.setenv(config.SECRET_ENV, "from-environment")
+    # secret_file beats the environment; its content is stripped.
+    assert parse_flags(["--config", str(base)]).secret == "from-secret-file"
+    both = write(tmp_path, {**COURSE, "secret": "from-file", "secret_file": str(secret_file)}, "b")
+    assert parse_flags(["--config", str(both)]).secret == "from-file"
+    assert parse_flags(["--config", str(both), "--secret", "from-flag"]).secret == "from-flag"
+    plain = write(tmp_path, COURSE, "plain")
+    assert parse_flags(["--config", str(plain)]).secret == "from-environment"
+    no_secret_env.delenv(config.SECRET_ENV)
+    assert parse_flags(["--config", str(plain)]).secret is None
+
+
+def test_client_token_from_setting_or_environment(
+    tmp_path: Path, no_secret_env: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, COURSE)
+    assert parse_flags(["--config", str(path)]).client_token is None
+    no_secret_env.setenv(config.CLIENT_TOKEN_ENV, "env-token")
+    assert parse_flags(["--config", str(path)]).client_token == "env-token"
+    assert parse_flags(["--config", str(path), "--client-token", "t"]).client_token == "t"
+
+
+def test_unreadable_or_empty_secret_file_fails(
+    tmp_path: Path, no_secret_env: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(SettingsError, match="cannot read secret_file"):
+        parse_flags(["--secret-file", str(tmp_path / "absent")])
+    empty = tmp_path / "empty"
+    empty.write_text(" \n")
+    with pytest.raises(SettingsError, match="is empty"):
+        parse_flags(["--secret-file", str(empty)])
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "tab\there", "caf\u00e9", "line\n"])
+def test_secret_and_token_must_fit_a_header(bad: str) -> None:
+    for name in config.SECRET_FIELDS:
+        with pytest.raises(SettingsError, match=name) as caught:
+            Settings(**{name: bad})
+        if bad:
+            assert bad not in str(caught.value)
+
+
+def test_secret_and_token_never_shown() -> None:
+    settings = Settings(secret="s3cr3t-value", client_token="t0ken-value")
+    for text in (repr(settings), str(settings), json.dumps(config.to_public_dict(settings))):
+        assert "s3cr3t-value" not in text
+        assert "t0ken-value" not in text
+    assert "secret" not in config.to_public_dict(settings)
+    assert "client_token" not in config.to_public_dict(settings)
+
+
+def test_tls_needs_certificate_key_and_ca() -> None:
+    assert Settings(tls_cert="c", tls_key="k", tls_ca="a").tls
+    assert not Settings().tls
+    for partial in ({"tls_cert": "c"}, {"tls_cert": "c", "tls_key": "k"}, {"tls_ca": "a"}):
+        with pytest.raises(SettingsError, match="tls_ca"):
+            Settings(**partial)

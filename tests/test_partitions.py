@@ -665,13 +665,21 @@ def test_delay_through_proxy(servers, net, workload):
     proxy_module = pytest.importorskip(
         "pbkv.testing.proxy", reason="no userspace TCP proxy: cannot add delay"
     )
-    backup_host = net.addresses["backup"]
-    # In front of the backup, in its namespace: the delayed bytes still cross the
+    primary_host, backup_host = net.addresses["primary"], net.addresses["backup"]
+    # Beside the primary, in its namespace, connecting from the primary's address (the
+    # backup accepts a channel only from there): the delayed bytes still cross the
     # server link.  Only the primary is told to go through it.
-    with net.inside("backup"):
-        proxy = proxy_module.FaultProxy(backup_host, PROXY_PORT, backup_host, PORT).start()
+    with net.inside("primary"):
+        proxy = proxy_module.FaultProxy(
+            primary_host, PROXY_PORT, backup_host, PORT, source_host=primary_host
+        ).start()
     try:
-        servers.start_both("--backup-port", str(PROXY_PORT))
+        # The primary's own settings send it to the proxy (the launcher keeps -b for itself).
+        via_proxy = json.loads(servers.config.read_text())
+        via_proxy.update(backup=primary_host, backup_port=str(PROXY_PORT))
+        primary_config = servers.dir / "primary-via-proxy.conf"
+        primary_config.write_text(json.dumps(via_proxy))
+        servers.start_both("--config", str(primary_config))
         assert proxy.connections_proxied > 0
         load = workload(seed=6)
         wait_acked_writes(load, since=0.0, at_least=20)

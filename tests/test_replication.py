@@ -482,7 +482,8 @@ def proxied(pair: Pair) -> Iterator[FaultProxy]:
     """A FaultProxy between the primary and the backup (the primary reaches the
     backup only through it); the backup is started, the primary is not."""
     host, port = pair.address["backup"]
-    with FaultProxy(host, 0, host, port) as proxy:
+    # From the primary's address: the backup accepts a channel only from there.
+    with FaultProxy(host, 0, host, port, source_host=pair.address["primary"][0]) as proxy:
         pair.start("backup")
         yield proxy
 

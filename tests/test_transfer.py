@@ -20,6 +20,7 @@ from pbkv.wire import (
     encode,
     frame_from_wire,
 )
+from tests.forge import transfer_frames
 
 SHAPES = [("sharded", 1), ("sharded", 3), ("sharded", 16), ("hash", 1)]
 SHAPE_IDS = [f"{kind}-{count}" for kind, count in SHAPES]
@@ -189,7 +190,12 @@ def test_corrupted_chunk_fails_at_shard_end(
     position = data.draw(st.integers(0, len(flat) - 1), label="position")
     flat[position] += "!"  # a key (even position) or a value (odd position)
     receiver = SnapshotReceiver(make_store(*receiver_shape))
-    assert feed_until_error(receiver, frames) == shard_end_index(frames, shard, bad)
+    sender_shards = frames[0][1]
+    if position % 2 == 0 and shard_of(flat[position], sender_shards) != shard:
+        expected = bad  # the altered key now belongs to another shard: refused at once
+    else:
+        expected = shard_end_index(frames, shard, bad)
+    assert feed_until_error(receiver, frames) == expected
     if sender_shape == receiver_shape:
         assert shard not in receiver.complete_shards
 
@@ -402,3 +408,26 @@ def test_done_right_after_last_frame_when_limit_divides(limit: int) -> None:
         calls += 1
         assert frames
     assert calls == math.ceil(4 / limit)
+
+
+@pytest.mark.parametrize("receiver_shape", [("sharded", 16), ("sharded", 4), ("hash", 1)])
+def test_a_key_in_the_wrong_shard_is_refused(receiver_shape: tuple[str, int]) -> None:
+    pairs = {f"key{i}": f"value{i}" for i in range(40)}
+    frames = transfer_frames(pairs, 16, moved="key7")
+    receiver = SnapshotReceiver(make_store(*receiver_shape))
+    index = feed_until_error(receiver, frames)
+    assert frames[index][0] is FrameType.SHARD_CHUNK
+    assert frames[index][1] == (shard_of("key7", 16) + 1) % 16
+    # The same transfer with the key at home is accepted: the lie alone was refused.
+    honest = SnapshotReceiver(make_store(*receiver_shape))
+    for frame in all_frames(filled(("sharded", 16), pairs), 8):
+        honest.feed(frame)
+    assert honest.finished and dict(honest.store.items()) == pairs
+
+
+@given(nonempty, st.data())
+def test_any_misplaced_key_is_refused(pairs: dict[str, str], data: st.DataObject) -> None:
+    moved = data.draw(st.sampled_from(sorted(pairs)))
+    shards = data.draw(st.sampled_from([2, 3, 16]))
+    receiver = SnapshotReceiver(make_store(*data.draw(shapes)))
+    feed_until_error(receiver, transfer_frames(pairs, shards, moved=moved))

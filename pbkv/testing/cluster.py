@@ -31,7 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from pbkv.client import Client
+from pbkv import config
+from pbkv.client import Client, tls_context
 from pbkv.launcher import process_alive
 
 __all__ = ["FAST_SETTINGS", "LocalPair", "free_port", "process_alive", "wait_for"]
@@ -105,6 +106,11 @@ class LocalPair:
             "primary": (values["primary"], int(values["port"])),
             "backup": (values["backup"], backup_port),
         }
+        # What the helpers send: the client token, the secret for shutdown, TLS.
+        parsed = config.Settings(**config.parse_mapping(values))
+        self.token = parsed.client_token
+        self.secret = parsed.secret
+        self.cafile = parsed.tls_ca if parsed.tls else None
 
     # -- scripts -------------------------------------------------------------------
     def _launcher(
@@ -186,8 +192,8 @@ class LocalPair:
         """``GET /kvman/shutdown``, then wait until the process has exited."""
         pid = self.pid(role)
         host, port = self.address[role]
-        with Client(host, port, timeout=5.0) as client:
-            client.shutdown()
+        with self._client(host, port, 5.0) as client:
+            client.shutdown(secret=self.secret)
         if pid is not None:
             wait_for(lambda: not process_alive(pid), timeout, what=f"{role} to exit")
             self.pid_file(role).unlink(missing_ok=True)
@@ -216,15 +222,19 @@ class LocalPair:
         self.cleanup()
 
     # -- talking to the servers ---------------------------------------------------------
+    def _client(self, host: str, port: int, timeout: float) -> Client:
+        context = tls_context(self.cafile) if self.cafile is not None else None
+        return Client(host, port, timeout=timeout, token=self.token, ssl_context=context)
+
     def client(self, role: str = "primary", timeout: float = 10.0) -> Client:
         host, port = self.address[role]
-        return Client(host, port, timeout=timeout)
+        return self._client(host, port, timeout)
 
     def status(self, role: str, timeout: float = 2.0) -> dict[str, Any] | None:
         """``/kvman/status``, or None when the server does not answer in time."""
         host, port = self.address[role]
         try:
-            with Client(host, port, timeout=timeout) as client:
+            with self._client(host, port, timeout) as client:
                 return client.status()
         except Exception:
             return None
@@ -242,5 +252,5 @@ class LocalPair:
 
     def dump(self, role: str) -> dict[str, str]:
         host, port = self.address[role]
-        with Client(host, port, timeout=10.0) as client:
+        with self._client(host, port, 10.0) as client:
             return dict(client.dump())

@@ -194,12 +194,19 @@ class FaultProxy:
     """
 
     def __init__(
-        self, listen_host: str, listen_port: int, target_host: str, target_port: int
+        self,
+        listen_host: str,
+        listen_port: int,
+        target_host: str,
+        target_port: int,
+        source_host: str | None = None,
     ) -> None:
         self.listen_host = listen_host
         self.port = listen_port
         self.target_host = target_host
         self.target_port = target_port
+        # Connect to the target from this address (a backup checks where its primary is).
+        self.source_host = source_host
         self.up = Link("up")
         self.down = Link("down")
         self.connections_accepted = 0
@@ -378,7 +385,12 @@ class FaultProxy:
         try:
             try:
                 server_reader, server_writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.target_host, self.target_port), CONNECT_TIMEOUT
+                    asyncio.open_connection(
+                        self.target_host,
+                        self.target_port,
+                        local_addr=None if self.source_host is None else (self.source_host, 0),
+                    ),
+                    CONNECT_TIMEOUT,
                 )
             except (OSError, TimeoutError) as exc:
                 self.connect_failures += 1
