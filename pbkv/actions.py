@@ -18,12 +18,14 @@ implements :class:`Driver` and hands the actions to :func:`carry_out`.
 * ``FlushSoon()``: call ``flush()`` once the events already waiting are
   handled (one turn of the event loop): every write submitted until then
   travels in the same batch.
+* ``SecureChannel(send_key, receive_key)``: from now on, frames both ways are
+  keyed (``wire.FrameCodec.secure``); frames sent before this action stay plain.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from pbkv.commands import Outcome
@@ -44,6 +46,8 @@ class Driver(Protocol):
     def pump_transfer(self) -> None: ...
 
     def flush_soon(self) -> None: ...
+
+    def secure_channel(self, send_key: bytes, receive_key: bytes) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +108,26 @@ class FlushSoon:
         driver.flush_soon()
 
 
-Action = Send | Connect | Probe | CloseChannel | StartTimer | Respond | PumpTransfer | FlushSoon
+@dataclass(frozen=True, slots=True)
+class SecureChannel:
+    send_key: bytes = field(repr=False)
+    receive_key: bytes = field(repr=False)
+
+    def apply(self, driver: Driver) -> None:
+        driver.secure_channel(self.send_key, self.receive_key)
+
+
+Action = (
+    Send
+    | Connect
+    | Probe
+    | CloseChannel
+    | StartTimer
+    | Respond
+    | PumpTransfer
+    | FlushSoon
+    | SecureChannel
+)
 
 
 def carry_out(actions: Iterable[Action], driver: Driver) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from pbkv import auth
 from pbkv.actions import Probe, StartTimer
 from pbkv.commands import Command, Outcome, Refused, Reply
 from pbkv.config import Settings
@@ -20,7 +21,19 @@ from pbkv.core import ReplicationCore
 from pbkv.stages import Event, ReadRule, Role, Stage, Step
 from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
-from pbkv.wire import Ack, Batch, Fence, FrameType, Hello, Skip, SnapshotBegin, SyncAck
+from pbkv.wire import (
+    Ack,
+    AuthChallenge,
+    AuthProof,
+    AuthResponse,
+    Batch,
+    Fence,
+    FrameType,
+    Hello,
+    Skip,
+    SnapshotBegin,
+    SyncAck,
+)
 
 # Waiting for a primary that a probe found, or that left in the middle of the handshake.
 WAIT_PRIMARY = "wait_primary"
@@ -52,6 +65,8 @@ class BackupCore(ReplicationCore):
                 FrameType.FETCH: self._fetch,
                 FrameType.SYNC_ACK: self._final_ack,
                 FrameType.FENCE: self._fenced,
+                FrameType.AUTH_CHALLENGE: self._challenge,
+                FrameType.AUTH_PROOF: self._auth_proof,
             }
         )
 
@@ -92,7 +107,8 @@ class BackupCore(ReplicationCore):
 
     # -- client requests: reads only -----------------------------------------------
     def may_read(self, command: Command, key: str) -> bool:
-        return self.machine.acceptance.reads is ReadRule.SERVE
+        rule = self.machine.acceptance.reads
+        return rule is ReadRule.SERVE or (rule is ReadRule.SERVE_IF_CONFIRMED and self.confirmed)
 
     def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome:
         return Refused(self.stage, self.role, primary=self.primary_address)
@@ -113,7 +129,30 @@ class BackupCore(ReplicationCore):
         self.lose_channel(f"fenced by the primary: {frame.reason}")
         return Step.NONE
 
+    def _challenge(self, frame: AuthChallenge) -> Step:
+        if self.secret is None:
+            return self.refuse_authentication(
+                "the primary asks for a proof of a secret, but the backup has no secret set"
+            )
+        self.nonces[Role.PRIMARY] = frame.nonce
+        self.nonces[Role.BACKUP] = auth.new_nonce()
+        self.send(AuthResponse(self.nonces[Role.BACKUP], self.proof()))
+        return Step.AWAIT_PROOF
+
+    def _auth_proof(self, frame: AuthProof) -> Step:
+        if not self.peer_proof_holds(frame.proof):
+            return self.refuse_authentication(
+                "the primary's proof does not match the backup's secret "
+                "(are both secrets the same?)"
+            )
+        self.authenticated()
+        return Step.AWAIT_HELLO
+
     def _hello(self, frame: Hello) -> Step:
+        if not self.past_authentication:
+            return self.refuse_authentication(
+                "the backup has a secret set: the primary sent a HELLO without proving it"
+            )
         if frame.role != Role.PRIMARY:
             self.lose_channel(f"peer says it is the {frame.role}, expected the primary")
             return Step.NONE

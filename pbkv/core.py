@@ -18,18 +18,45 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from pbkv.actions import Action, CloseChannel, Driver, PumpTransfer, Send, StartTimer, carry_out
+from pbkv import auth
+from pbkv.actions import (
+    Action,
+    CloseChannel,
+    Driver,
+    PumpTransfer,
+    SecureChannel,
+    Send,
+    StartTimer,
+    carry_out,
+)
 from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused
 from pbkv.config import Settings
-from pbkv.stages import Event, Handshake, Role, Stage, StageMachine, Step
+from pbkv.stages import HANDSHAKES, Event, Handshake, Role, Stage, StageMachine, Step
 from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, SnapshotSender
-from pbkv.wire import Frame, FrameType, Heartbeat, Hello, ShardEnd, SyncNack
+from pbkv.wire import (
+    CONTROL_LIMIT,
+    AuthFailed,
+    Frame,
+    FrameLimit,
+    FrameType,
+    Heartbeat,
+    Hello,
+    ShardEnd,
+    SyncNack,
+    frame_limits,
+    reason_text,
+)
 
 log = logging.getLogger("pbkv")
 
 TICK = "tick"
 RETRY = "retry"
+# A batch closes at this many writes, or past this many characters of keys and values;
+# a transfer chunk past this many characters (or at ``transfer_chunk`` pairs).
+BATCH_WRITES = 4096
+BATCH_CHARS = 1 << 20
+CHUNK_CHARS = 1 << 20
 
 MISS = Done(False, "")
 
@@ -90,7 +117,28 @@ class ReplicationCore:
         self.handlers: dict[FrameType, Callable[[Any], Step]] = {
             FrameType.HEARTBEAT: self._heartbeat,
             FrameType.SYNC_NACK: self._refused_by_peer,
+            FrameType.AUTH_FAILED: self._authentication_refused,
         }
+        # Authentication (with a secret): this channel's nonces, and whether it is done.
+        self.secret = settings.secret
+        self.nonces: dict[Role, bytes] = {}
+        # No secret, or both proofs held: heartbeats may go out, a HELLO may count.
+        self.past_authentication = False
+        # The largest frame each step accepts (small ones only until the HELLO).
+        per_type = frame_limits(
+            settings.max_key_bytes,
+            settings.max_value_bytes,
+            BATCH_WRITES,
+            BATCH_CHARS,
+            settings.transfer_chunk,
+            CHUNK_CHARS,
+        )
+        self.frame_limits: dict[Step, FrameLimit] = {}
+        for step, frames in HANDSHAKES[self.role].items():
+            limit = CONTROL_LIMIT
+            for kind in frames:
+                limit = limit | per_type[kind]
+            self.frame_limits[step] = limit
 
     # -- helpers -------------------------------------------------------------------
     @property
@@ -138,9 +186,47 @@ class ReplicationCore:
         if self.channel_up:
             if self.now - self.last_received > self.settings.peer_timeout:
                 self.lose_channel(f"{self.role.peer} silent for {self.settings.peer_timeout}s")
-            elif self.now - self.last_sent >= self.settings.heartbeat_interval * 0.9:
+            elif (
+                self.past_authentication
+                and self.now - self.last_sent >= self.settings.heartbeat_interval * 0.9
+            ):
                 self.send(Heartbeat(self.seq))
         self.start_tick()
+
+    def frame_limit(self) -> FrameLimit:
+        """How large the next frame from the peer may be (the driver's codec checks)."""
+        return self.frame_limits[self.step]
+
+    # -- authentication (with a secret) ----------------------------------------------
+    def proof(self) -> bytes:
+        assert self.secret is not None
+        nonces = self.nonces
+        return auth.proof(self.secret, self.role, nonces[Role.PRIMARY], nonces[Role.BACKUP])
+
+    def peer_proof_holds(self, received: bytes) -> bool:
+        assert self.secret is not None
+        nonces = self.nonces
+        primary, backup = nonces[Role.PRIMARY], nonces[Role.BACKUP]
+        return auth.verify_proof(self.secret, self.role.peer, primary, backup, received)
+
+    def authenticated(self) -> None:
+        """Both proofs held: every frame from now on is keyed."""
+        assert self.secret is not None
+        nonces = self.nonces
+        keys = auth.channel_keys(self.secret, nonces[Role.PRIMARY], nonces[Role.BACKUP])
+        self.outbox.append(SecureChannel(*keys.for_role(self.role)))
+        self.past_authentication = True
+        log.info("%s authenticated the %s: the channel is keyed", self.role, self.role.peer)
+
+    def refuse_authentication(self, reason: str) -> Step:
+        """Say why (so the peer's log does too), close, and start over."""
+        self.send(AuthFailed(reason_text(reason)))
+        self.lose_channel(reason)
+        return Step.NONE
+
+    def _authentication_refused(self, frame: AuthFailed) -> Step:
+        self.lose_channel(f"the {self.role.peer} refused authentication: {frame.reason}")
+        return Step.NONE
 
     # -- reads (both roles) --------------------------------------------------------
     def may_read(self, command: Command, key: str) -> bool:
@@ -159,7 +245,9 @@ class ReplicationCore:
 
     # -- transfers -----------------------------------------------------------------
     def start_sending_snapshot(self) -> None:
-        self.sender = SnapshotSender(self.store, self.settings.transfer_chunk, self.seq)
+        self.sender = SnapshotSender(
+            self.store, self.settings.transfer_chunk, self.seq, CHUNK_CHARS
+        )
         log.info(
             "%s transfer to %s started: %d pairs", self.role, self.role.peer, self.sender.total
         )
@@ -200,7 +288,7 @@ class ReplicationCore:
         """The one path of a failed transfer: tell the peer, close, count, one event."""
         log.warning("%s transfer failed: %s peer=%s", self.role, reason, self.role.peer)
         if tell_peer and self.channel_up:
-            self.send(SyncNack(reason))
+            self.send(SyncNack(reason_text(reason)))
         self.lose_channel(reason, Event.TRANSFER_FAILED)
 
     def _refused_by_peer(self, frame: SyncNack) -> Step:
@@ -251,6 +339,8 @@ class ReplicationCore:
             self.last_transfer_error = reason
         self.channel_up = False
         self.handshake.reset()
+        self.nonces.clear()
+        self.past_authentication = False
         self.peer_hello = None
         self.sender = None
         self.receiver = None
@@ -261,7 +351,8 @@ class ReplicationCore:
         self.now = now
         self.channel_up = True
         self.last_received = now
-        self.handshake.opened()
+        self.handshake.opened(authenticate=self.secret is not None)
+        self.past_authentication = self.secret is None
 
     # -- for subclasses ------------------------------------------------------------
     def on_channel_lost(self, reason: str) -> None:

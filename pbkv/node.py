@@ -22,7 +22,7 @@ from pbkv.metrics import LoopLag, Metrics
 from pbkv.primary import PrimaryCore
 from pbkv.stages import Role
 from pbkv.store import make_store
-from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, Frame, FrameDecoder, FrameError, encode
+from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, Frame, FrameCodec, FrameError
 
 log = logging.getLogger("pbkv")
 
@@ -43,7 +43,7 @@ class ChannelProtocol(asyncio.Protocol):
     def __init__(self, node: Node, upgraded: bool) -> None:
         self.node = node
         self.transport: asyncio.Transport | None = None
-        self.decoder = FrameDecoder()
+        self.codec = FrameCodec()
         self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._response_parser = None if upgraded else httptools.HttpResponseParser(self)
         if upgraded:
@@ -78,23 +78,16 @@ class ChannelProtocol(asyncio.Protocol):
                 return
             else:
                 return
-        try:
-            frames = self.decoder.feed(data)
-        except FrameError as exc:
-            if exc.frames:  # the good frames before the bad one still count
-                self.node.frames_received(self, exc.frames)
-            self.node.channel_broken(self, f"bad frame: {exc}")
-            return
-        if frames:
-            started = time.perf_counter()
-            self.node.frames_received(self, frames)
-            self._busy += time.perf_counter() - started
-            if self._busy > READ_BUDGET and self.transport is not None and not self._paused:
-                # A full transfer arrives faster than we load it: let the other
-                # sockets of this loop turn be served before reading on.
-                self._paused = True
-                self.transport.pause_reading()
-                asyncio.get_running_loop().call_soon(self._read_on)
+        self.codec.receive(data)
+        started = time.perf_counter()
+        self.node.frames_arrived(self)
+        self._busy += time.perf_counter() - started
+        if self._busy > READ_BUDGET and self.transport is not None and not self._paused:
+            # A full transfer arrives faster than we load it: let the other
+            # sockets of this loop turn be served before reading on.
+            self._paused = True
+            self.transport.pause_reading()
+            asyncio.get_running_loop().call_soon(self._read_on)
 
     def _read_on(self) -> None:
         self._busy = 0.0
@@ -269,15 +262,21 @@ class Node:
             channel.data_received(leftover)
 
     # -- channel events ----------------------------------------------------------
-    def frames_received(self, channel: ChannelProtocol, frames: list[Frame]) -> None:
-        if channel is not self.channel:
-            return
-        core = self.core
-        for frame in frames:
+    def frames_arrived(self, channel: ChannelProtocol) -> None:
+        """Hand the core one frame at a time, each bounded by what its step accepts,
+        and carry out what it caused before decoding the next (a frame may switch
+        the channel to keyed frames)."""
+        core, codec = self.core, channel.codec
+        while channel is self.channel:
+            try:
+                frame = codec.next_frame(core.frame_limit())
+            except FrameError as exc:
+                self.channel_broken(channel, f"bad frame: {exc}")
+                return
+            if frame is None:
+                return
             core.frame_received(self.clock(), frame)
-            if channel is not self.channel:
-                break
-        core.drain(self)
+            core.drain(self)
 
     def channel_broken(self, channel: ChannelProtocol, reason: str) -> None:
         if channel is not self.channel:
@@ -289,8 +288,13 @@ class Node:
 
     # -- carrying out actions (actions.Driver) ---------------------------------------
     def send(self, frame: Frame) -> None:
+        channel = self.channel
+        if channel is not None:
+            channel.write(channel.codec.encode(frame))
+
+    def secure_channel(self, send_key: bytes, receive_key: bytes) -> None:
         if self.channel is not None:
-            self.channel.write(encode(frame))
+            self.channel.codec.secure(send_key, receive_key)
 
     def start_timer(self, name: str, delay: float) -> None:
         old = self.timers.pop(name, None)

@@ -27,15 +27,19 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from pbkv import auth
 from pbkv.actions import Connect, FlushSoon, Respond, StartTimer
 from pbkv.commands import REPLICATION_FAILED, Command, Done, Outcome, Refused, Reply
 from pbkv.config import Settings
-from pbkv.core import MISS, RETRY, ReplicationCore, log
+from pbkv.core import BATCH_CHARS, BATCH_WRITES, MISS, RETRY, ReplicationCore, log
 from pbkv.stages import Event, ReadRule, Role, Stage, Step, WriteRule
 from pbkv.store import ShardedStore, shard_of
 from pbkv.transfer import SnapshotReceiver, TransferError
 from pbkv.wire import (
     Ack,
+    AuthChallenge,
+    AuthProof,
+    AuthResponse,
     Fence,
     Fetch,
     FrameType,
@@ -64,8 +68,12 @@ class Batch:
     seq: int = 0
     ops: list[Any] = field(default_factory=list)  # key, value-or-None, key, ...
     entries: list[tuple[Reply, Outcome]] = field(default_factory=list)  # reply, answer
+    chars: int = 0  # of the keys and values in ops: a batch's frame stays bounded
     sent_at: float = 0.0
     deadline: float = 0.0
+
+    def full(self) -> bool:
+        return len(self.ops) >= 2 * BATCH_WRITES or self.chars >= BATCH_CHARS
 
 
 class PrimaryCore(ReplicationCore):
@@ -82,7 +90,8 @@ class PrimaryCore(ReplicationCore):
         initial = Stage.IN_SYNC if self.standalone else Stage.COLD_START
         super().__init__(settings, store, initial, now, rng)
         self.overlay: dict[str, tuple[str | None, int]] = {}
-        self.queued = Batch()
+        # Writes not yet sent, oldest batch first; the last one takes new writes.
+        self.queued: deque[Batch] = deque([Batch()])
         self.flush_pending = False
         # Batches sent and not yet acknowledged, oldest first (acks come in order).
         self.in_flight: deque[Batch] = deque()
@@ -105,6 +114,7 @@ class PrimaryCore(ReplicationCore):
                 FrameType.SHARD_END: self._transfer_frame,
                 FrameType.SNAPSHOT_END: self._transfer_frame,
                 FrameType.SYNC_ACK: self._sync_ack,
+                FrameType.AUTH_RESPONSE: self._auth_response,
             }
         )
 
@@ -127,7 +137,11 @@ class PrimaryCore(ReplicationCore):
 
     def channel_opened(self, now: float) -> None:
         self.opened(now)
-        self.send(self.hello_frame())
+        if self.secret is None:
+            self.send(self.hello_frame())
+        else:
+            self.nonces[Role.PRIMARY] = auth.new_nonce()
+            self.send(AuthChallenge(self.nonces[Role.PRIMARY]))
 
     def channel_failed(self, now: float, reason: str) -> None:
         """Connecting to the backup did not work."""
@@ -181,11 +195,15 @@ class PrimaryCore(ReplicationCore):
             return outcome
         if not ok and pending is None:
             return outcome
-        queued = self.queued
+        queued = self.queued[-1]
         if ok:
+            if queued.full():
+                queued = Batch()
+                self.queued.append(queued)
             queued.ops.append(key)
             queued.ops.append(new)
-            self.overlay[key] = (new, self.sent_seq + 1)
+            queued.chars += len(key) + (0 if new is None else len(new))
+            self.overlay[key] = (new, self.sent_seq + len(self.queued))
         # else: it depends on a write in flight: answer after that is acknowledged.
         queued.entries.append((reply, outcome))
         if not self.flush_pending:
@@ -195,26 +213,28 @@ class PrimaryCore(ReplicationCore):
         return None
 
     def flush(self, now: float) -> None:
-        """Send the queued writes as one batch if the window has room."""
+        """Send queued batches while the window has room."""
         self.now = now
         self.flush_pending = False
-        if len(self.in_flight) >= self.window or not self.queued.entries:
-            return
-        batch, self.queued = self.queued, Batch()
-        if not batch.ops:
-            # Only answers that wait for earlier batches: answer them with the last.
-            if self.in_flight:
-                self.in_flight[-1].entries.extend(batch.entries)
-            else:
-                self._answer(batch)
-            return
-        self.sent_seq += 1
-        batch.seq = self.sent_seq
-        batch.sent_at = now
-        batch.deadline = now + self.settings.ack_timeout
-        self.in_flight.append(batch)
-        self.batches_sent += 1
-        self.send(BatchFrame(batch.seq, batch.ops))
+        queued = self.queued
+        while len(self.in_flight) < self.window and queued[0].entries:
+            batch = queued.popleft()
+            if not queued:
+                queued.append(Batch())
+            if not batch.ops:
+                # Only answers that wait for earlier batches: answer them with the last.
+                if self.in_flight:
+                    self.in_flight[-1].entries.extend(batch.entries)
+                else:
+                    self._answer(batch)
+                continue
+            self.sent_seq += 1
+            batch.seq = self.sent_seq
+            batch.sent_at = now
+            batch.deadline = now + self.settings.ack_timeout
+            self.in_flight.append(batch)
+            self.batches_sent += 1
+            self.send(BatchFrame(batch.seq, batch.ops))
 
     def _answer(self, batch: Batch) -> None:
         outbox = self.outbox
@@ -243,7 +263,7 @@ class PrimaryCore(ReplicationCore):
 
     def _rewind(self, reason: str) -> None:
         """Fail every write not yet acknowledged; the store never saw them."""
-        batches = [*self.in_flight, self.queued]
+        batches = [*self.in_flight, *self.queued]
         failed = sum(len(b.entries) for b in batches)
         if failed:
             self.writes_rewound += failed
@@ -252,11 +272,23 @@ class PrimaryCore(ReplicationCore):
             for reply, _ in batch.entries:
                 self.outbox.append(Respond(reply, REPLICATION_FAILED))
         self.in_flight.clear()
-        self.queued = Batch()
+        self.queued = deque([Batch()])
         self.overlay.clear()
         self.sent_seq = self.seq
 
     # -- the handshake -------------------------------------------------------------
+    def _auth_response(self, frame: AuthResponse) -> Step:
+        self.nonces[Role.BACKUP] = frame.nonce
+        if not self.peer_proof_holds(frame.proof):
+            return self.refuse_authentication(
+                "the backup's proof does not match the primary's secret "
+                "(are both secrets the same?)"
+            )
+        self.send(AuthProof(self.proof()))
+        self.authenticated()
+        self.send(self.hello_frame())
+        return Step.AWAIT_HELLO
+
     def _hello(self, frame: Hello) -> Step:
         if frame.role != Role.BACKUP:
             self.lose_channel(f"peer says it is the {frame.role}, expected the backup")
@@ -309,6 +341,12 @@ class PrimaryCore(ReplicationCore):
         if checksum is None:
             return Step.RECEIVE_SNAPSHOT
         assert type(frame) is SnapshotEnd
+        hello = self.peer_hello
+        assert hello is not None
+        if checksum != hello.checksum or len(self.store) != hello.count:
+            # A backup takes no writes: what it sends is what its hello announced.
+            self.fail_transfer("the backup sent other data than its hello announced")
+            return Step.NONE
         self.seq = self.sent_seq = receiver.seq
         self.send(SyncAck(checksum))
         return Step.AWAIT_FINAL_ACK
@@ -333,7 +371,7 @@ class PrimaryCore(ReplicationCore):
         status.update(
             standalone=self.standalone,
             lag=self.sent_seq - self.seq,
-            writes_queued=len(self.queued.entries),
+            writes_queued=sum(len(b.entries) for b in self.queued),
             writes_in_flight=sum(len(b.entries) for b in self.in_flight),
             writes_rewound=self.writes_rewound,
             batches_sent=self.batches_sent,

@@ -141,8 +141,9 @@ IGNORED = {Role.PRIMARY: PRIMARY_IGNORED, Role.BACKUP: BACKUP_IGNORED}
 class ReadRule(enum.Enum):
     REFUSE = "refuse"
     SERVE = "serve"
-    # Bootstrapping secondary: serve only data that a backup has confirmed
-    # (a primary that restarted and found no backup may have lost writes).
+    # Serve only data that a peer has confirmed: on a primary in bootstrapping
+    # secondary (a primary that restarted and found no backup may have lost
+    # writes), on a backup in warm start (the copy it keeps while a new one arrives).
     SERVE_IF_CONFIRMED = "serve if our data is confirmed"
     # Warm start: serve a key only when its whole shard has arrived, so the
     # answer, a miss included, is certainly right.
@@ -171,7 +172,8 @@ PRIMARY_ACCEPTANCE: dict[Stage, Acceptance] = {
 BACKUP_ACCEPTANCE: dict[Stage, Acceptance] = {
     S.COLD_START: Acceptance(ReadRule.REFUSE, WriteRule.REDIRECT),
     S.BOOTSTRAPPING_PRIMARY: Acceptance(ReadRule.SERVE, WriteRule.REDIRECT),
-    S.WARM_START: Acceptance(ReadRule.REFUSE, WriteRule.REDIRECT),
+    # Receiving into a separate map: a confirmed copy we keep is still whole.
+    S.WARM_START: Acceptance(ReadRule.SERVE_IF_CONFIRMED, WriteRule.REDIRECT),
     S.IN_SYNC: Acceptance(ReadRule.SERVE, WriteRule.REDIRECT),
 }
 
@@ -184,12 +186,19 @@ ACCEPTANCE = {Role.PRIMARY: PRIMARY_ACCEPTANCE, Role.BACKUP: BACKUP_ACCEPTANCE}
 # lead to, are the tables below.  A frame a step does not list is a protocol
 # violation: the channel closes with the step and the frame in the reason.
 # Losing the channel (a failure, a close, silence) returns every step to
-# ``NONE``; opening it starts at ``AWAIT_HELLO``.
+# ``NONE``; opening it starts at the role's ``FIRST_STEP``: with a secret set,
+# both sides first prove they hold it (nonces and proofs, see ``auth.py``), and
+# only then does the HELLO count.
 
 
 class Step(enum.Enum):
     NONE = "none"  # no channel
-    AWAIT_HELLO = "await_hello"  # channel open; the peer's HELLO comes next
+    # With a secret: the primary sent its nonce and awaits the backup's nonce and proof;
+    AWAIT_AUTH_RESPONSE = "await_auth_response"
+    # the backup awaits the primary's nonce, then (its own sent) the primary's proof.
+    AWAIT_CHALLENGE = "await_challenge"
+    AWAIT_PROOF = "await_proof"
+    AWAIT_HELLO = "await_hello"  # the peer's HELLO comes next
     # Backup: our HELLO sent; the primary says what happens (send, skip, fetch).
     AWAIT_DIRECTIVE = "await_directive"
     AWAIT_SYNC_ACK = "await_sync_ack"  # primary: our data (or SKIP) sent; is it verified?
@@ -201,10 +210,25 @@ class Step(enum.Enum):
 F = FrameType
 _SHARDS = {F.SHARD_CHUNK: (Step.RECEIVE_SNAPSHOT,), F.SHARD_END: (Step.RECEIVE_SNAPSHOT,)}
 
+# Where a new channel starts: without a secret / with one.
+FIRST_STEP = {
+    Role.PRIMARY: {False: Step.AWAIT_HELLO, True: Step.AWAIT_AUTH_RESPONSE},
+    Role.BACKUP: {False: Step.AWAIT_HELLO, True: Step.AWAIT_CHALLENGE},
+}
+# The steps before the proofs: nothing but their own frames, not even heartbeats
+# (the first keyed frame must follow the last plain one on both sides).
+AUTH_STEPS = frozenset({Step.AWAIT_AUTH_RESPONSE, Step.AWAIT_CHALLENGE, Step.AWAIT_PROOF})
+
 PRIMARY_HANDSHAKE: dict[Step, dict[FrameType, tuple[Step, ...]]] = {
     Step.NONE: {},
+    # A good proof: send ours, switch to keyed frames, send our HELLO.
+    Step.AWAIT_AUTH_RESPONSE: {F.AUTH_RESPONSE: (Step.AWAIT_HELLO,), F.AUTH_FAILED: (Step.NONE,)},
     # The backup's hello decides: send our data or SKIP (await_sync_ack), or FETCH.
-    Step.AWAIT_HELLO: {F.HELLO: (Step.AWAIT_SYNC_ACK, Step.RECEIVE_SNAPSHOT)},
+    # (AUTH_FAILED: the backup has a secret and we do not.)
+    Step.AWAIT_HELLO: {
+        F.HELLO: (Step.AWAIT_SYNC_ACK, Step.RECEIVE_SNAPSHOT),
+        F.AUTH_FAILED: (Step.NONE,),
+    },
     Step.AWAIT_SYNC_ACK: {F.SYNC_ACK: (Step.STREAMING,), F.SYNC_NACK: (Step.NONE,)},
     Step.RECEIVE_SNAPSHOT: {
         F.SNAPSHOT_BEGIN: (Step.RECEIVE_SNAPSHOT,),
@@ -218,7 +242,11 @@ PRIMARY_HANDSHAKE: dict[Step, dict[FrameType, tuple[Step, ...]]] = {
 
 BACKUP_HANDSHAKE: dict[Step, dict[FrameType, tuple[Step, ...]]] = {
     Step.NONE: {},
-    Step.AWAIT_HELLO: {F.HELLO: (Step.AWAIT_DIRECTIVE,)},
+    Step.AWAIT_CHALLENGE: {F.AUTH_CHALLENGE: (Step.AWAIT_PROOF,), F.HELLO: (Step.NONE,)},
+    # A good proof: switch to keyed frames; the primary's HELLO follows.
+    Step.AWAIT_PROOF: {F.AUTH_PROOF: (Step.AWAIT_HELLO,), F.AUTH_FAILED: (Step.NONE,)},
+    # (AUTH_CHALLENGE here: the primary has a secret and we do not.)
+    Step.AWAIT_HELLO: {F.HELLO: (Step.AWAIT_DIRECTIVE,), F.AUTH_CHALLENGE: (Step.NONE,)},
     Step.AWAIT_DIRECTIVE: {
         F.SNAPSHOT_BEGIN: (Step.RECEIVE_SNAPSHOT,),
         F.SKIP: (Step.STREAMING,),
@@ -235,10 +263,10 @@ BACKUP_HANDSHAKE: dict[Step, dict[FrameType, tuple[Step, ...]]] = {
     Step.STREAMING: {F.BATCH: (Step.STREAMING,), F.FENCE: (Step.NONE,), F.SYNC_NACK: (Step.NONE,)},
 }
 
-# A heartbeat is welcome in every step that has a channel, and changes nothing.
+# A heartbeat is welcome in every step past the proofs, and changes nothing.
 for _table in (PRIMARY_HANDSHAKE, BACKUP_HANDSHAKE):
     for _step, _frames in _table.items():
-        if _step is not Step.NONE:
+        if _step is not Step.NONE and _step not in AUTH_STEPS:
             _frames[F.HEARTBEAT] = (_step,)
 
 HANDSHAKES = {Role.PRIMARY: PRIMARY_HANDSHAKE, Role.BACKUP: BACKUP_HANDSHAKE}
@@ -307,8 +335,8 @@ class Handshake:
             )
         self.step = new
 
-    def opened(self) -> None:
-        self.step = Step.AWAIT_HELLO
+    def opened(self, authenticate: bool) -> None:
+        self.step = FIRST_STEP[self.role][authenticate]
 
     def reset(self) -> None:
         self.step = Step.NONE
@@ -342,6 +370,9 @@ def describe() -> str:
         for stage, rule in ACCEPTANCE[role].items():
             lines.append(f"| {stage.value} | {rule.reads.value} | {rule.writes.value} |")
         lines += ["", "| handshake step | frame | next step |", "| --- | --- | --- |"]
+        for secret, step in FIRST_STEP[role].items():
+            opened = "(channel opened, a secret set)" if secret else "(channel opened)"
+            lines.append(f"| none | {opened} | {step.value} |")
         for step, frames in HANDSHAKES[role].items():
             for name, steps in frames.items():
                 following = ", ".join(s.value for s in steps)

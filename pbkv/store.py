@@ -83,18 +83,24 @@ class ShardedStore:
         for shard in self._shards:
             yield from shard.items()
 
-    def shard_chunks(self, shard: int, chunk_size: int) -> Iterator[list[tuple[str, str]]]:
-        """The pairs of one shard in lists of at most ``chunk_size``.
+    def shard_chunks(
+        self, shard: int, chunk_size: int, max_chars: int = 1 << 62
+    ) -> Iterator[list[tuple[str, str]]]:
+        """The pairs of one shard in lists of at most ``chunk_size`` pairs, each closed
+        once its keys and values pass ``max_chars`` characters.
 
         The caller must not write to the store while iterating (a transfer
         runs in a stage that refuses writes).
         """
         chunk: list[tuple[str, str]] = []
+        chars = 0
         for pair in self._shards[shard].items():
             chunk.append(pair)
-            if len(chunk) >= chunk_size:
+            chars += len(pair[0]) + len(pair[1])
+            if len(chunk) >= chunk_size or chars >= max_chars:
                 yield chunk
                 chunk = []
+                chars = 0
         if chunk:
             yield chunk
 

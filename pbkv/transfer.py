@@ -31,7 +31,10 @@ def _flatten(pairs: list[tuple[str, str]]) -> list[str]:
 
 
 class SnapshotSender:
-    def __init__(self, store: ShardedStore, chunk_size: int, seq: int) -> None:
+    def __init__(
+        self, store: ShardedStore, chunk_size: int, seq: int, chunk_chars: int = 1 << 62
+    ) -> None:
+        self._chunk_chars = chunk_chars
         self._frames = self._generate(store, chunk_size, seq)
         self.done = False
         self.total = len(store)
@@ -39,7 +42,7 @@ class SnapshotSender:
     def _generate(self, store: ShardedStore, chunk_size: int, seq: int) -> Iterator[Frame]:
         yield SnapshotBegin(store.shard_count, len(store))
         for shard in range(store.shard_count):
-            for chunk in store.shard_chunks(shard, chunk_size):
+            for chunk in store.shard_chunks(shard, chunk_size, self._chunk_chars):
                 yield ShardChunk(shard, _flatten(chunk))
             yield ShardEnd(shard, store.shard_checksum(shard), store.shard_len(shard))
         yield SnapshotEnd(store.checksum, len(store), seq)

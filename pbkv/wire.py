@@ -4,17 +4,24 @@ A frame on the wire is ``length (u32, big endian) | xxh3_64 of payload (u64) |
 payload``, the payload a msgpack array whose first item is the frame type.
 The per-frame hash catches a corrupted byte anywhere on the channel; the
 per-shard and whole-database checksums of a transfer then catch a wrong
-store.
+store.  Once both servers proved they hold the shared secret (``auth.py``),
+the channel switches to keyed frames, ``length | 16-byte MAC | payload``: the
+MAC covers a per-direction sequence number that never travels, so a frame
+injected, altered, replayed or reordered on the wire fails like a corrupted one.
 
-Each frame type is a small class.  ``FrameDecoder`` (sans-I/O: feed it bytes,
-get frames back) builds them from the decoded array and checks the arity and
-the type of every field there, so a malformed or hostile frame is refused in
-one place, as a ``FrameError``, before any handler sees it.
+Each frame type is a small class.  ``FrameCodec`` (sans-I/O: give it bytes,
+take frames out one at a time) builds them from the decoded array and checks
+the arity and the type of every field there, so a malformed or hostile frame
+is refused in one place, as a ``FrameError``, before any handler sees it.
+Every frame is also bounded before it is decoded: its length, and msgpack's
+string, array and binary lengths, by a ``FrameLimit`` that the receiver sets
+for the frames it accepts next (small ones only, until the handshake is done).
 """
 
 from __future__ import annotations
 
 import enum
+import hmac
 import struct
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,7 +31,11 @@ import xxhash
 
 _HEADER = struct.Struct(">IQ")
 HEADER_SIZE = _HEADER.size
-MAX_FRAME = 256 * 1024 * 1024  # a guard against garbage lengths, not a real limit
+_KEYED_HEADER = struct.Struct(">I16s")  # length, MAC
+KEYED_HEADER_SIZE = _KEYED_HEADER.size
+_SEQ = struct.Struct(">Q")
+MAX_FRAME = 256 * 1024 * 1024  # no limit is ever larger than this
+MAX_REASON = 1000  # characters of a reason that travels (SYNC_NACK, FENCE, AUTH_FAILED)
 
 UPGRADE_TOKEN = b"pbkv-repl/1"
 UPGRADE_PATH = b"/kvrepl"
@@ -44,6 +55,11 @@ class FrameType(enum.IntEnum):
     SYNC_ACK = 11
     SYNC_NACK = 12
     FENCE = 13  # the primary tells the backup to drop out
+    # Authentication (with a secret set), before the HELLO.
+    AUTH_CHALLENGE = 14  # primary: its nonce
+    AUTH_RESPONSE = 15  # backup: its nonce and its proof
+    AUTH_PROOF = 16  # primary: its proof
+    AUTH_FAILED = 17  # either: the proof did not verify (a courtesy: the log says why)
 
 
 class FrameError(ValueError):
@@ -74,6 +90,12 @@ def _flag(raw: Any) -> bool:
 def _text(raw: Any) -> str:
     if type(raw) is not str:
         raise FrameError("must be a string")
+    return raw
+
+
+def _bytes32(raw: Any) -> bytes:
+    if type(raw) is not bytes or len(raw) != 32:
+        raise FrameError("must be 32 bytes")
     return raw
 
 
@@ -245,6 +267,35 @@ class Fence(Frame):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class AuthChallenge(Frame):
+    kind = FrameType.AUTH_CHALLENGE
+    field_kinds = (_bytes32,)
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse(Frame):
+    kind = FrameType.AUTH_RESPONSE
+    field_kinds = (_bytes32, _bytes32)
+    nonce: bytes
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthProof(Frame):
+    kind = FrameType.AUTH_PROOF
+    field_kinds = (_bytes32,)
+    proof: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed(Frame):
+    kind = FrameType.AUTH_FAILED
+    field_kinds = (_text,)
+    reason: str
+
+
 FRAME_CLASSES: dict[FrameType, type[Frame]] = {
     cls.kind: cls
     for cls in (
@@ -261,6 +312,10 @@ FRAME_CLASSES: dict[FrameType, type[Frame]] = {
         SyncAck,
         SyncNack,
         Fence,
+        AuthChallenge,
+        AuthResponse,
+        AuthProof,
+        AuthFailed,
     )
 }
 assert set(FRAME_CLASSES) == set(FrameType), "every frame type needs its class"
@@ -287,49 +342,178 @@ def frame_from_wire(items: Any) -> Frame:
     return cls(*values)
 
 
+def reason_text(reason: str) -> str:
+    """A reason short enough for the control-frame limit."""
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 3] + "..."
+
+
+# -- limits ----------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class FrameLimit:
+    """How large a frame may be, checked before and while it is decoded."""
+
+    max_bytes: int  # payload length
+    max_items: int  # longest msgpack array
+    max_text: int  # longest string, in bytes
+
+    def __or__(self, other: FrameLimit) -> FrameLimit:
+        """A limit that admits both."""
+        return FrameLimit(
+            max(self.max_bytes, other.max_bytes),
+            max(self.max_items, other.max_items),
+            max(self.max_text, other.max_text),
+        )
+
+
+# Every frame but BATCH and SHARD_CHUNK: a few numbers, a checksum, a nonce or a reason.
+CONTROL_LIMIT = FrameLimit(max_bytes=4 * MAX_REASON + 256, max_items=8, max_text=4 * MAX_REASON)
+# A UTF-8 character is at most 4 bytes, and msgpack adds at most 5 per string.
+_PER_CHAR, _PER_ITEM = 4, 5
+
+
+def frame_limits(
+    max_key_bytes: int,
+    max_value_bytes: int,
+    batch_writes: int,
+    batch_chars: int,
+    chunk_pairs: int,
+    chunk_chars: int,
+) -> dict[FrameType, FrameLimit]:
+    """The limit of each frame type, from what a sender with the same settings sends:
+    a batch closes at ``batch_writes`` writes or past ``batch_chars`` characters (and
+    a transfer chunk at ``chunk_pairs`` pairs or past ``chunk_chars``), so it holds at
+    most one more write (pair) than that."""
+    one_write = max_key_bytes + max_value_bytes
+    text = max(max_key_bytes, max_value_bytes, CONTROL_LIMIT.max_text)
+
+    def bulk(items: int, chars: int) -> FrameLimit:
+        size = _PER_CHAR * chars + one_write + _PER_ITEM * items + 64
+        return FrameLimit(min(size, MAX_FRAME), items, text)
+
+    limits = dict.fromkeys(FrameType, CONTROL_LIMIT)
+    limits[FrameType.BATCH] = bulk(2 * batch_writes, batch_chars)
+    limits[FrameType.SHARD_CHUNK] = bulk(2 * chunk_pairs, chunk_chars)
+    return limits
+
+
+# The codec's default: anything a frame may be (for tools and tests).
+NO_LIMIT = FrameLimit(MAX_FRAME, MAX_FRAME, MAX_FRAME)
+
+
+# -- the codec ---------------------------------------------------------------------------
 _packb = msgpack.Packer(use_bin_type=True).pack
 _digest = xxhash.xxh3_64_intdigest
 
 
 def encode(frame: Frame | list[Any]) -> bytes:
-    """The bytes of one frame (a raw list is sent as it is: tests forge frames so)."""
+    """The bytes of one plain frame (a raw list is sent as it is: tests forge frames so)."""
     payload = _packb(frame.to_wire() if isinstance(frame, Frame) else frame)
     return _HEADER.pack(len(payload), _digest(payload)) + payload
 
 
-class FrameDecoder:
-    """Accumulates bytes and returns complete, verified, typed frames."""
+def _mac(key: bytes, seq: int, payload: bytes) -> bytes:
+    return hmac.digest(key, _SEQ.pack(seq) + payload, "sha256")[:16]
+
+
+def decode_payload(payload: bytes, limit: FrameLimit = NO_LIMIT) -> Frame:
+    try:
+        items = msgpack.unpackb(
+            payload,
+            raw=False,
+            use_list=True,
+            max_str_len=limit.max_text,
+            max_bin_len=64,
+            max_array_len=limit.max_items,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise FrameError(f"undecodable frame: {exc}") from None
+    return frame_from_wire(items)
+
+
+class FrameCodec:
+    """One end of a channel: encodes what it sends, decodes what it receives.
+
+    Plain frames until ``secure(send_key, receive_key)``, keyed frames after.
+    ``receive`` buffers bytes; ``next_frame(limit)`` takes the next verified
+    frame out, or None until more bytes arrive.  A driver takes frames one at a
+    time and carries out what each caused before taking the next: the frame that
+    completes the authentication is followed, in the same read, by keyed ones.
+    After a ``FrameError`` the codec is spent: the channel must close.
+    """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
+        self._send_key: bytes | None = None
+        self._receive_key: bytes | None = None
+        self._sent = 0
+        self._received = 0
+        self._broken = False
 
-    def feed(self, data: bytes) -> list[Frame]:
+    @property
+    def secured(self) -> bool:
+        return self._send_key is not None
+
+    def secure(self, send_key: bytes, receive_key: bytes) -> None:
+        if self._send_key is not None:
+            raise FrameError("the channel is already secured")
+        self._send_key, self._receive_key = send_key, receive_key
+
+    def encode(self, frame: Frame | list[Any]) -> bytes:
+        key = self._send_key
+        if key is None:
+            return encode(frame)
+        payload = _packb(frame.to_wire() if isinstance(frame, Frame) else frame)
+        tag = _mac(key, self._sent, payload)
+        self._sent += 1
+        return _KEYED_HEADER.pack(len(payload), tag) + payload
+
+    def receive(self, data: bytes) -> None:
         self._buffer += data
+
+    def next_frame(self, limit: FrameLimit = NO_LIMIT) -> Frame | None:
+        if self._broken:
+            raise FrameError("the channel already failed")
+        try:
+            return self._next(limit)
+        except FrameError:
+            self._broken = True
+            raise
+
+    def _next(self, limit: FrameLimit) -> Frame | None:
+        buffer = self._buffer
+        key = self._receive_key
+        header = _HEADER if key is None else _KEYED_HEADER
+        size = header.size
+        if len(buffer) < size:
+            return None
+        length, check = header.unpack_from(buffer)
+        if length > limit.max_bytes:
+            raise FrameError(f"frame length {length} exceeds {limit.max_bytes}")
+        end = size + length
+        if len(buffer) < end:
+            return None
+        with memoryview(buffer) as view:
+            payload = bytes(view[size:end])
+        del buffer[:end]
+        if key is None:
+            if _digest(payload) != check:
+                raise FrameError("frame hash mismatch (corrupted on the wire)")
+        else:
+            if not hmac.compare_digest(_mac(key, self._received, payload), check):
+                raise FrameError("frame authentication failed (altered, injected or replayed)")
+            self._received += 1
+        return decode_payload(payload, limit)
+
+    def feed(self, data: bytes, limit: FrameLimit = NO_LIMIT) -> list[Frame]:
+        """Every complete frame; a bad one raises ``FrameError`` carrying the good ones
+        before it (for tools and tests: a driver takes frames one at a time)."""
+        self.receive(data)
         frames: list[Frame] = []
         try:
-            self._decode(frames)
+            while (frame := self.next_frame(limit)) is not None:
+                frames.append(frame)
         except FrameError as exc:
             raise FrameError(str(exc), frames) from None
         return frames
-
-    def _decode(self, frames: list[Frame]) -> None:
-        buffer = self._buffer
-        offset = 0
-        while len(buffer) - offset >= HEADER_SIZE:
-            length, digest = _HEADER.unpack_from(buffer, offset)
-            if length > MAX_FRAME:
-                raise FrameError(f"frame length {length} exceeds {MAX_FRAME}")
-            end = offset + HEADER_SIZE + length
-            if len(buffer) < end:
-                break
-            payload = bytes(buffer[offset + HEADER_SIZE : end])
-            if _digest(payload) != digest:
-                raise FrameError("frame hash mismatch (corrupted on the wire)")
-            try:
-                items = msgpack.unpackb(payload, raw=False, use_list=True)
-            except Exception as exc:  # msgpack raises several unrelated types
-                raise FrameError(f"undecodable frame: {exc}") from None
-            frames.append(frame_from_wire(items))
-            offset = end
-        if offset:
-            del buffer[:offset]

@@ -6,7 +6,7 @@ import socket
 from typing import Any
 
 from pbkv.store import ShardedStore, shard_of
-from pbkv.wire import FrameDecoder, FrameType, checksum_to_bytes, encode
+from pbkv.wire import FrameCodec, FrameType, checksum_to_bytes, encode
 
 UPGRADE_REQUEST = (
     b"GET /kvrepl HTTP/1.1\r\nHost: backup\r\nUpgrade: pbkv-repl/1\r\nConnection: Upgrade\r\n\r\n"
@@ -56,7 +56,7 @@ class RawChannel:
             head += data
         self.head, _, self.rest = head.partition(b"\r\n\r\n")
         self.status = int(self.head.split()[1]) if self.head else 0
-        self.decoder = FrameDecoder()
+        self.decoder = FrameCodec()
 
     def body(self) -> bytes:
         """The rest of a refusal (the server closes after it)."""

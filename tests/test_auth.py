@@ -7,18 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pbkv import auth
-from pbkv.wire import FrameError, FrameType, encode
+from pbkv.wire import Ack, Batch, Frame, FrameCodec, FrameError, FrameType, Heartbeat, encode
+from tests.test_wire import frames as typed_frames
 
 SECRET = "correct horse battery staple".replace(" ", "-")
 
-frames_strategy = st.lists(
-    st.tuples(
-        st.sampled_from([FrameType.BATCH, FrameType.ACK, FrameType.HEARTBEAT, FrameType.FENCE]),
-        st.lists(st.one_of(st.text(max_size=20), st.integers(0, 2**63), st.none()), max_size=6),
-    ).map(lambda t: [t[0], *t[1]]),
-    min_size=1,
-    max_size=8,
-)
+frames_strategy = st.lists(typed_frames, min_size=1, max_size=8)
 
 
 class End:
@@ -46,10 +40,10 @@ def handshake(
     return primary.nonce, backup.nonce, primary_proof, primary_trusts, backup_trusts
 
 
-def secured_pair(secret: str = SECRET) -> tuple[auth.ChannelCodec, auth.ChannelCodec]:
+def secured_pair(secret: str = SECRET) -> tuple[FrameCodec, FrameCodec]:
     nonce_p, nonce_b = auth.new_nonce(), auth.new_nonce()
     keys = auth.channel_keys(secret, nonce_p, nonce_b)
-    primary, backup = auth.ChannelCodec(), auth.ChannelCodec()
+    primary, backup = FrameCodec(), FrameCodec()
     primary.secure(*keys.for_role("primary"))
     backup.secure(*keys.for_role("backup"))
     return primary, backup
@@ -121,9 +115,9 @@ def test_channel_keys_differ_per_direction_channel_and_secret() -> None:
     assert "hidden" in repr(keys) and keys.primary_to_backup.hex() not in repr(keys)
 
 
-# -- keyed frames ------------------------------------------------------------------------------
+# -- keyed frames (wire.FrameCodec after secure) --------------------------------------------
 @given(frames_strategy, st.integers(1, 64))
-def test_keyed_frames_round_trip_in_any_split(frames: list[list], piece: int) -> None:
+def test_keyed_frames_round_trip_in_any_split(frames: list[Frame], piece: int) -> None:
     primary, backup = secured_pair()
     data = b"".join(primary.encode(frame) for frame in frames)
     received = []
@@ -133,7 +127,7 @@ def test_keyed_frames_round_trip_in_any_split(frames: list[list], piece: int) ->
 
 
 @given(frames_strategy, st.data())
-def test_any_flipped_bit_is_rejected(frames: list[list], data: st.DataObject) -> None:
+def test_any_flipped_bit_is_rejected(frames: list[Frame], data: st.DataObject) -> None:
     primary, backup = secured_pair()
     encoded = [primary.encode(frame) for frame in frames]
     length_bytes = set()
@@ -158,30 +152,30 @@ def test_any_flipped_bit_is_rejected(frames: list[list], data: st.DataObject) ->
 
 def test_replayed_frame_is_rejected() -> None:
     primary, backup = secured_pair()
-    batch = primary.encode([FrameType.BATCH, 1, ["k", "v"]])
-    assert backup.feed(batch) == [[FrameType.BATCH, 1, ["k", "v"]]]
+    batch = primary.encode(Batch(1, ["k", "v"]))
+    assert backup.feed(batch) == [Batch(1, ["k", "v"])]
     with pytest.raises(FrameError, match="authentication failed"):
         backup.feed(batch)
 
 
 def test_reordered_or_dropped_frames_are_rejected() -> None:
     primary, backup = secured_pair()
-    first = primary.encode([FrameType.ACK, 1])
-    second = primary.encode([FrameType.ACK, 2])
+    first = primary.encode(Ack(1))
+    second = primary.encode(Ack(2))
     with pytest.raises(FrameError):
         backup.feed(second + first)
     primary, backup = secured_pair()
-    primary.encode([FrameType.ACK, 1])  # sent, lost on the way
+    primary.encode(Ack(1))  # sent, lost on the way
     with pytest.raises(FrameError):
-        backup.feed(primary.encode([FrameType.ACK, 2]))
+        backup.feed(primary.encode(Ack(2)))
 
 
 def test_injected_frames_are_rejected() -> None:
     """A forged BATCH: plain (xxh3), keyed with another channel's key, or reflected back."""
     primary, backup = secured_pair()
-    forged = [FrameType.BATCH, 1, ["k", "forged"]]
+    forged = Batch(1, ["k", "forged"])
     with pytest.raises(FrameError):
-        backup.feed(encode(forged) + encode([FrameType.HEARTBEAT, 1]))  # more follows
+        backup.feed(encode(forged) + encode(Heartbeat(1)))  # more follows
     other_primary, _ = secured_pair()
     _, backup = secured_pair()
     with pytest.raises(FrameError):
@@ -189,19 +183,19 @@ def test_injected_frames_are_rejected() -> None:
     # A frame the backup itself sent, reflected to it, fails: each direction has its key.
     primary, backup = secured_pair()
     with pytest.raises(FrameError):
-        backup.feed(backup.encode([FrameType.ACK, 1]))
+        backup.feed(backup.encode(Ack(1)))
 
 
 def test_good_frames_before_a_bad_one_are_kept_and_the_decoder_stays_failed() -> None:
     primary, backup = secured_pair()
-    good = primary.encode([FrameType.ACK, 1])
-    bad = bytearray(primary.encode([FrameType.ACK, 2]))
+    good = primary.encode(Ack(1))
+    bad = bytearray(primary.encode(Ack(2)))
     bad[-1] ^= 1
     with pytest.raises(FrameError) as caught:
         backup.feed(good + bytes(bad))
-    assert caught.value.frames == [[FrameType.ACK, 1]]
+    assert caught.value.frames == [Ack(1)]
     with pytest.raises(FrameError):
-        backup.feed(primary.encode([FrameType.ACK, 3]))
+        backup.feed(primary.encode(Ack(3)))
 
 
 def test_oversized_length_is_rejected_before_buffering() -> None:
@@ -214,29 +208,30 @@ def test_switch_from_plain_to_keyed_between_two_frames_of_one_read() -> None:
     """The handshake's last plain frame and the first keyed ones arrive in one read."""
     nonce_p, nonce_b = auth.new_nonce(), auth.new_nonce()
     keys = auth.channel_keys(SECRET, nonce_p, nonce_b)
-    primary, backup = auth.ChannelCodec(), auth.ChannelCodec()
+    primary, backup = FrameCodec(), FrameCodec()
     proof = auth.proof(SECRET, "primary", nonce_p, nonce_b)
-    wire = primary.encode([FrameType.HELLO, proof])  # stands for the proof frame
+    wire = primary.encode([FrameType.AUTH_PROOF, proof])
     primary.secure(*keys.for_role("primary"))
     assert primary.secured
-    wire += primary.encode([FrameType.BATCH, 1, ["k", "v"]])
+    wire += primary.encode(Batch(1, ["k", "v"]))
     backup.receive(wire)
-    assert backup.next_frame() == [FrameType.HELLO, proof]
+    first = backup.next_frame()
+    assert first is not None and first.kind is FrameType.AUTH_PROOF
     backup.secure(*keys.for_role("backup"))
-    assert backup.next_frame() == [FrameType.BATCH, 1, ["k", "v"]]
+    assert backup.next_frame() == Batch(1, ["k", "v"])
     assert backup.next_frame() is None
-    with pytest.raises(auth.AuthError):
+    with pytest.raises(FrameError):
         backup.secure(*keys.for_role("backup"))
     # And back: the backup's keyed reply decodes on the primary.
-    assert primary.feed(backup.encode([FrameType.ACK, 1])) == [[FrameType.ACK, 1]]
+    assert primary.feed(backup.encode(Ack(1))) == [Ack(1)]
 
 
-def test_plain_mode_matches_the_wire_codec() -> None:
-    codec = auth.ChannelCodec()
-    frame = [FrameType.HEARTBEAT, 7]
+def test_plain_mode_is_the_wire_format() -> None:
+    codec = FrameCodec()
+    frame = Heartbeat(7)
     assert codec.encode(frame) == encode(frame)
     assert codec.feed(encode(frame) + encode(frame)[:5]) == [frame]
     bad = bytearray(encode(frame))
     bad[-1] ^= 1
     with pytest.raises(FrameError, match="hash mismatch"):
-        auth.ChannelCodec().feed(bytes(bad))
+        FrameCodec().feed(bytes(bad))

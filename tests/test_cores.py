@@ -28,7 +28,7 @@ from pbkv.core import RETRY, TICK
 from pbkv.primary import PrimaryCore
 from pbkv.stages import Role, Stage
 from pbkv.store import ShardedStore, make_store, shard_of
-from pbkv.wire import Frame, FrameDecoder, FrameError, FrameType, ShardChunk, encode
+from pbkv.wire import Frame, FrameCodec, FrameError, FrameType, ShardChunk, encode
 
 SHARDS = 4
 ROLES = ("primary", "backup")
@@ -74,7 +74,8 @@ class Link:
         self.primary_answers_probe: bool | None = None  # None: whether it runs
         self.connected = False
         self.pipes: dict[str, deque[bytes]] = {role: deque() for role in ROLES}  # to role
-        self.decoders = {role: FrameDecoder() for role in ROLES}
+        # Each end's codec: it encodes what that end sends and decodes what it receives.
+        self.codecs = {role: FrameCodec() for role in ROLES}
         self.timers: dict[str, dict[str, float]] = {role: {} for role in ROLES}
         # Faults the test switches on.
         self.paused: set[str] = set()  # frames to these roles wait in the pipe
@@ -151,19 +152,19 @@ class Link:
         self.connected = False
         for role in ROLES:
             self.pipes[role].clear()
-            self.decoders[role] = FrameDecoder()
+            self.codecs[role] = FrameCodec()
 
     def _close_from(self, closer: str, reason: str) -> None:
         """An orderly close: what the closer sent still arrives, then EOF."""
         other = peer_of(closer)
         pending = list(self.pipes[other])
+        codec = self.codecs[other]
         self._disconnect()
-        decoder = FrameDecoder()
         core = self.cores.get(other)
         if core is None:
             return
         for data in pending:
-            for frame in decoder.feed(data):
+            for frame in codec.feed(data):
                 self.received[other].append(frame)
                 core.frame_received(self.now, frame)
         core.channel_closed(self.now, f"{closer} closed the channel: {reason}")
@@ -189,7 +190,7 @@ class Link:
             return
         if self.tamper is not None:
             frame = self.tamper(source, copy.deepcopy(frame))
-        data = encode(frame)
+        data = self.codecs[source].encode(frame)
         if self.corrupt is not None:
             data = self.corrupt(source, frame, data)
         self.pipes[peer_of(source)].append(data)
@@ -199,23 +200,26 @@ class Link:
             if role in self.paused or not self.pipes[role]:
                 continue
             data = self.pipes[role].popleft()
+            core = self.cores[role]
             try:
-                frames = self.decoders[role].feed(data)
+                # One frame per pipe entry, bounded by what the receiving step accepts.
+                self.codecs[role].receive(data)
+                frame = self.codecs[role].next_frame(core.frame_limit())
             except FrameError as exc:
                 # The driver closes a channel that carries garbage; the peer sees EOF.
                 self._disconnect()
-                self.cores[role].channel_closed(self.now, f"bad frame: {exc}")
+                core.channel_closed(self.now, f"bad frame: {exc}")
                 self.cores[peer_of(role)].channel_closed(self.now, "connection closed")
                 return True
-            for frame in frames:
+            if frame is not None:
                 self.received[role].append(frame)
-                self.cores[role].frame_received(self.now, frame)
+                core.frame_received(self.now, frame)
             return True
         return False
 
     def inject(self, role: str, frame: list[Any]) -> None:
         """A frame from nowhere (a confused or malicious peer), through the real codec."""
-        (decoded,) = FrameDecoder().feed(encode(frame))
+        (decoded,) = FrameCodec().feed(encode(frame))
         self.cores[role].frame_received(self.now, decoded)
         self.run()
 
@@ -369,6 +373,9 @@ class RoleDriver:
 
     def flush_soon(self) -> None:
         """Writes are flushed when the test says so (``Link.flush``)."""
+
+    def secure_channel(self, send_key: bytes, receive_key: bytes) -> None:
+        self.link.codecs[self.role].secure(send_key, receive_key)
 
 
 @pytest.fixture
@@ -1224,7 +1231,7 @@ def test_a_malformed_frame_is_refused_whole_before_any_handler_runs(
     primary, backup = in_sync_pair(link, {"a": "1"})
     before = {r: (c.store.checksum, c.seq, c.stage) for r, c in link.cores.items()}
     with pytest.raises(FrameError):
-        FrameDecoder().feed(encode(frame))
+        FrameCodec().feed(encode(frame))
     # The driver closes a channel that carries a bad frame: both sides lose it.
     link.pipes[role].append(encode(frame))
     link.run()
@@ -1308,3 +1315,104 @@ def test_status_reports_uptime_from_the_time_asked_even_without_timers() -> None
     primary = PrimaryCore(make_settings(standalone=True), store, now=100.0)
     primary.start(100.0)  # a standalone primary sets no timers
     assert primary.status(112.5)["uptime"] == 12.5
+
+
+# -- authentication (a secret set) --------------------------------------------------------
+
+
+def test_with_one_secret_the_pair_authenticates_then_syncs_on_keyed_frames(make_link) -> None:
+    link = make_link(secret="s3cret")
+    primary, backup = in_sync_pair(link, DATA)
+    assert link.codecs["primary"].secured and link.codecs["backup"].secured
+    assert link.kinds("primary")[:2] == [FrameType.AUTH_CHALLENGE, FrameType.AUTH_PROOF]
+    assert link.kinds("backup")[0] is FrameType.AUTH_RESPONSE
+    assert link.write(UPDATE, "key1", "x") == Done(True)
+    assert_same_data(primary, backup)
+
+
+@pytest.mark.parametrize(
+    ("primary_secret", "backup_secret", "primary_says", "backup_says"),
+    [
+        ("one", "two", "backup's proof does not match", "refused authentication"),
+        ("one", None, "backup has no secret set", "backup has no secret set"),
+        (None, "two", "sent a HELLO without proving it", "sent a HELLO without proving it"),
+    ],
+)
+def test_a_pair_whose_secrets_differ_never_syncs_and_both_logs_say_why(
+    make_link, primary_secret, backup_secret, primary_says, backup_says
+) -> None:
+    link = make_link()
+    link.start_backup(make_settings(secret=backup_secret))
+    link.start_primary(make_settings(secret=primary_secret))
+    for _ in range(3):
+        link.fire("primary", RETRY)
+    primary, backup = link.primary, link.backup
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY and not primary.confirmed
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+    assert FrameType.HELLO not in link.kinds("backup")  # nothing about our data was said
+    messages = [r.getMessage() for r in link.caplog.records]
+    assert any(m.startswith("primary") and primary_says in m for m in messages), messages
+    assert any(m.startswith("backup") and backup_says in m for m in messages), messages
+
+
+def test_a_forged_hello_before_the_proofs_is_refused(make_link) -> None:
+    link = make_link(secret="s3cret")
+    primary, backup = in_sync_pair(link, DATA)
+    link.kill("primary")
+    checksum = backup.store.checksum
+    backup.channel_opened(link.now)  # an outsider connects
+    link.inject("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0])
+
+    assert not backup.channel_up
+    assert "without proving it" in link.closed_by[-1][1]
+    assert backup.store.checksum == checksum and backup.confirmed
+    assert link.kinds("backup")[-1] is FrameType.AUTH_FAILED
+
+
+def test_a_recorded_proof_is_worthless_on_a_new_channel(make_link) -> None:
+    link = make_link(secret="s3cret")
+    in_sync_pair(link)
+    recorded = next(f for f in link.sent["primary"] if f.kind is FrameType.AUTH_PROOF)
+    backup = link.backup
+    link.kill("primary")
+    backup.channel_opened(link.now)
+    link.inject("backup", [FrameType.AUTH_CHALLENGE, bytes(32)])  # the attacker's nonce
+    link.inject("backup", recorded.to_wire())  # replayed: the backup's nonce is new
+
+    assert not backup.channel_up
+    assert "does not match" in link.closed_by[-1][1]
+
+
+def test_no_heartbeat_goes_out_before_the_proofs(make_link) -> None:
+    link = make_link(secret="s3cret")
+    link.start_backup()
+    link.paused.add("backup")  # the challenge waits in the pipe
+    link.start_primary()
+    mark = link.mark()
+    link.advance(5 * link.settings.heartbeat_interval)
+    assert FrameType.HEARTBEAT not in link.kinds("primary", mark["primary"])
+    link.paused.clear()
+    link.run()
+    assert link.primary.stage is S.IN_SYNC
+
+
+def test_a_confirmed_backup_serves_its_kept_copy_while_a_new_one_arrives_or_fails(
+    make_link,
+) -> None:
+    link = make_link(ack_timeout=0.5)
+    primary, backup, _, _ = time_out_a_batch(link)  # the backup's copy differs: a transfer
+    kept = dict(backup.store.items())
+    link.lossy.clear()
+    link.manual_pump = True
+    link.fire("primary", RETRY)
+    link.pump("primary", 1)  # SNAPSHOT_BEGIN: the replacement starts
+    assert backup.stage is S.WARM_START and backup.confirmed
+    key = next(iter(kept))
+    assert link.read("backup", GET, key) == Done(True, kept[key])
+    link.reset()  # the transfer is cut: listen again, still serving the kept copy
+    assert backup.stage is S.WARM_START
+    assert link.read("backup", COUNT) == Counted(len(kept))
+    link.manual_pump = False
+    link.fire("primary", RETRY)  # the primary sends again, all of it this time
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert_same_data(primary, backup)

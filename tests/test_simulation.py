@@ -58,10 +58,10 @@ def test_catches_acknowledging_before_the_backup(monkeypatch):
     def acknowledge_at_once(self, command, key, value, reply):
         outcome = original(self, command, key, value, reply)
         if outcome is None:
-            for entry in self.queued.entries:
+            for entry in self.queued[-1].entries:
                 if entry[0] is reply:
-                    self.queued.entries.remove(entry)
-                    self.queued.entries.append((lambda outcome: None, entry[1]))
+                    self.queued[-1].entries.remove(entry)
+                    self.queued[-1].entries.append((lambda outcome: None, entry[1]))
                     self.outbox.append(Respond(reply, entry[1]))
                     break
         return outcome

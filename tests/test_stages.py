@@ -14,8 +14,10 @@ import pytest
 
 from pbkv.stages import (
     ACCEPTANCE,
+    AUTH_STEPS,
     BACKUP_ACCEPTANCE,
     BACKUP_TRANSITIONS,
+    FIRST_STEP,
     HANDSHAKES,
     IGNORED,
     PRIMARY_ACCEPTANCE,
@@ -309,8 +311,8 @@ def test_the_backup_always_refuses_client_writes_naming_the_primary(stage: Stage
 def test_the_backup_serves_reads_only_from_a_whole_database() -> None:
     assert BACKUP_ACCEPTANCE[S.IN_SYNC].reads is ReadRule.SERVE
     assert BACKUP_ACCEPTANCE[S.BOOTSTRAPPING_PRIMARY].reads is ReadRule.SERVE
-    # Receiving: the database is being replaced.
-    assert BACKUP_ACCEPTANCE[S.WARM_START].reads is ReadRule.REFUSE
+    # Receiving: a new copy arrives beside the old one, which is whole only if confirmed.
+    assert BACKUP_ACCEPTANCE[S.WARM_START].reads is ReadRule.SERVE_IF_CONFIRMED
 
 
 # -- the handshake ---------------------------------------------------------------------
@@ -328,8 +330,10 @@ def test_every_step_has_a_row_and_none_accepts_no_frame(role: str) -> None:
     assert set(HANDSHAKES[role]) <= set(Step)
     assert HANDSHAKES[role][Step.NONE] == {}
     for step, frames in HANDSHAKES[role].items():
-        if step is not Step.NONE:
+        if step is not Step.NONE and step not in AUTH_STEPS:
             assert frames[FrameType.HEARTBEAT] == (step,)
+        if step in AUTH_STEPS:  # the first keyed frame must follow the last plain one
+            assert FrameType.HEARTBEAT not in frames
         for following in frames.values():
             assert following and set(following) <= set(HANDSHAKES[role])
 
@@ -339,7 +343,8 @@ def test_the_handshake_reaches_streaming_from_the_hello_and_only_the_primary_ope
     role: str,
 ) -> None:
     table = HANDSHAKES[role]
-    seen, todo = {Step.AWAIT_HELLO}, deque([Step.AWAIT_HELLO])
+    starts = set(FIRST_STEP[role].values())
+    seen, todo = set(starts), deque(starts)
     while todo:
         for following in table[todo.popleft()].values():
             for step in following:
@@ -381,11 +386,27 @@ def test_a_handshake_moves_only_along_its_table(
 def test_a_handshake_starts_at_the_hello_and_ends_with_the_channel() -> None:
     handshake = Handshake("backup")
     assert handshake.step is Step.NONE and not handshake.accepts(FrameType.HELLO)
-    handshake.opened()
+    handshake.opened(authenticate=False)
     assert handshake.step is Step.AWAIT_HELLO and handshake.accepts(FrameType.HELLO)
     assert not handshake.accepts(FrameType.BATCH)
     handshake.reset()
     assert handshake.step is Step.NONE
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_with_a_secret_nothing_but_the_proofs_counts_before_the_hello(role: str) -> None:
+    handshake = Handshake(role)
+    handshake.opened(authenticate=True)
+    assert handshake.step in AUTH_STEPS
+    for kind in (FrameType.HELLO, FrameType.BATCH, FrameType.SNAPSHOT_BEGIN, FrameType.ACK):
+        if kind in HANDSHAKES[role][handshake.step]:  # the backup refuses a bare HELLO
+            assert HANDSHAKES[role][handshake.step][kind] == (Step.NONE,)
+        else:
+            assert not handshake.accepts(kind)
+    # Every way out of the proof steps that does not close the channel leads to the HELLO.
+    for step in AUTH_STEPS & set(HANDSHAKES[role]):
+        for following in HANDSHAKES[role][step].values():
+            assert set(following) <= AUTH_STEPS | {Step.AWAIT_HELLO, Step.NONE}
 
 
 # -- describe(): the README tables -----------------------------------------------------
@@ -409,7 +430,9 @@ def test_describe_has_one_row_per_transition_and_per_stage() -> None:
     headers = [row for row in rows if row.startswith(("| stage |", "| handshake step |"))]
     body = [row for row in rows if row not in headers and not row.startswith("| ---")]
     stage_rows = sum(len(ACCEPTANCE[role]) for role in ROLES)
-    assert len(body) == len(EDGES) + len(IGNORED_EVENTS) + stage_rows + len(HANDSHAKE_EDGES)
+    opened_rows = sum(len(FIRST_STEP[role]) for role in ROLES)
+    expected = len(EDGES) + len(IGNORED_EVENTS) + stage_rows + opened_rows + len(HANDSHAKE_EDGES)
+    assert len(body) == expected
     for role, stage, event, new in EDGES:
         assert f"| {stage.value} | {event.value} | {new.value} |" in body, role
     for role in ROLES:

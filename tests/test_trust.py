@@ -108,8 +108,8 @@ def test_transfer_with_a_key_in_the_wrong_shard_is_rejected(make_pair) -> None:
     channel.send(*transfer_frames(lie, moved="key0001"))
     replies = channel.frames_until_closed()
     channel.close()
-    assert [frame[0] for frame in replies] == [FrameType.HELLO, FrameType.SYNC_NACK]
-    assert "holds a key of shard" in replies[-1][1]
+    assert [frame.kind for frame in replies] == [FrameType.HELLO, FrameType.SYNC_NACK]
+    assert "holds a key of shard" in replies[-1].reason
     status = pair.status("backup")
     assert (
         status["transfers_failed"] >= 1
@@ -119,6 +119,60 @@ def test_transfer_with_a_key_in_the_wrong_shard_is_rejected(make_pair) -> None:
     pair.start("primary")
     pair.wait_stage("primary", "in_sync")
     assert_untouched(pair, "primary")
+
+
+def test_with_a_secret_a_forged_channel_from_the_primarys_own_address_is_refused(
+    make_pair,
+) -> None:
+    """The address check passes (a local attacker, the primary down): the proofs do not."""
+    pair = make_pair(secret="pair-secret")
+    pair.start_both()
+    load(pair)
+    pair.kill("primary")
+    pair.wait_stage("backup", "bootstrapping_primary")
+    channel = forge_empty_copy(pair, "127.0.0.1")
+    assert channel.status == 101
+    replies = channel.frames_until_closed()
+    channel.close()
+    assert [frame.kind for frame in replies] == [FrameType.AUTH_FAILED]
+    assert "without proving it" in replies[0].reason
+    assert_untouched(pair, "backup")
+    assert pair.status("backup")["confirmed"] is True
+    pair.start("primary")  # warm-starts from the untouched copy
+    pair.wait_stage("primary", "in_sync")
+    assert_untouched(pair, "primary")
+    assert "authenticated the backup: the channel is keyed" in pair.log("primary")
+
+
+def test_a_pair_whose_secrets_differ_never_syncs_and_both_logs_say_why(make_pair) -> None:
+    pair = make_pair(secret="the-primary-s")
+    pair.start("backup", "--secret", "the-backup-s")
+    pair.start("primary", "--wait", "1", check=False)  # never ready: it cannot sync
+    wait_for(lambda: "does not match the primary's secret" in pair.log("primary"), 10, "why")
+    wait_for(lambda: "refused authentication" in pair.log("backup"), 10, "the backup's why")
+    assert "the-backup-s" not in pair.log("backup") + pair.log("primary")
+    assert pair.status("primary")["stage"] == "bootstrapping_secondary"
+    assert pair.status("backup")["stage"] == "bootstrapping_primary"
+    with pytest.raises(Exception):  # noqa: B017 - refused in either error mode
+        assert not pair.client().insert("k", "v")
+        raise AssertionError("unreachable: a write without a backup is refused")
+
+
+def test_a_large_frame_before_the_hello_is_refused_at_its_header(make_pair) -> None:
+    """Until the handshake is done only small frames count: a 32 MiB BATCH is refused
+    from its length alone, before its bytes are read."""
+    pair = make_pair()
+    pair.start_both()
+    load(pair)
+    pair.kill("primary")
+    pair.wait_stage("backup", "bootstrapping_primary")
+    channel = RawChannel(pair.address["backup"], "127.0.0.1")
+    assert channel.status == 101
+    channel.sock.sendall((32 << 20).to_bytes(4, "big") + bytes(8) + b"\x93\x02\x01")
+    assert channel.frames_until_closed() == []  # closed without a word
+    channel.close()
+    assert "exceeds" in pair.log("backup")
+    assert_untouched(pair, "backup")
 
 
 def test_protected_mode_shutdown_only_from_loopback_or_the_servers(make_pair) -> None:

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pbkv.wire import (
+    CONTROL_LIMIT,
     FRAME_CLASSES,
     HEADER_SIZE,
     MAX_FRAME,
@@ -21,8 +22,9 @@ from pbkv.wire import (
     Fence,
     Fetch,
     Frame,
-    FrameDecoder,
+    FrameCodec,
     FrameError,
+    FrameLimit,
     FrameType,
     Heartbeat,
     Hello,
@@ -36,6 +38,7 @@ from pbkv.wire import (
     checksum_to_bytes,
     encode,
     frame_from_wire,
+    frame_limits,
 )
 
 counts = st.integers(0, 2**63)
@@ -75,7 +78,7 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 def feed_pieces(pieces: list[bytes]) -> list[Frame]:
-    decoder = FrameDecoder()
+    decoder = FrameCodec()
     out: list[Frame] = []
     for piece in pieces:
         out.extend(decoder.feed(piece))
@@ -90,7 +93,7 @@ def raw_frame(payload: bytes, length: int | None = None) -> bytes:
 
 
 def decode_one(items: list[Any]) -> Frame:
-    (frame,) = FrameDecoder().feed(encode(items))
+    (frame,) = FrameCodec().feed(encode(items))
     return frame
 
 
@@ -154,7 +157,6 @@ def test_a_batch_keeps_deletes_and_empty_values() -> None:
         ([FrameType.SYNC_NACK, None], "must be a string"),
         ([FrameType.FETCH, 1], "has 1 fields, expected 0"),
         ([FrameType.BATCH, 1, ["k"]], "flat list"),
-        ([FrameType.BATCH, 1, {"k": "v"}], "flat list"),
         ([FrameType.BATCH, 1, ["k", "v", 7, "v"]], "keys must be strings"),
         ([FrameType.BATCH, 1, ["k", "v", None, "v"]], "keys must be strings"),
         ([FrameType.BATCH, 1, ["k", 7]], "values must be strings or null"),
@@ -166,7 +168,7 @@ def test_a_batch_keeps_deletes_and_empty_values() -> None:
 )
 def test_a_malformed_frame_is_refused_at_decode(items: list[Any], why: str) -> None:
     with pytest.raises(FrameError, match=why) as info:
-        FrameDecoder().feed(encode(items))
+        FrameCodec().feed(encode(items))
     assert FrameType(items[0]).name in str(info.value)
 
 
@@ -177,10 +179,10 @@ def test_a_batch_with_one_bad_operation_is_refused_whole() -> None:
         frame_from_wire([FrameType.BATCH, 1, ops])
 
 
-@pytest.mark.parametrize("kind", [0, 14, 99, -1, 2**40])
+@pytest.mark.parametrize("kind", [0, 18, 99, -1, 2**40])
 def test_unknown_frame_type(kind: int) -> None:
     with pytest.raises(FrameError, match="unknown frame type"):
-        FrameDecoder().feed(encode([kind, "x"]))
+        FrameCodec().feed(encode([kind, "x"]))
 
 
 @pytest.mark.parametrize(
@@ -192,6 +194,7 @@ def test_unknown_frame_type(kind: int) -> None:
         msgpack.packb({"type": 1}),
         msgpack.packb([None, 1]),
         msgpack.packb([True, 1]),
+        msgpack.packb([2, 1, {"k": "v"}]),  # no maps, ever
         b"\xc1",  # never used in msgpack
         b"",
         msgpack.packb([4, 1]) + msgpack.packb([4, 2]),  # two objects in one frame
@@ -200,7 +203,7 @@ def test_unknown_frame_type(kind: int) -> None:
 )
 def test_malformed_payload_with_valid_hash(payload: bytes) -> None:
     with pytest.raises(FrameError):
-        FrameDecoder().feed(raw_frame(payload))
+        FrameCodec().feed(raw_frame(payload))
 
 
 # -- corruption ----------------------------------------------------------------------------
@@ -221,14 +224,14 @@ def test_flipped_hash_byte_is_detected(frame: Frame, data: st.DataObject) -> Non
     index = data.draw(st.integers(4, HEADER_SIZE - 1), label="index")
     raw[index] ^= data.draw(st.integers(1, 255), label="mask")
     with pytest.raises(FrameError, match="hash"):
-        FrameDecoder().feed(bytes(raw))
+        FrameCodec().feed(bytes(raw))
 
 
 def test_corrupted_frame_after_good_ones_is_detected() -> None:
     good = encode(Heartbeat(1))
     bad = bytearray(encode(Heartbeat(2)))
     bad[-1] ^= 0x01
-    decoder = FrameDecoder()
+    decoder = FrameCodec()
     assert decoder.feed(good) == [Heartbeat(1)]
     with pytest.raises(FrameError):
         decoder.feed(bytes(bad))
@@ -237,16 +240,16 @@ def test_corrupted_frame_after_good_ones_is_detected() -> None:
 def test_length_over_max_frame() -> None:
     header = struct.pack(">IQ", MAX_FRAME + 1, 0)
     with pytest.raises(FrameError, match="exceeds"):
-        FrameDecoder().feed(header)  # rejected before any payload arrives
+        FrameCodec().feed(header)  # rejected before any payload arrives
     with pytest.raises(FrameError):
-        FrameDecoder().feed(struct.pack(">IQ", 2**32 - 1, 0))
+        FrameCodec().feed(struct.pack(">IQ", 2**32 - 1, 0))
     # At the limit it waits for the payload instead.
-    assert FrameDecoder().feed(struct.pack(">IQ", MAX_FRAME, 0)) == []
+    assert FrameCodec().feed(struct.pack(">IQ", MAX_FRAME, 0)) == []
 
 
 def test_incomplete_frame_waits() -> None:
     data = encode(Ack(7))
-    decoder = FrameDecoder()
+    decoder = FrameCodec()
     assert decoder.feed(data[: HEADER_SIZE - 1]) == []
     assert decoder.feed(data[HEADER_SIZE - 1 : -1]) == []
     assert decoder.feed(data[-1:] + data[:3]) == [Ack(7)]
@@ -258,12 +261,61 @@ def test_a_bad_frame_hands_back_the_good_frames_before_it():
     bad = bytearray(encode(Ack(7)))
     bad[-1] ^= 0x01
     with pytest.raises(FrameError) as info:
-        FrameDecoder().feed(b"".join(good) + bytes(bad))
+        FrameCodec().feed(b"".join(good) + bytes(bad))
     assert info.value.frames == [Heartbeat(n) for n in range(3)]
 
 
 def test_a_malformed_frame_hands_back_the_good_frames_before_it():
     stream = encode(Heartbeat(1)) + encode([FrameType.BATCH, 1, ["k", 7]])
     with pytest.raises(FrameError) as info:
-        FrameDecoder().feed(stream)
+        FrameCodec().feed(stream)
     assert info.value.frames == [Heartbeat(1)]
+
+
+# -- limits: a frame is bounded before and while it is decoded --------------------------------
+def test_a_frame_longer_than_the_limit_is_refused_before_its_payload_arrives() -> None:
+    codec = FrameCodec()
+    codec.receive(struct.pack(">IQ", CONTROL_LIMIT.max_bytes + 1, 0))
+    with pytest.raises(FrameError, match="exceeds"):
+        codec.next_frame(CONTROL_LIMIT)
+    with pytest.raises(FrameError, match="already failed"):
+        codec.next_frame(CONTROL_LIMIT)
+
+
+def test_strings_and_arrays_are_bounded_while_decoding() -> None:
+    limit = FrameLimit(max_bytes=1 << 20, max_items=10, max_text=100)
+    with pytest.raises(FrameError, match="max_str_len"):
+        FrameCodec().feed(encode(Batch(1, ["k", "v" * 101])), limit)
+    with pytest.raises(FrameError, match="max_array_len"):
+        FrameCodec().feed(encode(Batch(1, ["k", "v"] * 6)), limit)
+    assert FrameCodec().feed(encode(Batch(1, ["k", "v" * 100] * 5)), limit)
+
+
+def test_tiny_strings_cannot_blow_up_in_memory() -> None:
+    """A frame of many empty strings is refused by its item count, whatever its size."""
+    limits = frame_limits(
+        64, 1024, batch_writes=100, batch_chars=10_000, chunk_pairs=8, chunk_chars=10_000
+    )
+    ops = [""] * 10_000
+    with pytest.raises(FrameError, match="max_array_len"):
+        FrameCodec().feed(encode(Batch(1, ops)), limits[FrameType.BATCH])
+
+
+def test_control_frames_are_small_and_bulk_frames_fit_what_a_sender_builds() -> None:
+    max_key, max_value, writes, chars = 64, 1000, 50, 5000
+    limits = frame_limits(max_key, max_value, writes, chars, chunk_pairs=20, chunk_chars=chars)
+    for kind, limit in limits.items():
+        if kind not in (FrameType.BATCH, FrameType.SHARD_CHUNK):
+            assert limit == CONTROL_LIMIT
+    assert CONTROL_LIMIT.max_bytes <= 64 * 1024
+    # The worst a sender with the same settings builds: as many 4-byte characters as
+    # allowed, one write past the character bound.
+    key, value = "\U0001f600" * (max_key // 4), "\U0001f600" * (max_value // 4)
+    ops: list[str | None] = []
+    used = 0
+    while len(ops) < 2 * writes and used < chars:
+        ops += [key, value]
+        used += len(key) + len(value)
+    frame = encode(Batch(2**63, ops))
+    assert len(frame) - HEADER_SIZE <= limits[FrameType.BATCH].max_bytes
+    assert FrameCodec().feed(frame, limits[FrameType.BATCH]) == [Batch(2**63, ops)]

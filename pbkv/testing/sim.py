@@ -34,7 +34,7 @@ from pbkv.primary import PrimaryCore
 from pbkv.stages import Role, Stage
 from pbkv.store import make_store
 from pbkv.testing.linearizability import Operation, Result, check
-from pbkv.wire import Frame, FrameDecoder, encode
+from pbkv.wire import Frame, FrameCodec, FrameError
 
 log = logging.getLogger("pbkv.sim")
 
@@ -49,8 +49,9 @@ COMMANDS = {
 }
 
 
-def sim_settings(store: str = "sharded", window: int = 2) -> Settings:
+def sim_settings(store: str = "sharded", window: int = 2, secret: str | None = None) -> Settings:
     return Settings(
+        secret=secret,
         primary="p",
         backup="b",
         port=1,
@@ -75,9 +76,8 @@ class Channel:
     closed: bool = False
     black_holed: bool = False  # a partition ate some bytes: nothing more gets through
     last_delivery: dict[str, float] = field(default_factory=lambda: {r: 0.0 for r in ROLES})
-    decoders: dict[str, FrameDecoder] = field(
-        default_factory=lambda: {r: FrameDecoder() for r in ROLES}
-    )
+    # Each end's codec: it encodes what that end sends and decodes what it receives.
+    codecs: dict[str, FrameCodec] = field(default_factory=lambda: {r: FrameCodec() for r in ROLES})
 
 
 class SimNode:
@@ -156,7 +156,11 @@ class SimNode:
     # -- actions.Driver ----------------------------------------------------------
     def send(self, frame: Frame) -> None:
         if self.channel is not None:
-            self.sim.transmit(self.channel, self.role, encode(frame))
+            self.sim.transmit(self.channel, self.role, self.channel.codecs[self.role].encode(frame))
+
+    def secure_channel(self, send_key: bytes, receive_key: bytes) -> None:
+        if self.channel is not None:
+            self.channel.codecs[self.role].secure(send_key, receive_key)
 
     def start_timer(self, name: str, delay: float) -> None:
         generation = self.timers.get(name, 0) + 1
@@ -228,8 +232,10 @@ class Simulation:
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
+        # Half the seeds authenticate the channel (drawn aside, so as not to move the rest).
+        secret = "sim-secret" if random.Random(seed ^ 0x5EC2E7).random() < 0.5 else None
         self.settings = settings or sim_settings(
-            self.rng.choice(("sharded", "hash")), self.rng.choice((1, 2, 3))
+            self.rng.choice(("sharded", "hash")), self.rng.choice((1, 2, 3)), secret
         )
         self.now = 0.0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
@@ -324,15 +330,27 @@ class Simulation:
         def arrive() -> None:
             if receiver.channel is not channel or channel.closed:
                 return
-            for frame in channel.decoders[receiver_role].feed(data):
+            codec = channel.codecs[receiver_role]
+            codec.receive(data)
+            while receiver.channel is channel:
+                try:
+                    frame = codec.next_frame(receiver.core.frame_limit())
+                except FrameError as exc:  # the driver closes a channel that carries garbage
+                    receiver.channel = None
+                    self.close_channel(channel, receiver_role)
+                    receiver.core.channel_closed(self.now, f"bad frame: {exc}")
+                    return
+                if frame is None:
+                    return
                 receiver.core.frame_received(self.now, frame)
-                if receiver.channel is not channel:
-                    break
+                receiver.drain()  # before the next frame, which may be keyed
 
         receiver.deliver(at - self.now, arrive)
-        if self.faults_enabled and self.rng.random() < DUPLICATE_RATE:
+        faulty = self.faults_enabled and self.now < self.duration  # faults stop at the end
+        if faulty and self.rng.random() < DUPLICATE_RATE:
             # Not TCP's doing, but a faulty middlebox's: the cores must refuse a
-            # repeated frame (a batch applied twice, an ack for the wrong batch).
+            # repeated frame (a batch applied twice, an ack for the wrong batch);
+            # on a keyed channel, its MAC fails.
             self.trace(f"duplicating a frame {sender} -> {receiver_role}")
             channel.last_delivery[receiver_role] = at + self.tiny()
             receiver.deliver(channel.last_delivery[receiver_role] - self.now, arrive)
