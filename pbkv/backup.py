@@ -11,17 +11,20 @@ When the primary goes away we keep our data and wait for it.
 from __future__ import annotations
 
 import random
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from pbkv import auth
 from pbkv.actions import Probe, StartTimer
 from pbkv.commands import Command, Outcome, Refused, Reply
 from pbkv.config import Settings
-from pbkv.core import ReplicationCore
+from pbkv.core import ReplicationCore, log, next_history
 from pbkv.stages import Event, ReadRule, Role, Stage, Step
 from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
 from pbkv.wire import (
+    MAX_UNDO_POINTS,
     Ack,
     AuthChallenge,
     AuthProof,
@@ -30,6 +33,7 @@ from pbkv.wire import (
     Fence,
     FrameType,
     Hello,
+    Rollback,
     Skip,
     SnapshotBegin,
     SyncAck,
@@ -37,6 +41,24 @@ from pbkv.wire import (
 
 # Waiting for a primary that a probe found, or that left in the middle of the handshake.
 WAIT_PRIMARY = "wait_primary"
+
+
+@dataclass(slots=True)
+class Undo:
+    """What undoes one applied batch: its writes and each key's value before them."""
+
+    seq: int
+    ops: list[str | None]
+    olds: list[str | None]
+    checksum_before: int
+    count_before: int
+    size: int  # bytes, roughly: what the undo record holds for it
+
+
+def _undo_size(ops: list[str | None], olds: list[str | None]) -> int:
+    text = sum(len(item) for item in ops if item is not None)
+    text += sum(len(old) for old in olds if old is not None)
+    return text + 100 * len(olds)  # object and list overheads, roughly
 
 
 class BackupCore(ReplicationCore):
@@ -53,6 +75,10 @@ class BackupCore(ReplicationCore):
         super().__init__(settings, store, initial, now, rng)
         self.primary_address = "%s:%d" % settings.address_of("primary")
         self.batches_applied = 0
+        # The last batches applied, oldest first, to undo those the primary never applied
+        # (their acknowledgement was lost) instead of copying the whole database again.
+        self.undo: deque[Undo] = deque()
+        self.undo_size = 0
         self.handlers.update(
             {
                 FrameType.HELLO: self._hello,
@@ -62,6 +88,7 @@ class BackupCore(ReplicationCore):
                 FrameType.SHARD_END: self._transfer_frame,
                 FrameType.SNAPSHOT_END: self._transfer_frame,
                 FrameType.SKIP: self._skip,
+                FrameType.ROLLBACK: self._rollback,
                 FrameType.FETCH: self._fetch,
                 FrameType.SYNC_ACK: self._final_ack,
                 FrameType.FENCE: self._fenced,
@@ -119,10 +146,69 @@ class BackupCore(ReplicationCore):
         if seq != self.seq + 1:
             self.lose_channel(f"batch {seq} out of order (expected {self.seq + 1})")
             return Step.NONE
-        self.store.apply(frame.ops)
+        store, ops = self.store, frame.ops
+        if self.settings.undo_bytes:
+            checksum, count = store.checksum, len(store)
+            olds = store.apply_recording(ops)
+            entry = Undo(seq, ops, olds, checksum, count, _undo_size(ops, olds))
+            self.undo.append(entry)
+            self.undo_size += entry.size
+            while self.undo and (
+                self.undo_size > self.settings.undo_bytes or len(self.undo) > MAX_UNDO_POINTS
+            ):
+                self.undo_size -= self.undo.popleft().size
+        else:
+            store.apply(ops)
         self.seq = seq
         self.batches_applied += 1
         self.send(Ack(seq))
+        return Step.STREAMING
+
+    def _undo_batches(self, steps: list[Undo]) -> None:
+        for entry in reversed(steps):  # newest first
+            self.store.undo(entry.ops, entry.olds)
+
+    def _holds(self, checksum: int, count: int) -> bool:
+        return self.store.checksum == checksum and len(self.store) == count
+
+    def undo_points(self) -> tuple[tuple[int, int, int], ...]:
+        return tuple((u.seq - 1, u.checksum_before, u.count_before) for u in self.undo)
+
+    def _rollback(self, frame: Rollback) -> Step:
+        """Undo, newest first, the batches after ``frame.seq``; then our data must be
+        the primary's (an O(1) checksum comparison), or we redo them and refuse."""
+        target = frame.seq
+        hello = self.peer_hello
+        assert hello is not None
+        steps = [entry for entry in self.undo if entry.seq > target]
+        if (
+            not self.confirmed
+            or hello.history != self.history
+            or not steps
+            or steps[0].seq != target + 1
+            or steps[-1].seq != self.seq
+        ):
+            self.fail_transfer(f"cannot roll back to seq {target}")
+            return Step.NONE
+        store = self.store
+        self._undo_batches(steps)
+        if not self._holds(frame.checksum, frame.count):
+            for entry in steps:  # our copy as it was: still a confirmed one
+                store.apply(entry.ops)
+            self.undo.clear()  # but this record cannot reach the primary's: a full transfer next
+            self.undo_size = 0
+            self.fail_transfer(f"rolled back to seq {target}, but the data is not the primary's")
+            return Step.NONE
+        for _ in steps:
+            self.undo_size -= self.undo.pop().size
+        log.info(
+            "backup resync: partial: rolled back %d batches, seq %d -> %d",
+            len(steps),
+            self.seq,
+            target,
+        )
+        self.seq = target
+        self._confirm(store.checksum, f"rolled back {len(steps)} batches", "partial")
         return Step.STREAMING
 
     def _fenced(self, frame: Fence) -> Step:
@@ -181,7 +267,7 @@ class BackupCore(ReplicationCore):
             return Step.RECEIVE_SNAPSHOT
         self.seq = receiver.seq
         self.store = receiver.store
-        self._confirm(checksum, "received")
+        self._confirm(checksum, "received", "full")
         return Step.STREAMING
 
     def _skip(self, frame: Skip) -> Step:
@@ -193,15 +279,27 @@ class BackupCore(ReplicationCore):
             self.fail_transfer("skip proposed but the data differs")
             return Step.NONE
         self.seq = frame.seq
-        self._confirm(self.store.checksum, "already matching")
+        self._confirm(self.store.checksum, "already matching", "none")
         return Step.STREAMING
 
-    def _confirm(self, checksum: int, how: str) -> None:
-        """Seed: the backup enters in sync before the primary."""
+    def _confirm(self, checksum: int, how: str, resync: str) -> None:
+        """Seed: the backup enters in sync before the primary.
+
+        ``resync``: "full" (our data was replaced or copied), "partial" (rolled
+        back) or "none" (it already matched)."""
         self.send(SyncAck(checksum))
         self.confirmed = True
         self.receiver = None
         self.transfers_completed += 1
+        hello = self.peer_hello
+        assert hello is not None
+        self.history = next_history(hello.history, self.history, resync != "full")
+        self.undo.clear()  # the undo record is for batches after this point
+        self.undo_size = 0
+        if resync == "full":
+            self.resyncs_full += 1
+        elif resync == "partial":
+            self.resyncs_partial += 1
         self.fire(Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how}, checksum verified")
 
     def _fetch(self, frame: Any) -> Step:
@@ -216,7 +314,7 @@ class BackupCore(ReplicationCore):
         if frame.checksum != self.store.checksum:
             self.fail_transfer("primary fetched data with a different checksum")
             return Step.NONE
-        self._confirm(self.store.checksum, "fetched by the primary")
+        self._confirm(self.store.checksum, "fetched by the primary", "full")
         return Step.STREAMING
 
     def status(self, now: float) -> dict[str, Any]:

@@ -50,6 +50,8 @@ class Settings:
     retry_max: float = 1.0  # back-off ceiling
     transfer_chunk: int = 2048  # pairs per frame during a full transfer
     batches_in_flight: int = 2  # replication batches sent before the oldest is acked
+    # The backup's undo record for partial resynchronization (0: always a full transfer).
+    undo_bytes: int = 64 * 1024 * 1024
 
     backup_initial_stage: str = "cold_start"
     # A primary that answers writes without a backup (tests, one-node use).
@@ -84,6 +86,8 @@ class Settings:
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive number")
+        if self.undo_bytes < 0:
+            raise SettingsError("undo_bytes must be 0 (no partial resync) or more")
         if not 0 < self.port < 65536:
             raise SettingsError("port must be between 1 and 65535")
         if self.backup_port is not None and not 0 < self.backup_port < 65536:

@@ -18,6 +18,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import xxhash
+
 from pbkv import auth
 from pbkv.actions import (
     Action,
@@ -61,6 +63,14 @@ CHUNK_CHARS = 1 << 20
 MISS = Done(False, "")
 
 
+def next_history(primary: int, backup: int, kept: bool) -> int:
+    """The history id both sides hold after a sync: unchanged when no data was replaced
+    (a skip or a rollback within one history), else new, and the same on both sides."""
+    if kept and primary == backup:
+        return primary
+    return xxhash.xxh3_64_intdigest(primary.to_bytes(8, "big") + backup.to_bytes(8, "big"))
+
+
 class Backoff:
     """Doubling retry delay with jitter, reset by a success."""
 
@@ -94,6 +104,11 @@ class ReplicationCore:
         self.store = store
         self.rng = rng or random.Random()
         self.incarnation = self.rng.getrandbits(63)
+        # The lineage of our data (Redis's replication id): new on every restart and
+        # whenever the data is replaced; a partial resync needs both sides to share it.
+        self.history = self.rng.getrandbits(64)
+        self.resyncs_partial = 0  # syncs by a rollback of the backup
+        self.resyncs_full = 0  # syncs by a full transfer
         self.machine = StageMachine(self.role, initial, self._log_transition)
         self.handshake = Handshake(self.role)
         self.outbox: list[Action] = []
@@ -167,7 +182,20 @@ class ReplicationCore:
         self.outbox.append(Send(frame))
 
     def hello_frame(self) -> Hello:
-        return Hello(self.role, self.confirmed, self.store.checksum, len(self.store), self.seq)
+        store = self.store
+        return Hello(
+            self.role,
+            self.confirmed,
+            store.checksum,
+            len(store),
+            self.seq,
+            self.history,
+            self.undo_points(),
+        )
+
+    def undo_points(self) -> tuple[tuple[int, int, int], ...]:
+        """The (seq, checksum, count) states we can roll back to (the backup's)."""
+        return ()
 
     def start_tick(self) -> None:
         self.outbox.append(StartTimer(TICK, self.settings.heartbeat_interval))
@@ -375,6 +403,9 @@ class ReplicationCore:
             "peer_connected": self.channel_up and self.peer_hello is not None,
             "uptime": round(self.now - self.started_at, 3),
             "incarnation": f"{self.incarnation:016x}",
+            "history": f"{self.history:016x}",
+            "resyncs_partial": self.resyncs_partial,
+            "resyncs_full": self.resyncs_full,
             "transfers_completed": self.transfers_completed,
             "transfers_failed": self.transfers_failed,
             "last_transfer_error": self.last_transfer_error,

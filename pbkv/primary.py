@@ -31,7 +31,15 @@ from pbkv import auth
 from pbkv.actions import Connect, FlushSoon, Respond, StartTimer
 from pbkv.commands import REPLICATION_FAILED, Command, Done, Outcome, Refused, Reply
 from pbkv.config import Settings
-from pbkv.core import BATCH_CHARS, BATCH_WRITES, MISS, RETRY, ReplicationCore, log
+from pbkv.core import (
+    BATCH_CHARS,
+    BATCH_WRITES,
+    MISS,
+    RETRY,
+    ReplicationCore,
+    log,
+    next_history,
+)
 from pbkv.stages import Event, ReadRule, Role, Stage, Step, WriteRule
 from pbkv.store import ShardedStore, shard_of
 from pbkv.transfer import SnapshotReceiver, TransferError
@@ -44,6 +52,7 @@ from pbkv.wire import (
     Fetch,
     FrameType,
     Hello,
+    Rollback,
     Skip,
     SnapshotBegin,
     SnapshotEnd,
@@ -59,6 +68,7 @@ class Plan(enum.Enum):
 
     SEND = "sent to"  # our confirmed data wins
     SKIP = "already matched on"  # both hold the same confirmed data
+    ROLLBACK = "rolled back on"  # the backup is ahead by batches we never applied: it undoes them
     FETCH = "fetched from"  # the backup's confirmed data wins
     START_EMPTY = "started empty with"  # neither side holds confirmed data
 
@@ -297,16 +307,25 @@ class PrimaryCore(ReplicationCore):
         self.peer_seq = frame.seq
         count = frame.count
         if self.confirmed:
-            if (
-                frame.confirmed
-                and frame.checksum == self.store.checksum
-                and count == len(self.store)
-            ):
+            store = self.store
+            if frame.confirmed and frame.checksum == store.checksum and count == len(store):
                 self.plan = Plan.SKIP
                 log.info("primary and backup already hold the same data: skipping transfer")
                 self.send(Skip(frame.checksum, count, self.seq))
+                return Step.AWAIT_SYNC_ACK
+            why_not = self._why_no_rollback(frame)
+            if why_not is None:
+                self.plan = Plan.ROLLBACK
+                log.info(
+                    "primary resync: partial: the backup rolls back %d batches, seq %d -> %d",
+                    frame.seq - self.seq,
+                    frame.seq,
+                    self.seq,
+                )
+                self.send(Rollback(self.seq, store.checksum, len(store)))
             else:
                 self.plan = Plan.SEND
+                log.info("primary resync: full transfer: %s", why_not)
                 self.start_sending_snapshot()
             return Step.AWAIT_SYNC_ACK
         if frame.confirmed:
@@ -326,6 +345,25 @@ class PrimaryCore(ReplicationCore):
         self.fire(Event.BACKUP_NEEDS_DATA, "no confirmed data on either side: start empty")
         self.start_sending_snapshot()
         return Step.AWAIT_SYNC_ACK
+
+    def _why_no_rollback(self, frame: Hello) -> str | None:
+        """Why the backup cannot reach our data by undoing batches (None: it can).
+
+        Replication is synchronous, so a live backup of our history is never
+        behind our acknowledged state: at most ahead, by the batches whose
+        acknowledgement we never saw."""
+        if not frame.confirmed:
+            return "the backup holds no confirmed copy"
+        if frame.history != self.history:
+            return "the backup's data has another history (a restart or a replaced copy)"
+        if frame.seq < self.seq:
+            return f"the backup is behind (seq {frame.seq} < {self.seq})"
+        state = {seq: (checksum, count) for seq, checksum, count in frame.undo}
+        if self.seq not in state:
+            return f"the backup cannot undo back to seq {self.seq} (its undo record is too short)"
+        if state[self.seq] != (self.store.checksum, len(self.store)):
+            return f"the backup's data at seq {self.seq} differs from ours"
+        return None
 
     def _transfer_frame(self, frame: Any) -> Step:
         receiver = self.receiver
@@ -359,7 +397,14 @@ class PrimaryCore(ReplicationCore):
         self.receiver = None
         self.transfers_completed += 1
         self.backoff.reset()
-        assert self.plan is not None, "a SYNC_ACK is accepted only after the hello"
+        plan, hello = self.plan, self.peer_hello
+        assert plan is not None and hello is not None, "a SYNC_ACK comes only after the hello"
+        kept = plan in (Plan.SKIP, Plan.ROLLBACK)
+        self.history = next_history(self.history, hello.history, kept)
+        if plan is Plan.ROLLBACK:
+            self.resyncs_partial += 1
+        elif plan is not Plan.SKIP:
+            self.resyncs_full += 1
         how = self.plan.value
         self.fire(
             Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how} the backup, checksums match"

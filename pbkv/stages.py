@@ -250,6 +250,7 @@ BACKUP_HANDSHAKE: dict[Step, dict[FrameType, tuple[Step, ...]]] = {
     Step.AWAIT_DIRECTIVE: {
         F.SNAPSHOT_BEGIN: (Step.RECEIVE_SNAPSHOT,),
         F.SKIP: (Step.STREAMING,),
+        F.ROLLBACK: (Step.STREAMING,),  # partial resync: undo the batches it never applied
         F.FETCH: (Step.AWAIT_FINAL_ACK,),
     },
     # The backup is in sync (and says so) before the primary: the primary may

@@ -149,6 +149,25 @@ class ShardedStore:
             else:
                 put(ops[i], value)  # type: ignore[arg-type]
 
+    def apply_recording(self, ops: list[str | None]) -> list[str | None]:
+        """``apply``, returning each key's previous value (None: absent), for an undo."""
+        put, remove = self.put, self.remove
+        olds: list[str | None] = []
+        record = olds.append
+        for i in range(0, len(ops), 2):
+            value = ops[i + 1]
+            if value is None:
+                record(remove(ops[i]))  # type: ignore[arg-type]
+            else:
+                record(put(ops[i], value))  # type: ignore[arg-type]
+        return olds
+
+    def undo(self, ops: list[str | None], olds: list[str | None]) -> None:
+        """Reverse ``apply_recording(ops)``: each key back to its old value, newest first."""
+        write = self.write
+        for i in range(len(olds) - 1, -1, -1):
+            write(ops[2 * i], olds[i])  # type: ignore[arg-type]
+
     def clear(self) -> None:
         for shard in self._shards:
             shard.clear()

@@ -60,6 +60,7 @@ class FrameType(enum.IntEnum):
     AUTH_RESPONSE = 15  # backup: its nonce and its proof
     AUTH_PROOF = 16  # primary: its proof
     AUTH_FAILED = 17  # either: the proof did not verify (a courtesy: the log says why)
+    ROLLBACK = 18  # partial resync: the backup undoes the batches the primary never applied
 
 
 class FrameError(ValueError):
@@ -126,11 +127,36 @@ def _pairs(raw: Any) -> list[str]:
     return raw
 
 
+MAX_UNDO_POINTS = 64  # states a backup offers to roll back to, in its HELLO
+
+
+def _history(raw: Any) -> int:
+    if type(raw) is not int or not 0 <= raw < 1 << 64:
+        raise FrameError("must be a 64-bit history id")
+    return raw
+
+
+def _undo_points(raw: Any) -> tuple[tuple[int, int, int], ...]:
+    """(seq, checksum, count) of each state the sender can roll back to."""
+    if type(raw) is not list or len(raw) > MAX_UNDO_POINTS:
+        raise FrameError(f"must be a list of at most {MAX_UNDO_POINTS} points")
+    points = []
+    for point in raw:
+        if type(point) is not list or len(point) != 3:
+            raise FrameError("a point is [seq, checksum, count]")
+        points.append((_count(point[0]), _checksum(point[1]), _count(point[2])))
+    return tuple(points)
+
+
 def checksum_to_bytes(value: int) -> bytes:
     return value.to_bytes(16, "big")
 
 
-_ENCODERS = {_checksum: checksum_to_bytes}
+def _points_to_wire(points: tuple[tuple[int, int, int], ...]) -> list[list[Any]]:
+    return [[seq, checksum_to_bytes(checksum), count] for seq, checksum, count in points]
+
+
+_ENCODERS = {_checksum: checksum_to_bytes, _undo_points: _points_to_wire}
 
 
 # -- the frames ------------------------------------------------------------------------
@@ -161,12 +187,14 @@ class Hello(Frame):
     """Who we are and what we hold; the primary decides from both hellos."""
 
     kind = FrameType.HELLO
-    field_kinds = (_text, _flag, _checksum, _count, _count)
+    field_kinds = (_text, _flag, _checksum, _count, _count, _history, _undo_points)
     role: str
     confirmed: bool  # a peer verified our data (see the README)
     checksum: int
     count: int
     seq: int  # last replicated batch applied
+    history: int  # the lineage of our data: new whenever it is replaced
+    undo: tuple[tuple[int, int, int], ...] = ()  # backup: (seq, checksum, count) it can reach
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +296,17 @@ class Fence(Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class Rollback(Frame):
+    """The primary to a backup ahead of it in the same history: undo back to ``seq``."""
+
+    kind = FrameType.ROLLBACK
+    field_kinds = (_count, _checksum, _count)
+    seq: int
+    checksum: int  # the primary's: what the backup must hold afterwards
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
 class AuthChallenge(Frame):
     kind = FrameType.AUTH_CHALLENGE
     field_kinds = (_bytes32,)
@@ -312,6 +351,7 @@ FRAME_CLASSES: dict[FrameType, type[Frame]] = {
         SyncAck,
         SyncNack,
         Fence,
+        Rollback,
         AuthChallenge,
         AuthResponse,
         AuthProof,
@@ -391,6 +431,8 @@ def frame_limits(
         return FrameLimit(min(size, MAX_FRAME), items, text)
 
     limits = dict.fromkeys(FrameType, CONTROL_LIMIT)
+    # A backup's HELLO lists the states it can roll back to.
+    limits[FrameType.HELLO] = FrameLimit(8192, MAX_UNDO_POINTS, CONTROL_LIMIT.max_text)
     limits[FrameType.BATCH] = bulk(2 * batch_writes, batch_chars)
     limits[FrameType.SHARD_CHUNK] = bulk(2 * chunk_pairs, chunk_chars)
     return limits

@@ -716,8 +716,34 @@ def test_ack_timeout_rewinds_fences_and_bootstraps_again(make_link) -> None:
     assert backup.confirmed and backup.store.get("c") == "3"
 
 
-def test_a_backup_holding_a_rewound_batch_never_overwrites_the_live_primary(make_link) -> None:
+def test_a_backup_ahead_by_a_rewound_batch_rolls_it_back_without_a_transfer(make_link) -> None:
     link = make_link(ack_timeout=0.5)
+    primary, backup, _, _ = time_out_a_batch(link)
+    assert backup.seq == primary.seq + 1 and backup.store.get("c") == "3"
+    link.lossy.clear()
+    mark = link.mark()
+    full = (primary.resyncs_full, backup.resyncs_full)  # the first sync was one
+
+    link.fire("primary", RETRY)
+
+    sent = link.kinds("primary", mark["primary"]) + link.kinds("backup", mark["backup"])
+    assert FrameType.ROLLBACK in sent
+    assert {FrameType.SNAPSHOT_BEGIN, FrameType.SHARD_CHUNK, FrameType.FETCH}.isdisjoint(sent)
+    assert dict(backup.store.items()) == {"a": "1", "b": "2"}  # the rewound write is gone
+    assert_same_data(primary, backup)
+    assert (primary.resyncs_partial, backup.resyncs_partial) == (1, 1)
+    assert (primary.resyncs_full, backup.resyncs_full) == full
+    assert link.moves()[-2:] == [
+        ("backup", S.BOOTSTRAPPING_PRIMARY, S.IN_SYNC),
+        ("primary", S.BOOTSTRAPPING_SECONDARY, S.IN_SYNC),
+    ]
+    assert "rolled back 1 batches" in link.transitions()[-2][3]
+    assert link.write(INSERT, "c", "again") == Done(True)  # sequence numbers agree
+    assert_same_data(primary, backup)
+
+
+def test_a_backup_holding_a_rewound_batch_never_overwrites_the_live_primary(make_link) -> None:
+    link = make_link(ack_timeout=0.5, undo_bytes=0)  # no undo record: a full transfer
     primary, backup, _, _ = time_out_a_batch(link)
     assert backup.store.checksum != primary.store.checksum
     link.lossy.clear()
@@ -1188,7 +1214,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
     ("role", "frame"),
     [
         ("primary", [FrameType.ACK, 1]),  # nothing in flight
-        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0]),
+        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, []]),
         ("primary", [FrameType.SYNC_ACK, bytes(16)]),
         ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
         ("backup", [FrameType.BATCH, 99, ["k", "v"]]),  # out of order
@@ -1196,7 +1222,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
         ("backup", [FrameType.FETCH]),
         ("backup", [FrameType.SNAPSHOT_BEGIN, SHARDS, 1]),
         ("backup", [FrameType.SYNC_ACK, bytes(16)]),
-        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0]),
+        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []]),
     ],
     ids=lambda v: v if isinstance(v, str) else FrameType(v[0]).name,
 )
@@ -1246,7 +1272,7 @@ def test_a_fetch_from_a_backup_without_confirmed_data_is_refused(link: Link) -> 
     backup = link.start_backup()
     assert not backup.confirmed
     backup.channel_opened(link.now)
-    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0])
+    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0, 7, []])
     assert link.kinds("backup") == [FrameType.HELLO]
     moves = len(link.moves())
 
@@ -1289,7 +1315,7 @@ def test_a_standalone_primary_answers_writes_at_once(make_link) -> None:
 def test_a_backup_keeps_its_confirmed_copy_until_a_replacement_has_fully_arrived(
     make_link,
 ) -> None:
-    link = make_link(ack_timeout=0.5)
+    link = make_link(ack_timeout=0.5, undo_bytes=0)
     primary, backup, _, _ = time_out_a_batch(link)  # the backup now holds a rewound batch
     acknowledged = dict(primary.store.items())
     link.lossy.clear()
@@ -1361,7 +1387,7 @@ def test_a_forged_hello_before_the_proofs_is_refused(make_link) -> None:
     link.kill("primary")
     checksum = backup.store.checksum
     backup.channel_opened(link.now)  # an outsider connects
-    link.inject("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0])
+    link.inject("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []])
 
     assert not backup.channel_up
     assert "without proving it" in link.closed_by[-1][1]
@@ -1399,7 +1425,7 @@ def test_no_heartbeat_goes_out_before_the_proofs(make_link) -> None:
 def test_a_confirmed_backup_serves_its_kept_copy_while_a_new_one_arrives_or_fails(
     make_link,
 ) -> None:
-    link = make_link(ack_timeout=0.5)
+    link = make_link(ack_timeout=0.5, undo_bytes=0)
     primary, backup, _, _ = time_out_a_batch(link)  # the backup's copy differs: a transfer
     kept = dict(backup.store.items())
     link.lossy.clear()
@@ -1416,3 +1442,121 @@ def test_a_confirmed_backup_serves_its_kept_copy_while_a_new_one_arrives_or_fail
     link.fire("primary", RETRY)  # the primary sends again, all of it this time
     assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
     assert_same_data(primary, backup)
+
+
+# -- partial resynchronization -------------------------------------------------------------
+
+
+def lose_acks_of_batches(link: Link, batches: int) -> tuple[PrimaryCore, BackupCore]:
+    """In sync with DATA; the backup applies ``batches`` more whose ACKs are lost, the
+    primary times them out (rewinds, fences) and reconnects when the link is back."""
+    primary, backup = in_sync_pair(link, DATA)
+    link.lossy.add("backup")
+    for i in range(batches):
+        link.submit(link.token(), UPDATE, f"key{i}", f"lost {i}")
+        link.submit(link.token(), INSERT, f"new{i}", "lost")
+        link.flush()
+    assert backup.seq == primary.seq + batches
+    link.now += link.settings.ack_timeout + 0.01
+    link.fire("primary", TICK)
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+    link.lossy.clear()
+    return primary, backup
+
+
+def test_every_batch_in_flight_is_rolled_back_newest_first(make_link) -> None:
+    link = make_link(batches_in_flight=3)
+    primary, backup = lose_acks_of_batches(link, 3)
+    mark = link.mark()
+
+    link.fire("primary", RETRY)
+
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    sent = link.kinds("primary", mark["primary"]) + link.kinds("backup", mark["backup"])
+    assert FrameType.ROLLBACK in sent and FrameType.SNAPSHOT_BEGIN not in sent
+    assert dict(backup.store.items()) == DATA  # every write of the three batches undone
+    assert_same_data(primary, backup)
+    assert any(
+        "partial: the backup rolls back 3 batches" in r.getMessage() for r in link.caplog.records
+    )
+    assert backup.undo_points() == ()  # the record starts again after a sync
+    assert link.write(UPDATE, "key1", "after") == Done(True)
+    assert_same_data(primary, backup)
+
+
+def _another_history(backup: BackupCore, seq: int) -> None:
+    backup.history ^= 1
+
+
+def _undo_record_lost(backup: BackupCore, seq: int) -> None:
+    while backup.undo[0].seq <= seq + 1:  # the record no longer reaches back to seq
+        backup.undo.popleft()
+
+
+def _recorded_state_differs(backup: BackupCore, seq: int) -> None:
+    next(u for u in backup.undo if u.seq == seq + 1).checksum_before ^= 1
+
+
+def _undo_record_wrong(backup: BackupCore, seq: int) -> None:
+    backup.undo[-1].olds[0] = "not what it was"
+
+
+@pytest.mark.parametrize(
+    ("damage", "why"),
+    [
+        (_another_history, "another history"),
+        (_undo_record_lost, "undo record is too short"),
+        (_recorded_state_differs, "differs from ours"),
+        (_undo_record_wrong, "but the data is not the primary's"),  # refused, then full
+    ],
+    ids=["history", "record-too-short", "state-differs", "rollback-misses"],
+)
+def test_every_other_case_falls_back_to_a_full_transfer(make_link, damage, why) -> None:
+    link = make_link(batches_in_flight=2)
+    primary, backup = lose_acks_of_batches(link, 2)
+    damage(backup, primary.seq)
+    full = primary.resyncs_full
+
+    link.fire("primary", RETRY)
+    link.fire("primary", RETRY)  # after a refused rollback, the next attempt
+
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert primary.resyncs_full == full + 1
+    assert dict(backup.store.items()) == DATA
+    assert_same_data(primary, backup)
+    assert any(why in r.getMessage() for r in link.caplog.records), why
+
+
+def test_without_an_undo_record_every_resync_is_full(make_link) -> None:
+    link = make_link(undo_bytes=0)
+    primary, backup = lose_acks_of_batches(link, 1)
+    link.fire("primary", RETRY)
+    assert (primary.resyncs_partial, primary.resyncs_full) == (0, 2)
+    assert_same_data(primary, backup)
+
+
+def test_the_undo_record_is_bounded_by_bytes(make_link) -> None:
+    link = make_link(undo_bytes=600)
+    primary, backup = in_sync_pair(link)
+    for i in range(20):
+        assert link.write(INSERT, f"k{i}", "v" * 50) == Done(True)
+    assert 0 < len(backup.undo) < 20
+    assert backup.undo_size <= 600
+    assert [seq for seq, _, _ in backup.undo_points()] == list(
+        range(backup.seq - len(backup.undo), backup.seq)
+    )
+
+
+def test_catches_rolling_back_one_batch_too_few(make_link, monkeypatch) -> None:
+    original = BackupCore._undo_batches
+    monkeypatch.setattr(BackupCore, "_undo_batches", lambda self, steps: original(self, steps[1:]))
+    with pytest.raises(AssertionError):
+        test_every_batch_in_flight_is_rolled_back_newest_first(make_link)
+
+
+def test_catches_skipping_the_checksum_comparison_after_a_rollback(make_link, monkeypatch) -> None:
+    monkeypatch.setattr(BackupCore, "_holds", lambda self, checksum, count: True)
+    with pytest.raises(AssertionError):
+        test_every_other_case_falls_back_to_a_full_transfer(
+            make_link, _undo_record_wrong, "but the data is not the primary's"
+        )

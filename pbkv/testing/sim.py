@@ -17,6 +17,7 @@ its log: ``python -m pbkv.testing.sim --seed 42 --verbose``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -229,6 +230,7 @@ class Simulation:
         faults: bool = True,
         settings: Settings | None = None,
         trace: Callable[[str], None] | None = None,
+        **overrides: Any,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -237,6 +239,8 @@ class Simulation:
         self.settings = settings or sim_settings(
             self.rng.choice(("sharded", "hash")), self.rng.choice((1, 2, 3)), secret
         )
+        if overrides:  # e.g. undo_bytes=0: every resync a full transfer
+            self.settings = dataclasses.replace(self.settings, **overrides)
         self.now = 0.0
         self._queue: list[tuple[float, int, Callable[[], None]]] = []
         self._counter = itertools.count()
@@ -271,7 +275,9 @@ class Simulation:
 
     def latency(self) -> float:
         # Mostly fast, sometimes slow: slow frames reorder old connections' traffic.
-        if self.rng.random() < 0.05:
+        # A slow frame is a fault: without faults, the network keeps within the
+        # peer timeout (a heartbeat and a slow frame could otherwise exceed it).
+        if self.rng.random() < 0.05 and self.faults_enabled:
             return self.rng.uniform(0.05, 0.5)
         return self.rng.uniform(0.0002, 0.005)
 
