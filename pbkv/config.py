@@ -17,6 +17,9 @@ from typing import Any
 DEFAULT_CONFIG_PATH = "conf/settings.conf"
 ROLES = ("primary", "backup")
 BACKUP_INITIAL_STAGES = ("cold_start", "bootstrapping_primary")
+# "course": every request that reaches a route gets HTTP 200 and the course's failure
+# shape, the reason in an X-Pbkv-Error header; "http": real HTTP statuses and JSON errors.
+ERROR_MODES = ("course", "http")
 
 
 class SettingsError(ValueError):
@@ -33,7 +36,7 @@ class Settings:
 
     store: str = "sharded"  # "sharded" or "hash"
     shards: int = 16
-    max_key_bytes: int = 4 * 1024
+    max_key_bytes: int = 64 * 1024
     max_value_bytes: int = 1024 * 1024
 
     # Replication timing, in seconds.
@@ -49,11 +52,16 @@ class Settings:
     # A primary that answers writes without a backup (tests, one-node use).
     standalone: bool = False
     idle_timeout: float = 300.0  # close idle client connections after this
+    errors: str = "course"  # how refusals are answered: see ERROR_MODES
     log_level: str = "info"
 
     def __post_init__(self) -> None:
         if self.store not in ("sharded", "hash"):
             raise SettingsError(f"store must be 'sharded' or 'hash', not {self.store!r}")
+        if self.errors not in ERROR_MODES:
+            raise SettingsError(
+                f"errors must be one of {', '.join(ERROR_MODES)}, not {self.errors!r}"
+            )
         if self.backup_initial_stage not in BACKUP_INITIAL_STAGES:
             raise SettingsError(
                 f"backup_initial_stage must be one of {', '.join(BACKUP_INITIAL_STAGES)}"

@@ -197,7 +197,7 @@ class Node:
     async def run(self) -> None:
         host, port = self.address
         server = await self.loop.create_server(
-            lambda: HttpProtocol(self, self.limits, self.connections),
+            lambda: HttpProtocol(self, self.limits, self.connections, self.settings.errors),
             host,
             port,
             reuse_address=True,
