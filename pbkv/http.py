@@ -331,7 +331,7 @@ def key_and_value(
 # -- raw bytes in a request target ----------------------------------------------------
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 _LINE_END = re.compile(rb"[\r\n]")
-_LF = re.compile(rb"\n")
+_HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a head
 
 
 def percent_encode_high(segment: bytes) -> bytes:
@@ -416,9 +416,12 @@ class HttpProtocol(asyncio.Protocol):
         versions and the like).  So, before parsing, such bytes of a request line
         become ``%XX``, as a careful client would have sent them; headers and bodies
         go to the parser untouched.  The data is fed up to each byte >= 0x80 and the
-        parser's progress (``_phase``) says where that byte falls.  (A head split
-        between reads right after its request line may get its first header's bytes
-        >= 0x80 encoded too; the headers pbkv reads are ASCII, so nothing changes.)
+        parser's progress (``_phase``) says where that byte falls; each request line,
+        head and body takes one feed, so the cost stays per message, not per byte.
+        (The first header line may get its bytes >= 0x80 encoded too: the parser
+        reports a header only once it is complete.  The headers pbkv reads are
+        ASCII, so nothing changes.  After a chunked body holding such bytes, the
+        rest of that read goes to the parser as it is.)
         """
         pos, end = 0, len(data)
         while pos < end and not self._closing:
@@ -438,9 +441,9 @@ class HttpProtocol(asyncio.Protocol):
                 if line_end is not None:
                     self._phase = _HEADERS
                 continue
-            if phase == _HEADERS:
-                lf = _LF.search(data, at)
-                pos = lf.end() if lf is not None else end
+            if phase == _HEADERS:  # the rest of the head in one go
+                head_end = _HEAD_END.search(data, at)
+                pos = head_end.end() if head_end is not None else end
             elif phase == _BODY and self._content_length >= 0:
                 pos = min(end, at + max(1, self._content_length - self._body_size))
             else:  # a chunked body, or the first byte of a request (the parser refuses it)

@@ -162,3 +162,25 @@ def test_raw_bytes_outside_a_target_are_still_malformed(data: bytes):
     protocol.data_received(data)
     assert transport.written.startswith(b"HTTP/1.1 400 ")
     assert transport.closed
+
+
+def test_raw_utf8_in_headers_and_bodies_goes_to_the_parser_untouched():
+    app = App(answer_now=True)
+    protocol, transport = connect(app)
+    body = "key=ключ&value=ü".encode()
+    chunked = "key=ä&value=中文".encode()
+    protocol.data_received(
+        b"POST /kv/insert HTTP/1.1\r\nX-Note: caf\xc3\xa9\r\nX-Other: \xff\r\n"
+        b"Content-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+        + RAW_GET
+        + b"POST /kv/update HTTP/1.1\r\nX-Other: \xfe\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunked), chunked)
+    )
+    assert app.writes == [("insert", "ключ", "ü"), ("update", "ä", "中文")]
+    assert bodies(transport.written) == [
+        {"success": "true"},
+        {"success": "true", "value": "value of 韩国人"},
+        {"success": "true"},
+    ]
+    assert not transport.closed
