@@ -213,7 +213,7 @@ def refusal_reply(
         headers += b"X-Pbkv-%s: %s\r\n" % (name.title().encode(), header_text(value))
     skipped = _refusal_log.allow(time.monotonic())
     if skipped is not None:
-        more = f" ({skipped} similar lines left out)" if skipped else ""
+        more = f" ({skipped} more refusals not logged)" if skipped else ""
         log.info("refused %s (%d): %s%s", path.decode(), status, reason.decode(), more)
     return 200, shape, headers + extra
 
@@ -234,7 +234,8 @@ _ADMIN_METHODS = {
     b"/metrics": (b"GET",),
 }
 _COMMAND_PATHS = {command: path for path, (_, command) in _KV_ROUTES.items()}
-# Course clients wrote by GET with query parameters; course servers took any method.
+# Course clients wrote by GET with query parameters (their servers took any method):
+# in course mode every course route takes both of these.
 _COURSE_METHODS = (b"GET", b"POST")
 _NEEDS_VALUE = frozenset({Command.INSERT, Command.UPDATE})
 _NEEDS_KEY = frozenset({Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE})

@@ -483,3 +483,12 @@ def test_percent_encode_high_touches_only_bytes_from_0x80() -> None:
     assert percent_encode_high(b"?key=\xce\xd2\xff") == b"?key=%CE%D2%FF"
     ascii_only = bytes(range(0x80))
     assert percent_encode_high(ascii_only) == ascii_only
+
+
+def test_refusal_log_lines_are_throttled_and_counted() -> None:
+    from pbkv.http import _Throttle
+
+    throttle = _Throttle(per_second=3)
+    assert [throttle.allow(10.0 + n / 100) for n in range(5)] == [0, 0, 0, None, None]
+    assert throttle.allow(11.0) == 2  # the next window reports what was left out
+    assert throttle.allow(11.1) == 0
