@@ -33,6 +33,7 @@ __all__ = [
     "Client",
     "NotPrimary",
     "PbkvError",
+    "REPLY_HEADERS",
     "ReplicationFailed",
     "Unavailable",
     "parse_reply",
