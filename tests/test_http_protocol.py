@@ -184,3 +184,29 @@ def test_raw_utf8_in_headers_and_bodies_goes_to_the_parser_untouched():
         {"success": "true"},
     ]
     assert not transport.closed
+
+
+def test_an_upgrade_hands_over_binary_bytes_read_with_it():
+    from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
+
+    class Backup(App):
+        accepts_replication = True
+
+        def upgrade(self, transport, leftover):
+            self.handed = (transport, leftover)
+
+    app = Backup()
+    protocol, transport = connect(app)
+    frames = bytes(range(256)) * 3  # not ASCII: must reach the channel as it is
+    protocol.data_received(
+        RAW_GET  # answered at once, so the upgrade behind it in the same read is taken
+        + b"GET "
+        + UPGRADE_PATH
+        + b" HTTP/1.1\r\nUpgrade: "
+        + UPGRADE_TOKEN
+        + b"\r\nConnection: Upgrade\r\n\r\n"
+        + frames
+    )
+    assert app.handed == (transport, frames)
+    replies, _ = transport.written.split(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert bodies(replies) == [{"success": "true", "value": "value of 韩国人"}]
