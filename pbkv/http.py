@@ -419,10 +419,12 @@ class HttpProtocol(asyncio.Protocol):
         go to the parser untouched.  The data is fed up to each byte >= 0x80 and the
         parser's progress (``_phase``) says where that byte falls; each request line,
         head and body takes one feed, so the cost stays per message, not per byte.
-        (The first header line may get its bytes >= 0x80 encoded too: the parser
-        reports a header only once it is complete.  The headers pbkv reads are
-        ASCII, so nothing changes.  After a chunked body holding such bytes, the
-        rest of that read goes to the parser as it is.)
+        (The parser reports a header only once it is complete, so a byte >= 0x80 in
+        the first header line counts as the target's when the read starts right at
+        it or the header's text just before it repeats the target's end; it is
+        then encoded too.  The headers pbkv reads are ASCII, so nothing changes.
+        After a chunked body holding such bytes, the rest of that read goes to the
+        parser as it is.)
         """
         pos, end = 0, len(data)
         while pos < end and not self._closing:
@@ -435,14 +437,14 @@ class HttpProtocol(asyncio.Protocol):
             if self._closing:
                 return
             phase = self._phase
-            if phase == _REQUEST_LINE:
+            if phase == _REQUEST_LINE and self._in_target(data, pos, at):
                 line_end = _LINE_END.search(data, at)
                 pos = line_end.start() if line_end is not None else end
                 self.parser.feed_data(percent_encode_high(data[at:pos]))
                 if line_end is not None:
                     self._phase = _HEADERS
                 continue
-            if phase == _HEADERS:  # the rest of the head in one go
+            if phase in (_REQUEST_LINE, _HEADERS):  # the rest of the head at once
                 head_end = _HEAD_END.search(data, at)
                 pos = head_end.end() if head_end is not None else end
             elif phase == _BODY and self._content_length >= 0:
@@ -450,6 +452,14 @@ class HttpProtocol(asyncio.Protocol):
             else:  # a chunked body, or the first byte of a request (the parser refuses it)
                 pos = end
             self._feed_slice(data, at, pos)
+
+    def _in_target(self, data: bytes, start: int, at: int) -> bool:
+        """Whether the parser, fed ``data[start:at]`` in its request line, stopped inside
+        the target: then what it was fed ends with the target so far (which holds no
+        space or line end); past the target it ends with a version or a header."""
+        url = self._url
+        n = min(at - start, len(url))
+        return data[at - n : at] == url[len(url) - n :]
 
     def _feed_slice(self, data: bytes, start: int, stop: int) -> None:
         if start == stop:
