@@ -3,7 +3,9 @@
 Both speak the course HTTP/JSON interface over one keep-alive connection and turn
 replies into results with the same function, :func:`parse_reply`: a logical failure
 (key missing, key exists) comes back as ``None`` or ``False``; anything else the server
-refuses raises a :class:`PbkvError` subclass. Transport failures raise ``OSError``
+refuses raises a :class:`PbkvError` subclass, in either error mode of the server (``http``:
+a real status and a JSON error; ``course``: HTTP 200, the course failure shape and the
+reason in ``X-Pbkv-*`` headers). Transport failures raise ``OSError``
 (``ConnectionError``, ``TimeoutError``); after one of those a write's outcome is unknown.
 """
 
@@ -32,6 +34,7 @@ __all__ = [
     "Client",
     "NotPrimary",
     "PbkvError",
+    "REPLY_HEADERS",
     "ReplicationFailed",
     "Unavailable",
     "parse_reply",
@@ -47,8 +50,10 @@ DEFAULT_TIMEOUT = 5.0
 class PbkvError(Exception):
     """The server refused a request, or answered with something that is not a pbkv reply.
 
-    ``status`` is the HTTP status (0 when the reply was not valid HTTP), ``error`` the
-    server's message and ``body`` the decoded JSON reply (empty when there was none).
+    ``status`` is the HTTP status (0 when the reply was not valid HTTP; from a server in
+    course mode, the status its http mode would have used), ``error`` the server's message
+    and ``body`` the decoded JSON error (empty when there was none; from a server in course
+    mode, rebuilt from its ``X-Pbkv-*`` headers).
     """
 
     def __init__(self, status: int, error: str, body: dict[str, Any] | None = None) -> None:
@@ -146,6 +151,9 @@ def _request_parts(
 
 _NOT_JSON = object()
 
+# Headers of a reply that parse_reply reads (names in lower case).
+REPLY_HEADERS = ("retry-after", "x-pbkv-error", "x-pbkv-status", "x-pbkv-stage", "x-pbkv-primary")
+
 
 def _retry_after(header: str | None) -> float | None:
     if header is None:
@@ -242,12 +250,46 @@ _RESULTS: dict[str, Callable[[int, Any], Any]] = {
 }
 
 
-def parse_reply(op: str, status: int, raw: bytes, retry_after: str | None = None) -> Any:
+def _header_text(value: str) -> str:
+    """Undo the server's escaping of a reason in a header (printable ASCII only)."""
+    try:
+        return value.encode("latin-1").decode("unicode_escape")
+    except (UnicodeError, ValueError):
+        return value
+
+
+def _course_refusal(status: int, headers: Mapping[str, str]) -> PbkvError:
+    """The exception for a course-mode refusal: the same as the http mode's reply."""
+    fields: dict[str, Any] = {"success": "false", "error": _header_text(headers["x-pbkv-error"])}
+    for name in ("stage", "primary"):
+        value = headers.get(f"x-pbkv-{name}")
+        if value is not None:
+            fields[name] = _header_text(value)
+    try:
+        status = int(headers.get("x-pbkv-status", status))
+    except ValueError:
+        pass
+    return _error(status, fields, b"", headers.get("retry-after"))
+
+
+def parse_reply(
+    op: str,
+    status: int,
+    raw: bytes,
+    retry_after: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
     """Turn one reply to ``op`` into its result, or raise the matching :class:`PbkvError`.
 
     ``op`` is one of get, insert, update, delete, count, dump, status, shutdown;
-    ``retry_after`` is the reply's Retry-After header, if any.
+    ``retry_after`` is the reply's Retry-After header, if any; ``headers`` the reply's
+    headers named in :data:`REPLY_HEADERS` (lower-case names), which carry the reason
+    of a refusal from a server in course mode.
     """
+    if headers and "x-pbkv-error" in headers:
+        if retry_after is not None and "retry-after" not in headers:
+            headers = {**headers, "retry-after": retry_after}
+        raise _course_refusal(status, headers)
     try:
         body: Any = json.loads(raw)
     except ValueError:
@@ -440,10 +482,8 @@ class Client(_Endpoint):
     ) -> Any:
         method, target, body, headers = _request_parts(op, params)
         headers = self._headers(headers, credential)
-        status, raw, retry_after = self._exchange(
-            method, target, body, headers, _OPS[op].resendable
-        )
-        return parse_reply(op, status, raw, retry_after)
+        status, raw, replied = self._exchange(method, target, body, headers, _OPS[op].resendable)
+        return parse_reply(op, status, raw, replied.get("retry-after"), replied)
 
     def _exchange(
         self,
@@ -452,7 +492,7 @@ class Client(_Endpoint):
         body: bytes | None,
         headers: dict[str, str],
         resendable: bool,
-    ) -> tuple[int, bytes, str | None]:
+    ) -> tuple[int, bytes, dict[str, str]]:
         conn = self._conn
         for attempt in (1, 2):
             sock = conn.sock
@@ -485,11 +525,19 @@ class Client(_Endpoint):
             except BaseException:
                 conn.close()
                 raise
-            return resp.status, raw, resp.getheader("Retry-After")
+            replied = {}
+            for name in REPLY_HEADERS:
+                value = resp.getheader(name)
+                if value is not None:
+                    replied[name] = value
+            return resp.status, raw, replied
         raise AssertionError("unreachable")
 
 
 # --- asyncio client -----------------------------------------------------------------------
+
+
+_REPLY_HEADER_NAMES = frozenset(name.encode() for name in REPLY_HEADERS)
 
 
 class _Reply:
@@ -499,7 +547,7 @@ class _Reply:
         self.parser = httptools.HttpResponseParser(self)
         self.body = bytearray()
         self.status = 0
-        self.retry_after: str | None = None
+        self.headers: dict[str, str] = {}
         self.headers_done = False
         self.framed = False  # Content-Length or chunked: else the body ends at EOF
         self.complete = False
@@ -507,8 +555,8 @@ class _Reply:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
-        if lname == b"retry-after":
-            self.retry_after = value.decode("latin-1").strip()
+        if lname in _REPLY_HEADER_NAMES:
+            self.headers[lname.decode()] = value.decode("latin-1").strip()
         elif lname in (b"content-length", b"transfer-encoding"):
             self.framed = True
 
@@ -634,10 +682,12 @@ class AsyncClient(_Endpoint):
             lines.append(f"Content-Length: {len(body)}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
         async with self._lock:
-            status, raw, retry_after = await self._exchange(request, _OPS[op].resendable)
-        return parse_reply(op, status, raw, retry_after)
+            status, raw, replied = await self._exchange(request, _OPS[op].resendable)
+        return parse_reply(op, status, raw, replied.get("retry-after"), replied)
 
-    async def _exchange(self, request: bytes, resendable: bool) -> tuple[int, bytes, str | None]:
+    async def _exchange(
+        self, request: bytes, resendable: bool
+    ) -> tuple[int, bytes, dict[str, str]]:
         for attempt in (1, 2):
             reused = self._writer is not None
             if reused and not self._idle_connection_alive():
@@ -667,7 +717,7 @@ class AsyncClient(_Endpoint):
                 raise
         raise AssertionError("unreachable")
 
-    async def _read_reply(self) -> tuple[int, bytes, str | None]:
+    async def _read_reply(self) -> tuple[int, bytes, dict[str, str]]:
         assert self._reader is not None
         reply = _Reply()
         while not reply.complete:
@@ -679,4 +729,4 @@ class AsyncClient(_Endpoint):
             reply.parser.feed_data(chunk)
         if not reply.keep_alive:
             self._drop()
-        return reply.status, bytes(reply.body), reply.retry_after
+        return reply.status, bytes(reply.body), reply.headers

@@ -23,6 +23,9 @@ SECRET_ENV = "PBKV_SECRET"
 CLIENT_TOKEN_ENV = "PBKV_CLIENT_TOKEN"
 # Never shown: not in repr, status, logs or ``to_public_dict``.
 SECRET_FIELDS = ("secret", "client_token")
+# "course": every request that reaches a route gets HTTP 200 and the course's failure
+# shape, the reason in an X-Pbkv-Error header; "http": real HTTP statuses and JSON errors.
+ERROR_MODES = ("course", "http")
 
 
 class SettingsError(ValueError):
@@ -39,7 +42,7 @@ class Settings:
 
     store: str = "sharded"  # "sharded" or "hash"
     shards: int = 16
-    max_key_bytes: int = 4 * 1024
+    max_key_bytes: int = 64 * 1024
     max_value_bytes: int = 1024 * 1024
 
     # Replication timing, in seconds.
@@ -57,6 +60,7 @@ class Settings:
     # A primary that answers writes without a backup (tests, one-node use).
     standalone: bool = False
     idle_timeout: float = 300.0  # close idle client connections after this
+    errors: str = "course"  # how refusals are answered: see ERROR_MODES
     log_level: str = "info"
 
     # Trust (README "Security"). The secret authenticates the two servers to each
@@ -72,6 +76,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.store not in ("sharded", "hash"):
             raise SettingsError(f"store must be 'sharded' or 'hash', not {self.store!r}")
+        if self.errors not in ERROR_MODES:
+            raise SettingsError(
+                f"errors must be one of {', '.join(ERROR_MODES)}, not {self.errors!r}"
+            )
         if self.backup_initial_stage not in BACKUP_INITIAL_STAGES:
             raise SettingsError(
                 f"backup_initial_stage must be one of {', '.join(BACKUP_INITIAL_STAGES)}"

@@ -4,6 +4,13 @@ Parsing belongs to httptools; this module routes, decodes parameters, checks
 limits and turns outcomes into the course's exact JSON replies.  Replies on
 one connection go out in request order even when a write is answered later
 than a read behind it (pipelining).
+
+A request that reached a route and is refused (bad parameter, too large, not
+accepted in this stage, replication failed, ...) is a ``RequestError`` or a
+refusing outcome; ``refusal_reply`` alone turns it into a reply, in the error
+mode of the ``errors`` setting: ``course`` (HTTP 200 with the route's course
+failure shape, the reason in ``X-Pbkv-*`` headers) or ``http`` (a real status
+with a JSON error body).
 """
 
 from __future__ import annotations
@@ -13,9 +20,10 @@ import collections
 import hmac
 import ipaddress
 import logging
+import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import unquote_to_bytes
@@ -64,7 +72,7 @@ class App(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    max_key_bytes: int = 4096
+    max_key_bytes: int = 64 * 1024
     max_value_bytes: int = 1024 * 1024
 
     @property
@@ -195,8 +203,10 @@ _MISS = b'{"success":"false","value":""}'
 _RETRY = b"Retry-After: 1\r\n"
 
 
-def outcome_reply(command: Command, outcome: Outcome) -> tuple[int, bytes, bytes]:
-    """(status, body, extra headers) for an outcome of ``command``."""
+def outcome_reply(
+    command: Command, outcome: Outcome, errors: str = "course"
+) -> tuple[int, bytes, bytes]:
+    """(status, body, extra headers) for an outcome of ``command`` in error mode ``errors``."""
     if isinstance(outcome, Done):
         if command is Command.GET or command is Command.DELETE:
             if not outcome.ok:
@@ -208,19 +218,98 @@ def outcome_reply(command: Command, outcome: Outcome) -> tuple[int, bytes, bytes
     if isinstance(outcome, Dumped):
         return 200, orjson.dumps(outcome.pairs), b""
     if isinstance(outcome, ReplicationFailed):
-        return 503, b'{"success":"false","error":"replication failed"}', _RETRY
+        return refusal_reply(
+            errors, _COMMAND_PATHS[command], 503, "replication failed", None, _RETRY
+        )
     if isinstance(outcome, Refused):
         stage = outcome.stage.value
         if outcome.primary is not None:
-            body = error_body(
-                f"this server is the backup; send writes to the primary at {outcome.primary}",
-                stage=stage,
-                primary=outcome.primary,
-            )
+            message = f"this server is the backup; send writes to the primary at {outcome.primary}"
+            fields = {"stage": stage, "primary": outcome.primary}
         else:
-            body = error_body(f"not accepting this request in stage {stage}", stage=stage)
-        return 503, body, _RETRY
+            message = f"not accepting this request in stage {stage}"
+            fields = {"stage": stage}
+        return refusal_reply(errors, _COMMAND_PATHS[command], 503, message, fields, _RETRY)
     raise TypeError(f"unknown outcome {outcome!r}")
+
+
+# -- refusals: the one place where the error mode shapes the reply ------------------------
+# What course clients get from each route when a request fails.  The course defined
+# no failure for countkey, dump, status and shutdown: they get the generic one, never
+# a count or a dump that could be taken for data.  /metrics is for scrapers, which
+# read statuses: it keeps real HTTP errors, as unknown paths (404) do.
+_COURSE_FAILURES: dict[bytes, bytes] = {
+    b"/kv/get": _MISS,
+    b"/kv/delete": _MISS,
+    b"/kv/insert": _FALSE,
+    b"/kv/update": _FALSE,
+    b"/kvman/countkey": _FALSE,
+    b"/kvman/dump": _FALSE,
+    b"/kvman/status": _FALSE,
+    b"/kvman/shutdown": _FALSE,
+}
+_HEADER_TEXT_LIMIT = 300  # characters of a reason kept in a header or a log line
+
+
+def header_text(text: str) -> bytes:
+    """``text`` as a safe header value: printable ASCII only, with Python escapes
+    (``\\n``, ``\\xe9``, ``\\u043a``) for everything else, so no CR/LF can split it."""
+    return text[:_HEADER_TEXT_LIMIT].encode("unicode_escape")
+
+
+class _Throttle:
+    """At most ``per_second`` log lines a second; the lines left out are counted and
+    reported with the next one, so a flood of bad requests cannot flood the log."""
+
+    def __init__(self, per_second: int = 20) -> None:
+        self.per_second = per_second
+        self.window = 0.0
+        self.used = 0
+        self.skipped = 0
+
+    def allow(self, now: float) -> int | None:
+        """None: leave this line out; else how many were left out before it."""
+        if now - self.window >= 1.0:
+            self.window, self.used = now, 0
+        if self.used >= self.per_second:
+            self.skipped += 1
+            return None
+        self.used += 1
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
+_refusal_log = _Throttle()
+
+
+def refusal_reply(
+    errors: str,
+    path: bytes,
+    status: int,
+    message: str,
+    fields: Mapping[str, str] | None = None,
+    extra: bytes = b"",
+) -> tuple[int, bytes, bytes]:
+    """(status, body, extra headers) refusing a request to ``path``.
+
+    ``http`` mode, or a path that is no course route: ``status`` with
+    ``{"success":"false","error":message, **fields}``.  ``course`` mode: 200 with the
+    route's course failure shape; ``X-Pbkv-Error`` holds the message, ``X-Pbkv-Status``
+    the status ``http`` mode would have used and ``X-Pbkv-<Field>`` each field (stage,
+    primary), so clients still learn why; the reason is also logged.
+    """
+    shape = _COURSE_FAILURES.get(path) if errors == "course" else None
+    if shape is None:
+        return status, error_body(message, **(fields or {})), extra
+    reason = header_text(message)
+    headers = b"X-Pbkv-Error: %s\r\nX-Pbkv-Status: %d\r\n" % (reason, status)
+    for name, value in (fields or {}).items():
+        headers += b"X-Pbkv-%s: %s\r\n" % (name.title().encode(), header_text(value))
+    skipped = _refusal_log.allow(time.monotonic())
+    if skipped is not None:
+        more = f" ({skipped} more refusals not logged)" if skipped else ""
+        log.info("refused %s (%d): %s%s", path.decode(), status, reason.decode(), more)
+    return 200, shape, headers + extra
 
 
 # -- routing -------------------------------------------------------------------------
@@ -239,6 +328,10 @@ _ADMIN_METHODS = {
     b"/kvman/status": (b"GET",),
     b"/metrics": (b"GET",),
 }
+_COMMAND_PATHS = {command: path for path, (_, command) in _KV_ROUTES.items()}
+# Course clients wrote by GET with query parameters (their servers took any method):
+# in course mode every course route takes both of these.
+_COURSE_METHODS = (b"GET", b"POST")
 _NEEDS_VALUE = frozenset({Command.INSERT, Command.UPDATE})
 _NEEDS_KEY = frozenset({Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE})
 
@@ -331,15 +424,36 @@ def key_and_value(
     return key or "", value
 
 
+# -- raw bytes in a request target ----------------------------------------------------
+_NON_ASCII = re.compile(rb"[\x80-\xff]")
+_LINE_END = re.compile(rb"[\r\n]")
+_HEAD_END = re.compile(rb"\n\r?\n")  # the blank line that ends a head
+
+
+def percent_encode_high(segment: bytes) -> bytes:
+    """Bytes >= 0x80 as ``%XX``: what a careful client sends for raw UTF-8."""
+    return _NON_ASCII.sub(lambda byte: b"%%%02X" % byte[0][0], segment)
+
+
+# Where the parser is in the current message (kept only for bytes >= 0x80).
+_BETWEEN, _REQUEST_LINE, _HEADERS, _BODY = range(4)
+
+
 # -- the protocol ------------------------------------------------------------------
 class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
     def __init__(
-        self, app: App, limits: Limits, connections: set[HttpProtocol], access: Access = OPEN
+        self,
+        app: App,
+        limits: Limits,
+        connections: set[HttpProtocol],
+        errors: str = "course",
+        access: Access = OPEN,
     ) -> None:
         self.app = app
         self.limits = limits
+        self.errors = errors
         self.access = access
         self.connections = connections
         self.transport: asyncio.Transport | None = None
@@ -355,6 +469,8 @@ class HttpProtocol(asyncio.Protocol):
         self._upgrade = False
         self._in_head = False  # between the first byte of a request and its blank line
         self._head_bytes = 0
+        self._phase = _BETWEEN
+        self._content_length = -1
         # Replies in request order: [bytes or None, close after it].
         self._pending: collections.deque[list[Any]] = collections.deque()
         self._closing = False
@@ -375,7 +491,10 @@ class HttpProtocol(asyncio.Protocol):
         if self._closing:
             return
         try:
-            self.parser.feed_data(data)
+            if data.isascii():
+                self.parser.feed_data(data)
+            else:
+                self._feed_with_raw_bytes(data)
         except httptools.HttpParserUpgrade as exc:
             self._handle_upgrade(data[exc.args[0] :])
         except httptools.HttpParserError as exc:
@@ -389,6 +508,66 @@ class HttpProtocol(asyncio.Protocol):
                     413, f"request line and headers larger than {self.limits.max_head_bytes} bytes"
                 )
 
+    def _feed_with_raw_bytes(self, data: bytes) -> None:
+        """Feed ``data``, percent-encoding the bytes >= 0x80 of request lines.
+
+        curl sends ``?key=韩国人`` as raw UTF-8, which llhttp refuses ("Invalid char
+        in url query"); httptools offers no leniency for it (only for headers, chunks,
+        versions and the like).  So, before parsing, such bytes of a request line
+        become ``%XX``, as a careful client would have sent them; headers and bodies
+        go to the parser untouched.  The data is fed up to each byte >= 0x80 and the
+        parser's progress (``_phase``) says where that byte falls; each request line,
+        head and body takes one feed, so the cost stays per message, not per byte.
+        (The parser reports a header only once it is complete, so a byte >= 0x80 in
+        the first header line counts as the target's when the read starts right at
+        it or the header's text just before it repeats the target's end; it is
+        then encoded too.  The headers pbkv reads are ASCII, so nothing changes.
+        After a chunked body holding such bytes, the rest of that read goes to the
+        parser as it is.)
+        """
+        pos, end = 0, len(data)
+        while pos < end and not self._closing:
+            found = _NON_ASCII.search(data, pos)
+            if found is None:
+                self._feed_slice(data, pos, end)
+                return
+            at = found.start()
+            self._feed_slice(data, pos, at)
+            if self._closing:
+                return
+            phase = self._phase
+            if phase == _REQUEST_LINE and self._in_target(data, pos, at):
+                line_end = _LINE_END.search(data, at)
+                pos = line_end.start() if line_end is not None else end
+                self.parser.feed_data(percent_encode_high(data[at:pos]))
+                if line_end is not None:
+                    self._phase = _HEADERS
+                continue
+            if phase in (_REQUEST_LINE, _HEADERS):  # the rest of the head at once
+                head_end = _HEAD_END.search(data, at)
+                pos = head_end.end() if head_end is not None else end
+            elif phase == _BODY and self._content_length >= 0:
+                pos = min(end, at + max(1, self._content_length - self._body_size))
+            else:  # a chunked body, or the first byte of a request (the parser refuses it)
+                pos = end
+            self._feed_slice(data, at, pos)
+
+    def _in_target(self, data: bytes, start: int, at: int) -> bool:
+        """Whether the parser, fed ``data[start:at]`` in its request line, stopped inside
+        the target: then what it was fed ends with the target so far (which holds no
+        space or line end); past the target it ends with a version or a header."""
+        url = self._url
+        n = min(at - start, len(url))
+        return data[at - n : at] == url[len(url) - n :]
+
+    def _feed_slice(self, data: bytes, start: int, stop: int) -> None:
+        if start == stop:
+            return
+        try:
+            self.parser.feed_data(data[start:stop])
+        except httptools.HttpParserUpgrade as exc:
+            raise httptools.HttpParserUpgrade(start + exc.args[0]) from None
+
     # httptools callbacks
     def on_message_begin(self) -> None:
         self._url = b""
@@ -401,17 +580,21 @@ class HttpProtocol(asyncio.Protocol):
         self._upgrade = False
         self._in_head = True
         self._head_bytes = 0
+        self._phase = _REQUEST_LINE
+        self._content_length = -1
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._phase = _HEADERS
         lower = name.lower()
         if lower == b"content-type":
             self._content_type = value
         elif lower == b"content-length":
             try:
-                if int(value) > self.limits.max_body_bytes:
+                self._content_length = int(value)
+                if self._content_length > self.limits.max_body_bytes:
                     self._too_large = True
             except ValueError:
                 pass  # httptools rejects it
@@ -424,6 +607,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._phase = _BODY
         if self._too_large:
             self._fail(413, f"request body larger than {self.limits.max_body_bytes} bytes")
 
@@ -438,6 +622,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        self._phase = _BETWEEN
         if self._closing or self._too_large:
             return
         if self._upgrade and self.parser.should_upgrade():
@@ -445,18 +630,19 @@ class HttpProtocol(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive()
         slot: list[Any] = [None, not keep_alive]
         self._pending.append(slot)
+        path = b""
         try:
-            self._dispatch(slot)
+            path, query = split_target(self._url)
+            self._dispatch(slot, path, query)
         except RequestError as exc:
-            self._reply(slot, exc.status, error_body(exc.message))
+            self._refuse(slot, path, exc.status, exc.message)
         except Exception:  # a bug must not stall this connection's later replies
             log.exception("internal error while handling a request")
             slot[1] = True
-            self._reply(slot, 500, error_body("internal server error"))
+            self._refuse(slot, path, 500, "internal server error")
 
     # internals
-    def _dispatch(self, slot: list[Any]) -> None:
-        path, query = split_target(self._url)
+    def _dispatch(self, slot: list[Any], path: bytes, query: bytes | None) -> None:
         method = self.parser.get_method()
         if self.access.client_token is not None:
             self._check_client_token(path)
@@ -465,7 +651,7 @@ class HttpProtocol(asyncio.Protocol):
             self._admin(slot, path, method)
             return
         allowed, command = route
-        if method != allowed:
+        if method != allowed and not (self.errors == "course" and method in _COURSE_METHODS):
             raise_method(allowed)
         body = b"".join(self._body) if self._body else b""
         params = parse_params(query, body, self._content_type)
@@ -483,8 +669,11 @@ class HttpProtocol(asyncio.Protocol):
             if path == UPGRADE_PATH:
                 raise RequestError(400, "the replication channel needs an Upgrade header")
             raise RequestError(404, f"unknown path {path.decode('utf-8', 'replace')}")
-        if method not in _ADMIN_METHODS[path]:
-            raise_method(b", ".join(_ADMIN_METHODS[path]))
+        allowed = _ADMIN_METHODS[path]
+        if method not in allowed and not (
+            self.errors == "course" and method in _COURSE_METHODS and path in _COURSE_FAILURES
+        ):
+            raise_method(b", ".join(allowed))
         if path == b"/kvman/status":
             self._reply(slot, 200, orjson.dumps(self.app.status()))
         elif path == b"/metrics":
@@ -548,7 +737,11 @@ class HttpProtocol(asyncio.Protocol):
         return None
 
     def _answer(self, slot: list[Any], command: Command, outcome: Outcome) -> None:
-        status, body, extra = outcome_reply(command, outcome)
+        status, body, extra = outcome_reply(command, outcome, self.errors)
+        self._reply(slot, status, body, extra)
+
+    def _refuse(self, slot: list[Any], path: bytes, status: int, message: str) -> None:
+        status, body, extra = refusal_reply(self.errors, path, status, message)
         self._reply(slot, status, body, extra)
 
     def _reply(

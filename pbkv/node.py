@@ -168,7 +168,9 @@ class Node:
     async def run(self) -> None:
         host, port = self.address
         server = await self.loop.create_server(
-            lambda: HttpProtocol(self, self.limits, self.connections, self.access),
+            lambda: HttpProtocol(
+                self, self.limits, self.connections, self.settings.errors, self.access
+            ),
             host,
             port,
             reuse_address=True,

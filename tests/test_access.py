@@ -69,7 +69,7 @@ def request(
 ) -> tuple[int, dict[str, Any], App]:
     """(status, body, app) of the first reply."""
     app = app or App()
-    protocol = HttpProtocol(app, Limits(), set(), access)
+    protocol = HttpProtocol(app, Limits(), set(), "http", access)
     transport = FakeTransport(peer, certificate)
     protocol.connection_made(transport)
     protocol.data_received(raw)

@@ -1,7 +1,9 @@
 """The ``pbkv`` command and the client library against a real server process.
 
-One standalone primary, started with the real ``bin/start_server``, serves the
-module; each test keeps to its own keys.  Shutdown tests use their own servers.
+One standalone primary per error mode (``course`` and ``http``), started with the
+real ``bin/start_server``, serves the module: the CLI and the clients must give the
+same results and the same errors in both.  Each test keeps to its own keys.  Shutdown
+tests use their own servers.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import pytest
 
 from pbkv.cli import escape, main
 from pbkv.client import AsyncClient, BadRequest, Client
+from pbkv.config import Settings
 from tests.harness import Pair, _alive, free_port, wait_for
+
+MAX_KEY = Settings().max_key_bytes
 
 TRICKY = [
     "a&b=c",
@@ -35,9 +40,16 @@ TRICKY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(standalone: Pair) -> Pair:
-    return standalone
+@pytest.fixture(scope="module", params=["course", "http"])
+def server(request, tmp_path_factory) -> Iterator[Pair]:
+    """A standalone primary in each error mode."""
+    mode = request.param
+    servers = Pair(tmp_path_factory.mktemp(f"cli-{mode}"), standalone="true", errors=mode)
+    try:
+        servers.start("primary")
+        yield servers
+    finally:
+        servers.cleanup()
 
 
 @pytest.fixture
@@ -160,7 +172,7 @@ def test_cli_bad_requests_exit_2(pbkv, client):
     status, out, err = pbkv("insert", "", "v")
     assert (status, out) == (2, "")
     assert err.startswith("pbkv: ") and "key" in err and "400" in err
-    status, out, err = pbkv("insert", "k" * 4097, "v")
+    status, out, err = pbkv("insert", "k" * (MAX_KEY + 1), "v")
     assert (status, out) == (2, "")
     assert "413" in err
     assert client.count() == before
@@ -235,7 +247,7 @@ def test_client_limits(client, tag):
     with pytest.raises(BadRequest) as info:
         client.update(tag + "big", big + "x")
     assert info.value.status == 413
-    key = (tag + "k" * 4096)[:4096]
+    key = (tag + "k" * MAX_KEY)[:MAX_KEY]
     assert client.insert(key, "v") is True
     with pytest.raises(BadRequest) as info:
         client.get(key + "k")

@@ -834,3 +834,82 @@ def test_the_package_exports_both_clients():
     import pbkv
 
     assert pbkv.Client is Client and pbkv.AsyncClient is AsyncClient
+
+
+# --- course mode: HTTP 200, the course failure shape, the reason in X-Pbkv-* headers --------
+
+
+def _course(op: str, body: Any, **headers: str) -> Any:
+    raw = json.dumps(body).encode()
+    named = {name.replace("_", "-"): value for name, value in headers.items()}
+    return parse_reply(op, 200, raw, named.get("retry-after"), named)
+
+
+@pytest.mark.parametrize(
+    ("op", "body"),
+    [
+        ("get", {"success": "false", "value": ""}),
+        ("delete", {"success": "false", "value": ""}),
+        ("insert", {"success": "false"}),
+        ("update", {"success": "false"}),
+        ("count", {"success": "false"}),
+        ("dump", {"success": "false"}),
+        ("status", {"success": "false"}),
+        ("shutdown", {"success": "false"}),
+    ],
+)
+def test_course_refusals_raise_what_http_mode_raises(op: str, body: Any) -> None:
+    with pytest.raises(BadRequest) as bad:
+        _course(op, body, x_pbkv_error="key must not be empty", x_pbkv_status="400")
+    assert (bad.value.status, bad.value.error) == (400, "key must not be empty")
+    with pytest.raises(ReplicationFailed) as failed:
+        _course(op, body, x_pbkv_error="replication failed", x_pbkv_status="503")
+    assert failed.value.status == 503
+    with pytest.raises(Unavailable) as refused:
+        _course(
+            op,
+            body,
+            x_pbkv_error="not accepting this request in stage warm_start",
+            x_pbkv_status="503",
+            x_pbkv_stage="warm_start",
+            retry_after="1",
+        )
+    assert not isinstance(refused.value, NotPrimary)
+    assert (refused.value.stage, refused.value.retry_after) == ("warm_start", 1.0)
+    with pytest.raises(NotPrimary) as backup:
+        _course(
+            op,
+            body,
+            x_pbkv_error="this server is the backup",
+            x_pbkv_status="503",
+            x_pbkv_stage="in_sync",
+            x_pbkv_primary="127.0.0.1:8080",
+        )
+    assert (backup.value.primary, backup.value.stage) == ("127.0.0.1:8080", "in_sync")
+    assert backup.value.body["primary"] == "127.0.0.1:8080"
+    # A refusal added later (say 401) keeps its status; without one it is the reply's.
+    with pytest.raises(BadRequest) as later:
+        _course(op, body, x_pbkv_error="needs a token", x_pbkv_status="401")
+    assert later.value.status == 401
+    with pytest.raises(PbkvError) as bare:
+        _course(op, body, x_pbkv_error="odd")
+    assert bare.value.status == 200 and bare.value.error == "odd"
+
+
+def test_course_logical_failures_have_no_reason_and_stay_results() -> None:
+    headers = {"retry-after": "1"}
+    assert parse_reply("get", 200, b'{"success":"false","value":""}', None, headers) is None
+    assert parse_reply("insert", 200, b'{"success":"false"}', None, headers) is False
+    assert parse_reply("update", 200, b'{"success":"false"}', None, {}) is False
+    assert parse_reply("delete", 200, b'{"success":"false","value":""}', None, None) is None
+
+
+def test_course_reason_is_unescaped() -> None:
+    with pytest.raises(BadRequest) as info:
+        _course(
+            "get",
+            {"success": "false", "value": ""},
+            x_pbkv_error="parameter '\\u043a\\u043b\\u044e\\u0447' given more than once",
+            x_pbkv_status="400",
+        )
+    assert info.value.error == "parameter 'ключ' given more than once"

@@ -207,6 +207,9 @@ def test_missing_file(tmp_path: Path) -> None:
         {"idle_timeout": -1.0},
         {"idle_timeout": 0.0},
         {"retry_min": 2.0, "retry_max": 1.0},
+        {"errors": "strict"},
+        {"errors": ""},
+        {"errors": "HTTP"},
     ],
 )
 def test_invalid_settings_rejected(changes: dict[str, Any]) -> None:
@@ -221,6 +224,22 @@ def test_invalid_store_message() -> None:
         Settings(backup_initial_stage="in_sync")
     with pytest.raises(SettingsError, match="ack_timeout"):
         Settings(ack_timeout=-1.0)
+
+
+def test_defaults_suit_course_clients() -> None:
+    defaults = Settings()
+    assert defaults.errors == "course"
+    assert defaults.max_key_bytes == 64 * 1024
+    assert defaults.max_value_bytes == 1024 * 1024
+
+
+@pytest.mark.parametrize("mode", config.ERROR_MODES)
+def test_error_modes_from_file_and_flag(tmp_path: Path, mode: str) -> None:
+    path = write(tmp_path, {**COURSE, "errors": mode})
+    assert parse_flags(["--config", str(path)]).errors == mode
+    assert parse_flags(["--config", str(path), "--errors", "http"]).errors == "http"
+    with pytest.raises(SettingsError, match="errors must be one of course, http"):
+        Settings(errors="strict")
 
 
 @pytest.mark.parametrize("stage", config.BACKUP_INITIAL_STAGES)

@@ -17,6 +17,8 @@ from pbkv.http import (
     key_and_value,
     outcome_reply,
     parse_params,
+    percent_encode_high,
+    refusal_reply,
     response,
 )
 from pbkv.stages import Stage
@@ -208,14 +210,17 @@ def test_commands_without_value_or_key() -> None:
 
 
 def test_key_limit_counts_bytes() -> None:
-    assert LIMITS.max_key_bytes == 4096
-    assert key_and_value(Command.GET, {"key": "k" * 4096}, LIMITS)[0] == "k" * 4096
-    assert status_of(key_and_value, Command.GET, {"key": "k" * 4097}, LIMITS) == 413
-    emoji = "😀" * 1024  # 4096 bytes
+    assert LIMITS.max_key_bytes == 64 * 1024  # course clients used keys of 8 KiB and more
+    limit = LIMITS.max_key_bytes
+    assert key_and_value(Command.GET, {"key": "k" * limit}, LIMITS)[0] == "k" * limit
+    assert status_of(key_and_value, Command.GET, {"key": "k" * (limit + 1)}, LIMITS) == 413
+    emoji = "😀" * (limit // 4)  # exactly the limit in bytes
     assert key_and_value(Command.GET, {"key": emoji}, LIMITS)[0] == emoji
-    with pytest.raises(RequestError, match="4096 bytes") as info:
-        key_and_value(Command.INSERT, {"key": "😀" * 1025, "value": "v"}, LIMITS)
+    with pytest.raises(RequestError, match=f"{limit} bytes") as info:
+        key_and_value(Command.INSERT, {"key": emoji + "😀", "value": "v"}, LIMITS)
     assert info.value.status == 413
+    key = "k" * 8282  # the longest key of a course stress test
+    assert key_and_value(Command.INSERT, {"key": key, "value": "v"}, LIMITS) == (key, "v")
 
 
 def test_value_limit_counts_bytes() -> None:
@@ -230,8 +235,8 @@ def test_value_limit_counts_bytes() -> None:
 
 
 # -- outcome_reply -------------------------------------------------------------------------
-def reply(command: Command, outcome) -> tuple[int, object, bytes]:
-    status, body, extra = outcome_reply(command, outcome)
+def reply(command: Command, outcome, errors: str = "course") -> tuple[int, object, bytes]:
+    status, body, extra = outcome_reply(command, outcome, errors)
     return status, json.loads(body), extra
 
 
@@ -265,7 +270,7 @@ def test_dump_reply() -> None:
 
 
 def test_replication_failed_reply() -> None:
-    status, body, extra = outcome_reply(Command.INSERT, ReplicationFailed())
+    status, body, extra = outcome_reply(Command.INSERT, ReplicationFailed(), "http")
     assert status == 503
     assert json.loads(body) == {"success": "false", "error": "replication failed"}
     assert body == b'{"success":"false","error":"replication failed"}'
@@ -275,7 +280,7 @@ def test_replication_failed_reply() -> None:
 @pytest.mark.parametrize("stage", list(Stage))
 @pytest.mark.parametrize("command", [Command.GET, Command.INSERT, Command.COUNT])
 def test_stage_refusal_reply(stage: Stage, command: Command) -> None:
-    status, body, extra = reply(command, Refused(stage, "primary"))
+    status, body, extra = reply(command, Refused(stage, "primary"), "http")
     assert status == 503
     assert body == {
         "success": "false",
@@ -288,7 +293,7 @@ def test_stage_refusal_reply(stage: Stage, command: Command) -> None:
 
 def test_backup_write_refusal_names_the_primary() -> None:
     refused = Refused(Stage.IN_SYNC, "backup", primary="127.0.0.1:8080")
-    status, body, extra = reply(Command.INSERT, refused)
+    status, body, extra = reply(Command.INSERT, refused, "http")
     assert status == 503
     assert set(body) == {"success", "error", "stage", "primary"}
     assert body["success"] == "false"
@@ -296,6 +301,110 @@ def test_backup_write_refusal_names_the_primary() -> None:
     assert body["primary"] == "127.0.0.1:8080"
     assert body["stage"] == "in_sync"
     assert b"Retry-After:" in extra
+
+
+def headers_of(extra: bytes) -> dict[str, str]:
+    lines = extra.decode("ascii").split("\r\n")
+    assert lines[-1] == ""
+    return dict(line.split(": ", 1) for line in lines[:-1])
+
+
+COURSE_FAILURE = {
+    Command.GET: b'{"success":"false","value":""}',
+    Command.DELETE: b'{"success":"false","value":""}',
+    Command.INSERT: b'{"success":"false"}',
+    Command.UPDATE: b'{"success":"false"}',
+    Command.COUNT: b'{"success":"false"}',
+    Command.DUMP: b'{"success":"false"}',
+}
+
+
+@pytest.mark.parametrize("command", list(Command))
+def test_replication_failed_reply_in_course_mode(command: Command) -> None:
+    status, body, extra = outcome_reply(command, ReplicationFailed(), "course")
+    assert (status, body) == (200, COURSE_FAILURE[command])
+    assert headers_of(extra) == {
+        "X-Pbkv-Error": "replication failed",
+        "X-Pbkv-Status": "503",
+        "Retry-After": "1",
+    }
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+@pytest.mark.parametrize("command", list(Command))
+def test_stage_refusal_reply_in_course_mode(stage: Stage, command: Command) -> None:
+    status, body, extra = outcome_reply(command, Refused(stage, "primary"), "course")
+    assert (status, body) == (200, COURSE_FAILURE[command])
+    assert headers_of(extra) == {
+        "X-Pbkv-Error": f"not accepting this request in stage {stage.value}",
+        "X-Pbkv-Status": "503",
+        "X-Pbkv-Stage": stage.value,
+        "Retry-After": "1",
+    }
+
+
+def test_backup_write_refusal_in_course_mode_names_the_primary() -> None:
+    refused = Refused(Stage.IN_SYNC, "backup", primary="127.0.0.1:8080")
+    status, body, extra = outcome_reply(Command.DELETE, refused, "course")
+    assert (status, body) == (200, b'{"success":"false","value":""}')
+    headers = headers_of(extra)
+    assert headers["X-Pbkv-Primary"] == "127.0.0.1:8080"
+    assert headers["X-Pbkv-Stage"] == "in_sync"
+    assert "127.0.0.1:8080" in headers["X-Pbkv-Error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (b"/kv/get", b'{"success":"false","value":""}'),
+        (b"/kv/delete", b'{"success":"false","value":""}'),
+        (b"/kv/insert", b'{"success":"false"}'),
+        (b"/kv/update", b'{"success":"false"}'),
+        (b"/kvman/countkey", b'{"success":"false"}'),
+        (b"/kvman/dump", b'{"success":"false"}'),
+        (b"/kvman/status", b'{"success":"false"}'),
+        (b"/kvman/shutdown", b'{"success":"false"}'),
+    ],
+)
+@pytest.mark.parametrize("status", [400, 401, 403, 405, 413, 500, 503, 507])
+def test_every_refusal_of_a_route_in_course_mode(path: bytes, body: bytes, status: int) -> None:
+    """Any status a route refuses with, today's or one added later, is translated."""
+    assert refusal_reply("course", path, status, "why") == (
+        200,
+        body,
+        b"X-Pbkv-Error: why\r\nX-Pbkv-Status: %d\r\n" % status,
+    )
+    assert refusal_reply("http", path, status, "why") == (
+        status,
+        b'{"success":"false","error":"why"}',
+        b"",
+    )
+
+
+@pytest.mark.parametrize("path", [b"/", b"/kv/nothing", b"/metrics", b"/kvrepl", b""])
+def test_no_course_route_keeps_http_errors_in_course_mode(path: bytes) -> None:
+    assert refusal_reply("course", path, 404, "unknown path") == (
+        404,
+        b'{"success":"false","error":"unknown path"}',
+        b"",
+    )
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "line\r\nX-Injected: 1",
+        "parameter 'ключ' given more than once",
+        "nul\0 del\x7f tab\t back\\slash 😀",
+        "x" * 5000,
+    ],
+)
+def test_refusal_header_is_safe_ascii_and_decodes_back(message: str) -> None:
+    _, _, extra = refusal_reply("course", b"/kv/get", 400, message)
+    value = headers_of(extra)["X-Pbkv-Error"]
+    assert value.isascii() and value.isprintable()
+    assert len(value) <= 2000
+    assert value.encode().decode("unicode_escape") == message[:300]
 
 
 def test_unknown_outcome_is_a_programming_error() -> None:
@@ -366,3 +475,20 @@ def test_form_decoding_agrees_with_parse_qsl(text):
     else:
         _decode_pairs(text.encode(), ours)
         assert ours == dict(expected_pairs)
+
+
+def test_percent_encode_high_touches_only_bytes_from_0x80() -> None:
+    raw = "/kv/get?key=韩国人&v=a%20b+c".encode()
+    assert percent_encode_high(raw) == b"/kv/get?key=%E9%9F%A9%E5%9B%BD%E4%BA%BA&v=a%20b+c"
+    assert percent_encode_high(b"?key=\xce\xd2\xff") == b"?key=%CE%D2%FF"
+    ascii_only = bytes(range(0x80))
+    assert percent_encode_high(ascii_only) == ascii_only
+
+
+def test_refusal_log_lines_are_throttled_and_counted() -> None:
+    from pbkv.http import _Throttle
+
+    throttle = _Throttle(per_second=3)
+    assert [throttle.allow(10.0 + n / 100) for n in range(5)] == [0, 0, 0, None, None]
+    assert throttle.allow(11.0) == 2  # the next window reports what was left out
+    assert throttle.allow(11.1) == 0

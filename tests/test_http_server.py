@@ -1,9 +1,10 @@
 """The client API of a real server process, byte for byte.
 
-A standalone primary (it answers writes without a backup) is started once for the
-module with the real ``bin/start_server``; the tests talk to it over raw sockets so
-that what goes over the wire is exactly what is written here, and compare whole
-replies as the course clients do.  Shutdown and start-up tests use their own pairs.
+A standalone primary (it answers writes without a backup) in the ``http`` error mode
+is started once for the module with the real ``bin/start_server``; the tests talk to
+it over raw sockets so that what goes over the wire is exactly what is written here,
+and compare whole replies as the course clients do.  Shutdown and start-up tests use
+their own pairs.  The default ``course`` mode has its own tests in test_course_mode.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,8 +159,14 @@ def assert_error(reply: Reply, status: int) -> str:
 
 # -- the shared server -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(standalone: Pair) -> Pair:
-    return standalone
+def server(tmp_path_factory) -> Iterator[Pair]:
+    """A standalone primary with real HTTP errors."""
+    servers = Pair(tmp_path_factory.mktemp("http-mode"), standalone="true", errors="http")
+    try:
+        servers.start("primary")
+        yield servers
+    finally:
+        servers.cleanup()
 
 
 @pytest.fixture

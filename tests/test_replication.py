@@ -488,6 +488,13 @@ def proxied(pair: Pair) -> Iterator[FaultProxy]:
         yield proxy
 
 
+def without_undo(pair: Pair) -> None:
+    """Restart the (still unused) backup with no undo record: resyncs are full."""
+    pair.stop("backup")
+    pair.configure(undo_bytes="0")
+    pair.start("backup")
+
+
 def start_primary_through(pair: Pair, proxy: FaultProxy) -> None:
     pair.start("primary", "--backup-port", str(proxy.port))
     wait_in_sync(pair)
@@ -524,13 +531,37 @@ def test_stale_backup_never_overwrites_a_live_primary(pair: Pair, proxied: Fault
     assert_replicas_equal(pair, model)  # the live primary's data won
     assert backup_value() is None
     assert "primary stage cold_start -> warm_start" not in pair.log("primary")
+    # The backup undid the write the primary never applied: a partial resync, no copy.
+    assert "backup resync: partial: rolled back 1 batches" in last_run(pair.log("backup"))
+    assert "primary resync: partial" in pair.log("primary")
+    status = pair.status("primary")
+    assert status is not None and status["resyncs_partial"] == 1
+    assert status["resyncs_full"] == 1  # the first sync only
+
+
+def test_stale_backup_without_an_undo_record_gets_the_live_primarys_copy(
+    pair: Pair, proxied: FaultProxy
+):
+    without_undo(pair)
+    start_primary_through(pair, proxied)
+    primary = pair.client("primary", timeout=CLIENT_TIMEOUT)
+    model: dict[str, str] = {}
+    run_ops(primary, model, 80, random.Random(6), "live")
+    proxied.down.drop = True
+    with pytest.raises(ReplicationFailed):
+        primary.insert("rewound", "only the backup saw this")
+    pair.wait_stage("backup", "bootstrapping_primary")
+    proxied.heal()
+    assert_replicas_equal(pair, model)
     # The backup's copy was replaced by the primary's, not the other way round.
     assert f"primary sends {len(model)} pairs" in last_run(pair.log("backup"))
+    assert "resync: full transfer: the backup cannot undo back" in pair.log("primary")
 
 
 def test_primary_killed_while_resyncing_a_stale_backup_keeps_acknowledged_writes(
     pair: Pair, proxied: FaultProxy
 ):
+    without_undo(pair)  # the stale backup gets a full transfer to break off
     start_primary_through(pair, proxied)
     model = fill(pair, 2000, value_size=1000)  # a snapshot of ~2 MB
     proxied.down.drop = True  # make the backup stale: it applies a write the primary rewinds

@@ -17,6 +17,7 @@ from pbkv.wire import (
     FRAME_CLASSES,
     HEADER_SIZE,
     MAX_FRAME,
+    MAX_UNDO_POINTS,
     Ack,
     Batch,
     Fence,
@@ -28,6 +29,7 @@ from pbkv.wire import (
     FrameType,
     Heartbeat,
     Hello,
+    Rollback,
     ShardChunk,
     ShardEnd,
     Skip,
@@ -51,7 +53,17 @@ pairs = st.lists(st.tuples(texts, texts), max_size=6).map(
     lambda found: [item for pair in found for item in pair]
 )
 frames: st.SearchStrategy[Frame] = st.one_of(
-    st.builds(Hello, texts, st.booleans(), checksums, counts, counts),
+    st.builds(
+        Hello,
+        texts,
+        st.booleans(),
+        checksums,
+        counts,
+        counts,
+        st.integers(0, 2**64 - 1),
+        st.lists(st.tuples(counts, checksums, counts), max_size=4).map(tuple),
+    ),
+    st.builds(Rollback, counts, checksums, counts),
     st.builds(Batch, counts, ops),
     st.builds(Ack, counts),
     st.builds(Heartbeat, counts),
@@ -149,10 +161,18 @@ def test_a_batch_keeps_deletes_and_empty_values() -> None:
         ([FrameType.ACK, -1], "non-negative integer"),
         ([FrameType.ACK, True], "non-negative integer"),
         ([FrameType.HEARTBEAT, 1.5], "non-negative integer"),
-        ([FrameType.HELLO, "backup", 1, bytes(16), 0, 0], "true or false"),
-        ([FrameType.HELLO, "backup", True, bytes(15), 0, 0], "16-byte checksum"),
-        ([FrameType.HELLO, b"backup", True, bytes(16), 0, 0], "must be a string"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 9], "has 6 fields"),
+        ([FrameType.HELLO, "backup", 1, bytes(16), 0, 0, 0, []], "true or false"),
+        ([FrameType.HELLO, "backup", True, bytes(15), 0, 0, 0, []], "16-byte checksum"),
+        ([FrameType.HELLO, b"backup", True, bytes(16), 0, 0, 0, []], "must be a string"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 9], "has 8 fields"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, -1, []], "64-bit history"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(16)]]], "a point"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(8), 2]]], "16-byte"),
+        (
+            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[0, bytes(16), 0]] * 65],
+            "at most",
+        ),
+        ([FrameType.ROLLBACK, 1, bytes(16)], "has 2 fields"),
         ([FrameType.SYNC_ACK, "0" * 16], "16-byte checksum"),
         ([FrameType.SYNC_NACK, None], "must be a string"),
         ([FrameType.FETCH, 1], "has 1 fields, expected 0"),
@@ -179,7 +199,7 @@ def test_a_batch_with_one_bad_operation_is_refused_whole() -> None:
         frame_from_wire([FrameType.BATCH, 1, ops])
 
 
-@pytest.mark.parametrize("kind", [0, 18, 99, -1, 2**40])
+@pytest.mark.parametrize("kind", [0, 19, 99, -1, 2**40])
 def test_unknown_frame_type(kind: int) -> None:
     with pytest.raises(FrameError, match="unknown frame type"):
         FrameCodec().feed(encode([kind, "x"]))
@@ -305,8 +325,12 @@ def test_control_frames_are_small_and_bulk_frames_fit_what_a_sender_builds() -> 
     max_key, max_value, writes, chars = 64, 1000, 50, 5000
     limits = frame_limits(max_key, max_value, writes, chars, chunk_pairs=20, chunk_chars=chars)
     for kind, limit in limits.items():
-        if kind not in (FrameType.BATCH, FrameType.SHARD_CHUNK):
+        if kind not in (FrameType.BATCH, FrameType.SHARD_CHUNK, FrameType.HELLO):
             assert limit == CONTROL_LIMIT
+    # A HELLO with every undo point the backup may offer fits its limit.
+    points = tuple((2**63, 2**128 - 1, 2**63) for _ in range(MAX_UNDO_POINTS))
+    hello = Hello("backup", True, 2**128 - 1, 2**63, 2**63, 2**64 - 1, points)
+    assert FrameCodec().feed(encode(hello), limits[FrameType.HELLO]) == [hello]
     assert CONTROL_LIMIT.max_bytes <= 64 * 1024
     # The worst a sender with the same settings builds: as many 4-byte characters as
     # allowed, one write past the character bound.

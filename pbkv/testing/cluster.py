@@ -112,6 +112,11 @@ class LocalPair:
         self.secret = parsed.secret
         self.cafile = parsed.tls_ca if parsed.tls else None
 
+    def configure(self, **settings: str) -> None:
+        """Change settings before the servers start (rewrites the settings file)."""
+        self.settings.update(settings)
+        self.config.write_text(json.dumps(self.settings))
+
     # -- scripts -------------------------------------------------------------------
     def _launcher(
         self, action: str, role: str, *extra: str, check: bool = True
