@@ -293,7 +293,7 @@ def _blip(
 # ---------------------------------------------------------------- pbkv
 
 
-def _pbkv_system(net: netns.Topology, pair: servers.Pbkv) -> System:
+def _pbkv_system(pair: servers.Pbkv) -> System:
     def status(role: str) -> dict[str, Any]:
         found = pair.status(role)
         if found is None:
@@ -348,7 +348,7 @@ def _run_pbkv(
         host, port = pair.address["primary"]
         seconds = bulk.load_pbkv(host, port, keys, " while loading")
         say(f"pbkv: loaded {keys} pairs in {seconds:.1f} s")
-        system = _pbkv_system(net, pair)
+        system = _pbkv_system(pair)
         results = []
         for kind in args.faults:
             say(f"pbkv {keys}: {kind} for {args.blip_seconds} s")
