@@ -334,8 +334,13 @@ def _pbkv_system(pair: servers.Pbkv) -> System:
 
 
 def _run_pbkv(
-    net: netns.Topology, workdir: Path, keys: int, args: argparse.Namespace, say: Any
-) -> list[dict[str, Any]]:
+    net: netns.Topology,
+    workdir: Path,
+    keys: int,
+    args: argparse.Namespace,
+    say: Any,
+    results: list[dict[str, Any]],
+) -> None:
     pair = servers.Pbkv(
         workdir,
         f"pbkv-{keys}",
@@ -349,12 +354,10 @@ def _run_pbkv(
         seconds = bulk.load_pbkv(host, port, keys, " while loading")
         say(f"pbkv: loaded {keys} pairs in {seconds:.1f} s")
         system = _pbkv_system(pair)
-        results = []
         for kind in args.faults:
             say(f"pbkv {keys}: {kind} for {args.blip_seconds} s")
             result = _blip(net, system, kind, args.blip_seconds, args.timeout)
             results.append({"keys": keys, "load_seconds": seconds, **result})
-        return results
     finally:
         with contextlib.suppress(Exception):
             pair.cleanup()
@@ -391,7 +394,8 @@ def _run_redis(
     keys: int,
     args: argparse.Namespace,
     say: Any,
-) -> list[dict[str, Any]]:
+    results: list[dict[str, Any]],
+) -> None:
     primary = servers.Redis(
         binary,
         workdir,
@@ -421,12 +425,10 @@ def _run_redis(
         replica.start(replicaof=primary, extra=isolated)
         replica.wait_link_up(args.timeout)
         system = _redis_system(primary, replica)
-        results = []
         for kind in args.faults:
             say(f"redis {keys}: {kind} for {args.blip_seconds} s")
             result = _blip(net, system, kind, args.blip_seconds, args.timeout)
             results.append({"keys": keys, "load_seconds": seconds, **result})
-        return results
     finally:
         with contextlib.suppress(Exception):
             os.kill(replica.pid, signal.SIGCONT)
@@ -497,6 +499,8 @@ def _print_table(report: dict[str, Any]) -> None:
         )
     if report.get("redis_skipped"):
         print(f"redis: skipped ({report['redis_skipped']})")
+    if report.get("error"):
+        print(f"stopped early, the rest not measured: {report['error']}")
     print()
     print("counters on the primary, before -> after (pbkv: also the backup's):")
     for r in report["results"]:
@@ -575,13 +579,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pbkv_revision": servers.pbkv_revision(),
         "pbkv_flags": args.pbkv_flags,
     }
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []  # filled as each blip ends: a failure keeps the rest
     try:
         with netns.Topology() as net, net.inside("client"):
             for keys in args.keys:
-                results += _run_pbkv(net, workdir, keys, args, say)
+                _run_pbkv(net, workdir, keys, args, say, results)
                 if redis_binary is not None:
-                    results += _run_redis(net, redis_binary, workdir, keys, args, say)
+                    _run_redis(net, redis_binary, workdir, keys, args, say, results)
+    except (RuntimeError, TimeoutError, OSError) as exc:  # TopologyError is a RuntimeError
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        say(f"blip: stopped early: {report['error']}")
     finally:
         if args.keep:
             say(f"blip: logs kept in {workdir}")
@@ -600,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_table(report)
-    return 0
+    return 1 if "error" in report else 0
 
 
 if __name__ == "__main__":
