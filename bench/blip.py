@@ -14,9 +14,10 @@ one at a time:
 For each it prints the time from the heal (rule removed, SIGCONT sent) to the first
 write acknowledged after it, the writer's longest time without an acknowledgement,
 the writes that failed, and the full copies of the database the blip caused: pbkv's
-``transfers_completed`` (every completed synchronisation, including one that found
-both sides equal and copied nothing) and, where the server reports them,
-``resyncs_full`` / ``resyncs_partial``; Redis's ``sync_full`` / ``sync_partial_ok``.
+``resyncs_full`` / ``resyncs_partial`` where the status reports them, else the transfers
+begun as the servers logged them (``transfers_completed``, also shown, counts every
+synchronisation, one that found both sides equal and copied nothing too); Redis's
+``sync_full`` / ``sync_partial_ok``. The servers' log lines are shown timed from the heal.
 Target for pbkv: at most 100 ms from the heal to the first acknowledged write, at
 every size, and no full transfer. Redis is the reference.
 
