@@ -95,14 +95,20 @@ class Pbkv:
         settings: dict[str, str] | None = None,
         serve_flags: Sequence[str] = (),
         root: Path = REPO,
+        hosts: dict[str, str] | None = None,
+        launch: Callable[..., list[str]] | None = None,
     ) -> None:
+        """`hosts` replaces the loopback addresses (role -> address) and `launch(role,
+        *argv)` wraps each script's command line (e.g. to run it in a network namespace)."""
         self.name = name
         self.bin = root / "bin"  # another checkout's scripts run that checkout's code
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.standalone = standalone
-        self.port = free_port()
-        values = {"primary": LOOPBACK[0], "backup": LOOPBACK[1], "port": str(self.port)}
+        # A namespace of its own has every port free; loopback ports are checked.
+        self.port = free_port() if hosts is None else cluster.free_port()
+        addresses = hosts or {"primary": LOOPBACK[0], "backup": LOOPBACK[1]}
+        values = {**addresses, "port": str(self.port)}
         if standalone:
             values["standalone"] = "true"
         values.update(settings or {})
@@ -113,6 +119,7 @@ class Pbkv:
             "backup": (values["backup"], self.port),
         }
         self.serve_flags = list(serve_flags)
+        self.launch = launch
 
     def _command(self, script: str, role: str) -> list[str]:
         flag = "-p" if role == "primary" else "-b"
@@ -124,7 +131,9 @@ class Pbkv:
             "--run-dir",
             str(self.dir),
         ]
-        return command + self.serve_flags if script == "start_server" else command
+        if script == "start_server":
+            command += self.serve_flags
+        return command if self.launch is None else self.launch(role, *command)
 
     def start(self, role: str, wait: float = 120.0) -> None:
         """bin/start_server: returns once the server is ready (in sync when paired)."""
@@ -160,6 +169,10 @@ class Pbkv:
     def pid_file(self, role: str) -> Path:
         host, port = self.address[role]
         return self.dir / "run" / f"{role}-{host}-{port}.pid"
+
+    def log_path(self, role: str) -> Path:
+        host, port = self.address[role]
+        return self.dir / "logs" / f"{role}-{host}-{port}.log"
 
     def pid(self, role: str) -> int | None:
         try:
@@ -275,15 +288,24 @@ def redis_version(binary: str) -> str:
 
 
 class Redis:
-    """One redis-server on 127.0.0.1, persistence off, diskless replication."""
+    """One redis-server on 127.0.0.1 (or `host`, with `prefix` before its command line,
+    e.g. to run it in a network namespace), persistence off, diskless replication."""
 
-    def __init__(self, binary: str, workdir: Path, name: str) -> None:
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        name: str,
+        host: str | None = None,
+        prefix: Sequence[str] = (),
+    ) -> None:
         self.binary = binary
         self.name = name
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.host = LOOPBACK[0]
-        self.port = free_port((self.host,))
+        self.host = host or LOOPBACK[0]
+        self.port = free_port((self.host,)) if host is None else cluster.free_port()
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, replicaof: Redis | None = None, extra: Sequence[str] = ()) -> None:
@@ -301,7 +323,7 @@ class Redis:
         ]  # fmt: skip
         if replicaof is not None:
             args += ["--replicaof", replicaof.host, str(replicaof.port)]
-        args += list(extra)
+        args = self.prefix + args + list(extra)
         self.proc = subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

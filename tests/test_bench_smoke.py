@@ -1,5 +1,5 @@
-"""Smoke runs of the benchmarks (bench/compare.py, transfer.py, memory.py) at tiny sizes,
-plus unit checks of the RESP load generator's pieces.
+"""Smoke runs of the benchmarks (bench/compare.py, transfer.py, memory.py, blip.py) at tiny
+sizes, plus unit checks of the RESP load generator's pieces.
 
 The scripts start their own servers on free ports (port 0 on 127.0.0.1, checked free on
 127.0.0.2 too). Redis is used when installed (CI installs it); otherwise the scripts must
@@ -8,6 +8,7 @@ still succeed and say "redis: skipped (...)". They never apt-get here (--no-inst
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import socket
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import bulk, resp_load, servers
+from bench import blip, bulk, resp_load, servers
+from pbkv.launcher import process_alive
+from pbkv.testing import netns
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE_REDIS = shutil.which("redis-server") is not None
@@ -86,6 +89,55 @@ def test_memory_small() -> None:
         assert re.search(rf"^redis primary\s+{NUMBER}\s+{NUMBER}", out, re.M), out
         assert re.search(rf"RSS pbkv / redis: primary {NUMBER}x", out), out
     _redis_or_skipped(out)
+
+
+@pytest.mark.netns
+def test_blip_quick() -> None:
+    reason = netns.available()
+    if reason is not None:
+        pytest.skip(reason)
+    before = _namespaces()
+    report = json.loads(_run("bench.blip", "--quick", "--no-redis", "--json", timeout=60))
+    assert report["redis_skipped"] == "--no-redis"
+    results = {r["fault"]: r for r in report["results"]}
+    assert set(results) == {"drop", "pause"}
+    for r in results.values():
+        assert r["system"] == "pbkv" and r["keys"] == 20_000, r
+        assert r["blip_seconds"] >= 2.5, r
+        # The writer waited out the blip: nothing was acknowledged while the backup was cut.
+        assert r["max_gap_ms"] >= 2500 * 0.9 and r["heal_to_first_ack_ms"] >= 0, r
+        assert r["writes_acked"] >= 2 * blip.AFTER_ACKS, r
+        assert isinstance(r["full_transfers"], int) and r["full_transfers"] >= 0, r
+        # The blip outlasts the ack timeout: the servers log giving up and the resync.
+        assert r["events"], r
+        assert "primary_transfers_completed" in r["counters_after"], r
+    targets = {t["target"]: t for t in report["targets"]}
+    for fault in ("drop", "pause"):
+        r = results[fault]
+        ack = targets[f"pbkv {fault} 20000: heal to first ack <= 100 ms"]
+        assert ack["value"] == r["heal_to_first_ack_ms"]
+        assert ack["met"] == (r["heal_to_first_ack_ms"] <= blip.TARGET_MS)
+        full = targets[f"pbkv {fault} 20000: no full transfer"]
+        assert full["met"] == (r["full_transfers"] == 0)
+    # Its namespaces went with it (a namespace's name carries its creator's pid).
+    left = {
+        name
+        for name in _namespaces() - before
+        if (match := re.match(r"^pbkv[a-z]*-(\d+)-", name)) and not process_alive(int(match[1]))
+    }
+    assert not left, left
+
+
+def _namespaces() -> set[str]:
+    try:
+        return {path.name for path in Path("/run/netns").iterdir()}
+    except OSError:
+        return set()
+
+
+def test_blip_gap() -> None:
+    assert blip._gap([1.0, 1.2, 2.0], 0.5, 3.0) == pytest.approx(1.0)
+    assert blip._gap([], 0.5, 3.0) == pytest.approx(2.5)  # silence throughout
 
 
 # ---------------------------------------------------------------- pieces

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -470,6 +471,46 @@ def partition_while_writing(
 
 
 # -- the tests ----------------------------------------------------------------------------------
+def _udp(net: netns.Topology, role: str) -> socket.socket:
+    """A UDP socket in ``role``'s namespace, on its server address."""
+    with net.inside(role):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((net.addresses[role], 0))
+    return sock
+
+
+def _arrives(
+    sender: socket.socket, receiver: socket.socket, payload: bytes, wait: float = 5.0
+) -> bool:
+    """Whether ``payload`` gets through within ``wait`` (a dropped one never does)."""
+    sender.sendto(payload, receiver.getsockname())
+    receiver.settimeout(wait)
+    try:
+        return receiver.recv(64) == payload
+    except TimeoutError:
+        return False
+
+
+def test_drop_from_one_direction(net):
+    """drop_from(sender) loses what the sender sends and nothing else; undrop_from
+    removes that rule only."""
+    primary, backup = _udp(net, "primary"), _udp(net, "backup")
+    with primary, backup:
+        net.drop_from("backup")
+        assert _arrives(primary, backup, b"to the backup"), net.rules()
+        assert not _arrives(backup, primary, b"to the primary", wait=0.5), net.rules()
+        net.undrop_from("backup")
+        assert _arrives(backup, primary, b"healed"), net.rules()
+        net.drop_from("primary")
+        net.loss(100)  # another fault's rules, which undrop_from keeps
+        net.undrop_from("primary")
+        assert "-m statistic" in net.rules() and "-A INPUT" not in net.rules(), net.rules()
+        net.clear_rules()
+        assert _arrives(primary, backup, b"cleared") and _arrives(backup, primary, b"cleared")
+    with pytest.raises(ValueError):
+        net.drop_from("client")
+
+
 def test_silent_partition_drop(servers, net, workload):
     """iptables DROP both ways: in-flight writes fail after ack_timeout, nothing hangs,
     the primary serves reads alone, and the pair re-syncs once healed."""

@@ -21,6 +21,8 @@ Faults act on the server link only:
 * :meth:`Topology.cut` / :meth:`Topology.heal`: ``ip link set down`` / ``up``
   on both ends (each side then gets "network unreachable");
 * :meth:`Topology.partition_drop`: iptables DROP both ways, silent;
+* :meth:`Topology.drop_from` / :meth:`Topology.undrop_from`: iptables DROP of
+  what one server sends to the other, the other direction left working;
 * :meth:`Topology.partition_reject`: iptables REJECT with a TCP reset, fast;
 * :meth:`Topology.loss`: iptables ``-m statistic --mode random`` DROP;
 * :meth:`Topology.rate_limit`: iptables ``-m hashlimit`` DROP above a byte rate;
@@ -259,6 +261,22 @@ class Topology:
     def partition_drop(self) -> None:
         """Silently drop every packet between the two servers, both ways."""
         self._filter(["-j", "DROP"], ["-j", "DROP"])
+
+    def drop_from(self, sender: str) -> None:
+        """Silently drop every packet ``sender`` sends to the other server, on
+        arrival (as if lost on the wire: the sender's own stack sees no error)."""
+        self.run(*self._drop_from(sender, "-A"))
+
+    def undrop_from(self, sender: str) -> None:
+        """Remove the rule :meth:`drop_from` added, and only it."""
+        self.run(*self._drop_from(sender, "-D"))
+
+    def _drop_from(self, sender: str, verb: str) -> tuple[str, ...]:
+        if sender not in SERVER_ADDRESSES:
+            raise ValueError("sender must be primary or backup")
+        receiver = Role(sender).peer.value
+        me, them = self.addresses[receiver], self.addresses[sender]
+        return (receiver, self._iptables, "-w", verb, "INPUT", "-s", them, "-d", me, "-j", "DROP")
 
     def partition_reject(self) -> None:
         """Answer every TCP segment between the servers with a reset: whatever a
