@@ -30,6 +30,7 @@ WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 LAG_PROBE_INTERVAL = 0.02  # how often the event loop's responsiveness is sampled
 READ_BUDGET = 0.005  # seconds of frame handling before the channel yields the loop
 PUMP_FRAMES = 4  # transfer frames queued per turn of the event loop
+CONNECT_ATTEMPTS = 8  # replication connection attempts in flight at once
 
 
 class ChannelProtocol(asyncio.Protocol):
@@ -341,20 +342,8 @@ class Node:
         host, port = self.peer_address
         timeout = self.settings.peer_timeout
         transport = None
-        context = tls.channel_context(self.settings)
         try:
-            transport, channel = await asyncio.wait_for(
-                self.loop.create_connection(
-                    lambda: ChannelProtocol(self, upgraded=False),
-                    host,
-                    port,
-                    # From our own configured address, which the backup checks.
-                    local_addr=(self.address[0], 0),
-                    ssl=context,
-                    server_hostname=host if context is not None else None,
-                ),
-                timeout,
-            )
+            transport, channel = await self._open_connection(host, port, timeout)
             await asyncio.wait_for(channel.upgraded, timeout)
         except (TimeoutError, OSError) as exc:
             if transport is not None:
@@ -369,6 +358,56 @@ class Node:
         self.channel = channel
         core.channel_opened(self.clock())
         core.drain(self)
+
+    async def _open_connection(
+        self, host: str, port: int, timeout: float
+    ) -> tuple[asyncio.BaseTransport, ChannelProtocol]:
+        """Connect to the backup, with a fresh attempt every ``retry_min`` while none
+        has answered (at most ``CONNECT_ATTEMPTS`` at once, for ``timeout`` in all).
+
+        When a path drops packets, a connection attempt whose SYN or SYN-ACK was
+        lost is retried by TCP only a second later (then 3, 7 s...): a new attempt
+        started after the path heals connects in one round trip instead.  A refused
+        attempt (no backup listening) ends the round at once: the core backs off."""
+        context = tls.channel_context(self.settings)
+
+        def attempt() -> asyncio.Task[tuple[asyncio.BaseTransport, ChannelProtocol]]:
+            return self.loop.create_task(
+                self.loop.create_connection(  # type: ignore[arg-type]
+                    lambda: ChannelProtocol(self, upgraded=False),
+                    host,
+                    port,
+                    # From our own configured address, which the backup checks.
+                    local_addr=(self.address[0], 0),
+                    ssl=context,
+                    server_hostname=host if context is not None else None,
+                )
+            )
+
+        deadline = self.loop.time() + timeout
+        pending: list[asyncio.Task[tuple[asyncio.BaseTransport, ChannelProtocol]]] = []
+        try:
+            while True:
+                pending.append(attempt())
+                if len(pending) > CONNECT_ATTEMPTS:
+                    pending.pop(0).cancel()
+                left = deadline - self.loop.time()
+                done, _ = await asyncio.wait(
+                    pending,
+                    timeout=max(0.0, min(self.settings.retry_min, left)),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for task in done:
+                    pending.remove(task)
+                    task.result()  # a refusal raises: the backup is not listening
+                    return task.result()
+                if self.loop.time() >= deadline:
+                    raise TimeoutError(f"no answer within {timeout}s")
+        finally:
+            for task in pending:
+                task.cancel()
+                # One that connected meanwhile must not stay open.
+                task.add_done_callback(_close_if_connected)
 
     async def _probe(self) -> None:
         core = self.core
@@ -401,6 +440,11 @@ class Node:
                 await asyncio.sleep(0)
         finally:
             self._pumping = False
+
+
+def _close_if_connected(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result()[0].close()
 
 
 def store_kind(core: PrimaryCore | BackupCore) -> str:
