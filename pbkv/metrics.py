@@ -91,8 +91,16 @@ class Metrics:
             gauge.add_metric([role], float(value))
             yield gauge
         counters = {
-            "pbkv_transfers_completed": ("Full transfers completed", "transfers_completed"),
-            "pbkv_transfers_failed": ("Full transfers that failed", "transfers_failed"),
+            "pbkv_transfers_completed": (
+                "Synchronizations completed (full, partial, or data already matching)",
+                "transfers_completed",
+            ),
+            "pbkv_transfers_failed": ("Synchronizations that failed", "transfers_failed"),
+            "pbkv_resyncs_partial": (
+                "Synchronizations by a rollback of the backup (no copy)",
+                "resyncs_partial",
+            ),
+            "pbkv_resyncs_full": ("Synchronizations by a full transfer", "resyncs_full"),
             "pbkv_writes_rewound": ("Writes rewound after a replication failure", "writes_rewound"),
             "pbkv_batches": ("Replication batches sent or applied", "batches_sent"),
         }

@@ -526,6 +526,23 @@ def test_silent_partition_drop(servers, net, workload):
     assert timings["max_failed_latency_s"] <= WRITE_DEADLINE
 
 
+def test_lost_acknowledgements_resync_without_a_full_transfer(servers, net, workload):
+    """Only the backup's packets are lost (its acknowledgements): the primary rewinds
+    and fences; once healed, the backup undoes what it applied beyond the primary's
+    data (or already matches it): no copy of the database."""
+    servers.start_both()
+    load = workload(seed=9)
+    timings = partition_while_writing(
+        servers, load, lambda: net.drop_from("backup"), lambda: net.undrop_from("backup"),
+        detect_within=ACK_TIMEOUT + PEER_TIMEOUT + 1.0,
+    )  # fmt: skip
+    assert timings["replication_failed"] > 0, "no write was in flight when the path broke"
+    status = servers.status("primary")
+    assert status is not None
+    assert status["resyncs_full"] == 1, "a full transfer after the first sync"
+    assert status["transfers_completed"] >= 2  # a rollback, or data that already matched
+
+
 def test_fast_partition_reject(servers, net, workload):
     """REJECT with TCP resets: both sides see the channel break at once."""
     servers.start_both()

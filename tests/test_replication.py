@@ -699,3 +699,6 @@ def test_group_commit_is_visible_in_status_and_metrics(pair):
         text = reply.read().decode()
     assert f"pbkv_replication_ack_seconds_count {status['batches_acked']}.0" in text
     assert 'pbkv_writes_replicated_total{role="primary"} 820.0' in text
+    # One full synchronization (the first), no partial one yet.
+    assert 'pbkv_resyncs_full_total{role="primary"} 1.0' in text
+    assert 'pbkv_resyncs_partial_total{role="primary"} 0.0' in text
