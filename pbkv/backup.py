@@ -95,7 +95,7 @@ class BackupCore(ReplicationCore):
             return Done(False, "") if value is None else Done(True, value)
         if command is Command.COUNT:
             return Counted(len(self.store))
-        return Dumped(list(self.store.items()))
+        return Dumped(self.store)
 
     def submit(self, command: Command, key: str, value: str | None, token: Any) -> Outcome:
         return Refused(self.stage, self.role, primary=self.primary_address)

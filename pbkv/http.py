@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import logging
-import time
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -21,6 +22,7 @@ import httptools
 import orjson
 
 from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused, ReplicationFailed
+from pbkv.limits import DUMP_PAIRS, SMALL_BODY, DumpStream, Guard
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
 log = logging.getLogger("pbkv")
@@ -30,10 +32,15 @@ _REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     413: b"Content Too Large",
+    417: b"Expectation Failed",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
+    507: b"Insufficient Storage",
 }
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class App(Protocol):
@@ -148,11 +155,18 @@ _NEEDS_VALUE = frozenset({Command.INSERT, Command.UPDATE})
 _NEEDS_KEY = frozenset({Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE})
 
 
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
 def _decode_component(raw: bytes) -> str:
     """One name or value of a form: ``+`` is a space, then percent-decoding, then UTF-8."""
     if b"+" in raw:
         raw = raw.replace(b"+", b" ")
     if b"%" in raw:
+        if _BAD_ESCAPE.search(raw):
+            raise RequestError(
+                400, "malformed percent-escape (a % must be followed by two hex digits)"
+            )
         raw = unquote_to_bytes(raw)
     try:
         return raw.decode("utf-8")
@@ -189,6 +203,8 @@ def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[
             raise RequestError(400, f"body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise RequestError(400, "a JSON body must be an object")
+        if body.count(b":") > len(data):
+            _refuse_duplicate_names(body)  # more colons than names: look closer
         for name, value in data.items():
             if not isinstance(value, str):
                 raise RequestError(400, f"parameter {name!r} must be a string")
@@ -198,6 +214,20 @@ def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[
         return params
     _decode_pairs(body, params)
     return params
+
+
+def _refuse_duplicate_names(body: bytes) -> None:
+    """orjson keeps the last of repeated names; a repeated parameter is an error here."""
+
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for name, value in pairs:
+            if name in seen:
+                raise RequestError(400, f"parameter {name!r} given more than once")
+            seen[name] = value
+        return seen
+
+    json.loads(body, object_pairs_hook=check)
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes | None]:
@@ -237,16 +267,25 @@ def key_and_value(
 
 
 # -- the protocol ------------------------------------------------------------------
+_IDLE, _HEAD, _BODY = 0, 1, 2  # where a connection is in its current request
+
+
 class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, app: App, limits: Limits, connections: set[HttpProtocol]) -> None:
+    def __init__(
+        self,
+        app: App,
+        limits: Limits,
+        connections: set[HttpProtocol],
+        guard: Guard | None = None,
+    ) -> None:
         self.app = app
         self.limits = limits
         self.connections = connections
+        self.guard = guard if guard is not None else Guard()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.last_active = time.monotonic()
         self._url = b""
         self._body: list[bytes] = []
         self._body_size = 0
@@ -255,23 +294,69 @@ class HttpProtocol(asyncio.Protocol):
         self._upgrade = False
         self._in_head = False  # between the first byte of a request and its blank line
         self._head_bytes = 0
-        # Replies in request order: [bytes or None, close after it].
+        # Replies in request order: [bytes, a DumpStream or None, close after it].
         self._pending: collections.deque[list[Any]] = collections.deque()
         self._closing = False
         self._after_reply: Callable[[], None] | None = None
+        # Resource bounds (pbkv/limits.py holds the totals).
+        self._phase = _IDLE
+        self._since = self.guard.clock  # when the current phase began
+        self._declared = 0  # Content-Length of the request being read
+        self._expect = b""
+        self._held = 0  # bytes of this request counted in guard.pending_bytes
+        self._queued = 0  # reply bytes ready but waiting behind an unanswered request
+        self._stream: DumpStream | None = None  # the dump being sent
+        self._write_paused = False
+        self._stalled_since = 0.0  # when writing paused or the close began
+        self._reading_paused = False
+        self._counted = False  # in guard.clients
+        self._probation = False  # over max_clients: only a replication upgrade may stay
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.connections.add(self)
+        guard = self.guard
+        bounds = guard.limits
+        self.transport.set_write_buffer_limits(high=bounds.max_reply_buffer)
+        if guard.clients < bounds.max_clients:
+            guard.clients += 1
+            self._counted = True
+            return
+        # Over max_clients: the replication channel still gets through (a few
+        # connections in reserve, each must ask for the upgrade at once).
+        guard.refused_clients.hit(guard.clock)
+        if len(guard.probation) >= bounds.reserved_clients:
+            guard.probation.popleft()._refuse_client()
+        self._probation = True
+        guard.probation.append(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave()
         self.connections.discard(self)
         self._closing = True
         self.transport = None
+        # The parser holds this protocol as its callback object: break the cycle so
+        # the connection (and a partial body) is freed now, not at a later GC pass.
+        self.parser = None  # type: ignore[assignment]
+        self._body = []
+        self._pending.clear()
+        self._stream = None
+
+    def pause_writing(self) -> None:
+        # The transport holds max_reply_buffer unsent bytes: stop reading requests
+        # (and producing a dump) until the client has read them.
+        self._write_paused = True
+        self._stalled_since = self.guard.clock
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._maybe_resume_reading()
+        if self._stream is not None:
+            self.guard.pump.want(self._pump_stream)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
         if self._closing:
             return
         try:
@@ -284,10 +369,13 @@ class HttpProtocol(asyncio.Protocol):
         if self._in_head:
             # httptools buffers a request line and headers without bound: cap them.
             self._head_bytes += len(data)
+            self._hold(len(data))
             if self._head_bytes > self.limits.max_head_bytes:
                 self._fail(
                     413, f"request line and headers larger than {self.limits.max_head_bytes} bytes"
                 )
+            elif self._head_bytes > SMALL_BODY and not self.guard.room_for(0):
+                self._refuse_busy()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -299,6 +387,10 @@ class HttpProtocol(asyncio.Protocol):
         self._upgrade = False
         self._in_head = True
         self._head_bytes = 0
+        self._declared = 0
+        self._expect = b""
+        self._phase = _HEAD
+        self._since = self.guard.clock
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -309,17 +401,43 @@ class HttpProtocol(asyncio.Protocol):
             self._content_type = value
         elif lower == b"content-length":
             try:
-                if int(value) > self.limits.max_body_bytes:
+                self._declared = int(value)
+                if self._declared > self.limits.max_body_bytes:
                     self._too_large = True
             except ValueError:
                 pass  # httptools rejects it
         elif lower == b"upgrade" and value.strip().lower() == UPGRADE_TOKEN:
             self._upgrade = True
+        elif lower == b"expect":
+            self._expect = value.strip().lower()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._phase = _BODY
+        self._since = self.guard.clock
         if self._too_large:
             self._fail(413, f"request body larger than {self.limits.max_body_bytes} bytes")
+            return
+        if self._probation and not self._upgrade:
+            self._refuse_client()
+            return
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._wrong_version(version)
+            return
+        if self._expect and self._expect != b"100-continue":
+            self._too_large = True  # ignore the body
+            self._fail(417, "only 'Expect: 100-continue' is understood")
+            return
+        declared = self._declared
+        if declared:
+            if not self.guard.room_for(declared):
+                self._refuse_busy()
+                return
+            self._hold(declared)  # reserved up front: a stalled body counts in full
+        if self._expect and not self._pending and self.transport is not None:
+            # Replies go in request order: an interim reply only when none is due before it.
+            self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         if self._too_large:
@@ -329,15 +447,25 @@ class HttpProtocol(asyncio.Protocol):
             self._too_large = True
             self._fail(413, f"request body larger than {self.limits.max_body_bytes} bytes")
             return
+        if not self._declared:  # chunked: counted as it arrives
+            self._hold(len(body))
+            if self._body_size > SMALL_BODY and not self.guard.room_for(0):
+                self._refuse_busy()
+                return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._held:
+            self.guard.release(self._held)
+            self._held = 0
+        self._phase = _IDLE
+        self._since = self.guard.clock
         if self._closing or self._too_large:
             return
         if self._upgrade and self.parser.should_upgrade():
             return  # data_received takes over
         keep_alive = self.parser.should_keep_alive()
-        slot: list[Any] = [None, not keep_alive]
+        slot: list[Any] = [None, None, not keep_alive]
         self._pending.append(slot)
         try:
             self._dispatch(slot)
@@ -345,8 +473,11 @@ class HttpProtocol(asyncio.Protocol):
             self._reply(slot, exc.status, error_body(exc.message))
         except Exception:  # a bug must not stall this connection's later replies
             log.exception("internal error while handling a request")
-            slot[1] = True
+            slot[2] = True
             self._reply(slot, 500, error_body("internal server error"))
+        self._body = []
+        if len(self._pending) > self.guard.limits.max_pipeline:
+            self._pause_reading()  # read on once replies have caught up
 
     # internals
     def _dispatch(self, slot: list[Any]) -> None:
@@ -383,13 +514,33 @@ class HttpProtocol(asyncio.Protocol):
             body, content_type = self.app.metrics()
             self._reply(slot, 200, body, content_type=content_type.encode())
         else:
-            slot[1] = True
+            slot[2] = True
             self._after_reply = self.app.shutdown
             self._reply(slot, 200, b'{"success":"true"}')
 
     def _answer(self, slot: list[Any], command: Command, outcome: Outcome) -> None:
+        if isinstance(outcome, Dumped) and not isinstance(outcome.source, list):
+            if len(outcome.source) > DUMP_PAIRS:
+                self._stream_dump(slot, outcome.source)
+                return
+            outcome = Dumped(list(outcome.source.items()))  # small: one reply as before
         status, body, extra = outcome_reply(command, outcome)
         self._reply(slot, status, body, extra)
+
+    def _stream_dump(self, slot: list[Any], store: Any) -> None:
+        """A dump goes out in chunks as the client reads it (chunked encoding;
+        to an HTTP/1.0 client, delimited by the end of the connection)."""
+        if self.parser is not None and self.parser.get_http_version() == "1.0":
+            slot[2] = True
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+            slot[1] = DumpStream(store, chunked=False)
+        else:
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            head += b"Transfer-Encoding: chunked\r\n"
+            head += b"Connection: close\r\n\r\n" if slot[2] else b"\r\n"
+            slot[1] = DumpStream(store, chunked=True)
+        slot[0] = head
+        self._flush()
 
     def _reply(
         self,
@@ -399,7 +550,7 @@ class HttpProtocol(asyncio.Protocol):
         extra: bytes = b"",
         content_type: bytes | None = None,
     ) -> None:
-        data = response(status, body, extra, close=slot[1])
+        data = response(status, body, extra, close=slot[2])
         if content_type is not None:
             data = data.replace(b"application/json", content_type, 1)
         slot[0] = data
@@ -408,17 +559,58 @@ class HttpProtocol(asyncio.Protocol):
     def _flush(self) -> None:
         pending = self._pending
         transport = self.transport
+        if self._stream is not None:
+            return  # a dump is on the wire; the slots behind it wait
         while pending and pending[0][0] is not None:
-            data, close = pending.popleft()
+            data, stream, close = pending[0]
             if transport is None:
+                pending.popleft()
                 continue
             transport.write(data)
+            if stream is not None:
+                pending[0][0] = b""
+                self._stream = stream
+                self._pump_stream()
+                return
+            pending.popleft()
             if close:
                 self._close_after_write()
                 return
+        if pending:
+            # Replies ready behind one still being worked on count against the bound too.
+            self._queued = sum(len(slot[0]) for slot in pending if slot[0] is not None)
+            if self._queued > self.guard.limits.max_reply_buffer:
+                self._pause_reading()
+                return
+        else:
+            self._queued = 0
+        if self._reading_paused:
+            self._maybe_resume_reading()
+
+    def _pump_stream(self) -> None:
+        """Send the next chunk of the dump, or finish it; the pump calls it once per turn."""
+        stream = self._stream
+        transport = self.transport
+        if stream is None or transport is None:
+            return
+        if self._write_paused:
+            return  # resume_writing queues this again
+        chunk = stream.next_chunk()
+        if chunk:
+            transport.write(chunk)
+        if not stream.done:
+            self.guard.pump.want(self._pump_stream)
+            return
+        self._stream = None
+        _data, _stream, close = self._pending.popleft()
+        if close:
+            self._close_after_write()
+            return
+        self._flush()
 
     def _close_after_write(self) -> None:
         self._closing = True
+        self._stalled_since = self.guard.clock
         self._pending.clear()
         if self.transport is not None:
             self.transport.close()
@@ -426,13 +618,76 @@ class HttpProtocol(asyncio.Protocol):
             after, self._after_reply = self._after_reply, None
             after()
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, extra: bytes = b"") -> None:
         """Answer an unrecoverable request error and close the connection."""
         if self._closing:
             return
-        slot: list[Any] = [None, True]
+        slot: list[Any] = [None, None, True]
         self._pending.append(slot)
-        self._reply(slot, status, error_body(message))
+        self._reply(slot, status, error_body(message), extra)
+
+    def _refuse_busy(self) -> None:
+        guard = self.guard
+        guard.refused_bodies.hit(guard.clock)
+        self._too_large = True  # ignore the rest of the body
+        self._fail(
+            503,
+            "server busy: too many request bytes in progress (max_pending_bytes "
+            f"{guard.limits.max_pending_bytes}); retry later",
+            _RETRY,
+        )
+
+    def _refuse_client(self) -> None:
+        self._too_large = True
+        limit = self.guard.limits.max_clients
+        self._fail(503, f"too many client connections (max_clients {limit})", _RETRY)
+
+    def _wrong_version(self, version: str) -> None:
+        self._too_large = True
+        if version == "0.9":
+            # An HTTP/0.9 client expects a bare body, no status line or headers.
+            self._closing = True
+            if self.transport is not None:
+                self.transport.write(error_body("HTTP/0.9 is not supported; use HTTP/1.1"))
+                self.transport.close()
+            return
+        self._fail(505, f"HTTP/{version} is not supported; use HTTP/1.1")
+
+    def _hold(self, size: int) -> None:
+        self._held += size
+        self.guard.hold(size)
+
+    def _leave(self) -> None:
+        """Give back what this connection counted in the guard (once)."""
+        guard = self.guard
+        if self._held:
+            guard.release(self._held)
+            self._held = 0
+        if self._counted:
+            self._counted = False
+            guard.clients -= 1
+        elif self._probation:
+            self._probation = False
+            try:
+                guard.probation.remove(self)
+            except ValueError:
+                pass
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume_reading(self) -> None:
+        if (
+            self._reading_paused
+            and not self._write_paused
+            and self.transport is not None
+            and len(self._pending) <= self.guard.limits.max_pipeline
+            and self._queued <= self.guard.limits.max_reply_buffer
+        ):
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def _handle_upgrade(self, leftover: bytes) -> None:
         path = self._url.partition(b"?")[0]
@@ -443,6 +698,7 @@ class HttpProtocol(asyncio.Protocol):
             self._fail(400, "only the backup accepts a replication channel")
             return
         transport = self.transport
+        self._leave()
         self.connections.discard(self)
         self._closing = True
         self.transport = None
@@ -454,9 +710,32 @@ class HttpProtocol(asyncio.Protocol):
         )
         self.app.upgrade(transport, leftover)
 
-    def close_if_idle(self, now: float, idle_timeout: float) -> None:
-        if self.transport is not None and now - self.last_active > idle_timeout:
-            self.transport.close()
+    def sweep(self, now: float) -> None:
+        """The node's periodic check (once a second): timeouts of this connection."""
+        transport = self.transport
+        if transport is None:
+            return
+        bounds = self.guard.limits
+        if self._probation and not self._closing and now - self._since > 1.0:
+            self._refuse_client()  # the replication channel asks for its upgrade at once
+            return
+        if self._closing or self._write_paused:
+            # Replies the client does not read: give up on them after send_timeout.
+            if now - self._stalled_since > bounds.send_timeout:
+                self.guard.timeouts += 1
+                transport.abort()
+            return
+        elapsed = now - self._since
+        phase = self._phase
+        if phase == _HEAD and elapsed > bounds.header_timeout:
+            self.guard.timeouts += 1
+            self._fail(408, f"request head not received within {bounds.header_timeout:g} s")
+        elif phase == _BODY and elapsed > bounds.body_timeout:
+            self.guard.timeouts += 1
+            self._too_large = True
+            self._fail(408, f"request body not received within {bounds.body_timeout:g} s")
+        elif phase == _IDLE and not self._pending and elapsed > bounds.idle_timeout:
+            transport.close()
 
 
 def raise_method(allowed: bytes) -> None:

@@ -23,10 +23,11 @@ from pbkv import config
 from pbkv.backup import BackupCore
 from pbkv.commands import Command, Outcome
 from pbkv.core import CloseChannel, Connect, Probe, PumpTransfer, Respond, Send, StartTimer
-from pbkv.http import HttpProtocol, Limits
+from pbkv.http import HttpProtocol, Limits, RequestError
+from pbkv.limits import ConnectionLimits, Guard, raise_file_limit, tune_malloc
 from pbkv.metrics import Metrics
 from pbkv.primary import PrimaryCore
-from pbkv.store import make_store
+from pbkv.store import PAIR_OVERHEAD, make_store
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, FrameDecoder, FrameError, encode
 
 log = logging.getLogger("pbkv")
@@ -35,6 +36,8 @@ WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 LAG_PROBE_INTERVAL = 0.02  # how often the event loop's responsiveness is sampled
 READ_BUDGET = 0.005  # seconds of frame handling before the channel yields the loop
 PUMP_FRAMES = 4  # transfer frames queued per turn of the event loop
+SWEEP_INTERVAL = 1.0  # seconds between checks of every client connection's timeouts
+SPARE_DESCRIPTORS = 256  # beyond the client connections: channel, listener, files
 
 
 class ChannelProtocol(asyncio.Protocol):
@@ -184,6 +187,18 @@ class Node:
         self.peer_address = settings.address_of("backup" if role == "primary" else "primary")
         self.limits = Limits(settings.max_key_bytes, settings.max_value_bytes)
         self.connections: set[HttpProtocol] = set()
+        self.guard = Guard(
+            ConnectionLimits(
+                max_reply_buffer=settings.max_reply_buffer,
+                max_pipeline=settings.max_pipeline,
+                header_timeout=settings.header_timeout,
+                body_timeout=settings.body_timeout,
+                send_timeout=settings.send_timeout,
+                idle_timeout=settings.idle_timeout,
+                max_pending_bytes=settings.max_pending_bytes,
+                max_clients=settings.max_clients,
+            )
+        )
         self.channel: ChannelProtocol | None = None
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.stopped = asyncio.Event()
@@ -196,8 +211,19 @@ class Node:
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> None:
         host, port = self.address
+        tune_malloc()
+        bounds = self.guard.limits
+        wanted = bounds.max_clients + bounds.reserved_clients + SPARE_DESCRIPTORS
+        files = raise_file_limit(wanted)
+        if files < wanted:
+            log.warning(
+                "open-file limit %d is below the %d that max_clients %d needs",
+                files,
+                wanted,
+                bounds.max_clients,
+            )
         server = await self.loop.create_server(
-            lambda: HttpProtocol(self, self.limits, self.connections),
+            lambda: HttpProtocol(self, self.limits, self.connections, self.guard),
             host,
             port,
             reuse_address=True,
@@ -206,7 +232,7 @@ class Node:
         log.info("%s listening on %s:%d (store %s)", self.role, host, port, store_kind(self.core))
         self.core.start(self.loop.time())
         self._drain()
-        self._sweep = self.loop.call_later(5.0, self._sweep_idle)
+        self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
         self._probe_lag(self.loop.time() + LAG_PROBE_INTERVAL)
         try:
             await self.stopped.wait()
@@ -230,10 +256,11 @@ class Node:
         self.stopped.set()
 
     def _sweep_idle(self) -> None:
-        now = time.monotonic()  # the clock HttpProtocol stamps activity with
+        now = time.monotonic()
+        self.guard.tick(now)  # the coarse clock HttpProtocol stamps its phases with
         for connection in list(self.connections):
-            connection.close_if_idle(now, self.settings.idle_timeout)
-        self._sweep = self.loop.call_later(5.0, self._sweep_idle)
+            connection.sweep(now)
+        self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
 
     def _probe_lag(self, due: float) -> None:
         """A timer that notes how late it fires: how long the loop was busy."""
@@ -256,12 +283,27 @@ class Node:
         self, command: Command, key: str, value: str | None, respond: Callable[[Outcome], None]
     ) -> Outcome | None:
         self.stats.count(command)
+        if self.settings.max_memory and value is not None:
+            self._check_memory(command, key, value)
         outcome = self.core.submit(command, key, value, respond)
         if outcome is None and not self._flush_scheduled:
             # Everything that arrives in this turn of the loop shares one batch.
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
         return outcome
+
+    def _check_memory(self, command: Command, key: str, value: str) -> None:
+        """Refuse a write that would take the store past ``max_memory`` (like Redis's
+        ``maxmemory`` with ``noeviction``): deletes and shrinking updates still pass."""
+        store = self.core.store
+        old = store.get(key)
+        if old is None:
+            grow = len(key) + len(value) + PAIR_OVERHEAD if command is Command.INSERT else 0
+        else:
+            grow = len(value) - len(old) if command is Command.UPDATE else 0
+        limit = self.settings.max_memory
+        if grow > 0 and store.memory_bytes + grow > limit:
+            raise RequestError(507, f"max_memory reached ({limit} bytes): write refused")
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -277,6 +319,13 @@ class Node:
         status["store"] = self.core.store.kind
         status["shards"] = self.core.store.shard_count
         status["clients"] = len(self.connections)
+        guard = self.guard
+        status["memory_bytes"] = self.core.store.memory_bytes
+        status["max_memory"] = self.settings.max_memory
+        status["pending_request_bytes"] = guard.pending_bytes
+        status["clients_refused"] = guard.refused_clients.count
+        status["bodies_refused"] = guard.refused_bodies.count
+        status["connections_timed_out"] = guard.timeouts
         status["loop_lag_ms"] = round(self.lag.recent_max(self.loop.time()) * 1000, 1)
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         return status

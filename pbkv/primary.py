@@ -145,7 +145,7 @@ class PrimaryCore(ReplicationCore):
             return Done(False, _MISS_VALUE) if value is None else Done(True, value)
         if command is Command.COUNT:
             return Counted(len(store))
-        return Dumped(list(store.items()))
+        return Dumped(store)
 
     def _may_read(self, command: Command, key: str) -> bool:
         rule = self.machine.acceptance.reads

@@ -19,6 +19,15 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
 
 class App:
     accepts_replication = False
