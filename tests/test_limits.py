@@ -462,3 +462,49 @@ def test_a_dump_during_writes_holds_every_key_that_stayed(make_pair):
     finally:
         stop.set()
         writer.join(10)
+
+
+def inserts_counted(pair: Pair) -> int:
+    host, port = pair.address["primary"]
+    text = exchange((host, port), request("GET", "/metrics")).body.decode()
+    line = next(
+        li for li in text.splitlines() if li.startswith("pbkv_requests_total{") and '"insert"' in li
+    )
+    return int(float(line.split()[-1]))
+
+
+def test_a_connection_with_max_pipeline_unanswered_requests_is_not_read(make_pair):
+    import signal
+
+    pair = make_pair(max_pipeline="50", ack_timeout="5", peer_timeout="5")
+    pair.start_both()
+    pair.signal("backup", signal.SIGSTOP)  # no write is answered while it is stopped
+    try:
+        value = "v" * 1000
+        body = f"key={{}}&value={value}"
+        sock = socket.create_connection(pair.address["primary"])
+        data = b"".join(request("POST", "/kv/insert", body.format(i).encode()) for i in range(3000))
+        sender = threading.Thread(target=sock.sendall, args=(data,))
+        sender.start()
+        deadline = time.monotonic() + 2.0
+        worst = 0
+        while time.monotonic() < deadline:
+            worst = max(worst, inserts_counted(pair))
+        # 50 unanswered, plus the rest of the chunk being parsed when reading paused.
+        assert 50 <= worst < 1000, worst
+    finally:
+        pair.signal("backup", signal.SIGCONT)
+    sock.settimeout(30)
+    reader = sock.makefile("rb")
+    answered = 0
+    while answered < 3000:  # every request is read and answered in the end
+        line = reader.readline()
+        assert line.startswith(b"HTTP/1.1 "), line
+        length = 0
+        while (line := reader.readline()) != b"\r\n":
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        reader.read(length)
+        answered += 1
+    sender.join(10)
+    sock.close()
