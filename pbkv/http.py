@@ -227,7 +227,10 @@ def _refuse_duplicate_names(body: bytes) -> None:
             seen[name] = value
         return seen
 
-    json.loads(body, object_pairs_hook=check)
+    try:
+        json.loads(body, object_pairs_hook=check)
+    except RecursionError:
+        raise RequestError(400, "JSON body nested too deeply") from None
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes | None]:

@@ -26,6 +26,7 @@ PUMP_BUDGET = 0.002  # seconds of dump encoding per turn of the event loop, all 
 DUMP_PAIRS = 2048  # pairs per dump chunk
 LIMIT_LOG_INTERVAL = 10.0  # a limit being hit is logged at most this often
 FREED_BEFORE_TRIM = 64 * 1024 * 1024  # bytes of request bodies freed before malloc_trim
+RESERVED_CLIENTS = 32  # connections beyond max_clients kept for the replication upgrade
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +41,7 @@ class ConnectionLimits:
     idle_timeout: float = 300.0
     max_pending_bytes: int = 256 * 1024 * 1024
     max_clients: int = 10_000
-    reserved_clients: int = 32
+    reserved_clients: int = RESERVED_CLIENTS
 
 
 class RateLimitedLog:

@@ -24,7 +24,7 @@ from pbkv.backup import BackupCore
 from pbkv.commands import Command, Outcome
 from pbkv.core import CloseChannel, Connect, Probe, PumpTransfer, Respond, Send, StartTimer
 from pbkv.http import HttpProtocol, Limits, RequestError
-from pbkv.limits import ConnectionLimits, Guard, raise_file_limit, tune_malloc
+from pbkv.limits import RESERVED_CLIENTS, ConnectionLimits, Guard, raise_file_limit, tune_malloc
 from pbkv.metrics import Metrics
 from pbkv.primary import PrimaryCore
 from pbkv.store import PAIR_OVERHEAD, make_store
@@ -187,6 +187,22 @@ class Node:
         self.peer_address = settings.address_of("backup" if role == "primary" else "primary")
         self.limits = Limits(settings.max_key_bytes, settings.max_value_bytes)
         self.connections: set[HttpProtocol] = set()
+        reserved = RESERVED_CLIENTS
+        wanted = settings.max_clients + reserved + SPARE_DESCRIPTORS
+        files = raise_file_limit(wanted)
+        max_clients = settings.max_clients
+        if files < wanted:
+            # Running out of descriptors would fail accept() for everyone, the
+            # replication channel included: fewer clients instead.
+            max_clients = max(1, files - reserved - SPARE_DESCRIPTORS)
+            log.warning(
+                "open-file limit %d is below the %d that max_clients %d needs: "
+                "serving at most %d clients",
+                files,
+                wanted,
+                settings.max_clients,
+                max_clients,
+            )
         self.guard = Guard(
             ConnectionLimits(
                 max_reply_buffer=settings.max_reply_buffer,
@@ -196,7 +212,7 @@ class Node:
                 send_timeout=settings.send_timeout,
                 idle_timeout=settings.idle_timeout,
                 max_pending_bytes=settings.max_pending_bytes,
-                max_clients=settings.max_clients,
+                max_clients=max_clients,
             )
         )
         self.channel: ChannelProtocol | None = None
@@ -212,16 +228,6 @@ class Node:
     async def run(self) -> None:
         host, port = self.address
         tune_malloc()
-        bounds = self.guard.limits
-        wanted = bounds.max_clients + bounds.reserved_clients + SPARE_DESCRIPTORS
-        files = raise_file_limit(wanted)
-        if files < wanted:
-            log.warning(
-                "open-file limit %d is below the %d that max_clients %d needs",
-                files,
-                wanted,
-                bounds.max_clients,
-            )
         server = await self.loop.create_server(
             lambda: HttpProtocol(self, self.limits, self.connections, self.guard),
             host,
