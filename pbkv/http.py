@@ -22,7 +22,7 @@ import httptools
 import orjson
 
 from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused, ReplicationFailed
-from pbkv.limits import DUMP_PAIRS, SMALL_BODY, DumpStream, Guard
+from pbkv.limits import CLOCK_STEP, DUMP_PAIRS, SMALL_BODY, DumpStream, Guard
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
 log = logging.getLogger("pbkv")
@@ -719,7 +719,7 @@ class HttpProtocol(asyncio.Protocol):
         if transport is None:
             return
         bounds = self.guard.limits
-        if self._probation and not self._closing and now - self._since > 1.0:
+        if self._probation and not self._closing and now - self._since > CLOCK_STEP:
             self._refuse_client()  # the replication channel asks for its upgrade at once
             return
         if self._closing or self._write_paused:
@@ -728,7 +728,9 @@ class HttpProtocol(asyncio.Protocol):
                 self.guard.timeouts += 1
                 transport.abort()
             return
-        elapsed = now - self._since
+        # Stamps come from a clock the sweep advances: subtract its step so that no
+        # timeout fires early (it fires up to two steps late).
+        elapsed = now - self._since - CLOCK_STEP
         phase = self._phase
         if phase == _HEAD and elapsed > bounds.header_timeout:
             self.guard.timeouts += 1

@@ -11,9 +11,10 @@ import asyncio
 import collections
 import ctypes
 import ctypes.util
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ PUMP_BUDGET = 0.002  # seconds of dump encoding per turn of the event loop, all 
 DUMP_PAIRS = 2048  # pairs per dump chunk
 LIMIT_LOG_INTERVAL = 10.0  # a limit being hit is logged at most this often
 FREED_BEFORE_TRIM = 64 * 1024 * 1024  # bytes of request bodies freed before malloc_trim
+CLOCK_STEP = 1.0  # seconds between the sweeps that advance Guard.clock
 RESERVED_CLIENTS = 32  # connections beyond max_clients kept for the replication upgrade
 
 
@@ -65,7 +67,7 @@ class Guard:
 
     def __init__(self, limits: ConnectionLimits | None = None) -> None:
         self.limits = limits or ConnectionLimits()
-        self.clock = time.monotonic()  # advanced by the node's sweep; good to a second
+        self.clock = time.monotonic()  # advanced by the node's sweep every CLOCK_STEP
         self.pending_bytes = 0  # request heads and bodies not yet complete
         self.freed_bytes = 0  # released since the last malloc_trim
         self.clients = 0  # ordinary client connections
@@ -131,11 +133,11 @@ class StreamPump:
 class DumpStream:
     """``[["k","v"],...]`` of a store, produced a chunk at a time.
 
-    Each shard's key list is copied when the dump reaches that shard; a pair is
-    read when its chunk is encoded.  So a key present in its shard when the dump
-    reached it, and not deleted before its chunk was sent, appears exactly once
-    with a value it held during the dump; keys added to a shard after that and
-    keys deleted before they were sent do not appear.
+    Each shard is copied when the dump reaches it, so the dump holds every
+    shard exactly as it was at that moment (a shard the dump has passed may
+    change, one it has not reached yet may too).  The copy is a dict: it holds
+    only strings, so the garbage collector never walks it (a list of a shard's
+    keys would cost every collection a walk over it).
     """
 
     def __init__(self, store: Any, chunked: bool = True, pairs_per_chunk: int = DUMP_PAIRS) -> None:
@@ -143,8 +145,7 @@ class DumpStream:
         self.chunked = chunked  # HTTP/1.1 chunked framing, else the bare text
         self.pairs_per_chunk = pairs_per_chunk
         self._shard = -1
-        self._keys: list[str] = []
-        self._position = 0
+        self._pairs: Iterator[tuple[str, str]] | None = None
         self._started = False
         self.done = False
 
@@ -158,23 +159,16 @@ class DumpStream:
 
     def _next_piece(self) -> bytes:
         """The next piece of the JSON text (possibly empty)."""
-        store = self.store
-        while self._position >= len(self._keys):
+        if self._pairs is None:
             self._shard += 1
-            if self._shard >= store.shard_count:
+            if self._shard >= self.store.shard_count:
                 self.done = True
-                self._keys = []
                 return b"]" if self._started else b"[]"
-            self._keys = store.shard_keys(self._shard)
-            self._position = 0
-            if self._keys:
-                return b""  # copying a big shard's keys is this turn's work
-        start = self._position
-        self._position = stop = start + self.pairs_per_chunk
-        lookup = store.shard_lookup(self._shard)
-        pairs = [
-            (key, value) for key in self._keys[start:stop] if (value := lookup(key)) is not None
-        ]
+            self._pairs = iter(self.store.shard_copy(self._shard).items())
+            return b""  # copying a shard is this turn's work
+        pairs = list(itertools.islice(self._pairs, self.pairs_per_chunk))
+        if len(pairs) < self.pairs_per_chunk:
+            self._pairs = None  # this shard is done
         if not pairs:
             return b""
         encoded = orjson.dumps(pairs)

@@ -24,7 +24,14 @@ from pbkv.backup import BackupCore
 from pbkv.commands import Command, Outcome
 from pbkv.core import CloseChannel, Connect, Probe, PumpTransfer, Respond, Send, StartTimer
 from pbkv.http import HttpProtocol, Limits, RequestError
-from pbkv.limits import RESERVED_CLIENTS, ConnectionLimits, Guard, raise_file_limit, tune_malloc
+from pbkv.limits import (
+    CLOCK_STEP,
+    RESERVED_CLIENTS,
+    ConnectionLimits,
+    Guard,
+    raise_file_limit,
+    tune_malloc,
+)
 from pbkv.metrics import Metrics
 from pbkv.primary import PrimaryCore
 from pbkv.store import PAIR_OVERHEAD, make_store
@@ -36,7 +43,7 @@ WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 LAG_PROBE_INTERVAL = 0.02  # how often the event loop's responsiveness is sampled
 READ_BUDGET = 0.005  # seconds of frame handling before the channel yields the loop
 PUMP_FRAMES = 4  # transfer frames queued per turn of the event loop
-SWEEP_INTERVAL = 1.0  # seconds between checks of every client connection's timeouts
+SWEEP_INTERVAL = CLOCK_STEP  # seconds between checks of every client connection's timeouts
 SPARE_DESCRIPTORS = 256  # beyond the client connections: channel, listener, files
 
 

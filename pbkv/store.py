@@ -17,7 +17,7 @@ databases compare in O(1) and a transfer can be verified shard by shard.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import xxhash
 
@@ -89,13 +89,9 @@ class ShardedStore:
         """Approximate memory held by the pairs, kept current in O(1) per write."""
         return self._memory
 
-    def shard_keys(self, shard: int) -> list[str]:
-        """A copy of one shard's keys (a dump's snapshot of that shard)."""
-        return list(self._shards[shard])
-
-    def shard_lookup(self, shard: int) -> Callable[[str], str | None]:
-        """The ``get`` of one shard's dict, for reading many of its keys."""
-        return self._shards[shard].get
+    def shard_copy(self, shard: int) -> dict[str, str]:
+        """A copy of one shard's pairs (a dump's snapshot of that shard)."""
+        return self._shards[shard].copy()
 
     def items(self) -> Iterator[tuple[str, str]]:
         for shard in self._shards:
