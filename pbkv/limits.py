@@ -24,7 +24,7 @@ log = logging.getLogger("pbkv")
 
 SMALL_BODY = 64 * 1024  # bodies up to this size are never refused for lack of room
 PUMP_BUDGET = 0.002  # seconds of dump encoding per turn of the event loop, all dumps together
-DUMP_PAIRS = 2048  # pairs per dump chunk
+DUMP_PAIRS = 512  # pairs per dump chunk (about 64 KiB: below the mmap threshold)
 LIMIT_LOG_INTERVAL = 10.0  # a limit being hit is logged at most this often
 FREED_BEFORE_TRIM = 64 * 1024 * 1024  # bytes of request bodies freed before malloc_trim
 CLOCK_STEP = 1.0  # seconds between the sweeps that advance Guard.clock
@@ -192,18 +192,6 @@ def _libc() -> Any:
 
 
 _LIBC = _libc()
-_M_MMAP_THRESHOLD = -3
-
-
-def tune_malloc() -> None:
-    """Keep large blocks (request bodies, dump chunks) in their own mappings.
-
-    glibc raises its mmap threshold each time a mapped block is freed, after
-    which large blocks come from the heap and a connection's freed buffers stay
-    in RSS.  A fixed threshold turns that adaptation off.
-    """
-    if _LIBC is not None:
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def trim_malloc() -> None:

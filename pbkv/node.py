@@ -30,7 +30,6 @@ from pbkv.limits import (
     ConnectionLimits,
     Guard,
     raise_file_limit,
-    tune_malloc,
 )
 from pbkv.metrics import Metrics
 from pbkv.primary import PrimaryCore
@@ -234,7 +233,6 @@ class Node:
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> None:
         host, port = self.address
-        tune_malloc()
         server = await self.loop.create_server(
             lambda: HttpProtocol(self, self.limits, self.connections, self.guard),
             host,

@@ -368,6 +368,13 @@ def test_ten_dumps_of_a_million_pairs_with_a_writer_running(make_pair):
         results.append(len(orjson.loads(reply.read())))
         connection.close()
 
+    # The loop lag measured is the servers' own: on a machine shared with other
+    # work, lift them above it where we may (root), as the readers yield to them.
+    for role in ("primary", "backup"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, pair.pid(role), -5)
+        except PermissionError:
+            pass
     # Loading was heavy: start once the loop's recent lag has settled.
     wait_for(lambda: status(pair)["loop_lag_ms"] < 10, 30, what="the load's lag to pass")
     thread = threading.Thread(target=writer)
@@ -412,7 +419,7 @@ def test_a_streamed_dump_reads_the_same_through_every_client(make_pair, capsys):
     pair = make_pair(standalone="true")
     pair.start("primary")
     host, port = pair.address["primary"]
-    expected = {f"key-{i}": f"v{i} &=+%\r\n\0 😀" for i in range(5000)}  # > one chunk
+    expected = {f"key-{i}": f"v{i} &=+%\r\n\0 😀" for i in range(5000)}  # many chunks
     with pair.client() as client:
         for key, value in expected.items():
             client.insert(key, value)
