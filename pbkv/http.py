@@ -573,7 +573,7 @@ class HttpProtocol(asyncio.Protocol):
             if stream is not None:
                 pending[0][0] = b""
                 self._stream = stream
-                self._pump_stream()
+                self.guard.pump.want(self._pump_stream)  # within the pump's budget
                 return
             pending.popleft()
             if close:

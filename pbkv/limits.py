@@ -24,7 +24,7 @@ log = logging.getLogger("pbkv")
 
 SMALL_BODY = 64 * 1024  # bodies up to this size are never refused for lack of room
 PUMP_BUDGET = 0.002  # seconds of dump encoding per turn of the event loop, all dumps together
-DUMP_PAIRS = 512  # pairs per dump chunk (about 64 KiB: below the mmap threshold)
+DUMP_PAIRS = 512  # pairs per dump chunk (about 64 KiB)
 LIMIT_LOG_INTERVAL = 10.0  # a limit being hit is logged at most this often
 FREED_BEFORE_TRIM = 64 * 1024 * 1024  # bytes of request bodies freed before malloc_trim
 CLOCK_STEP = 1.0  # seconds between the sweeps that advance Guard.clock
@@ -108,6 +108,7 @@ class StreamPump:
         self.budget = budget
         self._ready: collections.deque[Callable[[], None]] = collections.deque()
         self._scheduled = False
+        self.longest = 0.0  # seconds: the longest turn the dumps took (status: dump_turn_max_ms)
 
     def want(self, step: Callable[[], None]) -> None:
         self._ready.append(step)
@@ -125,6 +126,7 @@ class StreamPump:
             ready.popleft()()
             if time.perf_counter() - started > self.budget:
                 break
+        self.longest = max(self.longest, time.perf_counter() - started)
         if ready and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._run)

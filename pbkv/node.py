@@ -337,6 +337,7 @@ class Node:
         status["clients_refused"] = guard.refused_clients.count
         status["bodies_refused"] = guard.refused_bodies.count
         status["connections_timed_out"] = guard.timeouts
+        status["dump_turn_max_ms"] = round(guard.pump.longest * 1000, 1)
         status["loop_lag_ms"] = round(self.lag.recent_max(self.loop.time()) * 1000, 1)
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         return status
