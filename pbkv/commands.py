@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pbkv.stages import Stage
 
@@ -53,9 +54,19 @@ class Counted:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Dumped:
-    pairs: list[tuple[str, str]]
+    """Every pair: a list, or a store that the HTTP layer streams a chunk at a time."""
+
+    source: Any  # list[tuple[str, str]] or a store (pbkv.store)
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        source = self.source
+        return source if isinstance(source, list) else list(source.items())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Dumped) and self.pairs == other.pairs
 
 
 Outcome = Done | Refused | ReplicationFailed | Counted | Dumped

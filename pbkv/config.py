@@ -59,7 +59,16 @@ class Settings:
     backup_initial_stage: str = "cold_start"
     # A primary that answers writes without a backup (tests, one-node use).
     standalone: bool = False
-    idle_timeout: float = 300.0  # close idle client connections after this
+    idle_timeout: float = 300.0  # close connections this long after their last request
+    # Bounds on what clients may hold (see README, "Limits").
+    header_timeout: float = 10.0  # a request line and headers must arrive within this
+    body_timeout: float = 30.0  # a body must arrive within this after its headers
+    send_timeout: float = 60.0  # replies that do not drain for this long close the connection
+    max_reply_buffer: int = 1024 * 1024  # unsent reply bytes before a connection is not read
+    max_pipeline: int = 1024  # unanswered requests before a connection is not read
+    max_pending_bytes: int = 256 * 1024 * 1024  # all unfinished request heads and bodies
+    max_memory: int = 0  # approximate bytes of pairs past which writes are refused; 0 = off
+    max_clients: int = 10_000  # client connections; the replication channel has a reserve
     errors: str = "course"  # how refusals are answered: see ERROR_MODES
     log_level: str = "info"
 
@@ -91,6 +100,10 @@ class Settings:
             "max_value_bytes",
             "transfer_chunk",
             "batches_in_flight",
+            "max_reply_buffer",
+            "max_pipeline",
+            "max_pending_bytes",
+            "max_clients",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive number")
@@ -106,9 +119,14 @@ class Settings:
             "peer_timeout",
             "retry_min",
             "idle_timeout",
+            "header_timeout",
+            "body_timeout",
+            "send_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be a positive number of seconds")
+        if self.max_memory < 0:
+            raise SettingsError("max_memory must be 0 (off) or a number of bytes")
         if self.retry_max < self.retry_min:
             raise SettingsError("retry_max must be at least retry_min")
         for name in SECRET_FIELDS:

@@ -269,7 +269,7 @@ class ReplicationCore:
             return MISS if value is None else Done(True, value)
         if command is Command.COUNT:
             return Counted(len(store))
-        return Dumped(list(store.items()))
+        return Dumped(store)  # streamed: the HTTP layer copies a shard at a time
 
     # -- transfers -----------------------------------------------------------------
     def start_sending_snapshot(self) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import hmac
 import ipaddress
+import json
 import logging
 import re
 import socket
@@ -33,6 +34,7 @@ import orjson
 
 from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused, ReplicationFailed
 from pbkv.config import Settings
+from pbkv.limits import CLOCK_STEP, DUMP_PAIRS, SMALL_BODY, DumpStream, Guard
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
 log = logging.getLogger("pbkv")
@@ -44,10 +46,15 @@ _REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    408: b"Request Timeout",
     413: b"Content Too Large",
+    417: b"Expectation Failed",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
+    507: b"Insufficient Storage",
 }
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class App(Protocol):
@@ -336,11 +343,18 @@ _NEEDS_VALUE = frozenset({Command.INSERT, Command.UPDATE})
 _NEEDS_KEY = frozenset({Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE})
 
 
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
 def _decode_component(raw: bytes) -> str:
     """One name or value of a form: ``+`` is a space, then percent-decoding, then UTF-8."""
     if b"+" in raw:
         raw = raw.replace(b"+", b" ")
     if b"%" in raw:
+        if _BAD_ESCAPE.search(raw):
+            raise RequestError(
+                400, "malformed percent-escape (a % must be followed by two hex digits)"
+            )
         raw = unquote_to_bytes(raw)
     try:
         return raw.decode("utf-8")
@@ -377,6 +391,8 @@ def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[
             raise RequestError(400, f"body is not valid JSON: {exc}") from None
         if not isinstance(data, dict):
             raise RequestError(400, "a JSON body must be an object")
+        if body.count(b":") > len(data):
+            _refuse_duplicate_names(body)  # more colons than names: look closer
         for name, value in data.items():
             if not isinstance(value, str):
                 raise RequestError(400, f"parameter {name!r} must be a string")
@@ -386,6 +402,23 @@ def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[
         return params
     _decode_pairs(body, params)
     return params
+
+
+def _refuse_duplicate_names(body: bytes) -> None:
+    """orjson keeps the last of repeated names; a repeated parameter is an error here."""
+
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for name, value in pairs:
+            if name in seen:
+                raise RequestError(400, f"parameter {name!r} given more than once")
+            seen[name] = value
+        return seen
+
+    try:
+        json.loads(body, object_pairs_hook=check)
+    except RecursionError:
+        raise RequestError(400, "JSON body nested too deeply") from None
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes | None]:
@@ -436,10 +469,13 @@ def percent_encode_high(segment: bytes) -> bytes:
 
 
 # Where the parser is in the current message (kept only for bytes >= 0x80).
-_BETWEEN, _REQUEST_LINE, _HEADERS, _BODY = range(4)
+_AT_BETWEEN, _AT_REQUEST_LINE, _AT_HEADERS, _AT_BODY = range(4)
 
 
 # -- the protocol ------------------------------------------------------------------
+_IDLE, _HEAD, _BODY = 0, 1, 2  # where a connection is in its current request
+
+
 class HttpProtocol(asyncio.Protocol):
     """One client connection."""
 
@@ -450,15 +486,16 @@ class HttpProtocol(asyncio.Protocol):
         connections: set[HttpProtocol],
         errors: str = "course",
         access: Access = OPEN,
+        guard: Guard | None = None,
     ) -> None:
         self.app = app
         self.limits = limits
         self.errors = errors
         self.access = access
         self.connections = connections
+        self.guard = guard if guard is not None else Guard()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.last_active = time.monotonic()
         self._url = b""
         self._body: list[bytes] = []
         self._body_size = 0
@@ -469,25 +506,71 @@ class HttpProtocol(asyncio.Protocol):
         self._upgrade = False
         self._in_head = False  # between the first byte of a request and its blank line
         self._head_bytes = 0
-        self._phase = _BETWEEN
+        self._parse_at = _AT_BETWEEN  # for bytes >= 0x80 in a request line
         self._content_length = -1
-        # Replies in request order: [bytes or None, close after it].
+        # Replies in request order: [bytes, a DumpStream or None, close after it].
         self._pending: collections.deque[list[Any]] = collections.deque()
         self._closing = False
         self._after_reply: Callable[[], None] | None = None
+        # Resource bounds (pbkv/limits.py holds the totals).
+        self._phase = _IDLE
+        self._since = self.guard.clock  # when the current phase began
+        self._declared = 0  # Content-Length of the request being read
+        self._expect = b""
+        self._held = 0  # bytes of this request counted in guard.pending_bytes
+        self._queued = 0  # reply bytes ready but waiting behind an unanswered request
+        self._stream: DumpStream | None = None  # the dump being sent
+        self._write_paused = False
+        self._stalled_since = 0.0  # when writing paused or the close began
+        self._reading_paused = False
+        self._counted = False  # in guard.clients
+        self._probation = False  # over max_clients: only a replication upgrade may stay
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.connections.add(self)
+        guard = self.guard
+        bounds = guard.limits
+        self.transport.set_write_buffer_limits(high=bounds.max_reply_buffer)
+        if guard.clients < bounds.max_clients:
+            guard.clients += 1
+            self._counted = True
+            return
+        # Over max_clients: the replication channel still gets through (a few
+        # connections in reserve, each must ask for the upgrade at once).
+        guard.refused_clients.hit(guard.clock)
+        if len(guard.probation) >= bounds.reserved_clients:
+            guard.probation.popleft()._refuse_client()
+        self._probation = True
+        guard.probation.append(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._leave()
         self.connections.discard(self)
         self._closing = True
         self.transport = None
+        # The parser holds this protocol as its callback object: break the cycle so
+        # the connection (and a partial body) is freed now, not at a later GC pass.
+        self.parser = None  # type: ignore[assignment]
+        self._body = []
+        self._pending.clear()
+        self._stream = None
+
+    def pause_writing(self) -> None:
+        # The transport holds max_reply_buffer unsent bytes: stop reading requests
+        # (and producing a dump) until the client has read them.
+        self._write_paused = True
+        self._stalled_since = self.guard.clock
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._maybe_resume_reading()
+        if self._stream is not None:
+            self.guard.pump.want(self._pump_stream)
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
         if self._closing:
             return
         try:
@@ -503,10 +586,13 @@ class HttpProtocol(asyncio.Protocol):
         if self._in_head:
             # httptools buffers a request line and headers without bound: cap them.
             self._head_bytes += len(data)
+            self._hold(len(data))
             if self._head_bytes > self.limits.max_head_bytes:
                 self._fail(
                     413, f"request line and headers larger than {self.limits.max_head_bytes} bytes"
                 )
+            elif self._head_bytes > SMALL_BODY and not self.guard.room_for(0):
+                self._refuse_busy()
 
     def _feed_with_raw_bytes(self, data: bytes) -> None:
         """Feed ``data``, percent-encoding the bytes >= 0x80 of request lines.
@@ -516,7 +602,7 @@ class HttpProtocol(asyncio.Protocol):
         versions and the like).  So, before parsing, such bytes of a request line
         become ``%XX``, as a careful client would have sent them; headers and bodies
         go to the parser untouched.  The data is fed up to each byte >= 0x80 and the
-        parser's progress (``_phase``) says where that byte falls; each request line,
+        parser's progress (``_parse_at``) says where that byte falls; each request line,
         head and body takes one feed, so the cost stays per message, not per byte.
         (The parser reports a header only once it is complete, so a byte >= 0x80 in
         the first header line counts as the target's when the read starts right at
@@ -535,18 +621,18 @@ class HttpProtocol(asyncio.Protocol):
             self._feed_slice(data, pos, at)
             if self._closing:
                 return
-            phase = self._phase
-            if phase == _REQUEST_LINE and self._in_target(data, pos, at):
+            phase = self._parse_at
+            if phase == _AT_REQUEST_LINE and self._in_target(data, pos, at):
                 line_end = _LINE_END.search(data, at)
                 pos = line_end.start() if line_end is not None else end
                 self.parser.feed_data(percent_encode_high(data[at:pos]))
                 if line_end is not None:
-                    self._phase = _HEADERS
+                    self._parse_at = _AT_HEADERS
                 continue
-            if phase in (_REQUEST_LINE, _HEADERS):  # the rest of the head at once
+            if phase in (_AT_REQUEST_LINE, _AT_HEADERS):  # the rest of the head at once
                 head_end = _HEAD_END.search(data, at)
                 pos = head_end.end() if head_end is not None else end
-            elif phase == _BODY and self._content_length >= 0:
+            elif phase == _AT_BODY and self._content_length >= 0:
                 pos = min(end, at + max(1, self._content_length - self._body_size))
             else:  # a chunked body, or the first byte of a request (the parser refuses it)
                 pos = end
@@ -580,21 +666,25 @@ class HttpProtocol(asyncio.Protocol):
         self._upgrade = False
         self._in_head = True
         self._head_bytes = 0
-        self._phase = _REQUEST_LINE
+        self._parse_at = _AT_REQUEST_LINE
         self._content_length = -1
+        self._declared = 0
+        self._expect = b""
+        self._phase = _HEAD
+        self._since = self.guard.clock
 
     def on_url(self, url: bytes) -> None:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._phase = _HEADERS
+        self._parse_at = _AT_HEADERS
         lower = name.lower()
         if lower == b"content-type":
             self._content_type = value
         elif lower == b"content-length":
             try:
-                self._content_length = int(value)
-                if self._content_length > self.limits.max_body_bytes:
+                self._declared = self._content_length = int(value)
+                if self._declared > self.limits.max_body_bytes:
                     self._too_large = True
             except ValueError:
                 pass  # httptools rejects it
@@ -604,12 +694,37 @@ class HttpProtocol(asyncio.Protocol):
             self._authorization = value.strip()
         elif lower == b"origin" or (lower == b"sec-fetch-site" and value.strip() != b"none"):
             self._from_web_page = True
+        elif lower == b"expect":
+            self._expect = value.strip().lower()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._parse_at = _AT_BODY
         self._phase = _BODY
+        self._since = self.guard.clock
         if self._too_large:
             self._fail(413, f"request body larger than {self.limits.max_body_bytes} bytes")
+            return
+        if self._probation and not self._upgrade:
+            self._refuse_client()
+            return
+        version = self.parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._wrong_version(version)
+            return
+        if self._expect and self._expect != b"100-continue":
+            self._too_large = True  # ignore the body
+            self._fail(417, "only 'Expect: 100-continue' is understood")
+            return
+        declared = self._declared
+        if declared:
+            if not self.guard.room_for(declared):
+                self._refuse_busy()
+                return
+            self._hold(declared)  # reserved up front: a stalled body counts in full
+        if self._expect and not self._pending and self.transport is not None:
+            # Replies go in request order: an interim reply only when none is due before it.
+            self.transport.write(_CONTINUE)
 
     def on_body(self, body: bytes) -> None:
         if self._too_large:
@@ -619,16 +734,26 @@ class HttpProtocol(asyncio.Protocol):
             self._too_large = True
             self._fail(413, f"request body larger than {self.limits.max_body_bytes} bytes")
             return
+        if not self._declared:  # chunked: counted as it arrives
+            self._hold(len(body))
+            if self._body_size > SMALL_BODY and not self.guard.room_for(0):
+                self._refuse_busy()
+                return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
-        self._phase = _BETWEEN
+        self._parse_at = _AT_BETWEEN
+        if self._held:
+            self.guard.release(self._held)
+            self._held = 0
+        self._phase = _IDLE
+        self._since = self.guard.clock
         if self._closing or self._too_large:
             return
         if self._upgrade and self.parser.should_upgrade():
             return  # data_received takes over
         keep_alive = self.parser.should_keep_alive()
-        slot: list[Any] = [None, not keep_alive]
+        slot: list[Any] = [None, None, not keep_alive]
         self._pending.append(slot)
         path = b""
         try:
@@ -638,8 +763,11 @@ class HttpProtocol(asyncio.Protocol):
             self._refuse(slot, path, exc.status, exc.message)
         except Exception:  # a bug must not stall this connection's later replies
             log.exception("internal error while handling a request")
-            slot[1] = True
+            slot[2] = True
             self._refuse(slot, path, 500, "internal server error")
+        self._body = []
+        if len(self._pending) > self.guard.limits.max_pipeline:
+            self._pause_reading()  # read on once replies have caught up
 
     # internals
     def _dispatch(self, slot: list[Any], path: bytes, query: bytes | None) -> None:
@@ -681,7 +809,7 @@ class HttpProtocol(asyncio.Protocol):
             self._reply(slot, 200, body, content_type=content_type.encode())
         else:
             self._check_shutdown()
-            slot[1] = True
+            slot[2] = True
             self._after_reply = self.app.shutdown
             self._reply(slot, 200, b'{"success":"true"}')
 
@@ -737,12 +865,32 @@ class HttpProtocol(asyncio.Protocol):
         return None
 
     def _answer(self, slot: list[Any], command: Command, outcome: Outcome) -> None:
+        if isinstance(outcome, Dumped) and not isinstance(outcome.source, list):
+            if len(outcome.source) > DUMP_PAIRS:
+                self._stream_dump(slot, outcome.source)
+                return
+            outcome = Dumped(list(outcome.source.items()))  # small: one reply as before
         status, body, extra = outcome_reply(command, outcome, self.errors)
         self._reply(slot, status, body, extra)
 
     def _refuse(self, slot: list[Any], path: bytes, status: int, message: str) -> None:
         status, body, extra = refusal_reply(self.errors, path, status, message)
         self._reply(slot, status, body, extra)
+
+    def _stream_dump(self, slot: list[Any], store: Any) -> None:
+        """A dump goes out in chunks as the client reads it (chunked encoding;
+        to an HTTP/1.0 client, delimited by the end of the connection)."""
+        if self.parser is not None and self.parser.get_http_version() == "1.0":
+            slot[2] = True
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+            slot[1] = DumpStream(store, chunked=False)
+        else:
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            head += b"Transfer-Encoding: chunked\r\n"
+            head += b"Connection: close\r\n\r\n" if slot[2] else b"\r\n"
+            slot[1] = DumpStream(store, chunked=True)
+        slot[0] = head
+        self._flush()
 
     def _reply(
         self,
@@ -752,7 +900,7 @@ class HttpProtocol(asyncio.Protocol):
         extra: bytes = b"",
         content_type: bytes | None = None,
     ) -> None:
-        data = response(status, body, extra, close=slot[1])
+        data = response(status, body, extra, close=slot[2])
         if content_type is not None:
             data = data.replace(b"application/json", content_type, 1)
         slot[0] = data
@@ -761,17 +909,58 @@ class HttpProtocol(asyncio.Protocol):
     def _flush(self) -> None:
         pending = self._pending
         transport = self.transport
+        if self._stream is not None:
+            return  # a dump is on the wire; the slots behind it wait
         while pending and pending[0][0] is not None:
-            data, close = pending.popleft()
+            data, stream, close = pending[0]
             if transport is None:
+                pending.popleft()
                 continue
             transport.write(data)
+            if stream is not None:
+                pending[0][0] = b""
+                self._stream = stream
+                self.guard.pump.want(self._pump_stream)  # within the pump's budget
+                return
+            pending.popleft()
             if close:
                 self._close_after_write()
                 return
+        if pending:
+            # Replies ready behind one still being worked on count against the bound too.
+            self._queued = sum(len(slot[0]) for slot in pending if slot[0] is not None)
+            if self._queued > self.guard.limits.max_reply_buffer:
+                self._pause_reading()
+                return
+        else:
+            self._queued = 0
+        if self._reading_paused:
+            self._maybe_resume_reading()
+
+    def _pump_stream(self) -> None:
+        """Send the next chunk of the dump, or finish it; the pump calls it once per turn."""
+        stream = self._stream
+        transport = self.transport
+        if stream is None or transport is None:
+            return
+        if self._write_paused:
+            return  # resume_writing queues this again
+        chunk = stream.next_chunk()
+        if chunk:
+            transport.write(chunk)
+        if not stream.done:
+            self.guard.pump.want(self._pump_stream)
+            return
+        self._stream = None
+        _data, _stream, close = self._pending.popleft()
+        if close:
+            self._close_after_write()
+            return
+        self._flush()
 
     def _close_after_write(self) -> None:
         self._closing = True
+        self._stalled_since = self.guard.clock
         self._pending.clear()
         if self.transport is not None:
             self.transport.close()
@@ -779,13 +968,76 @@ class HttpProtocol(asyncio.Protocol):
             after, self._after_reply = self._after_reply, None
             after()
 
-    def _fail(self, status: int, message: str) -> None:
+    def _fail(self, status: int, message: str, extra: bytes = b"") -> None:
         """Answer an unrecoverable request error and close the connection."""
         if self._closing:
             return
-        slot: list[Any] = [None, True]
+        slot: list[Any] = [None, None, True]
         self._pending.append(slot)
-        self._reply(slot, status, error_body(message))
+        self._reply(slot, status, error_body(message), extra)
+
+    def _refuse_busy(self) -> None:
+        guard = self.guard
+        guard.refused_bodies.hit(guard.clock)
+        self._too_large = True  # ignore the rest of the body
+        self._fail(
+            503,
+            "server busy: too many request bytes in progress (max_pending_bytes "
+            f"{guard.limits.max_pending_bytes}); retry later",
+            _RETRY,
+        )
+
+    def _refuse_client(self) -> None:
+        self._too_large = True
+        limit = self.guard.limits.max_clients
+        self._fail(503, f"too many client connections (max_clients {limit})", _RETRY)
+
+    def _wrong_version(self, version: str) -> None:
+        self._too_large = True
+        if version == "0.9":
+            # An HTTP/0.9 client expects a bare body, no status line or headers.
+            self._closing = True
+            if self.transport is not None:
+                self.transport.write(error_body("HTTP/0.9 is not supported; use HTTP/1.1"))
+                self.transport.close()
+            return
+        self._fail(505, f"HTTP/{version} is not supported; use HTTP/1.1")
+
+    def _hold(self, size: int) -> None:
+        self._held += size
+        self.guard.hold(size)
+
+    def _leave(self) -> None:
+        """Give back what this connection counted in the guard (once)."""
+        guard = self.guard
+        if self._held:
+            guard.release(self._held)
+            self._held = 0
+        if self._counted:
+            self._counted = False
+            guard.clients -= 1
+        elif self._probation:
+            self._probation = False
+            try:
+                guard.probation.remove(self)
+            except ValueError:
+                pass
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _maybe_resume_reading(self) -> None:
+        if (
+            self._reading_paused
+            and not self._write_paused
+            and self.transport is not None
+            and len(self._pending) <= self.guard.limits.max_pipeline
+            and self._queued <= self.guard.limits.max_reply_buffer
+        ):
+            self._reading_paused = False
+            self.transport.resume_reading()
 
     def _handle_upgrade(self, leftover: bytes) -> None:
         path = self._url.partition(b"?")[0]
@@ -801,6 +1053,7 @@ class HttpProtocol(asyncio.Protocol):
             self._fail(403, refusal)
             return
         transport = self.transport
+        self._leave()
         self.connections.discard(self)
         self._closing = True
         self.transport = None
@@ -812,9 +1065,34 @@ class HttpProtocol(asyncio.Protocol):
         )
         self.app.upgrade(transport, leftover)
 
-    def close_if_idle(self, now: float, idle_timeout: float) -> None:
-        if self.transport is not None and now - self.last_active > idle_timeout:
-            self.transport.close()
+    def sweep(self, now: float) -> None:
+        """The node's periodic check (once a second): timeouts of this connection."""
+        transport = self.transport
+        if transport is None:
+            return
+        bounds = self.guard.limits
+        if self._probation and not self._closing and now - self._since > CLOCK_STEP:
+            self._refuse_client()  # the replication channel asks for its upgrade at once
+            return
+        if self._closing or self._write_paused:
+            # Replies the client does not read: give up on them after send_timeout.
+            if now - self._stalled_since > bounds.send_timeout:
+                self.guard.timeouts += 1
+                transport.abort()
+            return
+        # Stamps come from a clock the sweep advances: subtract its step so that no
+        # timeout fires early (it fires up to two steps late).
+        elapsed = now - self._since - CLOCK_STEP
+        phase = self._phase
+        if phase == _HEAD and elapsed > bounds.header_timeout:
+            self.guard.timeouts += 1
+            self._fail(408, f"request head not received within {bounds.header_timeout:g} s")
+        elif phase == _BODY and elapsed > bounds.body_timeout:
+            self.guard.timeouts += 1
+            self._too_large = True
+            self._fail(408, f"request body not received within {bounds.body_timeout:g} s")
+        elif phase == _IDLE and not self._pending and elapsed > bounds.idle_timeout:
+            transport.close()
 
 
 def raise_method(allowed: bytes) -> None:

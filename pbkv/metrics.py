@@ -81,6 +81,12 @@ class Metrics:
             ),
             "pbkv_uptime_seconds": ("Seconds since start", status["uptime"]),
             "pbkv_client_connections": ("Open client connections", len(node.connections)),
+            "pbkv_memory_bytes": ("Approximate bytes held by the pairs", status["memory_bytes"]),
+            "pbkv_max_memory_bytes": ("max_memory (0: no limit)", status["max_memory"]),
+            "pbkv_pending_request_bytes": (
+                "Bytes of unfinished requests held",
+                status["pending_request_bytes"],
+            ),
             "pbkv_loop_lag_seconds": (
                 "Longest event-loop delay in the last 10 s",
                 node.lag.recent_max(node.loop.time()),
@@ -103,6 +109,15 @@ class Metrics:
             "pbkv_resyncs_full": ("Synchronizations by a full transfer", "resyncs_full"),
             "pbkv_writes_rewound": ("Writes rewound after a replication failure", "writes_rewound"),
             "pbkv_batches": ("Replication batches sent or applied", "batches_sent"),
+            "pbkv_clients_refused": ("Connections refused over max_clients", "clients_refused"),
+            "pbkv_bodies_refused": (
+                "Requests refused over max_pending_bytes",
+                "bodies_refused",
+            ),
+            "pbkv_connections_timed_out": (
+                "Connections closed by a header, body or send timeout",
+                "connections_timed_out",
+            ),
         }
         if "batches_acked" in status:
             core = node.core

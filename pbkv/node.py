@@ -17,11 +17,18 @@ import httptools
 from pbkv import config, tls
 from pbkv.backup import BackupCore
 from pbkv.commands import Command, Outcome, Reply
-from pbkv.http import HttpProtocol, Limits, access_for
+from pbkv.http import HttpProtocol, Limits, RequestError, access_for
+from pbkv.limits import (
+    CLOCK_STEP,
+    RESERVED_CLIENTS,
+    ConnectionLimits,
+    Guard,
+    raise_file_limit,
+)
 from pbkv.metrics import LoopLag, Metrics
 from pbkv.primary import PrimaryCore
 from pbkv.stages import Role
-from pbkv.store import make_store
+from pbkv.store import PAIR_OVERHEAD, make_store
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, Frame, FrameCodec, FrameError
 
 log = logging.getLogger("pbkv")
@@ -31,6 +38,8 @@ LAG_PROBE_INTERVAL = 0.02  # how often the event loop's responsiveness is sample
 READ_BUDGET = 0.005  # seconds of frame handling before the channel yields the loop
 PUMP_FRAMES = 4  # transfer frames queued per turn of the event loop
 CONNECT_ATTEMPTS = 8  # replication connection attempts in flight at once
+SWEEP_INTERVAL = CLOCK_STEP  # seconds between checks of every client connection's timeouts
+SPARE_DESCRIPTORS = 256  # beyond the client connections: channel, listener, files
 
 
 class ChannelProtocol(asyncio.Protocol):
@@ -157,6 +166,34 @@ class Node:
         self.limits = Limits(settings.max_key_bytes, settings.max_value_bytes)
         self.access = access_for(settings, role)
         self.connections: set[HttpProtocol] = set()
+        reserved = RESERVED_CLIENTS
+        wanted = settings.max_clients + reserved + SPARE_DESCRIPTORS
+        files = raise_file_limit(wanted)
+        max_clients = settings.max_clients
+        if files < wanted:
+            # Running out of descriptors would fail accept() for everyone, the
+            # replication channel included: fewer clients instead.
+            max_clients = max(1, files - reserved - SPARE_DESCRIPTORS)
+            log.warning(
+                "open-file limit %d is below the %d that max_clients %d needs: "
+                "serving at most %d clients",
+                files,
+                wanted,
+                settings.max_clients,
+                max_clients,
+            )
+        self.guard = Guard(
+            ConnectionLimits(
+                max_reply_buffer=settings.max_reply_buffer,
+                max_pipeline=settings.max_pipeline,
+                header_timeout=settings.header_timeout,
+                body_timeout=settings.body_timeout,
+                send_timeout=settings.send_timeout,
+                idle_timeout=settings.idle_timeout,
+                max_pending_bytes=settings.max_pending_bytes,
+                max_clients=max_clients,
+            )
+        )
         self.channel: ChannelProtocol | None = None
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.stopped = asyncio.Event()
@@ -170,7 +207,12 @@ class Node:
         host, port = self.address
         server = await self.loop.create_server(
             lambda: HttpProtocol(
-                self, self.limits, self.connections, self.settings.errors, self.access
+                self,
+                self.limits,
+                self.connections,
+                self.settings.errors,
+                self.access,
+                self.guard,
             ),
             host,
             port,
@@ -182,7 +224,7 @@ class Node:
         log_trust(self.settings)
         self.core.start(self.clock())
         self.core.drain(self)
-        self._sweep = self.loop.call_later(5.0, self._sweep_idle)
+        self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
         self._probe_lag(self.clock() + LAG_PROBE_INTERVAL)
         try:
             await self.stopped.wait()
@@ -206,10 +248,11 @@ class Node:
         self.stopped.set()
 
     def _sweep_idle(self) -> None:
-        now = time.monotonic()  # the clock HttpProtocol stamps activity with
+        now = time.monotonic()
+        self.guard.tick(now)  # the coarse clock HttpProtocol stamps its phases with
         for connection in list(self.connections):
-            connection.close_if_idle(now, self.settings.idle_timeout)
-        self._sweep = self.loop.call_later(5.0, self._sweep_idle)
+            connection.sweep(now)
+        self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
 
     def _probe_lag(self, due: float) -> None:
         """A timer that notes how late it fires: how long the loop was busy."""
@@ -230,11 +273,26 @@ class Node:
 
     def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome | None:
         self.stats.count(command)
+        if self.settings.max_memory and value is not None:
+            self._check_memory(command, key, value)
         core = self.core
         outcome = core.submit(command, key, value, reply)
         if core.outbox:
             core.drain(self)
         return outcome
+
+    def _check_memory(self, command: Command, key: str, value: str) -> None:
+        """Refuse a write that would take the store past ``max_memory`` (like Redis's
+        ``maxmemory`` with ``noeviction``): deletes and shrinking updates still pass."""
+        store = self.core.store
+        old = store.get(key)
+        if old is None:
+            grow = len(key) + len(value) + PAIR_OVERHEAD if command is Command.INSERT else 0
+        else:
+            grow = len(value) - len(old) if command is Command.UPDATE else 0
+        limit = self.settings.max_memory
+        if grow > 0 and store.memory_bytes + grow > limit:
+            raise RequestError(507, f"max_memory reached ({limit} bytes): write refused")
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
@@ -244,6 +302,14 @@ class Node:
         status["store"] = self.core.store.kind
         status["shards"] = self.core.store.shard_count
         status["clients"] = len(self.connections)
+        guard = self.guard
+        status["memory_bytes"] = self.core.store.memory_bytes
+        status["max_memory"] = self.settings.max_memory
+        status["pending_request_bytes"] = guard.pending_bytes
+        status["clients_refused"] = guard.refused_clients.count
+        status["bodies_refused"] = guard.refused_bodies.count
+        status["connections_timed_out"] = guard.timeouts
+        status["dump_turn_max_ms"] = round(guard.pump.longest * 1000, 1)
         status["loop_lag_ms"] = round(self.lag.recent_max(now) * 1000, 1)
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         return status

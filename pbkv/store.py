@@ -26,6 +26,10 @@ _MASK = CHECKSUM_MODULUS - 1
 # 0xFF never occurs in UTF-8, so "key 0xFF value" is unambiguous.
 _SEPARATOR = b"\xff"
 
+# Approximate bytes a pair costs beyond its characters: two str headers and a
+# dict entry with its share of the table (CPython 3.11, 64-bit).
+PAIR_OVERHEAD = 140
+
 _pair_digest = xxhash.xxh3_128_intdigest
 _key_digest = xxhash.xxh3_64_intdigest
 
@@ -58,6 +62,7 @@ class ShardedStore:
         self._shards: list[dict[str, str]] = [{} for _ in range(shard_count)]
         self._sums: list[int] = [0] * shard_count
         self._size = 0
+        self._memory = 0  # approximate bytes held: characters plus PAIR_OVERHEAD per pair
 
     # -- reads ---------------------------------------------------------------
     def get(self, key: str) -> str | None:
@@ -78,6 +83,15 @@ class ShardedStore:
 
     def shard_len(self, shard: int) -> int:
         return len(self._shards[shard])
+
+    @property
+    def memory_bytes(self) -> int:
+        """Approximate memory held by the pairs, kept current in O(1) per write."""
+        return self._memory
+
+    def shard_copy(self, shard: int) -> dict[str, str]:
+        """A copy of one shard's pairs (a dump's snapshot of that shard)."""
+        return self._shards[shard].copy()
 
     def items(self) -> Iterator[tuple[str, str]]:
         for shard in self._shards:
@@ -117,8 +131,10 @@ class ShardedStore:
         delta = pair_checksum(key, value)
         if old is None:
             self._size += 1
+            self._memory += len(key) + len(value) + PAIR_OVERHEAD
         else:
             delta -= pair_checksum(key, old)
+            self._memory += len(value) - len(old)
         shard[key] = value
         self._sums[index] = (self._sums[index] + delta) & _MASK
         return old
@@ -129,6 +145,7 @@ class ShardedStore:
         old = self._shards[index].pop(key, None)
         if old is not None:
             self._size -= 1
+            self._memory -= len(key) + len(old) + PAIR_OVERHEAD
             self._sums[index] = (self._sums[index] - pair_checksum(key, old)) & _MASK
         return old
 
@@ -173,22 +190,27 @@ class ShardedStore:
             shard.clear()
         self._sums = [0] * self.shard_count
         self._size = 0
+        self._memory = 0
 
     def load_chunk(self, shard: int, pairs: Iterable[tuple[str, str]]) -> None:
         """Add pairs received for ``shard`` during a transfer."""
         target = self._shards[shard]
         total = self._sums[shard]
         added = 0
+        memory = 0
         for key, value in pairs:
             old = target.get(key)
             if old is None:
                 added += 1
+                memory += len(key) + len(value) + PAIR_OVERHEAD
             else:
                 total -= pair_checksum(key, old)
+                memory += len(value) - len(old)
             target[key] = value
             total += pair_checksum(key, value)
         self._sums[shard] = total & _MASK
         self._size += added
+        self._memory += memory
 
 
 class HashStore(ShardedStore):
@@ -198,6 +220,10 @@ class HashStore(ShardedStore):
 
     def __init__(self, shard_count: int = 1) -> None:
         super().__init__(1)
+
+
+def _memory_of(pairs: Iterable[tuple[str, str]]) -> int:
+    return sum(len(key) + len(value) + PAIR_OVERHEAD for key, value in pairs)
 
 
 def make_store(kind: str, shard_count: int) -> ShardedStore:
