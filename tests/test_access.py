@@ -10,16 +10,18 @@ import pytest
 from pbkv.commands import Done
 from pbkv.config import Settings
 from pbkv.http import Access, HttpProtocol, Limits, access_for, certificate_names
+from tests.test_http_protocol import FakeTransport as PlainTransport
 
 UPGRADE = b"GET /kvrepl HTTP/1.1\r\nHost: x\r\nUpgrade: pbkv-repl/1\r\nConnection: Upgrade\r\n\r\n"
 
 
-class FakeTransport:
+class FakeTransport(PlainTransport):
+    """A connection from ``peer``, with a verified client ``certificate`` or none."""
+
     def __init__(self, peer: str, certificate: dict[str, Any] | None = None) -> None:
+        super().__init__()
         self.peer = peer
         self.certificate = certificate
-        self.written = b""
-        self.closed = False
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "peername":
@@ -27,12 +29,6 @@ class FakeTransport:
         if name == "peercert":
             return self.certificate
         return default
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class App:

@@ -322,8 +322,10 @@ def test_http_0_9_gets_a_bare_body_and_other_versions_505(standalone):
     assert "HTTP/2.0 is not supported" in assert_error(reply, 505)
 
 
-def test_duplicate_json_names_and_bad_percent_escapes_are_refused(standalone):
-    address = standalone.address["primary"]
+def test_duplicate_json_names_and_bad_percent_escapes_are_refused(make_pair):
+    pair = make_pair(standalone="true", errors="http")  # the statuses themselves
+    pair.start("primary")
+    address = pair.address["primary"]
     body = b'{"key":"dup","value":"a","value":"b"}'
     reply = exchange(address, request("POST", "/kv/insert", body, "application/json"))
     assert "'value' given more than once" in assert_error(reply, 400)
@@ -331,6 +333,13 @@ def test_duplicate_json_names_and_bad_percent_escapes_are_refused(standalone):
     assert "percent-escape" in assert_error(reply, 400)
     with Client(*address) as client:
         assert client.get("dup") is None and client.get("a%zz") is None
+    # The default course mode refuses them the same way, as 200 with the course failure.
+    pair.stop("primary")
+    pair.configure(errors="course")
+    pair.start("primary")
+    reply = exchange(address, request("POST", "/kv/insert", body, "application/json"))
+    assert reply.status == 200 and reply.body == b'{"success":"false"}'
+    assert reply.headers["x-pbkv-status"] == "400"
 
 
 # -- streamed dumps ---------------------------------------------------------------------------
