@@ -391,7 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         pbkvs[STANDALONE] = servers.Pbkv(workdir, "standalone", standalone=True, serve_flags=flags)
     for variant in args.variant:
         pbkvs[variant.system] = servers.Pbkv(
-            workdir, variant.label, settings=variant.settings, serve_flags=flags, root=variant.root
+            workdir,
+            variant.label,
+            standalone=variant.settings.get("standalone") == "true",
+            settings=variant.settings,
+            serve_flags=flags,
+            root=variant.root,
         )
     started: list[Any] = list(pbkvs.values())
     redis_pair: tuple[servers.Redis, servers.Redis] | None = None

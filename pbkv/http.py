@@ -474,6 +474,17 @@ _AT_BETWEEN, _AT_REQUEST_LINE, _AT_HEADERS, _AT_BODY = range(4)
 
 # -- the protocol ------------------------------------------------------------------
 _IDLE, _HEAD, _BODY = 0, 1, 2  # where a connection is in its current request
+_WATCHED_HEADERS = frozenset(
+    {
+        b"content-type",
+        b"content-length",
+        b"upgrade",
+        b"authorization",
+        b"origin",
+        b"sec-fetch-site",
+        b"expect",
+    }
+)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -679,6 +690,8 @@ class HttpProtocol(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._parse_at = _AT_HEADERS
         lower = name.lower()
+        if lower not in _WATCHED_HEADERS:  # Host, User-Agent...: the common case
+            return
         if lower == b"content-type":
             self._content_type = value
         elif lower == b"content-length":
@@ -718,10 +731,13 @@ class HttpProtocol(asyncio.Protocol):
             return
         declared = self._declared
         if declared:
-            if not self.guard.room_for(declared):
+            guard = self.guard
+            if declared > SMALL_BODY and not guard.room_for(declared):
                 self._refuse_busy()
                 return
-            self._hold(declared)  # reserved up front: a stalled body counts in full
+            # Reserved up front: a stalled body counts in full (inline: the hot path).
+            self._held += declared
+            guard.pending_bytes += declared
         if self._expect and not self._pending and self.transport is not None:
             # Replies go in request order: an interim reply only when none is due before it.
             self.transport.write(_CONTINUE)
@@ -743,11 +759,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._parse_at = _AT_BETWEEN
+        guard = self.guard
         if self._held:
-            self.guard.release(self._held)
+            guard.release(self._held)
             self._held = 0
         self._phase = _IDLE
-        self._since = self.guard.clock
+        self._since = guard.clock
         if self._closing or self._too_large:
             return
         if self._upgrade and self.parser.should_upgrade():
@@ -766,7 +783,7 @@ class HttpProtocol(asyncio.Protocol):
             slot[2] = True
             self._refuse(slot, path, 500, "internal server error")
         self._body = []
-        if len(self._pending) > self.guard.limits.max_pipeline:
+        if len(self._pending) > guard.limits.max_pipeline:
             self._pause_reading()  # read on once replies have caught up
 
     # internals
