@@ -415,6 +415,7 @@ def test_ten_dumps_of_a_million_pairs_with_a_writer_running(make_pair):
         state = status(pair, role)
         worst[role] = max(worst[role], state["loop_lag_ms"])
         turns[role] = state["dump_turn_max_ms"]
+    print("dump turns (ms)", turns, "loop lag (ms)", worst)
     assert failures == []
     assert written > 100
     assert len(sizes) == 10 and all(keys <= size <= keys + written for size in sizes), sizes
