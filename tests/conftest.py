@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import Pair
+from tests.harness import Pair, standalone_server
 
 
 @pytest.fixture
@@ -16,12 +16,7 @@ def pair(tmp_path):
 @pytest.fixture(scope="module")
 def standalone(tmp_path_factory):
     """One standalone primary (answers writes without a backup) per test module."""
-    servers = Pair(tmp_path_factory.mktemp("standalone"), standalone="true")
-    try:
-        servers.start("primary")
-        yield servers
-    finally:
-        servers.cleanup()
+    yield from standalone_server(tmp_path_factory, "standalone")
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ bookkeeping of the clients a test opens, so teardown can close them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from pbkv.client import Client
 from pbkv.testing.cluster import (
     BIN,
@@ -15,7 +17,7 @@ from pbkv.testing.cluster import (
     wait_for,
 )
 
-__all__ = ["BIN", "FAST_SETTINGS", "REPO", "Pair", "free_port", "wait_for"]
+__all__ = ["BIN", "FAST_SETTINGS", "REPO", "Pair", "free_port", "standalone_server", "wait_for"]
 
 _alive = process_alive
 _bindable = _bindable
@@ -37,3 +39,13 @@ class Pair(LocalPair):
         for client in self._clients:
             client.close()
         super().cleanup()
+
+
+def standalone_server(tmp_path_factory, name: str, **settings: str) -> Iterator[Pair]:
+    """A started standalone primary for a module-scoped fixture; killed afterwards."""
+    servers = Pair(tmp_path_factory.mktemp(name), standalone="true", **settings)
+    try:
+        servers.start("primary")
+        yield servers
+    finally:
+        servers.cleanup()

@@ -18,7 +18,7 @@ import pytest
 from pbkv.cli import escape, main
 from pbkv.client import AsyncClient, BadRequest, Client
 from pbkv.config import Settings
-from tests.harness import Pair, _alive, free_port, wait_for
+from tests.harness import Pair, _alive, free_port, standalone_server, wait_for
 
 MAX_KEY = Settings().max_key_bytes
 
@@ -44,12 +44,7 @@ TRICKY = [
 def server(request, tmp_path_factory) -> Iterator[Pair]:
     """A standalone primary in each error mode."""
     mode = request.param
-    servers = Pair(tmp_path_factory.mktemp(f"cli-{mode}"), standalone="true", errors=mode)
-    try:
-        servers.start("primary")
-        yield servers
-    finally:
-        servers.cleanup()
+    yield from standalone_server(tmp_path_factory, f"cli-{mode}", errors=mode)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import pytest
 from pbkv.cli import main as cli
 from pbkv.client import BadRequest, Client, NotPrimary, ReplicationFailed, Unavailable
 from pbkv.config import Settings
-from tests.harness import Pair
+from tests.harness import Pair, standalone_server
 from tests.test_http_server import ERRORS, JSON_TYPE, Raw, Reply, exchange, request
 
 MAX_KEY = Settings().max_key_bytes
@@ -80,12 +80,7 @@ def server(standalone: Pair) -> Pair:
 
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory) -> Iterator[Pair]:
-    servers = Pair(tmp_path_factory.mktemp("http-mode"), standalone="true", errors="http")
-    try:
-        servers.start("primary")
-        yield servers
-    finally:
-        servers.cleanup()
+    yield from standalone_server(tmp_path_factory, "http-mode", errors="http")
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import pytest
 
 from pbkv.client import Client
 from pbkv.http import Limits
-from tests.harness import Pair, _alive, _bindable, wait_for
+from tests.harness import Pair, _alive, _bindable, standalone_server, wait_for
 
 FORM = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
@@ -161,12 +161,7 @@ def assert_error(reply: Reply, status: int) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Pair]:
     """A standalone primary with real HTTP errors."""
-    servers = Pair(tmp_path_factory.mktemp("http-mode"), standalone="true", errors="http")
-    try:
-        servers.start("primary")
-        yield servers
-    finally:
-        servers.cleanup()
+    yield from standalone_server(tmp_path_factory, "http-mode", errors="http")
 
 
 @pytest.fixture
