@@ -48,8 +48,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
 from bench import bulk, servers
 from bench.resp_load import RespError, SyncRedis
 from pbkv.client import Client, PbkvError, ReplicationFailed, Unavailable
@@ -415,13 +413,7 @@ def _run_redis(
         # Reachable only inside the namespaces, which protected mode does not know.
         isolated = ["--protected-mode", "no"]
         primary.start(extra=isolated)
-        started = time.monotonic()
-        errors = uvloop.run(bulk.redis_fill(primary.host, primary.port, 0, keys))
-        with primary.client() as r:
-            size = r.call("DBSIZE")
-        if errors or size != keys:
-            raise RuntimeError(f"redis holds {size} of {keys} keys ({errors} errors)")
-        seconds = time.monotonic() - started
+        seconds = bulk.load_redis(primary, keys)
         say(f"redis: loaded {keys} pairs in {seconds:.1f} s")
         replica.start(replicaof=primary, extra=isolated)
         replica.wait_link_up(args.timeout)

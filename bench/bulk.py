@@ -12,6 +12,7 @@ import hashlib
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import httptools
 import uvloop
@@ -121,6 +122,18 @@ def load_pbkv(host: str, port: int, keys: int, context: str = "") -> float:
     if done.ok != keys:
         raise RuntimeError(f"pbkv refused {done.refused} of {keys} inserts{context}")
     return seconds
+
+
+def load_redis(primary: Any, keys: int) -> float:
+    """SET pairs 0..keys-1 into a Redis primary (a ``servers.Redis``) and check its
+    DBSIZE; returns the seconds it took. Raises RuntimeError when any is missing."""
+    started = time.monotonic()
+    errors = uvloop.run(redis_fill(primary.host, primary.port, 0, keys))
+    with primary.client() as r:
+        size = r.call("DBSIZE")
+    if errors or size != keys:
+        raise RuntimeError(f"redis holds {size} of {keys} keys ({errors} errors)")
+    return time.monotonic() - started
 
 
 async def redis_fill(host: str, port: int, start: int, stop: int) -> int:

@@ -38,8 +38,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import uvloop
-
 from bench import bulk, servers
 from pbkv.stages import Role
 
@@ -129,13 +127,8 @@ def _redis_resync(
     replica = servers.Redis(binary, workdir, "redis-replica")
     try:
         primary.start()
-        started = time.monotonic()
-        errors = uvloop.run(bulk.redis_fill(primary.host, primary.port, 0, keys))
-        with primary.client() as r:
-            size = r.call("DBSIZE")
-        if errors or size != keys:
-            raise RuntimeError(f"redis holds {size} of {keys} keys ({errors} errors)")
-        say(f"redis: loaded {keys} pairs in {time.monotonic() - started:.1f} s (pipelined)")
+        seconds = bulk.load_redis(primary, keys)
+        say(f"redis: loaded {keys} pairs in {seconds:.1f} s (pipelined)")
         replica.start(extra=["--repl-diskless-load", diskless_load])
         reader = servers.RedisProber(primary.host, primary.port, bulk.key_of(keys // 2))
         reader.start()
