@@ -377,8 +377,8 @@ def test_ten_dumps_of_a_million_pairs_with_a_writer_running(make_pair):
         results.append(len(orjson.loads(reply.read())))
         connection.close()
 
-    # The loop lag measured is the servers' own: on a machine shared with other
-    # work, lift them above it where we may (root), as the readers yield to them.
+    # The readers yield the CPU to the servers; where we may (root), lift the servers
+    # above other work on the machine too.
     for role in ("primary", "backup"):
         try:
             os.setpriority(os.PRIO_PROCESS, pair.pid(role), -5)
@@ -410,23 +410,26 @@ def test_ten_dumps_of_a_million_pairs_with_a_writer_running(make_pair):
     stop.set()
     thread.join(10)
     watcher.join(10)
-    turns = {}
+    turns, turns_cpu = {}, {}
     for role in worst:  # the last second of the dumps
         state = status(pair, role)
         worst[role] = max(worst[role], state["loop_lag_ms"])
         turns[role] = state["dump_turn_max_ms"]
-    print("dump turns (ms)", turns, "loop lag (ms)", worst)
+        turns_cpu[role] = state["dump_turn_cpu_max_ms"]
+    print("dump turns (ms)", turns, "in CPU time", turns_cpu, "loop lag (ms)", worst)
     assert failures == []
     assert written > 100
     assert len(sizes) == 10 and all(keys <= size <= keys + written for size in sizes), sizes
-    # What the dumps cost one turn of the loop (all of them together, a shard's copy
-    # included) and the loop lag. The design bound is a few milliseconds (2 ms of
-    # encoding plus one copy of a 62,500-pair shard, 3-6 ms); on the shared 2-core
-    # machine these tests run on, a shard's copy was seen to take up to 150 ms now
-    # and then, so the assertion is a margin over that: a dump that is not streamed
-    # (a whole million-pair reply built at once) stalls the loop for seconds.
-    assert turns["primary"] < 250 and turns["backup"] < 250, (turns, worst)
-    assert worst["primary"] < 250 and worst["backup"] < 250, (turns, worst)
+    # What the dumps cost the loop: the longest turn they took (all of them together,
+    # a shard's copy included) in the loop thread's CPU time, 1-4 ms when measured.
+    # A dump that is not streamed (a whole million-pair reply built at once) takes
+    # seconds. On the clock, a turn and the loop lag also hold the time another
+    # process had the CPU: on this shared 2-core machine, with the readers and the
+    # writer on the same cores, the clock showed 15-50 ms for turns that had used
+    # under 1 ms of CPU. So the clock gets a margin over that, not the design bound.
+    assert turns_cpu["primary"] < 20 and turns_cpu["backup"] < 20, (turns_cpu, turns, worst)
+    assert turns["primary"] < 250 and turns["backup"] < 250, (turns_cpu, turns, worst)
+    assert worst["primary"] < 250 and worst["backup"] < 250, (turns_cpu, turns, worst)
     assert pair.stage("primary") == "in_sync"
 
 

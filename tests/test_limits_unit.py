@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 from pbkv.limits import SMALL_BODY, ConnectionLimits, DumpStream, Guard, RateLimitedLog, StreamPump
 from pbkv.store import HashStore, ShardedStore
@@ -83,6 +84,26 @@ def test_the_pump_runs_each_step_once_per_turn_within_its_budget():
         return order
 
     assert asyncio.run(run()) == ["a", "b", "a", "b", "a"]  # interleaved, not one by one
+
+
+def test_the_pump_times_its_turns_on_the_clock_and_in_cpu_time():
+    def busy(seconds: float) -> None:
+        started = time.thread_time()
+        while time.thread_time() - started < seconds:
+            pass
+
+    async def run(step) -> StreamPump:
+        pump = StreamPump()
+        pump.want(step)
+        await asyncio.sleep(0)
+        return pump
+
+    # A turn the thread spent sleeping (as when another process has the CPU) is
+    # long on the clock only; one spent computing is long in both.
+    waiting = asyncio.run(run(lambda: time.sleep(0.03)))
+    assert waiting.longest >= 0.03 and waiting.longest_cpu < 0.01
+    working = asyncio.run(run(lambda: busy(0.03)))
+    assert working.longest >= 0.03 and working.longest_cpu >= 0.03
 
 
 def test_room_for_large_bodies_but_small_ones_always_pass():
