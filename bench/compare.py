@@ -31,6 +31,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -226,6 +227,22 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
+
+
+def paired_ratios(
+    cells: dict[tuple[str, str, int], Cell], system: str, workload: str, conns: int
+) -> list[float]:
+    """``system``'s throughput over the plain pair's, one ratio per round: the two
+    are measured back to back in each round, so a ratio sees one state of a noisy
+    machine, where the best or median of each over the whole run may not."""
+    ours, plain = cells.get((system, workload, conns)), cells.get((REPLICATED, workload, conns))
+    if ours is None or plain is None:
+        return []
+    return [
+        round(a.throughput / b.throughput, 3)
+        for a, b in zip(ours.rounds, plain.rounds, strict=True)
+        if b.throughput
+    ]
 
 
 def _fmt_ratio(value: float | None) -> str:
@@ -451,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     chosen = {(c.system, c.workload, c.connections): c.pick(args.stat)[0] for c in cells}
+    by_cell = {(c.system, c.workload, c.connections): c for c in cells}
     table = ratios(chosen, args.connections)
     variants = {
         variant.system: {
@@ -458,6 +476,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 getattr(chosen.get((variant.system, workload, c)), "throughput", None),
                 getattr(chosen.get((REPLICATED, workload, c)), "throughput", None),
             )
+            for workload in args.workloads
+            for c in args.connections
+        }
+        for variant in args.variant
+    }
+    paired = {
+        variant.system: {
+            f"{workload}_{c}": paired_ratios(by_cell, variant.system, workload, c)
             for workload in args.workloads
             for c in args.connections
         }
@@ -491,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "ratios": {str(c): v for c, v in table.items()},
         "variants_vs_replicated": variants,
+        "variants_vs_replicated_by_round": paired,
         "targets_at": top,
         "targets": checks,
     }
@@ -513,6 +540,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{name.replace('_', ' @ ')} {_fmt_ratio(v)}" for name, v in figures.items()
         )
         print(f"{system} / {REPLICATED} (req/s): {text}")
+        for name, rounds in paired[system].items():
+            if rounds:
+                print(
+                    f"  {name.replace('_', ' @ ')} round by round (each pair measured "
+                    f"back to back): median {_fmt_ratio(statistics.median(rounds))}, "
+                    f"{_fmt_ratio(min(rounds))} to {_fmt_ratio(max(rounds))}"
+                )
     print()
     where = f"at {top} connections" if top == 64 else f"(set for 64 connections) at {top}"
     print(f"targets {where}:")

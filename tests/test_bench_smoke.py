@@ -190,3 +190,21 @@ def test_prober_gap() -> None:
     assert prober.max_gap(0.9, 1.4) == pytest.approx(0.2)  # a failed request is no reply
     assert prober.max_gap(0.9, 1.4, only_ok=True) == pytest.approx(0.3)  # nor is a 503 here
     assert prober.max_gap(1.0, 2.0) == pytest.approx(0.7)  # silence up to the end counts
+
+
+def test_variant_ratios_pair_the_rounds_measured_back_to_back() -> None:
+    from bench.compare import REPLICATED, Cell, paired_ratios
+    from bench.loadgen import LoadResult
+
+    def cell(system: str, rates: list[float]) -> Cell:
+        rounds = [LoadResult("insert", 64, 1, 0, 0, 1, 0, 1.0, rate, 1, 1, 1, 1) for rate in rates]
+        return Cell(system, "insert", 64, rounds, [{}] * len(rates))
+
+    # The machine slowed both down in round 2: the ratios stay near 1 where
+    # best-of or median-of each over the run would not.
+    cells = {
+        (REPLICATED, "insert", 64): cell(REPLICATED, [100, 50, 100]),
+        ("pbkv before", "insert", 64): cell("pbkv before", [95, 48, 97]),
+    }
+    assert paired_ratios(cells, "pbkv before", "insert", 64) == [0.95, 0.96, 0.97]
+    assert paired_ratios(cells, "pbkv before", "get", 64) == []
