@@ -20,6 +20,8 @@ implements :class:`Driver` and hands the actions to :func:`carry_out`.
   travels in the same batch.
 * ``SecureChannel(send_key, receive_key)``: from now on, frames both ways are
   keyed (``wire.FrameCodec.secure``); frames sent before this action stay plain.
+* ``Discard(shards)``: drop these dicts of pairs (a replaced copy of the data),
+  one per turn of the event loop, so freeing millions of pairs never stalls it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class Driver(Protocol):
     def flush_soon(self) -> None: ...
 
     def secure_channel(self, send_key: bytes, receive_key: bytes) -> None: ...
+
+    def discard(self, shards: list[dict[str, str]]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,14 @@ class SecureChannel:
         driver.secure_channel(self.send_key, self.receive_key)
 
 
+@dataclass(frozen=True, slots=True)
+class Discard:
+    shards: list[dict[str, str]] = field(repr=False)
+
+    def apply(self, driver: Driver) -> None:
+        driver.discard(self.shards)
+
+
 Action = (
     Send
     | Connect
@@ -127,6 +139,7 @@ Action = (
     | PumpTransfer
     | FlushSoon
     | SecureChannel
+    | Discard
 )
 
 

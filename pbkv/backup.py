@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pbkv import auth
-from pbkv.actions import Probe, StartTimer
+from pbkv.actions import Discard, Probe, StartTimer
 from pbkv.commands import Command, Outcome, Refused, Reply
 from pbkv.config import Settings
 from pbkv.core import ReplicationCore, log, next_history
@@ -117,6 +117,11 @@ class BackupCore(ReplicationCore):
         self.now = now
         self.lose_channel("replaced by a new connection from the primary")
         self.opened(now)
+
+    def _channel_lost(self, reason: str, event: Event) -> None:
+        if self.receiver is not None:  # a copy received in part, freed a shard per turn
+            self.outbox.append(Discard(self.receiver.store.release()))
+        super()._channel_lost(reason, event)
 
     def on_channel_lost(self, reason: str) -> None:
         self._wait_for_primary()
@@ -266,7 +271,8 @@ class BackupCore(ReplicationCore):
         if checksum is None:
             return Step.RECEIVE_SNAPSHOT
         self.seq = receiver.seq
-        self.store = receiver.store
+        # Same store object, new pairs: the old ones are freed a shard per turn.
+        self.outbox.append(Discard(self.store.take_pairs_of(receiver.store)))
         self._confirm(checksum, "received", "full")
         return Step.STREAMING
 

@@ -185,6 +185,29 @@ class ShardedStore:
         for i in range(len(olds) - 1, -1, -1):
             write(ops[2 * i], olds[i])  # type: ignore[arg-type]
 
+    def release(self) -> list[dict[str, str]]:
+        """Empty the store without freeing its pairs: returns the shards that hold
+        them, for the caller to drop one at a time (dropping millions of pairs at
+        once takes the loop a second or more)."""
+        shards = self._shards
+        self._shards = [{} for _ in range(self.shard_count)]
+        self._sums = [0] * self.shard_count
+        self._size = 0
+        self._memory = 0
+        return shards
+
+    def take_pairs_of(self, other: ShardedStore) -> list[dict[str, str]]:
+        """Hold ``other``'s pairs in place of ours, leaving ``other`` empty; returns
+        our old shards, as ``release`` does. The store stays the same object, so a
+        dump under way goes on with the new pairs from the next shard it reaches."""
+        if other.shard_count != self.shard_count:
+            raise ValueError("stores of different layouts")
+        old = self._shards
+        self._shards, self._sums = other._shards, other._sums
+        self._size, self._memory = other._size, other._memory
+        other.release()
+        return old
+
     def clear(self) -> None:
         for shard in self._shards:
             shard.clear()

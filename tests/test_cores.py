@@ -89,6 +89,7 @@ class Link:
         self.received: dict[str, list[Frame]] = {role: [] for role in ROLES}
         self.closed_by: list[tuple[str, str]] = []
         self.timer_starts: list[tuple[str, str, float]] = []
+        self.discarded: dict[str, list[int]] = {role: [] for role in ROLES}  # pairs per Discard
         self.responses: dict[Any, Outcome] = {}
         self.answer_order: list[Any] = []
         self._tokens = itertools.count(1)
@@ -339,6 +340,9 @@ class RoleDriver:
     def send(self, frame: Frame) -> None:
         self.link.sent[self.role].append(copy.deepcopy(frame))
         self.link._transmit(self.role, frame)
+
+    def discard(self, shards: list[dict[str, str]]) -> None:
+        self.link.discarded[self.role].append(sum(map(len, shards)))
 
     def start_timer(self, name: str, delay: float) -> None:
         link = self.link
@@ -1533,6 +1537,31 @@ def test_without_an_undo_record_every_resync_is_full(make_link) -> None:
     link.fire("primary", RETRY)
     assert (primary.resyncs_partial, primary.resyncs_full) == (0, 2)
     assert_same_data(primary, backup)
+
+
+def test_a_full_resync_refills_the_backups_store_and_hands_the_old_pairs_over(make_link):
+    link = make_link(undo_bytes=0)
+    primary, backup = lose_acks_of_batches(link, 1)
+    store, held = backup.store, len(backup.store)  # DATA and the batch that was lost
+    link.fire("primary", RETRY)
+    assert backup.store is store  # a dump under way goes on from the next shard
+    assert dict(store.items()) == DATA
+    assert link.discarded["backup"][-1] == held  # for the driver to free, a shard a turn
+    assert link.discarded["primary"] == []
+
+
+def test_a_copy_received_in_part_is_handed_over_too(link: Link) -> None:
+    primary, _ = in_sync_pair(link, DATA)
+    link.kill("backup")
+    backup = link.start_backup()
+    link.manual_pump = True
+    link.fire("primary", RETRY)
+    link.pump("primary", frames=2)  # SNAPSHOT_BEGIN and one chunk of pairs
+    received = len(backup.receiver.store)
+    assert received > 0
+    link.kill("primary")
+    assert link.discarded["backup"][-1] == received
+    assert len(backup.store) == 0  # its own copy, empty: a fresh backup
 
 
 def test_the_undo_record_is_bounded_by_bytes(make_link) -> None:

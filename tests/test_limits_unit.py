@@ -106,6 +106,24 @@ def test_the_pump_times_its_turns_on_the_clock_and_in_cpu_time():
     assert working.longest >= 0.03 and working.longest_cpu >= 0.03
 
 
+def test_a_replaced_copy_is_freed_a_shard_per_turn_of_the_loop():
+    from pbkv.config import Settings
+    from pbkv.node import Node
+    from pbkv.stages import Role
+
+    async def run() -> list[int]:
+        node = Node(Settings(), Role.BACKUP)  # not started: only its pump runs
+        shards = [{f"k{s}-{i}": "v" for i in range(100)} for s in range(4)]
+        node.discard(shards)
+        left = []
+        for _ in range(5):
+            await asyncio.sleep(0)
+            left.append(len(shards))
+        return left
+
+    assert asyncio.run(run()) == [3, 2, 1, 0, 0]
+
+
 def test_room_for_large_bodies_but_small_ones_always_pass():
     guard = Guard(ConnectionLimits(max_pending_bytes=1_000_000))
     assert guard.room_for(900_000)

@@ -284,6 +284,28 @@ def test_clear(shape: tuple[str, int], pairs: dict[str, str]) -> None:
     assert_matches(store, pairs)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@settings(max_examples=40, deadline=None)
+@given(ours=contents, theirs=contents)
+def test_take_pairs_of_another_store(shape, ours: dict[str, str], theirs: dict[str, str]) -> None:
+    store, other = filled(shape, ours), filled(shape, theirs)
+    expected = (other.checksum, other.memory_bytes)
+    old = store.take_pairs_of(other)
+    assert_matches(store, theirs)
+    assert (store.checksum, store.memory_bytes) == expected
+    assert_matches(other, {})  # left empty, and still usable
+    assert dict(pair for shard in old for pair in shard.items()) == ours
+    released = store.release()
+    assert_matches(store, {})
+    assert store.memory_bytes == 0
+    assert dict(pair for shard in released for pair in shard.items()) == theirs
+
+
+def test_take_pairs_of_needs_the_same_layout() -> None:
+    with pytest.raises(ValueError, match="layouts"):
+        ShardedStore(4).take_pairs_of(ShardedStore(8))
+
+
 # -- shard_of ------------------------------------------------------------------------------
 # Both servers must place a key in the same shard, whatever their hash seeds and versions:
 # changing these numbers breaks transfers between old and new servers.

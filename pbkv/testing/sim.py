@@ -163,6 +163,9 @@ class SimNode:
         if self.channel is not None:
             self.channel.codecs[self.role].secure(send_key, receive_key)
 
+    def discard(self, shards: list[dict[str, str]]) -> None:
+        shards.clear()  # simulated time: freeing costs nothing here
+
     def start_timer(self, name: str, delay: float) -> None:
         generation = self.timers.get(name, 0) + 1
         self.timers[name] = generation
