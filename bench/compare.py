@@ -447,7 +447,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 row = [Cell(s.name, workload, conns) for s in systems]
                 cells += row
                 for r in range(args.rounds):
-                    for system, cell in zip(systems, row, strict=True):
+                    # Every other round in reverse order: no system always runs first.
+                    order = list(zip(systems, row, strict=True))
+                    for system, cell in order if r % 2 == 0 else reversed(order):
                         result, cpu = system.measure(workload, conns, args, prefix)
                         cell.rounds.append(result)
                         cell.cpu.append(cpu)
