@@ -102,13 +102,14 @@ class Guard:
 
 class StreamPump:
     """Runs every streaming reply a little per turn, within one shared time budget,
-    so any number of dumps costs the loop at most a few milliseconds per turn."""
+    so any number of dumps costs the loop at most a few milliseconds per turn.
+    The node also frees a replaced copy of the data through it, a shard a step."""
 
     def __init__(self, budget: float = PUMP_BUDGET) -> None:
         self.budget = budget
         self._ready: collections.deque[Callable[[], None]] = collections.deque()
         self._scheduled = False
-        # The longest turn the dumps took, in seconds: on the clock (status:
+        # The longest turn the steps took, in seconds: on the clock (status:
         # dump_turn_max_ms) and in the loop thread's CPU time (dump_turn_cpu_max_ms).
         # The two differ when another process takes the CPU in the middle of a turn.
         self.longest = 0.0
