@@ -22,8 +22,13 @@ class Command(enum.Enum):
     COUNT = "countkey"
     DUMP = "dump"
 
+    @property
+    def is_read(self) -> bool:
+        """Reads are answered from the store; every other command is a replicated write."""
+        return self in _READS
 
-WRITES = frozenset({Command.INSERT, Command.UPDATE, Command.DELETE})
+
+_READS = frozenset({Command.GET, Command.COUNT, Command.DUMP})
 
 
 # -- outcomes of a client request -------------------------------------------
