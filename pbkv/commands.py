@@ -55,6 +55,13 @@ class ReplicationFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryFull:
+    """``max_memory`` would be exceeded: the write is refused, nothing applied (HTTP 507)."""
+
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class Counted:
     count: int
 
@@ -74,7 +81,7 @@ class Dumped:
         return isinstance(other, Dumped) and self.pairs == other.pairs
 
 
-Outcome = Done | Refused | ReplicationFailed | Counted | Dumped
+Outcome = Done | Refused | ReplicationFailed | MemoryFull | Counted | Dumped
 REPLICATION_FAILED = ReplicationFailed()
 
 # How a write queued in a core is answered: the driver's callable, called with the outcome.
