@@ -40,6 +40,8 @@ from pbkv.config import (
 )
 from pbkv.stages import Role
 
+log = logging.getLogger(__name__)
+
 EXIT_OK = 0
 EXIT_NO = 1
 EXIT_ERROR = 2
@@ -175,9 +177,7 @@ def serve_main(argv: list[str] | None = None) -> int:
         uvloop.run(serve())
     except OSError as exc:
         host, port = settings.address_of(role)
-        logging.getLogger("pbkv").error(
-            "cannot listen on %s:%d: %s", host, port, exc.strerror or exc
-        )
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         return 1
     except KeyboardInterrupt:
         pass

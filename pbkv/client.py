@@ -194,7 +194,7 @@ def _malformed(status: int, body: Any) -> PbkvError:
 
 
 def _success(status: int, body: Any) -> bool:
-    flag = body.get("success") if isinstance(body, dict) else None
+    flag: object = body.get("success") if isinstance(body, dict) else None
     if flag not in ("true", "false"):
         raise _malformed(status, body)
     return flag == "true"

@@ -50,7 +50,7 @@ from pbkv.wire import (
     reason_text,
 )
 
-log = logging.getLogger("pbkv")
+log = logging.getLogger(__name__)
 
 TICK = "tick"
 RETRY = "retry"

@@ -37,7 +37,7 @@ from pbkv.config import Settings
 from pbkv.limits import CLOCK_STEP, DUMP_PAIRS, SMALL_BODY, DumpStream, Guard
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
-log = logging.getLogger("pbkv")
+log = logging.getLogger(__name__)
 
 _REASONS = {
     200: b"OK",

@@ -59,12 +59,13 @@ def _open(
 
 def _status(
     host: str, port: int, timeout: float = 1.0, settings: config.Settings | None = None
-) -> dict | None:
+) -> dict[str, Any] | None:
     try:
         with _open(settings, host, port, "/kvman/status", timeout) as r:
-            return json.loads(r.read())
+            status = json.loads(r.read())
     except (OSError, ValueError, urllib.error.URLError):
         return None
+    return status if isinstance(status, dict) else None
 
 
 def _paths(run_dir: Path, role: str, host: str, port: int) -> tuple[Path, Path]:
@@ -135,7 +136,7 @@ def _read_pid(pid_file: Path) -> int | None:
 
 
 def _ready(
-    status: dict, peer_host: str, peer_port: int, settings: config.Settings | None = None
+    status: dict[str, Any], peer_host: str, peer_port: int, settings: config.Settings | None = None
 ) -> bool:
     """In sync, or past start-up with no peer to sync with."""
     if status.get("stage") in START_UP_STAGES:

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-log = logging.getLogger("pbkv")
+log = logging.getLogger(__name__)
 
 SMALL_BODY = 64 * 1024  # bodies up to this size are never refused for lack of room
 PUMP_BUDGET = 0.002  # seconds of dump encoding per turn of the event loop, all dumps together

@@ -1,33 +1,48 @@
-"""Prometheus metrics, read from the node when scraped.
+"""Prometheus metrics, rendered from the node's status when scraped.
 
 Counting on the hot path is a dict increment; the prometheus-client objects
 are built only at scrape time (a custom collector), so serving requests pays
-nothing for them.
+nothing for them.  Everything but the request counts is read from the status
+mapping (what ``/kvman/status`` shows), so the two never tell different stories.
 """
 
 from __future__ import annotations
 
 import collections
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.metrics_core import Metric
 
 from pbkv.commands import Command
-from pbkv.stages import ACCEPTANCE
+from pbkv.stages import ACCEPTANCE, Role
 
-if TYPE_CHECKING:
-    from pbkv.node import Node
+Status = Mapping[str, Any]  # a node's status: JSON values by name
 
 
 class LoopLag:
-    """The event loop's longest delay: over the last ``window`` seconds and ever."""
+    """The event loop's longest delay: over the last ``window`` seconds and ever.
 
-    def __init__(self, window: float = 10.0) -> None:
+    The driver runs a timer every ``interval`` seconds and calls ``fired(now)``
+    from it; how late it fires is how long the loop was busy.  Every ``now``
+    (here and in ``recent_max``) is read from the same monotonic clock.
+    """
+
+    def __init__(self, window: float = 10.0, interval: float = 0.02) -> None:
         self.window = window
+        self.interval = interval
         self.worst = 0.0
+        self._due: float | None = None
         self._buckets: collections.deque[tuple[float, float]] = collections.deque()
+
+    def fired(self, now: float) -> None:
+        """The probe timer ran at ``now``; the next one is due ``interval`` later."""
+        if self._due is not None:
+            self.record(now, max(0.0, now - self._due))
+        self._due = now + self.interval
 
     def record(self, now: float, lag: float) -> None:
         self.worst = max(self.worst, lag)
@@ -41,12 +56,14 @@ class LoopLag:
             buckets.popleft()
 
     def recent_max(self, now: float) -> float:
-        return max((lag for start, lag in self._buckets if now - start <= self.window), default=0)
+        return max((lag for start, lag in self._buckets if now - start <= self.window), default=0.0)
 
 
 class Metrics:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    """The request counts, and a collector that renders them with a status mapping."""
+
+    def __init__(self, status: Callable[[], Status]) -> None:
+        self.status = status
         self.requests: Counter[Command] = Counter()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -57,85 +74,85 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def collect(self):  # prometheus-client collector protocol
-        node = self.node
-        status = node.status()
-        role = node.role
-        requests = CounterMetricFamily(
-            "pbkv_requests", "Client requests by command", labels=["role", "command"]
+    def collect(self) -> Iterator[Metric]:  # prometheus-client collector protocol
+        return families(self.status(), self.requests)
+
+
+# name: (help text, status field, how many of the field's unit make one of the metric's)
+GAUGES: dict[str, tuple[str, str, float]] = {
+    "pbkv_keys": ("Keys held", "keys", 1),
+    "pbkv_replication_seq": ("Last replicated batch applied", "seq", 1),
+    "pbkv_replication_lag": ("Batches not yet acknowledged", "lag", 1),
+    "pbkv_peer_connected": ("1 while the replication channel is up", "peer_connected", 1),
+    "pbkv_uptime_seconds": ("Seconds since start", "uptime", 1),
+    "pbkv_client_connections": ("Open client connections", "clients", 1),
+    "pbkv_memory_bytes": ("Approximate bytes held by the pairs", "memory_bytes", 1),
+    "pbkv_max_memory_bytes": ("max_memory (0: no limit)", "max_memory", 1),
+    "pbkv_pending_request_bytes": (
+        "Bytes of unfinished requests held",
+        "pending_request_bytes",
+        1,
+    ),
+    "pbkv_loop_lag_seconds": ("Longest event-loop delay in the last 10 s", "loop_lag_ms", 1000),
+}
+
+# name: (help text, status field); a counter whose field the role lacks is left out.
+COUNTERS: dict[str, tuple[str, str]] = {
+    "pbkv_transfers_completed": (
+        "Synchronizations completed (full, partial, or data already matching)",
+        "transfers_completed",
+    ),
+    "pbkv_transfers_failed": ("Synchronizations that failed", "transfers_failed"),
+    "pbkv_resyncs_partial": (
+        "Synchronizations by a rollback of the backup (no copy)",
+        "resyncs_partial",
+    ),
+    "pbkv_resyncs_full": ("Synchronizations by a full transfer", "resyncs_full"),
+    "pbkv_writes_rewound": ("Writes rewound after a replication failure", "writes_rewound"),
+    "pbkv_batches": ("Replication batches sent or applied", "batches_sent"),
+    "pbkv_clients_refused": ("Connections refused over max_clients", "clients_refused"),
+    "pbkv_bodies_refused": ("Requests refused over max_pending_bytes", "bodies_refused"),
+    "pbkv_connections_timed_out": (
+        "Connections closed by a header, body or send timeout",
+        "connections_timed_out",
+    ),
+}
+
+
+def families(status: Status, requests: Mapping[Command, int]) -> Iterator[Metric]:
+    """The metric families of one node, from its status and its request counts."""
+    role = Role(status["role"])
+    labels = [role.value]
+    counted = CounterMetricFamily(
+        "pbkv_requests", "Client requests by command", labels=["role", "command"]
+    )
+    for command in Command:
+        counted.add_metric([role.value, command.value], requests.get(command, 0))
+    yield counted
+    stage = GaugeMetricFamily("pbkv_stage", "1 for the current stage", labels=["role", "stage"])
+    for each in ACCEPTANCE[role]:
+        stage.add_metric([role.value, each.value], 1.0 if each.value == status["stage"] else 0.0)
+    yield stage
+    for name, (text, field, per_unit) in GAUGES.items():
+        gauge = GaugeMetricFamily(name, text, labels=["role"])
+        gauge.add_metric(labels, float(status[field]) / per_unit)
+        yield gauge
+    if "batches_acked" in status:  # the primary's group commit
+        yield SummaryMetricFamily(
+            "pbkv_replication_ack_seconds",
+            "Time from sending a batch to the backup's acknowledgement",
+            count_value=status["batches_acked"],
+            sum_value=status["ack_seconds_total"],
         )
-        for command in Command:
-            requests.add_metric([role, command.value], self.requests[command])
-        yield requests
-        stage = GaugeMetricFamily("pbkv_stage", "1 for the current stage", labels=["role", "stage"])
-        for name in ACCEPTANCE[role]:
-            stage.add_metric([role, name.value], 1.0 if name.value == status["stage"] else 0.0)
-        yield stage
-        gauges = {
-            "pbkv_keys": ("Keys held", status["keys"]),
-            "pbkv_replication_seq": ("Last replicated batch applied", status["seq"]),
-            "pbkv_replication_lag": ("Batches not yet acknowledged", status["lag"]),
-            "pbkv_peer_connected": (
-                "1 while the replication channel is up",
-                int(status["peer_connected"]),
-            ),
-            "pbkv_uptime_seconds": ("Seconds since start", status["uptime"]),
-            "pbkv_client_connections": ("Open client connections", len(node.connections)),
-            "pbkv_memory_bytes": ("Approximate bytes held by the pairs", status["memory_bytes"]),
-            "pbkv_max_memory_bytes": ("max_memory (0: no limit)", status["max_memory"]),
-            "pbkv_pending_request_bytes": (
-                "Bytes of unfinished requests held",
-                status["pending_request_bytes"],
-            ),
-            "pbkv_loop_lag_seconds": (
-                "Longest event-loop delay in the last 10 s",
-                node.lag.recent_max(node.loop.time()),
-            ),
-        }
-        for name, (text, value) in gauges.items():
-            gauge = GaugeMetricFamily(name, text, labels=["role"])
-            gauge.add_metric([role], float(value))
-            yield gauge
-        counters = {
-            "pbkv_transfers_completed": (
-                "Synchronizations completed (full, partial, or data already matching)",
-                "transfers_completed",
-            ),
-            "pbkv_transfers_failed": ("Synchronizations that failed", "transfers_failed"),
-            "pbkv_resyncs_partial": (
-                "Synchronizations by a rollback of the backup (no copy)",
-                "resyncs_partial",
-            ),
-            "pbkv_resyncs_full": ("Synchronizations by a full transfer", "resyncs_full"),
-            "pbkv_writes_rewound": ("Writes rewound after a replication failure", "writes_rewound"),
-            "pbkv_batches": ("Replication batches sent or applied", "batches_sent"),
-            "pbkv_clients_refused": ("Connections refused over max_clients", "clients_refused"),
-            "pbkv_bodies_refused": (
-                "Requests refused over max_pending_bytes",
-                "bodies_refused",
-            ),
-            "pbkv_connections_timed_out": (
-                "Connections closed by a header, body or send timeout",
-                "connections_timed_out",
-            ),
-        }
-        if "batches_acked" in status:
-            core = node.core
-            yield SummaryMetricFamily(
-                "pbkv_replication_ack_seconds",
-                "Time from sending a batch to the backup's acknowledgement",
-                count_value=core.batches_acked,
-                sum_value=core.ack_seconds_total,
-            )
-            replicated = CounterMetricFamily(
-                "pbkv_writes_replicated", "Writes acknowledged by the backup", labels=["role"]
-            )
-            replicated.add_metric([role], float(core.writes_replicated))
-            yield replicated
-        for name, (text, field) in counters.items():
-            if field == "batches_sent" and role == "backup":
-                field = "batches_applied"
-            if field in status:
-                counter = CounterMetricFamily(name, text, labels=["role"])
-                counter.add_metric([role], float(status[field]))
-                yield counter
+        replicated = CounterMetricFamily(
+            "pbkv_writes_replicated", "Writes acknowledged by the backup", labels=["role"]
+        )
+        replicated.add_metric(labels, float(status["writes_replicated"]))
+        yield replicated
+    for name, (text, field) in COUNTERS.items():
+        if field == "batches_sent" and role is Role.BACKUP:
+            field = "batches_applied"
+        if field in status:
+            counter = CounterMetricFamily(name, text, labels=["role"])
+            counter.add_metric(labels, float(status[field]))
+            yield counter

@@ -31,7 +31,7 @@ from pbkv.stages import Role
 from pbkv.store import PAIR_OVERHEAD, make_store
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, Frame, FrameCodec, FrameError
 
-log = logging.getLogger("pbkv")
+log = logging.getLogger(__name__)
 
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024
 LAG_PROBE_INTERVAL = 0.02  # how often the event loop's responsiveness is sampled
@@ -197,10 +197,10 @@ class Node:
         self.channel: ChannelProtocol | None = None
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.stopped = asyncio.Event()
-        self.stats = Metrics(self)
+        self.lag = LoopLag(interval=LAG_PROBE_INTERVAL)
+        self.stats = Metrics(self.status)
         self._pumping = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.lag = LoopLag()
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self) -> None:
@@ -225,7 +225,7 @@ class Node:
         self.core.start(self.clock())
         self.core.drain(self)
         self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
-        self._probe_lag(self.clock() + LAG_PROBE_INTERVAL)
+        self._probe_lag()
         try:
             await self.stopped.wait()
         finally:
@@ -254,12 +254,11 @@ class Node:
             connection.sweep(now)
         self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
 
-    def _probe_lag(self, due: float) -> None:
-        """A timer that notes how late it fires: how long the loop was busy."""
-        now = self.clock()
-        self.lag.record(now, max(0.0, now - due))
-        due = now + LAG_PROBE_INTERVAL
-        self._lag_timer = self.loop.call_later(LAG_PROBE_INTERVAL, self._probe_lag, due)
+    def _probe_lag(self) -> None:
+        """A timer that notes how late it fires: how long the loop was busy.  The
+        lateness is measured, and read back in ``status``, on ``self.clock``."""
+        self.lag.fired(self.clock())
+        self._lag_timer = self.loop.call_later(self.lag.interval, self._probe_lag)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)

@@ -422,6 +422,7 @@ class PrimaryCore(ReplicationCore):
             batches_sent=self.batches_sent,
             batches_acked=self.batches_acked,
             writes_replicated=self.writes_replicated,
+            ack_seconds_total=round(self.ack_seconds_total, 6),
             # Group commit at work: writes per batch, and the mean acknowledgement time.
             writes_per_batch=round(self.writes_replicated / max(1, self.batches_acked), 2),
             ack_ms_mean=round(1000 * self.ack_seconds_total / max(1, self.batches_acked), 3),

@@ -316,7 +316,7 @@ class Link:
         found = []
         for record in self.caplog.records:
             match = _TRANSITION.match(record.getMessage())
-            if record.name == "pbkv" and match:
+            if record.name == "pbkv.core" and match:
                 found.append((match[1], Stage(match[2]), Stage(match[3]), match[4]))
         return found
 

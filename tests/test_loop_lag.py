@@ -1,5 +1,7 @@
 """The event-loop lag measure behind /kvman/status's loop_lag_ms."""
 
+import pytest
+
 from pbkv.metrics import LoopLag
 
 
@@ -18,3 +20,15 @@ def test_recent_max_forgets_old_delays_but_worst_keeps_them():
 
 def test_no_samples_means_no_lag():
     assert LoopLag().recent_max(100.0) == 0
+
+
+def test_the_probe_records_how_late_it_fired():
+    lag = LoopLag(window=10.0, interval=0.02)
+    lag.fired(100.0)  # the first run only sets when the next is due
+    assert lag.worst == 0
+    lag.fired(100.02)  # on time
+    lag.fired(100.29)  # due at 100.04: the loop was busy for 0.25 s
+    lag.fired(100.30)  # early by a timer's rounding: no negative lag
+    assert lag.recent_max(100.30) == pytest.approx(0.25)
+    assert lag.worst == pytest.approx(0.25)
+    assert lag.recent_max(111.0) == 0  # past the window

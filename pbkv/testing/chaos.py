@@ -57,7 +57,7 @@ from pbkv.testing.linearizability import History, Operation, Result, check
 
 __all__ = ["FAULTS", "ChaosOptions", "ChaosReport", "main", "run_chaos"]
 
-log = logging.getLogger("pbkv.chaos")
+log = logging.getLogger(__name__)
 
 KILL, SHUTDOWN, PAUSE = "kill", "shutdown", "pause"
 FAULTS = (KILL, SHUTDOWN, PAUSE)

@@ -66,7 +66,7 @@ def free_port(hosts: tuple[str, ...] = ("127.0.0.1", "127.0.0.2")) -> int:
     for _ in range(100):
         with socket.socket() as sock:
             sock.bind((hosts[0], 0))
-            port = sock.getsockname()[1]
+            port: int = sock.getsockname()[1]
         if all(_bindable(host, port) for host in hosts):
             return port
     raise RuntimeError("no free port")
@@ -136,7 +136,7 @@ class LocalPair:
             )
         return result
 
-    def start(self, role: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    def start(self, role: str, *extra: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``bin/start_server``: returns once the server is ready (see the launcher)."""
         return self._launcher("start", role, *extra, check=check)
 
@@ -249,11 +249,12 @@ class LocalPair:
         return status["stage"] if status else None
 
     def wait_stage(self, role: str, stage: str, timeout: float = 20.0) -> dict[str, Any]:
-        return wait_for(
+        status: dict[str, Any] = wait_for(
             lambda: (s := self.status(role)) is not None and s["stage"] == stage and s,
             timeout,
             what=f"{role} to reach {stage}",
         )
+        return status
 
     def dump(self, role: str) -> dict[str, str]:
         host, port = self.address[role]

@@ -298,8 +298,11 @@ def _search(
 
     # Entries in time order; at equal times calls come first, so touching intervals
     # count as concurrent (clock ties cannot order them).
-    events = [(ops[i].call, 0, i) for i in definite] + [(ops[i].ret, 1, i) for i in definite]
-    events.sort()  # type: ignore[arg-type]  # definite ops have a return time
+    # Every definite operation has a return time (Operation checks it): none is left out.
+    events = [(ops[i].call, 0, i) for i in definite] + [
+        (ret, 1, i) for i in definite if (ret := ops[i].ret) is not None
+    ]
+    events.sort()
 
     # Doubly linked list over entries 1..m, entry 0 is the head; -1 ends the list.
     m = len(events)

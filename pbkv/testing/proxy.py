@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar
 
-log = logging.getLogger("pbkv.proxy")
+log = logging.getLogger(__name__)
 
 Direction = Literal["up", "down"]
 DIRECTIONS: tuple[Direction, ...] = ("up", "down")
@@ -119,13 +119,16 @@ class Link:
             self._changed.set()
 
     async def _passing(self) -> None:
-        """Return once this link does not drop (on the proxy's loop)."""
-        while self._drop:
+        """Return once this link does not drop (on the proxy's loop).
+
+        ``drop`` is set from another thread: it is read after each ``clear()``, so a
+        change made just before the clear is not missed."""
+        while True:
             if self._changed is None:
                 self._changed = asyncio.Event()
             self._changed.clear()
             if not self._drop:
-                break
+                return
             await self._changed.wait()
 
 

@@ -37,7 +37,7 @@ from pbkv.store import make_store
 from pbkv.testing.linearizability import Operation, Result, check
 from pbkv.wire import Frame, FrameCodec, FrameError
 
-log = logging.getLogger("pbkv.sim")
+log = logging.getLogger(__name__)
 
 ROLES = tuple(Role)
 DUPLICATE_RATE = 0.01  # share of frames a faulty network delivers twice
