@@ -22,7 +22,7 @@ from bench import blip, bulk, resp_load, servers
 from pbkv.launcher import process_alive
 from pbkv.testing import netns
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HAVE_REDIS = shutil.which("redis-server") is not None
 NUMBER = r"\d+(?:\.\d+)?"
 

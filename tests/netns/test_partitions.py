@@ -35,7 +35,7 @@ import pytest
 from pbkv.client import AsyncClient, Client, PbkvError, ReplicationFailed, Unavailable
 from pbkv.testing import netns
 from pbkv.testing.linearizability import History, Operation, check
-from tests.harness import BIN, wait_for
+from tests.support.harness import BIN, wait_for
 
 pytestmark = pytest.mark.netns
 

@@ -18,7 +18,7 @@ import pytest
 from pbkv.cli import escape, main
 from pbkv.client import AsyncClient, BadRequest, Client
 from pbkv.config import Settings
-from tests.harness import Pair, _alive, free_port, standalone_server, wait_for
+from tests.support.harness import Pair, _alive, free_port, standalone_server, wait_for
 
 MAX_KEY = Settings().max_key_bytes
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.harness import BIN, Pair, _alive, _bindable
+from tests.support.harness import BIN, Pair, _alive, _bindable
 
 
 def script(servers: Pair, action: str, *words: str) -> list[str]:

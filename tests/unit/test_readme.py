@@ -4,7 +4,7 @@ from pathlib import Path
 
 from pbkv.stages import with_tables
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_readme_stage_tables_match_the_code():
