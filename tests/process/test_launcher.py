@@ -129,11 +129,9 @@ def test_start_waits_for_an_exiting_server(make_pair):
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert starting.stderr is not None
         line = starting.stderr.readline()
         assert f"(pid {exiting.pid}) is not answering" in line and "waiting" in line, line
         assert starting.poll() is None  # waiting, not refusing
-        assert exiting.stdin is not None
         exiting.stdin.close()  # now it exits
         exiting.wait(timeout=30)
         out, err = starting.communicate(timeout=60)
