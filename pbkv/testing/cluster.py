@@ -118,16 +118,22 @@ class LocalPair:
         self.config.write_text(json.dumps(self.settings))
 
     # -- scripts -------------------------------------------------------------------
-    def _launcher(
-        self, action: str, role: str, *extra: str, check: bool = True
-    ) -> subprocess.CompletedProcess[str]:
+    def command(self, action: str, role: str, *extra: str) -> list[str]:
+        """The command line of ``bin/<action>_server`` (start or stop) for ``role``;
+        a pair whose servers run elsewhere (another namespace) wraps it."""
         script = BIN / f"{action}_server"
         if script.exists():
             command = [str(script)]
         else:  # installed without its repository: the module behind the script
             command = [sys.executable, "-m", "pbkv.launcher", action]
         flag = "-p" if role == "primary" else "-b"
-        command += [flag, "--config", str(self.config), "--run-dir", str(self.dir), *extra]
+        return [*command, flag, "--config", str(self.config), "--run-dir", str(self.dir), *extra]
+
+    def _launcher(
+        self, action: str, role: str, *extra: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        command = self.command(action, role, *extra)
+        flag = "-p" if role == "primary" else "-b"
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         if check and result.returncode != 0:
             raise RuntimeError(

@@ -41,6 +41,10 @@ started meanwhile stay there)::
         ...
         net.clear_rules()
 
+A :class:`NamespacePair` is a :class:`~pbkv.testing.cluster.LocalPair` whose
+primary and backup run in the topology's two server namespaces, on the server
+addresses; talk to it from the client namespace.
+
 Needs root, ``ip`` (iproute2) and ``iptables``.
 """
 
@@ -61,10 +65,12 @@ from typing import Self
 
 from pbkv.launcher import process_alive
 from pbkv.stages import Role
+from pbkv.testing.cluster import LocalPair
 
 __all__ = [
     "CLIENT_ADDRESS",
     "ROLES",
+    "NamespacePair",
     "SERVER_ADDRESSES",
     "Topology",
     "TopologyError",
@@ -355,6 +361,21 @@ class Topology:
                 f"{(result.stderr or result.stdout).strip()}"
             )
         return result
+
+
+class NamespacePair(LocalPair):
+    """A :class:`LocalPair` whose servers run in ``net``'s primary and backup
+    namespaces: the real scripts under ``ip netns exec``, each server on its own
+    server address.  Every method that talks to a server must run in the client
+    namespace (``net.inside("client")``)."""
+
+    def __init__(self, net: Topology, directory: str | os.PathLike[str], **settings: str) -> None:
+        self.net = net
+        addresses = {"primary": net.addresses["primary"], "backup": net.addresses["backup"]}
+        super().__init__(directory, **{**addresses, **settings})
+
+    def command(self, action: str, role: str, *extra: str) -> list[str]:
+        return self.net.command(role, *super().command(action, role, *extra))
 
 
 _OURS = re.compile(r"^pbkv(?:probe)?[pbc]-(\d+)-[0-9a-f]+$")

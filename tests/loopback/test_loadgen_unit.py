@@ -31,7 +31,7 @@ from bench.loadgen import (
     update_request,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- fake server

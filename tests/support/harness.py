@@ -3,6 +3,7 @@ bookkeeping of the clients a test opens, so teardown can close them."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from pbkv.client import Client
@@ -17,7 +18,16 @@ from pbkv.testing.cluster import (
     wait_for,
 )
 
-__all__ = ["BIN", "FAST_SETTINGS", "REPO", "Pair", "free_port", "standalone_server", "wait_for"]
+__all__ = [
+    "BIN",
+    "FAST_SETTINGS",
+    "REPO",
+    "Pair",
+    "free_port",
+    "process_age",
+    "standalone_server",
+    "wait_for",
+]
 
 _alive = process_alive
 _bindable = _bindable
@@ -49,3 +59,13 @@ def standalone_server(tmp_path_factory, name: str, **settings: str) -> Iterator[
         yield servers
     finally:
         servers.cleanup()
+
+
+def process_age(pid: int) -> float:
+    """Seconds since process ``pid`` started, from /proc (to bound an uptime it reports).
+    Both clocks count whole ticks, so the age may be short by one tick of 10 ms."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # Fields after the command name; the start time (field 22) is in ticks since boot.
+        started = int(stat.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as uptime:
+        return float(uptime.read().split()[0]) - started

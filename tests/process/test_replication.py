@@ -2,7 +2,7 @@
 every handshake case (who wins), and faults injected by a proxy.
 
 Every test starts a real primary (127.0.0.1) and backup (127.0.0.2) with the
-real scripts and short timeouts (see ``tests/harness.py``), drives them with
+real scripts and short timeouts (see ``tests/support/harness.py``), drives them with
 real clients and compares their dumps with a model of the acknowledged writes.
 """
 
@@ -21,7 +21,7 @@ import pytest
 from pbkv.client import Client, NotPrimary, PbkvError, ReplicationFailed, Unavailable
 from pbkv.stages import Role
 from pbkv.testing.proxy import FaultProxy
-from tests.harness import FAST_SETTINGS, Pair, wait_for
+from tests.support.harness import FAST_SETTINGS, Pair, wait_for
 
 ACK_TIMEOUT = float(FAST_SETTINGS["ack_timeout"])
 # Every write must be answered within this: the ack timeout, the heartbeat tick

@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from pbkv.client import Client, PbkvError
-from tests.harness import Pair, wait_for
-from tests.test_http_server import Raw, assert_error, exchange, request
+from tests.support.harness import Pair, wait_for
+from tests.support.raw_http import Raw, assert_error, exchange, request
 
 FORM = "application/x-www-form-urlencoded"
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from pbkv.testing.proxy import FaultProxy
-from tests.harness import wait_for
+from tests.support.harness import wait_for
 
 HOST = "127.0.0.1"
 

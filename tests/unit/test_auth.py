@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from pbkv import auth
 from pbkv.wire import Ack, Batch, Frame, FrameCodec, FrameError, FrameType, Heartbeat, encode
-from tests.test_wire import frames as typed_frames
+from tests.support.strategies import frames as typed_frames
 
 SECRET = "correct horse battery staple".replace(" ", "-")
 

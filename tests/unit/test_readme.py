@@ -11,7 +11,7 @@ import pytest
 from pbkv.config import Settings
 from pbkv.stages import BEGIN_MARK, END_MARK, STAGES_PAGE, describe, with_tables
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 PAGES = [README, ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MAX_LINES = 200

@@ -26,8 +26,8 @@ import pytest
 from pbkv.cli import main as cli
 from pbkv.client import BadRequest, Client, NotPrimary, ReplicationFailed, Unavailable
 from pbkv.config import Settings
-from tests.harness import Pair, standalone_server
-from tests.test_http_server import ERRORS, JSON_TYPE, Raw, Reply, exchange, request
+from tests.support.harness import Pair, standalone_server
+from tests.support.raw_http import ERRORS, JSON_TYPE, Raw, Reply, exchange, request
 
 MAX_KEY = Settings().max_key_bytes
 FALSE = {"success": "false"}

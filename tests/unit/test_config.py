@@ -14,7 +14,7 @@ from pbkv import config
 from pbkv.config import Settings, SettingsError, load_file, parse_mapping, settings_from_args
 
 COURSE = {"primary": "127.0.0.1", "backup": "127.0.0.2", "port": "8080"}
-REPO_SETTINGS = Path(__file__).resolve().parent.parent / "conf" / "settings.conf"
+REPO_SETTINGS = Path(__file__).resolve().parents[2] / "conf" / "settings.conf"
 
 
 def write(tmp_path: Path, data: Any, name: str = "settings.conf") -> Path:

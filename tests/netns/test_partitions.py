@@ -1,7 +1,8 @@
 """Faults between hosts: the primary and the backup in two network namespaces.
 
-Each server runs in its own namespace (see ``pbkv.testing.netns``), started with
-the real ``bin/start_server`` under ``ip netns exec``; the test process talks to
+Each server runs in its own namespace (``pbkv.testing.netns.NamespacePair``: a
+``LocalPair`` started with the real ``bin/start_server`` under ``ip netns exec``);
+the test process talks to
 both from a third namespace over links that the faults leave alone.  During each
 fault a few concurrent clients keep working on the primary and record a history;
 once the fault is healed and the pair is back in sync, the dumps of both servers
@@ -18,139 +19,35 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from pbkv.client import AsyncClient, Client, PbkvError, ReplicationFailed, Unavailable
+from pbkv.client import AsyncClient, PbkvError, ReplicationFailed, Unavailable
 from pbkv.testing import netns
 from pbkv.testing.linearizability import History, Operation, check
-from tests.harness import BIN, wait_for
+from pbkv.testing.netns import NamespacePair
+from tests.support.harness import FAST_SETTINGS, wait_for
 
 pytestmark = pytest.mark.netns
 
 PORT = 8080
 PROXY_PORT = 8081
-ACK_TIMEOUT = 1.0
-PEER_TIMEOUT = 1.0
-SETTINGS = {
-    "port": str(PORT),
-    "ack_timeout": str(ACK_TIMEOUT),
-    "peer_timeout": str(PEER_TIMEOUT),
-    "heartbeat_interval": "0.1",
-    "retry_min": "0.05",
-    "retry_max": "0.3",
-}
+# The pair runs with LocalPair's short timeouts.
+ACK_TIMEOUT = float(FAST_SETTINGS["ack_timeout"])
+PEER_TIMEOUT = float(FAST_SETTINGS["peer_timeout"])
 # A write is answered within ack_timeout, plus one tick, plus a busy machine's noise.
 WRITE_DEADLINE = ACK_TIMEOUT + 1.0
 # Longer than any answer can take: a client that waits this long saw a hang.
 CLIENT_TIMEOUT = 5.0
 WRITES = ("insert", "update", "delete")
 BULK_KEYS = 4000  # about 1 MB: a few seconds over the rate-limited link
-
-
-# -- the pair, one server per namespace ---------------------------------------------------
-class Servers:
-    """Primary and backup in their namespaces; the API of ``tests.harness.Pair``.
-
-    Every method that talks to a server must run in the client namespace (the
-    ``net`` fixture puts the test's thread there).
-    """
-
-    def __init__(self, net: netns.Topology, directory: Path) -> None:
-        self.net = net
-        self.dir = directory
-        values = {"primary": net.addresses["primary"], "backup": net.addresses["backup"]}
-        values.update(SETTINGS)
-        self.config = directory / "settings.conf"
-        self.config.write_text(json.dumps(values))
-        self.address = {role: (net.addresses[role], PORT) for role in ("primary", "backup")}
-
-    def start(self, role: str, *extra: str) -> None:
-        flag = "-p" if role == "primary" else "-b"
-        argv = self.net.command(
-            role, str(BIN / "start_server"), flag, "--config", str(self.config),
-            "--run-dir", str(self.dir), *extra,
-        )  # fmt: skip
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, f"start_server {flag}: {result.stdout}{result.stderr}"
-
-    def start_both(self, *primary_extra: str) -> None:
-        self.start("backup")
-        self.start("primary", *primary_extra)
-        self.wait_stage("primary", "in_sync")
-        self.wait_stage("backup", "in_sync")
-
-    def _name(self, role: str) -> str:
-        host, port = self.address[role]
-        return f"{role}-{host}-{port}"
-
-    def pid(self, role: str) -> int | None:
-        try:
-            return int((self.dir / "run" / f"{self._name(role)}.pid").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def log(self, role: str) -> str:
-        path = self.dir / "logs" / f"{self._name(role)}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
-
-    def kill(self, role: str) -> None:
-        """kill -9, and wait until the process is gone."""
-        pid = self.pid(role)
-        assert pid is not None, f"{role} has no pid file"
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not _alive(pid), what=f"{role} to die")
-        (self.dir / "run" / f"{self._name(role)}.pid").unlink(missing_ok=True)
-
-    def cleanup(self) -> None:
-        for role in ("primary", "backup"):
-            pid = self.pid(role)
-            if pid is not None and _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-    def client(self, role: str = "primary") -> Client:
-        host, port = self.address[role]
-        return Client(host, port, timeout=CLIENT_TIMEOUT)
-
-    def status(self, role: str) -> dict[str, Any] | None:
-        try:
-            with Client(*self.address[role], timeout=2.0) as client:
-                return client.status()
-        except (OSError, PbkvError):
-            return None
-
-    def wait_stage(self, role: str, stage: str, timeout: float = 20.0) -> dict[str, Any]:
-        return wait_for(
-            lambda: (s := self.status(role)) is not None and s["stage"] == stage and s,
-            timeout,
-            what=f"{role} to reach {stage}",
-        )
-
-    def dump(self, role: str) -> dict[str, str]:
-        with self.client(role) as client:
-            return dict(client.dump())
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # -- concurrent clients recording a history -------------------------------------------------
@@ -295,12 +192,12 @@ def net():
 
 @pytest.fixture
 def servers(net, tmp_path):
-    pair = Servers(net, tmp_path)
+    pair = NamespacePair(net, tmp_path, port=str(PORT))
     yield pair
     pair.cleanup()
     for role in ("primary", "backup"):  # shown with a failure
         print(f"--- {role} log, last lines")
-        print("\n".join(pair.log(role).splitlines()[-40:]))
+        print("\n".join(pair.log_tail(role)))
     print(net.rules())
 
 
@@ -335,24 +232,26 @@ def wait_acked_writes(load: Workload, since: float, at_least: int = 10) -> None:
     assert load.alive(), "the workload stopped"
 
 
-def assert_partitioned_primary_serves_reads(servers: Servers) -> None:
+def assert_partitioned_primary_serves_reads(servers: NamespacePair) -> None:
     """Bootstrapping secondary, confirmed data: reads served, writes refused."""
-    with servers.client() as client:
+    with servers.client(timeout=CLIENT_TIMEOUT) as client:
         client.get("k0")  # no 503
-        assert client.count() >= 0
+        data = dict(client.dump())  # writes are refused: the data holds still meanwhile
+        assert client.count() == len(data)
+        assert client.get("k0") == data.get("k0")
         with pytest.raises(Unavailable) as refused:
             client.insert("probe-during-partition", "x")
         assert refused.value.stage == "bootstrapping_secondary"
 
 
-def back_in_sync(servers: Servers, since: float) -> float:
+def back_in_sync(servers: NamespacePair, since: float) -> float:
     """Wait until both servers are in sync again; seconds since ``since``."""
     servers.wait_stage("primary", "in_sync")
     servers.wait_stage("backup", "in_sync")
     return time.monotonic() - since
 
 
-def finish(servers: Servers, load: Workload, in_sync_at: float) -> list[Operation]:
+def finish(servers: NamespacePair, load: Workload, in_sync_at: float) -> list[Operation]:
     """Let the recovered pair acknowledge writes again, stop the load, check it all."""
     wait_acked_writes(load, since=in_sync_at)
     ops = load.stop()
@@ -361,7 +260,7 @@ def finish(servers: Servers, load: Workload, in_sync_at: float) -> list[Operatio
 
 
 def verify(
-    servers: Servers,
+    servers: NamespacePair,
     load: Workload,
     ops: list[Operation],
     primary_restarted: bool = False,
@@ -422,7 +321,7 @@ def outcomes(load: Workload) -> dict[str, int]:
 
 
 def partition_while_writing(
-    servers: Servers,
+    servers: NamespacePair,
     load: Workload,
     fault: Callable[[], None],
     heal: Callable[[], None],
@@ -604,7 +503,7 @@ def test_primary_killed_and_restarted_while_partitioned(servers, net, workload):
     status = servers.status("primary")
     assert status is not None and status["stage"] in ("cold_start", "bootstrapping_secondary")
     assert status["confirmed"] is False
-    with servers.client() as client:
+    with servers.client(timeout=CLIENT_TIMEOUT) as client:
         for call in (
             lambda: client.get("k0"),
             lambda: client.count(),
@@ -650,11 +549,12 @@ def test_partition_during_warm_start(servers, net, workload):
 
     servers.kill("primary")
     # The launcher returns once the primary is in sync: run it in the background.
-    argv = net.command(
-        "primary", str(BIN / "start_server"), "-p", "--config", str(servers.config),
-        "--run-dir", str(servers.dir),
-    )  # fmt: skip
-    launcher = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher = subprocess.Popen(
+        servers.command("start", "primary"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         status = wait_for(
             lambda: (
@@ -670,7 +570,7 @@ def test_partition_during_warm_start(servers, net, workload):
 
         def check_reads() -> tuple[int, int]:
             served = refused = 0
-            with servers.client() as client:
+            with servers.client(timeout=CLIENT_TIMEOUT) as client:
                 for key in [*list(bulk)[::10], *(f"missing{i}" for i in range(20))]:
                     try:
                         value = client.get(key)
@@ -737,7 +637,10 @@ def test_delay_through_proxy(servers, net, workload):
         via_proxy.update(backup=primary_host, backup_port=str(PROXY_PORT))
         primary_config = servers.dir / "primary-via-proxy.conf"
         primary_config.write_text(json.dumps(via_proxy))
-        servers.start_both("--config", str(primary_config))
+        servers.start("backup")
+        servers.start("primary", "--config", str(primary_config))
+        servers.wait_stage("primary", "in_sync")
+        servers.wait_stage("backup", "in_sync")
         assert proxy.connections_proxied > 0
         load = workload(seed=6)
         wait_acked_writes(load, since=0.0, at_least=20)

@@ -20,7 +20,7 @@ from pbkv.wire import (
     encode,
     frame_from_wire,
 )
-from tests.forge import transfer_frames
+from tests.support.forge import transfer_frames
 
 SHAPES = [("sharded", 1), ("sharded", 3), ("sharded", 16), ("hash", 1)]
 SHAPE_IDS = [f"{kind}-{count}" for kind, count in SHAPES]

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.harness import BIN, Pair, _alive, _bindable
+from tests.support.harness import BIN, Pair, _alive, _bindable
 
 
 def script(servers: Pair, action: str, *words: str) -> list[str]:
@@ -129,11 +129,9 @@ def test_start_waits_for_an_exiting_server(make_pair):
             stderr=subprocess.PIPE,
             text=True,
         )
-        assert starting.stderr is not None
         line = starting.stderr.readline()
         assert f"(pid {exiting.pid}) is not answering" in line and "waiting" in line, line
         assert starting.poll() is None  # waiting, not refusing
-        assert exiting.stdin is not None
         exiting.stdin.close()  # now it exits
         exiting.wait(timeout=30)
         out, err = starting.communicate(timeout=60)

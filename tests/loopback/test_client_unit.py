@@ -366,7 +366,7 @@ def test_backup_port_overrides(tmp_path: Path) -> None:
 
 
 def test_course_default_file() -> None:
-    path = Path(__file__).resolve().parent.parent / "conf" / "settings.conf"
+    path = Path(__file__).resolve().parents[2] / "conf" / "settings.conf"
     assert server_address(path, "primary") == ("127.0.0.1", 8080)
     assert server_address(path, "backup") == ("127.0.0.2", 8080)
 

@@ -18,7 +18,14 @@ import pytest
 from pbkv.cli import escape, main
 from pbkv.client import AsyncClient, BadRequest, Client
 from pbkv.config import Settings
-from tests.harness import Pair, _alive, free_port, standalone_server, wait_for
+from tests.support.harness import (
+    Pair,
+    _alive,
+    free_port,
+    process_age,
+    standalone_server,
+    wait_for,
+)
 
 MAX_KEY = Settings().max_key_bytes
 
@@ -131,7 +138,7 @@ def test_cli_count_and_dump(pbkv, client, tag):
     assert escape(f"{tag}odd\tkey") + "\t" + escape(pairs[tag + "odd\tkey"]) in lines
 
 
-def test_cli_status(pbkv, server):
+def test_cli_status(pbkv, server, client):
     status, out, err = pbkv("status")
     assert (status, err) == (0, "")
     fields = dict(line.split(":", 1) for line in out.splitlines())
@@ -139,9 +146,10 @@ def test_cli_status(pbkv, server):
     assert fields["role"] == "primary"
     assert fields["stage"] == "in_sync"
     assert fields["address"] == "%s:%d" % server.address["primary"]
-    assert int(fields["keys"]) >= 0
+    assert int(fields["keys"]) == client.count()
     assert fields["checksum"]
-    assert float(fields["uptime"]) >= 0
+    # Seconds since this server started: more than nothing, at most the process's age.
+    assert 0 < float(fields["uptime"]) <= process_age(server.pid("primary")) + 0.02
 
 
 @pytest.mark.parametrize("text", TRICKY, ids=repr)

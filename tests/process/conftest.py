@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import Pair, standalone_server
+from tests.support.harness import Pair, standalone_server
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from pbkv.commands import Done
 from pbkv.config import Settings
 from pbkv.http import Access, HttpProtocol, Limits, access_for, certificate_names
-from tests.test_http_protocol import FakeTransport as PlainTransport
+from tests.support.fake_transport import FakeTransport as PlainTransport
 
 UPGRADE = b"GET /kvrepl HTTP/1.1\r\nHost: x\r\nUpgrade: pbkv-repl/1\r\nConnection: Upgrade\r\n\r\n"
 

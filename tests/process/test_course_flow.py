@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.harness import BIN, wait_for
+from tests.support.harness import BIN, wait_for
 
 
 def test_course_grading_flow(pair):

@@ -17,8 +17,8 @@ import pytest
 
 from pbkv.client import AsyncClient, BadRequest, Client, tls_context
 from pbkv.wire import FrameType
-from tests.forge import UPGRADE_REQUEST, RawChannel, forged_hello, transfer_frames
-from tests.harness import Pair, wait_for
+from tests.support.forge import UPGRADE_REQUEST, RawChannel, forged_hello, transfer_frames
+from tests.support.harness import Pair, wait_for
 
 OUTSIDER = "127.0.0.9"
 PAIRS = {f"key{i:04d}": f"value{i}" for i in range(1000)}
@@ -275,7 +275,7 @@ def test_client_token_is_needed_by_every_client(make_pair) -> None:
 
 @pytest.fixture
 def authority(tmp_path):
-    from tests.certs import Authority  # cryptography is a test dependency
+    from tests.support.certs import Authority  # cryptography is a test dependency
 
     return Authority(tmp_path / "certs")
 
@@ -351,7 +351,7 @@ def test_tls_channel_needs_a_certificate_of_the_primary(make_pair, authority, tm
     with_backup_certificate.load_cert_chain(*pair.backup_tls)
     assert upgrade(with_backup_certificate).startswith(b"HTTP/1.1 403 ")
     # One from another CA that names the primary: the TLS handshake itself fails.
-    from tests.certs import Authority
+    from tests.support.certs import Authority
 
     rogue = Authority(tmp_path / "rogue", "rogue CA")
     rogue_context = tls_context(str(authority.ca_file))
