@@ -60,7 +60,7 @@ class Settings:
     # A primary that answers writes without a backup (tests, one-node use).
     standalone: bool = False
     idle_timeout: float = 300.0  # close connections this long after their last request
-    # Bounds on what clients may hold (see README, "Limits").
+    # Bounds on what clients may hold (see docs/limits.md).
     header_timeout: float = 10.0  # a request line and headers must arrive within this
     body_timeout: float = 30.0  # a body must arrive within this after its headers
     send_timeout: float = 60.0  # replies that do not drain for this long close the connection
@@ -72,7 +72,7 @@ class Settings:
     errors: str = "course"  # how refusals are answered: see ERROR_MODES
     log_level: str = "info"
 
-    # Trust (README "Security"). The secret authenticates the two servers to each
+    # Trust (docs/security.md). The secret authenticates the two servers to each
     # other and the owner's /kvman/shutdown; see ``with_secrets`` for where it
     # may come from. The client token, when set, is needed by every client request.
     secret: str | None = dataclasses.field(default=None, repr=False)
