@@ -479,7 +479,7 @@ def test_form_decoding_agrees_with_parse_qsl(text):
     import re
     from urllib.parse import parse_qsl
 
-    from pbkv.http import _decode_pairs
+    from pbkv.http.params import _decode_pairs
 
     try:
         expected_pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
@@ -506,9 +506,9 @@ def test_percent_encode_high_touches_only_bytes_from_0x80() -> None:
 
 
 def test_refusal_log_lines_are_throttled_and_counted() -> None:
-    from pbkv.http import _Throttle
+    from pbkv.limits import LogThrottle
 
-    throttle = _Throttle(per_second=3)
+    throttle = LogThrottle(per_window=3, window=1.0)
     assert [throttle.allow(10.0 + n / 100) for n in range(5)] == [0, 0, 0, None, None]
     assert throttle.allow(11.0) == 2  # the next window reports what was left out
     assert throttle.allow(11.1) == 0
