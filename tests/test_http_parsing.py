@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbkv.commands import Command, Counted, Done, Dumped, Refused, ReplicationFailed
+from pbkv.commands import Command, Counted, Done, Dumped, MemoryFull, Refused, ReplicationFailed
 from pbkv.http import (
     Limits,
     RequestError,
@@ -291,6 +291,26 @@ def test_replication_failed_reply() -> None:
     assert json.loads(body) == {"success": "false", "error": "replication failed"}
     assert body == b'{"success":"false","error":"replication failed"}'
     assert b"Retry-After:" in extra
+
+
+@pytest.mark.parametrize("command", [Command.INSERT, Command.UPDATE])
+@pytest.mark.parametrize("errors", ["http", "course"])
+def test_memory_full_is_the_reply_of_a_refusal_with_507(command: Command, errors: str) -> None:
+    """The outcome answers as the RequestError the server raised for it did, byte for byte."""
+    message = "max_memory reached (1000 bytes): write refused"
+    path = b"/kv/insert" if command is Command.INSERT else b"/kv/update"
+    expected = refusal_reply(errors, path, 507, message)
+    assert outcome_reply(command, MemoryFull(1000), errors) == expected
+    status, body, extra = expected
+    if errors == "http":
+        assert (status, json.loads(body), extra) == (
+            507,
+            {"success": "false", "error": message},
+            b"",
+        )
+    else:
+        assert (status, body) == (200, b'{"success":"false"}')
+        assert headers_of(extra) == {"X-Pbkv-Error": message, "X-Pbkv-Status": "507"}
 
 
 @pytest.mark.parametrize("stage", list(Stage))
