@@ -2,8 +2,7 @@
 the shutdown secret or addresses, and who may open the replication channel.
 
 The checks take what a request carries (its ``Authorization`` value, the
-connection's transport) and raise ``RequestError`` or name the refusal; the
-protocol calls them only where a setting asks for them.
+connection's transport) and raise ``RequestError`` or name the refusal.
 """
 
 from __future__ import annotations

@@ -145,6 +145,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- what the reader reports -------------------------------------------------------
     def request_ready(self) -> None:
+        """Route the request the reader holds; its reply takes its place in the queue now."""
         reader = self.reader
         parser = reader.parser
         pending = self._pending
@@ -160,7 +161,7 @@ class HttpProtocol(asyncio.Protocol):
             if route is None:
                 self._admin(reply, path, method)
             else:
-                allowed, command, is_read = route
+                allowed, command, is_read = route  # is_read: Command.is_read, looked up once
                 if method != allowed and not (
                     self.errors == "course" and method in _COURSE_METHODS
                 ):
