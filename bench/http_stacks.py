@@ -3,7 +3,7 @@
 Every stack answers ``GET /kv/get?key=k`` from a one-key dict with the reply pbkv sends,
 ``{"success":"true","value":"v"}`` (built with orjson), and 404 for any other path:
 
-    bare      a bare asyncio Protocol on httptools with uvloop (what pbkv/http.py is built on)
+    bare      a bare asyncio Protocol on httptools with uvloop (what pbkv.http is built on)
     granian   granian, RSGI interface, one worker, one runtime thread, uvloop (and its
               Rust task implementation where it has one: Python 3.11 and older)
     uvicorn   uvicorn with httptools and uvloop, a bare ASGI app (no Server/Date headers)

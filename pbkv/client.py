@@ -19,7 +19,6 @@ import os
 import select
 import ssl
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, cast
 from urllib.parse import quote, urlencode
@@ -27,6 +26,7 @@ from urllib.parse import quote, urlencode
 import httptools
 
 from pbkv.config import DEFAULT_CONFIG_PATH, ROLES, Settings, load_file, with_secrets
+from pbkv.routes import BY_NAME
 
 __all__ = [
     "AsyncClient",
@@ -110,25 +110,6 @@ class BadRequest(PbkvError):
 # --- requests and replies (shared by both clients) ----------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class _Op:
-    method: str
-    path: str
-    # Safe to send again when a reused connection turned out dead before the reply came.
-    resendable: bool
-
-
-_OPS: dict[str, _Op] = {
-    "get": _Op("GET", "/kv/get", True),
-    "insert": _Op("POST", "/kv/insert", False),
-    "update": _Op("POST", "/kv/update", False),
-    "delete": _Op("POST", "/kv/delete", False),
-    "count": _Op("GET", "/kvman/countkey", True),
-    "dump": _Op("GET", "/kvman/dump", True),
-    "status": _Op("GET", "/kvman/status", True),
-    "shutdown": _Op("GET", "/kvman/shutdown", False),
-}
-
 _FORM = "application/x-www-form-urlencoded"
 
 
@@ -141,8 +122,8 @@ def _request_parts(
     op: str, params: Mapping[str, str] | None
 ) -> tuple[str, str, bytes | None, dict[str, str]]:
     """Method, target, body and extra headers of one request."""
-    spec = _OPS[op]
-    if spec.method == "GET":
+    spec = BY_NAME[op]
+    if spec.methods[0] == "GET":
         target = f"{spec.path}?{_encode(params)}" if params else spec.path
         return "GET", target, None, {}
     body = _encode(params or {}).encode("ascii")
@@ -482,7 +463,7 @@ class Client(_Endpoint):
     ) -> Any:
         method, target, body, headers = _request_parts(op, params)
         headers = self._headers(headers, credential)
-        status, raw, replied = self._exchange(method, target, body, headers, _OPS[op].resendable)
+        status, raw, replied = self._exchange(method, target, body, headers, BY_NAME[op].safe)
         return parse_reply(op, status, raw, replied.get("retry-after"), replied)
 
     def _exchange(
@@ -682,7 +663,7 @@ class AsyncClient(_Endpoint):
             lines.append(f"Content-Length: {len(body)}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
         async with self._lock:
-            status, raw, replied = await self._exchange(request, _OPS[op].resendable)
+            status, raw, replied = await self._exchange(request, BY_NAME[op].safe)
         return parse_reply(op, status, raw, replied.get("retry-after"), replied)
 
     async def _exchange(

@@ -1,6 +1,6 @@
 """The client vocabulary: the commands a server is asked and the outcomes it answers.
 
-``http.py`` turns requests into commands and outcomes into replies; the
+``pbkv.http`` turns requests into commands and outcomes into replies; the
 replication cores (``primary.py``, ``backup.py``) decide the outcomes.
 """
 

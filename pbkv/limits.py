@@ -2,7 +2,7 @@
 unfinished requests, the number of clients, the coarse clock the timeouts
 use, and the pump that streams dumps a bounded amount per turn of the loop.
 
-``http.py`` keeps per-connection state; this module keeps the totals.
+``pbkv/http`` keeps per-connection state; this module keeps the totals.
 """
 
 from __future__ import annotations
@@ -46,19 +46,37 @@ class ConnectionLimits:
     reserved_clients: int = RESERVED_CLIENTS
 
 
-class RateLimitedLog:
-    """One log line per interval for an event that may happen thousands of times."""
+class LogThrottle:
+    """At most ``per_window`` log lines every ``window`` seconds for an event that may
+    happen thousands of times (a flood of bad requests, a limit being hit): the events
+    left out are counted, so the next line can say how many there were."""
 
-    def __init__(self, message: str, interval: float = LIMIT_LOG_INTERVAL) -> None:
-        self.message = message
-        self.interval = interval
-        self.count = 0
-        self._last = -interval
+    def __init__(
+        self, message: str = "", per_window: int = 1, window: float = LIMIT_LOG_INTERVAL
+    ) -> None:
+        self.message = message  # what ``hit`` logs
+        self.per_window = per_window
+        self.window = window
+        self.count = 0  # events so far
+        self._skipped = 0  # events left out since the last line
+        self._start = float("-inf")  # when the current window began
+        self._used = 0  # lines logged in it
+
+    def allow(self, now: float) -> int | None:
+        """Count an event: None, leave its line out; else how many were left out before it."""
+        self.count += 1
+        if now - self._start >= self.window:
+            self._start, self._used = now, 0
+        if self._used >= self.per_window:
+            self._skipped += 1
+            return None
+        self._used += 1
+        skipped, self._skipped = self._skipped, 0
+        return skipped
 
     def hit(self, now: float) -> None:
-        self.count += 1
-        if now - self._last >= self.interval:
-            self._last = now
+        """Count an event and log ``message`` with the count so far, when allowed."""
+        if self.allow(now) is not None:
             log.warning("%s (%d times so far)", self.message, self.count)
 
 
@@ -73,10 +91,10 @@ class Guard:
         self.clients = 0  # ordinary client connections
         self.probation = collections.deque[Any]()  # connections over max_clients
         self.pump = StreamPump()
-        self.refused_bodies = RateLimitedLog(
+        self.refused_bodies = LogThrottle(
             f"max_pending_bytes ({self.limits.max_pending_bytes}) reached: refusing large bodies"
         )
-        self.refused_clients = RateLimitedLog(
+        self.refused_clients = LogThrottle(
             f"max_clients ({self.limits.max_clients}) reached: refusing connections"
         )
         self.timeouts = 0  # connections closed by a header, body or send timeout

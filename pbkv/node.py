@@ -265,7 +265,7 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- the App interface of http.py --------------------------------------------
+    # -- the App interface of pbkv.http -----------------------------------------
     def read(self, command: Command, key: str) -> Outcome:
         self.stats.count(command)
         return self.core.read(command, key)

@@ -1,4 +1,4 @@
-"""Who may do what, at the HTTP layer (pbkv/http.py ``Access``), with a fake transport."""
+"""Who may do what, at the HTTP layer (pbkv/http/access.py), with a fake transport."""
 
 from __future__ import annotations
 

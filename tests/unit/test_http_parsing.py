@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbkv.commands import Command, Counted, Done, Dumped, Refused, ReplicationFailed
+from pbkv.commands import Command, Counted, Done, Dumped, MemoryFull, Refused, ReplicationFailed
 from pbkv.http import (
     Limits,
     RequestError,
@@ -293,6 +293,26 @@ def test_replication_failed_reply() -> None:
     assert b"Retry-After:" in extra
 
 
+@pytest.mark.parametrize("command", [Command.INSERT, Command.UPDATE])
+@pytest.mark.parametrize("errors", ["http", "course"])
+def test_memory_full_is_the_reply_of_a_refusal_with_507(command: Command, errors: str) -> None:
+    """The outcome answers as the RequestError the server raised for it did, byte for byte."""
+    message = "max_memory reached (1000 bytes): write refused"
+    path = b"/kv/insert" if command is Command.INSERT else b"/kv/update"
+    expected = refusal_reply(errors, path, 507, message)
+    assert outcome_reply(command, MemoryFull(1000), errors) == expected
+    status, body, extra = expected
+    if errors == "http":
+        assert (status, json.loads(body), extra) == (
+            507,
+            {"success": "false", "error": message},
+            b"",
+        )
+    else:
+        assert (status, body) == (200, b'{"success":"false"}')
+        assert headers_of(extra) == {"X-Pbkv-Error": message, "X-Pbkv-Status": "507"}
+
+
 @pytest.mark.parametrize("stage", list(Stage))
 @pytest.mark.parametrize("command", [Command.GET, Command.INSERT, Command.COUNT])
 def test_stage_refusal_reply(stage: Stage, command: Command) -> None:
@@ -479,7 +499,7 @@ def test_form_decoding_agrees_with_parse_qsl(text):
     import re
     from urllib.parse import parse_qsl
 
-    from pbkv.http import _decode_pairs
+    from pbkv.http.params import _decode_pairs
 
     try:
         expected_pairs = parse_qsl(text, keep_blank_values=True, errors="strict")
@@ -506,9 +526,9 @@ def test_percent_encode_high_touches_only_bytes_from_0x80() -> None:
 
 
 def test_refusal_log_lines_are_throttled_and_counted() -> None:
-    from pbkv.http import _Throttle
+    from pbkv.limits import LogThrottle
 
-    throttle = _Throttle(per_second=3)
+    throttle = LogThrottle(per_window=3, window=1.0)
     assert [throttle.allow(10.0 + n / 100) for n in range(5)] == [0, 0, 0, None, None]
     assert throttle.allow(11.0) == 2  # the next window reports what was left out
     assert throttle.allow(11.1) == 0

@@ -8,6 +8,8 @@ import pytest
 
 from pbkv.commands import Done
 from pbkv.http import HttpProtocol, Limits
+from pbkv.http.pending import PendingReply, ReplyQueue
+from pbkv.limits import CLOCK_STEP, ConnectionLimits, Guard
 from tests.support.fake_transport import FakeTransport
 
 
@@ -33,8 +35,10 @@ class App:
         return None
 
 
-def connect(app: App, errors: str = "http") -> tuple[HttpProtocol, FakeTransport]:
-    protocol = HttpProtocol(app, Limits(), set(), errors)
+def connect(
+    app: App, errors: str = "http", guard: Guard | None = None
+) -> tuple[HttpProtocol, FakeTransport]:
+    protocol = HttpProtocol(app, Limits(), set(), errors, guard=guard)
     transport = FakeTransport()
     protocol.connection_made(transport)
     return protocol, transport
@@ -199,3 +203,170 @@ def test_an_upgrade_hands_over_binary_bytes_read_with_it():
     assert app.handed == (transport, frames)
     replies, _ = transport.written.split(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert bodies(replies) == [{"success": "true", "value": "value of 韩国人"}]
+
+
+# -- the replies a connection owes ------------------------------------------------------
+INSERT = b"POST /kv/insert?key=k&value=v HTTP/1.1\r\n\r\n"
+
+
+def get(key: str, close: bool = False) -> bytes:
+    connection = b"Connection: close\r\n" if close else b""
+    return b"GET /kv/get?key=%s HTTP/1.1\r\n%s\r\n" % (key.encode(), connection)
+
+
+def test_a_pending_reply_has_named_fields_only() -> None:
+    reply = PendingReply(close=True)
+    assert (reply.data, reply.stream, reply.close) == (None, None, True)
+    with pytest.raises(AttributeError):
+        reply.other = 1  # type: ignore[attr-defined]
+
+
+def test_ready_bytes_count_the_replies_known_so_far() -> None:
+    queue = ReplyQueue()
+    first, second, third = PendingReply(False), PendingReply(False), PendingReply(True)
+    queue.extend([first, second, third])
+    assert queue.ready_bytes() == 0
+    second.data = b"12345"
+    third.data = b"123"
+    assert queue.ready_bytes() == 8
+    assert queue.popleft() is first
+
+
+def test_a_reply_that_closes_is_the_last_one_sent() -> None:
+    app = App()
+    protocol, transport = connect(app)
+    protocol.data_received(INSERT + get("a", close=True) + get("b"))
+    app.pending[0](Done(True))
+    assert bodies(transport.written) == [
+        {"success": "true"},
+        {"success": "true", "value": "value of a"},
+    ]
+    assert transport.written.count(b"Connection: close") == 1 and transport.closed
+
+
+def test_replies_piling_up_behind_a_late_one_stop_reading_until_sent() -> None:
+    app = App()
+    protocol, transport = connect(app, guard=Guard(ConnectionLimits(max_reply_buffer=300)))
+    protocol.data_received(INSERT + get("a"))
+    assert not transport.paused  # one small reply waits: under the bound
+    protocol.data_received(get("b" * 100) + get("c" * 100))
+    assert transport.paused  # the replies waiting passed max_reply_buffer
+    app.pending[0](Done(True))
+    assert not transport.paused and len(bodies(transport.written)) == 4
+
+
+def test_too_many_requests_in_flight_stop_reading() -> None:
+    app = App()
+    protocol, transport = connect(app, guard=Guard(ConnectionLimits(max_pipeline=2)))
+    protocol.data_received(INSERT + INSERT)
+    assert not transport.paused
+    protocol.data_received(INSERT)
+    assert transport.paused
+    for respond in app.pending:
+        respond(Done(True))
+    assert not transport.paused and len(bodies(transport.written)) == 3
+
+
+# -- timeouts: sweep(now) with a chosen now -----------------------------------------------
+START = 1000.0  # the guard's clock when the connection is made
+BOUNDS = ConnectionLimits(
+    header_timeout=10.0, body_timeout=30.0, send_timeout=60.0, idle_timeout=300.0, max_clients=1
+)
+
+
+def timed(guard: Guard | None = None) -> tuple[HttpProtocol, FakeTransport, Guard]:
+    """A connection whose guard's clock reads START (or ``guard``'s, shared)."""
+    if guard is None:
+        guard = Guard(BOUNDS)
+        guard.tick(START)
+    protocol, transport = connect(App(), guard=guard)
+    return protocol, transport, guard
+
+
+def status_and_body(raw: bytes) -> tuple[int, dict]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def after(seconds: float) -> float:
+    """The first sweep at which ``seconds`` have surely passed since START (the stamps
+    come from a clock the sweep advances a step at a time)."""
+    return START + CLOCK_STEP + seconds + 0.01
+
+
+def test_an_unfinished_head_times_out_after_header_timeout() -> None:
+    protocol, transport, guard = timed()
+    protocol.data_received(b"GET /kv/get?key=a HTTP/1.1\r\n")
+    protocol.sweep(START + CLOCK_STEP + 10.0)  # not yet: the stamp may be a step old
+    assert transport.written == b"" and guard.timeouts == 0
+    protocol.sweep(after(10.0))
+    assert status_and_body(transport.written) == (
+        408,
+        {"success": "false", "error": "request head not received within 10 s"},
+    )
+    assert transport.closed and guard.timeouts == 1
+
+
+def test_an_unfinished_body_times_out_after_body_timeout() -> None:
+    protocol, transport, guard = timed()
+    protocol.data_received(b"POST /kv/insert HTTP/1.1\r\nContent-Length: 20\r\n\r\nkey=")
+    protocol.sweep(after(10.0))  # past the header timeout: the body has its own
+    assert transport.written == b""
+    protocol.sweep(after(30.0))
+    assert status_and_body(transport.written) == (
+        408,
+        {"success": "false", "error": "request body not received within 30 s"},
+    )
+    assert transport.closed and guard.timeouts == 1 and guard.pending_bytes == 20
+    protocol.connection_lost(None)
+    assert guard.pending_bytes == 0  # what the body held is given back
+
+
+def test_a_phase_is_timed_from_when_it_began() -> None:
+    protocol, transport, guard = timed()
+    guard.tick(START + 25.0)
+    protocol.data_received(b"GET /kv/get?key=a HTTP/1.1\r\n")  # the head begins at +25
+    protocol.sweep(after(30.0))
+    assert transport.written == b""
+    protocol.sweep(after(35.0))
+    assert status_and_body(transport.written)[0] == 408
+
+
+def test_an_idle_connection_closes_quietly_after_idle_timeout() -> None:
+    protocol, transport, _ = timed()
+    protocol.data_received(b"GET /kv/get?key=a HTTP/1.1\r\n\r\n")
+    answered = transport.written
+    protocol.sweep(after(299.0))
+    assert not transport.closed
+    protocol.sweep(after(300.0))
+    assert transport.closed and transport.written == answered
+
+
+def test_a_connection_waiting_for_its_reply_is_not_idle() -> None:
+    protocol, transport, _ = timed()
+    protocol.data_received(INSERT)
+    protocol.sweep(after(1000.0))
+    assert not transport.closed and transport.written == b""
+
+
+def test_replies_the_client_does_not_read_are_dropped_after_send_timeout() -> None:
+    protocol, transport, guard = timed()
+    protocol.pause_writing()  # the transport's buffer is full
+    protocol.sweep(START + 60.0)  # stalled since START: counted from there
+    assert not transport.aborted
+    protocol.sweep(START + 60.01)
+    assert transport.aborted and guard.timeouts == 1
+
+
+def test_a_connection_over_max_clients_must_ask_for_the_channel_at_once() -> None:
+    first, _, guard = timed()
+    protocol, transport, _ = timed(guard)  # max_clients is 1: on probation
+    protocol.sweep(START + CLOCK_STEP)
+    assert transport.written == b""
+    protocol.sweep(START + CLOCK_STEP + 0.01)
+    assert status_and_body(transport.written) == (
+        503,
+        {"success": "false", "error": "too many client connections (max_clients 1)"},
+    )
+    assert b"Retry-After: 1\r\n" in transport.written
+    assert guard.refused_clients.count == 1 and first.transport is not None

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 
-from pbkv.limits import SMALL_BODY, ConnectionLimits, DumpStream, Guard, RateLimitedLog, StreamPump
+from pbkv.limits import SMALL_BODY, ConnectionLimits, DumpStream, Guard, LogThrottle, StreamPump
 from pbkv.store import HashStore, ShardedStore
 
 
@@ -135,7 +135,7 @@ def test_room_for_large_bodies_but_small_ones_always_pass():
 
 
 def test_a_limit_is_logged_once_per_interval(caplog):
-    limit = RateLimitedLog("max_clients (3) reached", interval=10.0)
+    limit = LogThrottle("max_clients (3) reached", window=10.0)
     with caplog.at_level(logging.WARNING, logger="pbkv"):
         for t in range(25):
             limit.hit(float(t))

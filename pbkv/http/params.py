@@ -1,0 +1,153 @@
+"""Request parameters: the query string and a form or JSON body decoded into
+names and values, the request target split, and the key and value checked
+against the size limits.  Every refusal is a ``RequestError``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import httptools
+import orjson
+
+from pbkv.commands import Command
+from pbkv.http.replies import RequestError
+
+_NEEDS_VALUE = frozenset({Command.INSERT, Command.UPDATE})
+_NEEDS_KEY = frozenset({Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE})
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How large a key and a value may be, and what a request may take to carry them."""
+
+    max_key_bytes: int = 64 * 1024
+    max_value_bytes: int = 1024 * 1024
+
+    @property
+    def max_body_bytes(self) -> int:
+        # Percent-encoding can triple every byte; leave room for names and separators.
+        return 3 * (self.max_key_bytes + self.max_value_bytes) + 1024
+
+    @property
+    def max_head_bytes(self) -> int:
+        # The query string may carry what a body can, plus room for ordinary headers.
+        return self.max_body_bytes + 64 * 1024
+
+
+_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+
+
+def _decode_component(raw: bytes) -> str:
+    """One name or value of a form: ``+`` is a space, then percent-decoding, then UTF-8."""
+    if b"+" in raw:
+        raw = raw.replace(b"+", b" ")
+    if b"%" in raw:
+        if _BAD_ESCAPE.search(raw):
+            raise RequestError(
+                400, "malformed percent-escape (a % must be followed by two hex digits)"
+            )
+        raw = unquote_to_bytes(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, "parameters are not valid UTF-8 after percent-decoding") from None
+
+
+def _decode_pairs(form: bytes, into: dict[str, str]) -> None:
+    """``application/x-www-form-urlencoded`` pairs, as ``parse_qsl`` with blank values
+    kept, but on bytes: no detour through str for the common undecorated case."""
+    for piece in form.split(b"&"):
+        if not piece:
+            continue
+        raw_name, _, raw_value = piece.partition(b"=")
+        name = _decode_component(raw_name)
+        if name in into:
+            raise RequestError(400, f"parameter {name!r} given more than once")
+        into[name] = _decode_component(raw_value)
+
+
+def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[str, str]:
+    """Query string and form or JSON body, merged; a name may appear once."""
+    params: dict[str, str] = {}
+    if query:
+        if not query.isascii():
+            raise RequestError(400, "query string must be ASCII (percent-encode the rest)")
+        _decode_pairs(query, params)
+    if not body:
+        return params
+    if content_type.split(b";", 1)[0].strip().lower() == b"application/json":
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(400, f"body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RequestError(400, "a JSON body must be an object")
+        if body.count(b":") > len(data):
+            _refuse_duplicate_names(body)  # more colons than names: look closer
+        for name, value in data.items():
+            if not isinstance(value, str):
+                raise RequestError(400, f"parameter {name!r} must be a string")
+            if name in params:
+                raise RequestError(400, f"parameter {name!r} given more than once")
+            params[name] = value
+        return params
+    _decode_pairs(body, params)
+    return params
+
+
+def _refuse_duplicate_names(body: bytes) -> None:
+    """orjson keeps the last of repeated names; a repeated parameter is an error here."""
+
+    def check(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for name, value in pairs:
+            if name in seen:
+                raise RequestError(400, f"parameter {name!r} given more than once")
+            seen[name] = value
+        return seen
+
+    try:
+        json.loads(body, object_pairs_hook=check)
+    except RecursionError:
+        raise RequestError(400, "JSON body nested too deeply") from None
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes | None]:
+    """Path and query string of a request target.
+
+    ``httptools.parse_url`` refuses targets over 64 KiB, but a query string may
+    carry a whole value, so the usual origin form ``/path?query`` is split here.
+    """
+    if target.startswith(b"/"):
+        path, has_query, query = target.partition(b"?")
+        return path, query.partition(b"#")[0] if has_query else None
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        raise RequestError(400, "malformed request target") from None
+    return url.path or b"/", url.query
+
+
+def key_and_value(
+    command: Command, params: dict[str, str], limits: Limits
+) -> tuple[str, str | None]:
+    key = params.get("key")
+    if command in _NEEDS_KEY:
+        if key is None:
+            raise RequestError(400, "missing parameter 'key'")
+        if not key:
+            raise RequestError(400, "key must not be empty")
+        if len(key) > limits.max_key_bytes or len(key.encode()) > limits.max_key_bytes:
+            raise RequestError(413, f"key longer than {limits.max_key_bytes} bytes")
+    value = params.get("value")
+    if command in _NEEDS_VALUE:
+        if value is None:
+            raise RequestError(400, "missing parameter 'value'")
+        if len(value) > limits.max_value_bytes or len(value.encode()) > limits.max_value_bytes:
+            raise RequestError(413, f"value longer than {limits.max_value_bytes} bytes")
+    return key or "", value

@@ -1,0 +1,36 @@
+"""The replies a connection owes, in request order.
+
+Requests on one connection are answered in the order they came (pipelining),
+even when a write is answered later than a read behind it: each request takes
+its place in the queue when it is read, and a reply goes out only once every
+reply before it has.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from pbkv.limits import DumpStream
+
+
+class PendingReply:
+    """One request's place in the queue."""
+
+    __slots__ = ("data", "stream", "close")
+
+    def __init__(self, close: bool) -> None:
+        # The reply, or its head when a stream follows; None until it is known.
+        self.data: bytes | None = None
+        # The rest of the reply, produced as the client reads it (a large dump).
+        self.stream: DumpStream | None = None
+        self.close = close  # close the connection once it is sent
+
+
+class ReplyQueue(collections.deque[PendingReply]):
+    """The pending replies of one connection, oldest first."""
+
+    __slots__ = ()
+
+    def ready_bytes(self) -> int:
+        """Bytes of the replies that are known but wait behind one still being worked on."""
+        return sum(len(reply.data) for reply in self if reply.data is not None)

@@ -1,0 +1,172 @@
+"""Replies: the bytes of a response, the course's exact JSON for each outcome, and
+the two error modes.
+
+A request that reached a route and is refused (bad parameter, too large, not
+accepted in this stage, replication failed, ...) is a ``RequestError`` or a
+refusing outcome; ``refusal_reply`` alone turns it into a reply, in the error
+mode of the ``errors`` setting: ``course`` (HTTP 200 with the route's course
+failure shape, the reason in ``X-Pbkv-*`` headers) or ``http`` (a real status
+with a JSON error body).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import NoReturn
+
+import orjson
+
+from pbkv.commands import (
+    Command,
+    Counted,
+    Done,
+    Dumped,
+    MemoryFull,
+    Outcome,
+    Refused,
+    ReplicationFailed,
+)
+from pbkv.limits import LogThrottle
+from pbkv.routes import COMMAND_PATHS
+
+log = logging.getLogger(__name__)
+
+_REASONS = {
+    200: b"OK",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    417: b"Expectation Failed",
+    500: b"Internal Server Error",
+    503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
+    507: b"Insufficient Storage",
+}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+RETRY = b"Retry-After: 1\r\n"
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def response(status: int, body: bytes, extra: bytes = b"", close: bool = False) -> bytes:
+    head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+        status,
+        _REASONS.get(status, b"Error"),
+        len(body),
+    )
+    if close:
+        head += b"Connection: close\r\n"
+    return head + extra + b"\r\n" + body
+
+
+def error_body(message: str, **extra: str) -> bytes:
+    return orjson.dumps({"success": "false", "error": message, **extra})
+
+
+TRUE = b'{"success":"true"}'
+_FALSE = b'{"success":"false"}'
+_MISS = b'{"success":"false","value":""}'
+
+
+def outcome_reply(
+    command: Command, outcome: Outcome, errors: str = "course"
+) -> tuple[int, bytes, bytes]:
+    """(status, body, extra headers) for an outcome of ``command`` in error mode ``errors``."""
+    if isinstance(outcome, Done):
+        if command is Command.GET or command is Command.DELETE:
+            if not outcome.ok:
+                return 200, _MISS, b""
+            return 200, b'{"success":"true","value":' + orjson.dumps(outcome.value) + b"}", b""
+        return 200, (TRUE if outcome.ok else _FALSE), b""
+    if isinstance(outcome, Counted):
+        return 200, b'{"result":"%d"}' % outcome.count, b""
+    if isinstance(outcome, Dumped):
+        return 200, orjson.dumps(outcome.pairs), b""
+    if isinstance(outcome, ReplicationFailed):
+        return refusal_reply(errors, COMMAND_PATHS[command], 503, "replication failed", None, RETRY)
+    if isinstance(outcome, Refused):
+        stage = outcome.stage.value
+        if outcome.primary is not None:
+            message = f"this server is the backup; send writes to the primary at {outcome.primary}"
+            fields = {"stage": stage, "primary": outcome.primary}
+        else:
+            message = f"not accepting this request in stage {stage}"
+            fields = {"stage": stage}
+        return refusal_reply(errors, COMMAND_PATHS[command], 503, message, fields, RETRY)
+    if isinstance(outcome, MemoryFull):
+        message = f"max_memory reached ({outcome.limit} bytes): write refused"
+        return refusal_reply(errors, COMMAND_PATHS[command], 507, message)
+    raise TypeError(f"unknown outcome {outcome!r}")
+
+
+# -- refusals: the one place where the error mode shapes the reply ------------------------
+# What course clients get from each route when a request fails.  The course defined
+# no failure for countkey, dump, status and shutdown: they get the generic one, never
+# a count or a dump that could be taken for data.  /metrics is for scrapers, which
+# read statuses: it keeps real HTTP errors, as unknown paths (404) do.
+COURSE_FAILURES: dict[bytes, bytes] = {
+    b"/kv/get": _MISS,
+    b"/kv/delete": _MISS,
+    b"/kv/insert": _FALSE,
+    b"/kv/update": _FALSE,
+    b"/kvman/countkey": _FALSE,
+    b"/kvman/dump": _FALSE,
+    b"/kvman/status": _FALSE,
+    b"/kvman/shutdown": _FALSE,
+}
+_HEADER_TEXT_LIMIT = 300  # characters of a reason kept in a header or a log line
+
+
+def header_text(text: str) -> bytes:
+    """``text`` as a safe header value: printable ASCII only, with Python escapes
+    (``\\n``, ``\\xe9``, ``\\u043a``) for everything else, so no CR/LF can split it."""
+    return text[:_HEADER_TEXT_LIMIT].encode("unicode_escape")
+
+
+# A flood of bad requests must not flood the log.
+_refusal_log = LogThrottle(per_window=20, window=1.0)
+
+
+def refusal_reply(
+    errors: str,
+    path: bytes,
+    status: int,
+    message: str,
+    fields: Mapping[str, str] | None = None,
+    extra: bytes = b"",
+) -> tuple[int, bytes, bytes]:
+    """(status, body, extra headers) refusing a request to ``path``.
+
+    ``http`` mode, or a path that is no course route: ``status`` with
+    ``{"success":"false","error":message, **fields}``.  ``course`` mode: 200 with the
+    route's course failure shape; ``X-Pbkv-Error`` holds the message, ``X-Pbkv-Status``
+    the status ``http`` mode would have used and ``X-Pbkv-<Field>`` each field (stage,
+    primary), so clients still learn why; the reason is also logged.
+    """
+    shape = COURSE_FAILURES.get(path) if errors == "course" else None
+    if shape is None:
+        return status, error_body(message, **(fields or {})), extra
+    reason = header_text(message)
+    headers = b"X-Pbkv-Error: %s\r\nX-Pbkv-Status: %d\r\n" % (reason, status)
+    for name, value in (fields or {}).items():
+        headers += b"X-Pbkv-%s: %s\r\n" % (name.title().encode(), header_text(value))
+    skipped = _refusal_log.allow(time.monotonic())
+    if skipped is not None:
+        more = f" ({skipped} more refusals not logged)" if skipped else ""
+        log.info("refused %s (%d): %s%s", path.decode(), status, reason.decode(), more)
+    return 200, shape, headers + extra
+
+
+def raise_method(allowed: bytes) -> NoReturn:
+    raise RequestError(405, f"method not allowed here; use {allowed.decode()}")
