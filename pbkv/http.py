@@ -32,7 +32,16 @@ from urllib.parse import unquote_to_bytes
 import httptools
 import orjson
 
-from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused, ReplicationFailed
+from pbkv.commands import (
+    Command,
+    Counted,
+    Done,
+    Dumped,
+    MemoryFull,
+    Outcome,
+    Refused,
+    ReplicationFailed,
+)
 from pbkv.config import Settings
 from pbkv.limits import CLOCK_STEP, DUMP_PAIRS, SMALL_BODY, DumpStream, Guard
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
@@ -237,6 +246,9 @@ def outcome_reply(
             message = f"not accepting this request in stage {stage}"
             fields = {"stage": stage}
         return refusal_reply(errors, _COMMAND_PATHS[command], 503, message, fields, _RETRY)
+    if isinstance(outcome, MemoryFull):
+        message = f"max_memory reached ({outcome.limit} bytes): write refused"
+        return refusal_reply(errors, _COMMAND_PATHS[command], 507, message)
     raise TypeError(f"unknown outcome {outcome!r}")
 
 
