@@ -40,6 +40,7 @@ from pbkv.wire import (
     SyncAck,
 )
 
+
 @dataclass(slots=True)
 class Undo:
     """What undoes one applied batch: its writes and each key's value before them."""

@@ -480,11 +480,9 @@ def refusal(directive: Directive, target: State | None, ours: Copy, theirs: Copy
             or all(state.seq != target.seq for state in ours.undo)
         ):
             return f"cannot roll back to seq {target.seq}"
-    elif directive is Directive.FETCH:
-        if not ours.confirmed:
-            return "fetch asked of a backup without confirmed data"
+    elif directive is Directive.FETCH and not ours.confirmed:
+        return "fetch asked of a backup without confirmed data"
     return None
-
 
 
 def mermaid(role: Role) -> str:
