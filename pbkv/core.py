@@ -433,7 +433,7 @@ class ReplicationCore:
         if timer is Timer.TICK:
             self.tick()
         else:
-            raise ValueError(f"the {self.role} starts no {timer} timer")
+            raise ValueError(f"the {self.role} starts no {timer.value} timer")
 
     def channel_closed(self, now: float, reason: str) -> None:
         """The driver saw the channel close (EOF, reset, bad frame)."""

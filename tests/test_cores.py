@@ -23,11 +23,20 @@ import pytest
 
 from pbkv.actions import Send, Timer
 from pbkv.backup import BackupCore
-from pbkv.commands import REPLICATION_FAILED, Command, Counted, Done, Dumped, Outcome, Refused
+from pbkv.commands import (
+    REPLICATION_FAILED,
+    Command,
+    Counted,
+    Done,
+    Dumped,
+    MemoryFull,
+    Outcome,
+    Refused,
+)
 from pbkv.config import Settings
 from pbkv.primary import PrimaryCore
-from pbkv.stages import Role, Stage
-from pbkv.store import ShardedStore, make_store, shard_of
+from pbkv.stages import ProtocolError, Role, Stage
+from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
 from pbkv.wire import Frame, FrameCodec, FrameError, FrameType, ShardChunk, encode
 
 SHARDS = 4
@@ -973,17 +982,19 @@ def test_status_shows_each_sides_handshake_step(link: Link) -> None:
     assert primary.status(link.now)["handshake"] == "none"
 
 
+@pytest.mark.parametrize("bug", [KeyError, ProtocolError])
 def test_a_bug_in_a_handler_is_not_reported_as_a_malformed_frame(
-    link: Link, monkeypatch: pytest.MonkeyPatch
+    link: Link, monkeypatch: pytest.MonkeyPatch, bug: type[Exception]
 ) -> None:
     primary, backup = in_sync_pair(link, {"a": "1"})
 
     def broken(frame: Any) -> None:
-        raise KeyError("a bug")
+        raise bug("a bug")
 
     monkeypatch.setitem(backup.handlers, FrameType.BATCH, broken)
-    with pytest.raises(KeyError, match="a bug"):
+    with pytest.raises(bug, match="a bug"):
         link.write(UPDATE, "a", "2")
+    assert backup.channel_up  # not closed as if the primary had sent garbage
 
 
 # -- corrupted transfers ---------------------------------------------------------------
@@ -1583,3 +1594,41 @@ def test_catches_skipping_the_checksum_comparison_after_a_rollback(make_link, mo
         test_every_other_case_falls_back_to_a_full_transfer(
             make_link, _undo_record_wrong, "but the data is not the primary's"
         )
+
+
+# -- max_memory, timers ----------------------------------------------------------------
+
+
+def test_a_write_past_max_memory_is_refused_and_nothing_of_it_is_sent(make_link) -> None:
+    limit = 2 * (PAIR_OVERHEAD + len("key0") + 10)
+    link = make_link(max_memory=limit)
+    primary, backup = in_sync_pair(link, {"key0": "v" * 10, "key1": "v" * 10})
+    assert primary.store.memory_bytes <= limit
+    mark = link.mark()
+
+    assert link.write(INSERT, "key2", "v") == MemoryFull(limit)
+    assert link.write(UPDATE, "key0", "v" * 11) == MemoryFull(limit)  # it grows
+    assert link.kinds("primary", mark["primary"]) == []
+    assert "key2" not in primary.store and "key2" not in backup.store
+
+    assert link.write(UPDATE, "key0", "v" * 10) == Done(True)  # no growth
+    assert link.write(UPDATE, "key0", "short") == Done(True)  # shrinking always passes
+    assert link.write(INSERT, "key1", "v" * 99) == Done(False)  # exists: grows nothing
+    assert link.write(DELETE, "key1") == Done(True, "v" * 10)
+    assert link.write(INSERT, "key2", "v") == Done(True)  # room again
+    assert_same_data(primary, backup)
+
+
+def test_the_memory_limit_comes_before_the_backups_redirect(make_link) -> None:
+    link = make_link(max_memory=1)
+    link.start_backup()
+    refused = link.backup.submit(INSERT, "k", "v", link.reply_to("t"))
+    assert refused == MemoryFull(1)
+    assert isinstance(link.backup.submit(DELETE, "k", None, link.reply_to("t")), Refused)
+
+
+@pytest.mark.parametrize(("role", "timer"), [("primary", Timer.WAIT_PRIMARY), ("backup", RETRY)])
+def test_a_timer_the_role_never_starts_is_an_error(link: Link, role: str, timer: Timer) -> None:
+    in_sync_pair(link)
+    with pytest.raises(ValueError, match=f"starts no {timer.value} timer"):
+        link.cores[role].timer_fired(link.now, timer)

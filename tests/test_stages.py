@@ -246,10 +246,6 @@ def test_fire_without_a_callback() -> None:
     assert machine.stage is S.IN_SYNC
 
 
-def test_a_protocol_error_is_a_runtime_error() -> None:
-    assert issubclass(ProtocolError, RuntimeError)
-
-
 @pytest.mark.parametrize(
     ("role", "stage"),
     [("primary", S.BOOTSTRAPPING_PRIMARY), ("backup", S.BOOTSTRAPPING_SECONDARY)],
