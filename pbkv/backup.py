@@ -138,7 +138,7 @@ class BackupCore(ReplicationCore):
 
     # -- client requests: reads only -----------------------------------------------
     def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome:
-        # The memory limit is checked first, on every role (as it always was).
+        # A write past max_memory is refused for that first, on either role.
         if self.max_memory and value is not None:
             full = self.memory_full(command, key, value)
             if full is not None:

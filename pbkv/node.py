@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
@@ -66,7 +66,8 @@ class ChannelProtocol(asyncio.Protocol):
         self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport), "a stream connection"
+        # A stream transport (uvloop's is no asyncio.Transport subclass: no isinstance).
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         if self._response_parser is not None:
