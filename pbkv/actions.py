@@ -4,13 +4,15 @@ The cores are sans-I/O: they queue these actions in ``outbox``; a driver
 (``node.py`` for real sockets, the simulator and the core tests for theirs)
 implements :class:`Driver` and hands the actions to :func:`carry_out`.
 
-* ``Send(frame)``: write a frame on the replication channel.
+* ``Send(data, frame)``: write ``data`` on the replication channel: ``frame``
+  as the core encoded it (plain or keyed: the core holds the channel's codec);
+  ``frame`` itself is there for observers (tests, traces), not to be encoded again.
 * ``Connect()`` / ``Probe()``: open the channel to the backup / look whether
   the primary answers; the driver reports back with ``channel_opened`` /
   ``channel_failed`` or ``probe_result``.
 * ``CloseChannel(reason)``: close it; the driver reports nothing more for it.
-* ``StartTimer(name, delay)``: call ``timer_fired(name)`` after ``delay``
-  (restarting a timer of the same name replaces it).
+* ``StartTimer(timer, delay)``: call ``timer_fired(timer)`` after ``delay``
+  (restarting the same timer replaces it); a core refuses a timer it never starts.
 * ``Respond(reply, outcome)``: a client request queued earlier is answered:
   ``reply`` is the callable its driver passed to ``submit``.
 * ``PumpTransfer()``: call ``pump_transfer()`` until it returns False,
@@ -18,14 +20,13 @@ implements :class:`Driver` and hands the actions to :func:`carry_out`.
 * ``FlushSoon()``: call ``flush()`` once the events already waiting are
   handled (one turn of the event loop): every write submitted until then
   travels in the same batch.
-* ``SecureChannel(send_key, receive_key)``: from now on, frames both ways are
-  keyed (``wire.FrameCodec.secure``); frames sent before this action stay plain.
 * ``Discard(shards)``: drop these dicts of pairs (a replaced copy of the data),
   one per turn of the event loop, so freeing millions of pairs never stalls it.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -34,8 +35,14 @@ from pbkv.commands import Outcome
 from pbkv.wire import Frame
 
 
+class Timer(enum.Enum):
+    TICK = "tick"  # both: heartbeats, and giving up on a silent peer
+    RETRY = "retry"  # primary: connect to the backup again
+    WAIT_PRIMARY = "wait_primary"  # backup: a primary that a probe found, or that left
+
+
 class Driver(Protocol):
-    def send(self, frame: Frame) -> None: ...
+    def send(self, data: bytes) -> None: ...
 
     def connect(self) -> None: ...
 
@@ -43,23 +50,22 @@ class Driver(Protocol):
 
     def close_channel(self, reason: str) -> None: ...
 
-    def start_timer(self, name: str, delay: float) -> None: ...
+    def start_timer(self, timer: Timer, delay: float) -> None: ...
 
     def pump_transfer(self) -> None: ...
 
     def flush_soon(self) -> None: ...
-
-    def secure_channel(self, send_key: bytes, receive_key: bytes) -> None: ...
 
     def discard(self, shards: list[dict[str, str]]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
 class Send:
+    data: bytes = field(repr=False)
     frame: Frame
 
     def apply(self, driver: Driver) -> None:
-        driver.send(self.frame)
+        driver.send(self.data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +90,11 @@ class CloseChannel:
 
 @dataclass(frozen=True, slots=True)
 class StartTimer:
-    name: str
+    timer: Timer
     delay: float
 
     def apply(self, driver: Driver) -> None:
-        driver.start_timer(self.name, self.delay)
+        driver.start_timer(self.timer, self.delay)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +119,6 @@ class FlushSoon:
 
 
 @dataclass(frozen=True, slots=True)
-class SecureChannel:
-    send_key: bytes = field(repr=False)
-    receive_key: bytes = field(repr=False)
-
-    def apply(self, driver: Driver) -> None:
-        driver.secure_channel(self.send_key, self.receive_key)
-
-
-@dataclass(frozen=True, slots=True)
 class Discard:
     shards: list[dict[str, str]] = field(repr=False)
 
@@ -138,7 +135,6 @@ Action = (
     | Respond
     | PumpTransfer
     | FlushSoon
-    | SecureChannel
     | Discard
 )
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pbkv import auth
-from pbkv.actions import Discard, Probe, StartTimer
+from pbkv.actions import Discard, Probe, StartTimer, Timer
 from pbkv.commands import Command, Outcome, Refused, Reply
 from pbkv.config import Settings
-from pbkv.core import ReplicationCore, log, next_history
-from pbkv.stages import Event, ReadRule, Role, Stage, Step
+from pbkv.core import ReplicationCore, log
+from pbkv.stages import Copy, Directive, Event, Resync, Role, Stage, State, Step, refusal
 from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
 from pbkv.wire import (
@@ -31,6 +31,7 @@ from pbkv.wire import (
     AuthResponse,
     Batch,
     Fence,
+    Fetch,
     FrameType,
     Hello,
     Rollback,
@@ -38,9 +39,6 @@ from pbkv.wire import (
     SnapshotBegin,
     SyncAck,
 )
-
-# Waiting for a primary that a probe found, or that left in the middle of the handshake.
-WAIT_PRIMARY = "wait_primary"
 
 
 @dataclass(slots=True)
@@ -127,22 +125,24 @@ class BackupCore(ReplicationCore):
         self._wait_for_primary()
 
     def _wait_for_primary(self) -> None:
-        self.outbox.append(StartTimer(WAIT_PRIMARY, self.settings.peer_timeout))
+        # Waiting for a primary that a probe found, or that left mid-handshake.
+        self.outbox.append(StartTimer(Timer.WAIT_PRIMARY, self.settings.peer_timeout))
 
-    def timer_fired(self, now: float, name: str) -> None:
-        if name == WAIT_PRIMARY:
+    def timer_fired(self, now: float, timer: Timer) -> None:
+        if timer is Timer.WAIT_PRIMARY:
             self.now = now
             if not self.channel_up:
                 self.fire(Event.NO_PRIMARY_IN_TIME, f"no primary for {self.settings.peer_timeout}s")
             return
-        super().timer_fired(now, name)
+        super().timer_fired(now, timer)
 
     # -- client requests: reads only -----------------------------------------------
-    def may_read(self, command: Command, key: str) -> bool:
-        rule = self.machine.acceptance.reads
-        return rule is ReadRule.SERVE or (rule is ReadRule.SERVE_IF_CONFIRMED and self.confirmed)
-
     def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome:
+        # A write past max_memory is refused for that first, on either role.
+        if self.max_memory and value is not None:
+            full = self.memory_full(command, key, value)
+            if full is not None:
+                return full
         return Refused(self.stage, self.role, primary=self.primary_address)
 
     # -- replication frames --------------------------------------------------------
@@ -183,18 +183,12 @@ class BackupCore(ReplicationCore):
         """Undo, newest first, the batches after ``frame.seq``; then our data must be
         the primary's (an O(1) checksum comparison), or we redo them and refuse."""
         target = frame.seq
-        hello = self.peer_hello
-        assert hello is not None
-        steps = [entry for entry in self.undo if entry.seq > target]
-        if (
-            not self.confirmed
-            or hello.history != self.history
-            or not steps
-            or steps[0].seq != target + 1
-            or steps[-1].seq != self.seq
-        ):
-            self.fail_transfer(f"cannot roll back to seq {target}")
+        refused = self._refusal(Directive.ROLLBACK, State(target, frame.checksum, frame.count))
+        if refused is not None:
+            self.fail_transfer(refused)
             return Step.NONE
+        # The record holds every batch after the target: consecutive, ending at our seq.
+        steps = [entry for entry in self.undo if entry.seq > target]
         store = self.store
         self._undo_batches(steps)
         if not self._holds(frame.checksum, frame.count):
@@ -213,7 +207,7 @@ class BackupCore(ReplicationCore):
             target,
         )
         self.seq = target
-        self._confirm(store.checksum, f"rolled back {len(steps)} batches", "partial")
+        self._confirm(store.checksum, f"rolled back {len(steps)} batches", Resync.PARTIAL)
         return Step.STREAMING
 
     def _fenced(self, frame: Fence) -> Step:
@@ -273,45 +267,40 @@ class BackupCore(ReplicationCore):
         self.seq = receiver.seq
         # Same store object, new pairs: the old ones are freed a shard per turn.
         self.outbox.append(Discard(self.store.take_pairs_of(receiver.store)))
-        self._confirm(checksum, "received", "full")
+        self._confirm(checksum, "received", Resync.FULL)
         return Step.STREAMING
+
+    def _refusal(self, directive: Directive, target: State | None) -> str | None:
+        hello = self.peer_hello
+        assert hello is not None, "a directive comes only after the hellos"
+        return refusal(directive, target, self.own_copy(), Copy.of(hello))
 
     def _skip(self, frame: Skip) -> Step:
-        if (
-            not self.confirmed
-            or frame.checksum != self.store.checksum
-            or frame.count != len(self.store)
-        ):
-            self.fail_transfer("skip proposed but the data differs")
+        refused = self._refusal(Directive.SKIP, State(frame.seq, frame.checksum, frame.count))
+        if refused is not None:
+            self.fail_transfer(refused)
             return Step.NONE
         self.seq = frame.seq
-        self._confirm(self.store.checksum, "already matching", "none")
+        self._confirm(self.store.checksum, "already matching", Resync.NONE)
         return Step.STREAMING
 
-    def _confirm(self, checksum: int, how: str, resync: str) -> None:
-        """Seed: the backup enters in sync before the primary.
-
-        ``resync``: "full" (our data was replaced or copied), "partial" (rolled
-        back) or "none" (it already matched)."""
+    def _confirm(self, checksum: int, how: str, resync: Resync) -> None:
+        """Seed: the backup enters in sync before the primary."""
         self.send(SyncAck(checksum))
         self.confirmed = True
         self.receiver = None
         self.transfers_completed += 1
         hello = self.peer_hello
         assert hello is not None
-        self.history = next_history(hello.history, self.history, resync != "full")
+        self.note_resync(resync, hello)
         self.undo.clear()  # the undo record is for batches after this point
         self.undo_size = 0
-        if resync == "full":
-            self.resyncs_full += 1
-        elif resync == "partial":
-            self.resyncs_partial += 1
         self.fire(Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how}, checksum verified")
 
-    def _fetch(self, frame: Any) -> Step:
-        # Only a copy a primary once verified may become the primary's data.
-        if not self.confirmed:
-            self.fail_transfer("fetch asked of a backup without confirmed data")
+    def _fetch(self, frame: Fetch) -> Step:
+        refused = self._refusal(Directive.FETCH, None)
+        if refused is not None:
+            self.fail_transfer(refused)
             return Step.NONE
         self.start_sending_snapshot()
         return Step.AWAIT_FINAL_ACK
@@ -320,7 +309,7 @@ class BackupCore(ReplicationCore):
         if frame.checksum != self.store.checksum:
             self.fail_transfer("primary fetched data with a different checksum")
             return Step.NONE
-        self._confirm(self.store.checksum, "fetched by the primary", "full")
+        self._confirm(self.store.checksum, "fetched by the primary", Resync.FULL)
         return Step.STREAMING
 
     def status(self, now: float) -> dict[str, Any]:

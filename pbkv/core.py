@@ -4,6 +4,8 @@ and the reads.
 
 The cores are sans-I/O.  A driver calls their methods with the current time
 and carries out the actions they queue in ``outbox`` (see ``actions.py``).
+The core holds the channel's codec: the driver hands it the bytes that arrive
+(:meth:`ReplicationCore.bytes_received`) and writes the bytes of each ``Send``.
 Every frame goes through one dispatch, :meth:`ReplicationCore.frame_received`,
 which reads the handshake table of ``stages.py``; every loss of the channel
 goes through :meth:`ReplicationCore.lose_channel` (we close it) or
@@ -26,20 +28,34 @@ from pbkv.actions import (
     CloseChannel,
     Driver,
     PumpTransfer,
-    SecureChannel,
     Send,
     StartTimer,
+    Timer,
     carry_out,
 )
-from pbkv.commands import Command, Counted, Done, Dumped, Outcome, Refused
+from pbkv.commands import Command, Counted, Done, Dumped, MemoryFull, Outcome, Refused
 from pbkv.config import Settings
-from pbkv.stages import HANDSHAKES, Event, Handshake, Role, Stage, StageMachine, Step
-from pbkv.store import ShardedStore
+from pbkv.stages import (
+    HANDSHAKES,
+    Copy,
+    Event,
+    Handshake,
+    ReadRule,
+    Resync,
+    Role,
+    Stage,
+    StageMachine,
+    State,
+    Step,
+)
+from pbkv.store import PAIR_OVERHEAD, ShardedStore, shard_of
 from pbkv.transfer import SnapshotReceiver, SnapshotSender
 from pbkv.wire import (
     CONTROL_LIMIT,
     AuthFailed,
     Frame,
+    FrameCodec,
+    FrameError,
     FrameLimit,
     FrameType,
     Heartbeat,
@@ -52,8 +68,6 @@ from pbkv.wire import (
 
 log = logging.getLogger(__name__)
 
-TICK = "tick"
-RETRY = "retry"
 # A batch closes at this many writes, or past this many characters of keys and values;
 # a transfer chunk past this many characters (or at ``transfer_chunk`` pairs).
 BATCH_WRITES = 4096
@@ -120,6 +134,9 @@ class ReplicationCore:
         self.seq = 0  # last replicated batch applied here
         self.peer_seq = 0  # the peer's seq, from its last hello/heartbeat
         self.channel_up = False
+        # This channel's codec (None without a channel): plain frames, keyed once
+        # both proofs are held.
+        self.codec: FrameCodec | None = None
         self.peer_hello: Hello | None = None
         self.last_received = now
         self.last_sent = now
@@ -128,6 +145,9 @@ class ReplicationCore:
         self.transfers_completed = 0
         self.transfers_failed = 0
         self.last_transfer_error = ""
+        # The shards of a copy being received that have fully arrived (warm start reads).
+        self.complete_shards: set[int] = set()
+        self.max_memory = settings.max_memory
         # The handler of each frame type; the handshake table says when it may run.
         self.handlers: dict[FrameType, Callable[[Any], Step]] = {
             FrameType.HEARTBEAT: self._heartbeat,
@@ -178,8 +198,12 @@ class ReplicationCore:
         self.machine.fire(event, reason)
 
     def send(self, frame: Frame) -> None:
+        """Encode now (frames after the proofs are keyed) and queue the bytes."""
+        codec = self.codec
+        if codec is None:  # no channel: nothing to say it on
+            return
         self.last_sent = self.now
-        self.outbox.append(Send(frame))
+        self.outbox.append(Send(codec.encode(frame), frame))
 
     def hello_frame(self) -> Hello:
         store = self.store
@@ -193,12 +217,30 @@ class ReplicationCore:
             self.undo_points(),
         )
 
+    def own_copy(self) -> Copy:
+        """What we hold, as the handshake rules of ``stages.py`` see it."""
+        store = self.store
+        undo = tuple(State(*point) for point in self.undo_points())
+        return Copy(self.confirmed, self.history, self.seq, store.checksum, len(store), undo)
+
     def undo_points(self) -> tuple[tuple[int, int, int], ...]:
         """The (seq, checksum, count) states we can roll back to (the backup's)."""
         return ()
 
+    def note_resync(self, resync: Resync, hello: Hello) -> None:
+        """A sync is confirmed: the history both sides hold now, and the counters."""
+        if self.role is Role.PRIMARY:
+            primary, backup = self.history, hello.history
+        else:
+            primary, backup = hello.history, self.history
+        self.history = next_history(primary, backup, resync is not Resync.FULL)
+        if resync is Resync.FULL:
+            self.resyncs_full += 1
+        elif resync is Resync.PARTIAL:
+            self.resyncs_partial += 1
+
     def start_tick(self) -> None:
-        self.outbox.append(StartTimer(TICK, self.settings.heartbeat_interval))
+        self.outbox.append(StartTimer(Timer.TICK, self.settings.heartbeat_interval))
 
     def take_actions(self) -> list[Action]:
         actions, self.outbox = self.outbox, []
@@ -222,7 +264,7 @@ class ReplicationCore:
         self.start_tick()
 
     def frame_limit(self) -> FrameLimit:
-        """How large the next frame from the peer may be (the driver's codec checks)."""
+        """How large the next frame from the peer may be."""
         return self.frame_limits[self.step]
 
     # -- authentication (with a secret) ----------------------------------------------
@@ -242,7 +284,8 @@ class ReplicationCore:
         assert self.secret is not None
         nonces = self.nonces
         keys = auth.channel_keys(self.secret, nonces[Role.PRIMARY], nonces[Role.BACKUP])
-        self.outbox.append(SecureChannel(*keys.for_role(self.role)))
+        assert self.codec is not None, "authentication happens on a channel"
+        self.codec.secure(*keys.for_role(self.role))
         self.past_authentication = True
         log.info("%s authenticated the %s: the channel is keyed", self.role, self.role.peer)
 
@@ -256,9 +299,35 @@ class ReplicationCore:
         self.lose_channel(f"the {self.role.peer} refused authentication: {frame.reason}")
         return Step.NONE
 
-    # -- reads (both roles) --------------------------------------------------------
+    # -- client requests (both roles) ----------------------------------------------
     def may_read(self, command: Command, key: str) -> bool:
-        raise NotImplementedError
+        """The one reading of the stage's ``ReadRule``."""
+        rule = self.machine.acceptance.reads
+        if rule is ReadRule.SERVE:
+            return True
+        if rule is ReadRule.SERVE_IF_CONFIRMED:
+            return self.confirmed
+        if rule is ReadRule.SERVE_IF_SHARD_COMPLETE:
+            # The answer, a miss included, is certainly right only from a whole shard.
+            complete = self.complete_shards
+            if len(complete) == self.store.shard_count:
+                return True
+            return command is Command.GET and shard_of(key, self.store.shard_count) in complete
+        return False
+
+    def memory_full(self, command: Command, key: str, value: str) -> MemoryFull | None:
+        """Refuse a write that would take the store past ``max_memory`` (like Redis's
+        ``maxmemory`` with ``noeviction``): deletes and shrinking updates still pass."""
+        store = self.store
+        old = store.get(key)
+        if old is None:
+            grow = len(key) + len(value) + PAIR_OVERHEAD if command is Command.INSERT else 0
+        else:
+            grow = len(value) - len(old) if command is Command.UPDATE else 0
+        limit = self.max_memory
+        if grow > 0 and store.memory_bytes + grow > limit:
+            return MemoryFull(limit)
+        return None
 
     def read(self, command: Command, key: str = "") -> Outcome:
         if not self.may_read(command, key):
@@ -328,6 +397,24 @@ class ReplicationCore:
         return self.step
 
     # -- events every driver delivers ----------------------------------------------
+    def bytes_received(self, now: float, data: bytes) -> None:
+        """Bytes from the channel: handle every complete frame, each bounded by what
+        its step accepts; a bad frame loses the channel (the bytes after it with it)."""
+        codec = self.codec
+        if codec is None:
+            return
+        codec.receive(data)
+        while codec is self.codec:  # a handler may lose the channel
+            try:
+                frame = codec.next_frame(self.frame_limits[self.handshake.step])
+            except FrameError as exc:
+                self.now = now
+                self.lose_channel(f"bad frame: {exc}")
+                return
+            if frame is None:
+                return
+            self.frame_received(now, frame)
+
     def frame_received(self, now: float, frame: Frame) -> None:
         self.now = now
         self.last_received = now
@@ -341,12 +428,12 @@ class ReplicationCore:
         if self.channel_up:  # a handler that lost the channel has reset the step
             self.handshake.advance(kind, new)
 
-    def timer_fired(self, now: float, name: str) -> None:
+    def timer_fired(self, now: float, timer: Timer) -> None:
         self.now = now
-        if name == TICK:
+        if timer is Timer.TICK:
             self.tick()
-        elif name == RETRY:
-            self.retry()
+        else:
+            raise ValueError(f"the {self.role} starts no {timer.value} timer")
 
     def channel_closed(self, now: float, reason: str) -> None:
         """The driver saw the channel close (EOF, reset, bad frame)."""
@@ -366,6 +453,7 @@ class ReplicationCore:
             self.transfers_failed += 1
             self.last_transfer_error = reason
         self.channel_up = False
+        self.codec = None
         self.handshake.reset()
         self.nonces.clear()
         self.past_authentication = False
@@ -378,6 +466,7 @@ class ReplicationCore:
     def opened(self, now: float) -> None:
         self.now = now
         self.channel_up = True
+        self.codec = FrameCodec()
         self.last_received = now
         self.handshake.opened(authenticate=self.secret is not None)
         self.past_authentication = self.secret is None
@@ -385,9 +474,6 @@ class ReplicationCore:
     # -- for subclasses ------------------------------------------------------------
     def on_channel_lost(self, reason: str) -> None:
         """What the role does when the channel goes, before the stage event fires."""
-
-    def retry(self) -> None:
-        pass
 
     def status(self, now: float) -> dict[str, Any]:
         self.now = now

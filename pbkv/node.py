@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import httptools
 
 from pbkv import config, tls
+from pbkv.actions import Timer
 from pbkv.backup import BackupCore
 from pbkv.commands import Command, Outcome, Reply
-from pbkv.http import HttpProtocol, Limits, RequestError, access_for
+from pbkv.http import HttpProtocol, Limits, access_for
 from pbkv.limits import (
     CLOCK_STEP,
     RESERVED_CLIENTS,
@@ -28,8 +29,8 @@ from pbkv.limits import (
 from pbkv.metrics import LoopLag, Metrics
 from pbkv.primary import PrimaryCore
 from pbkv.stages import Role
-from pbkv.store import PAIR_OVERHEAD, make_store
-from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN, Frame, FrameCodec, FrameError
+from pbkv.store import make_store
+from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ SPARE_DESCRIPTORS = 256  # beyond the client connections: channel, listener, fil
 
 
 class ChannelProtocol(asyncio.Protocol):
-    """The replication channel: frames both ways after an HTTP upgrade.
+    """The replication channel: frames both ways after an HTTP upgrade (the
+    core encodes and decodes them; this moves bytes).
 
     On the primary it first sends the upgrade request and waits for ``101``
     (parsed by httptools); on the backup the HTTP layer hands it an already
@@ -53,7 +55,6 @@ class ChannelProtocol(asyncio.Protocol):
     def __init__(self, node: Node, upgraded: bool) -> None:
         self.node = node
         self.transport: asyncio.Transport | None = None
-        self.codec = FrameCodec()
         self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._response_parser = None if upgraded else httptools.HttpResponseParser(self)
         if upgraded:
@@ -65,11 +66,13 @@ class ChannelProtocol(asyncio.Protocol):
         self._paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        # A stream transport (uvloop's is no asyncio.Transport subclass: no isinstance).
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         if self._response_parser is not None:
             host, port = self.node.settings.address_of("backup")
-            self.transport.write(
+            transport.write(
                 b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: %s\r\nConnection: Upgrade\r\n\r\n"
                 % (UPGRADE_PATH, host.encode(), port, UPGRADE_TOKEN)
             )
@@ -88,9 +91,8 @@ class ChannelProtocol(asyncio.Protocol):
                 return
             else:
                 return
-        self.codec.receive(data)
         started = time.perf_counter()
-        self.node.frames_arrived(self)
+        self.node.bytes_arrived(self, data)
         self._busy += time.perf_counter() - started
         if self._busy > READ_BUDGET and self.transport is not None and not self._paused:
             # A full transfer arrives faster than we load it: let the other
@@ -195,7 +197,7 @@ class Node:
             )
         )
         self.channel: ChannelProtocol | None = None
-        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.timers: dict[Timer, asyncio.TimerHandle] = {}
         self.stopped = asyncio.Event()
         self.lag = LoopLag(interval=LAG_PROBE_INTERVAL)
         self.stats = Metrics(self.status)
@@ -272,26 +274,11 @@ class Node:
 
     def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome | None:
         self.stats.count(command)
-        if self.settings.max_memory and value is not None:
-            self._check_memory(command, key, value)
         core = self.core
         outcome = core.submit(command, key, value, reply)
         if core.outbox:
             core.drain(self)
         return outcome
-
-    def _check_memory(self, command: Command, key: str, value: str) -> None:
-        """Refuse a write that would take the store past ``max_memory`` (like Redis's
-        ``maxmemory`` with ``noeviction``): deletes and shrinking updates still pass."""
-        store = self.core.store
-        old = store.get(key)
-        if old is None:
-            grow = len(key) + len(value) + PAIR_OVERHEAD if command is Command.INSERT else 0
-        else:
-            grow = len(value) - len(old) if command is Command.UPDATE else 0
-        limit = self.settings.max_memory
-        if grow > 0 and store.memory_bytes + grow > limit:
-            raise RequestError(507, f"max_memory reached ({limit} bytes): write refused")
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
@@ -331,20 +318,11 @@ class Node:
             channel.data_received(leftover)
 
     # -- channel events ----------------------------------------------------------
-    def frames_arrived(self, channel: ChannelProtocol) -> None:
-        """Hand the core one frame at a time, each bounded by what its step accepts,
-        and carry out what it caused before decoding the next (a frame may switch
-        the channel to keyed frames)."""
-        core, codec = self.core, channel.codec
-        while channel is self.channel:
-            try:
-                frame = codec.next_frame(core.frame_limit())
-            except FrameError as exc:
-                self.channel_broken(channel, f"bad frame: {exc}")
-                return
-            if frame is None:
-                return
-            core.frame_received(self.clock(), frame)
+    def bytes_arrived(self, channel: ChannelProtocol, data: bytes) -> None:
+        """The core decodes and handles them (a bad frame: it closes the channel)."""
+        if channel is self.channel:
+            core = self.core
+            core.bytes_received(self.clock(), data)
             core.drain(self)
 
     def channel_broken(self, channel: ChannelProtocol, reason: str) -> None:
@@ -356,14 +334,10 @@ class Node:
         self.core.drain(self)
 
     # -- carrying out actions (actions.Driver) ---------------------------------------
-    def send(self, frame: Frame) -> None:
+    def send(self, data: bytes) -> None:
         channel = self.channel
         if channel is not None:
-            channel.write(channel.codec.encode(frame))
-
-    def secure_channel(self, send_key: bytes, receive_key: bytes) -> None:
-        if self.channel is not None:
-            self.channel.codec.secure(send_key, receive_key)
+            channel.write(data)
 
     def discard(self, shards: list[dict[str, str]]) -> None:
         """Drop a replaced copy of the data a shard per turn of the loop: at once,
@@ -377,11 +351,11 @@ class Node:
         if shards:
             self.guard.pump.want(drop_one)
 
-    def start_timer(self, name: str, delay: float) -> None:
-        old = self.timers.pop(name, None)
+    def start_timer(self, timer: Timer, delay: float) -> None:
+        old = self.timers.pop(timer, None)
         if old is not None:
             old.cancel()
-        self.timers[name] = self.loop.call_later(delay, self._timer_fired, name)
+        self.timers[timer] = self.loop.call_later(delay, self._timer_fired, timer)
 
     def close_channel(self, reason: str) -> None:
         channel, self.channel = self.channel, None
@@ -409,9 +383,9 @@ class Node:
         core.flush(self.clock())
         core.drain(self)
 
-    def _timer_fired(self, name: str) -> None:
-        self.timers.pop(name, None)
-        self.core.timer_fired(self.clock(), name)
+    def _timer_fired(self, timer: Timer) -> None:
+        self.timers.pop(timer, None)
+        self.core.timer_fired(self.clock(), timer)
         self.core.drain(self)
 
     async def _connect(self) -> None:
@@ -451,7 +425,7 @@ class Node:
 
         def attempt() -> asyncio.Task[tuple[asyncio.BaseTransport, ChannelProtocol]]:
             return self.loop.create_task(
-                self.loop.create_connection(  # type: ignore[arg-type]
+                self.loop.create_connection(
                     lambda: ChannelProtocol(self, upgraded=False),
                     host,
                     port,

@@ -13,35 +13,29 @@ whose insert is pending, say) is not answered at once: it waits in the queue
 behind that write, so a failure is never reported for a state that is later
 rewound.
 
-Who wins a handshake: a primary whose data a backup has confirmed (it has
-been in sync since it started) always sends its data.  A primary without
-confirmed data (freshly started) fetches the backup's data when the backup
-holds a confirmed copy, and otherwise starts empty.
+Who wins a handshake is ``stages.plan``: this core carries the plan out.
 """
 
 from __future__ import annotations
 
-import enum
 import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from pbkv import auth
-from pbkv.actions import Connect, FlushSoon, Respond, StartTimer
+from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, Timer
 from pbkv.commands import REPLICATION_FAILED, Command, Done, Outcome, Refused, Reply
 from pbkv.config import Settings
 from pbkv.core import (
     BATCH_CHARS,
     BATCH_WRITES,
     MISS,
-    RETRY,
     ReplicationCore,
     log,
-    next_history,
 )
-from pbkv.stages import Event, ReadRule, Role, Stage, Step, WriteRule
-from pbkv.store import ShardedStore, shard_of
+from pbkv.stages import Copy, Directive, Event, Plan, Role, Stage, Step, WriteRule, plan
+from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
 from pbkv.wire import (
     Ack,
@@ -61,16 +55,6 @@ from pbkv.wire import (
 from pbkv.wire import (
     Batch as BatchFrame,
 )
-
-
-class Plan(enum.Enum):
-    """What the primary decided from the backup's hello."""
-
-    SEND = "sent to"  # our confirmed data wins
-    SKIP = "already matched on"  # both hold the same confirmed data
-    ROLLBACK = "rolled back on"  # the backup is ahead by batches we never applied: it undoes them
-    FETCH = "fetched from"  # the backup's confirmed data wins
-    START_EMPTY = "started empty with"  # neither side holds confirmed data
 
 
 @dataclass(slots=True)
@@ -107,8 +91,7 @@ class PrimaryCore(ReplicationCore):
         self.in_flight: deque[Batch] = deque()
         self.window = settings.batches_in_flight
         self.sent_seq = 0
-        self.plan: Plan | None = None
-        self.complete_shards: set[int] = set()
+        self.plan: Plan | None = None  # what this channel's handshake decided
         self.writes_rewound = 0
         self.batches_sent = 0
         # Acknowledged batches: how many, their writes, and the sum of round trips.
@@ -138,12 +121,16 @@ class PrimaryCore(ReplicationCore):
         self.outbox.append(Connect())
         self.start_tick()
 
-    def retry(self) -> None:
-        if not self.channel_up and not self.standalone:
-            self.outbox.append(Connect())
+    def timer_fired(self, now: float, timer: Timer) -> None:
+        if timer is Timer.RETRY:
+            self.now = now
+            if not self.channel_up and not self.standalone:
+                self.outbox.append(Connect())
+            return
+        super().timer_fired(now, timer)
 
     def schedule_retry(self) -> None:
-        self.outbox.append(StartTimer(RETRY, self.backoff.next_delay()))
+        self.outbox.append(StartTimer(Timer.RETRY, self.backoff.next_delay()))
 
     def channel_opened(self, now: float) -> None:
         self.opened(now)
@@ -173,21 +160,12 @@ class PrimaryCore(ReplicationCore):
         super().tick()
 
     # -- client requests ---------------------------------------------------------
-    def may_read(self, command: Command, key: str) -> bool:
-        rule = self.machine.acceptance.reads
-        if rule is ReadRule.SERVE:
-            return True
-        if rule is ReadRule.SERVE_IF_CONFIRMED:
-            return self.confirmed
-        if rule is ReadRule.SERVE_IF_SHARD_COMPLETE:
-            complete = self.complete_shards
-            if len(complete) == self.store.shard_count:
-                return True
-            return command is Command.GET and shard_of(key, self.store.shard_count) in complete
-        return False
-
     def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome | None:
         """A write: an outcome now, or None when ``Respond(reply, ...)`` follows."""
+        if self.max_memory and value is not None:
+            full = self.memory_full(command, key, value)
+            if full is not None:
+                return full
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
         pending = self.overlay.get(key)
@@ -305,65 +283,34 @@ class PrimaryCore(ReplicationCore):
             return Step.NONE
         self.peer_hello = frame
         self.peer_seq = frame.seq
-        count = frame.count
-        if self.confirmed:
-            store = self.store
-            if frame.confirmed and frame.checksum == store.checksum and count == len(store):
-                self.plan = Plan.SKIP
-                log.info("primary and backup already hold the same data: skipping transfer")
-                self.send(Skip(frame.checksum, count, self.seq))
-                return Step.AWAIT_SYNC_ACK
-            why_not = self._why_no_rollback(frame)
-            if why_not is None:
-                self.plan = Plan.ROLLBACK
-                log.info(
-                    "primary resync: partial: the backup rolls back %d batches, seq %d -> %d",
-                    frame.seq - self.seq,
-                    frame.seq,
-                    self.seq,
-                )
-                self.send(Rollback(self.seq, store.checksum, len(store)))
-            else:
-                self.plan = Plan.SEND
-                log.info("primary resync: full transfer: %s", why_not)
-                self.start_sending_snapshot()
-            return Step.AWAIT_SYNC_ACK
-        if frame.confirmed:
-            self.plan = Plan.FETCH
-            self.fire(Event.BACKUP_HOLDS_DATA, f"backup holds {count} confirmed pairs")
-            self.receiver = SnapshotReceiver(self.store)
+        decided = self.plan = plan(self.own_copy(), Copy.of(frame))
+        directive, reason = decided.directive, decided.reason
+        store = self.store
+        if directive is Directive.SKIP:
+            log.info("%s: skipping transfer", reason)
+            self.send(Skip(frame.checksum, frame.count, self.seq))
+        elif directive is Directive.ROLLBACK:
+            log.info("primary resync: partial: %s", reason)
+            self.send(Rollback(self.seq, store.checksum, len(store)))
+        elif directive is Directive.SEND:
+            log.info("primary resync: full transfer: %s", reason)
+            self.start_sending_snapshot()
+        elif directive is Directive.FETCH:
+            self.fire(Event.BACKUP_HOLDS_DATA, reason)
+            self.receiver = SnapshotReceiver(store)
             self.complete_shards = self.receiver.complete_shards
             self.send(Fetch())
             return Step.RECEIVE_SNAPSHOT
-        if len(self.store):
-            log.warning(
-                "primary discards %d unconfirmed pairs: the backup holds no data", len(self.store)
-            )
-            self.store.clear()
-        self.plan = Plan.START_EMPTY
-        self.confirmed = True
-        self.fire(Event.BACKUP_NEEDS_DATA, "no confirmed data on either side: start empty")
-        self.start_sending_snapshot()
+        else:
+            if len(store):
+                log.warning(
+                    "primary discards %d unconfirmed pairs: the backup holds no data", len(store)
+                )
+                store.clear()
+            self.confirmed = True
+            self.fire(Event.BACKUP_NEEDS_DATA, reason)
+            self.start_sending_snapshot()
         return Step.AWAIT_SYNC_ACK
-
-    def _why_no_rollback(self, frame: Hello) -> str | None:
-        """Why the backup cannot reach our data by undoing batches (None: it can).
-
-        Replication is synchronous, so a live backup of our history is never
-        behind our acknowledged state: at most ahead, by the batches whose
-        acknowledgement we never saw."""
-        if not frame.confirmed:
-            return "the backup holds no confirmed copy"
-        if frame.history != self.history:
-            return "the backup's data has another history (a restart or a replaced copy)"
-        if frame.seq < self.seq:
-            return f"the backup is behind (seq {frame.seq} < {self.seq})"
-        state = {seq: (checksum, count) for seq, checksum, count in frame.undo}
-        if self.seq not in state:
-            return f"the backup cannot undo back to seq {self.seq} (its undo record is too short)"
-        if state[self.seq] != (self.store.checksum, len(self.store)):
-            return f"the backup's data at seq {self.seq} differs from ours"
-        return None
 
     def _transfer_frame(self, frame: Any) -> Step:
         receiver = self.receiver
@@ -397,15 +344,10 @@ class PrimaryCore(ReplicationCore):
         self.receiver = None
         self.transfers_completed += 1
         self.backoff.reset()
-        plan, hello = self.plan, self.peer_hello
-        assert plan is not None and hello is not None, "a SYNC_ACK comes only after the hello"
-        kept = plan in (Plan.SKIP, Plan.ROLLBACK)
-        self.history = next_history(self.history, hello.history, kept)
-        if plan is Plan.ROLLBACK:
-            self.resyncs_partial += 1
-        elif plan is not Plan.SKIP:
-            self.resyncs_full += 1
-        how = self.plan.value
+        decided, hello = self.plan, self.peer_hello
+        assert decided is not None and hello is not None, "a SYNC_ACK comes only after the hello"
+        self.note_resync(decided.directive.resync, hello)
+        how = decided.directive.value
         self.fire(
             Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how} the backup, checksums match"
         )

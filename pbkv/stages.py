@@ -10,7 +10,9 @@ Two rules, as in h11's ``_state.py``:
    steps; ``StageMachine.fire`` looks the next stage up and raises
    ``ProtocolError`` for an event that the current stage does not expect,
    instead of silently ignoring it; a frame the current step does not list
-   closes the channel.
+   closes the channel.  Who wins a handshake is decided here too, from both
+   sides' copies (``plan``, and ``refusal`` for the backup's acceptance of a
+   directive).
 2. No I/O and no clock here.  The README's stage diagram and tables are
    generated from these tables (``python -m pbkv.stages``), so they cannot drift.
 """
@@ -21,7 +23,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pbkv.wire import FrameType
+from pbkv.wire import FrameType, Hello
 
 
 class Role(enum.StrEnum):
@@ -341,6 +343,146 @@ class Handshake:
 
     def reset(self) -> None:
         self.step = Step.NONE
+
+
+# -- who wins a handshake ----------------------------------------------------------
+# The primary decides from its copy and the copy the backup's HELLO describes
+# (``plan``); the backup checks the directive against its own copy before it
+# obeys (``refusal``).  The rule, in order:
+#
+# 1. A primary whose data a backup has confirmed (it has been in sync since it
+#    started) keeps it: it SKIPs the transfer when the backup holds a confirmed
+#    copy with the same checksum and count; it has the backup ROLL BACK when the
+#    backup is of the same history, not behind, and can undo back to our seq
+#    into exactly our data (the batches whose acknowledgement we never saw);
+#    else it SENDs its data.
+# 2. A primary without confirmed data (freshly started) FETCHes the backup's
+#    data when the backup holds a confirmed copy,
+# 3. and otherwise neither copy is confirmed: it STARTs EMPTY and sends that.
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """A state of the data: after batch ``seq``, this checksum and count of pairs."""
+
+    seq: int
+    checksum: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """What one side holds, as its HELLO says (new facts become new fields with a default)."""
+
+    confirmed: bool  # a peer verified this data
+    history: int  # its lineage: new whenever the data is replaced
+    seq: int  # the last replicated batch applied
+    checksum: int
+    count: int
+    undo: tuple[State, ...] = ()  # the states it can roll back to (a backup's)
+
+    @classmethod
+    def of(cls, hello: Hello) -> Copy:
+        undo = tuple(State(seq, checksum, count) for seq, checksum, count in hello.undo)
+        return cls(hello.confirmed, hello.history, hello.seq, hello.checksum, hello.count, undo)
+
+
+class Resync(enum.Enum):
+    """How a sync reached matching data (what the resync counters count)."""
+
+    FULL = "full"  # the data was copied whole: a new history on both sides
+    PARTIAL = "partial"  # the backup rolled back batches
+    NONE = "none"  # both already held the same data
+
+
+class Directive(enum.Enum):
+    """What happens to the data (the value completes "N pairs ... the backup")."""
+
+    SEND = "sent to"  # our confirmed data wins
+    SKIP = "already matched on"  # both hold the same confirmed data
+    ROLLBACK = "rolled back on"  # the backup is ahead by batches we never applied: it undoes them
+    FETCH = "fetched from"  # the backup's confirmed data wins
+    START_EMPTY = "started empty with"  # neither side holds confirmed data
+
+    @property
+    def resync(self) -> Resync:
+        if self is Directive.SKIP:
+            return Resync.NONE
+        if self is Directive.ROLLBACK:
+            return Resync.PARTIAL
+        return Resync.FULL
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The primary's decision and why (the reason goes into its log line)."""
+
+    directive: Directive
+    reason: str
+
+
+def plan(ours: Copy, theirs: Copy) -> Plan:
+    """What the primary (``ours``) does with a backup that holds ``theirs``."""
+    if ours.confirmed:
+        if theirs.confirmed and (theirs.checksum, theirs.count) == (ours.checksum, ours.count):
+            return Plan(Directive.SKIP, "primary and backup already hold the same data")
+        why_not = why_no_rollback(ours, theirs)
+        if why_not is None:
+            return Plan(
+                Directive.ROLLBACK,
+                f"the backup rolls back {theirs.seq - ours.seq} batches, "
+                f"seq {theirs.seq} -> {ours.seq}",
+            )
+        return Plan(Directive.SEND, why_not)
+    if theirs.confirmed:
+        return Plan(Directive.FETCH, f"backup holds {theirs.count} confirmed pairs")
+    return Plan(Directive.START_EMPTY, "no confirmed data on either side: start empty")
+
+
+def why_no_rollback(ours: Copy, theirs: Copy) -> str | None:
+    """Why the backup (``theirs``) cannot reach our data by undoing batches (None: it can).
+
+    Replication is synchronous, so a live backup of our history is never behind
+    our acknowledged state: at most ahead, by the batches whose acknowledgement
+    we never saw."""
+    if not theirs.confirmed:
+        return "the backup holds no confirmed copy"
+    if theirs.history != ours.history:
+        return "the backup's data has another history (a restart or a replaced copy)"
+    if theirs.seq < ours.seq:
+        return f"the backup is behind (seq {theirs.seq} < {ours.seq})"
+    reachable = {state.seq: state for state in theirs.undo}
+    if ours.seq not in reachable:
+        return f"the backup cannot undo back to seq {ours.seq} (its undo record is too short)"
+    state = reachable[ours.seq]
+    if (state.checksum, state.count) != (ours.checksum, ours.count):
+        return f"the backup's data at seq {ours.seq} differs from ours"
+    return None
+
+
+def refusal(directive: Directive, target: State | None, ours: Copy, theirs: Copy) -> str | None:
+    """Why the backup (``ours``) refuses the primary's (``theirs``) directive; None: it obeys.
+
+    ``target``: the state a SKIP or ROLLBACK says we reach.  Only a confirmed copy
+    may be kept as the primary's (SKIP, ROLLBACK) or become it (FETCH); a rollback
+    needs our history and a recorded state at the target's seq (and the backup then
+    checks that undoing really reached the target).  Data the primary sends is
+    always taken, once all of it has arrived."""
+    if directive is Directive.SKIP:
+        assert target is not None
+        if not ours.confirmed or (target.checksum, target.count) != (ours.checksum, ours.count):
+            return "skip proposed but the data differs"
+    elif directive is Directive.ROLLBACK:
+        assert target is not None
+        if (
+            not ours.confirmed
+            or theirs.history != ours.history
+            or all(state.seq != target.seq for state in ours.undo)
+        ):
+            return f"cannot roll back to seq {target.seq}"
+    elif directive is Directive.FETCH and not ours.confirmed:
+        return "fetch asked of a backup without confirmed data"
+    return None
 
 
 def mermaid(role: Role) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import hmac
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -156,14 +157,18 @@ def _points_to_wire(points: tuple[tuple[int, int, int], ...]) -> list[list[Any]]
     return [[seq, checksum_to_bytes(checksum), count] for seq, checksum, count in points]
 
 
-_ENCODERS = {_checksum: checksum_to_bytes, _undo_points: _points_to_wire}
+# How a field of each kind travels, where that is not as it is held.
+_ENCODERS: dict[Callable[[Any], Any], Callable[[Any], Any]] = {
+    _checksum: checksum_to_bytes,
+    _undo_points: _points_to_wire,
+}
 
 
 # -- the frames ------------------------------------------------------------------------
 class Frame:
     """Base of every frame class: ``kind`` and the kinds of its fields, in order."""
 
-    __slots__ = ()
+    __slots__: ClassVar[tuple[str, ...]] = ()
     kind: ClassVar[FrameType]
     field_kinds: ClassVar[tuple[Any, ...]]
 
@@ -443,7 +448,7 @@ NO_LIMIT = FrameLimit(MAX_FRAME, MAX_FRAME, MAX_FRAME)
 
 
 # -- the codec ---------------------------------------------------------------------------
-_packb = msgpack.Packer(use_bin_type=True).pack
+_packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 _digest = xxhash.xxh3_64_intdigest
 
 

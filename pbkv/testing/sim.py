@@ -8,7 +8,8 @@ black-hole the channel, closed connections, delays that reorder frames of an
 old connection after a new one, and (rarely) a frame delivered twice.
 Clients talk to the primary; their history is checked for linearizability,
 together with the final content of both servers once the faults stop and the
-pair is in sync again.
+pair is in sync again.  Some seeds set a ``max_memory`` that the data reaches:
+a write refused for it must never become visible.
 
 Run many seeds: ``python -m pbkv.testing.sim --seeds 1000``; replay one with
 its log: ``python -m pbkv.testing.sim --seed 42 --verbose``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import heapq
 import itertools
 import logging
@@ -28,20 +30,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pbkv.actions import Timer
 from pbkv.backup import BackupCore
-from pbkv.commands import Command, Done, Outcome, Refused, ReplicationFailed
+from pbkv.commands import Command, Done, MemoryFull, Outcome, Refused, ReplicationFailed
 from pbkv.config import Settings
 from pbkv.primary import PrimaryCore
 from pbkv.stages import Role, Stage
-from pbkv.store import make_store
+from pbkv.store import PAIR_OVERHEAD, make_store
 from pbkv.testing.linearizability import Operation, Result, check
-from pbkv.wire import Frame, FrameCodec, FrameError
 
 log = logging.getLogger(__name__)
 
 ROLES = tuple(Role)
+PRIMARY, BACKUP = Role.PRIMARY, Role.BACKUP
 DUPLICATE_RATE = 0.01  # share of frames a faulty network delivers twice
 KEYS = tuple(f"k{i}" for i in range(6))
+# A seed with a memory limit: room for about half the keys, so writes are refused.
+MEMORY_LIMIT_RATE = 0.25
+MEMORY_LIMIT = 3 * (PAIR_OVERHEAD + 8)
 COMMANDS = {
     "get": Command.GET,
     "insert": Command.INSERT,
@@ -73,23 +79,21 @@ class Channel:
     """One TCP connection between the primary and the backup."""
 
     id: int
-    open_at: dict[str, bool] = field(default_factory=lambda: {"primary": False, "backup": False})
+    open_at: dict[Role, bool] = field(default_factory=lambda: dict.fromkeys(ROLES, False))
     closed: bool = False
     black_holed: bool = False  # a partition ate some bytes: nothing more gets through
-    last_delivery: dict[str, float] = field(default_factory=lambda: {r: 0.0 for r in ROLES})
-    # Each end's codec: it encodes what that end sends and decodes what it receives.
-    codecs: dict[str, FrameCodec] = field(default_factory=lambda: {r: FrameCodec() for r in ROLES})
+    last_delivery: dict[Role, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
 
 
 class SimNode:
-    def __init__(self, sim: Simulation, role: str) -> None:
+    def __init__(self, sim: Simulation, role: Role) -> None:
         self.sim = sim
         self.role = role
         self.core: PrimaryCore | BackupCore | None = None
         self.life = 0  # bumps on every crash: events of an earlier life are dropped
         self.paused = False
         self.deferred: list[Callable[[], None]] = []
-        self.timers: dict[str, int] = {}
+        self.timers: dict[Timer, int] = {}
         self.channel: Channel | None = None
         self.pumping = False
 
@@ -97,17 +101,35 @@ class SimNode:
     def alive(self) -> bool:
         return self.core is not None
 
+    @property
+    def running(self) -> PrimaryCore | BackupCore:
+        """The core of a node that is up (events reach only those)."""
+        assert self.core is not None, f"the {self.role} is down"
+        return self.core
+
+    @property
+    def primary(self) -> PrimaryCore:
+        core = self.running
+        assert isinstance(core, PrimaryCore)
+        return core
+
+    @property
+    def backup(self) -> BackupCore:
+        core = self.running
+        assert isinstance(core, BackupCore)
+        return core
+
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         sim = self.sim
         store = make_store(sim.settings.store, sim.settings.shards)
         rng = random.Random(sim.rng.getrandbits(64))
-        core_class = PrimaryCore if self.role == "primary" else BackupCore
-        self.core = core_class(sim.settings, store, sim.now, rng)
+        core_class = PrimaryCore if self.role is PRIMARY else BackupCore
+        core = self.core = core_class(sim.settings, store, sim.now, rng)
         self.timers.clear()
         self.channel = None
         self.pumping = False
-        self.core.start(sim.now)
+        core.start(sim.now)
         self.drain()
 
     def crash(self) -> None:
@@ -155,24 +177,20 @@ class SimNode:
         self.sim.note_sync()
 
     # -- actions.Driver ----------------------------------------------------------
-    def send(self, frame: Frame) -> None:
+    def send(self, data: bytes) -> None:
         if self.channel is not None:
-            self.sim.transmit(self.channel, self.role, self.channel.codecs[self.role].encode(frame))
-
-    def secure_channel(self, send_key: bytes, receive_key: bytes) -> None:
-        if self.channel is not None:
-            self.channel.codecs[self.role].secure(send_key, receive_key)
+            self.sim.transmit(self.channel, self.role, data)
 
     def discard(self, shards: list[dict[str, str]]) -> None:
         shards.clear()  # simulated time: freeing costs nothing here
 
-    def start_timer(self, name: str, delay: float) -> None:
-        generation = self.timers.get(name, 0) + 1
-        self.timers[name] = generation
+    def start_timer(self, timer: Timer, delay: float) -> None:
+        generation = self.timers.get(timer, 0) + 1
+        self.timers[timer] = generation
 
         def fire() -> None:
-            if self.timers.get(name) == generation:
-                self.core.timer_fired(self.sim.now, name)
+            if self.timers.get(timer) == generation:
+                self.running.timer_fired(self.sim.now, timer)
 
         self.deliver(delay, fire)
 
@@ -196,16 +214,14 @@ class SimNode:
         self.deliver(self.sim.tiny(), self.flush)
 
     def pump(self) -> None:
-        more = self.core.pump_transfer(self.sim.now, 3)
+        more = self.running.pump_transfer(self.sim.now, 3)
         if more:
             self.deliver(self.sim.tiny(), self.pump)
         else:
             self.pumping = False
 
     def flush(self) -> None:
-        core = self.core
-        assert isinstance(core, PrimaryCore)
-        core.flush(self.sim.now)
+        self.primary.flush(self.sim.now)
 
 
 @dataclass
@@ -242,6 +258,8 @@ class Simulation:
         self.settings = settings or sim_settings(
             self.rng.choice(("sharded", "hash")), self.rng.choice((1, 2, 3)), secret
         )
+        if settings is None and random.Random(seed ^ 0x3E3).random() < MEMORY_LIMIT_RATE:
+            self.settings = dataclasses.replace(self.settings, max_memory=MEMORY_LIMIT)
         if overrides:  # e.g. undo_bytes=0: every resync a full transfer
             self.settings = dataclasses.replace(self.settings, **overrides)
         self.now = 0.0
@@ -253,8 +271,10 @@ class Simulation:
         self.clients = clients
         self.duration = duration
         self.faults_enabled = faults
-        self.synced_lives: dict[str, int] = {}
+        self.synced_lives: dict[Role, int] = {}
         self.operations: list[Operation] = []
+        # Values of writes refused for max_memory: none may ever be read or kept.
+        self.refused_values: set[str] = set()
         self.fault_log: list[str] = []
         self._values = itertools.count()
         self._trace = trace
@@ -294,37 +314,37 @@ class Simulation:
 
     def connect(self) -> None:
         """The primary opens a channel to the backup."""
-        primary, backup = self.nodes["primary"], self.nodes["backup"]
+        primary, backup = self.nodes[PRIMARY], self.nodes[BACKUP]
         if not backup.alive or not self.reachable() or backup.paused:
             # Refused at once when the backup is down; a time-out otherwise.
             delay = 0.001 if not backup.alive else self.settings.peer_timeout
             reason = "refused" if not backup.alive else "timed out"
-            primary.deliver(delay, lambda: primary.core.channel_failed(self.now, reason))
+            primary.deliver(delay, lambda: primary.primary.channel_failed(self.now, reason))
             return
         channel = Channel(next(self.channel_ids))
 
         def backup_accepts() -> None:
             if channel.closed:
                 return
-            backup.core.channel_opened(self.now)
+            backup.backup.channel_opened(self.now)
             backup.drain()  # closes the channel this one replaces
             backup.channel = channel
-            channel.open_at["backup"] = True
+            channel.open_at[BACKUP] = True
 
         def primary_opens() -> None:
-            if channel.closed or not channel.open_at["backup"]:
-                primary.core.channel_failed(self.now, "upgrade failed")
+            if channel.closed or not channel.open_at[BACKUP]:
+                primary.primary.channel_failed(self.now, "upgrade failed")
                 return
             primary.channel = channel
-            channel.open_at["primary"] = True
-            primary.core.channel_opened(self.now)
+            channel.open_at[PRIMARY] = True
+            primary.primary.channel_opened(self.now)
 
         first = self.latency()
         backup.deliver(first, backup_accepts)
         primary.deliver(first + self.latency(), primary_opens)
 
-    def transmit(self, channel: Channel, sender: str, data: bytes) -> None:
-        receiver_role = Role(sender).peer
+    def transmit(self, channel: Channel, sender: Role, data: bytes) -> None:
+        receiver_role = sender.peer
         receiver = self.nodes[receiver_role]
         if channel.closed:
             return
@@ -337,22 +357,8 @@ class Simulation:
         channel.last_delivery[receiver_role] = at
 
         def arrive() -> None:
-            if receiver.channel is not channel or channel.closed:
-                return
-            codec = channel.codecs[receiver_role]
-            codec.receive(data)
-            while receiver.channel is channel:
-                try:
-                    frame = codec.next_frame(receiver.core.frame_limit())
-                except FrameError as exc:  # the driver closes a channel that carries garbage
-                    receiver.channel = None
-                    self.close_channel(channel, receiver_role)
-                    receiver.core.channel_closed(self.now, f"bad frame: {exc}")
-                    return
-                if frame is None:
-                    return
-                receiver.core.frame_received(self.now, frame)
-                receiver.drain()  # before the next frame, which may be keyed
+            if receiver.channel is channel and not channel.closed:
+                receiver.running.bytes_received(self.now, data)
 
         receiver.deliver(at - self.now, arrive)
         faulty = self.faults_enabled and self.now < self.duration  # faults stop at the end
@@ -364,11 +370,11 @@ class Simulation:
             channel.last_delivery[receiver_role] = at + self.tiny()
             receiver.deliver(channel.last_delivery[receiver_role] - self.now, arrive)
 
-    def close_channel(self, channel: Channel, closer: str) -> None:
+    def close_channel(self, channel: Channel, closer: Role) -> None:
         if channel.closed:
             return
         channel.closed = True
-        other_role = Role(closer).peer
+        other_role = closer.peer
         other = self.nodes[other_role]
         if channel.black_holed or not self.reachable():
             return  # the FIN is lost too: the peer notices by silence
@@ -377,24 +383,25 @@ class Simulation:
         def notice() -> None:
             if other.channel is channel:
                 other.channel = None
-                other.core.channel_closed(self.now, "connection closed by peer")
+                other.running.channel_closed(self.now, "connection closed by peer")
 
         other.deliver(at - self.now, notice)
 
     def probe(self) -> None:
-        primary, backup = self.nodes["primary"], self.nodes["backup"]
+        primary, backup = self.nodes[PRIMARY], self.nodes[BACKUP]
         running = primary.alive and self.reachable()
-        backup.deliver(self.latency(), lambda: backup.core.probe_result(self.now, running))
+        backup.deliver(self.latency(), lambda: backup.backup.probe_result(self.now, running))
 
     # -- clients -----------------------------------------------------------------------
     def client_loop(self, client: int) -> None:
         if self.now >= self.duration:
             return
         kind = self.rng.choice(("get", "get", "insert", "update", "delete"))
+        command = COMMANDS[kind]
         key = self.rng.choice(KEYS)
         value = f"v{next(self._values)}" if kind in ("insert", "update") else None
         call = self.now
-        primary = self.nodes["primary"]
+        primary = self.nodes[PRIMARY]
         state = {"done": False}
 
         def finish(ok: bool | None, output: str | None, record: bool = True) -> None:
@@ -418,15 +425,19 @@ class Simulation:
             elif isinstance(outcome, Refused):
                 # Applied nowhere and observed nothing: not part of the history.
                 self.schedule(delay, lambda: finish(None, None, record=False))
+            elif isinstance(outcome, MemoryFull):
+                # Refused for the memory limit: applied nowhere either.
+                assert value is not None, "only a write that adds data is refused"
+                self.refused_values.add(value)
+                self.schedule(delay, lambda: finish(None, None, record=False))
             elif isinstance(outcome, ReplicationFailed):
                 self.schedule(delay, lambda: finish(None, None))
             else:
                 raise AssertionError(f"unexpected outcome {outcome!r}")
 
         def at_primary() -> None:
-            core = primary.core
-            command = COMMANDS[kind]
-            if command is Command.GET:
+            core = primary.primary
+            if command.is_read:
                 answer(core.read(command, key))
                 return
             outcome = core.submit(command, key, value, answer)
@@ -444,7 +455,7 @@ class Simulation:
         if self.in_sync():
             self.synced_lives = {role: node.life for role, node in self.nodes.items()}
 
-    def holds_every_acknowledged_write(self, role: str) -> bool:
+    def holds_every_acknowledged_write(self, role: Role) -> bool:
         """The oracle that keeps the two servers from being "both down".
 
         A process that took part in the last in-sync period and has not crashed
@@ -457,7 +468,7 @@ class Simulation:
     def nemesis(self) -> None:
         if self.now >= self.duration:
             return
-        primary, backup = self.nodes["primary"], self.nodes["backup"]
+        primary, backup = self.nodes[PRIMARY], self.nodes[BACKUP]
         choice = self.rng.random()
         if choice < 0.25:
             # Crash one server, never both: only when the other holds every acknowledged write.
@@ -486,7 +497,7 @@ class Simulation:
                 self.fault(f"{node.role} connection reset")
                 channel, node.channel = node.channel, None
                 self.close_channel(channel, node.role)
-                node.core.channel_closed(self.now, "connection reset")
+                node.running.channel_closed(self.now, "connection reset")
                 node.drain()
         self.schedule(self.rng.uniform(0.2, 1.5), self.nemesis)
 
@@ -512,7 +523,8 @@ class Simulation:
     # -- the run ---------------------------------------------------------------------------
     def in_sync(self) -> bool:
         return all(
-            n.alive and not n.paused and n.core.stage is Stage.IN_SYNC for n in self.nodes.values()
+            n.core is not None and not n.paused and n.core.stage is Stage.IN_SYNC
+            for n in self.nodes.values()
         )
 
     def run(self) -> RunResult:
@@ -522,7 +534,7 @@ class Simulation:
         first.start()
         self.schedule(self.rng.uniform(0.0, 1.0), second.start)
         for client in range(self.clients):
-            self.schedule(self.rng.uniform(0.5, 1.5), lambda c=client: self.client_loop(c))
+            self.schedule(self.rng.uniform(0.5, 1.5), functools.partial(self.client_loop, client))
         if self.faults_enabled:
             self.schedule(self.rng.uniform(0.5, 2.0), self.nemesis)
         self.run_until(self.duration)
@@ -538,16 +550,25 @@ class Simulation:
         if not converged or not self.in_sync():
             result.ok = False
             result.converged = False
-            stages = {r: (n.core.stage.value if n.alive else "down") for r, n in self.nodes.items()}
+            stages = {
+                r: (n.core.stage.value if n.core is not None else "down")
+                for r, n in self.nodes.items()
+            }
             result.explanation = f"the pair did not return to in sync: {stages}"
             return result
-        primary = dict(self.nodes["primary"].core.store.items())
-        backup = dict(self.nodes["backup"].core.store.items())
+        primary = dict(self.nodes[PRIMARY].running.store.items())
+        backup = dict(self.nodes[BACKUP].running.store.items())
         if primary != backup:
             result.ok = False
             result.explanation = (
                 f"primary and backup differ after sync: primary {primary} backup {backup}"
             )
+            return result
+        seen = {op.output for op in self.operations} | set(primary.values())
+        visible = sorted(v for v in seen if v in self.refused_values)
+        if visible:
+            result.ok = False
+            result.explanation = f"writes refused for max_memory became visible: {visible}"
             return result
         verdict: Result = check(self.operations, final=primary, timeout=20.0)
         result.ok = verdict.ok

@@ -148,3 +148,49 @@ def test_the_checksum_check_turns_a_wrong_rollback_into_a_full_transfer(monkeypa
         cores = [node.core for node in simulation.nodes.values() if node.core is not None]
         refused += sum("rolled back to seq" in core.last_transfer_error for core in cores)
     assert refused, "no rollback was refused: the mutant was never exercised"
+
+
+# -- the handshake plan ---------------------------------------------------------------
+
+
+def test_catches_a_plan_that_sends_over_a_backups_confirmed_copy(monkeypatch):
+    import pbkv.primary
+    from pbkv.stages import Directive, Plan, plan
+
+    def sends_over_a_confirmed_backup(ours, theirs):
+        if not ours.confirmed:  # a restarted primary: its empty copy "wins"
+            return Plan(Directive.START_EMPTY, "no confirmed data on either side: start empty")
+        return plan(ours, theirs)
+
+    monkeypatch.setattr(pbkv.primary, "plan", sends_over_a_confirmed_backup)
+    assert failures(range(60)), "a plan overwriting the backup's confirmed copy went unnoticed"
+
+
+# -- max_memory ------------------------------------------------------------------------
+
+
+def test_some_seeds_reach_max_memory_and_no_refused_write_is_ever_visible():
+    refused = seeds = 0
+    for seed in range(40):
+        simulation = sim.Simulation(seed)
+        assert simulation.run().ok is True, seed
+        refused += len(simulation.refused_values)
+        seeds += bool(simulation.refused_values)
+    assert seeds >= 3, f"only {seeds} seeds refused a write for max_memory ({refused} writes)"
+
+
+def test_catches_a_refused_write_that_is_applied_anyway(monkeypatch):
+    from pbkv.commands import MemoryFull
+
+    original = PrimaryCore.submit
+
+    def refuse_but_apply(self, command, key, value, reply):
+        outcome = original(self, command, key, value, reply)
+        if isinstance(outcome, MemoryFull):
+            self.max_memory = 0  # let the write through, and still say it was refused
+            original(self, command, key, value, lambda outcome: None)
+            self.max_memory = outcome.limit
+        return outcome
+
+    monkeypatch.setattr(PrimaryCore, "submit", refuse_but_apply)
+    assert failures(range(40)), "a refused write that was applied went unnoticed"

@@ -2,8 +2,8 @@
 
 The cores are sans-I/O: they take events (a frame arrived, a timer fired, a
 client request came in) and queue actions.  ``Link`` plays the driver for
-both: it carries every ``Send`` through the real wire encoding to the other
-core, opens and closes the channel, answers probes, pumps transfers and
+both: it carries the bytes of every ``Send`` (encoded by the core, plain or
+keyed) to the other core, opens and closes the channel, answers probes, pumps transfers and
 collects the answers to client requests.  Time is a number the test moves.
 Nothing here sleeps or touches a socket.
 """
@@ -21,13 +21,22 @@ from typing import Any
 
 import pytest
 
+from pbkv.actions import Send, Timer
 from pbkv.backup import BackupCore
-from pbkv.commands import REPLICATION_FAILED, Command, Counted, Done, Dumped, Outcome, Refused
+from pbkv.commands import (
+    REPLICATION_FAILED,
+    Command,
+    Counted,
+    Done,
+    Dumped,
+    MemoryFull,
+    Outcome,
+    Refused,
+)
 from pbkv.config import Settings
-from pbkv.core import RETRY, TICK
 from pbkv.primary import PrimaryCore
-from pbkv.stages import Role, Stage
-from pbkv.store import ShardedStore, make_store, shard_of
+from pbkv.stages import ProtocolError, Role, Stage
+from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
 from pbkv.wire import Frame, FrameCodec, FrameError, FrameType, ShardChunk, encode
 
 SHARDS = 4
@@ -37,6 +46,7 @@ PRIMARY_ADDRESS = "127.0.0.1:8080"
 S = Stage
 GET, INSERT, UPDATE, DELETE = Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE
 COUNT, DUMP = Command.COUNT, Command.DUMP
+TICK, RETRY = Timer.TICK, Timer.RETRY
 
 _TRANSITION = re.compile(
     r"^(primary|backup) stage (\w+) -> (\w+) \((.*)\) peer=(?:primary|backup)$", re.S
@@ -73,10 +83,9 @@ class Link:
         self.unreachable: set[str] = set()  # alive, but connecting to it fails
         self.primary_answers_probe: bool | None = None  # None: whether it runs
         self.connected = False
-        self.pipes: dict[str, deque[bytes]] = {role: deque() for role in ROLES}  # to role
-        # Each end's codec: it encodes what that end sends and decodes what it receives.
-        self.codecs = {role: FrameCodec() for role in ROLES}
-        self.timers: dict[str, dict[str, float]] = {role: {} for role in ROLES}
+        # To each role: the bytes of one frame, and the frame (None: forged bytes).
+        self.pipes: dict[str, deque[tuple[bytes, Frame | None]]] = {r: deque() for r in ROLES}
+        self.timers: dict[str, dict[Timer, float]] = {role: {} for role in ROLES}
         # Faults the test switches on.
         self.paused: set[str] = set()  # frames to these roles wait in the pipe
         self.lossy: set[str] = set()  # frames from these roles vanish
@@ -88,7 +97,7 @@ class Link:
         self.sent: dict[str, list[Frame]] = {role: [] for role in ROLES}
         self.received: dict[str, list[Frame]] = {role: [] for role in ROLES}
         self.closed_by: list[tuple[str, str]] = []
-        self.timer_starts: list[tuple[str, str, float]] = []
+        self.timer_starts: list[tuple[str, Timer, float]] = []
         self.discarded: dict[str, list[int]] = {role: [] for role in ROLES}  # pairs per Discard
         self.responses: dict[Any, Outcome] = {}
         self.answer_order: list[Any] = []
@@ -153,21 +162,19 @@ class Link:
         self.connected = False
         for role in ROLES:
             self.pipes[role].clear()
-            self.codecs[role] = FrameCodec()
 
     def _close_from(self, closer: str, reason: str) -> None:
         """An orderly close: what the closer sent still arrives, then EOF."""
         other = peer_of(closer)
         pending = list(self.pipes[other])
-        codec = self.codecs[other]
         self._disconnect()
         core = self.cores.get(other)
         if core is None:
             return
-        for data in pending:
-            for frame in codec.feed(data):
+        for data, frame in pending:
+            if frame is not None and core.channel_up:
                 self.received[other].append(frame)
-                core.frame_received(self.now, frame)
+            core.bytes_received(self.now, data)
         core.channel_closed(self.now, f"{closer} closed the channel: {reason}")
 
     def _connect(self) -> None:
@@ -186,35 +193,29 @@ class Link:
         self.connected = True
         primary.channel_opened(self.now)
 
-    def _transmit(self, source: str, frame: Frame) -> None:
+    def _transmit(self, source: str, send: Send) -> None:
+        frame, data = send.frame, send.data
+        self.sent[source].append(copy.deepcopy(frame))
         if not self.connected or source in self.lossy:
             return
         if self.tamper is not None:
+            assert self.cores[source].secret is None, "tampering needs plain frames"
             frame = self.tamper(source, copy.deepcopy(frame))
-        data = self.codecs[source].encode(frame)
+            data = encode(frame)
         if self.corrupt is not None:
             data = self.corrupt(source, frame, data)
-        self.pipes[peer_of(source)].append(data)
+        self.pipes[peer_of(source)].append((data, frame))
 
     def _deliver_one(self) -> bool:
         for role in ROLES:
             if role in self.paused or not self.pipes[role]:
                 continue
-            data = self.pipes[role].popleft()
+            data, frame = self.pipes[role].popleft()
             core = self.cores[role]
-            try:
-                # One frame per pipe entry, bounded by what the receiving step accepts.
-                self.codecs[role].receive(data)
-                frame = self.codecs[role].next_frame(core.frame_limit())
-            except FrameError as exc:
-                # The driver closes a channel that carries garbage; the peer sees EOF.
-                self._disconnect()
-                core.channel_closed(self.now, f"bad frame: {exc}")
-                self.cores[peer_of(role)].channel_closed(self.now, "connection closed")
-                return True
-            if frame is not None:
+            if frame is not None and core.channel_up:
                 self.received[role].append(frame)
-                core.frame_received(self.now, frame)
+            # The core decodes (bounded by what its step accepts) and closes on garbage.
+            core.bytes_received(self.now, data)
             return True
         return False
 
@@ -237,9 +238,14 @@ class Link:
                 core = self.cores.get(role)
                 if core is None:
                     continue
-                if core.outbox:
+                driver = RoleDriver(self, role)
+                while core.outbox:
                     moved = True
-                    core.drain(RoleDriver(self, role))
+                    for action in core.take_actions():
+                        if type(action) is Send:  # the frame too, for the test to look at
+                            self._transmit(role, action)
+                        else:
+                            action.apply(driver)
             if not moved and not self._deliver_one():
                 return
         raise AssertionError("the cores never went quiet")
@@ -252,10 +258,10 @@ class Link:
         self.run()
         return more
 
-    def fire(self, role: str, name: str) -> None:
-        """Timer ``name`` of ``role`` fires now (whether it was due or not)."""
-        self.timers[role].pop(name, None)
-        self.cores[role].timer_fired(self.now, name)
+    def fire(self, role: str, timer: Timer) -> None:
+        """``timer`` of ``role`` fires now (whether it was due or not)."""
+        self.timers[role].pop(timer, None)
+        self.cores[role].timer_fired(self.now, timer)
         self.run()
 
     def advance(self, seconds: float) -> None:
@@ -263,17 +269,17 @@ class Link:
         end = self.now + seconds
         while True:
             due = [
-                (when, role, name)
+                (when, role, timer)
                 for role in ROLES
                 if role in self.cores
-                for name, when in self.timers[role].items()
+                for timer, when in self.timers[role].items()
                 if when <= end
             ]
             if not due:
                 break
-            when, role, name = min(due)
+            when, role, timer = min(due, key=lambda d: (d[0], d[1], d[2].value))
             self.now = max(self.now, when)
-            self.fire(role, name)
+            self.fire(role, timer)
         self.now = end
 
     # -- clients -----------------------------------------------------------------------
@@ -337,17 +343,16 @@ class RoleDriver:
     def __init__(self, link: Link, role: str) -> None:
         self.link, self.role = link, role
 
-    def send(self, frame: Frame) -> None:
-        self.link.sent[self.role].append(copy.deepcopy(frame))
-        self.link._transmit(self.role, frame)
+    def send(self, data: bytes) -> None:
+        raise AssertionError("Link.run carries Send actions itself")
 
     def discard(self, shards: list[dict[str, str]]) -> None:
         self.link.discarded[self.role].append(sum(map(len, shards)))
 
-    def start_timer(self, name: str, delay: float) -> None:
+    def start_timer(self, timer: Timer, delay: float) -> None:
         link = self.link
-        link.timers[self.role][name] = link.now + delay
-        link.timer_starts.append((self.role, name, delay))
+        link.timers[self.role][timer] = link.now + delay
+        link.timer_starts.append((self.role, timer, delay))
 
     def close_channel(self, reason: str) -> None:
         link = self.link
@@ -377,9 +382,6 @@ class RoleDriver:
 
     def flush_soon(self) -> None:
         """Writes are flushed when the test says so (``Link.flush``)."""
-
-    def secure_channel(self, send_key: bytes, receive_key: bytes) -> None:
-        self.link.codecs[self.role].secure(send_key, receive_key)
 
 
 @pytest.fixture
@@ -980,17 +982,19 @@ def test_status_shows_each_sides_handshake_step(link: Link) -> None:
     assert primary.status(link.now)["handshake"] == "none"
 
 
+@pytest.mark.parametrize("bug", [KeyError, ProtocolError])
 def test_a_bug_in_a_handler_is_not_reported_as_a_malformed_frame(
-    link: Link, monkeypatch: pytest.MonkeyPatch
+    link: Link, monkeypatch: pytest.MonkeyPatch, bug: type[Exception]
 ) -> None:
     primary, backup = in_sync_pair(link, {"a": "1"})
 
     def broken(frame: Any) -> None:
-        raise KeyError("a bug")
+        raise bug("a bug")
 
     monkeypatch.setitem(backup.handlers, FrameType.BATCH, broken)
-    with pytest.raises(KeyError, match="a bug"):
+    with pytest.raises(bug, match="a bug"):
         link.write(UPDATE, "a", "2")
+    assert backup.channel_up  # not closed as if the primary had sent garbage
 
 
 # -- corrupted transfers ---------------------------------------------------------------
@@ -1263,7 +1267,7 @@ def test_a_malformed_frame_is_refused_whole_before_any_handler_runs(
     with pytest.raises(FrameError):
         FrameCodec().feed(encode(frame))
     # The driver closes a channel that carries a bad frame: both sides lose it.
-    link.pipes[role].append(encode(frame))
+    link.pipes[role].append((encode(frame), None))
     link.run()
 
     assert not primary.channel_up and not backup.channel_up
@@ -1353,7 +1357,8 @@ def test_status_reports_uptime_from_the_time_asked_even_without_timers() -> None
 def test_with_one_secret_the_pair_authenticates_then_syncs_on_keyed_frames(make_link) -> None:
     link = make_link(secret="s3cret")
     primary, backup = in_sync_pair(link, DATA)
-    assert link.codecs["primary"].secured and link.codecs["backup"].secured
+    assert link.primary.codec is not None and link.primary.codec.secured
+    assert link.backup.codec is not None and link.backup.codec.secured
     assert link.kinds("primary")[:2] == [FrameType.AUTH_CHALLENGE, FrameType.AUTH_PROOF]
     assert link.kinds("backup")[0] is FrameType.AUTH_RESPONSE
     assert link.write(UPDATE, "key1", "x") == Done(True)
@@ -1589,3 +1594,41 @@ def test_catches_skipping_the_checksum_comparison_after_a_rollback(make_link, mo
         test_every_other_case_falls_back_to_a_full_transfer(
             make_link, _undo_record_wrong, "but the data is not the primary's"
         )
+
+
+# -- max_memory, timers ----------------------------------------------------------------
+
+
+def test_a_write_past_max_memory_is_refused_and_nothing_of_it_is_sent(make_link) -> None:
+    limit = 2 * (PAIR_OVERHEAD + len("key0") + 10)
+    link = make_link(max_memory=limit)
+    primary, backup = in_sync_pair(link, {"key0": "v" * 10, "key1": "v" * 10})
+    assert primary.store.memory_bytes <= limit
+    mark = link.mark()
+
+    assert link.write(INSERT, "key2", "v") == MemoryFull(limit)
+    assert link.write(UPDATE, "key0", "v" * 11) == MemoryFull(limit)  # it grows
+    assert link.kinds("primary", mark["primary"]) == []
+    assert "key2" not in primary.store and "key2" not in backup.store
+
+    assert link.write(UPDATE, "key0", "v" * 10) == Done(True)  # no growth
+    assert link.write(UPDATE, "key0", "short") == Done(True)  # shrinking always passes
+    assert link.write(INSERT, "key1", "v" * 99) == Done(False)  # exists: grows nothing
+    assert link.write(DELETE, "key1") == Done(True, "v" * 10)
+    assert link.write(INSERT, "key2", "v") == Done(True)  # room again
+    assert_same_data(primary, backup)
+
+
+def test_the_memory_limit_comes_before_the_backups_redirect(make_link) -> None:
+    link = make_link(max_memory=1)
+    link.start_backup()
+    refused = link.backup.submit(INSERT, "k", "v", link.reply_to("t"))
+    assert refused == MemoryFull(1)
+    assert isinstance(link.backup.submit(DELETE, "k", None, link.reply_to("t")), Refused)
+
+
+@pytest.mark.parametrize(("role", "timer"), [("primary", Timer.WAIT_PRIMARY), ("backup", RETRY)])
+def test_a_timer_the_role_never_starts_is_an_error(link: Link, role: str, timer: Timer) -> None:
+    in_sync_pair(link)
+    with pytest.raises(ValueError, match=f"starts no {timer.value} timer"):
+        link.cores[role].timer_fired(link.now, timer)

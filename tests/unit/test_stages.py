@@ -9,6 +9,7 @@ answers) and check that ``StageMachine`` does exactly what the table says.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 import pytest
 
@@ -24,19 +25,26 @@ from pbkv.stages import (
     PRIMARY_TRANSITIONS,
     TRANSITIONS,
     Acceptance,
+    Copy,
+    Directive,
     Event,
     Handshake,
+    Plan,
     ProtocolError,
     ReadRule,
+    Resync,
     Role,
     Stage,
     StageMachine,
+    State,
     Step,
     WriteRule,
     describe,
+    plan,
+    refusal,
 )
 from pbkv.transfer import TransferError
-from pbkv.wire import FrameError, FrameType
+from pbkv.wire import FrameError, FrameType, Hello
 
 S, E = Stage, Event
 
@@ -451,3 +459,197 @@ def test_describe_has_one_row_per_transition_and_per_stage() -> None:
     for _, step, kind, following in HANDSHAKE_EDGES:
         row = f"| {step.value} | {kind.name} | {', '.join(s.value for s in following)} |"
         assert row in body
+
+
+# -- who wins a handshake --------------------------------------------------------------
+H, OTHER = 0x1111, 0x2222  # history ids
+A, B = 0xAAAA, 0xBBBB  # checksums
+
+
+def held(
+    confirmed: bool = True,
+    seq: int = 5,
+    checksum: int = A,
+    count: int = 3,
+    history: int = H,
+    undo: tuple[State, ...] = (),
+) -> Copy:
+    return Copy(confirmed, history, seq, checksum, count, undo)
+
+
+# A backup two batches ahead of the primary's seq 5, whose record reaches seq 5 as A/3.
+AHEAD = (State(4, B, 2), State(5, A, 3), State(6, B, 4))
+
+# (the primary's copy, the backup's copy, the plan)
+PLANS: list[tuple[Copy, Copy, Plan]] = [
+    # A confirmed primary keeps its data: skip when the backup's confirmed copy matches...
+    (held(), held(), Plan(Directive.SKIP, "primary and backup already hold the same data")),
+    (
+        held(),
+        held(seq=9, history=OTHER),  # the data decides, not the seq or the history
+        Plan(Directive.SKIP, "primary and backup already hold the same data"),
+    ),
+    # ... have the backup undo the batches we never applied, when it can ...
+    (
+        held(),
+        held(seq=7, checksum=B, count=4, undo=AHEAD),
+        Plan(Directive.ROLLBACK, "the backup rolls back 2 batches, seq 7 -> 5"),
+    ),
+    # ... and send it otherwise, saying why.
+    (
+        held(),
+        held(confirmed=False),
+        Plan(Directive.SEND, "the backup holds no confirmed copy"),
+    ),
+    (
+        held(),
+        held(seq=7, checksum=B, count=4, history=OTHER, undo=AHEAD),
+        Plan(
+            Directive.SEND,
+            "the backup's data has another history (a restart or a replaced copy)",
+        ),
+    ),
+    (
+        held(),
+        held(seq=3, checksum=B),
+        Plan(Directive.SEND, "the backup is behind (seq 3 < 5)"),
+    ),
+    (
+        held(),
+        held(seq=7, checksum=B, count=4, undo=AHEAD[2:]),
+        Plan(
+            Directive.SEND,
+            "the backup cannot undo back to seq 5 (its undo record is too short)",
+        ),
+    ),
+    (
+        held(),
+        held(seq=7, checksum=B, count=4, undo=(State(5, B, 3), State(6, B, 4))),
+        Plan(Directive.SEND, "the backup's data at seq 5 differs from ours"),
+    ),
+    (
+        held(),
+        held(seq=7, checksum=B, count=4, undo=(State(5, A, 2),)),  # same checksum, not count
+        Plan(Directive.SEND, "the backup's data at seq 5 differs from ours"),
+    ),
+    # A primary without confirmed data takes the backup's confirmed copy, however small...
+    (
+        held(confirmed=False),
+        held(seq=9, checksum=B),
+        Plan(Directive.FETCH, "backup holds 3 confirmed pairs"),
+    ),
+    (
+        held(confirmed=False, seq=0, count=0),
+        held(count=0),
+        Plan(Directive.FETCH, "backup holds 0 confirmed pairs"),
+    ),
+    # ... and starts empty when neither side's data is confirmed.
+    (
+        held(confirmed=False),
+        held(confirmed=False, checksum=B, count=7),
+        Plan(Directive.START_EMPTY, "no confirmed data on either side: start empty"),
+    ),
+    (
+        held(confirmed=False),
+        held(confirmed=False),  # even the same data
+        Plan(Directive.START_EMPTY, "no confirmed data on either side: start empty"),
+    ),
+]
+
+
+def plans_that_differ(rule: Callable[[Copy, Copy], Plan]) -> list[tuple[Copy, Copy, Plan]]:
+    return [(ours, theirs, want) for ours, theirs, want in PLANS if rule(ours, theirs) != want]
+
+
+def test_every_handshake_case_has_its_plan() -> None:
+    assert plans_that_differ(plan) == []
+    assert {want.directive for _, _, want in PLANS} == set(Directive)
+
+
+def test_the_table_catches_a_primary_that_sends_over_a_backups_confirmed_copy() -> None:
+    def sends_over_a_confirmed_backup(ours: Copy, theirs: Copy) -> Plan:
+        if not ours.confirmed:
+            return Plan(Directive.START_EMPTY, "no confirmed data on either side: start empty")
+        return plan(ours, theirs)
+
+    wrong = plans_that_differ(sends_over_a_confirmed_backup)
+    assert [want.directive for _, _, want in wrong] == [Directive.FETCH, Directive.FETCH]
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "want"),
+    [row for row in PLANS if row[2].directive is not Directive.SEND],
+    ids=lambda v: v.directive.name if isinstance(v, Plan) else "",
+)
+def test_the_backup_obeys_every_directive_the_primary_plans(
+    ours: Copy, theirs: Copy, want: Plan
+) -> None:
+    """The two sides' rules agree: what the primary plans, the backup accepts."""
+    target = State(ours.seq, ours.checksum, ours.count)
+    assert refusal(want.directive, target, theirs, ours) is None
+
+
+S5 = State(5, A, 3)  # the primary's state in the directive rows
+
+# (the directive, its target, the backup's copy, the primary's copy, the refusal)
+DIRECTIVES: list[tuple[Directive, State | None, Copy, Copy, str | None]] = [
+    (Directive.SKIP, S5, held(), held(), None),
+    (Directive.SKIP, S5, held(confirmed=False), held(), "skip proposed but the data differs"),
+    (Directive.SKIP, S5, held(count=4), held(), "skip proposed but the data differs"),
+    (Directive.SKIP, S5, held(checksum=B), held(), "skip proposed but the data differs"),
+    (Directive.ROLLBACK, S5, held(seq=7, undo=AHEAD), held(), None),
+    (
+        Directive.ROLLBACK,
+        S5,
+        held(confirmed=False, seq=7, undo=AHEAD),
+        held(),
+        "cannot roll back to seq 5",
+    ),
+    (
+        Directive.ROLLBACK,
+        S5,
+        held(seq=7, undo=AHEAD),
+        held(history=OTHER),
+        "cannot roll back to seq 5",
+    ),
+    (Directive.ROLLBACK, S5, held(seq=7, undo=AHEAD[2:]), held(), "cannot roll back to seq 5"),
+    (Directive.ROLLBACK, S5, held(seq=7), held(), "cannot roll back to seq 5"),
+    (Directive.FETCH, None, held(), held(confirmed=False), None),
+    (
+        Directive.FETCH,
+        None,
+        held(confirmed=False),
+        held(confirmed=False),
+        "fetch asked of a backup without confirmed data",
+    ),
+    # The primary's data is always taken (once all of it has arrived).
+    (Directive.SEND, None, held(confirmed=False), held(), None),
+    (Directive.START_EMPTY, None, held(), held(confirmed=False), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("directive", "target", "ours", "theirs", "why"),
+    DIRECTIVES,
+    ids=lambda v: v.name if isinstance(v, Directive) else "",
+)
+def test_the_backup_refuses_a_directive_its_copy_cannot_follow(
+    directive: Directive, target: State | None, ours: Copy, theirs: Copy, why: str | None
+) -> None:
+    assert refusal(directive, target, ours, theirs) == why
+
+
+def test_a_copy_reads_a_hello() -> None:
+    hello = Hello("backup", True, A, 3, 7, H, ((5, A, 3), (6, B, 4)))
+    assert Copy.of(hello) == held(seq=7, undo=(State(5, A, 3), State(6, B, 4)))
+
+
+def test_each_directive_counts_as_its_kind_of_resync() -> None:
+    kinds = {directive: directive.resync for directive in Directive}
+    assert kinds == {
+        Directive.SEND: Resync.FULL,
+        Directive.SKIP: Resync.NONE,
+        Directive.ROLLBACK: Resync.PARTIAL,
+        Directive.FETCH: Resync.FULL,
+        Directive.START_EMPTY: Resync.FULL,
+    }
