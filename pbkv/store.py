@@ -162,9 +162,9 @@ class ShardedStore:
         for i in range(0, len(ops), 2):
             value = ops[i + 1]
             if value is None:
-                remove(ops[i])  # type: ignore[arg-type]
+                remove(ops[i])  # type: ignore[arg-type]  # even slots hold keys (str)
             else:
-                put(ops[i], value)  # type: ignore[arg-type]
+                put(ops[i], value)  # type: ignore[arg-type]  # even slots hold keys (str)
 
     def apply_recording(self, ops: list[str | None]) -> list[str | None]:
         """``apply``, returning each key's previous value (None: absent), for an undo."""
@@ -174,16 +174,16 @@ class ShardedStore:
         for i in range(0, len(ops), 2):
             value = ops[i + 1]
             if value is None:
-                record(remove(ops[i]))  # type: ignore[arg-type]
+                record(remove(ops[i]))  # type: ignore[arg-type]  # even slots hold keys (str)
             else:
-                record(put(ops[i], value))  # type: ignore[arg-type]
+                record(put(ops[i], value))  # type: ignore[arg-type]  # even slots hold keys (str)
         return olds
 
     def undo(self, ops: list[str | None], olds: list[str | None]) -> None:
         """Reverse ``apply_recording(ops)``: each key back to its old value, newest first."""
         write = self.write
         for i in range(len(olds) - 1, -1, -1):
-            write(ops[2 * i], olds[i])  # type: ignore[arg-type]
+            write(ops[2 * i], olds[i])  # type: ignore[arg-type]  # even slots hold keys (str)
 
     def release(self) -> list[dict[str, str]]:
         """Empty the store without freeing its pairs: returns the shards that hold
