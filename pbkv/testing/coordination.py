@@ -309,6 +309,12 @@ class EtcdModel:
         self._begin(now)
         return self._keys.get(key)
 
+    def peek(self, now: float, key: str) -> KeyValue | None:
+        """What etcd holds at ``now``, even during an outage: for the
+        simulation's checks, never for a member (it would bypass the network)."""
+        self.advance(now)
+        return self._keys.get(key)
+
     def range(self, now: float, prefix: str) -> list[KeyValue]:
         self._begin(now)
         return self._range(prefix)
