@@ -670,7 +670,7 @@ class WatchStream:
     def cancel(self) -> None:
         if self.open:
             self.open = False
-            self.session.etcd.etcd.cancel(self.watch_id)
+            self.session.coordination.etcd.cancel(self.watch_id)
             self.session.streams.discard(self)
 
     def _forward(self, event: Event) -> None:
@@ -709,7 +709,7 @@ class EtcdSession:
 
     def __init__(
         self,
-        etcd: Coordination,
+        coordination: Coordination,
         scheduler: Scheduler,
         *,
         latency: Callable[[], float],
@@ -717,7 +717,7 @@ class EtcdSession:
         timeout: float = 1.0,
         deliver: Callable[[float, Callable[[], None]], None] | None = None,
     ) -> None:
-        self.etcd = etcd
+        self.coordination = coordination
         self.scheduler = scheduler
         self.latency = latency
         self.reachable = reachable
@@ -765,7 +765,7 @@ class EtcdSession:
         if not self.reachable():
             return None
         try:
-            stream.watch_id = self.etcd.etcd.watch(
+            stream.watch_id = self.coordination.etcd.watch(
                 self.scheduler.now,
                 key,
                 prefix=prefix,
@@ -782,3 +782,33 @@ class EtcdSession:
         the time-out, as a real client notices by its keepalive pings)."""
         for stream in list(self.streams):
             stream._break()
+
+
+class ExpiryClock:
+    """Runs the model's lease expiries on the simulation's queue, each at its
+    deadline (not at the next request), so that watchers hear of it on time.
+    It wakes at the next deadline or after ``interval``, whichever is first, so
+    a lease granted meanwhile is caught exactly if its TTL is at least that."""
+
+    def __init__(self, etcd: EtcdModel, scheduler: Scheduler, interval: float = 0.1) -> None:
+        self.etcd = etcd
+        self.scheduler = scheduler
+        self.interval = interval
+        self.running = False
+
+    def start(self) -> None:
+        if not self.running:
+            self.running = True
+            self._tick()
+
+    def stop(self) -> None:
+        self.running = False
+
+    def _tick(self) -> None:
+        if not self.running:
+            return
+        now = self.scheduler.now
+        self.etcd.advance(now)
+        deadline = self.etcd.next_expiry()
+        wake = self.interval if deadline is None else min(deadline - now, self.interval)
+        self.scheduler.schedule(max(wake, 0.0), self._tick)

@@ -25,6 +25,7 @@ from pbkv.testing.coordination import (
     EtcdSession,
     Event,
     EventType,
+    ExpiryClock,
     Failed,
     Get,
     Indeterminate,
@@ -635,6 +636,9 @@ class Clock:
     def schedule(self, delay: float, event: Callable[[], None]) -> None:
         heapq.heappush(self._queue, (self.now + delay, next(self._counter), event))
 
+    def idle(self) -> bool:
+        return not self._queue
+
     def run(self, until: float = 100.0) -> None:
         while self._queue and self._queue[0][0] <= until:
             self.now, _, event = heapq.heappop(self._queue)
@@ -668,22 +672,25 @@ def test_a_request_is_answered_after_the_round_trip_at_the_time_it_arrives() -> 
     client = session(link)
     replies: list[tuple[float, Reply[Lease]]] = []
     client.call(
-        lambda now: client.etcd.grant(now, 3.0), lambda r: replies.append((link.clock.now, r))
+        lambda now: client.coordination.grant(now, 3.0),
+        lambda r: replies.append((link.clock.now, r)),
     )
     link.clock.run()
-    assert replies == [(pytest.approx(0.2), Answered(Lease(0x1000, 3.0)))]
-    assert client.etcd.etcd.time_to_live(0.1, 0x1000) == pytest.approx(3.0)  # granted at 0.1
+    [(when, reply)] = replies
+    assert when == pytest.approx(0.2) and reply == Answered(Lease(0x1000, 3.0))
+    # Granted when the request arrived, at 0.1: a full TTL left then.
+    assert client.coordination.etcd.time_to_live(0.1, 0x1000) == pytest.approx(3.0)
 
 
 def test_a_lost_request_is_indeterminate_and_not_applied() -> None:
     link = Link(down=[(0.0, 0.05)])
     client = session(link)
     replies: list[Reply[int | None]] = []
-    lease = client.etcd.grant(0.0, 3.0)
-    client.call(lambda now: client.etcd.campaign(now, "a", lease), replies.append)
+    lease = client.coordination.grant(0.0, 3.0)
+    client.call(lambda now: client.coordination.campaign(now, "a", lease), replies.append)
     link.clock.run()
     assert replies == [Indeterminate()]
-    assert client.etcd.leader(link.clock.now) is None
+    assert client.coordination.leader(link.clock.now) is None
 
 
 def test_an_answer_lost_after_the_write_applied_leaves_it_applied() -> None:
@@ -709,11 +716,11 @@ def test_an_error_answer_is_a_definite_failure() -> None:
     client = session(link)
     gone = Lease(0x999, 3.0)
     refused: list[Reply[int | None]] = []
-    client.call(lambda now: client.etcd.campaign(now, "a", gone), refused.append)
+    client.call(lambda now: client.coordination.campaign(now, "a", gone), refused.append)
     link.clock.run(until=1.0)
-    client.etcd.etcd.outage(1.0)
+    client.coordination.etcd.outage(1.0)
     unavailable: list[Reply[Leader | None]] = []
-    client.call(client.etcd.leader, unavailable.append)
+    client.call(client.coordination.leader, unavailable.append)
     link.clock.run(until=2.0)
     assert len(refused) == 1 and isinstance(refused[0], Failed)
     assert isinstance(refused[0].error, LeaseNotFound)
@@ -752,3 +759,20 @@ def test_a_watch_stream_keeps_order_and_breaks_when_the_link_goes_down() -> None
     )
     link.clock.run(until=5.0)
     assert [e.kv.value for e in resumed] == ["b"]
+
+
+def test_the_expiry_clock_delivers_an_expiry_at_its_deadline() -> None:
+    clock = Clock()
+    coord = coordination(min_ttl=0.5)
+    heard: list[tuple[float, LeaderChange]] = []
+    coord.watch_leader(0.0, lambda change: heard.append((clock.now, change)))
+    expiries = ExpiryClock(coord.etcd, clock, interval=0.25)
+    expiries.start()
+    clock.run(until=1.0)
+    lease = coord.grant(1.0, 1.7)  # granted between two wakes
+    coord.campaign(1.0, "a", lease)
+    clock.run(until=5.0)
+    assert [(t, c.leader is None) for t, c in heard] == [(1.0, False), (2.7, True)]
+    expiries.stop()
+    clock.run(until=6.0)
+    assert clock.idle()  # stopped: it schedules nothing more
