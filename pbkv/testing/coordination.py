@@ -9,7 +9,11 @@ on the model's generic ``txn`` with the same comparisons as the real client, so 
 simulation that runs the members against it exercises the same transactions.
 ``EtcdSession`` is one member's connection to it through a simulated network:
 a request is answered after a delay, or lost; a write whose answer is lost may
-still have been applied (indeterminate), as with a real etcd.
+still have been applied (indeterminate), as with a real etcd.  ``ExpiryClock``
+runs expiries on the simulation's queue at their deadlines, so that watchers
+hear of them on time.  For the simulation's checks (never for a member):
+``peek``, ``history``, ``time_of(revision)`` and ``Coordination.tenures()``,
+who held the leader key over which span of virtual time.
 
 What is modelled, as etcd does it:
 
@@ -20,7 +24,8 @@ What is modelled, as etcd does it:
   mod revision, version, lease;
 - leases: granted or kept alive at ``t`` with TTL ``T``, a lease expires at
   ``t + T`` exactly (alive while ``now < deadline``); its keys are deleted at
-  expiry in one revision; a keepalive or a put on an expired lease fails;
+  expiry in one revision; a keepalive on a lease that is gone answers None,
+  a put bound to it fails;
   TTLs below ``min_ttl`` are raised to it (etcd's default flags grant at least 2 s);
 - ``txn(compares, success, failure)``: comparisons on value, version, create
   or mod revision and lease, with etcd's rule that a value comparison on a
@@ -46,7 +51,7 @@ watchable), the lessor's checkpoint and its expiry lag (keys vanish exactly at
 the deadline; a late expiry is ``renew_all``'s direction), authentication,
 range limits and sorting, ``prev_kv`` options (a delete always reports what it
 removed), multi-key range comparisons, nested transactions, and byte values
-(values are text: the coordinator stores JSON).
+(values are text; the records here are JSON).
 """
 
 from __future__ import annotations
@@ -449,7 +454,8 @@ class EtcdModel:
 
 
 # -- the coordinator's operations ---------------------------------------------------------
-# The same names and meanings as pbkv's etcd client, each with ``now`` first.
+# The same names and meanings as pbkv's etcd client (pbkv.coordinator), each with
+# ``now`` first; these types mirror that module's, to be shared once both exist.
 
 
 @dataclass(frozen=True)
