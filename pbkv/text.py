@@ -13,3 +13,9 @@ def printable(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, then with Python escapes (``\\n``,
     ``\\x1b``, ``\\xe9``, ``\\u043a``, ``\\\\``) for everything but printable ASCII."""
     return text[:limit].encode("unicode_escape").decode("ascii")
+
+
+# How much of a replication peer's own words (the reason of an AUTH_FAILED, SYNC_NACK
+# or FENCE, a role it claims) reaches our log: once it proved who it is, and before.
+PEER_TEXT_CHARS = 300
+UNPROVEN_PEER_TEXT_CHARS = 120  # our own reasons fit: the longest is 82

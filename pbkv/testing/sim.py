@@ -95,6 +95,8 @@ class SimNode:
         self.deferred: list[Callable[[], None]] = []
         self.timers: dict[Timer, int] = {}
         self.channel: Channel | None = None
+        # Backup with a secret: channels still proving it, by their id.
+        self.candidates: dict[int, Channel] = {}
         self.pumping = False
 
     @property
@@ -128,6 +130,7 @@ class SimNode:
         core = self.core = core_class(sim.settings, store, sim.now, rng)
         self.timers.clear()
         self.channel = None
+        self.candidates.clear()
         self.pumping = False
         core.start(sim.now)
         self.drain()
@@ -142,6 +145,9 @@ class SimNode:
         if self.channel is not None:
             sim.close_channel(self.channel, self.role)
             self.channel = None
+        for candidate in self.candidates.values():
+            sim.close_channel(candidate, self.role)
+        self.candidates.clear()
 
     def pause(self) -> None:
         self.sim.trace(f"{self.role} paused")
@@ -198,6 +204,21 @@ class SimNode:
         channel, self.channel = self.channel, None
         if channel is not None:
             self.sim.close_channel(channel, self.role)
+
+    def send_to_candidate(self, candidate: int, data: bytes) -> None:
+        channel = self.candidates.get(candidate)
+        if channel is not None:
+            self.sim.transmit(channel, self.role, data)
+
+    def close_candidate(self, candidate: int, reason: str) -> None:
+        channel = self.candidates.pop(candidate, None)
+        if channel is not None:
+            self.sim.close_channel(channel, self.role)
+
+    def promote(self, candidate: int) -> None:
+        channel = self.candidates.pop(candidate, None)
+        if channel is not None:
+            self.channel = channel
 
     def connect(self) -> None:
         self.sim.connect()
@@ -326,10 +347,15 @@ class Simulation:
         def backup_accepts() -> None:
             if channel.closed:
                 return
-            backup.backup.channel_opened(self.now)
-            backup.drain()  # closes the channel this one replaces
-            backup.channel = channel
+            core = backup.backup
+            core.channel_opened(self.now, channel.id)
             channel.open_at[BACKUP] = True
+            if channel.id in core.candidates:  # with a secret: it proves it first
+                backup.candidates[channel.id] = channel
+                backup.drain()
+            else:
+                backup.drain()  # closes the channel this one replaces
+                backup.channel = channel
 
         def primary_opens() -> None:
             if channel.closed or not channel.open_at[BACKUP]:
@@ -357,8 +383,12 @@ class Simulation:
         channel.last_delivery[receiver_role] = at
 
         def arrive() -> None:
-            if receiver.channel is channel and not channel.closed:
+            if channel.closed:
+                return
+            if receiver.channel is channel:
                 receiver.running.bytes_received(self.now, data)
+            elif receiver.candidates.get(channel.id) is channel:
+                receiver.backup.candidate_bytes(self.now, channel.id, data)
 
         receiver.deliver(at - self.now, arrive)
         faulty = self.faults_enabled and self.now < self.duration  # faults stop at the end
@@ -384,6 +414,9 @@ class Simulation:
             if other.channel is channel:
                 other.channel = None
                 other.running.channel_closed(self.now, "connection closed by peer")
+            elif other.candidates.get(channel.id) is channel:
+                del other.candidates[channel.id]
+                other.backup.candidate_closed(self.now, channel.id)
 
         other.deliver(at - self.now, notice)
 
