@@ -12,12 +12,21 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from pbkv.client import AsyncClient, BadRequest, Client, tls_context
 from pbkv.wire import FrameType
-from tests.support.forge import UPGRADE_REQUEST, RawChannel, forged_hello, transfer_frames
+from tests.support.forge import (
+    UPGRADE_REQUEST,
+    RawChannel,
+    Writer,
+    forged_hello,
+    transfer_frames,
+    upgrade_flood,
+)
 from tests.support.harness import Pair, wait_for
 
 OUTSIDER = "127.0.0.9"
@@ -366,3 +375,34 @@ def test_tls_channel_needs_a_certificate_of_the_primary(make_pair, authority, tm
     assert pair.log("backup").count("refused a replication channel") == 2
     assert pair.dump("backup") == {"a": "1"}
     assert pair.stage("backup") == "in_sync"
+
+
+# -- a new channel must prove itself before it replaces the live one ------------------------
+
+
+def test_with_a_secret_an_upgrade_flood_from_the_primarys_address_costs_no_write(
+    make_pair,
+) -> None:
+    """Thousands of Upgrades from the primary's own address (any local user can bind it),
+    each answered 101: none may drop the authenticated channel before it proves the
+    secret, so the writer never waits and nothing is refused."""
+    pair = make_pair(secret="pair-secret")
+    pair.start_both()
+    load(pair, dict(list(PAIRS.items())[:100]))
+    with Writer(pair.address["primary"]) as writer:
+        wait_for(lambda: writer.acknowledged > 50, 10, "the writer to run")
+        upgrades = upgrade_flood(pair.address["backup"], "127.0.0.1", seconds=3.0)
+    assert upgrades > 200, f"only {upgrades} upgrades: the flood did not happen"
+    print(
+        f"{upgrades} upgrades; writer: {writer.acknowledged} acknowledged, longest gap "
+        f"{writer.longest_gap:.3f}s"
+    )
+    assert writer.refused == [], writer.refused[:3]
+    assert writer.longest_gap < 1.0
+    for role in ("primary", "backup"):
+        assert pair.stage(role) == "in_sync"
+    assert pair.dump("backup") == pair.dump("primary")
+    assert "replaced by a new connection" not in pair.log("backup")
+    log = pair.log("backup")
+    assert "did not prove the secret: the backup has a secret set" in log
+    assert log.count("accepted a replication channel") < 100  # a flood, not a log flood
