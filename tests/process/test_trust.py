@@ -406,3 +406,36 @@ def test_with_a_secret_an_upgrade_flood_from_the_primarys_address_costs_no_write
     log = pair.log("backup")
     assert "did not prove the secret: the backup has a secret set" in log
     assert log.count("accepted a replication channel") < 100  # a flood, not a log flood
+
+
+# -- a peer's words reach the log escaped --------------------------------------------------
+
+FORGED_REASON = "nothing\r\nCRITICAL backup lost every key\x1b[2J\x1b[31m"
+
+
+@pytest.mark.parametrize("secret", ["pair-secret", None])
+def test_a_peers_reason_cannot_forge_a_log_line_or_an_escape(make_pair, secret) -> None:
+    """With a secret, before any proof (an AUTH_FAILED on a new channel); without, from
+    the primary's address (a SYNC_NACK in a transfer): the reason is logged escaped."""
+    pair = make_pair(secret=secret) if secret else make_pair()
+    pair.start_both()
+    channel = RawChannel(pair.address["backup"], "127.0.0.1")
+    assert channel.status == 101
+    if secret:
+        channel.send([FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.AUTH_FAILED, FORGED_REASON])
+    else:
+        channel.send(
+            forged_hello(),
+            [FrameType.SNAPSHOT_BEGIN, 16, 0],
+            [FrameType.SYNC_NACK, FORGED_REASON],
+        )
+    channel.frames_until_closed()
+    channel.close()
+    wait_for(lambda: "CRITICAL backup lost" in pair.log("backup"), 10, "the reason in the log")
+    with open(pair.log_file("backup"), "rb") as file:
+        raw = file.read()
+    assert b"\x1b" not in raw
+    assert not [line for line in raw.splitlines() if line.startswith(b"CRITICAL")]
+    assert b"nothing\\r\\nCRITICAL backup lost every key\\x1b[2J" in raw
+    pair.wait_stage("primary", "in_sync")
+    assert pair.client().insert("after", "1")
