@@ -439,3 +439,46 @@ def test_a_peers_reason_cannot_forge_a_log_line_or_an_escape(make_pair, secret) 
     assert b"nothing\\r\\nCRITICAL backup lost every key\\x1b[2J" in raw
     pair.wait_stage("primary", "in_sync")
     assert pair.client().insert("after", "1")
+
+
+# -- counts a frame declares -------------------------------------------------------------
+
+
+def peak_rss(pid: int) -> int:
+    """The process's largest resident set so far, in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_snapshot_begin_declaring_a_huge_shard_count_allocates_nothing(make_pair) -> None:
+    """Protected mode, from the primary's address: one tiny SNAPSHOT_BEGIN declaring
+    100,000,000 shards (it allocated 1.5 GB) is refused before anything is allocated."""
+    pair = make_pair()
+    pair.start_both()
+    load(pair, dict(list(PAIRS.items())[:100]))
+    pid = pair.pid("backup")
+    assert pid is not None
+    before = peak_rss(pid)
+    channel = RawChannel(pair.address["backup"], "127.0.0.1")
+    assert channel.status == 101
+    channel.send(forged_hello(), [FrameType.SNAPSHOT_BEGIN, 100_000_000, 0])
+    assert [frame.kind for frame in channel.frames_until_closed()] == [FrameType.HELLO]
+    channel.close()
+    why = "bad frame: SNAPSHOT_BEGIN field 1: a shard count must be 1 to 4096, not 100000000"
+    wait_for(
+        lambda: why in pair.log("backup") or peak_rss(pid) - before > 20_000_000,
+        10,
+        "the frame to be refused or to cost memory",
+    )
+    grown = peak_rss(pid) - before
+    print(f"backup peak RSS {before / 1e6:.1f} MB, grew by {grown / 1e6:.1f} MB")
+    assert grown < 20_000_000
+    assert why in pair.log("backup")
+    assert pair.client("backup").get("key0001") == "value1"
+    pair.wait_stage("primary", "in_sync")
+    pair.wait_stage("backup", "in_sync")
+    assert pair.client().insert("after", "1")
+    assert pair.dump("backup") == pair.dump("primary")
