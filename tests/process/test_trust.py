@@ -23,6 +23,7 @@ from tests.support.forge import (
     UPGRADE_REQUEST,
     RawChannel,
     Writer,
+    checksum_of,
     forged_hello,
     transfer_frames,
     upgrade_flood,
@@ -138,6 +139,28 @@ def test_transfer_with_a_key_in_the_wrong_shard_is_rejected(make_pair) -> None:
         and "holds a key of shard" in (status["last_transfer_error"])
     )
     assert_untouched(pair, "backup")
+    pair.start("primary")
+    pair.wait_stage("primary", "in_sync")
+    assert_untouched(pair, "primary")
+
+
+def test_a_dishonest_primary_proposing_a_skip_over_other_data_is_refused(make_pair) -> None:
+    """From the primary's address while it is down (protected mode): a confirmed primary
+    that says both hold the same data, with a checksum that is not the backup's."""
+    pair = make_pair()
+    pair.start_both()
+    load(pair)
+    pair.kill("primary")
+    pair.wait_stage("backup", "bootstrapping_primary")
+    channel = RawChannel(pair.address["backup"], "127.0.0.1")
+    assert channel.status == 101
+    channel.send(forged_hello(len(PAIRS)), [FrameType.SKIP, checksum_of({}), len(PAIRS), 0])
+    replies = channel.frames_until_closed()
+    channel.close()
+    assert [frame.kind for frame in replies] == [FrameType.HELLO, FrameType.SYNC_NACK]
+    assert replies[-1].reason == "skip proposed but the data differs"
+    assert_untouched(pair, "backup")
+    assert pair.status("backup")["confirmed"] is True
     pair.start("primary")
     pair.wait_stage("primary", "in_sync")
     assert_untouched(pair, "primary")

@@ -37,7 +37,15 @@ from pbkv.config import Settings
 from pbkv.primary import PrimaryCore
 from pbkv.stages import ProtocolError, Role, Stage
 from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
-from pbkv.wire import Frame, FrameCodec, FrameError, FrameType, ShardChunk, encode
+from pbkv.wire import (
+    Frame,
+    FrameCodec,
+    FrameError,
+    FrameType,
+    ShardChunk,
+    checksum_to_bytes,
+    encode,
+)
 
 SHARDS = 4
 ROLES = ("primary", "backup")
@@ -1748,6 +1756,82 @@ def test_catches_skipping_the_checksum_comparison_after_a_rollback(make_link, mo
         test_every_other_case_falls_back_to_a_full_transfer(
             make_link, _undo_record_wrong, "but the data is not the primary's"
         )
+
+
+# -- a dishonest primary: the backup checks every directive against its own copy -------
+
+
+def dishonest_primary(link: Link) -> tuple[BackupCore, dict[str, str], int]:
+    """A backup in sync with several batches in its undo record; then its primary is
+    gone and a channel from the primary's address says it is a confirmed primary of the
+    same history, at the backup's seq (whatever it proposes next is a lie)."""
+    primary, backup = in_sync_pair(link, DATA)
+    for i in range(3):
+        assert link.write(UPDATE, f"key{i}", f"later {i}") == Done(True)
+    assert len(backup.undo) == 4  # the load, then three updates
+    link.kill("primary")
+    kept, checksum = dict(backup.store.items()), backup.store.checksum
+    backup.channel_opened(link.now)
+    hello = [FrameType.HELLO, "primary", True, checksum_to_bytes(checksum)]
+    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, []])
+    assert backup.step.value == "await_directive"
+    return backup, kept, checksum
+
+
+def refused_and_kept(link: Link, backup: BackupCore, kept: dict[str, str], why: str) -> None:
+    assert link.kinds("backup")[-1] is FrameType.SYNC_NACK
+    assert why in link.sent["backup"][-1].reason
+    assert not backup.channel_up and backup.transfers_failed == 1
+    assert dict(backup.store.items()) == kept and backup.confirmed
+
+
+def test_a_skip_whose_checksum_differs_from_the_backups_copy_is_refused(make_link) -> None:
+    link = make_link()
+    backup, kept, checksum = dishonest_primary(link)
+    seq, lie = backup.seq, checksum_to_bytes(checksum ^ 1)
+    link.inject("backup", [FrameType.SKIP, lie, len(kept), seq + 5])
+    refused_and_kept(link, backup, kept, "skip proposed but the data differs")
+    assert backup.seq == seq
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+
+
+def test_a_skip_with_the_right_checksum_but_another_count_is_refused(make_link) -> None:
+    link = make_link()
+    backup, kept, checksum = dishonest_primary(link)
+    link.inject("backup", [FrameType.SKIP, checksum_to_bytes(checksum), len(kept) + 1, 0])
+    refused_and_kept(link, backup, kept, "skip proposed but the data differs")
+
+
+def test_a_rollback_to_a_seq_the_backup_has_no_record_of_is_refused(make_link) -> None:
+    link = make_link()
+    backup, kept, checksum = dishonest_primary(link)
+    seq = backup.seq
+    link.inject("backup", [FrameType.ROLLBACK, seq + 10, checksum_to_bytes(checksum), 0])
+    refused_and_kept(link, backup, kept, f"cannot roll back to seq {seq + 10}")
+    assert backup.seq == seq
+
+
+def test_a_rollback_to_a_recorded_seq_but_a_state_it_never_held_is_refused(make_link) -> None:
+    """The seq is in the undo record, the checksum the primary claims for it is not what
+    undoing reaches: the backup undoes, compares, redoes, refuses."""
+    link = make_link()
+    backup, kept, checksum = dishonest_primary(link)
+    seq, (target, _, count) = backup.seq, backup.undo_points()[0]
+    link.inject("backup", [FrameType.ROLLBACK, target, checksum_to_bytes(checksum ^ 7), count])
+    refused_and_kept(link, backup, kept, "but the data is not the primary's")
+    assert backup.seq == seq and backup.store.checksum == checksum
+
+
+def test_catches_a_backup_that_skips_without_comparing_its_copy(make_link, monkeypatch) -> None:
+    import pbkv.backup
+    from pbkv.stages import Directive, refusal
+
+    def no_comparison_on_skip(directive, target, ours, theirs):
+        return None if directive is Directive.SKIP else refusal(directive, target, ours, theirs)
+
+    monkeypatch.setattr(pbkv.backup, "refusal", no_comparison_on_skip)
+    with pytest.raises(AssertionError):
+        test_a_skip_whose_checksum_differs_from_the_backups_copy_is_refused(make_link)
 
 
 # -- max_memory, timers ----------------------------------------------------------------
