@@ -12,8 +12,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
