@@ -20,6 +20,13 @@ implements :class:`Driver` and hands the actions to :func:`carry_out`.
 * ``FlushSoon()``: call ``flush()`` once the events already waiting are
   handled (one turn of the event loop): every write submitted until then
   travels in the same batch.
+* ``SendToCandidate(candidate, data, frame)`` / ``CloseCandidate(candidate, reason)``
+  / ``Promote(candidate)``: a backup with a secret holds new channels apart until
+  they prove it (``candidates.py``): write on candidate channel ``candidate`` (the
+  number the driver gave ``channel_opened``), close it alone, or make it the
+  channel (the core closed the one it replaces just before).  The driver reports
+  the bytes of a candidate with ``candidate_bytes`` and its loss with
+  ``candidate_closed``.
 * ``Discard(shards)``: drop these dicts of pairs (a replaced copy of the data),
   one per turn of the event loop, so freeing millions of pairs never stalls it.
 """
@@ -57,6 +64,12 @@ class Driver(Protocol):
     def flush_soon(self) -> None: ...
 
     def discard(self, shards: list[dict[str, str]]) -> None: ...
+
+    def send_to_candidate(self, candidate: int, data: bytes) -> None: ...
+
+    def close_candidate(self, candidate: int, reason: str) -> None: ...
+
+    def promote(self, candidate: int) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +139,33 @@ class Discard:
         driver.discard(self.shards)
 
 
+@dataclass(frozen=True, slots=True)
+class SendToCandidate:
+    candidate: int
+    data: bytes = field(repr=False)
+    frame: Frame
+
+    def apply(self, driver: Driver) -> None:
+        driver.send_to_candidate(self.candidate, self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class CloseCandidate:
+    candidate: int
+    reason: str
+
+    def apply(self, driver: Driver) -> None:
+        driver.close_candidate(self.candidate, self.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Promote:
+    candidate: int
+
+    def apply(self, driver: Driver) -> None:
+        driver.promote(self.candidate)
+
+
 Action = (
     Send
     | Connect
@@ -136,6 +176,9 @@ Action = (
     | PumpTransfer
     | FlushSoon
     | Discard
+    | SendToCandidate
+    | CloseCandidate
+    | Promote
 )
 
 

@@ -15,11 +15,20 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from pbkv import auth
-from pbkv.actions import Discard, Probe, StartTimer, Timer
+from pbkv.actions import (
+    CloseCandidate,
+    Discard,
+    Probe,
+    Promote,
+    SendToCandidate,
+    StartTimer,
+    Timer,
+)
+from pbkv.candidates import MAX_CANDIDATES, Candidate, Unproven
 from pbkv.commands import Command, Outcome, Refused, Reply
 from pbkv.config import Settings
 from pbkv.core import ReplicationCore, log
+from pbkv.limits import LogThrottle
 from pbkv.stages import Copy, Directive, Event, Resync, Role, Stage, State, Step, refusal
 from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
@@ -27,11 +36,11 @@ from pbkv.wire import (
     MAX_UNDO_POINTS,
     Ack,
     AuthChallenge,
-    AuthProof,
-    AuthResponse,
+    AuthFailed,
     Batch,
     Fence,
     Fetch,
+    FrameError,
     FrameType,
     Hello,
     Rollback,
@@ -91,9 +100,12 @@ class BackupCore(ReplicationCore):
                 FrameType.SYNC_ACK: self._final_ack,
                 FrameType.FENCE: self._fenced,
                 FrameType.AUTH_CHALLENGE: self._challenge,
-                FrameType.AUTH_PROOF: self._auth_proof,
             }
         )
+        # With a secret: new channels still proving it, oldest first (``candidates.py``).
+        self.candidates: dict[int, Candidate] = {}
+        self.candidates_refused = 0
+        self._unproven_log = LogThrottle(per_window=5, window=1.0)
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -110,11 +122,93 @@ class BackupCore(ReplicationCore):
         else:
             self.fire(Event.PRIMARY_ABSENT, f"no primary at {self.primary_address}")
 
-    def channel_opened(self, now: float) -> None:
-        """The primary connected (a newer connection replaces an older one)."""
+    def channel_opened(self, now: float, candidate: int = 0) -> None:
+        """A channel from the primary's address.  Without a secret it replaces the live
+        one at once (the address check is the proof).  With one, it is ``candidate``
+        (the driver's number for it) until it proves the secret: the live channel
+        serves meanwhile (see ``candidates.py``)."""
         self.now = now
-        self.lose_channel("replaced by a new connection from the primary")
-        self.opened(now)
+        if self.secret is None:
+            self.lose_channel("replaced by a new connection from the primary")
+            self.opened(now)
+            return
+        while len(self.candidates) >= MAX_CANDIDATES:
+            oldest = next(iter(self.candidates.values()))
+            self._refuse_candidate(
+                oldest,
+                Unproven(f"over {MAX_CANDIDATES} channels proving the secret: the oldest closes"),
+            )
+        self.candidates[candidate] = Candidate(candidate, self.secret, now)
+
+    def candidate_bytes(self, now: float, candidate: int, data: bytes) -> None:
+        """Bytes from a channel still proving the secret: its own codec and step, and
+        only the small frames of the proofs."""
+        self.now = now
+        newcomer = self.candidates.get(candidate)
+        if newcomer is None:
+            return
+        codec = newcomer.codec
+        codec.receive(data)
+        while not newcomer.proven:
+            try:
+                frame = codec.next_frame(self.frame_limits[newcomer.step])
+                if frame is None:
+                    return
+                answer = newcomer.handle(frame)
+            except FrameError as exc:
+                self._refuse_candidate(newcomer, Unproven(f"bad frame: {exc}", tell_peer=False))
+                return
+            except Unproven as refused:
+                self._refuse_candidate(newcomer, refused)
+                return
+            if answer is not None:
+                self.outbox.append(SendToCandidate(candidate, codec.encode(answer), answer))
+        self._promote(newcomer)
+
+    def candidate_closed(self, now: float, candidate: int) -> None:
+        """The driver saw a candidate channel close: forget it (nothing else changes)."""
+        self.now = now
+        self.candidates.pop(candidate, None)
+
+    def _refuse_candidate(self, newcomer: Candidate, refused: Unproven) -> None:
+        """Close a candidate alone; the live channel is untouched.  Logged at most a few
+        times a second: a flood of them must not flood the log."""
+        del self.candidates[newcomer.id]
+        self.candidates_refused += 1
+        if refused.tell_peer:
+            answer = AuthFailed(refused.reason)
+            self.outbox.append(SendToCandidate(newcomer.id, newcomer.codec.encode(answer), answer))
+        self.outbox.append(CloseCandidate(newcomer.id, refused.reason))
+        skipped = self._unproven_log.allow(self.now)
+        if skipped is not None:
+            log.warning(
+                "backup closed a new channel that did not prove the secret: %s%s",
+                refused.reason,
+                f" (and {skipped} more since the last such line)" if skipped else "",
+            )
+
+    def _promote(self, newcomer: Candidate) -> None:
+        """A candidate's proof holds: it replaces the live channel, keyed, awaiting the
+        primary's HELLO; the bytes that followed the proof are handled on it."""
+        del self.candidates[newcomer.id]
+        self.lose_channel("replaced by a new connection from the primary, which proved the secret")
+        self.channel_up = True
+        self.codec = newcomer.codec
+        self.handshake = newcomer.handshake
+        self.nonces.update(newcomer.nonces)
+        self.past_authentication = True
+        self.last_received = self.now
+        self.outbox.append(Promote(newcomer.id))
+        log.info("backup authenticated the primary: the channel is keyed")
+        self.read_frames(self.now)
+
+    def tick(self) -> None:
+        for newcomer in list(self.candidates.values()):
+            if self.now - newcomer.opened_at > self.settings.peer_timeout:
+                self._refuse_candidate(
+                    newcomer, Unproven(f"no proof within {self.settings.peer_timeout}s")
+                )
+        super().tick()
 
     def _channel_lost(self, reason: str, event: Event) -> None:
         if self.receiver is not None:  # a copy received in part, freed a shard per turn
@@ -211,27 +305,14 @@ class BackupCore(ReplicationCore):
         return Step.STREAMING
 
     def _fenced(self, frame: Fence) -> Step:
-        self.lose_channel(f"fenced by the primary: {frame.reason}")
+        self.lose_channel(f"fenced by the primary: {self.peer_text(frame.reason)}")
         return Step.NONE
 
     def _challenge(self, frame: AuthChallenge) -> Step:
-        if self.secret is None:
-            return self.refuse_authentication(
-                "the primary asks for a proof of a secret, but the backup has no secret set"
-            )
-        self.nonces[Role.PRIMARY] = frame.nonce
-        self.nonces[Role.BACKUP] = auth.new_nonce()
-        self.send(AuthResponse(self.nonces[Role.BACKUP], self.proof()))
-        return Step.AWAIT_PROOF
-
-    def _auth_proof(self, frame: AuthProof) -> Step:
-        if not self.peer_proof_holds(frame.proof):
-            return self.refuse_authentication(
-                "the primary's proof does not match the backup's secret "
-                "(are both secrets the same?)"
-            )
-        self.authenticated()
-        return Step.AWAIT_HELLO
+        # Only on a channel without a secret: with one, proofs happen on candidates.
+        return self.refuse_authentication(
+            "the primary asks for a proof of a secret, but the backup has no secret set"
+        )
 
     def _hello(self, frame: Hello) -> Step:
         if not self.past_authentication:
@@ -239,7 +320,9 @@ class BackupCore(ReplicationCore):
                 "the backup has a secret set: the primary sent a HELLO without proving it"
             )
         if frame.role != Role.PRIMARY:
-            self.lose_channel(f"peer says it is the {frame.role}, expected the primary")
+            self.lose_channel(
+                f"peer says it is the {self.peer_text(frame.role)}, expected the primary"
+            )
             return Step.NONE
         self.peer_hello = frame
         self.peer_seq = frame.seq

@@ -28,6 +28,10 @@ SECRET_FIELDS = ("secret", "client_token")
 ERROR_MODES = ("course", "http")
 
 
+# The most shards a store may have; a transfer declaring more is refused (see wire.py).
+MAX_SHARDS = 4096
+
+
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message says which."""
 
@@ -109,6 +113,8 @@ class Settings:
                 raise SettingsError(f"{name} must be a positive number")
         if self.undo_bytes < 0:
             raise SettingsError("undo_bytes must be 0 (no partial resync) or more")
+        if self.shards > MAX_SHARDS:
+            raise SettingsError(f"shards must be at most {MAX_SHARDS}")
         if not 0 < self.port < 65536:
             raise SettingsError("port must be between 1 and 65535")
         if self.backup_port is not None and not 0 < self.backup_port < 65536:

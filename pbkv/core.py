@@ -49,6 +49,7 @@ from pbkv.stages import (
     Step,
 )
 from pbkv.store import PAIR_OVERHEAD, ShardedStore, shard_of
+from pbkv.text import PEER_TEXT_CHARS, UNPROVEN_PEER_TEXT_CHARS, printable
 from pbkv.transfer import SnapshotReceiver, SnapshotSender
 from pbkv.wire import (
     CONTROL_LIMIT,
@@ -289,6 +290,12 @@ class ReplicationCore:
         self.past_authentication = True
         log.info("%s authenticated the %s: the channel is keyed", self.role, self.role.peer)
 
+    def peer_text(self, text: str) -> str:
+        """A peer's own words as they may reach our log: printable ASCII, bounded (tighter
+        before the peer proved who it is), so no forged line or escape sequence gets in."""
+        limit = PEER_TEXT_CHARS if self.past_authentication else UNPROVEN_PEER_TEXT_CHARS
+        return printable(text, limit)
+
     def refuse_authentication(self, reason: str) -> Step:
         """Say why (so the peer's log does too), close, and start over."""
         self.send(AuthFailed(reason_text(reason)))
@@ -296,7 +303,8 @@ class ReplicationCore:
         return Step.NONE
 
     def _authentication_refused(self, frame: AuthFailed) -> Step:
-        self.lose_channel(f"the {self.role.peer} refused authentication: {frame.reason}")
+        said = self.peer_text(frame.reason)
+        self.lose_channel(f"the {self.role.peer} refused authentication: {said}")
         return Step.NONE
 
     # -- client requests (both roles) ----------------------------------------------
@@ -389,7 +397,8 @@ class ReplicationCore:
         self.lose_channel(reason, Event.TRANSFER_FAILED)
 
     def _refused_by_peer(self, frame: SyncNack) -> Step:
-        self.fail_transfer(f"{self.role.peer} refused the transfer: {frame.reason}", False)
+        said = self.peer_text(frame.reason)
+        self.fail_transfer(f"{self.role.peer} refused the transfer: {said}", False)
         return Step.NONE
 
     def _heartbeat(self, frame: Heartbeat) -> Step:
@@ -404,7 +413,12 @@ class ReplicationCore:
         if codec is None:
             return
         codec.receive(data)
-        while codec is self.codec:  # a handler may lose the channel
+        self.read_frames(now)
+
+    def read_frames(self, now: float) -> None:
+        """Handle the complete frames the codec holds, one at a time."""
+        codec = self.codec
+        while codec is not None and codec is self.codec:  # a handler may lose the channel
             try:
                 frame = codec.next_frame(self.frame_limits[self.handshake.step])
             except FrameError as exc:

@@ -8,6 +8,7 @@ actions the core queues (see ``core.py``) and never decides anything itself.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Any, cast
@@ -24,6 +25,7 @@ from pbkv.limits import (
     RESERVED_CLIENTS,
     ConnectionLimits,
     Guard,
+    LogThrottle,
     raise_file_limit,
 )
 from pbkv.metrics import LoopLag, Metrics
@@ -52,8 +54,9 @@ class ChannelProtocol(asyncio.Protocol):
     upgraded transport.
     """
 
-    def __init__(self, node: Node, upgraded: bool) -> None:
+    def __init__(self, node: Node, upgraded: bool, ident: int = 0) -> None:
         self.node = node
+        self.ident = ident  # the backup's number for it, while it is a candidate
         self.transport: asyncio.Transport | None = None
         self.upgraded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._response_parser = None if upgraded else httptools.HttpResponseParser(self)
@@ -197,6 +200,10 @@ class Node:
             )
         )
         self.channel: ChannelProtocol | None = None
+        # Backup with a secret: new channels still proving it, by the core's number.
+        self.candidates: dict[int, ChannelProtocol] = {}
+        self._channel_numbers = itertools.count(1)
+        self._accepted_log = LogThrottle(per_window=5, window=1.0)
         self.timers: dict[Timer, asyncio.TimerHandle] = {}
         self.stopped = asyncio.Event()
         self.lag = LoopLag(interval=LAG_PROBE_INTERVAL)
@@ -238,6 +245,8 @@ class Node:
                 timer.cancel()
             if self.channel is not None:
                 self.channel.close()
+            for candidate in list(self.candidates.values()):
+                candidate.close()
             for connection in list(self.connections):
                 if connection.transport is not None:
                     connection.transport.close()
@@ -305,27 +314,48 @@ class Node:
         return self.stats.render()
 
     def upgrade(self, transport: asyncio.Transport, leftover: bytes) -> None:
-        channel = ChannelProtocol(self, upgraded=True)
+        ident = next(self._channel_numbers)
+        channel = ChannelProtocol(self, upgraded=True, ident=ident)
         transport.set_protocol(channel)
         channel.connection_made(transport)
         core = self.core
         assert isinstance(core, BackupCore)
-        core.channel_opened(self.clock())
-        core.drain(self)  # closes a channel this one replaces
-        self.channel = channel
-        log.info("backup accepted a replication channel from %s", _peername(transport))
+        core.channel_opened(self.clock(), ident)
+        if ident in core.candidates:  # with a secret: it proves it before it counts
+            self.candidates[ident] = channel
+            core.drain(self)
+        else:
+            core.drain(self)  # closes a channel this one replaces
+            self.channel = channel
+        skipped = self._accepted_log.allow(self.clock())
+        if skipped is not None:
+            log.info(
+                "backup accepted a replication channel from %s%s",
+                _peername(transport),
+                f" (and {skipped} more since the last such line)" if skipped else "",
+            )
         if leftover:
             channel.data_received(leftover)
 
     # -- channel events ----------------------------------------------------------
     def bytes_arrived(self, channel: ChannelProtocol, data: bytes) -> None:
         """The core decodes and handles them (a bad frame: it closes the channel)."""
+        core = self.core
         if channel is self.channel:
-            core = self.core
             core.bytes_received(self.clock(), data)
+            core.drain(self)
+        elif self.candidates.get(channel.ident) is channel:
+            assert isinstance(core, BackupCore)
+            core.candidate_bytes(self.clock(), channel.ident, data)
             core.drain(self)
 
     def channel_broken(self, channel: ChannelProtocol, reason: str) -> None:
+        if self.candidates.get(channel.ident) is channel:
+            del self.candidates[channel.ident]
+            core = self.core
+            assert isinstance(core, BackupCore)
+            core.candidate_closed(self.clock(), channel.ident)
+            return
         if channel is not self.channel:
             return
         self.channel = None
@@ -338,6 +368,22 @@ class Node:
         channel = self.channel
         if channel is not None:
             channel.write(data)
+
+    def send_to_candidate(self, candidate: int, data: bytes) -> None:
+        channel = self.candidates.get(candidate)
+        if channel is not None:
+            channel.write(data)
+
+    def close_candidate(self, candidate: int, reason: str) -> None:
+        channel = self.candidates.pop(candidate, None)
+        if channel is not None:
+            channel.close()
+
+    def promote(self, candidate: int) -> None:
+        """A candidate proved the secret: it is the channel now (the core closed the old)."""
+        channel = self.candidates.pop(candidate, None)
+        if channel is not None:
+            self.channel = channel
 
     def discard(self, shards: list[dict[str, str]]) -> None:
         """Drop a replaced copy of the data a shard per turn of the loop: at once,

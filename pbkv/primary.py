@@ -279,7 +279,9 @@ class PrimaryCore(ReplicationCore):
 
     def _hello(self, frame: Hello) -> Step:
         if frame.role != Role.BACKUP:
-            self.lose_channel(f"peer says it is the {frame.role}, expected the backup")
+            self.lose_channel(
+                f"peer says it is the {self.peer_text(frame.role)}, expected the backup"
+            )
             return Step.NONE
         self.peer_hello = frame
         self.peer_seq = frame.seq

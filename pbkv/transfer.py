@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from pbkv.config import MAX_SHARDS
 from pbkv.store import ShardedStore, pair_checksum, shard_of
 from pbkv.wire import Frame, ShardChunk, ShardEnd, SnapshotBegin, SnapshotEnd
 
@@ -80,8 +81,8 @@ class SnapshotReceiver:
     def begin(self, frame: SnapshotBegin) -> None:
         if self._begun:
             raise TransferError("a second SNAPSHOT_BEGIN")
-        if frame.shards < 1:
-            raise TransferError("a snapshot needs at least one shard")
+        if not 1 <= frame.shards <= MAX_SHARDS:  # wire.py refuses it first; built by hand here
+            raise TransferError(f"a snapshot has 1 to {MAX_SHARDS} shards, not {frame.shards}")
         self._begun = True
         self.sender_shards = frame.shards
         self.expected_total = frame.count

@@ -30,6 +30,10 @@ from typing import Any, ClassVar
 import msgpack
 import xxhash
 
+# The most shards a transfer may declare (the ``shards`` setting's bound): the receiver
+# keeps a few numbers per sender shard, allocated at SNAPSHOT_BEGIN.
+from pbkv.config import MAX_SHARDS
+
 _HEADER = struct.Struct(">IQ")
 HEADER_SIZE = _HEADER.size
 _KEYED_HEADER = struct.Struct(">I16s")  # length, MAC
@@ -81,6 +85,26 @@ def _count(raw: Any) -> int:
     if type(raw) is not int or raw < 0:
         raise FrameError("must be a non-negative integer")
     return raw
+
+
+def _shard_count(raw: Any) -> int:
+    """How many shards a transfer declares: checked before the receiver allocates for them."""
+    if type(raw) is not int or not 1 <= raw <= MAX_SHARDS:
+        raise FrameError(f"a shard count must be 1 to {MAX_SHARDS}, not {_number(raw)}")
+    return raw
+
+
+def _shard(raw: Any) -> int:
+    if type(raw) is not int or not 0 <= raw < MAX_SHARDS:
+        raise FrameError(
+            f"a shard number must be a non-negative integer below {MAX_SHARDS}, not {_number(raw)}"
+        )
+    return raw
+
+
+def _number(raw: Any) -> str:
+    """A number the peer sent, for a reason (anything else by its type only)."""
+    return str(raw) if type(raw) is int else f"a {type(raw).__name__}"
 
 
 def _flag(raw: Any) -> bool:
@@ -239,7 +263,7 @@ class Fetch(Frame):
 @dataclass(frozen=True, slots=True)
 class SnapshotBegin(Frame):
     kind = FrameType.SNAPSHOT_BEGIN
-    field_kinds = (_count, _count)
+    field_kinds = (_shard_count, _count)
     shards: int
     count: int
 
@@ -247,7 +271,7 @@ class SnapshotBegin(Frame):
 @dataclass(frozen=True, slots=True)
 class ShardChunk(Frame):
     kind = FrameType.SHARD_CHUNK
-    field_kinds = (_count, _pairs)
+    field_kinds = (_shard, _pairs)
     shard: int
     pairs: list[str]  # key, value, key, value, ...
 
@@ -255,7 +279,7 @@ class ShardChunk(Frame):
 @dataclass(frozen=True, slots=True)
 class ShardEnd(Frame):
     kind = FrameType.SHARD_END
-    field_kinds = (_count, _checksum, _count)
+    field_kinds = (_shard, _checksum, _count)
     shard: int
     checksum: int
     count: int

@@ -30,6 +30,7 @@ from pbkv.commands import (
 )
 from pbkv.limits import LogThrottle
 from pbkv.routes import COMMAND_PATHS
+from pbkv.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ _HEADER_TEXT_LIMIT = 300  # characters of a reason kept in a header or a log lin
 def header_text(text: str) -> bytes:
     """``text`` as a safe header value: printable ASCII only, with Python escapes
     (``\\n``, ``\\xe9``, ``\\u043a``) for everything else, so no CR/LF can split it."""
-    return text[:_HEADER_TEXT_LIMIT].encode("unicode_escape")
+    return printable(text, _HEADER_TEXT_LIMIT).encode("ascii")
 
 
 # A flood of bad requests must not flood the log.

@@ -26,6 +26,7 @@ import logging
 import random
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,13 @@ log = logging.getLogger(__name__)
 ROLES = tuple(Role)
 PRIMARY, BACKUP = Role.PRIMARY, Role.BACKUP
 DUPLICATE_RATE = 0.01  # share of frames a faulty network delivers twice
+CORRUPT_RATE = 0.002  # share of frames a faulty network delivers with a byte flipped
+# With a secret set, an attacker on the path: the share of frames after which it splices
+# in bytes recorded on an earlier connection (reordered across connections, replayed).
+REPLAY_RATE = 0.002
+RECORDED = 32  # the last bytes sent each way that the attacker keeps
+# A seed without an undo record: every resync after a fault is a full transfer.
+NO_UNDO_RATE = 0.25
 KEYS = tuple(f"k{i}" for i in range(6))
 # A seed with a memory limit: room for about half the keys, so writes are refused.
 MEMORY_LIMIT_RATE = 0.25
@@ -95,6 +103,8 @@ class SimNode:
         self.deferred: list[Callable[[], None]] = []
         self.timers: dict[Timer, int] = {}
         self.channel: Channel | None = None
+        # Backup with a secret: channels still proving it, by their id.
+        self.candidates: dict[int, Channel] = {}
         self.pumping = False
 
     @property
@@ -128,6 +138,7 @@ class SimNode:
         core = self.core = core_class(sim.settings, store, sim.now, rng)
         self.timers.clear()
         self.channel = None
+        self.candidates.clear()
         self.pumping = False
         core.start(sim.now)
         self.drain()
@@ -142,6 +153,9 @@ class SimNode:
         if self.channel is not None:
             sim.close_channel(self.channel, self.role)
             self.channel = None
+        for candidate in self.candidates.values():
+            sim.close_channel(candidate, self.role)
+        self.candidates.clear()
 
     def pause(self) -> None:
         self.sim.trace(f"{self.role} paused")
@@ -198,6 +212,21 @@ class SimNode:
         channel, self.channel = self.channel, None
         if channel is not None:
             self.sim.close_channel(channel, self.role)
+
+    def send_to_candidate(self, candidate: int, data: bytes) -> None:
+        channel = self.candidates.get(candidate)
+        if channel is not None:
+            self.sim.transmit(channel, self.role, data)
+
+    def close_candidate(self, candidate: int, reason: str) -> None:
+        channel = self.candidates.pop(candidate, None)
+        if channel is not None:
+            self.sim.close_channel(channel, self.role)
+
+    def promote(self, candidate: int) -> None:
+        channel = self.candidates.pop(candidate, None)
+        if channel is not None:
+            self.channel = channel
 
     def connect(self) -> None:
         self.sim.connect()
@@ -260,6 +289,8 @@ class Simulation:
         )
         if settings is None and random.Random(seed ^ 0x3E3).random() < MEMORY_LIMIT_RATE:
             self.settings = dataclasses.replace(self.settings, max_memory=MEMORY_LIMIT)
+        if settings is None and random.Random(seed ^ 0x0DD0).random() < NO_UNDO_RATE:
+            self.settings = dataclasses.replace(self.settings, undo_bytes=0)
         if overrides:  # e.g. undo_bytes=0: every resync a full transfer
             self.settings = dataclasses.replace(self.settings, **overrides)
         self.now = 0.0
@@ -278,6 +309,13 @@ class Simulation:
         self.fault_log: list[str] = []
         self._values = itertools.count()
         self._trace = trace
+        # What an attacker on the path recorded: (connection, bytes) each way, and the
+        # first bytes the primary sent on each connection (a handshake to replay).
+        self.recorded: dict[Role, deque[tuple[int, bytes]]] = {
+            role: deque(maxlen=RECORDED) for role in ROLES
+        }
+        self.openings: deque[tuple[int, list[bytes]]] = deque(maxlen=4)
+        self.intruders = 0  # channels the attacker opened to the backup
 
     # -- scheduling ----------------------------------------------------------------
     def schedule(self, delay: float, event: Callable[[], None]) -> None:
@@ -326,10 +364,15 @@ class Simulation:
         def backup_accepts() -> None:
             if channel.closed:
                 return
-            backup.backup.channel_opened(self.now)
-            backup.drain()  # closes the channel this one replaces
-            backup.channel = channel
+            core = backup.backup
+            core.channel_opened(self.now, channel.id)
             channel.open_at[BACKUP] = True
+            if channel.id in core.candidates:  # with a secret: it proves it first
+                backup.candidates[channel.id] = channel
+                backup.drain()
+            else:
+                backup.drain()  # closes the channel this one replaces
+                backup.channel = channel
 
         def primary_opens() -> None:
             if channel.closed or not channel.open_at[BACKUP]:
@@ -345,30 +388,74 @@ class Simulation:
 
     def transmit(self, channel: Channel, sender: Role, data: bytes) -> None:
         receiver_role = sender.peer
-        receiver = self.nodes[receiver_role]
         if channel.closed:
             return
         if not self.reachable():
             channel.black_holed = True
         if channel.black_holed:
             return
-        # TCP keeps order within a connection.
-        at = max(self.now + self.latency(), channel.last_delivery[receiver_role])
-        channel.last_delivery[receiver_role] = at
-
-        def arrive() -> None:
-            if receiver.channel is channel and not channel.closed:
-                receiver.running.bytes_received(self.now, data)
-
-        receiver.deliver(at - self.now, arrive)
         faulty = self.faults_enabled and self.now < self.duration  # faults stop at the end
+        if sender is PRIMARY and channel.id > 0:
+            if not self.openings or self.openings[-1][0] != channel.id:
+                self.openings.append((channel.id, []))
+            first = self.openings[-1][1]
+            if len(first) < 3:
+                first.append(data)
+        if faulty and self.rng.random() < CORRUPT_RATE:
+            # A byte flipped on the way: the frame's hash (or MAC) must catch it.
+            self.trace(f"corrupting a frame {sender} -> {receiver_role}")
+            data = _flip_a_byte(data, self.rng)
+        self.recorded[sender].append((channel.id, data))
+        self.deliver_on(channel, receiver_role, data)
         if faulty and self.rng.random() < DUPLICATE_RATE:
             # Not TCP's doing, but a faulty middlebox's: the cores must refuse a
             # repeated frame (a batch applied twice, an ack for the wrong batch);
             # on a keyed channel, its MAC fails.
             self.trace(f"duplicating a frame {sender} -> {receiver_role}")
-            channel.last_delivery[receiver_role] = at + self.tiny()
-            receiver.deliver(channel.last_delivery[receiver_role] - self.now, arrive)
+            self.deliver_on(channel, receiver_role, data)
+        if faulty and self.settings.secret is not None and self.rng.random() < REPLAY_RATE:
+            # An attacker on the path splices in bytes of an earlier connection: its keys
+            # and frame counter differ, so the MAC fails and the channel closes.
+            older = [data for ident, data in self.recorded[sender] if ident != channel.id]
+            if older:
+                self.trace(f"replaying an older connection's frame {sender} -> {receiver_role}")
+                self.deliver_on(channel, receiver_role, self.rng.choice(older))
+
+    def deliver_on(self, channel: Channel, receiver_role: Role, data: bytes) -> None:
+        """``data`` arrives at ``receiver_role`` on ``channel``, after what was sent before."""
+        receiver = self.nodes[receiver_role]
+        # TCP keeps order within a connection.
+        at = max(self.now + self.latency(), channel.last_delivery[receiver_role])
+        channel.last_delivery[receiver_role] = at
+
+        def arrive() -> None:
+            if channel.closed:
+                return
+            if receiver.channel is channel:
+                receiver.running.bytes_received(self.now, data)
+            elif receiver.candidates.get(channel.id) is channel:
+                receiver.backup.candidate_bytes(self.now, channel.id, data)
+
+        receiver.deliver(at - self.now, arrive)
+
+    def intrude(self) -> None:
+        """With a secret: someone on the primary's address opens a channel to the backup
+        and replays a recorded handshake of the primary's.  The backup's nonce is new, so
+        the proof fails; the live channel must not notice."""
+        backup = self.nodes[BACKUP]
+        if not backup.alive or backup.paused or not self.openings:
+            return
+        recorded = self.rng.choice(self.openings)[1]
+        self.intruders += 1
+        channel = Channel(-self.intruders)  # the primary never sees it: its own numbers
+        self.fault(f"intruder replays a handshake on channel {channel.id}")
+        core = backup.backup
+        core.channel_opened(self.now, channel.id)
+        channel.open_at[BACKUP] = True
+        backup.candidates[channel.id] = channel
+        backup.drain()
+        for data in recorded:
+            self.deliver_on(channel, BACKUP, data)
 
     def close_channel(self, channel: Channel, closer: Role) -> None:
         if channel.closed:
@@ -384,6 +471,9 @@ class Simulation:
             if other.channel is channel:
                 other.channel = None
                 other.running.channel_closed(self.now, "connection closed by peer")
+            elif other.candidates.get(channel.id) is channel:
+                del other.candidates[channel.id]
+                other.backup.candidate_closed(self.now, channel.id)
 
         other.deliver(at - self.now, notice)
 
@@ -490,6 +580,8 @@ class Simulation:
                 self.fault("partition")
                 self.partitioned = True
                 self.schedule(self.rng.uniform(0.1, 2.5), self.heal)
+        elif choice < 0.72 and self.settings.secret is not None:
+            self.intrude()
         elif choice < 0.8:
             # Close the channel from one side (a reset connection).
             node = self.rng.choice((primary, backup))
@@ -574,6 +666,12 @@ class Simulation:
         result.ok = verdict.ok
         result.explanation = verdict.explanation
         return result
+
+
+def _flip_a_byte(data: bytes, rng: random.Random) -> bytes:
+    flipped = bytearray(data)
+    flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+    return bytes(flipped)
 
 
 def run_seed(seed: int, **options: Any) -> RunResult:

@@ -17,7 +17,15 @@ import pytest
 
 from pbkv.client import AsyncClient, BadRequest, Client, tls_context
 from pbkv.wire import FrameType
-from tests.support.forge import UPGRADE_REQUEST, RawChannel, forged_hello, transfer_frames
+from tests.support.forge import (
+    UPGRADE_REQUEST,
+    RawChannel,
+    Writer,
+    checksum_of,
+    forged_hello,
+    transfer_frames,
+    upgrade_flood,
+)
 from tests.support.harness import Pair, wait_for
 
 OUTSIDER = "127.0.0.9"
@@ -129,6 +137,28 @@ def test_transfer_with_a_key_in_the_wrong_shard_is_rejected(make_pair) -> None:
         and "holds a key of shard" in (status["last_transfer_error"])
     )
     assert_untouched(pair, "backup")
+    pair.start("primary")
+    pair.wait_stage("primary", "in_sync")
+    assert_untouched(pair, "primary")
+
+
+def test_a_dishonest_primary_proposing_a_skip_over_other_data_is_refused(make_pair) -> None:
+    """From the primary's address while it is down (protected mode): a confirmed primary
+    that says both hold the same data, with a checksum that is not the backup's."""
+    pair = make_pair()
+    pair.start_both()
+    load(pair)
+    pair.kill("primary")
+    pair.wait_stage("backup", "bootstrapping_primary")
+    channel = RawChannel(pair.address["backup"], "127.0.0.1")
+    assert channel.status == 101
+    channel.send(forged_hello(len(PAIRS)), [FrameType.SKIP, checksum_of({}), len(PAIRS), 0])
+    replies = channel.frames_until_closed()
+    channel.close()
+    assert [frame.kind for frame in replies] == [FrameType.HELLO, FrameType.SYNC_NACK]
+    assert replies[-1].reason == "skip proposed but the data differs"
+    assert_untouched(pair, "backup")
+    assert pair.status("backup")["confirmed"] is True
     pair.start("primary")
     pair.wait_stage("primary", "in_sync")
     assert_untouched(pair, "primary")
@@ -366,3 +396,110 @@ def test_tls_channel_needs_a_certificate_of_the_primary(make_pair, authority, tm
     assert pair.log("backup").count("refused a replication channel") == 2
     assert pair.dump("backup") == {"a": "1"}
     assert pair.stage("backup") == "in_sync"
+
+
+# -- a new channel must prove itself before it replaces the live one ------------------------
+
+
+def test_with_a_secret_an_upgrade_flood_from_the_primarys_address_costs_no_write(
+    make_pair,
+) -> None:
+    """Thousands of Upgrades from the primary's own address (any local user can bind it),
+    each answered 101: none may drop the authenticated channel before it proves the
+    secret, so the writer never waits and nothing is refused."""
+    pair = make_pair(secret="pair-secret")
+    pair.start_both()
+    load(pair, dict(list(PAIRS.items())[:100]))
+    with Writer(pair.address["primary"]) as writer:
+        wait_for(lambda: writer.acknowledged > 50, 10, "the writer to run")
+        upgrades = upgrade_flood(pair.address["backup"], "127.0.0.1", seconds=3.0)
+    assert upgrades > 200, f"only {upgrades} upgrades: the flood did not happen"
+    print(
+        f"{upgrades} upgrades; writer: {writer.acknowledged} acknowledged, longest gap "
+        f"{writer.longest_gap:.3f}s"
+    )
+    assert writer.refused == [], writer.refused[:3]
+    assert writer.longest_gap < 1.0
+    for role in ("primary", "backup"):
+        assert pair.stage(role) == "in_sync"
+    assert pair.dump("backup") == pair.dump("primary")
+    assert "replaced by a new connection" not in pair.log("backup")
+    log = pair.log("backup")
+    assert "did not prove the secret: the backup has a secret set" in log
+    assert log.count("accepted a replication channel") < 100  # a flood, not a log flood
+
+
+# -- a peer's words reach the log escaped --------------------------------------------------
+
+FORGED_REASON = "nothing\r\nCRITICAL backup lost every key\x1b[2J\x1b[31m"
+
+
+@pytest.mark.parametrize("secret", ["pair-secret", None])
+def test_a_peers_reason_cannot_forge_a_log_line_or_an_escape(make_pair, secret) -> None:
+    """With a secret, before any proof (an AUTH_FAILED on a new channel); without, from
+    the primary's address (a SYNC_NACK in a transfer): the reason is logged escaped."""
+    pair = make_pair(secret=secret) if secret else make_pair()
+    pair.start_both()
+    channel = RawChannel(pair.address["backup"], "127.0.0.1")
+    assert channel.status == 101
+    if secret:
+        channel.send([FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.AUTH_FAILED, FORGED_REASON])
+    else:
+        channel.send(
+            forged_hello(),
+            [FrameType.SNAPSHOT_BEGIN, 16, 0],
+            [FrameType.SYNC_NACK, FORGED_REASON],
+        )
+    channel.frames_until_closed()
+    channel.close()
+    wait_for(lambda: "CRITICAL backup lost" in pair.log("backup"), 10, "the reason in the log")
+    with open(pair.log_file("backup"), "rb") as file:
+        raw = file.read()
+    assert b"\x1b" not in raw
+    assert not [line for line in raw.splitlines() if line.startswith(b"CRITICAL")]
+    assert b"nothing\\r\\nCRITICAL backup lost every key\\x1b[2J" in raw
+    pair.wait_stage("primary", "in_sync")
+    assert pair.client().insert("after", "1")
+
+
+# -- counts a frame declares -------------------------------------------------------------
+
+
+def peak_rss(pid: int) -> int:
+    """The process's largest resident set so far, in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_snapshot_begin_declaring_a_huge_shard_count_allocates_nothing(make_pair) -> None:
+    """Protected mode, from the primary's address: one tiny SNAPSHOT_BEGIN declaring
+    100,000,000 shards (it allocated 1.5 GB) is refused before anything is allocated."""
+    pair = make_pair()
+    pair.start_both()
+    load(pair, dict(list(PAIRS.items())[:100]))
+    pid = pair.pid("backup")
+    assert pid is not None
+    before = peak_rss(pid)
+    channel = RawChannel(pair.address["backup"], "127.0.0.1")
+    assert channel.status == 101
+    channel.send(forged_hello(), [FrameType.SNAPSHOT_BEGIN, 100_000_000, 0])
+    assert [frame.kind for frame in channel.frames_until_closed()] == [FrameType.HELLO]
+    channel.close()
+    why = "bad frame: SNAPSHOT_BEGIN field 1: a shard count must be 1 to 4096, not 100000000"
+    wait_for(
+        lambda: why in pair.log("backup") or peak_rss(pid) - before > 20_000_000,
+        10,
+        "the frame to be refused or to cost memory",
+    )
+    grown = peak_rss(pid) - before
+    print(f"backup peak RSS {before / 1e6:.1f} MB, grew by {grown / 1e6:.1f} MB")
+    assert grown < 20_000_000
+    assert why in pair.log("backup")
+    assert pair.client("backup").get("key0001") == "value1"
+    pair.wait_stage("primary", "in_sync")
+    pair.wait_stage("backup", "in_sync")
+    assert pair.client().insert("after", "1")
+    assert pair.dump("backup") == pair.dump("primary")

@@ -49,6 +49,28 @@ def test_runs_without_faults_have_no_indeterminate_writes():
     assert all(op.ok is not None for op in simulation.operations)
 
 
+def test_the_attackers_moves_happen_and_every_history_holds():
+    """Frames corrupted, replayed from an earlier connection (with a secret), handshakes
+    replayed by an intruder on the primary's address, seeds without an undo record."""
+    moves = {"corrupting": 0, "replaying an older": 0, "intruder replays": 0}
+    refused = no_undo = full_after_faults = 0
+    for seed in range(150):
+        lines: list[str] = []
+        simulation = sim.Simulation(seed, trace=lines.append)
+        assert simulation.run().ok is True, seed
+        for line in lines:
+            for move in moves:
+                moves[move] += move in line
+        cores = [node.core for node in simulation.nodes.values() if node.core is not None]
+        refused += sum(getattr(core, "candidates_refused", 0) for core in cores)
+        if simulation.settings.undo_bytes == 0:
+            no_undo += 1
+            full_after_faults += sum(core.resyncs_full for core in cores) > 1
+    assert all(count >= 5 for count in moves.values()), moves
+    assert refused >= 5, f"only {refused} replayed handshakes were refused"
+    assert no_undo >= 20 and full_after_faults >= 10, (no_undo, full_after_faults)
+
+
 # -- the simulation catches bugs injected on purpose -------------------------------
 
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
+from types import TracebackType
 from typing import Any
 
+from pbkv.client import Client
 from pbkv.store import ShardedStore, shard_of
 from pbkv.wire import FrameCodec, FrameType, checksum_to_bytes, encode
 
@@ -83,3 +87,76 @@ class RawChannel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def upgrade_flood(address: tuple[str, int], source: str, seconds: float, threads: int = 2) -> int:
+    """Upgrade after Upgrade to /kvrepl from ``source`` for ``seconds``: each reads its
+    answer, sends a forged HELLO or nothing, and goes.  How many got 101."""
+    deadline = time.monotonic() + seconds
+    counts = [0] * threads
+    hello = encode(forged_hello())
+
+    def flood(index: int) -> None:
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(
+                    address, timeout=2, source_address=(source, 0)
+                ) as sock:
+                    sock.sendall(UPGRADE_REQUEST)
+                    if sock.recv(4096).startswith(b"HTTP/1.1 101 "):
+                        counts[index] += 1
+                        if counts[index] % 2:
+                            sock.sendall(hello)
+            except OSError:
+                pass
+
+    workers = [threading.Thread(target=flood, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return sum(counts)
+
+
+class Writer:
+    """Inserts one key after another on a thread until closed: when each was
+    acknowledged, and every refusal (``with Writer(address) as writer: ...``)."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.acknowledged = 0
+        self.refused: list[str] = []
+        self.longest_gap = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> Writer:
+        self._last: float | None = None
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stopped_at = time.monotonic()
+        self._stop.set()
+        self._thread.join(30)
+        if self._last is not None:  # the writer may be stuck since its last acknowledgement
+            self.longest_gap = max(self.longest_gap, self._stopped_at - self._last)
+
+    def _run(self) -> None:
+        with Client(*self.address, timeout=10) as client:
+            while not self._stop.is_set():
+                try:
+                    ok = client.insert(f"writer-{self.acknowledged}-{time.monotonic()}", "x")
+                except Exception as exc:  # noqa: BLE001 - every refusal is reported
+                    self.refused.append(repr(exc))
+                    continue
+                now = time.monotonic()
+                if not ok:
+                    self.refused.append("insert answered false")
+                    continue
+                if self._last is not None:
+                    self.longest_gap = max(self.longest_gap, now - self._last)
+                self._last = now
+                self.acknowledged += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from pbkv.config import MAX_SHARDS
 from pbkv.wire import (
     Ack,
     Batch,
@@ -23,6 +24,8 @@ from pbkv.wire import (
 )
 
 counts = st.integers(0, 2**63)
+shard_counts = st.integers(1, MAX_SHARDS)
+shards = st.integers(0, MAX_SHARDS - 1)
 checksums = st.integers(0, 2**128 - 1)
 texts = st.text(max_size=20)
 ops = st.lists(st.tuples(texts, st.one_of(st.none(), texts)), max_size=6).map(
@@ -47,9 +50,9 @@ frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(Ack, counts),
     st.builds(Heartbeat, counts),
     st.builds(Fetch),
-    st.builds(SnapshotBegin, counts, counts),
-    st.builds(ShardChunk, counts, pairs),
-    st.builds(ShardEnd, counts, checksums, counts),
+    st.builds(SnapshotBegin, shard_counts, counts),
+    st.builds(ShardChunk, shards, pairs),
+    st.builds(ShardEnd, shards, checksums, counts),
     st.builds(SnapshotEnd, checksums, counts, counts),
     st.builds(Skip, checksums, counts, counts),
     st.builds(SyncAck, checksums),

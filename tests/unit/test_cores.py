@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from pbkv.actions import Send, Timer
+from pbkv.actions import Send, SendToCandidate, Timer
 from pbkv.backup import BackupCore
 from pbkv.commands import (
     REPLICATION_FAILED,
@@ -37,7 +37,15 @@ from pbkv.config import Settings
 from pbkv.primary import PrimaryCore
 from pbkv.stages import ProtocolError, Role, Stage
 from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
-from pbkv.wire import Frame, FrameCodec, FrameError, FrameType, ShardChunk, encode
+from pbkv.wire import (
+    Frame,
+    FrameCodec,
+    FrameError,
+    FrameType,
+    ShardChunk,
+    checksum_to_bytes,
+    encode,
+)
 
 SHARDS = 4
 ROLES = ("primary", "backup")
@@ -83,6 +91,11 @@ class Link:
         self.unreachable: set[str] = set()  # alive, but connecting to it fails
         self.primary_answers_probe: bool | None = None  # None: whether it runs
         self.connected = False
+        # With a secret, the backup's number for the connection until it proved it.
+        self.candidate: int | None = None
+        self._channel_numbers = itertools.count(1)
+        # Channels an attacker opened to the backup: what the backup sent on each.
+        self.intruders: dict[int, list[Frame]] = {}
         # To each role: the bytes of one frame, and the frame (None: forged bytes).
         self.pipes: dict[str, deque[tuple[bytes, Frame | None]]] = {r: deque() for r in ROLES}
         self.timers: dict[str, dict[Timer, float]] = {role: {} for role in ROLES}
@@ -152,14 +165,21 @@ class Link:
     def reset(self, notify: Iterable[str] = ROLES, reason: str = "connection reset") -> None:
         """The connection breaks; frames in flight are lost; ``notify`` learn of it."""
         self._disconnect()
+        candidate = self.candidate
+        self._disconnect()
         for role in notify:
             core = self.cores.get(role)
-            if core is not None:
+            if core is None:
+                continue
+            if role == "backup" and candidate is not None:
+                self.backup.candidate_closed(self.now, candidate)
+            else:
                 core.channel_closed(self.now, reason)
         self.run()
 
     def _disconnect(self) -> None:
         self.connected = False
+        self.candidate = None
         for role in ROLES:
             self.pipes[role].clear()
 
@@ -167,9 +187,15 @@ class Link:
         """An orderly close: what the closer sent still arrives, then EOF."""
         other = peer_of(closer)
         pending = list(self.pipes[other])
+        candidate = self.candidate
         self._disconnect()
         core = self.cores.get(other)
         if core is None:
+            return
+        if other == "backup" and candidate is not None:
+            for data, _ in pending:
+                self.backup.candidate_bytes(self.now, candidate, data)
+            self.backup.candidate_closed(self.now, candidate)
             return
         for data, frame in pending:
             if frame is not None and core.channel_up:
@@ -188,12 +214,15 @@ class Link:
             return
         # A new connection; the backup closes one it replaces before this one is used.
         self._disconnect()
-        backup.channel_opened(self.now)
+        number = next(self._channel_numbers)
+        backup.channel_opened(self.now, number)
         backup.drain(self.drivers["backup"])
         self.connected = True
+        if number in backup.candidates:
+            self.candidate = number
         primary.channel_opened(self.now)
 
-    def _transmit(self, source: str, send: Send) -> None:
+    def _transmit(self, source: str, send: Send | SendToCandidate) -> None:
         frame, data = send.frame, send.data
         self.sent[source].append(copy.deepcopy(frame))
         if not self.connected or source in self.lossy:
@@ -212,12 +241,28 @@ class Link:
                 continue
             data, frame = self.pipes[role].popleft()
             core = self.cores[role]
+            if role == "backup" and self.candidate is not None:
+                self.backup.candidate_bytes(self.now, self.candidate, data)
+                return True
             if frame is not None and core.channel_up:
                 self.received[role].append(frame)
             # The core decodes (bounded by what its step accepts) and closes on garbage.
             core.bytes_received(self.now, data)
             return True
         return False
+
+    def intrude(self) -> int:
+        """An attacker opens a channel to the backup from the primary's address."""
+        number = next(self._channel_numbers)
+        self.intruders[number] = []
+        self.backup.channel_opened(self.now, number)
+        self.run()
+        return number
+
+    def intruder_sends(self, number: int, *frames: list[Any]) -> None:
+        """Frames on an attacker's channel, through the backup's real codec."""
+        self.backup.candidate_bytes(self.now, number, b"".join(map(encode, frames)))
+        self.run()
 
     def inject(self, role: str, frame: list[Any]) -> None:
         """A frame from nowhere (a confused or malicious peer), through the real codec."""
@@ -242,7 +287,9 @@ class Link:
                 while core.outbox:
                     moved = True
                     for action in core.take_actions():
-                        if type(action) is Send:  # the frame too, for the test to look at
+                        if type(action) is SendToCandidate and action.candidate in self.intruders:
+                            self.intruders[action.candidate].append(action.frame)
+                        elif type(action) in (Send, SendToCandidate):  # the frame too
                             self._transmit(role, action)
                         else:
                             action.apply(driver)
@@ -357,10 +404,28 @@ class RoleDriver:
     def close_channel(self, reason: str) -> None:
         link = self.link
         link.closed_by.append((self.role, reason))
+        if self.role == "backup" and link.candidate is not None:
+            return  # the channel a candidate replaces: the link's one connection is newer
         if link.connected and self.role in link.lossy:
             link._disconnect()  # not even the FIN gets through
         elif link.connected:
             link._close_from(self.role, reason)
+
+    def send_to_candidate(self, candidate: int, data: bytes) -> None:
+        raise AssertionError("Link.run carries SendToCandidate actions itself")
+
+    def close_candidate(self, candidate: int, reason: str) -> None:
+        link = self.link
+        if link.candidate == candidate:
+            self.close_channel(reason)
+        else:
+            link.closed_by.append((self.role, reason))  # an attacker's channel
+            link.intruders.pop(candidate, None)
+
+    def promote(self, candidate: int) -> None:
+        link = self.link
+        assert link.candidate == candidate, "only the link's channel proves the secret"
+        link.candidate = None
 
     def connect(self) -> None:
         assert self.role == "primary", "only the primary opens the channel"
@@ -1395,13 +1460,14 @@ def test_a_forged_hello_before_the_proofs_is_refused(make_link) -> None:
     primary, backup = in_sync_pair(link, DATA)
     link.kill("primary")
     checksum = backup.store.checksum
-    backup.channel_opened(link.now)  # an outsider connects
-    link.inject("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []])
+    intruder = link.intrude()  # an outsider connects
+    frames = link.intruders[intruder]
+    link.intruder_sends(intruder, [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []])
 
-    assert not backup.channel_up
+    assert intruder not in backup.candidates and not backup.channel_up
     assert "without proving it" in link.closed_by[-1][1]
     assert backup.store.checksum == checksum and backup.confirmed
-    assert link.kinds("backup")[-1] is FrameType.AUTH_FAILED
+    assert [frame.kind for frame in frames] == [FrameType.AUTH_FAILED]
 
 
 def test_a_recorded_proof_is_worthless_on_a_new_channel(make_link) -> None:
@@ -1410,12 +1476,108 @@ def test_a_recorded_proof_is_worthless_on_a_new_channel(make_link) -> None:
     recorded = next(f for f in link.sent["primary"] if f.kind is FrameType.AUTH_PROOF)
     backup = link.backup
     link.kill("primary")
-    backup.channel_opened(link.now)
-    link.inject("backup", [FrameType.AUTH_CHALLENGE, bytes(32)])  # the attacker's nonce
-    link.inject("backup", recorded.to_wire())  # replayed: the backup's nonce is new
+    intruder = link.intrude()
+    link.intruder_sends(intruder, [FrameType.AUTH_CHALLENGE, bytes(32)])  # the attacker's nonce
+    link.intruder_sends(intruder, recorded.to_wire())  # replayed: the backup's nonce is new
 
-    assert not backup.channel_up
+    assert intruder not in backup.candidates and not backup.channel_up
     assert "does not match" in link.closed_by[-1][1]
+
+
+# -- a new channel proves the secret before it replaces the live one -------------------
+
+
+def serving(link: Link, primary: PrimaryCore, backup: BackupCore) -> None:
+    """The live channel still replicates: a write goes through, both sides agree."""
+    assert backup.channel_up and backup.stage is S.IN_SYNC and primary.stage is S.IN_SYNC
+    assert link.write(INSERT, f"probe{link.token()}", "x") == Done(True)
+    assert_same_data(primary, backup)
+
+
+@pytest.mark.parametrize(
+    ("frames", "why"),
+    [
+        ([[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []]], "without proving it"),
+        ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.AUTH_PROOF, bytes(32)]], "match"),
+        ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.BATCH, 9, ["k", "v"]]], "BATCH"),
+        ([[FrameType.FENCE, "go away"]], "unexpected FENCE"),
+        (
+            [
+                [FrameType.AUTH_CHALLENGE, bytes(32)],
+                [FrameType.AUTH_FAILED, "\r\nCRITICAL\x1b[31m"],
+            ],
+            "refused authentication: \\r\\nCRITICAL\\x1b[31m",
+        ),
+    ],
+)
+def test_an_unproven_channel_is_closed_alone_and_the_live_one_serves_on(
+    make_link, frames, why
+) -> None:
+    link = make_link(secret="s3cret")
+    primary, backup = in_sync_pair(link, DATA)
+    intruder = link.intrude()
+    serving(link, primary, backup)  # an open candidate changes nothing
+    link.intruder_sends(intruder, *frames)
+
+    assert intruder not in backup.candidates
+    assert why in link.closed_by[-1][1]
+    assert "\r" not in link.closed_by[-1][1] and "\x1b" not in link.closed_by[-1][1]
+    assert backup.candidates_refused == 1
+    assert link.closed_by[:-1] == []  # nothing else was closed
+    serving(link, primary, backup)
+
+
+def test_garbage_on_a_candidate_closes_it_alone(make_link) -> None:
+    link = make_link(secret="s3cret")
+    primary, backup = in_sync_pair(link, DATA)
+    intruder = link.intrude()
+    backup.candidate_bytes(link.now, intruder, b"GET / HTTP/1.1\r\n\r\n" * 10)
+    link.run()
+    assert intruder not in backup.candidates and "bad frame" in link.closed_by[-1][1]
+    serving(link, primary, backup)
+
+
+def test_candidates_are_bounded_and_the_oldest_closes_first(make_link) -> None:
+    from pbkv.candidates import MAX_CANDIDATES
+
+    link = make_link(secret="s3cret")
+    primary, backup = in_sync_pair(link, DATA)
+    flood = [link.intrude() for _ in range(3 * MAX_CANDIDATES)]
+    assert list(backup.candidates) == flood[-MAX_CANDIDATES:]
+    assert backup.candidates_refused == 2 * MAX_CANDIDATES
+    serving(link, primary, backup)
+
+
+def test_a_candidate_that_does_not_prove_itself_in_time_is_closed(make_link) -> None:
+    link = make_link(secret="s3cret")
+    primary, backup = in_sync_pair(link, DATA)
+    intruder = link.intrude()
+    link.advance(link.settings.peer_timeout / 2)
+    assert intruder in backup.candidates
+    link.advance(link.settings.peer_timeout)  # heartbeats keep the live channel up
+    assert intruder not in backup.candidates
+    assert "no proof within" in link.closed_by[-1][1]
+    serving(link, primary, backup)
+
+
+def test_the_primarys_new_channel_replaces_the_live_one_once_its_proof_holds(
+    make_link,
+) -> None:
+    link = make_link(secret="s3cret")
+    primary, backup = in_sync_pair(link, DATA)
+    attackers = [link.intrude() for _ in range(3)]
+    # The primary lost the channel (the backup did not notice) and connects again.
+    link.paused.add("backup")
+    link.reset(notify=("primary",))
+    assert backup.channel_up  # the old channel, as far as the backup knows
+    link.paused.clear()
+    link.fire("primary", RETRY)
+
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert link.candidate is None and backup.codec is not None and backup.codec.secured
+    assert any("replaced by a new connection" in why for _, why in link.closed_by)
+    assert set(backup.candidates) == set(attackers)  # the attackers' wait on, alone
+    serving(link, primary, backup)
 
 
 def test_no_heartbeat_goes_out_before_the_proofs(make_link) -> None:
@@ -1594,6 +1756,82 @@ def test_catches_skipping_the_checksum_comparison_after_a_rollback(make_link, mo
         test_every_other_case_falls_back_to_a_full_transfer(
             make_link, _undo_record_wrong, "but the data is not the primary's"
         )
+
+
+# -- a dishonest primary: the backup checks every directive against its own copy -------
+
+
+def dishonest_primary(link: Link) -> tuple[BackupCore, dict[str, str], int]:
+    """A backup in sync with several batches in its undo record; then its primary is
+    gone and a channel from the primary's address says it is a confirmed primary of the
+    same history, at the backup's seq (whatever it proposes next is a lie)."""
+    primary, backup = in_sync_pair(link, DATA)
+    for i in range(3):
+        assert link.write(UPDATE, f"key{i}", f"later {i}") == Done(True)
+    assert len(backup.undo) == 4  # the load, then three updates
+    link.kill("primary")
+    kept, checksum = dict(backup.store.items()), backup.store.checksum
+    backup.channel_opened(link.now)
+    hello = [FrameType.HELLO, "primary", True, checksum_to_bytes(checksum)]
+    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, []])
+    assert backup.step.value == "await_directive"
+    return backup, kept, checksum
+
+
+def refused_and_kept(link: Link, backup: BackupCore, kept: dict[str, str], why: str) -> None:
+    assert link.kinds("backup")[-1] is FrameType.SYNC_NACK
+    assert why in link.sent["backup"][-1].reason
+    assert not backup.channel_up and backup.transfers_failed == 1
+    assert dict(backup.store.items()) == kept and backup.confirmed
+
+
+def test_a_skip_whose_checksum_differs_from_the_backups_copy_is_refused(make_link) -> None:
+    link = make_link()
+    backup, kept, checksum = dishonest_primary(link)
+    seq, lie = backup.seq, checksum_to_bytes(checksum ^ 1)
+    link.inject("backup", [FrameType.SKIP, lie, len(kept), seq + 5])
+    refused_and_kept(link, backup, kept, "skip proposed but the data differs")
+    assert backup.seq == seq
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+
+
+def test_a_skip_with_the_right_checksum_but_another_count_is_refused(make_link) -> None:
+    link = make_link()
+    backup, kept, checksum = dishonest_primary(link)
+    link.inject("backup", [FrameType.SKIP, checksum_to_bytes(checksum), len(kept) + 1, 0])
+    refused_and_kept(link, backup, kept, "skip proposed but the data differs")
+
+
+def test_a_rollback_to_a_seq_the_backup_has_no_record_of_is_refused(make_link) -> None:
+    link = make_link()
+    backup, kept, checksum = dishonest_primary(link)
+    seq = backup.seq
+    link.inject("backup", [FrameType.ROLLBACK, seq + 10, checksum_to_bytes(checksum), 0])
+    refused_and_kept(link, backup, kept, f"cannot roll back to seq {seq + 10}")
+    assert backup.seq == seq
+
+
+def test_a_rollback_to_a_recorded_seq_but_a_state_it_never_held_is_refused(make_link) -> None:
+    """The seq is in the undo record, the checksum the primary claims for it is not what
+    undoing reaches: the backup undoes, compares, redoes, refuses."""
+    link = make_link()
+    backup, kept, checksum = dishonest_primary(link)
+    seq, (target, _, count) = backup.seq, backup.undo_points()[0]
+    link.inject("backup", [FrameType.ROLLBACK, target, checksum_to_bytes(checksum ^ 7), count])
+    refused_and_kept(link, backup, kept, "but the data is not the primary's")
+    assert backup.seq == seq and backup.store.checksum == checksum
+
+
+def test_catches_a_backup_that_skips_without_comparing_its_copy(make_link, monkeypatch) -> None:
+    import pbkv.backup
+    from pbkv.stages import Directive, refusal
+
+    def no_comparison_on_skip(directive, target, ours, theirs):
+        return None if directive is Directive.SKIP else refusal(directive, target, ours, theirs)
+
+    monkeypatch.setattr(pbkv.backup, "refusal", no_comparison_on_skip)
+    with pytest.raises(AssertionError):
+        test_a_skip_whose_checksum_differs_from_the_backups_copy_is_refused(make_link)
 
 
 # -- max_memory, timers ----------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pbkv.config import MAX_SHARDS
 from pbkv.store import ShardedStore, make_store, shard_of
 from pbkv.transfer import SnapshotReceiver, SnapshotSender, TransferError
 from pbkv.wire import (
@@ -16,6 +17,7 @@ from pbkv.wire import (
     FrameCodec,
     FrameError,
     FrameType,
+    SnapshotBegin,
     checksum_to_bytes,
     encode,
     frame_from_wire,
@@ -267,7 +269,7 @@ def begun(shards: int = 4) -> SnapshotReceiver:
     return receiver
 
 
-@pytest.mark.parametrize("shard", [4, 5, 2**40])
+@pytest.mark.parametrize("shard", [4, 5, MAX_SHARDS - 1])
 def test_shard_number_out_of_range(shard: Any) -> None:
     receiver = begun(4)
     with pytest.raises(TransferError, match="shard number"):
@@ -277,10 +279,24 @@ def test_shard_number_out_of_range(shard: Any) -> None:
     assert len(receiver.store) == 0
 
 
-@pytest.mark.parametrize("shard", [-1, "0", None, 1.0, b"\x00"])
+@pytest.mark.parametrize("shard", [-1, "0", None, 1.0, b"\x00", MAX_SHARDS, 2**40])
 def test_a_shard_number_that_is_no_count_is_refused_at_decode(shard: Any) -> None:
-    with pytest.raises(FrameError, match="non-negative integer"):
+    with pytest.raises(FrameError, match="non-negative integer below"):
         typed([FrameType.SHARD_CHUNK, shard, ["k", "v"]])
+
+
+@pytest.mark.parametrize("shards", [0, MAX_SHARDS + 1, 100_000_000, 2**62, 2**64 - 1])
+def test_a_shard_count_past_any_store_is_refused_before_anything_is_allocated(
+    shards: int,
+) -> None:
+    """The issue's one tiny frame that allocated 1.5 GB: refused at decode, and by the
+    receiver too when a frame is built by hand."""
+    with pytest.raises(FrameError, match=f"shard count must be 1 to {MAX_SHARDS}"):
+        typed([FrameType.SNAPSHOT_BEGIN, shards, 0])
+    receiver = SnapshotReceiver(ShardedStore(4))
+    with pytest.raises(TransferError, match="shards"):
+        receiver.feed(SnapshotBegin(shards, 0))
+    assert receiver.sender_shards == 0
 
 
 @pytest.mark.parametrize(
@@ -347,7 +363,6 @@ def test_malformed_transfer_frames_are_refused_at_decode(frame: list[Any]) -> No
 @pytest.mark.parametrize(
     "frame",
     [
-        [FrameType.SNAPSHOT_BEGIN, 0, 0],  # no shards
         [FrameType.HEARTBEAT, 1],
         [FrameType.BATCH, 1, []],
     ],
