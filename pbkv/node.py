@@ -28,6 +28,7 @@ from pbkv.limits import (
 )
 from pbkv.metrics import LoopLag, Metrics
 from pbkv.primary import PrimaryCore
+from pbkv.routes import LISTENING_PATH
 from pbkv.stages import Role
 from pbkv.store import make_store
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
@@ -304,6 +305,13 @@ class Node:
     def metrics(self) -> tuple[bytes, str]:
         return self.stats.render()
 
+    def backup_listening(self) -> None:
+        """A nudge arrived: the primary's core decides whether to connect now."""
+        core = self.core
+        if isinstance(core, PrimaryCore):
+            core.backup_listening(self.clock())
+            core.drain(self)
+
     def upgrade(self, transport: asyncio.Transport, leftover: bytes) -> None:
         channel = ChannelProtocol(self, upgraded=True)
         transport.set_protocol(channel)
@@ -462,19 +470,46 @@ class Node:
                 task.add_done_callback(_close_if_connected)
 
     async def _probe(self) -> None:
+        """Whether the primary answers; if it does, tell it that we listen (a nudge,
+        ``POST /kvrepl/listening``), so that it connects now rather than when its
+        back-off says (up to ``retry_max`` later)."""
         core = self.core
         assert isinstance(core, BackupCore)
         host, port = self.peer_address
+        timeout = self.settings.peer_timeout
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self.settings.peer_timeout
-            )
-            writer.close()
-            running = True
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         except (TimeoutError, OSError):
-            running = False
-        core.probe_result(self.clock(), running)
+            core.probe_result(self.clock(), False)
+            core.drain(self)
+            return
+        context = tls.channel_context(self.settings)
+        if context is None:
+            writer.write(self._nudge_request())  # before the stage moves: it travels meanwhile
+        core.probe_result(self.clock(), True)
         core.drain(self)
+        try:
+            async with asyncio.timeout(timeout):
+                if context is not None:
+                    await writer.start_tls(context, server_hostname=host)
+                    writer.write(self._nudge_request())
+                answer = await reader.readline()
+            log.debug("the primary answered the nudge: %r", answer[:80])
+        except (TimeoutError, OSError) as exc:
+            log.debug("no answer to the nudge: %s", exc or type(exc).__name__)
+        finally:
+            writer.close()
+
+    def _nudge_request(self) -> bytes:
+        host, port = self.peer_address
+        token = self.settings.client_token
+        authorization = b"" if token is None else b"Authorization: Bearer %s\r\n" % token.encode()
+        return b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Length: 0\r\n%s\r\n" % (
+            LISTENING_PATH,
+            host.encode(),
+            port,
+            authorization,
+        )
 
     async def _pump(self) -> None:
         """Send a transfer a few frames at a time, yielding between them."""
