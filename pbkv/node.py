@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import httptools
@@ -206,7 +207,8 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self, listening: Callable[[], None] | None = None) -> None:
+        """Serve until ``stopped`` is set; ``listening()`` is called once we listen."""
         host, port = self.address
         server = await self.loop.create_server(
             lambda: HttpProtocol(
@@ -227,6 +229,8 @@ class Node:
         log_trust(self.settings)
         self.core.start(self.clock())
         self.core.drain(self)
+        if listening is not None:
+            listening()
         self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
         self._probe_lag()
         try:
