@@ -47,6 +47,59 @@ TRANSFERRING = "receive_snapshot"  # a handshake step: a whole database is arriv
 POLL_FIRST, POLL_LAST = 0.005, 0.05
 
 
+def _connect(settings: config.Settings | None, host: str, port: int, timeout: float) -> Any:
+    """A socket to the server: TCP, or TLS for a TLS pair."""
+    sock = socket.create_connection((host, port), timeout)
+    if settings is not None and settings.tls:
+        import ssl  # only for a TLS pair
+
+        context = ssl.create_default_context(cafile=settings.tls_ca)
+        try:
+            return context.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
+
+
+def _head(host: str, port: int, path: str, credential: str | None, close: bool) -> bytes:
+    head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+    if close:
+        head += "Connection: close\r\n"
+    if credential is not None:
+        head += f"Authorization: Bearer {credential}\r\n"
+    return (head + "\r\n").encode()
+
+
+def _read_reply(sock: Any) -> tuple[int, bytes, bool]:
+    """One reply: its status, its body, and whether the server closes the connection."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    code = int(lines[0].split(None, 2)[1])
+    length, close = None, False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection":
+            close = value.strip().lower() == b"close"
+    while length is None or len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            if length is None:  # delimited by the end of the connection
+                return code, body, True
+            raise ConnectionError("the server closed the connection mid-reply")
+        body += chunk
+    return code, body[:length], close
+
+
 def _request(
     settings: config.Settings | None,
     host: str,
@@ -55,42 +108,73 @@ def _request(
     timeout: float,
     credential: str | None = None,
 ) -> tuple[int, bytes]:
-    """GET ``path`` over HTTP or HTTPS, with the client token (or ``credential``):
-    the reply's status and body.  A bare socket: no HTTP library to import."""
+    """GET ``path`` once, with the client token (or ``credential``): the reply's
+    status and body.  A bare socket: no HTTP library to import."""
     if credential is None and settings is not None:
         credential = settings.client_token
-    head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-    if credential is not None:
-        head += f"Authorization: Bearer {credential}\r\n"
-    sock = socket.create_connection((host, port), timeout)
+    sock = _connect(settings, host, port, timeout)
     try:
-        if settings is not None and settings.tls:
-            import ssl  # only for a TLS pair
-
-            context = ssl.create_default_context(cafile=settings.tls_ca)
-            sock = context.wrap_socket(sock, server_hostname=host)
-        sock.sendall((head + "\r\n").encode())
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    finally:
-        sock.close()
-    reply, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    try:
-        return int(reply.split(None, 2)[1]), body
+        sock.sendall(_head(host, port, path, credential, close=True))
+        code, body, _ = _read_reply(sock)
     except (IndexError, ValueError):
         raise OSError(f"not an HTTP reply from {host}:{port}") from None
+    finally:
+        sock.close()
+    return code, body
+
+
+class StatusLink:
+    """``/kvman/status`` of one server, asked again and again on one kept-alive
+    connection: polling every few milliseconds must not leave a closed connection
+    behind each time (each would hold a local port for a minute in TIME_WAIT)."""
+
+    def __init__(
+        self, settings: config.Settings | None, host: str, port: int, timeout: float = 1.0
+    ) -> None:
+        self.settings, self.host, self.port, self.timeout = settings, host, port, timeout
+        credential = settings.client_token if settings is not None else None
+        self.request = _head(host, port, "/kvman/status", credential, close=False)
+        self.sock: Any = None
+
+    def status(self) -> dict[str, Any] | None:
+        """The server's status, or None when it does not answer."""
+        reused = self.sock is not None
+        try:
+            return self._ask()
+        except (OSError, IndexError, ValueError):
+            self.close()
+            if not reused:
+                return None
+        try:  # the kept connection had closed (idle_timeout): once more, on a new one
+            return self._ask()
+        except (OSError, IndexError, ValueError):
+            self.close()
+            return None
+
+    def _ask(self) -> dict[str, Any] | None:
+        if self.sock is None:
+            self.sock = _connect(self.settings, self.host, self.port, self.timeout)
+        self.sock.sendall(self.request)
+        code, body, close = _read_reply(self.sock)
+        if close:
+            self.close()
+        status = json.loads(body) if code == 200 else None
+        return status if isinstance(status, dict) else None
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def _status(
     host: str, port: int, timeout: float = 1.0, settings: config.Settings | None = None
 ) -> dict[str, Any] | None:
+    link = StatusLink(settings, host, port, timeout)
     try:
-        code, body = _request(settings, host, port, "/kvman/status", timeout)
-        status = json.loads(body) if code == 200 else None
-    except (OSError, ValueError):
-        return None
-    return status if isinstance(status, dict) else None
+        return link.status()
+    finally:
+        link.close()
 
 
 def _paths(run_dir: Path, role: str, host: str, port: int) -> tuple[Path, Path]:
@@ -363,32 +447,38 @@ def _await_sync(
     """Poll both servers until ours is ready (see ``ready``).  Returns the last status
     (None: ours stopped answering) and whether it became ready in time: within
     ``sync_wait`` seconds not spent on a transfer."""
-    started = last = time.monotonic()
-    budget = sync_wait
-    status: dict[str, Any] | None = None
-    unanswered_since: float | None = None
-    while True:
-        now = time.monotonic()
-        own = _status(*address, timeout=1.0, settings=settings)
-        if own is None:
-            # Listening, so it answers unless it is gone or its loop is stuck.
-            if _exit_status(pid, 0.0) is not None:
-                return None, False
-            unanswered_since = unanswered_since or now
-            if now - unanswered_since > wait:
-                return None, False
-        else:
-            unanswered_since = None
-            status = own
-            peer = _status(*peer_address, timeout=1.0, settings=settings)
-            if ready(own, peer):
-                return own, True
-            if not transferring(own, peer):
-                budget -= now - last
-        last = now
-        if budget <= 0:
-            return status, False
-        time.sleep(min(POLL_LAST, POLL_FIRST + (now - started) / 20))
+    own_link = StatusLink(settings, *address)
+    peer_link = StatusLink(settings, *peer_address)
+    try:
+        started = last = time.monotonic()
+        budget = sync_wait
+        status: dict[str, Any] | None = None
+        unanswered_since: float | None = None
+        while True:
+            now = time.monotonic()
+            own = own_link.status()
+            if own is None:
+                # Listening, so it answers unless it is gone or its loop is stuck.
+                if _exit_status(pid, 0.0) is not None:
+                    return None, False
+                unanswered_since = unanswered_since or now
+                if now - unanswered_since > wait:
+                    return None, False
+            else:
+                unanswered_since = None
+                status = own
+                peer = peer_link.status()
+                if ready(own, peer):
+                    return own, True
+                if not transferring(own, peer):
+                    budget -= now - last
+            last = now
+            if budget <= 0:
+                return status, False
+            time.sleep(min(POLL_LAST, POLL_FIRST + (now - started) / 20))
+    finally:
+        own_link.close()
+        peer_link.close()
 
 
 def stop(role: str, settings: config.Settings, run_dir: Path, wait: float) -> int:

