@@ -1,14 +1,19 @@
 """pbkv: a primary-backup replicated, in-memory key-value server."""
 
-from pbkv.client import (
-    AsyncClient,
-    BadRequest,
-    Client,
-    NotPrimary,
-    PbkvError,
-    ReplicationFailed,
-    Unavailable,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pbkv.client import (
+        AsyncClient,
+        BadRequest,
+        Client,
+        NotPrimary,
+        PbkvError,
+        ReplicationFailed,
+        Unavailable,
+    )
 
 __all__ = [
     "AsyncClient",
@@ -20,3 +25,12 @@ __all__ = [
     "Unavailable",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The client is imported when first asked for: a server starting does not need it.
+    if name in __all__:
+        from pbkv import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'pbkv' has no attribute {name!r}")

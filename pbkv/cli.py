@@ -7,26 +7,15 @@ Exit status: 0 done; 1 the answer was "no" (key missing, key already exists);
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
-import signal
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pbkv.client import (
-    DEFAULT_TIMEOUT,
-    Client,
-    NotPrimary,
-    PbkvError,
-    ReplicationFailed,
-    Unavailable,
-    server_address,
-    tls_context,
-)
 from pbkv.config import (
     CLIENT_TOKEN_ENV,
     DEFAULT_CONFIG_PATH,
@@ -39,6 +28,9 @@ from pbkv.config import (
     with_secrets,
 )
 from pbkv.stages import Role
+
+if TYPE_CHECKING:
+    from pbkv.client import Client, PbkvError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +48,8 @@ def escape(text: str) -> str:
 
 def _connection_options(defaults: bool) -> argparse.ArgumentParser:
     """Options accepted before or after the command; only the top level holds defaults."""
+    from pbkv.client import DEFAULT_TIMEOUT
+
     parser = argparse.ArgumentParser(add_help=False)
 
     def default(value: Any) -> Any:
@@ -149,8 +143,12 @@ def setup_logging(level: str, role: str) -> None:
     )
 
 
-def serve_main(argv: list[str] | None = None) -> int:
-    """``pbkv serve --role primary|backup [settings...]``: run one server until stopped."""
+def serve_main(argv: list[str] | None = None, ready_fd: int | None = None) -> int:
+    """``pbkv serve --role primary|backup [settings...]``: run one server until stopped.
+
+    ``ready_fd``: a pipe to write ``listening`` on (then closed) once the server
+    listens (``bin/start_server`` waits for it).
+    """
     parser = argparse.ArgumentParser(prog="pbkv serve", description="Run a pbkv server.")
     parser.add_argument("--role", choices=[role.value for role in Role], required=True)
     add_arguments(parser)
@@ -162,16 +160,30 @@ def serve_main(argv: list[str] | None = None) -> int:
         return 2
     role = Role(args.role)
     setup_logging(settings.log_level, role)
+    import asyncio
+    import signal
+
     import uvloop
 
     from pbkv.node import Node  # the server's dependencies are not the client's
+
+    listening: Callable[[], None] | None = None
+    if ready_fd is not None:
+        fd = ready_fd
+
+        def listening() -> None:
+            try:
+                os.write(fd, b"listening\n")
+            except OSError:
+                pass  # the launcher is gone: nobody to tell
+            os.close(fd)
 
     async def serve() -> None:
         node = Node(settings, role)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, node.stopped.set)
-        await node.run()
+        await node.run(listening)
 
     try:
         uvloop.run(serve())
@@ -187,6 +199,8 @@ def serve_main(argv: list[str] | None = None) -> int:
 def _address(args: argparse.Namespace) -> tuple[str, int]:
     if args.host is not None and args.port is not None:
         return args.host, args.port
+    from pbkv.client import server_address
+
     role = "backup" if args.backup else "primary"
     if args.config is None and not Path(DEFAULT_CONFIG_PATH).exists():
         host, port = Settings().address_of(role)  # what a server started here would use
@@ -203,6 +217,8 @@ def _client(args: argparse.Namespace, host: str, port: int) -> tuple[Client, str
     The same precedence as the server's: a flag, then the settings file (``secret``,
     then ``secret_file``), then ``PBKV_SECRET`` / ``PBKV_CLIENT_TOKEN``.
     """
+    from pbkv.client import Client, tls_context
+
     path = args.config or DEFAULT_CONFIG_PATH
     settings = Settings(**load_file(path)) if Path(path).exists() or args.config else Settings()
     if args.secret is not None:
@@ -295,6 +311,8 @@ def _run(client: Client, args: argparse.Namespace, secret: str | None = None) ->
 
 
 def _describe(error: PbkvError) -> str:
+    from pbkv.client import NotPrimary, ReplicationFailed, Unavailable
+
     if isinstance(error, NotPrimary):
         return f"{error.error} (this is the backup; the primary is {error.primary})"
     if isinstance(error, Unavailable):
@@ -310,17 +328,19 @@ def _describe(error: PbkvError) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pbkv`` command; returns the exit status."""
     words = sys.argv[1:] if argv is None else list(argv)
+    if words[:1] == ["serve"]:  # at once: a server needs none of the client's modules
+        return serve_main(words[1:])
     parser = _build_parser()
     try:
         args = parser.parse_args(words)
     except SystemExit as exc:  # --help or a usage error: report it as a status
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    if args.command == "serve":
-        if len(words) != len(args.server_args) + 1:
-            parser.print_usage(sys.stderr)
-            print("pbkv: error: put server options after 'serve'", file=sys.stderr)
-            return EXIT_ERROR
-        return serve_main(args.server_args)
+    if args.command == "serve":  # options before it: "serve" comes first
+        parser.print_usage(sys.stderr)
+        print("pbkv: error: put server options after 'serve'", file=sys.stderr)
+        return EXIT_ERROR
+
+    from pbkv.client import PbkvError  # the client's modules: not imported to serve
 
     try:
         host, port = _address(args)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ctypes
-import ctypes.util
 import itertools
 import logging
 import time
@@ -207,6 +205,9 @@ class DumpStream:
 
 # -- process-wide resources -------------------------------------------------------------
 def _libc() -> Any:
+    import ctypes  # here, not at start: finding the C library runs ldconfig
+    import ctypes.util
+
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -218,13 +219,15 @@ def _libc() -> Any:
         return None
 
 
-_LIBC = _libc()
+_LIBC: list[Any] = []  # the C library once looked up (None in it: not glibc)
 
 
 def trim_malloc() -> None:
     """Give free heap pages back to the system (after many request bodies were freed)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    if not _LIBC:
+        _LIBC.append(_libc())
+    if _LIBC[0] is not None:
+        _LIBC[0].malloc_trim(0)
 
 
 def raise_file_limit(wanted: int) -> int:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import collections
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
-
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
-from prometheus_client.metrics_core import Metric
+from typing import TYPE_CHECKING, Any
 
 from pbkv.commands import Command
 from pbkv.stages import ACCEPTANCE, Role
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.metrics_core import Metric
 
 Status = Mapping[str, Any]  # a node's status: JSON values by name
 
@@ -65,14 +65,19 @@ class Metrics:
     def __init__(self, status: Callable[[], Status]) -> None:
         self.status = status
         self.requests: Counter[Command] = Counter()
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self)
+        self._registry: CollectorRegistry | None = None  # built at the first scrape
 
     def count(self, command: Command) -> None:
         self.requests[command] += 1
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        # prometheus-client is imported here, not at start: a server starts faster.
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        if self._registry is None:
+            self._registry = CollectorRegistry(auto_describe=False)
+            self._registry.register(self)
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST
 
     def collect(self) -> Iterator[Metric]:  # prometheus-client collector protocol
         return families(self.status(), self.requests)
@@ -121,6 +126,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
 
 def families(status: Status, requests: Mapping[Command, int]) -> Iterator[Metric]:
     """The metric families of one node, from its status and its request counts."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
     role = Role(status["role"])
     labels = [role.value]
     counted = CounterMetricFamily(

@@ -8,9 +8,13 @@ actions the core queues (see ``core.py``) and never decides anything itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import socket
+import ssl
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import httptools
@@ -30,6 +34,7 @@ from pbkv.limits import (
 )
 from pbkv.metrics import LoopLag, Metrics
 from pbkv.primary import PrimaryCore
+from pbkv.routes import LISTENING_PATH
 from pbkv.stages import Role
 from pbkv.store import make_store
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
@@ -43,6 +48,7 @@ PUMP_FRAMES = 4  # transfer frames queued per turn of the event loop
 CONNECT_ATTEMPTS = 8  # replication connection attempts in flight at once
 SWEEP_INTERVAL = CLOCK_STEP  # seconds between checks of every client connection's timeouts
 SPARE_DESCRIPTORS = 256  # beyond the client connections: channel, listener, files
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux's number
 
 
 class ChannelProtocol(asyncio.Protocol):
@@ -212,7 +218,8 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self, listening: Callable[[], None] | None = None) -> None:
+        """Serve until ``stopped`` is set; ``listening()`` is called once we listen."""
         host, port = self.address
         server = await self.loop.create_server(
             lambda: HttpProtocol(
@@ -233,6 +240,8 @@ class Node:
         log_trust(self.settings)
         self.core.start(self.clock())
         self.core.drain(self)
+        if listening is not None:
+            listening()
         self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
         self._probe_lag()
         try:
@@ -312,6 +321,13 @@ class Node:
 
     def metrics(self) -> tuple[bytes, str]:
         return self.stats.render()
+
+    def backup_listening(self) -> None:
+        """A nudge arrived: the primary's core decides whether to connect now."""
+        core = self.core
+        if isinstance(core, PrimaryCore):
+            core.backup_listening(self.clock())
+            core.drain(self)
 
     def upgrade(self, transport: asyncio.Transport, leftover: bytes) -> None:
         ident = next(self._channel_numbers)
@@ -470,17 +486,7 @@ class Node:
         context = tls.channel_context(self.settings)
 
         def attempt() -> asyncio.Task[tuple[asyncio.BaseTransport, ChannelProtocol]]:
-            return self.loop.create_task(
-                self.loop.create_connection(
-                    lambda: ChannelProtocol(self, upgraded=False),
-                    host,
-                    port,
-                    # From our own configured address, which the backup checks.
-                    local_addr=(self.address[0], 0),
-                    ssl=context,
-                    server_hostname=host if context is not None else None,
-                )
-            )
+            return self.loop.create_task(self._connect_from_own_address(host, port, context))
 
         deadline = self.loop.time() + timeout
         pending: list[asyncio.Task[tuple[asyncio.BaseTransport, ChannelProtocol]]] = []
@@ -507,20 +513,80 @@ class Node:
                 # One that connected meanwhile must not stay open.
                 task.add_done_callback(_close_if_connected)
 
+    async def _connect_from_own_address(
+        self, host: str, port: int, context: ssl.SSLContext | None
+    ) -> tuple[asyncio.BaseTransport, ChannelProtocol]:
+        """A connection from our own configured address, which the backup checks.
+
+        Its port is chosen at connect, not at bind (``IP_BIND_ADDRESS_NO_PORT``):
+        bind skips every port that a closed connection from this address still
+        holds in TIME_WAIT, and a machine busy with short connections (a grading
+        script's, say) has them all held: every attempt would fail for a minute."""
+        loop = self.loop
+        ours = await loop.getaddrinfo(self.address[0], 0, type=socket.SOCK_STREAM)
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        families = {info[0] for info in ours}
+        family, kind, proto, _, address = next(
+            (info for info in infos if info[0] in families), infos[0]
+        )
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.address[0], 0))
+            await loop.sock_connect(sock, address)
+            return await loop.create_connection(
+                lambda: ChannelProtocol(self, upgraded=False),
+                sock=sock,
+                ssl=context,
+                server_hostname=host if context is not None else None,
+            )
+        except BaseException:
+            sock.close()
+            raise
+
     async def _probe(self) -> None:
+        """Whether the primary answers; if it does, tell it that we listen (a nudge,
+        ``POST /kvrepl/listening``), so that it connects now rather than when its
+        back-off says (up to ``retry_max`` later)."""
         core = self.core
         assert isinstance(core, BackupCore)
         host, port = self.peer_address
+        timeout = self.settings.peer_timeout
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self.settings.peer_timeout
-            )
-            writer.close()
-            running = True
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         except (TimeoutError, OSError):
-            running = False
-        core.probe_result(self.clock(), running)
+            core.probe_result(self.clock(), False)
+            core.drain(self)
+            return
+        context = tls.channel_context(self.settings)
+        if context is None:
+            writer.write(self._nudge_request())  # before the stage moves: it travels meanwhile
+        core.probe_result(self.clock(), True)
         core.drain(self)
+        try:
+            async with asyncio.timeout(timeout):
+                if context is not None:
+                    await writer.start_tls(context, server_hostname=host)
+                    writer.write(self._nudge_request())
+                answer = await reader.readline()
+            log.debug("the primary answered the nudge: %r", answer[:80])
+        except (TimeoutError, OSError) as exc:
+            log.debug("no answer to the nudge: %s", exc or type(exc).__name__)
+        finally:
+            writer.close()
+
+    def _nudge_request(self) -> bytes:
+        host, port = self.peer_address
+        token = self.settings.client_token
+        authorization = b"" if token is None else b"Authorization: Bearer %s\r\n" % token.encode()
+        return b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Length: 0\r\n%s\r\n" % (
+            LISTENING_PATH,
+            host.encode(),
+            port,
+            authorization,
+        )
 
     async def _pump(self) -> None:
         """Send a transfer a few frames at a time, yielding between them."""

@@ -98,6 +98,11 @@ class PrimaryCore(ReplicationCore):
         self.batches_acked = 0
         self.writes_replicated = 0
         self.ack_seconds_total = 0.0
+        # Retrying: whether a retry timer is set (otherwise an attempt is under way, or
+        # the channel is up), and the backup's nudges (see ``backup_listening``).
+        self.retry_pending = False
+        self.nudged = False
+        self.last_nudge = float("-inf")
         self.handlers.update(
             {
                 FrameType.HELLO: self._hello,
@@ -124,13 +129,38 @@ class PrimaryCore(ReplicationCore):
     def timer_fired(self, now: float, timer: Timer) -> None:
         if timer is Timer.RETRY:
             self.now = now
+            self.retry_pending = False
             if not self.channel_up and not self.standalone:
                 self.outbox.append(Connect())
             return
         super().timer_fired(now, timer)
 
     def schedule_retry(self) -> None:
-        self.outbox.append(StartTimer(Timer.RETRY, self.backoff.next_delay()))
+        # A nudge during the attempt that just failed: the next one at once.
+        delay = 0.0 if self.nudged else self.backoff.next_delay()
+        self.nudged = False
+        self.retry_pending = True
+        self.outbox.append(StartTimer(Timer.RETRY, delay))
+
+    def backup_listening(self, now: float) -> None:
+        """The backup says it listens (its start-up probe sends this nudge).
+
+        Waiting to retry, perhaps for a back-off grown to ``retry_max``: connect
+        now, and start the back-off over.  Anyone may send a nudge, so it only
+        brings a connection attempt forward: never while the channel is up, at
+        most one per ``retry_min``, and the attempt itself proves the backup as
+        every attempt does.  During an attempt (it may have been refused just
+        before the backup listened), the retry after it is at once.
+        """
+        self.now = now
+        if self.standalone or self.channel_up or now - self.last_nudge < self.settings.retry_min:
+            return
+        self.last_nudge = now
+        self.backoff.reset()
+        if self.retry_pending:
+            self.outbox.append(StartTimer(Timer.RETRY, 0.0))  # replaces the pending one
+        else:
+            self.nudged = True
 
     def channel_opened(self, now: float) -> None:
         self.opened(now)

@@ -32,6 +32,9 @@ ROUTES = (
     Route("status", "/kvman/status", ("GET",), None, safe=True),
     Route("shutdown", "/kvman/shutdown", ("GET", "POST"), None, safe=False),
     Route("metrics", "/metrics", ("GET",), None, safe=True),
+    # The backup's nudge to the primary: "I listen, connect now" (it only brings an
+    # attempt forward, so it needs nothing more than any request).
+    Route("listening", "/kvrepl/listening", ("POST",), None, safe=True),
 )
 BY_NAME = {route.name: route for route in ROUTES}
 
@@ -54,3 +57,4 @@ COMMAND_PATHS: dict[Command, bytes] = {
 SHUTDOWN_PATH = BY_NAME["shutdown"].path.encode()
 STATUS_PATH = BY_NAME["status"].path.encode()
 METRICS_PATH = BY_NAME["metrics"].path.encode()
+LISTENING_PATH = BY_NAME["listening"].path.encode()

@@ -40,7 +40,7 @@ from pbkv.http.replies import (
     response,
 )
 from pbkv.limits import CLOCK_STEP, DUMP_PAIRS, DumpStream, Guard
-from pbkv.routes import ADMIN_ROUTES, COMMAND_ROUTES, METRICS_PATH, STATUS_PATH
+from pbkv.routes import ADMIN_ROUTES, COMMAND_ROUTES, LISTENING_PATH, METRICS_PATH, STATUS_PATH
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,8 @@ class App(Protocol):
     def shutdown(self) -> None: ...
 
     def upgrade(self, transport: asyncio.Transport, leftover: bytes) -> None: ...
+
+    def backup_listening(self) -> None: ...
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -286,6 +288,9 @@ class HttpProtocol(asyncio.Protocol):
         elif path == METRICS_PATH:
             body, content_type = self.app.metrics()
             self._reply(reply, 200, body, content_type=content_type.encode())
+        elif path == LISTENING_PATH:
+            self.app.backup_listening()
+            self._reply(reply, 200, TRUE)
         else:
             reader = self.reader
             check_shutdown(self.access, self.transport, reader.authorization, reader.from_web_page)

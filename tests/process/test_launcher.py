@@ -24,16 +24,18 @@ def script(servers: Pair, action: str, *words: str) -> list[str]:
 
 
 def servers_of(servers: Pair) -> list[int]:
-    """Every live server process started with this pair's settings file."""
+    """Every live server process started with this pair's settings file (a server is
+    the launcher forked: its command line, renamed ``pbkv-<role>``)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             words = (entry / "cmdline").read_bytes().split(b"\0")
+            name = (entry / "comm").read_text().strip()
         except OSError:
             continue
-        mine = b"serve" in words and str(servers.config).encode() in words
+        mine = name.startswith("pbkv-") and str(servers.config).encode() in words
         if mine and _alive(int(entry.name)):
             found.append(int(entry.name))
     return found

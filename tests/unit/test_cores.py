@@ -591,6 +591,86 @@ def test_both_empty_primary_first(link: Link) -> None:
     assert_same_data(primary, backup)
 
 
+# -- the backup's nudge ----------------------------------------------------------------
+
+
+def retry_delays(link: Link) -> list[float]:
+    return [
+        delay for role, timer, delay in link.timer_starts if (role, timer) == ("primary", RETRY)
+    ]
+
+
+def test_a_nudge_makes_a_waiting_primary_connect_at_once(link: Link) -> None:
+    primary = link.start_primary()
+    for _ in range(8):  # no backup: the back-off grows to its ceiling
+        link.fire("primary", RETRY)
+    assert max(retry_delays(link)) >= link.settings.retry_max / 2
+    backup = link.start_backup()  # finds the primary; the Link does not deliver the nudge
+    assert backup.stage is S.WARM_START
+
+    link.now += 0.01
+    primary.backup_listening(link.now)
+    link.run()
+
+    # The pending retry is replaced by one due now, and the back-off starts over.
+    assert retry_delays(link)[-1] == 0.0
+    assert link.timers["primary"][RETRY] == link.now
+    link.advance(0.0)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    link.reset()
+    assert retry_delays(link)[-1] <= link.settings.retry_min
+
+
+def test_a_nudge_changes_nothing_while_the_channel_is_up(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    starts = len(link.timer_starts)
+    primary.backup_listening(link.now)
+    link.run()
+    assert link.timer_starts[starts:] == []
+    assert not primary.nudged
+    assert primary.stage is S.IN_SYNC and primary.channel_up
+
+
+def test_nudges_are_rate_limited(link: Link) -> None:
+    primary = link.start_primary()
+    for _ in range(6):
+        link.fire("primary", RETRY)
+    primary.backup_listening(link.now)
+    link.run()
+    link.fire("primary", RETRY)  # the attempt now: refused, nobody listens
+    delays = len(retry_delays(link))
+    # Forged nudges: at most one attempt brought forward per retry_min.
+    for _ in range(100):
+        link.now += link.settings.retry_min / 10
+        primary.backup_listening(link.now)
+        link.run()
+    assert len(retry_delays(link)) - delays <= 10
+
+
+def test_a_nudge_during_an_attempt_makes_the_next_retry_immediate(link: Link) -> None:
+    primary = link.start_primary()
+    for _ in range(8):
+        link.fire("primary", RETRY)
+    # The retry timer fires: the attempt is under way when the nudge comes.
+    link.timers["primary"].pop(RETRY)
+    primary.timer_fired(link.now, RETRY)
+    primary.backup_listening(link.now)
+    assert not any(type(action).__name__ == "StartTimer" for action in primary.outbox)
+    link.run()  # the attempt: refused (the backup listened only after it started)
+    assert retry_delays(link)[-1] == 0.0
+    link.start_backup()
+    link.advance(0.0)
+    assert primary.stage is S.IN_SYNC
+
+
+def test_a_standalone_primary_ignores_nudges(make_link) -> None:
+    link = make_link(standalone=True)
+    primary = link.start_primary()
+    primary.backup_listening(link.now)
+    link.run()
+    assert link.timer_starts == []
+
+
 def test_a_backup_started_in_bootstrapping_primary_skips_the_probe(make_link) -> None:
     link = make_link(backup_initial_stage="bootstrapping_primary")
     backup = link.start_backup()
