@@ -28,8 +28,10 @@ import atexit
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -39,8 +41,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from pbkv.testing.cluster import free_port
-
 __all__ = ["ETCD_MISSING", "EtcdServer", "etcd_binary"]
 
 ETCD_MISSING = "etcd is not installed (Debian: apt-get install etcd-server)"
@@ -49,6 +49,26 @@ NAME = "pbkv-test"
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _running: set[EtcdServer] = set()
+# Ports are picked below Linux's ephemeral range (32768-60999), where no outgoing
+# connection takes them: a machine busy with short connections can have that whole
+# range in TIME_WAIT, and a port picked there may be taken before etcd binds it.
+_PORTS = range(20000, 32768)
+
+
+def free_port(host: str, taken: tuple[int, ...] = ()) -> int:
+    """A port that ``host`` can listen on now (etcd binds with SO_REUSEADDR)."""
+    for _ in range(200):
+        port = random.choice(_PORTS)
+        if port in taken:
+            continue
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port on {host}")
 
 
 def etcd_binary() -> str | None:
@@ -75,10 +95,8 @@ class EtcdServer:
         self.dir = Path(tempfile.mkdtemp(prefix="etcd-") if directory is None else directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
-        self.client_port = free_port((host,))
-        self.peer_port = free_port((host,))
-        while self.peer_port == self.client_port:
-            self.peer_port = free_port((host,))
+        self.client_port = free_port(host)
+        self.peer_port = free_port(host, taken=(self.client_port,))
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
