@@ -57,7 +57,7 @@ call goes to the next endpoint; a call is never silently retried elsewhere.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import time
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -84,15 +84,22 @@ T = TypeVar("T")
 
 # grpc channel options. Reconnect quickly after etcd comes back (grpc's own back-off
 # grows to two minutes). Keepalive pings find a stream whose peer went silent (a
-# partition, a paused etcd) that would otherwise wait forever; etcd refuses pings
-# more often than every 5 s (--grpc-keepalive-min-time), so 6 s.
+# partition, a paused etcd), which would otherwise wait forever: a watch then breaks
+# within keepalive_time + ping timeout (9 s). etcd refuses pings more often than
+# every 5 s (--grpc-keepalive-min-time), hence 6 s. grpc (1.85) enforces a ping's
+# timeout through ping_timeout_ms, not keepalive_timeout_ms (kept for older
+# versions), and sends no keepalive ping while a bandwidth probe (itself a ping) is
+# unanswered: the probe is off, the watch stream needs no window tuning.
 _CHANNEL_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 100,
     "grpc.max_reconnect_backoff_ms": 1000,
     "grpc.keepalive_time_ms": 6000,
     "grpc.keepalive_timeout_ms": 3000,
+    "grpc.http2.ping_timeout_ms": 3000,
     "grpc.http2.max_pings_without_data": 0,
+    "grpc.http2.min_time_between_pings_ms": 6000,
+    "grpc.http2.bdp_probe": 0,
 }
 # etcd's words when a lease bound to a key or refreshed no longer exists.
 _LEASE_NOT_FOUND = "requested lease not found"
@@ -387,6 +394,11 @@ class Coordinator:
         while True:
             try:
                 leader, revision = await self._read_leader()
+                # From the revision after the read: no change falls in between.
+                watch = await self._call(
+                    "leader watch",
+                    self._client.watch(self.leader_key, start_revision=revision + 1),
+                )
             except CoordinatorError as exc:
                 if not lost:
                     lost = True
@@ -394,39 +406,30 @@ class Coordinator:
                 await asyncio.sleep(delay)
                 delay = min(retry_max, delay * 2)
                 continue
+            watched_since = time.monotonic()
             lost = False
-            yield LeaderChanged(leader, revision)
-            async with contextlib.aclosing(self._follow(revision)) as events:
-                async for event in events:
-                    lost = isinstance(event, WatchLost)
-                    yield event
-            delay = retry_min
-
-    async def _follow(self, revision: int) -> AsyncGenerator[LeaderEvent, None]:
-        """The changes of the leader key after ``revision``, until the stream breaks
-        (then one WatchLost)."""
-        client = self._client
-        try:
-            watch = await self._call(
-                "leader watch", client.watch(self.leader_key, start_revision=revision + 1)
-            )
-        except CoordinatorError as exc:
-            yield WatchLost(str(exc))
-            return
-        try:
-            async for event in watch:
-                if event.kind == "DELETE":
-                    yield LeaderChanged(None, int(event.kv.mod_revision))
-                else:
-                    yield LeaderChanged(_leader_from(event.kv), int(event.kv.mod_revision))
-            yield WatchLost("etcd ended the watch")
-        except self._errors.ClientError as exc:
-            yield WatchLost(str(self._mapped("leader watch", exc)))
-        finally:
             try:
-                await asyncio.wait_for(watch.cancel(), self._timeout)
-            except (TimeoutError, self._errors.ClientError):
-                pass
+                yield LeaderChanged(leader, revision)
+                async for event in watch:
+                    if event.kind == "DELETE":
+                        yield LeaderChanged(None, int(event.kv.mod_revision))
+                    else:
+                        yield LeaderChanged(_leader_from(event.kv), int(event.kv.mod_revision))
+                reason = "etcd ended the watch"
+            except self._errors.ClientError as exc:
+                reason = str(self._mapped("leader watch", exc))
+            finally:
+                try:
+                    await asyncio.wait_for(watch.cancel(), self._timeout)
+                except (TimeoutError, self._errors.ClientError):
+                    pass
+            lost = True
+            yield WatchLost(reason)
+            # A watch that breaks as soon as it is made is retried ever more slowly.
+            if time.monotonic() - watched_since > retry_max:
+                delay = retry_min
+            await asyncio.sleep(delay)
+            delay = min(retry_max, delay * 2)
 
 
 def _check_epoch(epoch: int) -> None:

@@ -351,6 +351,30 @@ def test_etcd_away_raises_in_time_and_back_works_again(own_etcd: EtcdServer) -> 
     run(scenario())
 
 
+def test_a_watch_on_a_silent_etcd_is_reported_lost(own_etcd: EtcdServer) -> None:
+    """A paused etcd keeps its connections open and sends nothing, as across a
+    partition: keepalive pings find the dead stream within 6 s + 3 s."""
+
+    async def scenario() -> None:
+        async with (
+            await Coordinator.open(own_etcd.client_url, "silent", TIMEOUT) as coord,
+            contextlib.aclosing(coord.watch_leader()) as events,
+        ):
+            assert isinstance(await next_event(events), LeaderChanged)
+            own_etcd.pause()
+            try:
+                started = time.monotonic()
+                lost = await next_event(events, timeout=20.0)
+                assert isinstance(lost, WatchLost)
+                assert time.monotonic() - started < 9.0 + 3.0
+            finally:
+                own_etcd.resume()
+            back = await next_event(events)
+            assert isinstance(back, LeaderChanged) and back.leader is None
+
+    run(scenario())
+
+
 async def _answers(coord: Coordinator) -> bool:
     try:
         await coord.leader()
