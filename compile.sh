@@ -8,3 +8,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 echo "pbkv installed in .venv"
+if ! command -v etcd >/dev/null; then
+  echo "note: etcd not found; high availability and its tests (tests/etcd) need it" \
+    "(Debian: apt-get install etcd-server)"
+fi

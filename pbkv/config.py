@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,6 +27,12 @@ SECRET_FIELDS = ("secret", "client_token")
 # "course": every request that reaches a route gets HTTP 200 and the course's failure
 # shape, the reason in an X-Pbkv-Error header; "http": real HTTP statuses and JSON errors.
 ERROR_MODES = ("course", "http")
+# etcd's client port, when a coordinator URL names none.
+ETCD_CLIENT_PORT = 2379
+# etcd 3.4 with its default --heartbeat-interval (100 ms) and --election-timeout (1 s)
+# grants no lease shorter than ceil(1.5 election timeouts) = 2 s: asked for 1 s, it
+# grants 2 s. A shorter setting would not mean what it says.
+MIN_LEASE_TTL = 2
 
 
 # The most shards a store may have; a transfer declaring more is refused (see wire.py).
@@ -85,6 +92,13 @@ class Settings:
     tls_cert: str | None = None  # PEM certificate chain of this server
     tls_key: str | None = None  # its private key
     tls_ca: str | None = None  # the CA that signed both servers' certificates
+
+    # High availability (SPEC section 8): etcd's client URL(s), comma-separated; None is
+    # the seed's fixed pair. ``cluster`` prefixes every key the members share in etcd,
+    # ``lease_ttl`` is the lease (whole seconds, as etcd counts them) their keys live by.
+    coordinator: str | None = None
+    cluster: str = "pbkv"
+    lease_ttl: int = 3
 
     def __post_init__(self) -> None:
         if self.store not in ("sharded", "hash"):
@@ -146,10 +160,25 @@ class Settings:
             raise SettingsError(
                 "TLS needs all of tls_cert, tls_key and tls_ca (the CA verifies the peer)"
             )
+        if self.coordinator is not None:
+            parse_endpoints(self.coordinator)
+        if not self.cluster or not all("!" <= c <= "~" for c in self.cluster):
+            raise SettingsError("cluster must be non-empty printable ASCII without spaces")
+        if self.cluster.startswith("/") or self.cluster.endswith("/"):
+            raise SettingsError("cluster must not start or end with '/'")
+        if self.lease_ttl < MIN_LEASE_TTL:
+            raise SettingsError(
+                f"lease_ttl must be at least {MIN_LEASE_TTL} seconds (etcd grants no less)"
+            )
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def coordinator_endpoints(self) -> tuple[tuple[str, int], ...]:
+        """etcd's client endpoints as (host, port); empty without a coordinator."""
+        return () if self.coordinator is None else parse_endpoints(self.coordinator)
 
     @property
     def effective_backup_port(self) -> int:
@@ -165,6 +194,34 @@ class Settings:
         raise SettingsError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
 
 
+def parse_endpoints(text: str) -> tuple[tuple[str, int], ...]:
+    """etcd client URLs, comma-separated (``http://10.0.0.1:2379,http://10.0.0.2:2379``),
+    as (host, port) pairs; ``host:port`` without a scheme is accepted, as etcdctl
+    does, and the port defaults to etcd's 2379. An IPv6 host keeps its brackets.
+    Only plain ``http``: the client speaks no TLS to etcd."""
+    endpoints: list[tuple[str, int]] = []
+    for item in text.split(","):
+        url = item.strip()
+        if not url:
+            continue
+        split = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        try:
+            port = split.port or ETCD_CLIENT_PORT
+        except ValueError:
+            raise SettingsError(f"coordinator URL {url!r} has an invalid port") from None
+        if split.scheme != "http":
+            raise SettingsError(
+                f"coordinator URL {url!r}: only http:// is supported (no TLS to etcd)"
+            )
+        host = split.hostname
+        if not host or split.path.strip("/") or split.query or split.username:
+            raise SettingsError(f"coordinator URL {url!r} must be http://HOST[:PORT]")
+        endpoints.append((f"[{host}]" if ":" in host else host, port))
+    if not endpoints:
+        raise SettingsError("coordinator must name at least one etcd URL")
+    return tuple(endpoints)
+
+
 _FIELDS = {f.name: f for f in fields(Settings)}
 
 
@@ -173,6 +230,11 @@ def _convert(name: str, raw: Any) -> Any:
     kind = _FIELDS[name].type
     if raw is None:
         return None
+    if name == "coordinator" and isinstance(raw, list):
+        # The settings file may list the URLs as a JSON array.
+        if not all(isinstance(url, str) for url in raw):
+            raise SettingsError(f"setting {name!r} has an invalid value {raw!r}")
+        return ",".join(raw)
     try:
         if kind in ("int", "int | None"):
             return int(raw)

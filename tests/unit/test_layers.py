@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
-LAYERS = ("unit", "sim", "loopback", "process", "netns")
+LAYERS = ("unit", "sim", "loopback", "etcd", "process", "netns")
 # The fast lane (bin/run_tests --fast) runs these; none may start a server process.
 FAST_LAYERS = ("unit", "sim", "loopback")
 # What starts server processes: these names, and the fixtures of tests/conftest.py.
