@@ -473,14 +473,14 @@ def handshakes(args: argparse.Namespace, directory: str) -> bool:
         pid = pair.pid("backup")
         assert pid is not None
         baseline = descriptors(pid)
-        opened = time.monotonic()
         socks: list[socket.socket] = []
         for _ in range(count):
             sock = socket.create_connection(pair.address["backup"])
             sock.setblocking(False)
             socks.append(sock)
+        opened = time.monotonic()  # the last one
         peak = 0
-        while time.monotonic() - opened < deadline + 1.0:  # one sweep past the deadline
+        while time.monotonic() - opened < deadline + 1.0:  # a second past the deadline
             peak = max(peak, descriptors(pid) - baseline)
             time.sleep(0.05)
         held = descriptors(pid) - baseline
@@ -493,7 +493,8 @@ def handshakes(args: argparse.Namespace, directory: str) -> bool:
             f"handshake deadline {deadline:g} s"
         )
         print(
-            f"backup descriptors over baseline: peak {peak}, {deadline + 1:g} s after opening "
+            f"backup descriptors over baseline: peak {peak}, {deadline + 1:g} s after the last "
+            "opened: "
             f"{held}; connections still open then: {still_open} (target: none past the deadline)"
         )
         print(

@@ -7,6 +7,11 @@ accepts the replication Upgrade only on a connection whose certificate was
 verified against ``tls_ca`` and names the configured primary.  The primary
 presents its certificate and verifies the backup's against ``tls_ca`` and the
 backup's configured address.
+
+The listener accepts plain TCP and starts TLS itself (``Handshakes``), so that a
+connection counts toward ``max_clients`` from accept and its handshake has a
+deadline (``header_timeout``): asyncio and uvloop call a TLS server's protocol
+only once the handshake is over, and wait 60 s for one by default.
 """
 
 from __future__ import annotations
