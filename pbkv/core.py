@@ -78,6 +78,13 @@ CHUNK_CHARS = 1 << 20
 MISS = Done(False, "")
 
 
+def growth(command: Command, key: str, value: str, current: str | None) -> int:
+    """The bytes a write adds to a store that holds ``current`` for ``key`` (0 if none)."""
+    if current is None:
+        return len(key) + len(value) + PAIR_OVERHEAD if command is Command.INSERT else 0
+    return max(0, len(value) - len(current)) if command is Command.UPDATE else 0
+
+
 def next_history(primary: int, backup: int, kept: bool) -> int:
     """The history id both sides hold after a sync: unchanged when no data was replaced
     (a skip or a rollback within one history), else new, and the same on both sides."""
@@ -149,6 +156,9 @@ class ReplicationCore:
         # The shards of a copy being received that have fully arrived (warm start reads).
         self.complete_shards: set[int] = set()
         self.max_memory = settings.max_memory
+        # What the writes not yet acknowledged will add to the store (the primary's
+        # queued and in-flight batches): a running sum, so admission stays O(1).
+        self.pending_write_bytes = 0
         # The handler of each frame type; the handshake table says when it may run.
         self.handlers: dict[FrameType, Callable[[Any], Step]] = {
             FrameType.HEARTBEAT: self._heartbeat,
@@ -323,17 +333,20 @@ class ReplicationCore:
             return command is Command.GET and shard_of(key, self.store.shard_count) in complete
         return False
 
+    def visible(self, key: str) -> str | None:
+        """The value a new write of ``key`` finds (the primary's includes writes in flight)."""
+        return self.store.get(key)
+
     def memory_full(self, command: Command, key: str, value: str) -> MemoryFull | None:
         """Refuse a write that would take the store past ``max_memory`` (like Redis's
         ``maxmemory`` with ``noeviction``): deletes and shrinking updates still pass."""
-        store = self.store
-        old = store.get(key)
-        if old is None:
-            grow = len(key) + len(value) + PAIR_OVERHEAD if command is Command.INSERT else 0
-        else:
-            grow = len(value) - len(old) if command is Command.UPDATE else 0
+        return self.over_memory(growth(command, key, value, self.visible(key)))
+
+    def over_memory(self, grow: int) -> MemoryFull | None:
+        """The store plus the writes not yet acknowledged (they will be in it, or are in
+        the batches meanwhile) plus ``grow`` bytes would pass ``max_memory``."""
         limit = self.max_memory
-        if grow > 0 and store.memory_bytes + grow > limit:
+        if grow > 0 and self.store.memory_bytes + self.pending_write_bytes + grow > limit:
             return MemoryFull(limit)
         return None
 
@@ -508,5 +521,6 @@ class ReplicationCore:
             "resyncs_full": self.resyncs_full,
             "transfers_completed": self.transfers_completed,
             "transfers_failed": self.transfers_failed,
+            "pending_write_bytes": self.pending_write_bytes,
             "last_transfer_error": self.last_transfer_error,
         }

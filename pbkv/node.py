@@ -210,6 +210,7 @@ class Node:
         self.candidates: dict[int, ChannelProtocol] = {}
         self._channel_numbers = itertools.count(1)
         self._accepted_log = LogThrottle(per_window=5, window=1.0)
+        self.handshakes: tls.Handshakes | None = None  # with TLS: the handshakes under way
         self.timers: dict[Timer, asyncio.TimerHandle] = {}
         self.stopped = asyncio.Event()
         self.lag = LoopLag(interval=LAG_PROBE_INTERVAL)
@@ -221,20 +222,28 @@ class Node:
     async def run(self, listening: Callable[[], None] | None = None) -> None:
         """Serve until ``stopped`` is set; ``listening()`` is called once we listen."""
         host, port = self.address
-        server = await self.loop.create_server(
-            lambda: HttpProtocol(
+
+        def serve() -> HttpProtocol:
+            return HttpProtocol(
                 self,
                 self.limits,
                 self.connections,
                 self.settings.errors,
                 self.access,
                 self.guard,
-            ),
-            host,
-            port,
-            reuse_address=True,
-            backlog=2048,
-            ssl=tls.server_context(self.settings),
+            )
+
+        context = tls.server_context(self.settings)
+        factory: Callable[[], asyncio.Protocol] = serve
+        if context is not None:
+            # Plain TCP accepts, then TLS under a deadline from a protocol that
+            # counted the connection at accept (see tls.Handshakes).
+            self.handshakes = tls.Handshakes(
+                context, self.guard, self.settings.header_timeout, serve
+            )
+            factory = self.handshakes
+        server = await self.loop.create_server(
+            factory, host, port, reuse_address=True, backlog=2048
         )
         log.info("%s listening on %s:%d (store %s)", self.role, host, port, store_kind(self.core))
         log_trust(self.settings)
@@ -256,6 +265,8 @@ class Node:
                 self.channel.close()
             for candidate in list(self.candidates.values()):
                 candidate.close()
+            if self.handshakes is not None:
+                self.handshakes.close_all()
             for connection in list(self.connections):
                 if connection.transport is not None:
                     connection.transport.close()
@@ -311,6 +322,9 @@ class Node:
         status["max_memory"] = self.settings.max_memory
         status["pending_request_bytes"] = guard.pending_bytes
         status["clients_refused"] = guard.refused_clients.count
+        handshakes = self.handshakes
+        status["tls_handshakes"] = 0 if handshakes is None else len(handshakes.running)
+        status["tls_handshakes_failed"] = 0 if handshakes is None else handshakes.failed.count
         status["bodies_refused"] = guard.refused_bodies.count
         status["connections_timed_out"] = guard.timeouts
         status["dump_turn_max_ms"] = round(guard.pump.longest * 1000, 1)

@@ -32,6 +32,7 @@ from pbkv.core import (
     BATCH_WRITES,
     MISS,
     ReplicationCore,
+    growth,
     log,
 )
 from pbkv.stages import Copy, Directive, Event, Plan, Role, Stage, Step, WriteRule, plan
@@ -63,6 +64,7 @@ class Batch:
     ops: list[Any] = field(default_factory=list)  # key, value-or-None, key, ...
     entries: list[tuple[Reply, Outcome]] = field(default_factory=list)  # reply, answer
     chars: int = 0  # of the keys and values in ops: a batch's frame stays bounded
+    grows: int = 0  # bytes its writes add to the store (counted in pending_write_bytes)
     sent_at: float = 0.0
     deadline: float = 0.0
 
@@ -135,6 +137,10 @@ class PrimaryCore(ReplicationCore):
             return
         super().timer_fired(now, timer)
 
+    def visible(self, key: str) -> str | None:
+        pending = self.overlay.get(key)
+        return self.store.get(key) if pending is None else pending[0]
+
     def schedule_retry(self) -> None:
         # A nudge during the attempt that just failed: the next one at once.
         delay = 0.0 if self.nudged else self.backoff.next_delay()
@@ -192,14 +198,16 @@ class PrimaryCore(ReplicationCore):
     # -- client requests ---------------------------------------------------------
     def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome | None:
         """A write: an outcome now, or None when ``Respond(reply, ...)`` follows."""
-        if self.max_memory and value is not None:
-            full = self.memory_full(command, key, value)
+        pending = self.overlay.get(key)
+        current = self.store.get(key) if pending is None else pending[0]
+        # Checked against the store plus every write not yet acknowledged.
+        grow = 0 if value is None else growth(command, key, value, current)
+        if self.max_memory:
+            full = self.over_memory(grow)
             if full is not None:
                 return full
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
-        pending = self.overlay.get(key)
-        current = self.store.get(key) if pending is None else pending[0]
         if command is Command.INSERT:
             ok, new, outcome = current is None, value, Done(current is None)
         elif command is Command.UPDATE:
@@ -221,6 +229,8 @@ class PrimaryCore(ReplicationCore):
             queued.ops.append(key)
             queued.ops.append(new)
             queued.chars += len(key) + (0 if new is None else len(new))
+            queued.grows += grow
+            self.pending_write_bytes += grow
             self.overlay[key] = (new, self.sent_seq + len(self.queued))
         # else: it depends on a write in flight: answer after that is acknowledged.
         queued.entries.append((reply, outcome))
@@ -267,6 +277,7 @@ class PrimaryCore(ReplicationCore):
         batch = self.in_flight.popleft()
         ops, overlay = batch.ops, self.overlay
         self.store.apply(ops)
+        self.pending_write_bytes -= batch.grows
         for key in ops[0::2]:
             pending = overlay.get(key)
             if pending is not None and pending[1] == seq:
@@ -292,6 +303,7 @@ class PrimaryCore(ReplicationCore):
         self.in_flight.clear()
         self.queued = deque([Batch()])
         self.overlay.clear()
+        self.pending_write_bytes = 0
         self.sent_seq = self.seq
 
     # -- the handshake -------------------------------------------------------------

@@ -1945,6 +1945,50 @@ def test_the_memory_limit_comes_before_the_backups_redirect(make_link) -> None:
     assert isinstance(link.backup.submit(DELETE, "k", None, link.reply_to("t")), Refused)
 
 
+def test_writes_not_yet_acknowledged_count_toward_max_memory(make_link) -> None:
+    size = PAIR_OVERHEAD + len("k0") + 100
+    link = make_link(max_memory=3 * size, batches_in_flight=2)
+    primary, backup = in_sync_pair(link)
+    link.paused.add("primary")  # the backup's ACKs wait on the wire
+    tokens = [link.token() for _ in range(5)]
+    # Two in flight, one queued behind the full window: the fourth would pass the limit.
+    outcomes = []
+    for i, token in enumerate(tokens):
+        outcomes.append(link.submit(token, INSERT, f"k{i}", "v" * 100))
+        link.flush()
+    assert outcomes == [None, None, None, MemoryFull(3 * size), MemoryFull(3 * size)]
+    assert primary.store.memory_bytes == 0
+    assert primary.pending_write_bytes == 3 * size
+    assert primary.status(link.now)["pending_write_bytes"] == 3 * size
+    # Growth is counted against the value in flight, not the acknowledged one.
+    assert link.submit(link.token(), UPDATE, "k0", "v" * 101) == MemoryFull(3 * size)
+    shrink = link.token()
+    assert link.submit(shrink, UPDATE, "k0", "v" * 10) is None  # shrinking passes
+    assert link.submit(link.token(), INSERT, "k0", "v" * 500) is None  # exists: no growth
+    assert primary.pending_write_bytes == 3 * size
+
+    link.paused.clear()
+    link.run()
+    assert primary.pending_write_bytes == 0
+    assert primary.store.memory_bytes == 3 * size - 90
+    assert link.responses[shrink] == Done(True)
+    assert link.write(INSERT, "k9", "v") == MemoryFull(3 * size)  # the store is full now
+    assert_same_data(primary, backup)
+
+
+def test_a_rewind_gives_back_the_pending_bytes(make_link) -> None:
+    link = make_link(max_memory=10_000)
+    primary, _ = in_sync_pair(link)
+    link.paused.add("primary")
+    link.submit(link.token(), INSERT, "a", "v" * 1000)
+    link.flush()
+    link.submit(link.token(), INSERT, "b", "v" * 1000)  # queued behind the window
+    assert primary.pending_write_bytes == 2 * (PAIR_OVERHEAD + 1001)
+    link.kill("backup")
+    assert primary.pending_write_bytes == 0
+    assert primary.store.memory_bytes == 0
+
+
 @pytest.mark.parametrize(("role", "timer"), [("primary", Timer.WAIT_PRIMARY), ("backup", RETRY)])
 def test_a_timer_the_role_never_starts_is_an_error(link: Link, role: str, timer: Timer) -> None:
     in_sync_pair(link)

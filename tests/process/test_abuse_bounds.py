@@ -1,0 +1,173 @@
+"""Attacks on real server processes that once cost descriptors or memory: TLS
+connections that never start their handshake, and pipelined large inserts while the
+backup is paused.  Each test fails without its bound."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from pbkv.limits import RESERVED_CLIENTS
+from pbkv.store import PAIR_OVERHEAD
+from tests.support.harness import Pair, wait_for
+
+pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+
+
+def descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+# -- TLS handshakes ---------------------------------------------------------------------------
+@pytest.fixture
+def authority(tmp_path):
+    from tests.support.certs import Authority  # cryptography is a test dependency
+
+    return Authority(tmp_path / "certs")
+
+
+def test_silent_tls_connections_count_from_accept_and_close_at_the_handshake_deadline(
+    make_pair, authority
+):
+    max_clients, deadline, silent = 50, 8.0, 600
+    primary_cert, primary_key = authority.issue("primary", "127.0.0.1")
+    pair: Pair = make_pair(
+        tls_ca=str(authority.ca_file),
+        tls_cert=primary_cert,
+        tls_key=primary_key,
+        max_clients=str(max_clients),
+        header_timeout=str(deadline),
+    )
+    backup_cert, backup_key = authority.issue("backup", "127.0.0.2")
+    pair.start("backup", "--tls-cert", backup_cert, "--tls-key", backup_key)
+    pair.start("primary")
+    pair.wait_stage("primary", "in_sync")
+    pid = pair.pid("backup")
+    assert pid is not None
+    baseline = descriptors(pid)
+
+    # Connections that open TCP and never send a byte of their handshake.
+    opened = time.monotonic()
+    socks = [socket.create_connection(pair.address["backup"]) for _ in range(silent)]
+    for sock in socks:
+        sock.setblocking(False)
+    # Counted from accept: past max_clients and the channel's reserve, closed at once.
+    held = max_clients + RESERVED_CLIENTS
+    wait_for(
+        lambda: sum(map(closed_by_server, socks)) >= silent - held, 5, what="extra closed at once"
+    )
+    assert descriptors(pid) <= baseline + held + 2
+    assert time.monotonic() - opened < deadline
+
+    # A blip while they are held: the primary's channel still gets through the reserve.
+    pair.kill("primary")
+    pair.start("primary")
+    pair.wait_stage("primary", "in_sync", deadline)
+    assert time.monotonic() - opened < deadline, "resynced only once the handshakes expired"
+
+    # No descriptor is held past the handshake deadline (plus the sweep's step).
+    wait_for(lambda: all(map(closed_by_server, socks)), deadline + 3, what="all closed")
+    assert time.monotonic() - opened < deadline + 3
+    wait_for(lambda: descriptors(pid) <= baseline + 2, 3, what="descriptors given back")
+    with pair.client("backup") as client:  # a TLS client is served again
+        assert client.count() == 0
+    state = pair.status("backup")
+    assert state is not None and state["tls_handshakes"] == 0
+    assert state["tls_handshakes_failed"] >= silent
+    for sock in socks:
+        sock.close()
+
+
+# -- max_memory and the writes in flight --------------------------------------------------------
+VALUE = 400_000
+CONNECTIONS, PIPELINED = 4, 100
+
+
+def insert_request(key: str) -> bytes:
+    body = b"key=%s&value=%s" % (key.encode(), b"v" * VALUE)
+    return (
+        b"POST /kv/insert HTTP/1.1\r\nHost: t\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
+        % (len(body), body)
+    )
+
+
+async def pipeline(address: tuple[str, int], connection: int) -> list[int]:
+    """Pipeline PIPELINED inserts on one connection; the status code of each reply."""
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(b"".join(insert_request(f"c{connection}-{i}") for i in range(PIPELINED)))
+    statuses: list[int] = []
+    while len(statuses) < PIPELINED:
+        head = await reader.readuntil(b"\r\n\r\n")
+        statuses.append(int(head.split()[1]))
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.lower().split(b"\r\n")
+            if line.startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+    writer.close()
+    return statuses
+
+
+def test_pipelined_large_inserts_with_the_backup_paused_stay_under_max_memory(make_pair):
+    limit = 50_000_000
+    one_request = VALUE + PAIR_OVERHEAD + 16
+    pair: Pair = make_pair(max_memory=str(limit), errors="http")
+    pair.start_both()
+    backup_pid = pair.pid("backup")
+    assert backup_pid is not None
+    peaks = {"memory_bytes": 0, "with_pending": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            state = pair.status("primary", timeout=5.0)
+            if state is not None:
+                memory = state["memory_bytes"]
+                peaks["memory_bytes"] = max(peaks["memory_bytes"], memory)
+                pending = memory + state["pending_write_bytes"]
+                peaks["with_pending"] = max(peaks["with_pending"], pending)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+
+    async def attack() -> list[int]:
+        address = pair.address["primary"]
+        burst = [asyncio.create_task(pipeline(address, c)) for c in range(CONNECTIONS)]
+        await asyncio.sleep(0.05)  # the burst is under way
+        os.kill(backup_pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.6)
+        finally:
+            os.kill(backup_pid, signal.SIGCONT)
+        return [code for codes in await asyncio.gather(*burst) for code in codes]
+
+    codes = asyncio.run(attack())
+    stop.set()
+    sampler.join(10)
+    state = pair.status("primary")
+    assert state is not None
+    assert state["pending_write_bytes"] == 0
+    assert set(codes) <= {200, 503, 507}, sorted(set(codes))
+    assert max(peaks["memory_bytes"], state["memory_bytes"]) <= limit + one_request, peaks
+    assert peaks["with_pending"] <= limit + one_request, peaks
+    assert codes.count(507) > 0  # the limit was reached
+    # Nothing over the limit reached the backup either.
+    backup = pair.status("backup")
+    assert backup is not None and backup["memory_bytes"] <= limit + one_request
