@@ -244,12 +244,18 @@ def test_a_reply_that_closes_is_the_last_one_sent() -> None:
     assert transport.written.count(b"Connection: close") == 1 and transport.closed
 
 
+def unknown(name: str) -> bytes:
+    """A request refused at once (404), whatever waits before it."""
+    return b"GET /%s HTTP/1.1\r\n\r\n" % name.encode()
+
+
 def test_replies_piling_up_behind_a_late_one_stop_reading_until_sent() -> None:
+    # Reads behind a late write wait for it: refusals are what can pile up.
     app = App()
     protocol, transport = connect(app, guard=Guard(ConnectionLimits(max_reply_buffer=300)))
-    protocol.data_received(INSERT + get("a"))
+    protocol.data_received(INSERT + unknown("a"))
     assert not transport.paused  # one small reply waits: under the bound
-    protocol.data_received(get("b" * 100) + get("c" * 100))
+    protocol.data_received(unknown("b" * 100) + unknown("c" * 100))
     assert transport.paused  # the replies waiting passed max_reply_buffer
     app.pending[0](Done(True))
     assert not transport.paused and len(bodies(transport.written)) == 4
