@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pbkv.http.access import REPEATED
 from pbkv.http.params import Limits
 from pbkv.http.reader import Phase, RequestReader
 from pbkv.http.replies import RETRY
@@ -163,6 +164,24 @@ def test_a_large_body_without_room_is_refused_as_busy() -> None:
         )
     ]
     assert guard.refused_bodies.count == 1 and guard.pending_bytes == 0
+
+
+def test_a_large_body_begun_while_the_connection_is_paused_is_read_later_not_refused() -> None:
+    # Reading paused (its earlier writes hold the room): the body comes once they are
+    # answered; refusing it would close a well-behaved pipelining client.
+    guard = Guard(ConnectionLimits(max_pending_bytes=SMALL_BODY + 10))
+    handler = reader_for(guard=guard)
+    handler.reader.paused = True
+    size = SMALL_BODY + 11
+    handler.reader.feed(b"POST /kv/insert HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size)
+    assert handler.refusals == [] and guard.pending_bytes == size
+
+
+def test_two_authorization_headers_are_no_credential() -> None:
+    handler = reader_for()
+    handler.reader.feed(GET.replace(b"Host: x\r\n", b"Authorization: Bearer t\r\n" * 2))
+    handler.reader.feed(GET.replace(b"Host: x\r\n", b"Authorization: Bearer t\r\n"))
+    assert [headers[1] for headers in handler.headers] == [REPEATED, b"Bearer t"]
 
 
 def test_expect_100_continue_asks_for_the_interim_reply_and_others_are_refused() -> None:
