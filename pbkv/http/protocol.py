@@ -217,6 +217,14 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.write(data)
             self.transport.close()
 
+    def wait_for_room(self) -> bool:
+        # A connection with writes of its own still unanswered (a pipelining client)
+        # waits for them: backpressure, not a refusal.
+        if not self._unanswered_bytes:
+            return False
+        self._pause_reading()
+        return True
+
     def upgrade_requested(self, leftover: bytes) -> None:
         reader = self.reader
         path = reader.url.partition(b"?")[0]

@@ -59,6 +59,11 @@ class RequestHandler(Protocol):
     def write_and_close(self, data: bytes) -> None:
         """Send ``data`` as it is and close (an HTTP/0.9 client takes no status line)."""
 
+    def wait_for_room(self) -> bool:
+        """No room under max_pending_bytes for the request being read: True when the
+        connection waits for its own earlier requests to be answered (it is no longer
+        read until then), False when the request is to be refused."""
+
 
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 _LINE_END = re.compile(rb"[\r\n]")
@@ -337,7 +342,7 @@ class RequestReader:
         self.guard.hold(size)
 
     def _room_for(self, size: int) -> bool:
-        return self.guard.room_for(size) or self.paused
+        return self.guard.room_for(size) or self.paused or self._handler.wait_for_room()
 
     def _refuse_busy(self) -> None:
         guard = self.guard

@@ -636,3 +636,67 @@ def test_bodies_of_half_a_million_parameters_do_not_stall_the_loop(make_pair):
             reply.endswith(b'{"success":"false"}') and b" 16 " in reply and b"parameters" in reply
         )
     assert pair.stage("primary") == "in_sync"
+
+
+def test_pipelined_large_writes_count_until_answered_and_rss_stays_bounded(make_pair):
+    # Four connections each pipelining 100 inserts of 400 KB while the backup does not
+    # answer: complete requests were read up to max_pipeline (1,024) per connection,
+    # outside max_pending_bytes, all of them held in memory (160 MB and more).
+    import signal
+
+    pair = make_pair(max_pending_bytes=str(8 * 1024 * 1024), ack_timeout="60", peer_timeout="60")
+    pair.start_both()
+    address = pair.address["primary"]
+    baseline = rss_mib(pair)
+    value = "v" * 400_000
+    pipelines = [
+        b"".join(
+            request("POST", "/kv/insert", f"key=c{c}-{i}&value={value}".encode())
+            for i in range(100)
+        )
+        for c in range(4)
+    ]
+    socks = [socket.create_connection(address) for _ in pipelines]
+    senders = [
+        threading.Thread(target=sock.sendall, args=(data,))
+        for sock, data in zip(socks, pipelines, strict=True)
+    ]
+    pair.signal("backup", signal.SIGSTOP)  # no write is answered while it is stopped
+    try:
+        # A small write first on each connection: past the bound, a connection with
+        # writes of its own unanswered waits for them; one without any would have its
+        # large body refused (503) instead.
+        for c, sock in enumerate(socks):
+            sock.sendall(request("POST", "/kv/insert", f"key=c{c}&value=first".encode()))
+        wait_for(lambda: status(pair)["pending_request_bytes"] == 4 * len("c0first"), 20)
+        for sender in senders:
+            sender.start()
+        # Watch the primary for three seconds (the whole burst took under one).
+        deadline = time.monotonic() + 3.0
+        worst = held = 0
+        while time.monotonic() < deadline:
+            worst = max(worst, rss_mib(pair) - baseline)
+            held = max(held, status(pair)["pending_request_bytes"])
+        print(f"RSS grew {worst:.1f} MiB; pending_request_bytes at most {held}")
+        # 8 MiB of writes held, twice (the values and the batches sent to the backup),
+        # plus what each connection had read when it was paused.
+        assert worst < 60, worst
+        assert 8 * 1024 * 1024 < held < 8 * 1024 * 1024 + 4 * Limits().max_body_bytes, held
+    finally:
+        pair.signal("backup", signal.SIGCONT)
+    for sock in socks:  # every write is read and acknowledged in the end
+        sock.settimeout(60)
+        reader = sock.makefile("rb")
+        for _ in range(101):
+            assert reader.readline() == b"HTTP/1.1 200 OK\r\n"
+            length = 0
+            while (line := reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert reader.read(length) == b'{"success":"true"}'
+    for sender in senders:
+        sender.join(10)
+    for sock in socks:
+        sock.close()
+    assert status(pair)["pending_request_bytes"] == 0
+    assert pair.dump("backup").keys() >= {f"c{c}-99" for c in range(4)}

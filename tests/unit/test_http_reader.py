@@ -22,6 +22,7 @@ class Recorder:
         self.continues = 0
         self.upgrades: list[bytes] = []
         self.bare: list[bytes] = []
+        self.waits = False  # whether the connection waits when there is no room
 
     def request_ready(self) -> None:
         reader = self.reader
@@ -41,6 +42,10 @@ class Recorder:
 
     def write_and_close(self, data: bytes) -> None:
         self.bare.append(data)
+
+    def wait_for_room(self) -> bool:
+        return self.waits
+
 
 
 def reader_for(limits: Limits | None = None, guard: Guard | None = None) -> Recorder:
@@ -170,10 +175,17 @@ def test_a_large_body_begun_while_the_connection_is_paused_is_read_later_not_ref
     # Reading paused (its earlier writes hold the room): the body comes once they are
     # answered; refusing it would close a well-behaved pipelining client.
     guard = Guard(ConnectionLimits(max_pending_bytes=SMALL_BODY + 10))
+    size = SMALL_BODY + 11
+    head = b"POST /kv/insert HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size
     handler = reader_for(guard=guard)
     handler.reader.paused = True
-    size = SMALL_BODY + 11
-    handler.reader.feed(b"POST /kv/insert HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size)
+    handler.reader.feed(head)
+    assert handler.refusals == [] and guard.pending_bytes == size
+    # Not yet paused, but with writes of its own to wait for: it waits likewise.
+    guard = Guard(ConnectionLimits(max_pending_bytes=SMALL_BODY + 10))
+    handler = reader_for(guard=guard)
+    handler.waits = True
+    handler.reader.feed(head)
     assert handler.refusals == [] and guard.pending_bytes == size
 
 
