@@ -668,7 +668,7 @@ def test_pipelined_large_writes_count_until_answered_and_rss_stays_bounded(make_
         # large body refused (503) instead.
         for c, sock in enumerate(socks):
             sock.sendall(request("POST", "/kv/insert", f"key=c{c}&value=first".encode()))
-        wait_for(lambda: status(pair)["pending_request_bytes"] == 4 * len("c0first"), 20)
+        wait_for(lambda: inserts_counted(pair) == 4, 20, what="the first writes")
         for sender in senders:
             sender.start()
         # Watch the primary for three seconds (the whole burst took under one).
