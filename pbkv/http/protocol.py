@@ -302,7 +302,7 @@ class HttpProtocol(asyncio.Protocol):
             self.errors == "course" and method in _COURSE_METHODS and path in COURSE_FAILURES
         ):
             raise_method(b", ".join(allowed))
-        if path == STATUS_PATH or path == METRICS_PATH:
+        if path in (STATUS_PATH, METRICS_PATH):
             if self._writes_out:  # they read the store too: after the writes before them
                 self._hold(False, 0, lambda: self._server_state(reply, path))
             else:

@@ -740,6 +740,27 @@ def test_100_concurrent_clients(address, tag):
     assert count(address) == before + clients * per_client
 
 
+def test_authorization_scheme_in_any_case_and_given_twice(make_pair):
+    servers = make_pair(standalone="true", errors="http", client_token="the-token")
+    servers.start("primary")
+    address = servers.address["primary"]
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        reply = exchange(
+            address,
+            request("GET", "/kvman/countkey", headers=(f"Authorization: {scheme} the-token",)),
+        )
+        assert_json_reply(reply, 200, {"result": "0"})
+    # Twice, even the right token twice: refused, never the last one taken.
+    for first in ("Bearer wrong", "Bearer the-token"):
+        headers = (f"Authorization: {first}", "Authorization: Bearer the-token")
+        reply = exchange(address, request("POST", "/kv/insert", b"key=k&value=v", headers=headers))
+        assert "more than once" in assert_error(reply, 400)
+    reply = exchange(
+        address, request("GET", "/kvman/countkey", headers=("Authorization: Bearer the-token",))
+    )
+    assert_json_reply(reply, 200, {"result": "0"})
+
+
 # -- shutdown and the scripts ------------------------------------------------------------------
 def test_shutdown_replies_then_exits_and_frees_the_port(make_pair):
     servers = make_pair(standalone="true")

@@ -47,7 +47,6 @@ class Recorder:
         return self.waits
 
 
-
 def reader_for(limits: Limits | None = None, guard: Guard | None = None) -> Recorder:
     handler = Recorder()
     handler.reader = RequestReader(handler, limits or Limits(), guard or Guard())
