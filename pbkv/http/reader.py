@@ -101,9 +101,10 @@ class RequestReader:
         self.since = guard.clock  # when the phase began (on the guard's coarse clock)
         self.closing = False  # the connection is closing: nothing more is read
         self.upgrade_only = False  # over max_clients: only a replication upgrade is read
-        # The connection is not read until its earlier requests are answered: a body
-        # begun in the bytes already read is not refused for lack of room (the rest
-        # of it is read only then; it counts in full from its headers, as always).
+        # The connection is not read until its earlier requests are answered (or their
+        # replies read): a body begun in the bytes already read is not refused for
+        # lack of room while there is a second max_pending_bytes (the rest of it is
+        # read only then; it counts in full from its headers, as always).
         self.paused = False
         # The request being read.
         self.url = b""
@@ -342,7 +343,15 @@ class RequestReader:
         self.guard.hold(size)
 
     def _room_for(self, size: int) -> bool:
-        return self.guard.room_for(size) or self.paused or self._handler.wait_for_room()
+        guard = self.guard
+        if guard.room_for(size):
+            return True
+        # A connection that waits for its own earlier requests (not read until they
+        # are answered) may begin one more body, within a second max_pending_bytes:
+        # many such connections together still get 503s past that.
+        return guard.pending_bytes + size <= 2 * guard.limits.max_pending_bytes and (
+            self.paused or self._handler.wait_for_room()
+        )
 
     def _refuse_busy(self) -> None:
         guard = self.guard

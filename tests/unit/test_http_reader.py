@@ -253,3 +253,18 @@ def test_nothing_is_read_once_closing_or_closed() -> None:
     reader.close()
     reader.feed(GET)
     assert reader.parser is None and reader.body == []
+
+
+def test_bodies_that_wait_for_room_stop_at_twice_max_pending_bytes() -> None:
+    size = SMALL_BODY + 11
+    head = b"POST /kv/insert HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size
+    guard = Guard(ConnectionLimits(max_pending_bytes=2 * size + 10))
+    waiting = []
+    for _ in range(5):  # connections with writes of their own pending
+        handler = reader_for(guard=guard)
+        handler.waits = True
+        handler.reader.feed(head)
+        waiting.append(handler)
+    # Two fit under the bound, two more wait in the second one, then 503.
+    assert [len(handler.refusals) for handler in waiting] == [0, 0, 0, 0, 1]
+    assert guard.pending_bytes == 4 * size
