@@ -77,7 +77,7 @@ class Settings:
     send_timeout: float = 60.0  # replies that do not drain for this long close the connection
     max_reply_buffer: int = 1024 * 1024  # unsent reply bytes before a connection is not read
     max_pipeline: int = 1024  # unanswered requests before a connection is not read
-    max_pending_bytes: int = 256 * 1024 * 1024  # all unfinished request heads and bodies
+    max_pending_bytes: int = 256 * 1024 * 1024  # unfinished requests and unanswered writes
     max_memory: int = 0  # approximate bytes of pairs past which writes are refused; 0 = off
     max_clients: int = 10_000  # client connections; the replication channel has a reserve
     errors: str = "course"  # how refusals are answered: see ERROR_MODES

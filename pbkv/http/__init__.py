@@ -3,14 +3,16 @@
 Parsing belongs to httptools; this package reads requests, routes them,
 decodes parameters, checks limits and who may ask, and turns outcomes into the
 course's exact JSON replies.  Replies on one connection go out in request order
-even when a write is answered later than a read behind it (pipelining).
+even when a write is answered later than a read behind it (pipelining), and a
+read behind a write of its connection still unanswered waits for that write.
 
 One module a job:
 
 - ``reader``: bytes in, requests out (the parser's callbacks, the request
   phases, size limits, raw UTF-8 in a target); no I/O.
 - ``protocol``: the connection (asyncio I/O, flow control, timeouts).
-- ``pending``: the replies a connection owes, in request order.
+- ``pending``: the replies a connection owes, in request order, and the
+  requests that wait for the writes before them.
 - ``replies``: the bytes of a reply, outcomes as the course's JSON, the two
   error modes (``errors``: ``course`` or ``http``).
 - ``params``: query strings and bodies decoded into a key and a value.

@@ -27,7 +27,8 @@ class Access:
     """Who may do what (README "Security"); the default lets anyone do anything.
 
     The expected ``Authorization`` values are held whole (``b"Bearer <token>"``) so a
-    request costs one constant-time comparison, and only when they are set.
+    request costs one constant-time comparison, and only when they are set (another
+    spelling of the scheme costs a second one).
     """
 
     client_token: bytes | None = None  # every request needs this Authorization value
@@ -47,8 +48,27 @@ OPEN = Access()
 LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
+# What the request reader holds when a request has two Authorization headers.
+REPEATED = b"\xff repeated"
+
+
 def _bearer(value: str | None) -> bytes | None:
     return None if value is None else b"Bearer " + value.encode("ascii")
+
+
+def _credentials_hold(given: bytes | None, expected: bytes) -> bool:
+    """Whether ``given`` is ``expected`` (``Bearer <secret>``), the scheme in any case
+    and followed by any number of spaces (RFC 7235)."""
+    if given is None:
+        return False
+    if hmac.compare_digest(given, expected):
+        return True
+    if given is REPEATED:
+        raise RequestError(400, "Authorization given more than once")
+    scheme, _, credentials = given.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(
+        b"Bearer " + credentials.lstrip(b" "), expected
+    )
 
 
 def host_addresses(host: str) -> frozenset[str]:
@@ -115,7 +135,7 @@ def check_client_token(access: Access, path: bytes, given: bytes | None) -> None
     if path == SHUTDOWN_PATH and access.shutdown_secret is not None:
         return  # the secret, checked there, is the stronger credential
     expected = access.client_token
-    if expected is not None and (given is None or not hmac.compare_digest(given, expected)):
+    if expected is not None and not _credentials_hold(given, expected):
         raise RequestError(401, "this server needs Authorization: Bearer <client token>")
 
 
@@ -128,7 +148,7 @@ def check_shutdown(
     """Refuse ``/kvman/shutdown`` to anyone but the owner: the secret's holder or,
     without a secret, a server address that is not a web page's request."""
     if access.shutdown_secret is not None:
-        if given is None or not hmac.compare_digest(given, access.shutdown_secret):
+        if not _credentials_hold(given, access.shutdown_secret):
             log.warning(
                 "refused /kvman/shutdown from %s: wrong or missing secret",
                 peer_ip(transport) or "?",

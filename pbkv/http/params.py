@@ -17,6 +17,11 @@ import orjson
 from pbkv.commands import Command
 from pbkv.http.replies import RequestError
 
+# Parameters a query string or a body may carry: a route reads at most three (key,
+# value and maybe one more).  Counted before anything is split or decoded, so a body
+# of a million empty parameters costs one pass over its bytes, not a million pieces.
+MAX_PARAMS = 16
+
 _NEEDS_VALUE = frozenset({Command.INSERT, Command.UPDATE})
 _NEEDS_KEY = frozenset({Command.GET, Command.INSERT, Command.UPDATE, Command.DELETE})
 
@@ -58,9 +63,34 @@ def _decode_component(raw: bytes) -> str:
         raise RequestError(400, "parameters are not valid UTF-8 after percent-decoding") from None
 
 
+def _too_many_params() -> RequestError:
+    return RequestError(400, f"more than {MAX_PARAMS} parameters in a query string or body")
+
+
+# A JSON body a route can use: one object of at most MAX_PARAMS string members.  Only
+# a body with many commas is matched against it (a value may hold any number of
+# them); the match stops after MAX_PARAMS members, so a body of a million members is
+# refused at the speed of the regex engine instead of being decoded.  It is matched
+# with its escaped backslashes and quotes taken out (two passes of bytes.replace), so
+# a string is a plain run between quotes.  orjson still checks what passes.
+_JSON_MEMBER = rb'\s*"[^"]*"\s*:\s*"[^"]*"\s*'
+_FLAT_JSON_OBJECT = re.compile(
+    rb"\s*\{(?:%b(?:,%b){0,%d}|\s*)\}\s*" % (_JSON_MEMBER, _JSON_MEMBER, MAX_PARAMS - 1)
+)
+
+
+def _flat_json_object(body: bytes) -> bool:
+    """Whether ``body`` has the shape of one object of at most MAX_PARAMS string members."""
+    if b"\\" in body:
+        body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    return _FLAT_JSON_OBJECT.fullmatch(body) is not None
+
+
 def _decode_pairs(form: bytes, into: dict[str, str]) -> None:
     """``application/x-www-form-urlencoded`` pairs, as ``parse_qsl`` with blank values
     kept, but on bytes: no detour through str for the common undecorated case."""
+    if form.count(b"&") >= MAX_PARAMS:
+        raise _too_many_params()
     for piece in form.split(b"&"):
         if not piece:
             continue
@@ -81,6 +111,10 @@ def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[
     if not body:
         return params
     if content_type.split(b";", 1)[0].strip().lower() == b"application/json":
+        if body.count(b",") >= MAX_PARAMS and not _flat_json_object(body):
+            raise RequestError(
+                400, f"a JSON body must be one object of at most {MAX_PARAMS} string parameters"
+            )
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:

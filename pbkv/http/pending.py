@@ -1,16 +1,32 @@
-"""The replies a connection owes, in request order.
+"""The replies a connection owes, in request order, and the requests that wait
+for the writes before them.
 
 Requests on one connection are answered in the order they came (pipelining),
 even when a write is answered later than a read behind it: each request takes
 its place in the queue when it is read, and a reply goes out only once every
-reply before it has.
+reply before it has.  They are also carried out in that order: a read (or a
+status) read behind a write of its connection still unanswered waits, as a
+``HeldRequest``, until that write's outcome is known, so it sees the write (as a
+Redis pipeline runs in order); what is read behind a held request waits too.
 """
 
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
+from typing import NamedTuple
 
 from pbkv.limits import DumpStream
+
+
+class HeldRequest(NamedTuple):
+    """A request routed but not yet carried out: it waits for its connection's
+    earlier writes."""
+
+    is_write: bool  # a write goes once the requests before it went; a read once
+    # every write before it is answered too
+    size: int  # its bytes counted in guard.pending_bytes (key and value)
+    run: Callable[[], None]  # carry it out
 
 
 class PendingReply:

@@ -2,14 +2,22 @@
 
 The request reader (``reader.py``) turns the bytes read into requests; this
 class routes each to the server, holds its reply's place in request order
-(``pending.py``), writes replies as the client reads them, stops reading while
-replies pile up, hands the connection over when it becomes the replication
-channel, and closes it when a timeout passes (``sweep``).
+(``pending.py``), carries out a read behind an unanswered write of the same
+connection only once that write is answered, writes replies as the client reads
+them, stops reading while replies or unanswered writes pile up, hands the
+connection over when it becomes the replication channel, and closes it when a
+timeout passes (``sweep``).
+
+The keys and values of a connection's writes count in ``guard.pending_bytes``
+(``max_pending_bytes``) from the moment the request is complete until it is
+answered: past the bound, a connection holding some of them is not read until
+they are answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol, cast
@@ -26,7 +34,7 @@ from pbkv.http.access import (
     peer_ip,
 )
 from pbkv.http.params import Limits, key_and_value, parse_params, split_target
-from pbkv.http.pending import PendingReply, ReplyQueue
+from pbkv.http.pending import HeldRequest, PendingReply, ReplyQueue
 from pbkv.http.reader import Phase, RequestReader
 from pbkv.http.replies import (
     CONTINUE,
@@ -100,6 +108,10 @@ class HttpProtocol(asyncio.Protocol):
         self._stalled_since = 0.0  # when writing paused or the close began
         self._reading_paused = False
         self._counted = False  # in guard.clients
+        self._writes_out = 0  # writes submitted whose outcome is not known yet
+        # Requests that wait for those writes, in request order (see pending.py).
+        self._held = collections.deque[HeldRequest]()
+        self._unanswered_bytes = 0  # this connection's share of guard.pending_bytes
 
     # -- asyncio callbacks -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -127,6 +139,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = None
         self.reader.close()
         self._pending.clear()
+        self._drop_held()
         self._stream = None
 
     def pause_writing(self) -> None:
@@ -171,21 +184,21 @@ class HttpProtocol(asyncio.Protocol):
                 body = reader.body
                 params = parse_params(query, b"".join(body) if body else b"", reader.content_type)
                 key, value = key_and_value(command, params, self.limits)
-                if is_read:
-                    outcome: Outcome | None = self.app.read(command, key)
+                if not is_read:
+                    self._write(reply, command, key, value)
+                elif self._writes_out:  # behind a write not yet answered: after it
+                    self._hold(False, len(key), lambda: self._read(reply, command, key))
                 else:
-                    outcome = self.app.submit(
-                        command, key, value, lambda o: self._answer(reply, command, o)
-                    )
-                if outcome is not None:
-                    self._answer(reply, command, outcome)
+                    self._answer(reply, command, self.app.read(command, key))
         except RequestError as exc:
             self._refuse(reply, path, exc.status, exc.message)
         except Exception:  # a bug must not stall this connection's later replies
             log.exception("internal error while handling a request")
             reply.close = True
             self._refuse(reply, path, 500, "internal server error")
-        if len(pending) > self.guard.limits.max_pipeline:
+        if len(pending) > self.guard.limits.max_pipeline or (
+            self._unanswered_bytes and self._over_pending_bytes()
+        ):
             self._pause_reading()  # read on once replies have caught up
 
     def refuse_and_close(self, status: int, message: str, extra: bytes = b"") -> None:
@@ -205,6 +218,14 @@ class HttpProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(data)
             self.transport.close()
+
+    def wait_for_room(self) -> bool:
+        # A connection with writes of its own still unanswered (a pipelining client)
+        # waits for them: backpressure, not a refusal.
+        if not self._unanswered_bytes:
+            return False
+        self._pause_reading()
+        return True
 
     def upgrade_requested(self, leftover: bytes) -> None:
         reader = self.reader
@@ -283,11 +304,11 @@ class HttpProtocol(asyncio.Protocol):
             self.errors == "course" and method in _COURSE_METHODS and path in COURSE_FAILURES
         ):
             raise_method(b", ".join(allowed))
-        if path == STATUS_PATH:
-            self._reply(reply, 200, orjson.dumps(self.app.status()))
-        elif path == METRICS_PATH:
-            body, content_type = self.app.metrics()
-            self._reply(reply, 200, body, content_type=content_type.encode())
+        if path in (STATUS_PATH, METRICS_PATH):
+            if self._writes_out:  # they read the store too: after the writes before them
+                self._hold(False, 0, lambda: self._server_state(reply, path))
+            else:
+                self._server_state(reply, path)
         elif path == LISTENING_PATH:
             self.app.backup_listening()
             self._reply(reply, 200, TRUE)
@@ -297,6 +318,79 @@ class HttpProtocol(asyncio.Protocol):
             reply.close = True
             self._after_reply = self.app.shutdown
             self._reply(reply, 200, TRUE)
+
+    def _server_state(self, reply: PendingReply, path: bytes) -> None:
+        if path == STATUS_PATH:
+            self._reply(reply, 200, orjson.dumps(self.app.status()))
+        else:
+            body, content_type = self.app.metrics()
+            self._reply(reply, 200, body, content_type=content_type.encode())
+
+    # -- carrying requests out in order ------------------------------------------------
+    def _read(self, reply: PendingReply, command: Command, key: str) -> None:
+        self._answer(reply, command, self.app.read(command, key))
+
+    def _write(self, reply: PendingReply, command: Command, key: str, value: str | None) -> None:
+        # Its key and value count until it is answered: queued and in flight, they
+        # are memory the client's connection holds.
+        size = len(key) if value is None else len(key) + len(value)
+        self._unanswered_bytes += size
+        self.guard.pending_bytes += size
+        if self._held:  # behind a held read: it must not be seen by that read
+            self._hold(True, size, lambda: self._submit(reply, command, key, value, size))
+        else:
+            self._submit(reply, command, key, value, size)
+
+    def _submit(
+        self, reply: PendingReply, command: Command, key: str, value: str | None, size: int
+    ) -> None:
+        self._writes_out += 1
+        outcome = self.app.submit(
+            command, key, value, lambda o: self._write_answered(reply, command, size, o)
+        )
+        if outcome is not None:
+            self._write_answered(reply, command, size, outcome)
+
+    def _write_answered(
+        self, reply: PendingReply, command: Command, size: int, outcome: Outcome
+    ) -> None:
+        self._writes_out -= 1
+        self._unanswered_bytes -= size
+        self.guard.pending_bytes -= size  # kept by the store, or dropped: not freed here
+        self._answer(reply, command, outcome)
+        if self._held and not self._writes_out:
+            self._run_held()
+
+    def _hold(self, is_write: bool, size: int, run: Callable[[], None]) -> None:
+        if not is_write and size:
+            self._unanswered_bytes += size
+            self.guard.pending_bytes += size
+        self._held.append(HeldRequest(is_write, size, run))
+
+    def _run_held(self) -> None:
+        """Carry out the held requests whose turn has come: writes at once, a read once
+        no write before it is unanswered."""
+        held = self._held
+        while held and not self.reader.closing:
+            request = held[0]
+            if not request.is_write:
+                if self._writes_out:
+                    return
+                self._unanswered_bytes -= request.size
+                self.guard.pending_bytes -= request.size
+            held.popleft()
+            request.run()  # a write's bytes now count until it is answered
+        self._drop_held()  # closing: nothing more is carried out
+
+    def _drop_held(self) -> None:
+        for request in self._held:
+            self._unanswered_bytes -= request.size
+            self.guard.pending_bytes -= request.size
+        self._held.clear()
+
+    def _over_pending_bytes(self) -> bool:
+        guard = self.guard
+        return guard.pending_bytes > guard.limits.max_pending_bytes
 
     # -- replies -----------------------------------------------------------------------
     def _answer(self, reply: PendingReply, command: Command, outcome: Outcome) -> None:
@@ -427,6 +521,7 @@ class HttpProtocol(asyncio.Protocol):
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True
+            self.reader.paused = True
             self.transport.pause_reading()
 
     def _maybe_resume_reading(self) -> None:
@@ -436,6 +531,8 @@ class HttpProtocol(asyncio.Protocol):
             and self.transport is not None
             and len(self._pending) <= self.guard.limits.max_pipeline
             and self._queued <= self.guard.limits.max_reply_buffer
+            and not (self._unanswered_bytes and self._over_pending_bytes())
         ):
             self._reading_paused = False
+            self.reader.paused = False
             self.transport.resume_reading()

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import httptools
 
+from pbkv.http.access import REPEATED
 from pbkv.http.params import Limits
 from pbkv.http.replies import RETRY, error_body
 from pbkv.limits import SMALL_BODY, Guard
@@ -58,6 +59,11 @@ class RequestHandler(Protocol):
     def write_and_close(self, data: bytes) -> None:
         """Send ``data`` as it is and close (an HTTP/0.9 client takes no status line)."""
 
+    def wait_for_room(self) -> bool:
+        """No room under max_pending_bytes for the request being read: True when the
+        connection waits for its own earlier requests to be answered (it is no longer
+        read until then), False when the request is to be refused."""
+
 
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
 _LINE_END = re.compile(rb"[\r\n]")
@@ -95,6 +101,11 @@ class RequestReader:
         self.since = guard.clock  # when the phase began (on the guard's coarse clock)
         self.closing = False  # the connection is closing: nothing more is read
         self.upgrade_only = False  # over max_clients: only a replication upgrade is read
+        # The connection is not read until its earlier requests are answered (or their
+        # replies read): a body begun in the bytes already read is not refused for
+        # lack of room while there is a second max_pending_bytes (the rest of it is
+        # read only then; it counts in full from its headers, as always).
+        self.paused = False
         # The request being read.
         self.url = b""
         self.body: list[bytes] = []
@@ -133,7 +144,7 @@ class RequestReader:
                 self._handler.refuse_and_close(
                     413, f"request line and headers larger than {self.limits.max_head_bytes} bytes"
                 )
-            elif self._head_bytes > SMALL_BODY and not self.guard.room_for(0):
+            elif self._head_bytes > SMALL_BODY and not self._room_for(0):
                 self._refuse_busy()
 
     def refuse_client(self) -> None:
@@ -257,7 +268,8 @@ class RequestReader:
         elif lower == b"upgrade" and value.strip().lower() == UPGRADE_TOKEN:
             self.upgrade = True
         elif lower == b"authorization":
-            self.authorization = value.strip()
+            # Twice is no credential: refused where it is checked, never the last one taken.
+            self.authorization = value.strip() if self.authorization is None else REPEATED
         elif lower == b"origin" or (lower == b"sec-fetch-site" and value.strip() != b"none"):
             self.from_web_page = True
         elif lower == b"expect":
@@ -285,7 +297,7 @@ class RequestReader:
         declared = self._declared
         if declared:
             guard = self.guard
-            if declared > SMALL_BODY and not guard.room_for(declared):
+            if declared > SMALL_BODY and not self._room_for(declared):
                 self._refuse_busy()
                 return
             # Reserved up front: a stalled body counts in full (inline: the hot path).
@@ -306,7 +318,7 @@ class RequestReader:
             return
         if not self._declared:  # chunked: counted as it arrives
             self._hold(len(body))
-            if self._body_size > SMALL_BODY and not self.guard.room_for(0):
+            if self._body_size > SMALL_BODY and not self._room_for(0):
                 self._refuse_busy()
                 return
         self.body.append(body)
@@ -329,6 +341,17 @@ class RequestReader:
     def _hold(self, size: int) -> None:
         self.held += size
         self.guard.hold(size)
+
+    def _room_for(self, size: int) -> bool:
+        guard = self.guard
+        if guard.room_for(size):
+            return True
+        # A connection that waits for its own earlier requests (not read until they
+        # are answered) may begin one more body, within a second max_pending_bytes:
+        # many such connections together still get 503s past that.
+        return guard.pending_bytes + size <= 2 * guard.limits.max_pending_bytes and (
+            self.paused or self._handler.wait_for_room()
+        )
 
     def _refuse_busy(self) -> None:
         guard = self.guard

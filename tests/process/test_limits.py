@@ -13,8 +13,9 @@ import orjson
 import pytest
 
 from pbkv.client import Client, PbkvError
+from pbkv.http import Limits
 from tests.support.harness import Pair, wait_for
-from tests.support.raw_http import Raw, assert_error, exchange, request
+from tests.support.raw_http import JSON_TYPE, Raw, assert_error, exchange, request
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -548,3 +549,154 @@ def test_a_connection_with_max_pipeline_unanswered_requests_is_not_read(make_pai
         answered += 1
     sender.join(10)
     sock.close()
+
+
+# -- parameters and unanswered writes -------------------------------------------------------------
+class Writer:
+    """One client inserting as fast as it is answered, noting failures and the longest
+    time between two acknowledged writes."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.address = address
+        self.written = 0
+        self.failures: list[str] = []
+        self.longest_gap = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def __enter__(self) -> Writer:
+        self._thread.start()
+        wait_for(lambda: self.written > 20, 10, what="the writer to run")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        with Client(*self.address, timeout=10) as client:
+            last = time.monotonic()
+            while not self._stop.is_set():
+                try:
+                    client.insert(f"w-{self.written}", "x")
+                except Exception as exc:  # noqa: BLE001 - every failure is reported
+                    self.failures.append(repr(exc))
+                    continue
+                now = time.monotonic()
+                self.longest_gap = max(self.longest_gap, now - last)
+                last = now
+                self.written += 1
+
+
+def many_parameters(size: int, as_json: bool) -> bytes:
+    """``n0=&n1=&...`` (or a JSON object of such members) of at most ``size`` bytes."""
+    if as_json:
+        members = b",".join(b'"n%d":""' % i for i in range(size // 6))
+        return b"{" + members[: members.rindex(b",", 0, size - 2)] + b"}"
+    pairs = b"&".join(b"n%d=" % i for i in range(size // 4))
+    return pairs[: pairs.rindex(b"&", 0, size)]
+
+
+def test_bodies_of_half_a_million_parameters_do_not_stall_the_loop(make_pair):
+    # Each body decoded cost the loop 0.6 s (form) or 0.1-0.3 s (JSON): six at once
+    # took the loop lag to 3.2 s, the backup declared the primary silent and writes
+    # were answered "replication failed".
+    pair = make_pair()
+    pair.start_both()
+    address = pair.address["primary"]
+    limit = Limits().max_body_bytes
+    bodies = [
+        (many_parameters(limit - 1000, as_json), JSON_TYPE if as_json else FORM)
+        for as_json in (False, True)
+    ]
+    assert all(3_000_000 < len(body) <= limit for body, _ in bodies)
+    wait_for(lambda: status(pair)["loop_lag_ms"] < 50, 30, what="the start's lag to pass")
+    replies: list[bytes] = []
+
+    def attack(body: bytes, content_type: str) -> None:
+        with socket.create_connection(address) as sock:
+            sock.sendall(request("POST", "/kv/insert", body, content_type, ("Connection: close",)))
+            replies.append(read_reply(sock, 30))
+
+    with Writer(address) as writer:
+        attackers = [threading.Thread(target=attack, args=bodies[n % 2]) for n in range(6)]
+        for thread in attackers:
+            thread.start()
+        for thread in attackers:
+            thread.join(60)
+        lag = status(pair)["loop_lag_ms"]  # the worst of the last 10 s
+    print("loop lag (ms)", lag, "writer's longest gap (s)", writer.longest_gap)
+    assert writer.failures == [] and "replication failed" not in pair.log("primary")
+    assert writer.longest_gap < 1.0
+    assert lag < 200, lag  # 450 ms and more when the bodies were decoded
+    assert len(replies) == 6
+    for reply in replies:  # course mode: the course's failure, the reason in headers
+        assert reply.startswith(b"HTTP/1.1 200 ") and b"\r\nX-Pbkv-Status: 400\r\n" in reply
+        assert (
+            reply.endswith(b'{"success":"false"}') and b" 16 " in reply and b"parameters" in reply
+        )
+    assert pair.stage("primary") == "in_sync"
+
+
+def test_pipelined_large_writes_count_until_answered_and_rss_stays_bounded(make_pair):
+    # Four connections each pipelining 100 inserts of 400 KB while the backup does not
+    # answer: complete requests were read up to max_pipeline (1,024) per connection,
+    # outside max_pending_bytes, all of them held in memory (160 MB and more).
+    import signal
+
+    pair = make_pair(max_pending_bytes=str(8 * 1024 * 1024), ack_timeout="60", peer_timeout="60")
+    pair.start_both()
+    address = pair.address["primary"]
+    baseline = rss_mib(pair)
+    value = "v" * 400_000
+    pipelines = [
+        b"".join(
+            request("POST", "/kv/insert", f"key=c{c}-{i}&value={value}".encode())
+            for i in range(100)
+        )
+        for c in range(4)
+    ]
+    socks = [socket.create_connection(address) for _ in pipelines]
+    senders = [
+        threading.Thread(target=sock.sendall, args=(data,))
+        for sock, data in zip(socks, pipelines, strict=True)
+    ]
+    pair.signal("backup", signal.SIGSTOP)  # no write is answered while it is stopped
+    try:
+        # A small write first on each connection: past the bound, a connection with
+        # writes of its own unanswered waits for them; one without any would have its
+        # large body refused (503) instead.
+        for c, sock in enumerate(socks):
+            sock.sendall(request("POST", "/kv/insert", f"key=c{c}&value=first".encode()))
+        wait_for(lambda: inserts_counted(pair) == 4, 20, what="the first writes")
+        for sender in senders:
+            sender.start()
+        # Watch the primary for three seconds (the whole burst took under one).
+        deadline = time.monotonic() + 3.0
+        worst = held = 0
+        while time.monotonic() < deadline:
+            worst = max(worst, rss_mib(pair) - baseline)
+            held = max(held, status(pair)["pending_request_bytes"])
+        print(f"RSS grew {worst:.1f} MiB; pending_request_bytes at most {held}")
+        # 8 MiB of writes held, twice (the values and the batches sent to the backup),
+        # plus what each connection had read when it was paused.
+        assert worst < 60, worst
+        assert 8 * 1024 * 1024 < held < 8 * 1024 * 1024 + 4 * Limits().max_body_bytes, held
+    finally:
+        pair.signal("backup", signal.SIGCONT)
+    for sock in socks:  # every write is read and acknowledged in the end
+        sock.settimeout(60)
+        reader = sock.makefile("rb")
+        for _ in range(101):
+            assert reader.readline() == b"HTTP/1.1 200 OK\r\n"
+            length = 0
+            while (line := reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            assert reader.read(length) == b'{"success":"true"}'
+    for sender in senders:
+        sender.join(10)
+    for sock in socks:
+        sock.close()
+    assert status(pair)["pending_request_bytes"] == 0
+    assert pair.dump("backup").keys() >= {f"c{c}-99" for c in range(4)}

@@ -175,3 +175,46 @@ def test_configured_host_names_resolve_once_to_their_addresses() -> None:
     assert access.replication_from is not None and "127.0.0.1" in access.replication_from
     status, _, app = request(access, UPGRADE, "127.0.0.1", App(accepts_replication=True))
     assert status == 101 and app.upgraded
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR", "Bearer  "])
+def test_the_bearer_scheme_is_case_insensitive(scheme: str) -> None:
+    status, _, _ = request(WITH_TOKEN, get("/kv/get?key=a", f"{scheme} the-token"))
+    assert status == 200
+    status, _, app = request(WITH_SECRET, get("/kvman/shutdown", f"{scheme} the-secret"))
+    assert status == 200 and app.stopped
+    # The credential itself is compared exactly.
+    status, _, _ = request(WITH_TOKEN, get("/kv/get?key=a", f"{scheme} THE-TOKEN"))
+    assert status == 401
+
+
+def twice(path: str, first: str, second: str) -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {first}\r\n"
+        f"Authorization: {second}\r\n\r\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("Bearer wrong", "Bearer the-token"), ("Bearer the-token", "Bearer the-token")],
+)
+def test_two_authorization_headers_are_refused_not_the_last_taken(first: str, second: str) -> None:
+    status, body, _ = request(WITH_TOKEN, twice("/kv/get?key=a", first, second))
+    assert status == 400 and "more than once" in body["error"]
+    secret_first, secret_second = (h.replace("the-token", "the-secret") for h in (first, second))
+    status, body, app = request(WITH_SECRET, twice("/kvman/shutdown", secret_first, secret_second))
+    assert status == 400 and "more than once" in body["error"] and not app.stopped
+
+
+def test_two_authorization_headers_in_course_mode_get_the_course_refusal() -> None:
+    protocol = HttpProtocol(App(), Limits(), set(), "course", WITH_TOKEN)
+    transport = PlainTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(twice("/kv/get?key=a", "Bearer the-token", "Bearer the-token"))
+    head, _, body = transport.written.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and json.loads(body) == {
+        "success": "false",
+        "value": "",
+    }
+    assert b"\r\nX-Pbkv-Status: 400" in head and b"more than once" in head

@@ -244,12 +244,18 @@ def test_a_reply_that_closes_is_the_last_one_sent() -> None:
     assert transport.written.count(b"Connection: close") == 1 and transport.closed
 
 
+def unknown(name: str) -> bytes:
+    """A request refused at once (404), whatever waits before it."""
+    return b"GET /%s HTTP/1.1\r\n\r\n" % name.encode()
+
+
 def test_replies_piling_up_behind_a_late_one_stop_reading_until_sent() -> None:
+    # Reads behind a late write wait for it: refusals are what can pile up.
     app = App()
     protocol, transport = connect(app, guard=Guard(ConnectionLimits(max_reply_buffer=300)))
-    protocol.data_received(INSERT + get("a"))
+    protocol.data_received(INSERT + unknown("a"))
     assert not transport.paused  # one small reply waits: under the bound
-    protocol.data_received(get("b" * 100) + get("c" * 100))
+    protocol.data_received(unknown("b" * 100) + unknown("c" * 100))
     assert transport.paused  # the replies waiting passed max_reply_buffer
     app.pending[0](Done(True))
     assert not transport.paused and len(bodies(transport.written)) == 4
@@ -370,3 +376,129 @@ def test_a_connection_over_max_clients_must_ask_for_the_channel_at_once() -> Non
     )
     assert b"Retry-After: 1\r\n" in transport.written
     assert guard.refused_clients.count == 1 and first.transport is not None
+
+
+# -- a pipeline is carried out in order ---------------------------------------------------
+class StoreApp(App):
+    """Writes take effect when answered (as on a replicated primary), reads see them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: dict[str, str] = {}
+        self.reads: list[str] = []
+
+    def read(self, command, key):
+        self.reads.append(key)
+        value = self.store.get(key)
+        return Done(value is not None, value or "")
+
+    def status(self):
+        return {"keys": len(self.store)}
+
+    def submit(self, command, key, value, respond):
+        def apply(outcome: Done) -> None:
+            if outcome.ok:
+                self.store[key] = value
+            respond(outcome)
+
+        self.writes.append((command.value, key, value))
+        self.pending.append(apply)
+        return None
+
+
+def insert(key: str, value: str) -> bytes:
+    return b"POST /kv/insert?key=%s&value=%s HTTP/1.1\r\n\r\n" % (key.encode(), value.encode())
+
+
+def test_a_read_behind_an_unanswered_write_sees_it():
+    app = StoreApp()
+    protocol, transport = connect(app)
+    protocol.data_received(insert("k", "1") + get("k"))
+    assert app.reads == []  # not read before the write is answered
+    app.pending.pop(0)(Done(True))
+    assert app.reads == ["k"]
+    assert bodies(transport.written) == [{"success": "true"}, {"success": "true", "value": "1"}]
+
+
+def test_a_write_behind_a_waiting_read_waits_too():
+    app = StoreApp()
+    protocol, transport = connect(app)
+    protocol.data_received(
+        insert("k", "1") + get("k") + insert("j", "2") + b"GET /kvman/status HTTP/1.1\r\n\r\n"
+    )
+    assert app.writes == [("insert", "k", "1")]  # j is not submitted before k is read
+    app.pending.pop(0)(Done(True))
+    assert app.writes == [("insert", "k", "1"), ("insert", "j", "2")]
+    assert len(bodies(transport.written)) == 2  # the status waits for j
+    app.pending.pop(0)(Done(True))
+    assert bodies(transport.written)[1:] == [
+        {"success": "true", "value": "1"},
+        {"success": "true"},
+        {"keys": 2},
+    ]
+
+
+def test_writes_behind_writes_go_at_once_and_reads_after_the_last():
+    app = StoreApp()
+    protocol, transport = connect(app)
+    protocol.data_received(insert("a", "1") + insert("b", "2") + get("b") + get("a"))
+    assert len(app.writes) == 2 and app.reads == []
+    app.pending.pop(0)(Done(True))
+    assert app.reads == []  # b is not answered yet
+    app.pending.pop(0)(Done(False))  # refused: the reads see the store without it
+    assert app.reads == ["b", "a"]
+    assert bodies(transport.written) == [
+        {"success": "true"},
+        {"success": "false"},
+        {"success": "false", "value": ""},
+        {"success": "true", "value": "1"},
+    ]
+
+
+def test_reads_without_unanswered_writes_are_answered_at_once():
+    app = StoreApp()
+    protocol, transport = connect(app)
+    protocol.data_received(get("a") + get("b"))
+    assert app.reads == ["a", "b"] and len(bodies(transport.written)) == 2
+
+
+def test_held_requests_are_dropped_with_their_connection():
+    app = StoreApp()
+    guard = Guard()
+    protocol, transport = connect(app, guard=guard)
+    protocol.data_received(insert("k", "1") + get("k" * 10) + insert("j", "2"))
+    assert guard.pending_bytes == 2 + 10 + 2  # two writes and a waiting read's key
+    protocol.connection_lost(None)
+    assert guard.pending_bytes == 2  # the submitted write counts until answered
+    app.pending.pop(0)(Done(True))
+    assert guard.pending_bytes == 0 and app.reads == [] and len(app.writes) == 1
+
+
+# -- unanswered writes count in max_pending_bytes ------------------------------------------
+def test_unanswered_writes_count_until_answered_and_pause_reading_past_the_bound():
+    app = App()
+    guard = Guard(ConnectionLimits(max_pending_bytes=1000))
+    protocol, transport = connect(app, guard=guard)
+    protocol.data_received(insert("k1", "v" * 400) + insert("k2", "v" * 400))
+    assert guard.pending_bytes == 804 and not transport.paused
+    protocol.data_received(insert("k3", "v" * 400))
+    assert guard.pending_bytes == 1206 and transport.paused  # not read until answered
+    assert protocol.reader.paused  # a body already begun is not refused meanwhile
+    app.pending.pop(0)(Done(True))
+    assert guard.pending_bytes == 804 and not transport.paused
+    for respond in app.pending:
+        respond(Done(True))
+    assert guard.pending_bytes == 0 and len(bodies(transport.written)) == 3
+
+
+def test_a_connection_without_unanswered_writes_is_not_paused_by_others():
+    guard = Guard(ConnectionLimits(max_pending_bytes=1000))
+    writer, writer_transport = connect(App(), guard=guard)
+    writer.data_received(insert("k", "v" * 2000))
+    assert writer_transport.paused
+    reader, reader_transport = connect(App(), guard=guard)
+    reader.data_received(get("a"))
+    standalone, standalone_transport = connect(App(answer_now=True), guard=guard)
+    standalone.data_received(insert("s", "v" * 2000))
+    assert not reader_transport.paused and not standalone_transport.paused
+    assert guard.pending_bytes == 2001  # answered at once: counted no longer

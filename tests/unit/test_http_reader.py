@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from pbkv.http.access import REPEATED
 from pbkv.http.params import Limits
 from pbkv.http.reader import Phase, RequestReader
 from pbkv.http.replies import RETRY
@@ -21,6 +22,7 @@ class Recorder:
         self.continues = 0
         self.upgrades: list[bytes] = []
         self.bare: list[bytes] = []
+        self.waits = False  # whether the connection waits when there is no room
 
     def request_ready(self) -> None:
         reader = self.reader
@@ -40,6 +42,9 @@ class Recorder:
 
     def write_and_close(self, data: bytes) -> None:
         self.bare.append(data)
+
+    def wait_for_room(self) -> bool:
+        return self.waits
 
 
 def reader_for(limits: Limits | None = None, guard: Guard | None = None) -> Recorder:
@@ -165,6 +170,31 @@ def test_a_large_body_without_room_is_refused_as_busy() -> None:
     assert guard.refused_bodies.count == 1 and guard.pending_bytes == 0
 
 
+def test_a_large_body_begun_while_the_connection_is_paused_is_read_later_not_refused() -> None:
+    # Reading paused (its earlier writes hold the room): the body comes once they are
+    # answered; refusing it would close a well-behaved pipelining client.
+    guard = Guard(ConnectionLimits(max_pending_bytes=SMALL_BODY + 10))
+    size = SMALL_BODY + 11
+    head = b"POST /kv/insert HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size
+    handler = reader_for(guard=guard)
+    handler.reader.paused = True
+    handler.reader.feed(head)
+    assert handler.refusals == [] and guard.pending_bytes == size
+    # Not yet paused, but with writes of its own to wait for: it waits likewise.
+    guard = Guard(ConnectionLimits(max_pending_bytes=SMALL_BODY + 10))
+    handler = reader_for(guard=guard)
+    handler.waits = True
+    handler.reader.feed(head)
+    assert handler.refusals == [] and guard.pending_bytes == size
+
+
+def test_two_authorization_headers_are_no_credential() -> None:
+    handler = reader_for()
+    handler.reader.feed(GET.replace(b"Host: x\r\n", b"Authorization: Bearer t\r\n" * 2))
+    handler.reader.feed(GET.replace(b"Host: x\r\n", b"Authorization: Bearer t\r\n"))
+    assert [headers[1] for headers in handler.headers] == [REPEATED, b"Bearer t"]
+
+
 def test_expect_100_continue_asks_for_the_interim_reply_and_others_are_refused() -> None:
     handler = reader_for()
     handler.reader.feed(INSERT.replace(b"Host: x\r\n", b"Expect: 100-continue\r\n"))
@@ -223,3 +253,18 @@ def test_nothing_is_read_once_closing_or_closed() -> None:
     reader.close()
     reader.feed(GET)
     assert reader.parser is None and reader.body == []
+
+
+def test_bodies_that_wait_for_room_stop_at_twice_max_pending_bytes() -> None:
+    size = SMALL_BODY + 11
+    head = b"POST /kv/insert HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size
+    guard = Guard(ConnectionLimits(max_pending_bytes=2 * size + 10))
+    waiting = []
+    for _ in range(5):  # connections with writes of their own pending
+        handler = reader_for(guard=guard)
+        handler.waits = True
+        handler.reader.feed(head)
+        waiting.append(handler)
+    # Two fit under the bound, two more wait in the second one, then 503.
+    assert [len(handler.refusals) for handler in waiting] == [0, 0, 0, 0, 1]
+    assert guard.pending_bytes == 4 * size
