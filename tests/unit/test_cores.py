@@ -1367,7 +1367,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
     ("role", "frame"),
     [
         ("primary", [FrameType.ACK, 1]),  # nothing in flight
-        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, []]),
+        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 0]),
         ("primary", [FrameType.SYNC_ACK, bytes(16)]),
         ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
         ("backup", [FrameType.BATCH, 99, ["k", "v"]]),  # out of order
@@ -1375,7 +1375,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
         ("backup", [FrameType.FETCH]),
         ("backup", [FrameType.SNAPSHOT_BEGIN, SHARDS, 1]),
         ("backup", [FrameType.SYNC_ACK, bytes(16)]),
-        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []]),
+        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0]),
     ],
     ids=lambda v: v if isinstance(v, str) else FrameType(v[0]).name,
 )
@@ -1425,7 +1425,7 @@ def test_a_fetch_from_a_backup_without_confirmed_data_is_refused(link: Link) -> 
     backup = link.start_backup()
     assert not backup.confirmed
     backup.channel_opened(link.now)
-    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0, 7, []])
+    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0, 7, [], 0])
     assert link.kinds("backup") == [FrameType.HELLO]
     moves = len(link.moves())
 
@@ -1542,7 +1542,7 @@ def test_a_forged_hello_before_the_proofs_is_refused(make_link) -> None:
     checksum = backup.store.checksum
     intruder = link.intrude()  # an outsider connects
     frames = link.intruders[intruder]
-    link.intruder_sends(intruder, [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []])
+    link.intruder_sends(intruder, [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0])
 
     assert intruder not in backup.candidates and not backup.channel_up
     assert "without proving it" in link.closed_by[-1][1]
@@ -1577,7 +1577,7 @@ def serving(link: Link, primary: PrimaryCore, backup: BackupCore) -> None:
 @pytest.mark.parametrize(
     ("frames", "why"),
     [
-        ([[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []]], "without proving it"),
+        ([[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0]], "without proving it"),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.AUTH_PROOF, bytes(32)]], "match"),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.BATCH, 9, ["k", "v"]]], "BATCH"),
         ([[FrameType.FENCE, "go away"]], "unexpected FENCE"),
@@ -1853,7 +1853,7 @@ def dishonest_primary(link: Link) -> tuple[BackupCore, dict[str, str], int]:
     kept, checksum = dict(backup.store.items()), backup.store.checksum
     backup.channel_opened(link.now)
     hello = [FrameType.HELLO, "primary", True, checksum_to_bytes(checksum)]
-    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, []])
+    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, [], 0])
     assert backup.step.value == "await_directive"
     return backup, kept, checksum
 
