@@ -1543,11 +1543,17 @@ def test_a_stale_primary_changes_nothing_on_the_backup_and_steps_down(link: Link
     assert primary.stale and primary.epoch_seen == 7 and primary.status(link.now)["stale"]
     assert not primary.confirmed and primary.stage is S.BOOTSTRAPPING_SECONDARY
     assert backup.stage is S.BOOTSTRAPPING_PRIMARY
-    # A stale primary does not try again: the driver fences it.
+    # A stale primary does not try again (the driver fences it): once the retry set
+    # before it knew fires, nothing more is scheduled.
     mark = link.mark()
     link.advance(10 * link.settings.retry_max)
-    assert FrameType.HELLO not in link.kinds("primary", mark["primary"])
-    assert not primary.channel_up
+    assert link.kinds("primary", mark["primary"]) == []
+    assert RETRY not in link.timers["primary"] and not primary.channel_up
+    # And a channel that opens all the same (a connection under way) carries nothing.
+    primary.channel_opened(link.now)
+    link.run()
+    assert link.kinds("primary", mark["primary"]) == []
+    assert link.closed_by[-1] == ("primary", "epoch 4 < 7 seen")
 
 
 def test_epoch_observed_drops_a_channel_of_a_lower_epoch_at_once(link: Link) -> None:
