@@ -507,9 +507,12 @@ class ReplicationCore:
         if not self.handshake.accepts(kind):
             self.lose_channel(f"unexpected {kind.name} in handshake step {self.step.value}")
             return
-        # From the HELLO on (before it: only the proofs and heartbeats, which change nothing).
-        if (self.peer_hello is not None or kind is FrameType.HELLO) and not self._epoch_admits(
-            frame
+        # From an authenticated HELLO on (before it: only the proofs and heartbeats, which
+        # change nothing).
+        if (
+            self.past_authentication
+            and (self.peer_hello is not None or kind is FrameType.HELLO)
+            and not self._epoch_admits(frame)
         ):
             return
         new = self.handlers[kind](frame)

@@ -1556,6 +1556,24 @@ def test_a_stale_primary_changes_nothing_on_the_backup_and_steps_down(link: Link
     assert link.closed_by[-1] == ("primary", "epoch 4 < 7 seen")
 
 
+def test_with_a_secret_epochs_count_from_the_authenticated_hello(make_link) -> None:
+    link = make_link(secret="s3cret")
+    primary, backup = epoch_pair(link, 7, DATA)
+    assert backup.epoch == 7 and backup.copy_epoch == 7
+    # The backup's proof went out before it knew the primary's epoch: proofs are not
+    # held to it.
+    response = next(f for f in link.sent["backup"] if f.kind is FrameType.AUTH_RESPONSE)
+    assert response.epoch == 0
+    link.kill("primary")
+    backup.epoch_observed(link.now, 9)
+
+    primary = link.start_primary(epoch=7)
+
+    assert primary.stale and primary.epoch_seen == 9
+    assert ("backup", "epoch 7 < 9 seen") in link.closed_by
+    assert dict(backup.store.items()) == DATA and backup.copy_epoch == 7
+
+
 def test_epoch_observed_drops_a_channel_of_a_lower_epoch_at_once(link: Link) -> None:
     primary, backup = epoch_pair(link, 3, DATA)
     backup.epoch_observed(link.now, 3)  # the channel's own epoch: nothing happens
