@@ -40,6 +40,7 @@ from pbkv.wire import (
     Batch,
     Fence,
     Fetch,
+    Frame,
     FrameError,
     FrameType,
     Hello,
@@ -162,6 +163,7 @@ class BackupCore(ReplicationCore):
                 self._refuse_candidate(newcomer, refused)
                 return
             if answer is not None:
+                answer = self.stamped(answer)
                 self.outbox.append(SendToCandidate(candidate, codec.encode(answer), answer))
         self._promote(newcomer)
 
@@ -176,7 +178,7 @@ class BackupCore(ReplicationCore):
         del self.candidates[newcomer.id]
         self.candidates_refused += 1
         if refused.tell_peer:
-            answer = AuthFailed(refused.reason)
+            answer = AuthFailed(refused.reason, epoch=self.epoch)
             self.outbox.append(SendToCandidate(newcomer.id, newcomer.codec.encode(answer), answer))
         self.outbox.append(CloseCandidate(newcomer.id, refused.reason))
         skipped = self._unproven_log.allow(self.now)
@@ -217,6 +219,19 @@ class BackupCore(ReplicationCore):
 
     def on_channel_lost(self, reason: str) -> None:
         self._wait_for_primary()
+
+    # -- epochs ------------------------------------------------------------------
+    def channel_epoch(self) -> int | None:
+        hello = self.peer_hello
+        return None if hello is None else hello.epoch
+
+    def on_epoch_seen(self, epoch: int) -> None:
+        self.epoch = epoch  # we follow no primary of an older one
+
+    def refuse_epoch(self, frame: Frame, reason: str) -> None:
+        if frame.kind is FrameType.HELLO:  # ours tells the primary the epoch it is behind
+            self.send(self.hello_frame())
+        super().refuse_epoch(frame, reason)
 
     def _wait_for_primary(self) -> None:
         # Waiting for a primary that a probe found, or that left mid-handshake.
@@ -260,7 +275,7 @@ class BackupCore(ReplicationCore):
             store.apply(ops)
         self.seq = seq
         self.batches_applied += 1
-        self.send(Ack(seq))
+        self.send(Ack(seq, epoch=self.epoch))
         return Step.STREAMING
 
     def _undo_batches(self, steps: list[Undo]) -> None:
@@ -375,6 +390,7 @@ class BackupCore(ReplicationCore):
         self.transfers_completed += 1
         hello = self.peer_hello
         assert hello is not None
+        self.copy_epoch = hello.epoch  # our data is now that primary's epoch's
         self.note_resync(resync, hello)
         self.undo.clear()  # the undo record is for batches after this point
         self.undo_size = 0

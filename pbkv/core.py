@@ -11,6 +11,15 @@ which reads the handshake table of ``stages.py``; every loss of the channel
 goes through :meth:`ReplicationCore.lose_channel` (we close it) or
 :meth:`ReplicationCore.channel_closed` (the driver saw it close), and fires
 exactly one stage event.
+
+Epochs (a coordinated cluster's leadership terms; 0 everywhere without a
+coordinator): every frame carries the epoch its sender acts under, and a
+channel lives in one epoch, the primary's.  Each core keeps ``epoch`` (the one
+it acts under: a primary's own, a backup's highest seen), ``epoch_seen`` and
+``copy_epoch`` (the epoch its data was last confirmed under).  From the HELLO
+on, a frame of a lower epoch than the highest seen loses the channel and
+nothing in it is applied; a higher one is adopted as seen, and ends a channel
+of a lower epoch (a primary that sees a newer epoch is stale: it steps down).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import xxhash
@@ -139,6 +149,11 @@ class ReplicationCore:
         self.backoff = Backoff(settings.retry_min, settings.retry_max, self.rng)
         # Whether our data is a copy a peer has verified (see the README).
         self.confirmed = False
+        # The epoch we act under, the highest one seen, and the one our data was last
+        # confirmed under (all 0 without a coordinator).
+        self.epoch = 0
+        self.epoch_seen = 0
+        self.copy_epoch = 0
         self.seq = 0  # last replicated batch applied here
         self.peer_seq = 0  # the peer's seq, from its last hello/heartbeat
         self.channel_up = False
@@ -208,11 +223,16 @@ class ReplicationCore:
     def fire(self, event: Event, reason: str) -> None:
         self.machine.fire(event, reason)
 
+    def stamped(self, frame: Frame) -> Frame:
+        """``frame`` under the epoch we act under (every frame we send carries it)."""
+        return frame if frame.epoch == self.epoch else replace(frame, epoch=self.epoch)
+
     def send(self, frame: Frame) -> None:
         """Encode now (frames after the proofs are keyed) and queue the bytes."""
         codec = self.codec
         if codec is None:  # no channel: nothing to say it on
             return
+        frame = self.stamped(frame)
         self.last_sent = self.now
         self.outbox.append(Send(codec.encode(frame), frame))
 
@@ -226,13 +246,24 @@ class ReplicationCore:
             self.seq,
             self.history,
             self.undo_points(),
+            self.copy_epoch,
+            epoch=self.epoch,
         )
 
     def own_copy(self) -> Copy:
         """What we hold, as the handshake rules of ``stages.py`` see it."""
         store = self.store
         undo = tuple(State(*point) for point in self.undo_points())
-        return Copy(self.confirmed, self.history, self.seq, store.checksum, len(store), undo)
+        return Copy(
+            self.confirmed,
+            self.history,
+            self.seq,
+            store.checksum,
+            len(store),
+            undo,
+            self.copy_epoch,
+            self.epoch,
+        )
 
     def undo_points(self) -> tuple[tuple[int, int, int], ...]:
         """The (seq, checksum, count) states we can roll back to (the backup's)."""
@@ -418,6 +449,44 @@ class ReplicationCore:
         self.peer_seq = frame.seq
         return self.step
 
+    # -- epochs --------------------------------------------------------------------
+    def channel_epoch(self) -> int | None:
+        """The epoch of this channel (its primary's); None while it is not yet known."""
+        raise NotImplementedError
+
+    def epoch_observed(self, now: float, epoch: int) -> None:
+        """A leadership of ``epoch`` exists: the coordinator named a leader (the driver
+        calls this), or a frame past authentication carried it.  The highest seen
+        rises, and a channel of a lower epoch is lost at once."""
+        self.now = now
+        seen = self.epoch_seen
+        if epoch <= seen:
+            return
+        self.epoch_seen = epoch
+        log.info("%s saw epoch %d (the highest before: %d)", self.role, epoch, seen)
+        self.on_epoch_seen(epoch)
+        channel = self.channel_epoch()
+        if self.channel_up and channel is not None and channel < epoch:
+            self.lose_channel(f"epoch {channel} < {epoch} seen")
+
+    def _epoch_admits(self, frame: Frame) -> bool:
+        """Whether a frame's epoch lets it through: a newer one is adopted first (which
+        may end this channel); an older one ends it, with nothing in it applied."""
+        epoch = frame.epoch
+        if epoch > self.epoch_seen:
+            self.epoch_observed(self.now, epoch)
+            if not self.channel_up:
+                return False
+        if epoch < self.epoch_seen:
+            self.refuse_epoch(frame, f"epoch {epoch} < {self.epoch_seen} seen")
+            return False
+        return True
+
+    def refuse_epoch(self, frame: Frame, reason: str) -> None:
+        """A frame of an older epoch than we have seen: the channel goes."""
+        log.warning("%s refused a %s: %s", self.role, frame.kind.name, reason)
+        self.lose_channel(reason)
+
     # -- events every driver delivers ----------------------------------------------
     def bytes_received(self, now: float, data: bytes) -> None:
         """Bytes from the channel: handle every complete frame, each bounded by what
@@ -450,6 +519,14 @@ class ReplicationCore:
         kind = frame.kind
         if not self.handshake.accepts(kind):
             self.lose_channel(f"unexpected {kind.name} in handshake step {self.step.value}")
+            return
+        # From an authenticated HELLO on (before it: only the proofs and heartbeats, which
+        # change nothing).
+        if (
+            self.past_authentication
+            and (self.peer_hello is not None or kind is FrameType.HELLO)
+            and not self._epoch_admits(frame)
+        ):
             return
         new = self.handlers[kind](frame)
         if self.channel_up:  # a handler that lost the channel has reset the step
@@ -502,6 +579,10 @@ class ReplicationCore:
     def on_channel_lost(self, reason: str) -> None:
         """What the role does when the channel goes, before the stage event fires."""
 
+    def on_epoch_seen(self, epoch: int) -> None:
+        """What the role does when the highest epoch seen rises (before a channel of a
+        lower one is lost)."""
+
     def status(self, now: float) -> dict[str, Any]:
         self.now = now
         return {
@@ -511,6 +592,9 @@ class ReplicationCore:
             "keys": len(self.store),
             "checksum": f"{self.store.checksum:032x}",
             "confirmed": self.confirmed,
+            "epoch": self.epoch,
+            "epoch_seen": self.epoch_seen,
+            "copy_epoch": self.copy_epoch,
             "seq": self.seq,
             "peer_seq": self.peer_seq,
             "peer_connected": self.channel_up and self.peer_hello is not None,

@@ -132,7 +132,7 @@ class PrimaryCore(ReplicationCore):
         if timer is Timer.RETRY:
             self.now = now
             self.retry_pending = False
-            if not self.channel_up and not self.standalone:
+            if not self.channel_up and not self.standalone and not self.stale:
                 self.outbox.append(Connect())
             return
         super().timer_fired(now, timer)
@@ -140,6 +140,37 @@ class PrimaryCore(ReplicationCore):
     def visible(self, key: str) -> str | None:
         pending = self.overlay.get(key)
         return self.store.get(key) if pending is None else pending[0]
+
+    # -- epochs ------------------------------------------------------------------
+    @property
+    def stale(self) -> bool:
+        """A newer primary exists: we must step down (the driver fences on it)."""
+        return self.epoch < self.epoch_seen
+
+    def serve_epoch(self, now: float, epoch: int) -> None:
+        """We hold the coordinator's leader key of ``epoch``: act under it from now on.
+        A channel lives in one epoch: one opened under another goes."""
+        self.now = now
+        old = self.epoch
+        if epoch == old:
+            return
+        self.epoch = epoch
+        log.info("primary serves epoch %d (before: %d)", epoch, old)
+        self.epoch_observed(now, epoch)
+        if self.channel_up:
+            self.lose_channel(f"the primary now serves epoch {epoch}, not {old}")
+
+    def channel_epoch(self) -> int | None:
+        return self.epoch
+
+    def on_epoch_seen(self, epoch: int) -> None:
+        if self.stale:
+            log.warning(
+                "primary is stale: it serves epoch %d, and epoch %d exists: a newer primary "
+                "exists, this one steps down",
+                self.epoch,
+                epoch,
+            )
 
     def schedule_retry(self) -> None:
         # A nudge during the attempt that just failed: the next one at once.
@@ -170,6 +201,9 @@ class PrimaryCore(ReplicationCore):
 
     def channel_opened(self, now: float) -> None:
         self.opened(now)
+        if self.stale:  # a channel opened before we learned it: nothing goes out on it
+            self.lose_channel(f"epoch {self.epoch} < {self.epoch_seen} seen")
+            return
         if self.secret is None:
             self.send(self.hello_frame())
         else:
@@ -262,7 +296,7 @@ class PrimaryCore(ReplicationCore):
             batch.deadline = now + self.settings.ack_timeout
             self.in_flight.append(batch)
             self.batches_sent += 1
-            self.send(BatchFrame(batch.seq, batch.ops))
+            self.send(BatchFrame(batch.seq, batch.ops, epoch=self.epoch))
 
     def _answer(self, batch: Batch) -> None:
         outbox = self.outbox
@@ -327,9 +361,14 @@ class PrimaryCore(ReplicationCore):
             return Step.NONE
         self.peer_hello = frame
         self.peer_seq = frame.seq
-        decided = self.plan = plan(self.own_copy(), Copy.of(frame))
+        theirs = Copy.of(frame)
+        decided = self.plan = plan(self.own_copy(), theirs)
         directive, reason = decided.directive, decided.reason
         store = self.store
+        if directive is Directive.STALE:
+            self.lose_channel(f"stale: {reason}")
+            self.epoch_observed(self.now, max(theirs.serving, theirs.epoch))
+            return Step.NONE
         if directive is Directive.SKIP:
             log.info("%s: skipping transfer", reason)
             self.send(Skip(frame.checksum, frame.count, self.seq))
@@ -385,6 +424,7 @@ class PrimaryCore(ReplicationCore):
             self.fail_transfer("backup acknowledged a different checksum")
             return Step.NONE
         self.confirmed = True
+        self.copy_epoch = self.epoch  # our data is now this epoch's
         self.receiver = None
         self.transfers_completed += 1
         self.backoff.reset()
@@ -401,6 +441,7 @@ class PrimaryCore(ReplicationCore):
         status = super().status(now)
         status.update(
             standalone=self.standalone,
+            stale=self.stale,
             lag=self.sent_seq - self.seq,
             writes_queued=sum(len(b.entries) for b in self.queued),
             writes_in_flight=sum(len(b.entries) for b in self.in_flight),

@@ -348,17 +348,24 @@ class Handshake:
 # -- who wins a handshake ----------------------------------------------------------
 # The primary decides from its copy and the copy the backup's HELLO describes
 # (``plan``); the backup checks the directive against its own copy before it
-# obeys (``refusal``).  The rule, in order:
+# obeys (``refusal``).  Epochs first (a coordinated cluster's leadership terms;
+# all 0 without a coordinator, and then rules 1 and 3 never apply), then the data:
 #
-# 1. A primary whose data a backup has confirmed (it has been in sync since it
-#    started) keeps it: it SKIPs the transfer when the backup holds a confirmed
-#    copy with the same checksum and count; it has the backup ROLL BACK when the
-#    backup is of the same history, not behind, and can undo back to our seq
-#    into exactly our data (the batches whose acknowledgement we never saw);
-#    else it SENDs its data.
-# 2. A primary without confirmed data (freshly started) FETCHes the backup's
+# 1. A primary that serves under a lower epoch than the backup has seen, or than
+#    the epoch of the backup's copy, is STALE: a newer primary exists.  It
+#    changes nothing on the backup (no send, skip, rollback, fetch or empty
+#    start), loses the channel and steps down.
+# 2. Both confirmed copies hold the same data (checksum and count): SKIP.
+# 3. A backup's confirmed copy of a newer epoch than ours wins even over our
+#    confirmed copy: that epoch's primary held every write acknowledged before
+#    it, and may have acknowledged more.  We FETCH it.
+# 4. A primary whose data a backup has confirmed (it has been in sync since it
+#    started) keeps it: it has the backup ROLL BACK when the backup is of the
+#    same history, not behind, and can undo back to our seq into exactly our
+#    data (the batches whose acknowledgement we never saw); else it SENDs its data.
+# 5. A primary without confirmed data (freshly started) FETCHes the backup's
 #    data when the backup holds a confirmed copy,
-# 3. and otherwise neither copy is confirmed: it STARTs EMPTY and sends that.
+# 6. and otherwise neither copy is confirmed: it STARTs EMPTY and sends that.
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,11 +387,23 @@ class Copy:
     checksum: int
     count: int
     undo: tuple[State, ...] = ()  # the states it can roll back to (a backup's)
+    epoch: int = 0  # the epoch under which this copy was last confirmed (and written)
+    # The epoch its holder acts under: a primary's own, a backup's highest seen.
+    serving: int = 0
 
     @classmethod
     def of(cls, hello: Hello) -> Copy:
         undo = tuple(State(seq, checksum, count) for seq, checksum, count in hello.undo)
-        return cls(hello.confirmed, hello.history, hello.seq, hello.checksum, hello.count, undo)
+        return cls(
+            hello.confirmed,
+            hello.history,
+            hello.seq,
+            hello.checksum,
+            hello.count,
+            undo,
+            hello.copy_epoch,
+            hello.epoch,
+        )
 
 
 class Resync(enum.Enum):
@@ -403,10 +422,11 @@ class Directive(enum.Enum):
     ROLLBACK = "rolled back on"  # the backup is ahead by batches we never applied: it undoes them
     FETCH = "fetched from"  # the backup's confirmed data wins
     START_EMPTY = "started empty with"  # neither side holds confirmed data
+    STALE = "withheld from"  # a newer primary exists: we step down, nothing moves
 
     @property
     def resync(self) -> Resync:
-        if self is Directive.SKIP:
+        if self is Directive.SKIP or self is Directive.STALE:
             return Resync.NONE
         if self is Directive.ROLLBACK:
             return Resync.PARTIAL
@@ -423,9 +443,29 @@ class Plan:
 
 def plan(ours: Copy, theirs: Copy) -> Plan:
     """What the primary (``ours``) does with a backup that holds ``theirs``."""
+    if theirs.serving > ours.serving:
+        return Plan(
+            Directive.STALE,
+            f"the backup has seen epoch {theirs.serving} > our {ours.serving}: "
+            "a newer primary exists",
+        )
+    if theirs.epoch > ours.serving:
+        return Plan(
+            Directive.STALE,
+            f"the backup's copy is of epoch {theirs.epoch} > our {ours.serving}: "
+            "a newer primary exists",
+        )
+    same = (theirs.checksum, theirs.count) == (ours.checksum, ours.count)
+    if ours.confirmed and theirs.confirmed and same:
+        return Plan(Directive.SKIP, "primary and backup already hold the same data")
+    if theirs.confirmed and theirs.epoch > ours.epoch:
+        # Not even a rollback: the batches it would undo may be that epoch's acknowledged writes.
+        return Plan(
+            Directive.FETCH,
+            f"backup holds {theirs.count} confirmed pairs of a newer epoch "
+            f"({theirs.epoch} > our copy's {ours.epoch})",
+        )
     if ours.confirmed:
-        if theirs.confirmed and (theirs.checksum, theirs.count) == (ours.checksum, ours.count):
-            return Plan(Directive.SKIP, "primary and backup already hold the same data")
         why_not = why_no_rollback(ours, theirs)
         if why_not is None:
             return Plan(
@@ -463,11 +503,18 @@ def why_no_rollback(ours: Copy, theirs: Copy) -> str | None:
 def refusal(directive: Directive, target: State | None, ours: Copy, theirs: Copy) -> str | None:
     """Why the backup (``ours``) refuses the primary's (``theirs``) directive; None: it obeys.
 
-    ``target``: the state a SKIP or ROLLBACK says we reach.  Only a confirmed copy
-    may be kept as the primary's (SKIP, ROLLBACK) or become it (FETCH); a rollback
-    needs our history and a recorded state at the target's seq (and the backup then
-    checks that undoing really reached the target).  Data the primary sends is
-    always taken, once all of it has arrived."""
+    ``target``: the state a SKIP or ROLLBACK says we reach.  Nothing is obeyed from
+    a primary of a lower epoch than we have seen or than our copy's (a STALE one
+    never sends a directive).  Only a confirmed copy may be kept as the primary's
+    (SKIP, ROLLBACK) or become it (FETCH); a rollback needs our history and a
+    recorded state at the target's seq (and the backup then checks that undoing
+    really reached the target).  Data the primary sends is always taken, once all
+    of it has arrived."""
+    newest = max(ours.serving, ours.epoch)
+    if theirs.serving < newest:
+        return f"directive of epoch {theirs.serving} < {newest} seen"
+    if directive is Directive.STALE:
+        return "a stale primary has nothing to say"
     if directive is Directive.SKIP:
         assert target is not None
         if not ours.confirmed or (target.checksum, target.count) != (ours.checksum, ours.count):

@@ -1,13 +1,19 @@
 """Replication frames: what the primary and the backup say to each other.
 
-A frame on the wire is ``length (u32, big endian) | xxh3_64 of payload (u64) |
-payload``, the payload a msgpack array whose first item is the frame type.
-The per-frame hash catches a corrupted byte anywhere on the channel; the
-per-shard and whole-database checksums of a transfer then catch a wrong
-store.  Once both servers proved they hold the shared secret (``auth.py``),
-the channel switches to keyed frames, ``length | 16-byte MAC | payload``: the
-MAC covers a per-direction sequence number that never travels, so a frame
+A frame on the wire is ``length (u32, big endian) | epoch (u64) | xxh3_64 of
+payload, seeded with the epoch (u64) | payload``, the payload a msgpack array
+whose first item is the frame type.  The per-frame hash catches a corrupted byte
+anywhere on the channel, the epoch included; the per-shard and whole-database
+checksums of a transfer then catch a wrong store.  Once both servers proved they
+hold the shared secret (``auth.py``), the channel switches to keyed frames,
+``length | epoch | 16-byte MAC | payload``: the MAC covers a per-direction
+sequence number that never travels, the epoch and the payload, so a frame
 injected, altered, replayed or reordered on the wire fails like a corrupted one.
+
+Every frame carries the **epoch** its sender acts under (the leadership epoch of
+a coordinated cluster, 0 without a coordinator: see ``Frame.epoch``).  It travels
+in the header rather than among the fields: one place for every frame type, a
+fixed 8 bytes, and a frame's fields keep their meaning.
 
 Each frame type is a small class.  ``FrameCodec`` (sans-I/O: give it bytes,
 take frames out one at a time) builds them from the decoded array and checks
@@ -24,7 +30,7 @@ import enum
 import hmac
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
@@ -34,11 +40,13 @@ import xxhash
 # keeps a few numbers per sender shard, allocated at SNAPSHOT_BEGIN.
 from pbkv.config import MAX_SHARDS
 
-_HEADER = struct.Struct(">IQ")
+_HEADER = struct.Struct(">IQQ")  # length, epoch, hash
 HEADER_SIZE = _HEADER.size
-_KEYED_HEADER = struct.Struct(">I16s")  # length, MAC
+_KEYED_HEADER = struct.Struct(">IQ16s")  # length, epoch, MAC
 KEYED_HEADER_SIZE = _KEYED_HEADER.size
-_SEQ = struct.Struct(">Q")
+_LENGTH = struct.Struct(">I")  # the first field of both
+_SEQ_EPOCH = struct.Struct(">QQ")
+MAX_EPOCH = (1 << 64) - 1
 MAX_FRAME = 256 * 1024 * 1024  # no limit is ever larger than this
 MAX_REASON = 1000  # characters of a reason that travels (SYNC_NACK, FENCE, AUTH_FAILED)
 
@@ -161,6 +169,12 @@ def _history(raw: Any) -> int:
     return raw
 
 
+def _epoch(raw: Any) -> int:
+    if type(raw) is not int or not 0 <= raw <= MAX_EPOCH:
+        raise FrameError(f"an epoch must be a 64-bit non-negative integer, not {_number(raw)}")
+    return raw
+
+
 def _undo_points(raw: Any) -> tuple[tuple[int, int, int], ...]:
     """(seq, checksum, count) of each state the sender can roll back to."""
     if type(raw) is not list or len(raw) > MAX_UNDO_POINTS:
@@ -189,12 +203,18 @@ _ENCODERS: dict[Callable[[Any], Any], Callable[[Any], Any]] = {
 
 
 # -- the frames ------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
 class Frame:
-    """Base of every frame class: ``kind`` and the kinds of its fields, in order."""
+    """Base of every frame class: ``kind`` and the kinds of its fields, in order.
 
-    __slots__: ClassVar[tuple[str, ...]] = ()
+    ``epoch``: the epoch the sender acts under (a primary's own, a backup's highest
+    seen; 0 without a coordinator).  Every frame has it, keyword-only and after the
+    fields; it travels in the header, so ``to_wire`` leaves it out.
+    """
+
     kind: ClassVar[FrameType]
     field_kinds: ClassVar[tuple[Any, ...]]
+    epoch: int = field(default=0, kw_only=True)
 
     def to_wire(self) -> list[Any]:
         values = [getattr(self, name) for name in self.__slots__]
@@ -216,7 +236,7 @@ class Hello(Frame):
     """Who we are and what we hold; the primary decides from both hellos."""
 
     kind = FrameType.HELLO
-    field_kinds = (_text, _flag, _checksum, _count, _count, _history, _undo_points)
+    field_kinds = (_text, _flag, _checksum, _count, _count, _history, _undo_points, _epoch)
     role: str
     confirmed: bool  # a peer verified our data (see the README)
     checksum: int
@@ -224,6 +244,9 @@ class Hello(Frame):
     seq: int  # last replicated batch applied
     history: int  # the lineage of our data: new whenever it is replaced
     undo: tuple[tuple[int, int, int], ...] = ()  # backup: (seq, checksum, count) it can reach
+    # The epoch under which our data was last confirmed (the frame's own ``epoch`` is the
+    # one we act under now: a backup's copy may be of an older one).
+    copy_epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,8 +413,9 @@ FRAME_CLASSES: dict[FrameType, type[Frame]] = {
 assert set(FRAME_CLASSES) == set(FrameType), "every frame type needs its class"
 
 
-def frame_from_wire(items: Any) -> Frame:
-    """The typed frame of a decoded msgpack array; ``FrameError`` when it is not one."""
+def frame_from_wire(items: Any, epoch: int = 0) -> Frame:
+    """The typed frame of a decoded msgpack array (and the epoch of its header);
+    ``FrameError`` when it is not one."""
     if type(items) is not list or not items or not isinstance(items[0], int):
         raise FrameError("a frame must be a non-empty array starting with its type")
     try:
@@ -408,7 +432,7 @@ def frame_from_wire(items: Any) -> Frame:
             values.append(field_kind(raw))
         except FrameError as exc:
             raise FrameError(f"{kind.name} field {index}: {exc}") from None
-    return cls(*values)
+    return cls(*values, epoch=epoch)
 
 
 def reason_text(reason: str) -> str:
@@ -476,17 +500,25 @@ _packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 _digest = xxhash.xxh3_64_intdigest
 
 
-def encode(frame: Frame | list[Any]) -> bytes:
-    """The bytes of one plain frame (a raw list is sent as it is: tests forge frames so)."""
-    payload = _packb(frame.to_wire() if isinstance(frame, Frame) else frame)
-    return _HEADER.pack(len(payload), _digest(payload)) + payload
+def _payload(frame: Frame | list[Any], epoch: int) -> tuple[bytes, int]:
+    """A frame's payload and its epoch (a raw list, as tests forge frames, travels as
+    it is, under ``epoch``)."""
+    if isinstance(frame, Frame):
+        return _packb(frame.to_wire()), frame.epoch
+    return _packb(frame), epoch
 
 
-def _mac(key: bytes, seq: int, payload: bytes) -> bytes:
-    return hmac.digest(key, _SEQ.pack(seq) + payload, "sha256")[:16]
+def encode(frame: Frame | list[Any], epoch: int = 0) -> bytes:
+    """The bytes of one plain frame; ``epoch`` only for a raw list (a frame has its own)."""
+    payload, epoch = _payload(frame, epoch)
+    return _HEADER.pack(len(payload), epoch, _digest(payload, epoch)) + payload
 
 
-def decode_payload(payload: bytes, limit: FrameLimit = NO_LIMIT) -> Frame:
+def _mac(key: bytes, seq: int, epoch: int, payload: bytes) -> bytes:
+    return hmac.digest(key, _SEQ_EPOCH.pack(seq, epoch) + payload, "sha256")[:16]
+
+
+def decode_payload(payload: bytes, limit: FrameLimit = NO_LIMIT, epoch: int = 0) -> Frame:
     try:
         items = msgpack.unpackb(
             payload,
@@ -500,7 +532,7 @@ def decode_payload(payload: bytes, limit: FrameLimit = NO_LIMIT) -> Frame:
         )
     except Exception as exc:  # msgpack raises several unrelated types
         raise FrameError(f"undecodable frame: {exc}") from None
-    return frame_from_wire(items)
+    return frame_from_wire(items, epoch)
 
 
 class FrameCodec:
@@ -531,14 +563,15 @@ class FrameCodec:
             raise FrameError("the channel is already secured")
         self._send_key, self._receive_key = send_key, receive_key
 
-    def encode(self, frame: Frame | list[Any]) -> bytes:
+    def encode(self, frame: Frame | list[Any], epoch: int = 0) -> bytes:
+        """The bytes of ``frame``; ``epoch`` only for a raw list (a frame has its own)."""
         key = self._send_key
         if key is None:
-            return encode(frame)
-        payload = _packb(frame.to_wire() if isinstance(frame, Frame) else frame)
-        tag = _mac(key, self._sent, payload)
+            return encode(frame, epoch)
+        payload, epoch = _payload(frame, epoch)
+        tag = _mac(key, self._sent, epoch, payload)
         self._sent += 1
-        return _KEYED_HEADER.pack(len(payload), tag) + payload
+        return _KEYED_HEADER.pack(len(payload), epoch, tag) + payload
 
     def receive(self, data: bytes) -> None:
         self._buffer += data
@@ -557,11 +590,14 @@ class FrameCodec:
         key = self._receive_key
         header = _HEADER if key is None else _KEYED_HEADER
         size = header.size
+        if len(buffer) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(buffer)
+        if length > limit.max_bytes:  # refused as soon as its length is known
+            raise FrameError(f"frame length {length} exceeds {limit.max_bytes}")
         if len(buffer) < size:
             return None
-        length, check = header.unpack_from(buffer)
-        if length > limit.max_bytes:
-            raise FrameError(f"frame length {length} exceeds {limit.max_bytes}")
+        length, epoch, check = header.unpack_from(buffer)
         end = size + length
         if len(buffer) < end:
             return None
@@ -569,13 +605,13 @@ class FrameCodec:
             payload = bytes(view[size:end])
         del buffer[:end]
         if key is None:
-            if _digest(payload) != check:
+            if _digest(payload, epoch) != check:
                 raise FrameError("frame hash mismatch (corrupted on the wire)")
         else:
-            if not hmac.compare_digest(_mac(key, self._received, payload), check):
+            if not hmac.compare_digest(_mac(key, self._received, epoch, payload), check):
                 raise FrameError("frame authentication failed (altered, injected or replayed)")
             self._received += 1
-        return decode_payload(payload, limit)
+        return decode_payload(payload, limit, epoch)
 
     def feed(self, data: bytes, limit: FrameLimit = NO_LIMIT) -> list[Frame]:
         """Every complete frame; a bad one raises ``FrameError`` carrying the good ones

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hypothesis import strategies as st
 
 from pbkv.config import MAX_SHARDS
@@ -27,6 +29,7 @@ counts = st.integers(0, 2**63)
 shard_counts = st.integers(1, MAX_SHARDS)
 shards = st.integers(0, MAX_SHARDS - 1)
 checksums = st.integers(0, 2**128 - 1)
+epochs = st.one_of(st.just(0), st.integers(0, 2**64 - 1))
 texts = st.text(max_size=20)
 ops = st.lists(st.tuples(texts, st.one_of(st.none(), texts)), max_size=6).map(
     lambda pairs: [item for pair in pairs for item in pair]
@@ -34,7 +37,7 @@ ops = st.lists(st.tuples(texts, st.one_of(st.none(), texts)), max_size=6).map(
 pairs = st.lists(st.tuples(texts, texts), max_size=6).map(
     lambda found: [item for pair in found for item in pair]
 )
-frames: st.SearchStrategy[Frame] = st.one_of(
+fields: st.SearchStrategy[Frame] = st.one_of(
     st.builds(
         Hello,
         texts,
@@ -44,6 +47,7 @@ frames: st.SearchStrategy[Frame] = st.one_of(
         counts,
         st.integers(0, 2**64 - 1),
         st.lists(st.tuples(counts, checksums, counts), max_size=4).map(tuple),
+        epochs,
     ),
     st.builds(Rollback, counts, checksums, counts),
     st.builds(Batch, counts, ops),
@@ -58,4 +62,8 @@ frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(SyncAck, checksums),
     st.builds(SyncNack, texts),
     st.builds(Fence, texts),
+)
+# Every frame travels under an epoch (in its header).
+frames: st.SearchStrategy[Frame] = st.builds(
+    lambda frame, epoch: replace(frame, epoch=epoch), fields, epochs
 )

@@ -129,10 +129,13 @@ class Link:
         assert isinstance(core, BackupCore)
         return core
 
-    def start_primary(self, settings: Settings | None = None) -> PrimaryCore:
+    def start_primary(self, settings: Settings | None = None, epoch: int = 0) -> PrimaryCore:
+        """A primary; ``epoch``: the coordinator's leader key it holds (0: no coordinator)."""
         core = PrimaryCore(
             settings or self.settings, new_store(), self.now, random.Random(self.rng.random())
         )
+        if epoch:
+            core.serve_epoch(self.now, epoch)
         self._start("primary", core)
         return core
 
@@ -264,9 +267,9 @@ class Link:
         self.backup.candidate_bytes(self.now, number, b"".join(map(encode, frames)))
         self.run()
 
-    def inject(self, role: str, frame: list[Any]) -> None:
+    def inject(self, role: str, frame: list[Any], epoch: int = 0) -> None:
         """A frame from nowhere (a confused or malicious peer), through the real codec."""
-        (decoded,) = FrameCodec().feed(encode(frame))
+        (decoded,) = FrameCodec().feed(encode(frame, epoch))
         self.cores[role].frame_received(self.now, decoded)
         self.run()
 
@@ -1367,7 +1370,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
     ("role", "frame"),
     [
         ("primary", [FrameType.ACK, 1]),  # nothing in flight
-        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, []]),
+        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 0]),
         ("primary", [FrameType.SYNC_ACK, bytes(16)]),
         ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
         ("backup", [FrameType.BATCH, 99, ["k", "v"]]),  # out of order
@@ -1375,7 +1378,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
         ("backup", [FrameType.FETCH]),
         ("backup", [FrameType.SNAPSHOT_BEGIN, SHARDS, 1]),
         ("backup", [FrameType.SYNC_ACK, bytes(16)]),
-        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []]),
+        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0]),
     ],
     ids=lambda v: v if isinstance(v, str) else FrameType(v[0]).name,
 )
@@ -1425,7 +1428,7 @@ def test_a_fetch_from_a_backup_without_confirmed_data_is_refused(link: Link) -> 
     backup = link.start_backup()
     assert not backup.confirmed
     backup.channel_opened(link.now)
-    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0, 7, []])
+    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0, 7, [], 0])
     assert link.kinds("backup") == [FrameType.HELLO]
     moves = len(link.moves())
 
@@ -1441,6 +1444,228 @@ def test_a_fetch_from_a_backup_without_confirmed_data_is_refused(link: Link) -> 
 
 
 # -- standalone ------------------------------------------------------------------------
+
+
+# -- epochs: a member refuses anything from a lower epoch than the highest it has seen --
+
+
+def epoch_pair(
+    link: Link, epoch: int, data: dict[str, str] | None = None
+) -> tuple[PrimaryCore, BackupCore]:
+    """``in_sync_pair`` under a primary of ``epoch`` (a coordinator's leader key)."""
+    backup = link.start_backup()
+    primary = link.start_primary(epoch=epoch)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    for key, value in (data or {}).items():
+        assert link.write(INSERT, key, value) == Done(True)
+    return primary, backup
+
+
+def test_without_a_coordinator_everything_is_epoch_0(link: Link) -> None:
+    primary, backup = in_sync_pair(link, DATA)
+    for core in (primary, backup):
+        assert (core.epoch, core.epoch_seen, core.copy_epoch) == (0, 0, 0)
+        status = core.status(link.now)
+        assert (status["epoch"], status["epoch_seen"], status["copy_epoch"]) == (0, 0, 0)
+    assert {frame.epoch for role in ROLES for frame in link.sent[role]} == {0}
+    assert primary.status(link.now)["stale"] is False
+
+
+def test_equal_epochs_sync_and_replicate_as_without_one(link: Link) -> None:
+    primary, backup = epoch_pair(link, 7, DATA)
+    assert_same_data(primary, backup)
+    for core in (primary, backup):
+        assert (core.epoch, core.epoch_seen, core.copy_epoch) == (7, 7, 7)
+    # Every frame either side sent carries the epoch; heartbeats before the HELLOs aside,
+    # the backup's first frames are under the epoch it adopted from the primary's HELLO.
+    assert {frame.epoch for frame in link.sent["primary"]} == {7}
+    assert {frame.epoch for frame in link.sent["backup"]} == {7}
+    # A lost link and a reconnection under the same epoch: skip, as ever.
+    link.reset()
+    mark = link.mark()
+    link.fire("primary", RETRY)
+    assert FrameType.SKIP in link.kinds("primary", mark["primary"])
+    assert link.write(UPDATE, "key1", "later") == Done(True)
+    assert_same_data(primary, backup)
+
+
+@pytest.mark.parametrize(("epoch", "applied"), [(4, False), (7, True), (9, False)])
+def test_a_batch_of_another_epoch_than_the_channels_is_refused_and_not_applied(
+    link: Link, epoch: int, applied: bool
+) -> None:
+    primary, backup = epoch_pair(link, 7, {"a": "1"})
+    seq, checksum = backup.seq, backup.store.checksum
+
+    link.inject("backup", [FrameType.BATCH, seq + 1, ["intruder", "x"]], epoch=epoch)
+
+    assert ("intruder" in backup.store) is applied
+    if applied:  # the control: the same batch under the channel's epoch is applied
+        assert backup.seq == seq + 1  # (and acknowledged: the primary never sent it)
+        return
+    assert (backup.seq, backup.store.checksum) == (seq, checksum)
+    assert not backup.channel_up and link.closed_by[-1][0] == "backup"
+    # A lower epoch is a stale primary; a higher one ends a channel of the lower epoch.
+    reason = "epoch 4 < 7 seen" if epoch < 7 else "epoch 7 < 9 seen"
+    assert link.closed_by[-1][1] == reason
+    assert backup.epoch_seen == max(7, epoch) and backup.confirmed
+
+
+def test_a_hello_of_a_lower_epoch_is_refused_and_ours_tells_the_primary(link: Link) -> None:
+    _, backup = epoch_pair(link, 7, DATA)
+    link.kill("primary")
+    kept = dict(backup.store.items())
+    backup.channel_opened(link.now)
+    mark = link.mark()
+
+    link.inject("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0], epoch=4)
+
+    assert link.closed_by[-1] == ("backup", "epoch 4 < 7 seen")
+    assert not backup.channel_up and backup.step.value == "none"
+    # Our HELLO (under epoch 7) goes out before the close: the primary learns it is stale.
+    assert [(f.kind, f.epoch) for f in link.sent["backup"][mark["backup"] :]] == [
+        (FrameType.HELLO, 7)
+    ]
+    assert dict(backup.store.items()) == kept and backup.confirmed
+    assert backup.epoch_seen == 7
+
+
+def test_a_stale_primary_changes_nothing_on_the_backup_and_steps_down(link: Link) -> None:
+    """The old primary of epoch 4 comes back to a backup that has seen epoch 7."""
+    backup = link.start_backup()
+    backup.epoch_observed(link.now, 7)
+    mark = link.mark()
+
+    primary = link.start_primary(epoch=4)
+
+    assert link.kinds("primary", mark["primary"]) == [FrameType.HELLO]  # and nothing more
+    assert link.kinds("backup", mark["backup"]) == [FrameType.HELLO]
+    assert ("backup", "epoch 4 < 7 seen") in link.closed_by
+    assert primary.stale and primary.epoch_seen == 7 and primary.status(link.now)["stale"]
+    assert not primary.confirmed and primary.stage is S.BOOTSTRAPPING_SECONDARY
+    assert backup.stage is S.BOOTSTRAPPING_PRIMARY
+    # A stale primary does not try again (the driver fences it): once the retry set
+    # before it knew fires, nothing more is scheduled.
+    mark = link.mark()
+    link.advance(10 * link.settings.retry_max)
+    assert link.kinds("primary", mark["primary"]) == []
+    assert RETRY not in link.timers["primary"] and not primary.channel_up
+    # And a channel that opens all the same (a connection under way) carries nothing.
+    primary.channel_opened(link.now)
+    link.run()
+    assert link.kinds("primary", mark["primary"]) == []
+    assert link.closed_by[-1] == ("primary", "epoch 4 < 7 seen")
+
+
+def test_with_a_secret_epochs_count_from_the_authenticated_hello(make_link) -> None:
+    link = make_link(secret="s3cret")
+    primary, backup = epoch_pair(link, 7, DATA)
+    assert backup.epoch == 7 and backup.copy_epoch == 7
+    # The backup's proof went out before it knew the primary's epoch: proofs are not
+    # held to it.
+    response = next(f for f in link.sent["backup"] if f.kind is FrameType.AUTH_RESPONSE)
+    assert response.epoch == 0
+    link.kill("primary")
+    backup.epoch_observed(link.now, 9)
+
+    primary = link.start_primary(epoch=7)
+
+    assert primary.stale and primary.epoch_seen == 9
+    assert ("backup", "epoch 7 < 9 seen") in link.closed_by
+    assert dict(backup.store.items()) == DATA and backup.copy_epoch == 7
+
+
+def test_epoch_observed_drops_a_channel_of_a_lower_epoch_at_once(link: Link) -> None:
+    primary, backup = epoch_pair(link, 3, DATA)
+    backup.epoch_observed(link.now, 3)  # the channel's own epoch: nothing happens
+    backup.epoch_observed(link.now, 2)
+    assert backup.channel_up and backup.epoch_seen == 3
+
+    backup.epoch_observed(link.now, 5)
+    link.run()
+
+    assert link.closed_by[-1] == ("backup", "epoch 3 < 5 seen")
+    assert not backup.channel_up and not primary.channel_up
+    assert (backup.epoch, backup.epoch_seen, backup.copy_epoch) == (5, 5, 3)
+    assert backup.confirmed and dict(backup.store.items()) == DATA
+    # The old primary comes back: refused (its HELLO is of epoch 3), and it steps down.
+    link.fire("primary", RETRY)
+    assert primary.stale and not backup.channel_up
+    assert dict(backup.store.items()) == DATA
+
+
+def test_a_primary_that_observes_a_newer_epoch_is_stale_and_loses_its_channel(
+    link: Link,
+) -> None:
+    primary, backup = epoch_pair(link, 3, DATA)
+    assert not primary.stale
+
+    primary.epoch_observed(link.now, 5)
+    link.run()
+
+    assert primary.stale and link.closed_by[-1] == ("primary", "epoch 3 < 5 seen")
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY
+    assert isinstance(link.write(INSERT, "late", "x"), Refused)
+    link.fire("primary", RETRY)
+    assert not primary.channel_up  # no new channel under the old epoch
+
+
+def test_a_frame_of_a_newer_epoch_from_the_backup_makes_the_primary_stale(link: Link) -> None:
+    primary, _ = epoch_pair(link, 3, {"a": "1"})
+
+    link.inject("primary", [FrameType.HEARTBEAT, 0], epoch=9)
+
+    assert primary.stale and primary.epoch_seen == 9
+    assert link.closed_by[-1] == ("primary", "epoch 3 < 9 seen")
+
+
+def test_a_primary_that_meets_a_copy_of_a_newer_epoch_is_stale_and_sends_nothing(
+    link: Link,
+) -> None:
+    """The HELLO's own epoch is the primary's, but its copy is of a newer one (a backup
+    whose bookkeeping is wrong, or a forged HELLO): ``plan`` says STALE."""
+    primary = link.start_primary(epoch=4)
+    primary.channel_opened(link.now)
+    link.run()  # our HELLO
+    mark = link.mark()
+
+    link.inject("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 6], epoch=4)
+
+    assert link.kinds("primary", mark["primary"]) == []  # no SKIP, SEND, FETCH, ROLLBACK
+    assert link.closed_by[-1] == (
+        "primary",
+        "stale: the backup's copy is of epoch 6 > our 4: a newer primary exists",
+    )
+    assert primary.stale and primary.epoch_seen == 6 and not primary.confirmed
+
+
+def test_a_new_primary_of_a_newer_epoch_fetches_the_backups_copy(link: Link) -> None:
+    """A fresh primary of epoch 5 meets the copy confirmed under epoch 3: it takes it,
+    and both copies are epoch 5's from then on."""
+    _, backup = epoch_pair(link, 3, DATA)
+    link.kill("primary")
+
+    primary = link.start_primary(epoch=5)
+
+    assert "newer epoch (3 > our copy's 0)" in " ".join(r for *_, r in link.transitions())
+    assert FrameType.FETCH in link.kinds("primary")
+    assert dict(primary.store.items()) == DATA and primary.stage is S.IN_SYNC
+    for core in (primary, backup):
+        assert (core.epoch, core.epoch_seen, core.copy_epoch) == (5, 5, 5)
+    assert link.write(INSERT, "new", "x") == Done(True)
+    assert_same_data(primary, backup)
+
+
+def test_serve_epoch_ends_a_channel_of_the_old_epoch(link: Link) -> None:
+    primary, backup = epoch_pair(link, 3, DATA)
+
+    primary.serve_epoch(link.now, 8)
+    link.run()
+
+    assert ("primary", "the primary now serves epoch 8, not 3") in link.closed_by
+    # It reconnects under the new epoch; the backup adopts it and the copy is epoch 8's.
+    link.fire("primary", RETRY)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert (backup.epoch_seen, backup.copy_epoch, primary.copy_epoch) == (8, 8, 8)
 
 
 def test_a_standalone_primary_answers_writes_at_once(make_link) -> None:
@@ -1542,7 +1767,7 @@ def test_a_forged_hello_before_the_proofs_is_refused(make_link) -> None:
     checksum = backup.store.checksum
     intruder = link.intrude()  # an outsider connects
     frames = link.intruders[intruder]
-    link.intruder_sends(intruder, [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []])
+    link.intruder_sends(intruder, [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0])
 
     assert intruder not in backup.candidates and not backup.channel_up
     assert "without proving it" in link.closed_by[-1][1]
@@ -1577,7 +1802,7 @@ def serving(link: Link, primary: PrimaryCore, backup: BackupCore) -> None:
 @pytest.mark.parametrize(
     ("frames", "why"),
     [
-        ([[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, []]], "without proving it"),
+        ([[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0]], "without proving it"),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.AUTH_PROOF, bytes(32)]], "match"),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.BATCH, 9, ["k", "v"]]], "BATCH"),
         ([[FrameType.FENCE, "go away"]], "unexpected FENCE"),
@@ -1853,7 +2078,7 @@ def dishonest_primary(link: Link) -> tuple[BackupCore, dict[str, str], int]:
     kept, checksum = dict(backup.store.items()), backup.store.checksum
     backup.channel_opened(link.now)
     hello = [FrameType.HELLO, "primary", True, checksum_to_bytes(checksum)]
-    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, []])
+    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, [], 0])
     assert backup.step.value == "await_directive"
     return backup, kept, checksum
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -42,6 +43,7 @@ from pbkv.stages import (
     describe,
     plan,
     refusal,
+    why_no_rollback,
 )
 from pbkv.transfer import TransferError
 from pbkv.wire import FrameError, FrameType, Hello
@@ -473,12 +475,16 @@ def held(
     count: int = 3,
     history: int = H,
     undo: tuple[State, ...] = (),
+    epoch: int = 0,
+    serving: int = 0,
 ) -> Copy:
-    return Copy(confirmed, history, seq, checksum, count, undo)
+    return Copy(confirmed, history, seq, checksum, count, undo, epoch, serving)
 
 
 # A backup two batches ahead of the primary's seq 5, whose record reaches seq 5 as A/3.
 AHEAD = (State(4, B, 2), State(5, A, 3), State(6, B, 4))
+# A primary of epoch 4 meets a backup that has seen epoch 7.
+STALE_SEEN = Plan(Directive.STALE, "the backup has seen epoch 7 > our 4: a newer primary exists")
 
 # (the primary's copy, the backup's copy, the plan)
 PLANS: list[tuple[Copy, Copy, Plan]] = [
@@ -554,6 +560,64 @@ PLANS: list[tuple[Copy, Copy, Plan]] = [
         held(confirmed=False),  # even the same data
         Plan(Directive.START_EMPTY, "no confirmed data on either side: start empty"),
     ),
+    # -- epochs (a coordinated cluster; every row above is epoch 0 on both sides) --
+    # Equal epochs past 0 change nothing.
+    (
+        held(epoch=7, serving=7),
+        held(epoch=7, serving=7),
+        Plan(Directive.SKIP, "primary and backup already hold the same data"),
+    ),
+    (
+        held(epoch=7, serving=7),
+        held(seq=7, checksum=B, count=4, undo=AHEAD, epoch=7, serving=7),
+        Plan(Directive.ROLLBACK, "the backup rolls back 2 batches, seq 7 -> 5"),
+    ),
+    # A primary of an older epoch than the backup has seen is stale: it sends nothing...
+    (held(serving=4), held(confirmed=False, serving=7), STALE_SEEN),  # no SEND
+    (held(serving=4), held(serving=7), STALE_SEEN),  # no SKIP
+    (held(serving=4), held(seq=7, checksum=B, count=4, undo=AHEAD, serving=7), STALE_SEEN),
+    (held(confirmed=False, serving=4), held(confirmed=False, serving=7), STALE_SEEN),
+    (held(confirmed=False, serving=4), held(serving=7), STALE_SEEN),  # not even a FETCH
+    # ... nor over a copy of a newer epoch than its own (whatever the backup says it saw).
+    (
+        held(epoch=4, serving=4),
+        held(checksum=B, epoch=7),
+        Plan(
+            Directive.STALE,
+            "the backup's copy is of epoch 7 > our 4: a newer primary exists",
+        ),
+    ),
+    # A confirmed copy of a newer epoch wins over our confirmed copy of an older one...
+    (
+        held(epoch=5, serving=9),
+        held(checksum=B, epoch=7, serving=9),
+        Plan(Directive.FETCH, "backup holds 3 confirmed pairs of a newer epoch (7 > our copy's 5)"),
+    ),
+    (  # ... and is never rolled back: those batches may be that epoch's acknowledged writes
+        held(epoch=5, serving=9),
+        held(seq=7, checksum=B, count=4, undo=AHEAD, epoch=7, serving=9),
+        Plan(Directive.FETCH, "backup holds 4 confirmed pairs of a newer epoch (7 > our copy's 5)"),
+    ),
+    (  # ... unless it holds the same data
+        held(epoch=5, serving=9),
+        held(epoch=7, serving=9),
+        Plan(Directive.SKIP, "primary and backup already hold the same data"),
+    ),
+    # Our copy of a newer epoch wins over the backup's of an older one, as in rule 4: an
+    # old primary that comes back undoes what it never had acknowledged, or takes ours.
+    (
+        held(epoch=7, serving=7),
+        held(seq=7, checksum=B, count=4, undo=AHEAD, epoch=5, serving=7),
+        Plan(Directive.ROLLBACK, "the backup rolls back 2 batches, seq 7 -> 5"),
+    ),
+    (
+        held(epoch=7, serving=7),
+        held(checksum=B, history=OTHER, epoch=5, serving=7),
+        Plan(
+            Directive.SEND,
+            "the backup's data has another history (a restart or a replaced copy)",
+        ),
+    ),
 ]
 
 
@@ -573,12 +637,40 @@ def test_the_table_catches_a_primary_that_sends_over_a_backups_confirmed_copy() 
         return plan(ours, theirs)
 
     wrong = plans_that_differ(sends_over_a_confirmed_backup)
-    assert [want.directive for _, _, want in wrong] == [Directive.FETCH, Directive.FETCH]
+    assert [want.directive for _, _, want in wrong] == [
+        Directive.FETCH,
+        Directive.FETCH,
+        Directive.STALE,
+        Directive.STALE,
+    ]
+
+
+def test_the_table_catches_a_primary_that_ignores_epochs() -> None:
+    def blind(ours: Copy, theirs: Copy) -> Plan:
+        return plan(replace(ours, epoch=0, serving=0), replace(theirs, epoch=0, serving=0))
+
+    wrong = plans_that_differ(blind)
+    assert {want.directive for _, _, want in wrong} == {Directive.STALE, Directive.FETCH}
+    assert len(wrong) == 8
+
+
+def test_the_table_catches_a_primary_that_rolls_back_a_newer_epochs_batches() -> None:
+    def rolls_back_first(ours: Copy, theirs: Copy) -> Plan:
+        if ours.serving >= theirs.serving and why_no_rollback(ours, theirs) is None:
+            return Plan(Directive.ROLLBACK, "rolled back")
+        return plan(ours, theirs)
+
+    wrong = [
+        (theirs.epoch, want.directive)
+        for ours, theirs, want in PLANS
+        if rolls_back_first(ours, theirs).directive is not want.directive
+    ]
+    assert wrong == [(7, Directive.FETCH)]
 
 
 @pytest.mark.parametrize(
     ("ours", "theirs", "want"),
-    [row for row in PLANS if row[2].directive is not Directive.SEND],
+    [row for row in PLANS if row[2].directive not in (Directive.SEND, Directive.STALE)],
     ids=lambda v: v.directive.name if isinstance(v, Plan) else "",
 )
 def test_the_backup_obeys_every_directive_the_primary_plans(
@@ -625,6 +717,38 @@ DIRECTIVES: list[tuple[Directive, State | None, Copy, Copy, str | None]] = [
     # The primary's data is always taken (once all of it has arrived).
     (Directive.SEND, None, held(confirmed=False), held(), None),
     (Directive.START_EMPTY, None, held(), held(confirmed=False), None),
+    # -- epochs: nothing is obeyed from a primary of an older epoch than we have seen...
+    (Directive.SKIP, S5, held(serving=7), held(serving=4), "directive of epoch 4 < 7 seen"),
+    (
+        Directive.ROLLBACK,
+        S5,
+        held(seq=7, undo=AHEAD, serving=7),
+        held(serving=4),
+        "directive of epoch 4 < 7 seen",
+    ),
+    (Directive.FETCH, None, held(serving=7), held(serving=4), "directive of epoch 4 < 7 seen"),
+    (
+        Directive.SEND,
+        None,
+        held(confirmed=False, serving=7),
+        held(serving=4),
+        "directive of epoch 4 < 7 seen",
+    ),
+    (
+        Directive.START_EMPTY,
+        None,
+        held(confirmed=False, serving=7),
+        held(confirmed=False, serving=4),
+        "directive of epoch 4 < 7 seen",
+    ),
+    # ... or than our copy's,
+    (Directive.SEND, None, held(epoch=7), held(serving=4), "directive of epoch 4 < 7 seen"),
+    # ... while the same epoch, or a newer one, is obeyed as ever.
+    (Directive.SKIP, S5, held(epoch=7, serving=7), held(epoch=7, serving=7), None),
+    (Directive.SEND, None, held(epoch=4, serving=4), held(serving=7), None),
+    (Directive.ROLLBACK, S5, held(seq=7, undo=AHEAD, epoch=4, serving=9), held(serving=9), None),
+    # A stale primary never sends a directive: none is obeyed as one.
+    (Directive.STALE, None, held(), held(), "a stale primary has nothing to say"),
 ]
 
 
@@ -644,6 +768,13 @@ def test_a_copy_reads_a_hello() -> None:
     assert Copy.of(hello) == held(seq=7, undo=(State(5, A, 3), State(6, B, 4)))
 
 
+def test_a_copy_reads_the_epochs_of_a_hello() -> None:
+    """The copy's epoch from the HELLO's fields, the epoch its sender acts under from
+    the frame's header."""
+    hello = Hello("backup", True, A, 3, 7, H, (), 5, epoch=9)
+    assert Copy.of(hello) == held(seq=7, epoch=5, serving=9)
+
+
 def test_each_directive_counts_as_its_kind_of_resync() -> None:
     kinds = {directive: directive.resync for directive in Directive}
     assert kinds == {
@@ -652,4 +783,5 @@ def test_each_directive_counts_as_its_kind_of_resync() -> None:
         Directive.ROLLBACK: Resync.PARTIAL,
         Directive.FETCH: Resync.FULL,
         Directive.START_EMPTY: Resync.FULL,
+        Directive.STALE: Resync.NONE,  # nothing moves
     }

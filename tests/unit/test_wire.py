@@ -4,6 +4,7 @@ malformed-frame detection (everything a handler may assume is checked at decode)
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -20,6 +21,7 @@ from pbkv.wire import (
     MAX_UNDO_POINTS,
     Ack,
     Batch,
+    Fence,
     Frame,
     FrameCodec,
     FrameError,
@@ -55,10 +57,15 @@ def feed_pieces(pieces: list[bytes]) -> list[Frame]:
     return out
 
 
-def raw_frame(payload: bytes, length: int | None = None) -> bytes:
+def raw_frame(payload: bytes, length: int | None = None, epoch: int = 0) -> bytes:
     """A frame with a correct hash around any payload."""
     size = len(payload) if length is None else length
-    return struct.pack(">IQ", size, xxhash.xxh3_64_intdigest(payload)) + payload
+    return struct.pack(">IQQ", size, epoch, xxhash.xxh3_64_intdigest(payload, epoch)) + payload
+
+
+def header(length: int) -> bytes:
+    """A plain frame's header alone: length, epoch and a hash that is never checked."""
+    return struct.pack(">IQQ", length, 0, 0)
 
 
 def decode_one(items: list[Any]) -> Frame:
@@ -103,6 +110,52 @@ def test_a_checksum_travels_as_16_big_endian_bytes() -> None:
     assert decode_one(frame.to_wire()) == frame
 
 
+# -- the epoch: in every frame's header ----------------------------------------------------
+@pytest.mark.parametrize("frame", [Batch(3, ["k", "v"]), Ack(1), Heartbeat(2), Fence("why")])
+@pytest.mark.parametrize("keyed", [False, True])
+def test_every_frame_carries_its_epoch_in_the_header(frame: Frame, keyed: bool) -> None:
+    sender, receiver = FrameCodec(), FrameCodec()
+    if keyed:
+        sender.secure(b"s" * 32, b"r" * 32)
+        receiver.secure(b"r" * 32, b"s" * 32)
+    stamped = replace(frame, epoch=2**64 - 1)
+    data = sender.encode(stamped)
+    assert data[4:12] == (2**64 - 1).to_bytes(8, "big")
+    assert [decoded.epoch for decoded in receiver.feed(data)] == [2**64 - 1]
+    assert receiver.feed(sender.encode(frame)) == [frame]  # epoch 0 by default
+    assert frame.to_wire() == stamped.to_wire()  # not among the fields
+
+
+def test_frames_of_different_epochs_differ() -> None:
+    assert Batch(1, ["k", "v"]) != Batch(1, ["k", "v"], epoch=1)
+    assert Ack(1).epoch == 0 and Ack(1, epoch=5).epoch == 5
+
+
+def test_a_raw_list_travels_under_the_epoch_it_is_given() -> None:
+    (frame,) = FrameCodec().feed(encode([FrameType.ACK, 4], epoch=7))
+    assert frame == Ack(4, epoch=7)
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_an_altered_epoch_fails_like_a_corrupted_byte(keyed: bool) -> None:
+    sender, receiver = FrameCodec(), FrameCodec()
+    if keyed:
+        sender.secure(b"s" * 32, b"r" * 32)
+        receiver.secure(b"r" * 32, b"s" * 32)
+    data = bytearray(sender.encode(Batch(1, ["k", "v"], epoch=4)))
+    data[11] = 7  # the epoch's last byte: 4 -> 7
+    with pytest.raises(FrameError, match="hash mismatch" if not keyed else "authentication"):
+        receiver.feed(bytes(data))
+
+
+def test_a_hello_carries_the_epoch_of_its_copy_beside_its_own() -> None:
+    hello = Hello("backup", True, 5, 1, 2, 3, (), 4, epoch=9)
+    assert hello.to_wire()[-1] == 4
+    assert decode_one(hello.to_wire()) == replace(hello, epoch=0)
+    (decoded,) = FrameCodec().feed(encode(hello))
+    assert (decoded.epoch, decoded.copy_epoch) == (9, 4)
+
+
 def test_a_batch_keeps_deletes_and_empty_values() -> None:
     frame = decode_one([FrameType.BATCH, 4, ["a", None, "b", "", "", "x"]])
     assert frame == Batch(4, ["a", None, "b", "", "", "x"])
@@ -118,15 +171,20 @@ def test_a_batch_keeps_deletes_and_empty_values() -> None:
         ([FrameType.ACK, -1], "non-negative integer"),
         ([FrameType.ACK, True], "non-negative integer"),
         ([FrameType.HEARTBEAT, 1.5], "non-negative integer"),
-        ([FrameType.HELLO, "backup", 1, bytes(16), 0, 0, 0, []], "true or false"),
-        ([FrameType.HELLO, "backup", True, bytes(15), 0, 0, 0, []], "16-byte checksum"),
-        ([FrameType.HELLO, b"backup", True, bytes(16), 0, 0, 0, []], "must be a string"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 9], "has 8 fields"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, -1, []], "64-bit history"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(16)]]], "a point"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(8), 2]]], "16-byte"),
+        ([FrameType.HELLO, "backup", 1, bytes(16), 0, 0, 0, [], 0], "true or false"),
+        ([FrameType.HELLO, "backup", True, bytes(15), 0, 0, 0, [], 0], "16-byte checksum"),
+        ([FrameType.HELLO, b"backup", True, bytes(16), 0, 0, 0, [], 0], "must be a string"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 0, 9], "has 9 fields"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, []], "has 7 fields, expected 8"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], -1], "integer, not -1"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 1.5], "not a float"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], "7"], "not a str"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], False], "not a bool"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, -1, [], 0], "64-bit history"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(16)]], 0], "a point"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(8), 2]], 0], "16-byte"),
         (
-            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[0, bytes(16), 0]] * 65],
+            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[0, bytes(16), 0]] * 65, 0],
             "at most",
         ),
         ([FrameType.ROLLBACK, 1, bytes(16)], "has 2 fields"),
@@ -215,13 +273,12 @@ def test_corrupted_frame_after_good_ones_is_detected() -> None:
 
 
 def test_length_over_max_frame() -> None:
-    header = struct.pack(">IQ", MAX_FRAME + 1, 0)
     with pytest.raises(FrameError, match="exceeds"):
-        FrameCodec().feed(header)  # rejected before any payload arrives
+        FrameCodec().feed(header(MAX_FRAME + 1))  # rejected before any payload arrives
     with pytest.raises(FrameError):
-        FrameCodec().feed(struct.pack(">IQ", 2**32 - 1, 0))
+        FrameCodec().feed(header(2**32 - 1))
     # At the limit it waits for the payload instead.
-    assert FrameCodec().feed(struct.pack(">IQ", MAX_FRAME, 0)) == []
+    assert FrameCodec().feed(header(MAX_FRAME)) == []
 
 
 def test_incomplete_frame_waits() -> None:
@@ -252,7 +309,7 @@ def test_a_malformed_frame_hands_back_the_good_frames_before_it():
 # -- limits: a frame is bounded before and while it is decoded --------------------------------
 def test_a_frame_longer_than_the_limit_is_refused_before_its_payload_arrives() -> None:
     codec = FrameCodec()
-    codec.receive(struct.pack(">IQ", CONTROL_LIMIT.max_bytes + 1, 0))
+    codec.receive(header(CONTROL_LIMIT.max_bytes + 1))
     with pytest.raises(FrameError, match="exceeds"):
         codec.next_frame(CONTROL_LIMIT)
     with pytest.raises(FrameError, match="already failed"):
