@@ -583,10 +583,13 @@ class Leadership:
     def _refusal(self, record: SyncRecord | None) -> str | None:
         return campaign_refusal(self.member, self.holding, record)
 
+    def _accepts_epoch(self, epoch: int) -> bool:
+        return epoch >= self.highest_epoch
+
     def _is_stale(self, leader: Leader | None, revision: int) -> bool:
         if revision < self.leader_revision:
             return True
-        return leader is not None and leader.epoch < self.highest_epoch
+        return leader is not None and not self._accepts_epoch(leader.epoch)
 
     def _acknowledgeable(self, backup: str) -> bool:
         return backup == self.in_sync and backup == self.recorded
@@ -607,7 +610,7 @@ class Leadership:
     def accepts(self, primary: str, epoch: int) -> bool:
         """Whether frames from ``primary`` at ``epoch`` may be applied: only the
         primary we follow, at its epoch, and never below the highest epoch seen."""
-        if self.following is None or epoch < self.highest_epoch:
+        if self.following is None or not self._accepts_epoch(epoch):
             return False
         _, followed, followed_epoch = self.following
         return (followed, followed_epoch) == (primary, epoch)
@@ -620,7 +623,9 @@ class Leadership:
         if self.phase is Phase.STOPPED:
             return "stopped"
         if self.lease is None or now >= self.valid_until:
-            return "no valid lease: etcd unreachable" if not self.etcd_reachable else "no lease yet"
+            if not self.etcd_reachable:
+                return "no valid lease: etcd unreachable"
+            return "no lease yet" if self.lease is None else "the lease is not confirmed yet"
         if self.phase is Phase.CONFIRMING:
             return f"won epoch {self.epoch}; reading the in-sync record before serving"
         if not self.leader_known:
@@ -776,6 +781,10 @@ class Leadership:
         self.record, self.record_known, self.record_sent = event.record, True, event.sent
         if event.record is not None:
             self.highest_epoch = max(self.highest_epoch, event.record.epoch)
+            if self.leader is not None and self.leader.epoch < event.record.epoch:
+                # Written by a later leader than the one we know of: read who leads.
+                self.leader_known = False
+                self._read_leader(event.now, actions)
         if self.phase is Phase.CONFIRMING and event.sent >= self.confirm_since:
             self._confirm(event.now, actions)
         elif self.following is not None and self.leader is not None:
@@ -794,7 +803,9 @@ class Leadership:
         elif event.result is CampaignResult.LEASE_GONE:
             self._lease_lost(event.now, "the lease expired at etcd", actions)
         else:
-            self._read_leader(event.now, actions)  # who holds it (perhaps we do)
+            # Who holds it (perhaps we do)? No new campaign until that is read.
+            self.leader_known = False
+            self._read_leader(event.now, actions)
 
     def _record_answered(self, event: RecordSyncAnswered, actions: list[Action]) -> None:
         if self.phase is not Phase.PRIMARY or event.epoch != self.epoch:
@@ -952,7 +963,7 @@ class Leadership:
         return f"{leader.member} leads at epoch {leader.epoch}"
 
     def _follow(self, leader: Leader, actions: list[Action]) -> None:
-        if self.phase is not Phase.FOLLOWER:
+        if self.phase is not Phase.FOLLOWER or not self._accepts_epoch(leader.epoch):
             return
         record = self.record
         ours = record is not None and record.backup == self.member and record.epoch == leader.epoch
