@@ -186,6 +186,27 @@ def test_the_record_read_after_winning_decides_and_a_refused_winner_resigns() ->
     assert Resign(30) in machine.handle(LeaderObserved(1.2, Leader(ME, 30), 31))
 
 
+def test_a_win_not_confirmed_within_the_lease_is_given_up_and_its_key_resigned() -> None:
+    machine = started()
+    leader_gone(machine, SyncRecord(5, ME))
+    machine.handle(CampaignAnswered(0.2, 0.12, LEASE, CampaignResult.WON, 20))
+    machine.handle(EtcdFailed(1.0, Operation.READ_SYNC, "timed out"))
+    actions = machine.handle(Tick(2.7))  # the grant was sent at 0: the lease is doubtful
+    assert Resign(20) in actions and BecomePrimary not in kinds(actions)
+    assert machine.phase is Phase.FOLLOWER and not machine.may_serve(2.7)
+    # The record read's late answer makes no primary either.
+    assert BecomePrimary not in kinds(machine.handle(SyncObserved(2.8, 0.3, SyncRecord(5, ME))))
+
+
+def test_a_late_answer_to_an_older_read_does_not_replace_the_record() -> None:
+    machine = started()
+    machine.handle(LeaderObserved(0.1, None, 10))
+    machine.handle(SyncObserved(0.5, 0.4, SyncRecord(9, OTHER)))
+    machine.handle(SyncObserved(0.6, 0.05, SyncRecord(5, ME)))  # sent first, answered last
+    assert machine.record == SyncRecord(9, OTHER)
+    assert OTHER in (machine.why_not_primary(0.6) or "")
+
+
 def test_an_indeterminate_campaign_is_adopted_when_our_key_shows_up() -> None:
     machine = started()
     leader_gone(machine, SyncRecord(5, ME))
@@ -243,6 +264,25 @@ def test_a_new_backup_is_recorded_again_and_meanwhile_nothing_is_acknowledged() 
     assert not machine.may_acknowledge(0.65, THIRD) and not machine.may_acknowledge(0.65, OTHER)
     machine.handle(RecordSyncAnswered(0.7, 20, THIRD, RecordResult.OK))
     assert machine.may_acknowledge(0.75, THIRD)
+
+
+def test_while_a_record_is_on_its_way_the_old_backup_coming_back_acknowledges_nothing() -> None:
+    """etcd may already name THIRD: a write acknowledged with OTHER alone would be
+    lost if THIRD were then promoted."""
+    machine = primary(20)
+    machine.handle(BackupInSync(0.3, OTHER))
+    machine.handle(RecordSyncAnswered(0.4, 20, OTHER, RecordResult.OK))
+    machine.handle(BackupLost(0.5, OTHER))
+    machine.handle(BackupInSync(0.6, THIRD))  # recording THIRD...
+    machine.handle(BackupLost(0.7, THIRD))
+    machine.handle(BackupInSync(0.8, OTHER))
+    assert not machine.may_acknowledge(0.85, OTHER)
+    # The answer for THIRD comes; OTHER is recorded again before it acknowledges.
+    actions = machine.handle(RecordSyncAnswered(0.9, 20, THIRD, RecordResult.OK))
+    assert RecordSync(20, OTHER) in actions
+    assert not machine.may_acknowledge(0.95, OTHER)
+    machine.handle(RecordSyncAnswered(1.0, 20, OTHER, RecordResult.OK))
+    assert machine.may_acknowledge(1.05, OTHER)
 
 
 def test_a_lost_backup_is_not_recorded_away_and_acknowledges_at_once_when_back() -> None:
