@@ -53,3 +53,14 @@ def test_an_injected_bug_is_caught(bug: Bug, kind: str) -> None:
             assert outcome.violation.kind == kind, report(outcome)
             return
     pytest.fail(f"{bug.value} went unnoticed in 300 seeds")
+
+
+def test_an_acknowledgement_before_the_record_loses_acknowledged_writes() -> None:
+    """Without the direct check on the record, the bug shows as what it costs: a
+    promoted member lacks writes that were acknowledged."""
+    for seed in range(300):
+        outcome = run_seed(seed, Bug.ACK_BEFORE_RECORD, check_acks=False)
+        if outcome.violation is not None:
+            assert "acknowledged writes" in str(outcome.violation), report(outcome)
+            return
+    pytest.fail("no acknowledged write was lost in 300 seeds")
