@@ -45,8 +45,14 @@ no more frames of the old epoch), then, with the record confirmed, it emits
 guarded by its own leader key) and acknowledges no write that backup acknowledged
 until etcd confirmed the record. While a record is on its way, etcd's record is
 unknown (it may already name the new backup, or still the old one), so
-``may_acknowledge`` is false for every backup. A failed or timed-out record is
-retried; a refused one means our key is gone: fence. When its backup is lost, the
+``may_acknowledge`` is false for every backup. A refused record means our key is gone: fence.
+A record whose answer was lost (a time-out) may still land at etcd at any later
+moment while our key exists, even after a newer record (the client may send the
+next call to another endpoint): it is retried with the same backup only, a repeat
+being harmless in any order. If by then another backup must be recorded, the
+primary steps down instead (fence and resign): once its key is gone the stray
+write cannot land, and whichever backup etcd names holds every acknowledged write,
+since nothing is acknowledged while a record is unknown. When its backup is lost, the
 primary does **not** record "no backup": the record keeps naming the last member
 that held every acknowledged write. A promoted primary likewise leaves its
 predecessor's record (which names itself) until it has a backup: it acknowledges
@@ -554,6 +560,7 @@ class Leadership:
         self.in_sync: str | None = None  # the backup the replication side has in sync
         self.recorded: str | None = None  # etcd's record is known to be (epoch, recorded)
         self.record_inflight: str | None = None
+        self.record_unknown: str | None = None  # a record whose answer was lost
         self.next_record = 0.0
         # Following.
         self.role = Role.SPARE
@@ -815,6 +822,7 @@ class Leadership:
             self._fence(f"etcd refused the in-sync record: epoch {event.epoch} is over", actions)
             return
         if event.result is RecordResult.FAILED:
+            self.record_unknown = event.backup
             self.etcd_reachable = False
             self.next_record = event.now + self.timing.retry_delay
             return
@@ -940,7 +948,7 @@ class Leadership:
             return
         self.phase, self.role, self.following = Phase.PRIMARY, Role.PRIMARY, None
         self.holding = Holding(True, epoch, self.holding.history, self.holding.seq)
-        self.in_sync = self.recorded = self.record_inflight = None
+        self.in_sync = self.recorded = self.record_inflight = self.record_unknown = None
         actions.append(BecomePrimary(epoch))
 
     def _abandon(self, actions: list[Action]) -> None:
@@ -980,6 +988,14 @@ class Leadership:
         if backup is None or epoch is None or self.record_inflight is not None:
             return
         if backup == self.recorded:
+            return
+        unknown = self.record_unknown
+        if unknown is not None and backup != unknown:
+            self._fence(
+                f"an in-sync record of {unknown} may still land; not recording {backup}", actions
+            )
+            self.resigning = epoch
+            actions.append(Resign(epoch))
             return
         self.recorded, self.record_inflight = None, backup  # etcd's record is uncertain now
         self.next_record = now + self.timing.retry_delay

@@ -105,6 +105,7 @@ TICK = 0.1  # how often a member's driver ticks its machine
 STEP = 0.05  # how often the replication side, the clients and the checks run
 SYNC_DELAY = (0.1, 0.4)  # bringing a follower in sync
 DRIFT = 0.002  # a member's clock runs at 1 +- this
+SETTLE = 8.0  # fault-free time at the end (faults heal within 5 s), before the stuck check
 
 
 # -- injected bugs -----------------------------------------------------------------------
@@ -579,6 +580,8 @@ class Simulation:
 
     # -- faults ------------------------------------------------------------------------------
     def fault(self) -> None:
+        if self.now >= self.duration:
+            return  # the end: let everything heal
         member = self.random.choice(self.members)
         kind = self.random.choices(
             ["crash", "pause", "etcd_cut", "member_cut", "etcd_outage", "etcd_election"],
@@ -613,8 +616,7 @@ class Simulation:
             self.schedule(self.random.uniform(0.3, 3.0), lambda: self.etcd.recover(self.now))
         elif kind == "etcd_election":
             self.etcd.renew_all(self.now)
-        if self.now < self.duration - 4:
-            self.schedule(self.random.uniform(0.3, 2.5), self.fault)
+        self.schedule(self.random.uniform(0.3, 2.5), self.fault)
 
     # -- running -----------------------------------------------------------------------------
     def stuck(self) -> bool:
@@ -641,7 +643,8 @@ class Simulation:
             self.schedule(self.random.uniform(0, 0.3), self.starter(member))
         self.schedule(0.5, self.step)
         self.schedule(self.random.uniform(1.0, 3.0), self.fault)
-        while self._queue and self._queue[0][0] <= self.duration:
+        # After the last fault, every fault heals (within 5 s) and the members settle.
+        while self._queue and self._queue[0][0] <= self.duration + SETTLE:
             self.now, _, event = heapq.heappop(self._queue)
             self.etcd.advance(self.now)
             event()

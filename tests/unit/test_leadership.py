@@ -285,6 +285,23 @@ def test_while_a_record_is_on_its_way_the_old_backup_coming_back_acknowledges_no
     assert machine.may_acknowledge(1.05, OTHER)
 
 
+def test_after_a_record_with_a_lost_answer_the_primary_steps_down_rather_than_switch() -> None:
+    """The lost write may land after any later one: recording THIRD then could leave
+    etcd naming OTHER, which lacks what THIRD acknowledged."""
+    machine = primary(20)
+    machine.handle(BackupInSync(0.3, OTHER))
+    machine.handle(RecordSyncAnswered(0.9, 20, OTHER, RecordResult.FAILED))
+    # The same backup again is harmless in any order.
+    assert RecordSync(20, OTHER) in machine.handle(Tick(0.9 + TIMING.retry_delay))
+    machine.handle(RecordSyncAnswered(1.2, 20, OTHER, RecordResult.OK))
+    assert machine.may_acknowledge(1.25, OTHER)
+    machine.handle(BackupLost(1.3, OTHER))
+    actions = without_register(machine.handle(BackupInSync(1.4, THIRD)))
+    assert RecordSync(20, THIRD) not in actions
+    assert kinds(actions) == [Fence, Resign] and actions[1] == Resign(20)
+    assert not machine.may_serve(1.4) and not machine.may_acknowledge(1.4, THIRD)
+
+
 def test_a_lost_backup_is_not_recorded_away_and_acknowledges_at_once_when_back() -> None:
     machine = primary(20)
     machine.handle(BackupInSync(0.3, OTHER))
