@@ -10,6 +10,7 @@ When the primary goes away we keep our data and wait for it.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pbkv.actions import (
 from pbkv.candidates import MAX_CANDIDATES, Candidate, Unproven
 from pbkv.commands import Command, Outcome, Refused, Reply
 from pbkv.config import Settings
-from pbkv.core import ReplicationCore, log
+from pbkv.core import ReplicationCore
 from pbkv.limits import LogThrottle
 from pbkv.stages import Copy, Directive, Event, Resync, Role, Stage, State, Step, refusal
 from pbkv.store import ShardedStore
@@ -49,6 +50,8 @@ from pbkv.wire import (
     SnapshotBegin,
     SyncAck,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)

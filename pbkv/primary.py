@@ -18,6 +18,7 @@ Who wins a handshake is ``stages.plan``: this core carries the plan out.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,7 +34,6 @@ from pbkv.core import (
     MISS,
     ReplicationCore,
     growth,
-    log,
 )
 from pbkv.stages import Copy, Directive, Event, Plan, Role, Stage, Step, WriteRule, plan
 from pbkv.store import ShardedStore
@@ -56,6 +56,8 @@ from pbkv.wire import (
 from pbkv.wire import (
     Batch as BatchFrame,
 )
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
