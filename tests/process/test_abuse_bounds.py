@@ -13,24 +13,12 @@ import time
 
 import pytest
 
+from bench.abuse import descriptors, insert_request, read_replies, silent_socket_closed
 from pbkv.limits import RESERVED_CLIENTS
 from pbkv.store import PAIR_OVERHEAD
 from tests.support.harness import Pair, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
-
-def descriptors(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def closed_by_server(sock: socket.socket) -> bool:
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
 
 
 # -- TLS handshakes ---------------------------------------------------------------------------
@@ -69,7 +57,9 @@ def test_silent_tls_connections_count_from_accept_and_close_at_the_handshake_dea
     # Counted from accept: past max_clients and the channel's reserve, closed at once.
     held = max_clients + RESERVED_CLIENTS
     wait_for(
-        lambda: sum(map(closed_by_server, socks)) >= silent - held, 5, what="extra closed at once"
+        lambda: sum(map(silent_socket_closed, socks)) >= silent - held,
+        5,
+        what="extra closed at once",
     )
     assert descriptors(pid) <= baseline + held + 2
     assert time.monotonic() - opened < deadline
@@ -81,7 +71,7 @@ def test_silent_tls_connections_count_from_accept_and_close_at_the_handshake_dea
     assert time.monotonic() - opened < deadline, "resynced only once the handshakes expired"
 
     # No descriptor is held past the handshake deadline (plus the sweep's step).
-    wait_for(lambda: all(map(closed_by_server, socks)), deadline + 3, what="all closed")
+    wait_for(lambda: all(map(silent_socket_closed, socks)), deadline + 3, what="all closed")
     assert time.monotonic() - opened < deadline + 3
     wait_for(lambda: descriptors(pid) <= baseline + 2, 3, what="descriptors given back")
     with pair.client("backup") as client:  # a TLS client is served again
@@ -98,29 +88,11 @@ VALUE = 400_000
 CONNECTIONS, PIPELINED = 4, 100
 
 
-def insert_request(key: str) -> bytes:
-    body = b"key=%s&value=%s" % (key.encode(), b"v" * VALUE)
-    return (
-        b"POST /kv/insert HTTP/1.1\r\nHost: t\r\n"
-        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n%s"
-        % (len(body), body)
-    )
-
-
 async def pipeline(address: tuple[str, int], connection: int) -> list[int]:
     """Pipeline PIPELINED inserts on one connection; the status code of each reply."""
     reader, writer = await asyncio.open_connection(*address)
-    writer.write(b"".join(insert_request(f"c{connection}-{i}") for i in range(PIPELINED)))
-    statuses: list[int] = []
-    while len(statuses) < PIPELINED:
-        head = await reader.readuntil(b"\r\n\r\n")
-        statuses.append(int(head.split()[1]))
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.lower().split(b"\r\n")
-            if line.startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
+    writer.write(b"".join(insert_request(f"c{connection}-{i}", VALUE) for i in range(PIPELINED)))
+    statuses = await read_replies(reader, PIPELINED)
     writer.close()
     return statuses
 
