@@ -39,9 +39,7 @@ def records_of(path: Path, max_record: int = 1 << 20) -> list[Record]:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(ops_lists, min_size=1, max_size=8), st.integers(0, 2**64 - 1), st.binary())
 def test_batches_round_trip(ops: list[list[str | None]], epoch: int, extra: bytes) -> None:
-    records = [
-        Record.batch(HISTORY, seq, epoch, o, extra) for seq, o in enumerate(ops, start=1)
-    ]
+    records = [Record.batch(HISTORY, seq, epoch, o, extra) for seq, o in enumerate(ops, start=1)]
     records.append(Record.mark(State(1, 2, epoch)))
     records.append(Record.rollback(State(1, 1, epoch)))
     with tempfile.TemporaryDirectory() as folder:
@@ -50,7 +48,9 @@ def test_batches_round_trip(ops: list[list[str | None]], epoch: int, extra: byte
         assert offsets[-1] == path.stat().st_size
         assert records_of(path) == records
         found = list(read_records(path))
-        assert [(start, end) for start, end, _ in found] == list(zip(offsets, offsets[1:]))
+        assert [(start, end) for start, end, _ in found] == list(
+            zip(offsets, offsets[1:], strict=False)
+        )
 
 
 def test_reading_resumes_from_a_record_boundary(tmp_path: Path) -> None:
