@@ -51,7 +51,7 @@ def describe_log(scan: LogScan) -> str:
     if scan.records:
         held = f"{scan.records} records, seq {scan.first_seq}..{scan.last_seq}"
     else:
-        held = "no records"
+        held = "no good record"
     text = f"{held}, {scan.size} bytes"
     problem = scan.problem
     if problem is None:
@@ -112,7 +112,7 @@ def check_folder(folder: Path, max_record: int, fix: bool, out: Out) -> bool:
             entry not in manifest.files
         ):
             out(f"  {entry}: not named by the manifest (a server removes it at start)")
-    healthy = True
+    damaged: list[str] = []  # "file: what, at offset N" for the refusal to fix
     base_path = folder / manifest.base
     base = None
     try:
@@ -120,36 +120,40 @@ def check_folder(folder: Path, max_record: int, fix: bool, out: Out) -> bool:
         out(f"  {manifest.base}: {describe_snapshot(base)}")
     except FileNotFoundError:
         out(f"  {manifest.base}: missing")
-        healthy = False
+        damaged.append(f"{manifest.base} is missing")
     except FileProblem as exc:
         out(f"  {manifest.base}: damage at offset {exc.offset}: {exc.reason}")
-        healthy = False
+        damaged.append(f"{manifest.base}: damage at offset {exc.offset}")
     torn_last: Path | None = None
     last = len(manifest.increments) - 1
     for index, name in enumerate(manifest.increments):
         path = folder / name
         if not path.exists():
             out(f"  {name}: missing")
-            healthy = False
+            damaged.append(f"{name} is missing")
             continue
         scan = scan_log(path, max_record)
         line = describe_log(scan)
-        if isinstance(scan.problem, TornTail) and index != last:
+        problem = scan.problem
+        if isinstance(problem, TornTail) and index != last:
             line += " -- not the last increment, so damage: refusing to cut it"
-            healthy = False
-        elif isinstance(scan.problem, TornTail):
+            damaged.append(f"{name}: torn at offset {problem.offset}, not the last increment")
+        elif isinstance(problem, TornTail):
             torn_last = path
-        elif scan.problem is not None:
-            healthy = False
+        elif problem is not None:
+            damaged.append(f"{name}: damage at offset {problem.offset}")
         out(f"  {name}: {line}")
-    if healthy and base is not None:
-        healthy = _check_sequence(folder, base, manifest.increments, max_record, out)
+    if not damaged and base is not None:
+        disorder = _check_sequence(folder, base, manifest.increments, max_record, out)
+        if disorder is not None:
+            damaged.append(disorder)
+    healthy = not damaged
     if torn_last is not None:
         if not fix:
             out(f"  a server cuts the torn tail of {torn_last.name} at start; --fix cuts it now")
             return False
         if not healthy:
-            out(f"  refusing to fix {torn_last.name} while other files are damaged")
+            out(f"  refusing to fix {torn_last.name} while {'; '.join(damaged)}")
             return False
         lock = _locked(folder)
         if lock is None:
@@ -160,14 +164,18 @@ def check_folder(folder: Path, max_record: int, fix: bool, out: Out) -> bool:
         finally:
             os.close(lock)
     if not healthy and fix:
-        out("  refusing to fix: only a torn last record is ever cut; damage stays for you to see")
+        out(
+            f"  refusing to fix {'; '.join(damaged)}: only a torn last record is ever cut, "
+            "and cutting there would drop records after it"
+        )
     return healthy
 
 
 def _check_sequence(
     folder: Path, base: SnapshotInfo, increments: tuple[str, ...], max_record: int, out: Out
-) -> bool:
-    """Whether each record follows the one before it, from the base on."""
+) -> str | None:
+    """Whether each record follows the one before it, from the base on: None, or
+    where one does not."""
     replay = Replay(base.state)
     try:
         for name in increments:
@@ -178,12 +186,12 @@ def _check_sequence(
         pass  # reported with its file
     except FileProblem as exc:
         out(f"  {exc.path.name}: records out of order at offset {exc.offset}: {exc.reason}")
-        return False
+        return f"{exc.path.name}: records out of order at offset {exc.offset}"
     out(
         f"  sequence: ok, history {replay.state.history:016x}, seq {base.state.seq} -> "
         f"{replay.state.seq}, {len(replay.batches)} batches after the snapshot"
     )
-    return True
+    return None
 
 
 def check_file(path: Path, max_record: int, fix: bool, out: Out) -> bool:
