@@ -132,6 +132,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "serve", add_help=False, prefix_chars="\0", help="run a server (see: pbkv serve -h)"
     )
     cmd.add_argument("server_args", nargs=argparse.REMAINDER)
+    cmd = commands.add_parser(
+        "check-data",
+        add_help=False,
+        prefix_chars="\0",
+        help="verify persistence files, --fix cuts a torn tail (see: pbkv check-data -h)",
+    )
+    cmd.add_argument("check_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -330,14 +337,18 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     if words[:1] == ["serve"]:  # at once: a server needs none of the client's modules
         return serve_main(words[1:])
+    if words[:1] == ["check-data"]:  # files on this machine: no server, no client
+        from pbkv.persist.check import check_data_main
+
+        return check_data_main(words[1:])
     parser = _build_parser()
     try:
         args = parser.parse_args(words)
     except SystemExit as exc:  # --help or a usage error: report it as a status
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
-    if args.command == "serve":  # options before it: "serve" comes first
+    if args.command in ("serve", "check-data"):  # options before it: the command comes first
         parser.print_usage(sys.stderr)
-        print("pbkv: error: put server options after 'serve'", file=sys.stderr)
+        print(f"pbkv: error: put options after '{args.command}'", file=sys.stderr)
         return EXIT_ERROR
 
     from pbkv.client import PbkvError  # the client's modules: not imported to serve
