@@ -205,14 +205,13 @@ class DumpStream:
 
 # -- process-wide resources -------------------------------------------------------------
 def _libc() -> Any:
-    import ctypes  # here, not at start: finding the C library runs ldconfig
-    import ctypes.util
+    import ctypes  # here, not at start-up: only a server that frees much needs it
 
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    # The process's own symbols, the C library's among them. Not
+    # ctypes.util.find_library, which runs ldconfig in a child process: forking a
+    # server that holds millions of pairs costs tens of milliseconds of the loop.
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
         libc.malloc_trim  # noqa: B018 - glibc only
         return libc
     except (OSError, AttributeError):

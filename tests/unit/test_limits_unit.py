@@ -144,3 +144,19 @@ def test_a_limit_is_logged_once_per_interval(caplog):
         "max_clients (3) reached (11 times so far)",
         "max_clients (3) reached (21 times so far)",
     ]
+
+
+def test_the_c_library_is_found_without_starting_a_process(monkeypatch) -> None:
+    # ctypes.util.find_library runs ldconfig in a child: forking a server that holds
+    # millions of pairs would stall its loop for tens of milliseconds on the first trim.
+    import subprocess
+
+    from pbkv import limits
+
+    def no_child(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a child process was started")
+
+    monkeypatch.setattr(subprocess, "Popen", no_child)
+    monkeypatch.setattr(limits, "_LIBC", [])
+    limits.trim_malloc()
+    assert limits._LIBC[0] is not None  # glibc: malloc_trim was found and called
