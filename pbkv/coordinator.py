@@ -88,6 +88,8 @@ __all__ = [
     "SyncRead",
     "SyncRecord",
     "WatchLost",
+    "sync_record_from",
+    "sync_value",
 ]
 
 T = TypeVar("T")
