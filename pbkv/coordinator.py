@@ -14,7 +14,8 @@ Keys, under the cluster prefix ``P`` (values are JSON):
     exist), so at most one member holds it; it vanishes with the lease.
 ``P/sync``
     ``{"epoch": E, "backup": ADDRESS | null}``: the primary of epoch E's in-sync
-    backup, the only member that may be promoted after it.
+    backup, the only member that may be promoted after it. Each write is a
+    compare-and-swap on the key's mod revision, as well as guarded by the epoch.
 ``P/members/ADDRESS``
     each member's own description (role, stage, ...), bound to its lease.
 
@@ -37,6 +38,13 @@ Guarantees of each operation:
   nothing unless the leader key is still the one created at the given epoch:
   a member that lost leadership (its lease expired, someone else won) can
   neither delete its successor's key nor overwrite its in-sync record.
+- :meth:`~Coordinator.record_sync` also changes nothing unless the record is
+  still at the mod revision its caller last saw (``expected``): of the writes
+  sent while the record was at one revision, at most one ever lands, so a
+  write whose answer was lost cannot land later over a newer record. Asked
+  again after its answer was lost, a write that landed answers its revision.
+- :meth:`~Coordinator.leader` and :meth:`~Coordinator.sync` say which
+  revision they read at (:class:`LeaderRead`, :class:`SyncRead`).
 - :meth:`~Coordinator.keepalive` returns the TTL etcd restarted the lease with,
   or None once the lease is gone (etcd answers a refresh of an expired lease
   with TTL 0, not an error). The caller must read its monotonic clock *before*
@@ -75,9 +83,13 @@ __all__ = [
     "Leader",
     "LeaderChanged",
     "LeaderEvent",
+    "LeaderRead",
     "MemberInfo",
+    "SyncRead",
     "SyncRecord",
     "WatchLost",
+    "sync_record_from",
+    "sync_value",
 ]
 
 T = TypeVar("T")
@@ -117,10 +129,14 @@ class LeaseGone(CoordinatorError):
     """The lease a key was to be bound to has expired or was revoked."""
 
 
+# The values below are shared with the etcd model of the simulation
+# (pbkv.testing.coordination), which offers the same operations on virtual time.
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     id: int
-    ttl: int  # seconds, as granted (etcd raises a short request to its minimum)
+    ttl: float  # seconds, as granted (etcd raises a short request to its minimum)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,9 +146,28 @@ class Leader:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaderRead:
+    """The leader key as read at etcd revision ``revision``; None: no leader.
+    The revision orders the read against the leader watch's events."""
+
+    leader: Leader | None
+    revision: int
+
+
+@dataclass(frozen=True, slots=True)
 class SyncRecord:
     epoch: int
     backup: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SyncRead:
+    """The in-sync record as read (None: there is none, or it is malformed) and
+    the sync key's mod revision (0: absent), the ``expected`` of the next
+    :meth:`Coordinator.record_sync`."""
+
+    record: SyncRecord | None
+    mod_revision: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +200,19 @@ def _decode(value: bytes) -> Any:
         return orjson.loads(value)
     except orjson.JSONDecodeError:
         return None
+
+
+def sync_value(epoch: int, backup: str | None) -> dict[str, Any]:
+    """The in-sync record as stored (JSON)."""
+    return {"epoch": epoch, "backup": backup}
+
+
+def sync_record_from(value: Any) -> SyncRecord | None:
+    """The in-sync record from its stored JSON value (None if malformed)."""
+    if not isinstance(value, dict) or not isinstance(value.get("epoch"), int):
+        return None
+    backup = value.get("backup")
+    return SyncRecord(epoch=value["epoch"], backup=backup if isinstance(backup, str) else None)
 
 
 def _leader_from(kv: Any) -> Leader | None:
@@ -255,7 +303,7 @@ class Coordinator:
     async def grant(self, ttl: int) -> Lease:
         """A new lease; etcd may grant a longer TTL than asked (never shorter)."""
         lease = await self._call("lease grant", self._client.lease(ttl))
-        return Lease(id=int(lease.id), ttl=int(lease.ttl))
+        return Lease(id=int(lease.id), ttl=float(lease.ttl))
 
     async def keepalive(self, lease: Lease) -> float | None:
         """Restart the lease's TTL: the seconds etcd now gives it, or None when the
@@ -300,7 +348,7 @@ class Coordinator:
             return int(kv.create_revision)
         return None
 
-    async def _read_leader(self) -> tuple[Leader | None, int]:
+    async def leader(self) -> LeaderRead:
         """The leader and the etcd revision the read saw."""
         found = await self._call(
             "leader read",
@@ -308,12 +356,8 @@ class Coordinator:
         )
         revision = int(found.header.revision)
         for kv in found:
-            return _leader_from(kv), revision
-        return None, revision
-
-    async def leader(self) -> Leader | None:
-        leader, _ = await self._read_leader()
-        return leader
+            return LeaderRead(_leader_from(kv), revision)
+        return LeaderRead(None, revision)
 
     async def resign(self, epoch: int) -> bool:
         """Delete the leader key if it is still the one created at ``epoch``."""
@@ -331,33 +375,48 @@ class Coordinator:
         return bool(succeeded)
 
     # -- the in-sync record --------------------------------------------------------------
-    async def record_sync(self, epoch: int, backup: str | None) -> bool:
+    async def record_sync(self, epoch: int, backup: str | None, *, expected: int) -> int | None:
         """Record ``backup`` as epoch ``epoch``'s in-sync backup, only while the
-        leader key created at ``epoch`` exists: False when it does not (we are no
-        longer leader, and must not acknowledge anything more)."""
+        leader key created at ``epoch`` exists and the record is still at mod
+        revision ``expected`` (0: absent), the one the caller last saw: the
+        record's new mod revision, or None when a guard fails (our key is gone:
+        we must acknowledge nothing more; or another write of ours landed first).
+
+        A repeat of a write that landed (its answer was lost) finds the record
+        it wrote, under our key, and answers its revision."""
         _check_epoch(epoch)
         client = self._client
         tx = client.transactions
-        value = orjson.dumps({"epoch": epoch, "backup": backup})
-        succeeded, _ = await self._call(
+        value = sync_value(epoch, backup)
+        succeeded, responses = await self._call(
             "in-sync record",
             client.transaction(
-                compare=[tx.create(self.leader_key) == epoch],
-                success=[tx.put(self.sync_key, value)],
-                failure=[],
+                compare=[
+                    tx.create(self.leader_key) == epoch,
+                    tx.mod(self.sync_key) == expected,
+                ],
+                success=[tx.put(self.sync_key, orjson.dumps(value)), tx.get(self.sync_key)],
+                failure=[tx.get(self.leader_key), tx.get(self.sync_key)],
             ),
         )
-        return bool(succeeded)
+        found = responses[-1]
+        if not found:  # the sync key is absent: no write of ours landed
+            return None
+        kv = found[0][1]
+        if succeeded:
+            return int(kv.mod_revision)
+        leader = responses[0]
+        ours = bool(leader) and int(leader[0][1].create_revision) == epoch
+        if ours and _decode(kv.value) == value:
+            return int(kv.mod_revision)
+        return None
 
-    async def sync(self) -> SyncRecord | None:
+    async def sync(self) -> SyncRead:
+        """The in-sync record and the sync key's mod revision."""
         found = await self._call("in-sync read", self._client.get(self.sync_key))
         if found is None:
-            return None
-        value = _decode(found.value)
-        if not isinstance(value, dict) or not isinstance(value.get("epoch"), int):
-            return None
-        backup = value.get("backup")
-        return SyncRecord(epoch=value["epoch"], backup=backup if isinstance(backup, str) else None)
+            return SyncRead(None, 0)
+        return SyncRead(sync_record_from(_decode(found.value)), int(found.mod_revision))
 
     # -- members -------------------------------------------------------------------------
     async def register(self, member: str, info: dict[str, Any], lease: Lease) -> None:
@@ -393,11 +452,11 @@ class Coordinator:
         lost = False
         while True:
             try:
-                leader, revision = await self._read_leader()
+                read = await self.leader()
                 # From the revision after the read: no change falls in between.
                 watch = await self._call(
                     "leader watch",
-                    self._client.watch(self.leader_key, start_revision=revision + 1),
+                    self._client.watch(self.leader_key, start_revision=read.revision + 1),
                 )
             except CoordinatorError as exc:
                 if not lost:
@@ -409,7 +468,7 @@ class Coordinator:
             watched_since = time.monotonic()
             lost = False
             try:
-                yield LeaderChanged(leader, revision)
+                yield LeaderChanged(read.leader, read.revision)
                 async for event in watch:
                     if event.kind == "DELETE":
                         yield LeaderChanged(None, int(event.kv.mod_revision))

@@ -41,25 +41,28 @@ no more frames of the old epoch), then, with the record confirmed, it emits
 :class:`BecomePrimary`: its copy is the primary's in place.
 
 **(c) The in-sync record.** When the replication side reports a backup in sync
-(:class:`BackupInSync`), the primary records it under its epoch (the write is
-guarded by its own leader key) and acknowledges no write that backup acknowledged
-until etcd confirmed the record. While a record is on its way, etcd's record is
-unknown (it may already name the new backup, or still the old one), so
-``may_acknowledge`` is false for every backup. A refused record means our key is gone: fence.
-A record whose answer was lost (a time-out) may still land at etcd at any later
-moment while our key exists, even after a newer record (the client may send the
-next call to another endpoint): it is retried with the same backup only, a repeat
-being harmless in any order. If by then another backup must be recorded, the
-primary steps down instead (fence and resign): once its key is gone the stray
-write cannot land, and whichever backup etcd names holds every acknowledged write,
-since nothing is acknowledged while a record is unknown. When its backup is lost, the
-primary does **not** record "no backup": the record keeps naming the last member
-that held every acknowledged write. A promoted primary likewise leaves its
-predecessor's record (which names itself) until it has a backup: it acknowledges
-nothing without one, so its own copy is the only one that holds every
-acknowledged write, and the record already says so. Writing "no backup" there
-would let the next failover promote someone with less (or, read as a new
-cluster, anyone at all).
+(:class:`BackupInSync`), the primary records it under its epoch and acknowledges
+no write that backup acknowledged until etcd confirmed the record. Each write is
+guarded by the primary's own leader key and is a compare-and-swap on the record's
+mod revision: it expects the revision the primary last knew (from the read that
+confirmed its win, then from each confirmed write). While a record is on its way,
+etcd's record is unknown (it may already name the new backup, or still the old
+one), so ``may_acknowledge`` is false for every backup. A record whose answer was
+lost (a time-out) may still land at etcd at any later moment, but only while the
+record is still at the revision it expected; the primary retries with that same
+revision, for whichever backup is in sync by then, so of all these writes at most
+one ever lands, and once one is confirmed no other can (a repeat of the one that
+landed is answered as a success). A refused record means our key is gone, or an
+earlier write of ours with a lost answer landed first: either way the primary
+steps down (fence and resign), and whichever backup etcd names holds every
+acknowledged write, since nothing is acknowledged while a record is unknown.
+When its backup is lost, the primary does **not** record "no backup": the record
+keeps naming the last member that held every acknowledged write. A promoted
+primary likewise leaves its predecessor's record (which names itself) until it
+has a backup: it acknowledges nothing without one, so its own copy is the only
+one that holds every acknowledged write, and the record already says so. Writing
+"no backup" there would let the next failover promote someone with less (or,
+read as a new cluster, anyone at all).
 
 **(d) Fencing.** The primary may serve while ``now < sent + ttl - margin``, ``sent``
 being when the last keepalive (or grant) that succeeded was *sent*: etcd restarted
@@ -305,6 +308,7 @@ class SyncObserved:
     now: float
     sent: float  # when the read was sent
     record: SyncRecord | None
+    mod_revision: int  # the sync key's (0: absent), what the next record expects
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,6 +326,7 @@ class RecordSyncAnswered:
     epoch: int
     backup: str
     result: RecordResult
+    mod_revision: int | None = None  # with OK: the record's new mod revision
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,8 +416,11 @@ class Campaign:
 
 @dataclass(frozen=True, slots=True)
 class RecordSync:
+    """Record ``backup`` under ``epoch`` if the record is still at ``expected``."""
+
     epoch: int
     backup: str
+    expected: int  # the sync key's mod revision as last known
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,6 +558,7 @@ class Leadership:
         self.record: SyncRecord | None = None
         self.record_known = False
         self.record_sent = -math.inf  # when the read behind ``record`` was sent
+        self.record_revision = 0  # the sync key's mod revision as of ``record``
         self.next_read = 0.0
         self.etcd_reachable = True
         # Leading.
@@ -560,7 +569,6 @@ class Leadership:
         self.in_sync: str | None = None  # the backup the replication side has in sync
         self.recorded: str | None = None  # etcd's record is known to be (epoch, recorded)
         self.record_inflight: str | None = None
-        self.record_unknown: str | None = None  # a record whose answer was lost
         self.next_record = 0.0
         # Following.
         self.role = Role.SPARE
@@ -786,6 +794,7 @@ class Leadership:
         if event.sent < self.record_sent:
             return  # an older read answered late
         self.record, self.record_known, self.record_sent = event.record, True, event.sent
+        self.record_revision = event.mod_revision
         if event.record is not None:
             self.highest_epoch = max(self.highest_epoch, event.record.epoch)
             if self.leader is not None and self.leader.epoch < event.record.epoch:
@@ -819,10 +828,19 @@ class Leadership:
             return
         self.record_inflight = None
         if event.result is RecordResult.REFUSED:
-            self._fence(f"etcd refused the in-sync record: epoch {event.epoch} is over", actions)
+            # Our key is gone, or a lost write of ours landed first and etcd's
+            # record is not what we know: either way, hand over.
+            self._fence(
+                f"etcd refused the in-sync record of epoch {event.epoch} (the epoch is over, "
+                "or a record whose answer was lost landed first)",
+                actions,
+            )
+            self.resigning = event.epoch
+            actions.append(Resign(event.epoch))
             return
         if event.result is RecordResult.FAILED:
-            self.record_unknown = event.backup
+            # It may land later, but only while the record is at the revision it
+            # expected: the retry expects the same, so at most one of them lands.
             self.etcd_reachable = False
             self.next_record = event.now + self.timing.retry_delay
             return
@@ -830,6 +848,8 @@ class Leadership:
         self.recorded = event.backup
         self.record, self.record_known = SyncRecord(event.epoch, event.backup), True
         self.record_sent = event.now
+        if event.mod_revision is not None:
+            self.record_revision = event.mod_revision
         self._record_in_sync(event.now, actions)  # a newer backup meanwhile
 
     def _backup_in_sync(self, event: BackupInSync, actions: list[Action]) -> None:
@@ -948,7 +968,7 @@ class Leadership:
             return
         self.phase, self.role, self.following = Phase.PRIMARY, Role.PRIMARY, None
         self.holding = Holding(True, epoch, self.holding.history, self.holding.seq)
-        self.in_sync = self.recorded = self.record_inflight = self.record_unknown = None
+        self.in_sync = self.recorded = self.record_inflight = None
         actions.append(BecomePrimary(epoch))
 
     def _abandon(self, actions: list[Action]) -> None:
@@ -989,17 +1009,9 @@ class Leadership:
             return
         if backup == self.recorded:
             return
-        unknown = self.record_unknown
-        if unknown is not None and backup != unknown:
-            self._fence(
-                f"an in-sync record of {unknown} may still land; not recording {backup}", actions
-            )
-            self.resigning = epoch
-            actions.append(Resign(epoch))
-            return
         self.recorded, self.record_inflight = None, backup  # etcd's record is uncertain now
         self.next_record = now + self.timing.retry_delay
-        actions.append(RecordSync(epoch, backup))
+        actions.append(RecordSync(epoch, backup, self.record_revision))
 
     def _register(self, now: float, actions: list[Action]) -> None:
         if self.lease is None:

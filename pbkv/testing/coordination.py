@@ -61,7 +61,18 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
+
+from pbkv.coordinator import (
+    Leader,
+    LeaderChanged,
+    LeaderRead,
+    Lease,
+    MemberInfo,
+    SyncRead,
+    sync_record_from,
+    sync_value,
+)
 
 T = TypeVar("T")
 
@@ -454,41 +465,8 @@ class EtcdModel:
 
 
 # -- the coordinator's operations ---------------------------------------------------------
-# The same names and meanings as pbkv's etcd client (pbkv.coordinator), each with
-# ``now`` first; these types mirror that module's, to be shared once both exist.
-
-
-@dataclass(frozen=True)
-class Lease:
-    id: int
-    ttl: float
-
-
-@dataclass(frozen=True)
-class Leader:
-    member: str
-    epoch: int  # the leader key's create revision
-
-
-@dataclass(frozen=True)
-class SyncRecord:
-    epoch: int
-    backup: str
-
-
-@dataclass(frozen=True)
-class MemberInfo:
-    member: str
-    info: dict[str, object]
-    lease: int
-
-
-@dataclass(frozen=True)
-class LeaderChange:
-    """A leader watch event: the new leader, or None when the key went away."""
-
-    revision: int
-    leader: Leader | None
+# The same names, meanings and values as pbkv's etcd client (pbkv.coordinator), each
+# with ``now`` first.
 
 
 @dataclass(frozen=True)
@@ -527,18 +505,27 @@ class Coordination:
     # -- leadership -------------------------------------------------------------------
     def campaign(self, now: float, member: str, lease: Lease) -> int | None:
         """Create the leader key bound to ``lease`` if nobody holds it: the epoch
-        (its create revision), or None.  ``LeaseNotFound`` if the lease is gone."""
+        (its create revision), or None.  ``LeaseNotFound`` if the lease is gone.
+        Asked again with the same lease after an answer was lost, it finds its
+        own key and answers the same epoch."""
         result = self.etcd.txn(
             now,
             [Compare(self.leader_key, Target.CREATE, "==", 0)],
             [Put(self.leader_key, member, lease.id)],
             [Get(self.leader_key)],
         )
-        return result.revision if result.succeeded else None
+        if result.succeeded:
+            return result.revision
+        found = result.responses[0]
+        if found and found[0].lease == lease.id and found[0].value == member:
+            return found[0].create_revision
+        return None
 
-    def leader(self, now: float) -> Leader | None:
+    def leader(self, now: float) -> LeaderRead:
+        """The leader and the revision the read saw."""
         found = self.etcd.get(now, self.leader_key)
-        return None if found is None else Leader(found.value, found.create_revision)
+        leader = None if found is None else Leader(found.value, found.create_revision)
+        return LeaderRead(leader, self.etcd.revision)
 
     def resign(self, now: float, epoch: int) -> bool:
         """Delete the leader key if it is still the one of ``epoch``."""
@@ -549,25 +536,43 @@ class Coordination:
         ).succeeded
 
     # -- the in-sync record ----------------------------------------------------------------
-    def record_sync(self, now: float, epoch: int, backup: str) -> bool:
+    def record_sync(
+        self, now: float, epoch: int, backup: str | None, *, expected: int
+    ) -> int | None:
         """Record ``backup`` as in sync under ``epoch``, only while the leader key
-        is still the one of ``epoch``; False when that guard fails."""
-        record = json.dumps({"epoch": epoch, "backup": backup}, sort_keys=True)
-        return self.etcd.txn(
+        is still the one of ``epoch`` and the record still at mod revision
+        ``expected`` (0: absent): its new mod revision, or None when a guard
+        fails.  A repeat of a write that landed answers its revision."""
+        value = sync_value(epoch, backup)
+        result = self.etcd.txn(
             now,
-            [Compare(self.leader_key, Target.CREATE, "==", epoch)],
-            [Put(self.sync_key, record)],
-        ).succeeded
+            [
+                Compare(self.leader_key, Target.CREATE, "==", epoch),
+                Compare(self.sync_key, Target.MOD, "==", expected),
+            ],
+            [Put(self.sync_key, json.dumps(value, sort_keys=True)), Get(self.sync_key)],
+            [Get(self.leader_key), Get(self.sync_key)],
+        )
+        found = result.responses[-1]
+        if not found:
+            return None
+        if result.succeeded:
+            return found[0].mod_revision
+        leader = result.responses[0]
+        ours = bool(leader) and leader[0].create_revision == epoch
+        if ours and json.loads(found[0].value) == value:
+            return found[0].mod_revision
+        return None
 
-    def sync(self, now: float) -> SyncRecord | None:
+    def sync(self, now: float) -> SyncRead:
+        """The in-sync record and the sync key's mod revision (0: absent)."""
         found = self.etcd.get(now, self.sync_key)
         if found is None:
-            return None
-        record = json.loads(found.value)
-        return SyncRecord(int(record["epoch"]), str(record["backup"]))
+            return SyncRead(None, 0)
+        return SyncRead(sync_record_from(json.loads(found.value)), found.mod_revision)
 
     # -- members -------------------------------------------------------------------------------
-    def register(self, now: float, member: str, info: dict[str, object], lease: Lease) -> None:
+    def register(self, now: float, member: str, info: dict[str, Any], lease: Lease) -> None:
         self.etcd.put(now, self.members_prefix + member, json.dumps(info, sort_keys=True), lease.id)
 
     def members(self, now: float) -> list[MemberInfo]:
@@ -580,7 +585,7 @@ class Coordination:
     def watch_leader(
         self,
         now: float,
-        callback: Callable[[LeaderChange], None] | None = None,
+        callback: Callable[[LeaderChanged], None] | None = None,
         start_revision: int | None = None,
     ) -> int:
         """Watch the leader key; changes go to ``callback`` or wait for ``leader_changes``."""
@@ -595,14 +600,14 @@ class Coordination:
             now, self.leader_key, start_revision=start_revision, callback=forward
         )
 
-    def leader_changes(self, watch_id: int) -> list[LeaderChange]:
+    def leader_changes(self, watch_id: int) -> list[LeaderChanged]:
         return [self.leader_change(event) for event in self.etcd.events(watch_id)]
 
     @staticmethod
-    def leader_change(event: Event) -> LeaderChange:
+    def leader_change(event: Event) -> LeaderChanged:
         if event.type is EventType.PUT:
-            return LeaderChange(event.revision, Leader(event.kv.value, event.kv.create_revision))
-        return LeaderChange(event.revision, None)
+            return LeaderChanged(Leader(event.kv.value, event.kv.create_revision), event.revision)
+        return LeaderChanged(None, event.revision)
 
     # -- for the simulation's checks ------------------------------------------------------------
     def tenures(self) -> list[Tenure]:

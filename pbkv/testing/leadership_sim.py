@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pbkv.coordinator import Leader, SyncRecord
+from pbkv.coordinator import Leader, LeaderRead, Lease, SyncRead, SyncRecord
 from pbkv.leadership import (
     EMPTY,
     Action,
@@ -90,14 +90,12 @@ from pbkv.testing.coordination import (
     Coordination,
     EtcdModel,
     EtcdSession,
-    EventType,
     ExpiryClock,
     Failed,
     LeaseNotFound,
     Reply,
 )
 from pbkv.testing.coordination import Event as EtcdEvent
-from pbkv.testing.coordination import Lease as ModelLease
 
 ADDRESSES = ("m0:7000", "m1:7000", "m2:7000")
 TIMING = Timing(ttl=2.0, margin=0.2, keepalive_interval=0.6, request_timeout=0.6, read_interval=1.0)
@@ -300,10 +298,8 @@ class Simulation:
         assert session is not None
 
         def on_event(event: EtcdEvent) -> None:
-            leader = None
-            if event.type is EventType.PUT:
-                leader = Leader(event.kv.value, event.kv.create_revision)
-            self.feed(member, LeaderObserved(self.local(member), leader, event.revision))
+            change = self.coordination.leader_change(event)
+            self.feed(member, LeaderObserved(self.local(member), change.leader, change.revision))
 
         def on_lost() -> None:
             self.feed(member, EtcdFailed(self.local(member), Operation.WATCH, "watch lost"))
@@ -338,7 +334,7 @@ class Simulation:
 
         if isinstance(action, GrantLease):
 
-            def granted(reply: Reply[ModelLease]) -> None:
+            def granted(reply: Reply[Lease]) -> None:
                 if isinstance(reply, Answered):
                     lease = reply.value
                     self.feed(member, LeaseGranted(self.local(member), sent, lease.id, lease.ttl))
@@ -360,32 +356,29 @@ class Simulation:
             self.call(member, lambda now: self.etcd.revoke(now, action.lease), lambda _: None)
         elif isinstance(action, ReadLeader):
 
-            def read(now: float) -> tuple[Leader | None, int]:
-                found = coord.leader(now)
-                leader = None if found is None else Leader(found.member, found.epoch)
-                return leader, self.etcd.revision
-
-            def leader_read(reply: Reply[tuple[Leader | None, int]]) -> None:
+            def leader_read(reply: Reply[LeaderRead]) -> None:
                 if isinstance(reply, Answered):
-                    leader, revision = reply.value
-                    self.feed(member, LeaderObserved(self.local(member), leader, revision))
+                    read = reply.value
+                    self.feed(
+                        member, LeaderObserved(self.local(member), read.leader, read.revision)
+                    )
                 else:
                     failed(Operation.READ_LEADER)(reply)
 
-            self.call(member, read, leader_read)
+            self.call(member, coord.leader, leader_read)
         elif isinstance(action, ReadSync):
 
-            def sync_read(reply: Reply[Any]) -> None:
+            def sync_read(reply: Reply[SyncRead]) -> None:
                 if isinstance(reply, Answered):
-                    found = reply.value
-                    record = None if found is None else SyncRecord(found.epoch, found.backup)
-                    self.feed(member, SyncObserved(self.local(member), sent, record))
+                    read = reply.value
+                    event = SyncObserved(self.local(member), sent, read.record, read.mod_revision)
+                    self.feed(member, event)
                 else:
                     failed(Operation.READ_SYNC)(reply)
 
             self.call(member, coord.sync, sync_read)
         elif isinstance(action, Campaign):
-            lease = ModelLease(action.lease, TIMING.ttl)
+            lease = Lease(action.lease, TIMING.ttl)
 
             def campaigned(reply: Reply[int | None]) -> None:
                 result, epoch = CampaignResult.INDETERMINATE, None
@@ -400,23 +393,26 @@ class Simulation:
             self.call(member, lambda now: coord.campaign(now, action.member, lease), campaigned)
         elif isinstance(action, RecordSync):
 
-            def recorded(reply: Reply[bool]) -> None:
-                result = RecordResult.FAILED
+            def recorded(reply: Reply[int | None]) -> None:
+                result, revision = RecordResult.FAILED, None
                 if isinstance(reply, Answered):
-                    result = RecordResult.OK if reply.value else RecordResult.REFUSED
-                event = RecordSyncAnswered(self.local(member), action.epoch, action.backup, result)
+                    revision = reply.value
+                    result = RecordResult.REFUSED if revision is None else RecordResult.OK
+                event = RecordSyncAnswered(
+                    self.local(member), action.epoch, action.backup, result, revision
+                )
                 self.feed(member, event)
 
-            def record(now: float) -> bool:
-                done = coord.record_sync(now, action.epoch, action.backup)
-                self.record_ever = self.record_ever or done
+            def record(now: float) -> int | None:
+                done = coord.record_sync(now, action.epoch, action.backup, expected=action.expected)
+                self.record_ever = self.record_ever or done is not None
                 return done
 
             self.call(member, record, recorded)
         elif isinstance(action, Resign):
             self.call(member, lambda now: coord.resign(now, action.epoch), lambda _: None)
         elif isinstance(action, Register):
-            lease = ModelLease(action.lease, TIMING.ttl)
+            lease = Lease(action.lease, TIMING.ttl)
 
             def register(now: float) -> None:
                 coord.register(now, action.member, action.info, lease)

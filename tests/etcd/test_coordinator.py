@@ -18,7 +18,9 @@ from pbkv.coordinator import (
     Leader,
     LeaderChanged,
     LeaderEvent,
+    LeaderRead,
     LeaseGone,
+    SyncRead,
     SyncRecord,
     WatchLost,
 )
@@ -132,14 +134,14 @@ def test_one_member_wins_and_the_epoch_is_the_create_revision(
             assert epoch_a is not None
             assert epoch_a == await create_revision(etcd, f"{prefix}/leader")
             assert await b.campaign("b:1", lease_b) is None
-            assert await b.leader() == Leader("a:1", epoch_a)
+            assert (await b.leader()).leader == Leader("a:1", epoch_a)
             # A campaign repeated after a lost reply finds its own key.
             assert await a.campaign("a:1", lease_a) == epoch_a
             # a stops keeping its lease alive: the key goes, b wins a higher epoch.
             await until(lambda: _no_leader(b), "a's leader key to expire")
             epoch_b = await b.campaign("b:1", lease_b)
             assert epoch_b is not None and epoch_b > epoch_a
-            assert await a.leader() == Leader("b:1", epoch_b)
+            assert (await a.leader()).leader == Leader("b:1", epoch_b)
             assert epoch_b == await create_revision(etcd, f"{prefix}/leader")
             await b.revoke(lease_b)
 
@@ -147,7 +149,7 @@ def test_one_member_wins_and_the_epoch_is_the_create_revision(
 
 
 async def _no_leader(coord: Coordinator) -> bool:
-    return await coord.leader() is None
+    return (await coord.leader()).leader is None
 
 
 def test_only_the_holders_epoch_resigns(etcd: EtcdServer, prefix: str) -> None:
@@ -160,15 +162,15 @@ def test_only_the_holders_epoch_resigns(etcd: EtcdServer, prefix: str) -> None:
             epoch_a = await a.campaign("a:1", lease_a)
             assert epoch_a is not None
             assert not await b.resign(epoch_a + 1)
-            assert await b.leader() == Leader("a:1", epoch_a)
+            assert (await b.leader()).leader == Leader("a:1", epoch_a)
             assert await a.resign(epoch_a)
-            assert await a.leader() is None
+            assert (await a.leader()).leader is None
             assert not await a.resign(epoch_a)
             epoch_b = await b.campaign("b:1", lease_b)
             assert epoch_b is not None
             # The old holder's epoch no longer names the key: b keeps it.
             assert not await a.resign(epoch_a)
-            assert await a.leader() == Leader("b:1", epoch_b)
+            assert (await a.leader()).leader == Leader("b:1", epoch_b)
             with pytest.raises(ValueError):
                 await a.resign(0)
             await a.revoke(lease_a)
@@ -184,28 +186,78 @@ def test_the_in_sync_record_is_written_only_by_the_leader(etcd: EtcdServer, pref
             await Coordinator.open(etcd.client_url, prefix, TIMEOUT) as a,
             await Coordinator.open(etcd.client_url, prefix, TIMEOUT) as b,
         ):
-            assert await a.sync() is None
+            assert await a.sync() == SyncRead(None, 0)
             lease_a, lease_b = await a.grant(30), await b.grant(30)
             epoch_a = await a.campaign("a:1", lease_a)
             assert epoch_a is not None
-            assert await a.record_sync(epoch_a, "b:1")
-            assert await b.sync() == SyncRecord(epoch_a, "b:1")
-            assert await a.record_sync(epoch_a, None)
-            assert await b.sync() == SyncRecord(epoch_a, None)
+            first = await a.record_sync(epoch_a, "b:1", expected=0)
+            assert first is not None and first > epoch_a
+            assert await b.sync() == SyncRead(SyncRecord(epoch_a, "b:1"), first)
+            second = await a.record_sync(epoch_a, None, expected=first)
+            assert second is not None and second > first
+            assert await b.sync() == SyncRead(SyncRecord(epoch_a, None), second)
             # b is not the leader: its claim of epoch a's is refused like any other.
-            assert not await b.record_sync(epoch_a + 1, "b:1")
+            assert await b.record_sync(epoch_a + 1, "b:1", expected=second) is None
             # a loses leadership (its lease ends): it can no longer record.
             await a.revoke(lease_a)
-            assert not await a.record_sync(epoch_a, "c:1")
+            assert await a.record_sync(epoch_a, "c:1", expected=second) is None
             epoch_b = await b.campaign("b:1", lease_b)
             assert epoch_b is not None
-            assert not await a.record_sync(epoch_a, "a:1")
-            assert await b.sync() == SyncRecord(epoch_a, None)
-            assert await b.record_sync(epoch_b, "a:1")
-            assert await a.sync() == SyncRecord(epoch_b, "a:1")
+            assert await a.record_sync(epoch_a, "a:1", expected=second) is None
+            assert await b.sync() == SyncRead(SyncRecord(epoch_a, None), second)
+            third = await b.record_sync(epoch_b, "a:1", expected=second)
+            assert third is not None
+            assert await a.sync() == SyncRead(SyncRecord(epoch_b, "a:1"), third)
             with pytest.raises(ValueError):
-                await a.record_sync(0, "a:1")  # 0 would match an absent leader key
+                await a.record_sync(0, "a:1", expected=0)  # 0 would match an absent leader key
             await b.revoke(lease_b)
+
+    run(scenario())
+
+
+def test_a_record_expecting_a_stale_revision_is_refused(etcd: EtcdServer, prefix: str) -> None:
+    """A compare-and-swap on the record's mod revision: of the writes sent while
+    the record was at one revision, one lands; a late one is refused, and a repeat
+    of the one that landed (its answer lost) answers its revision."""
+
+    async def scenario() -> None:
+        async with await Coordinator.open(etcd.client_url, prefix, TIMEOUT) as coord:
+            lease = await coord.grant(30)
+            epoch = await coord.campaign("a:1", lease)
+            assert epoch is not None
+            newer = await coord.record_sync(epoch, "c:1", expected=0)
+            assert newer is not None
+            assert await coord.record_sync(epoch, "b:1", expected=0) is None
+            assert await coord.sync() == SyncRead(SyncRecord(epoch, "c:1"), newer)
+            assert await coord.record_sync(epoch, "b:1", expected=newer + 1) is None
+            # The one that landed, asked again: its revision, and nothing written.
+            assert await coord.record_sync(epoch, "c:1", expected=0) == newer
+            assert await coord.sync() == SyncRead(SyncRecord(epoch, "c:1"), newer)
+            latest = await coord.record_sync(epoch, "b:1", expected=newer)
+            assert latest is not None and latest > newer
+            assert await coord.sync() == SyncRead(SyncRecord(epoch, "b:1"), latest)
+            # Under a key of another epoch, the same value is not ours.
+            assert await coord.resign(epoch)
+            assert await coord.record_sync(epoch, "b:1", expected=newer) is None
+            await coord.revoke(lease)
+
+    run(scenario())
+
+
+def test_a_leader_read_says_the_revision_it_read_at(etcd: EtcdServer, prefix: str) -> None:
+    async def scenario() -> None:
+        async with await Coordinator.open(etcd.client_url, prefix, TIMEOUT) as coord:
+            before = await coord.leader()
+            assert before.leader is None
+            lease = await coord.grant(30)
+            epoch = await coord.campaign("a:1", lease)
+            assert epoch is not None and epoch > before.revision
+            read = await coord.leader()
+            assert read == LeaderRead(Leader("a:1", epoch), read.revision)
+            assert read.revision >= epoch
+            await coord.register("a:1", {}, lease)  # any write raises the revision
+            assert (await coord.leader()).revision > read.revision
+            await coord.revoke(lease)
 
     run(scenario())
 
@@ -293,7 +345,7 @@ async def _every_call(coord: Coordinator, lease: Any, epoch: int, timeout: float
         # A write that timed out may still land once etcd answers again (it is
         # indeterminate), so this one names an epoch that never held the key.
         "resign": lambda: coord.resign(epoch + 1000),
-        "record_sync": lambda: coord.record_sync(epoch, "b:1"),
+        "record_sync": lambda: coord.record_sync(epoch, "b:1", expected=0),
         "sync": coord.sync,
         "register": lambda: coord.register("a:1", {}, lease),
         "members": coord.members,
@@ -333,7 +385,7 @@ def test_etcd_away_raises_in_time_and_back_works_again(own_etcd: EtcdServer) -> 
                 assert await _every_call(coord, lease, epoch, timeout) == []
             finally:
                 own_etcd.resume()
-            assert await coord.leader() == Leader("a:1", epoch)
+            assert (await coord.leader()).leader == Leader("a:1", epoch)
 
             # Gone: connections are refused; the watch says so.
             own_etcd.kill()
@@ -345,7 +397,7 @@ def test_etcd_away_raises_in_time_and_back_works_again(own_etcd: EtcdServer) -> 
             own_etcd.start()
             await until(lambda: _answers(coord), "the coordinator to reach etcd again")
             assert await coord.keepalive(lease) == 30.0
-            assert await coord.leader() == Leader("a:1", epoch)
+            assert (await coord.leader()).leader == Leader("a:1", epoch)
             await event_where(events, leader_is(Leader("a:1", epoch)))
             assert await coord.resign(epoch)
             await event_where(events, leader_is(None))
@@ -392,6 +444,6 @@ def test_an_unreachable_endpoint_moves_calls_to_the_next(etcd: EtcdServer, prefi
         async with await Coordinator.open([dead, etcd.client_url], prefix, TIMEOUT) as coord:
             with pytest.raises(CoordinatorUnavailable):
                 await coord.leader()
-            assert await coord.leader() is None
+            assert (await coord.leader()).leader is None
 
     run(scenario())

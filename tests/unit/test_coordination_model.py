@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from pbkv.coordinator import Leader, LeaderChanged, LeaderRead, Lease, SyncRead, SyncRecord
 from pbkv.testing.coordination import (
     Answered,
     Compare,
@@ -29,13 +31,9 @@ from pbkv.testing.coordination import (
     Failed,
     Get,
     Indeterminate,
-    Leader,
-    LeaderChange,
-    Lease,
     LeaseNotFound,
     Put,
     Reply,
-    SyncRecord,
     Target,
     Unavailable,
 )
@@ -226,10 +224,13 @@ def test_campaign_is_exclusive_and_the_epoch_is_the_create_revision() -> None:
     assert epoch is not None
     found = coord.etcd.get(0.5, coord.leader_key)
     assert found is not None and found.create_revision == epoch and found.lease == a.id
-    assert coord.leader(0.5) == Leader("a", epoch)
+    assert coord.leader(0.5).leader == Leader("a", epoch)
     assert coord.campaign(0.6, "b", b) is None
-    assert coord.campaign(0.7, "a", a) is None  # not even the holder twice
-    assert coord.leader(0.8) == Leader("a", epoch)
+    # A campaign repeated after a lost answer finds its own key; with another lease
+    # (an earlier incarnation's key) it does not.
+    assert coord.campaign(0.7, "a", a) == epoch
+    assert coord.campaign(0.7, "a", b) is None
+    assert coord.leader(0.8).leader == Leader("a", epoch)
 
 
 def test_after_the_holders_lease_expires_another_campaign_wins_a_higher_epoch() -> None:
@@ -240,13 +241,13 @@ def test_after_the_holders_lease_expires_another_campaign_wins_a_higher_epoch() 
     for t in (1.0, 2.0, 2.9):
         assert coord.keepalive(t, b) == 3.0
         assert coord.campaign(t, "b", b) is None
-    assert coord.leader(2.999) == Leader("a", first)
+    assert coord.leader(2.999).leader == Leader("a", first)
     # a's lease ran out at 3.0: its key went then.
-    assert coord.leader(3.0) is None
-    assert coord.leader(4.0) is None
+    assert coord.leader(3.0).leader is None
+    assert coord.leader(4.0).leader is None
     second = coord.campaign(4.0, "b", b)
     assert second is not None and second > first
-    assert coord.leader(4.0) == Leader("b", second)
+    assert coord.leader(4.0).leader == Leader("b", second)
     assert [(t.leader.member, t.start, t.end) for t in coord.tenures()] == [
         ("a", 0.0, 3.0),
         ("b", 4.0, None),
@@ -261,14 +262,28 @@ def test_resign_only_by_the_holders_epoch() -> None:
     assert first is not None
     assert coord.resign(0.1, first + 1) is False
     assert coord.resign(0.1, first - 1) is False
-    assert coord.leader(0.1) == Leader("a", first)
+    assert coord.leader(0.1).leader == Leader("a", first)
     assert coord.resign(0.2, first) is True
-    assert coord.leader(0.2) is None
+    assert coord.leader(0.2).leader is None
     second = coord.campaign(0.3, "b", b)
     assert second is not None
     # The old holder's late resign does not remove the new leader.
     assert coord.resign(0.4, first) is False
-    assert coord.leader(0.4) == Leader("b", second)
+    assert coord.leader(0.4).leader == Leader("b", second)
+
+
+def test_a_leader_read_says_the_revision_it_read_at() -> None:
+    coord = coordination()
+    assert coord.leader(0.0) == LeaderRead(None, coord.etcd.revision)
+    lease = coord.grant(0.0, 2.0)
+    epoch = coord.campaign(0.1, "a", lease)
+    assert epoch is not None
+    coord.etcd.put(0.2, "pbkv/other", "x")  # any write raises the revision
+    assert coord.leader(0.3) == LeaderRead(Leader("a", epoch), epoch + 1)
+    # The lease (granted at 0) expires at 2.0 with the key: a later read is at that revision.
+    read = coord.leader(2.5)
+    assert read.leader is None and read.revision == epoch + 2
+    assert coord.etcd.time_of(read.revision) == 2.0
 
 
 def test_record_sync_is_refused_once_leadership_is_lost() -> None:
@@ -276,18 +291,63 @@ def test_record_sync_is_refused_once_leadership_is_lost() -> None:
     a, b = coord.grant(0.0, 2.0), coord.grant(0.0, 2.0)
     first = coord.campaign(0.0, "a", a)
     assert first is not None
-    assert coord.record_sync(0.5, first, "b") is True
-    assert coord.sync(0.5) == SyncRecord(first, "b")
+    assert coord.sync(0.0) == SyncRead(None, 0)
+    recorded = coord.record_sync(0.5, first, "b", expected=0)
+    assert recorded is not None
+    assert coord.sync(0.5) == SyncRead(SyncRecord(first, "b"), recorded)
     coord.keepalive(1.5, b)
     # a was paused past its lease: it still believes it leads under ``first``.
-    assert coord.leader(2.0) is None
-    assert coord.record_sync(2.0, first, "c") is False
-    assert coord.sync(2.0) == SyncRecord(first, "b")  # the record outlives the leader key
+    assert coord.leader(2.0).leader is None
+    assert coord.record_sync(2.0, first, "c", expected=recorded) is None
+    # The record outlives the leader key.
+    assert coord.sync(2.0) == SyncRead(SyncRecord(first, "b"), recorded)
     second = coord.campaign(2.1, "b", b)
     assert second is not None
-    assert coord.record_sync(2.2, first, "c") is False
-    assert coord.record_sync(2.3, second, "c") is True
-    assert coord.sync(2.3) == SyncRecord(second, "c")
+    assert coord.record_sync(2.2, first, "c", expected=recorded) is None
+    again = coord.record_sync(2.3, second, "c", expected=recorded)
+    assert again is not None and again > recorded
+    assert coord.sync(2.3) == SyncRead(SyncRecord(second, "c"), again)
+    # "No backup" is a record too, read back as written.
+    nobody = coord.record_sync(2.4, second, None, expected=again)
+    assert nobody is not None
+    assert coord.sync(2.4) == SyncRead(SyncRecord(second, None), nobody)
+
+
+def test_a_record_expecting_a_stale_revision_is_refused() -> None:
+    """A compare-and-swap on the record's mod revision: a write whose answer was
+    lost cannot land later over a newer record."""
+    coord = coordination()
+    lease = coord.grant(0.0, 10.0)
+    epoch = coord.campaign(0.0, "a", lease)
+    assert epoch is not None
+    # Two writes sent while the record was absent; the second lands first.
+    newer = coord.record_sync(0.1, epoch, "c", expected=0)
+    assert newer is not None
+    assert coord.record_sync(0.2, epoch, "b", expected=0) is None  # the late one
+    assert coord.sync(0.2) == SyncRead(SyncRecord(epoch, "c"), newer)
+    assert coord.record_sync(0.3, epoch, "b", expected=newer - 1) is None
+    assert coord.record_sync(0.3, epoch, "b", expected=newer + 1) is None
+    assert coord.sync(0.3) == SyncRead(SyncRecord(epoch, "c"), newer)
+    latest = coord.record_sync(0.4, epoch, "b", expected=newer)
+    assert latest is not None and latest > newer
+    assert coord.sync(0.4) == SyncRead(SyncRecord(epoch, "b"), latest)
+
+
+def test_a_repeated_record_whose_answer_was_lost_answers_the_revision_it_landed_at() -> None:
+    coord = coordination()
+    lease = coord.grant(0.0, 10.0)
+    epoch = coord.campaign(0.0, "a", lease)
+    assert epoch is not None
+    landed = coord.record_sync(0.1, epoch, "b", expected=0)
+    assert landed is not None
+    # Its answer was lost: the same write again finds it, and writes nothing.
+    assert coord.record_sync(0.2, epoch, "b", expected=0) == landed
+    assert coord.etcd.revision == landed
+    # Another backup with that expectation is a late write: refused.
+    assert coord.record_sync(0.3, epoch, "c", expected=0) is None
+    # Not under another epoch's key, even with the same value.
+    assert coord.resign(0.4, epoch)
+    assert coord.record_sync(0.5, epoch, "b", expected=0) is None
 
 
 # -- watches ------------------------------------------------------------------------------------
@@ -296,7 +356,7 @@ def test_record_sync_is_refused_once_leadership_is_lost() -> None:
 def test_leader_watch_sees_puts_and_expiry_deletes_in_revision_order() -> None:
     coord = coordination()
     watch = coord.watch_leader(0.0)
-    heard: list[LeaderChange] = []
+    heard: list[LeaderChanged] = []
     coord.watch_leader(0.0, heard.append)
     a, b = coord.grant(0.0, 2.0), coord.grant(0.0, 10.0)
     first = coord.campaign(0.1, "a", a)
@@ -352,8 +412,8 @@ def test_during_an_outage_requests_fail_and_no_lease_expires_then_all_are_renewe
     assert coord.etcd.next_expiry() is None
     coord.etcd.recover(10.0)
     # Nobody revoked it during the outage: a full TTL from the recovery.
-    assert coord.leader(12.9) == Leader("a", epoch or 0)
-    assert coord.leader(13.0) is None
+    assert coord.leader(12.9).leader == Leader("a", epoch or 0)
+    assert coord.leader(13.0).leader is None
     assert coord.etcd.time_of(coord.etcd.revision) == 13.0
 
 
@@ -515,18 +575,33 @@ class LeadershipMachine(RuleBasedStateMachine):
     def crash(self, index: int) -> None:
         self.cluster.members[index].forget()  # its lease lives on in etcd until it expires
 
-    @rule(index=members_, backup=members_, delay=delays, gap=gaps)
-    def record_sync(self, index: int, backup: int, delay: float, gap: float) -> None:
-        # Sent by any member that believes it leads, even past its lease.
+    @rule(index=members_, backup=members_, delay=delays, gap=gaps, stale=st.booleans())
+    def record_sync(self, index: int, backup: int, delay: float, gap: float, stale: bool) -> None:
+        # Sent by any member that believes it leads, even past its lease, expecting
+        # the record's current revision or (a late write) an older one.
         member, _ = self.request(index, delay, gap)
         if member.epoch is None:
             return
+        before = self.coord.etcd.peek(self.cluster.now, self.coord.sync_key)
+        current = 0 if before is None else before.mod_revision
+        expected = current - 1 if stale and current > 0 else current
         try:
-            recorded = self.coord.record_sync(self.cluster.now, member.epoch, MEMBERS[backup])
+            recorded = self.coord.record_sync(
+                self.cluster.now, member.epoch, MEMBERS[backup], expected=expected
+            )
         except Unavailable:
             return
-        found = self.coord.etcd.peek(self.cluster.now, self.coord.leader_key)
-        assert recorded == (found is not None and found.create_revision == member.epoch)
+        key = self.coord.etcd.peek(self.cluster.now, self.coord.leader_key)
+        after = self.coord.etcd.peek(self.cluster.now, self.coord.sync_key)
+        ours = key is not None and key.create_revision == member.epoch
+        wanted = {"epoch": member.epoch, "backup": MEMBERS[backup]}
+        same = before is not None and json.loads(before.value) == wanted
+        if ours and expected == current:
+            assert after is not None and recorded == after.mod_revision > current
+        elif ours and same:
+            assert recorded == current and after == before  # a repeat: nothing written
+        else:
+            assert recorded is None and after == before
 
     @rule(gap=gaps, length=st.floats(0.1, 6.0))
     def etcd_outage(self, gap: float, length: float) -> None:
@@ -586,7 +661,11 @@ def random_walk(seed: int, steps: int) -> None:
             machine.etcd_election(rng.choice(gap))
         elif step == 6:
             machine.record_sync(
-                rng.choice(index), rng.choice(index), rng.choice(delay), rng.choice(gap)
+                rng.choice(index),
+                rng.choice(index),
+                rng.choice(delay),
+                rng.choice(gap),
+                rng.random() < 0.3,
             )
         else:
             rule = (machine.keepalive, machine.campaign, machine.resign, machine.revoke)[step - 7]
@@ -690,7 +769,7 @@ def test_a_lost_request_is_indeterminate_and_not_applied() -> None:
     client.call(lambda now: client.coordination.campaign(now, "a", lease), replies.append)
     link.clock.run()
     assert replies == [Indeterminate()]
-    assert client.coordination.leader(link.clock.now) is None
+    assert client.coordination.leader(link.clock.now).leader is None
 
 
 def test_an_answer_lost_after_the_write_applied_leaves_it_applied() -> None:
@@ -707,7 +786,7 @@ def test_an_answer_lost_after_the_write_applied_leaves_it_applied() -> None:
     session(link, coord).call(campaign_then_cut, replies.append)
     link.clock.run(until=2.0)
     assert replies == [Indeterminate()]
-    holder = coord.leader(2.0)
+    holder = coord.leader(2.0).leader
     assert holder is not None and holder.member == "a"
 
 
@@ -719,7 +798,7 @@ def test_an_error_answer_is_a_definite_failure() -> None:
     client.call(lambda now: client.coordination.campaign(now, "a", gone), refused.append)
     link.clock.run(until=1.0)
     client.coordination.etcd.outage(1.0)
-    unavailable: list[Reply[Leader | None]] = []
+    unavailable: list[Reply[LeaderRead]] = []
     client.call(client.coordination.leader, unavailable.append)
     link.clock.run(until=2.0)
     assert len(refused) == 1 and isinstance(refused[0], Failed)
@@ -764,7 +843,7 @@ def test_a_watch_stream_keeps_order_and_breaks_when_the_link_goes_down() -> None
 def test_the_expiry_clock_delivers_an_expiry_at_its_deadline() -> None:
     clock = Clock()
     coord = coordination(min_ttl=0.5)
-    heard: list[tuple[float, LeaderChange]] = []
+    heard: list[tuple[float, LeaderChanged]] = []
     coord.watch_leader(0.0, lambda change: heard.append((clock.now, change)))
     expiries = ExpiryClock(coord.etcd, clock, interval=0.25)
     expiries.start()

@@ -76,14 +76,25 @@ def started(holding: Holding = COPY, at: float = 0.0) -> Leadership:
     return machine
 
 
+def sync_read(now: float, sent: float, record: SyncRecord | None) -> SyncObserved:
+    """A read of ``record``, written (if at all) at the revision after its epoch's."""
+    return SyncObserved(now, sent, record, 0 if record is None else record.epoch + 1)
+
+
 def leader_gone(
     machine: Leadership, record: SyncRecord | None, now: float = 0.1, revision: int = 10
 ) -> list[Action]:
     actions = machine.handle(LeaderObserved(now, None, revision))
-    return actions + machine.handle(SyncObserved(now + 0.01, now, record))
+    return actions + machine.handle(sync_read(now + 0.01, now, record))
 
 
 RECORDED_ME = SyncRecord(5, ME)
+CONFIRMED = 6  # the record's mod revision as read by primary(): what its first record expects
+
+
+def ok(now: float, backup: str, revision: int, epoch: int = 20) -> RecordSyncAnswered:
+    """etcd's answer to a record that landed at ``revision``."""
+    return RecordSyncAnswered(now, epoch, backup, RecordResult.OK, revision)
 
 
 def primary(epoch: int = 20, record: SyncRecord | None = RECORDED_ME) -> Leadership:
@@ -92,9 +103,7 @@ def primary(epoch: int = 20, record: SyncRecord | None = RECORDED_ME) -> Leaders
     assert kinds(leader_gone(machine, record)) == [StopFollowing, Campaign]
     actions = machine.handle(CampaignAnswered(0.15, 0.12, LEASE, CampaignResult.WON, epoch))
     assert kinds(actions) == [ReadSync]
-    assert without_register(machine.handle(SyncObserved(0.2, 0.16, record))) == [
-        BecomePrimary(epoch)
-    ]
+    assert without_register(machine.handle(sync_read(0.2, 0.16, record))) == [BecomePrimary(epoch)]
     return machine
 
 
@@ -164,7 +173,7 @@ def test_no_campaign_before_the_record_is_read_nor_while_a_leader_exists() -> No
     assert machine.why_not_primary(0.1) == "the in-sync record has not been read yet"
     machine2 = started()
     machine2.handle(LeaderObserved(0.1, Leader(OTHER, 9), 10))
-    assert Campaign not in kinds(machine2.handle(SyncObserved(0.2, 0.1, SyncRecord(5, ME))))
+    assert Campaign not in kinds(machine2.handle(sync_read(0.2, 0.1, SyncRecord(5, ME))))
     assert machine2.why_not_primary(0.2) == f"{OTHER} is the primary (epoch 9)"
 
 
@@ -177,9 +186,9 @@ def test_the_record_read_after_winning_decides_and_a_refused_winner_resigns() ->
     assert kinds(actions) == [ReadSync]
     assert not machine.may_serve(1.0)
     # An answer to a read sent before the win does not count.
-    machine.handle(SyncObserved(1.05, 0.95, None))
+    machine.handle(sync_read(1.05, 0.95, None))
     assert machine.phase is Phase.CONFIRMING
-    actions = machine.handle(SyncObserved(1.1, 1.0, SyncRecord(12, OTHER)))
+    actions = machine.handle(sync_read(1.1, 1.0, SyncRecord(12, OTHER)))
     assert without_register(actions) == [Resign(30)]
     assert not machine.may_serve(1.1) and machine.phase is Phase.FOLLOWER
     # While the key is still seen, the resign is asked again.
@@ -195,14 +204,14 @@ def test_a_win_not_confirmed_within_the_lease_is_given_up_and_its_key_resigned()
     assert Resign(20) in actions and BecomePrimary not in kinds(actions)
     assert machine.phase is Phase.FOLLOWER and not machine.may_serve(2.7)
     # The record read's late answer makes no primary either.
-    assert BecomePrimary not in kinds(machine.handle(SyncObserved(2.8, 0.3, SyncRecord(5, ME))))
+    assert BecomePrimary not in kinds(machine.handle(sync_read(2.8, 0.3, SyncRecord(5, ME))))
 
 
 def test_a_late_answer_to_an_older_read_does_not_replace_the_record() -> None:
     machine = started()
     machine.handle(LeaderObserved(0.1, None, 10))
-    machine.handle(SyncObserved(0.5, 0.4, SyncRecord(9, OTHER)))
-    machine.handle(SyncObserved(0.6, 0.05, SyncRecord(5, ME)))  # sent first, answered last
+    machine.handle(sync_read(0.5, 0.4, SyncRecord(9, OTHER)))
+    machine.handle(sync_read(0.6, 0.05, SyncRecord(5, ME)))  # sent first, answered last
     assert machine.record == SyncRecord(9, OTHER)
     assert OTHER in (machine.why_not_primary(0.6) or "")
 
@@ -213,7 +222,7 @@ def test_an_indeterminate_campaign_is_adopted_when_our_key_shows_up() -> None:
     actions = machine.handle(CampaignAnswered(0.5, 0.12, LEASE, CampaignResult.INDETERMINATE))
     assert kinds(actions) == [ReadLeader]
     assert kinds(machine.handle(LeaderObserved(0.6, Leader(ME, 20), 20))) == [ReadSync]
-    actions = machine.handle(SyncObserved(0.7, 0.6, SyncRecord(5, ME)))
+    actions = machine.handle(sync_read(0.7, 0.6, SyncRecord(5, ME)))
     assert without_register(actions) == [BecomePrimary(20)]
 
 
@@ -247,9 +256,10 @@ def test_the_winner_becomes_primary_in_place_and_may_serve() -> None:
 def test_a_backup_is_recorded_before_any_write_it_acknowledged_is_acknowledged() -> None:
     machine = primary(20)
     actions = machine.handle(BackupInSync(0.3, OTHER))
-    assert without_register(actions) == [RecordSync(20, OTHER)]
+    # A compare-and-swap on the record as read when the win was confirmed.
+    assert without_register(actions) == [RecordSync(20, OTHER, CONFIRMED)]
     assert not machine.may_acknowledge(0.35, OTHER)
-    machine.handle(RecordSyncAnswered(0.4, 20, OTHER, RecordResult.OK))
+    machine.handle(ok(0.4, OTHER, 30))
     assert machine.may_acknowledge(0.45, OTHER)
     assert not machine.may_acknowledge(0.45, THIRD)
 
@@ -257,12 +267,13 @@ def test_a_backup_is_recorded_before_any_write_it_acknowledged_is_acknowledged()
 def test_a_new_backup_is_recorded_again_and_meanwhile_nothing_is_acknowledged() -> None:
     machine = primary(20)
     machine.handle(BackupInSync(0.3, OTHER))
-    machine.handle(RecordSyncAnswered(0.4, 20, OTHER, RecordResult.OK))
+    machine.handle(ok(0.4, OTHER, 30))
     machine.handle(BackupLost(0.5, OTHER))
-    assert without_register(machine.handle(BackupInSync(0.6, THIRD))) == [RecordSync(20, THIRD)]
+    # The next record expects the revision the last one landed at.
+    assert without_register(machine.handle(BackupInSync(0.6, THIRD))) == [RecordSync(20, THIRD, 30)]
     # etcd holds OTHER or THIRD until the answer: neither may acknowledge.
     assert not machine.may_acknowledge(0.65, THIRD) and not machine.may_acknowledge(0.65, OTHER)
-    machine.handle(RecordSyncAnswered(0.7, 20, THIRD, RecordResult.OK))
+    machine.handle(ok(0.7, THIRD, 31))
     assert machine.may_acknowledge(0.75, THIRD)
 
 
@@ -271,41 +282,60 @@ def test_while_a_record_is_on_its_way_the_old_backup_coming_back_acknowledges_no
     lost if THIRD were then promoted."""
     machine = primary(20)
     machine.handle(BackupInSync(0.3, OTHER))
-    machine.handle(RecordSyncAnswered(0.4, 20, OTHER, RecordResult.OK))
+    machine.handle(ok(0.4, OTHER, 30))
     machine.handle(BackupLost(0.5, OTHER))
     machine.handle(BackupInSync(0.6, THIRD))  # recording THIRD...
     machine.handle(BackupLost(0.7, THIRD))
     machine.handle(BackupInSync(0.8, OTHER))
     assert not machine.may_acknowledge(0.85, OTHER)
     # The answer for THIRD comes; OTHER is recorded again before it acknowledges.
-    actions = machine.handle(RecordSyncAnswered(0.9, 20, THIRD, RecordResult.OK))
-    assert RecordSync(20, OTHER) in actions
+    actions = machine.handle(ok(0.9, THIRD, 31))
+    assert RecordSync(20, OTHER, 31) in actions
     assert not machine.may_acknowledge(0.95, OTHER)
-    machine.handle(RecordSyncAnswered(1.0, 20, OTHER, RecordResult.OK))
+    machine.handle(ok(1.0, OTHER, 32))
     assert machine.may_acknowledge(1.05, OTHER)
 
 
-def test_after_a_record_with_a_lost_answer_the_primary_steps_down_rather_than_switch() -> None:
-    """The lost write may land after any later one: recording THIRD then could leave
-    etcd naming OTHER, which lacks what THIRD acknowledged."""
+def test_after_a_record_with_a_lost_answer_the_retry_expects_the_same_revision() -> None:
+    """The lost write may land later, but only while the record is at the revision
+    it expected: a retry expecting the same one, for whichever backup is in sync by
+    then, means that at most one of them ever lands."""
     machine = primary(20)
     machine.handle(BackupInSync(0.3, OTHER))
-    machine.handle(RecordSyncAnswered(0.9, 20, OTHER, RecordResult.FAILED))
-    # The same backup again is harmless in any order.
-    assert RecordSync(20, OTHER) in machine.handle(Tick(0.9 + TIMING.retry_delay))
-    machine.handle(RecordSyncAnswered(1.2, 20, OTHER, RecordResult.OK))
-    assert machine.may_acknowledge(1.25, OTHER)
+    machine.handle(ok(0.4, OTHER, 30))
+    machine.handle(BackupLost(0.5, OTHER))
+    machine.handle(BackupInSync(0.6, THIRD))
+    machine.handle(RecordSyncAnswered(1.2, 20, THIRD, RecordResult.FAILED))
+    assert not machine.may_acknowledge(1.25, THIRD) and not machine.may_acknowledge(1.25, OTHER)
+    machine.handle(BackupLost(1.3, THIRD))
+    # Another backup now: no step-down, the same expected revision.
+    actions = without_register(machine.handle(BackupInSync(1.35, OTHER)))
+    assert actions == [RecordSync(20, OTHER, 30)]
+    assert not machine.may_acknowledge(1.45, OTHER)
+    machine.handle(ok(1.5, OTHER, 32))
+    assert machine.may_acknowledge(1.55, OTHER) and machine.may_serve(1.55)
+
+
+def test_a_refused_record_steps_down_the_lost_write_may_have_landed_first() -> None:
+    """Refused: our key is gone, or a lost write of ours landed first and etcd's
+    record is not what we know. Either way the primary hands over (the resign is
+    guarded by our epoch: harmless if the key is gone)."""
+    machine = primary(20)
+    machine.handle(BackupInSync(0.3, OTHER))
+    machine.handle(RecordSyncAnswered(1.2, 20, OTHER, RecordResult.FAILED))
     machine.handle(BackupLost(1.3, OTHER))
-    actions = without_register(machine.handle(BackupInSync(1.4, THIRD)))
-    assert RecordSync(20, THIRD) not in actions
+    assert RecordSync(20, THIRD, CONFIRMED) in machine.handle(BackupInSync(1.35, THIRD))
+    actions = without_register(
+        machine.handle(RecordSyncAnswered(1.5, 20, THIRD, RecordResult.REFUSED))
+    )
     assert kinds(actions) == [Fence, Resign] and actions[1] == Resign(20)
-    assert not machine.may_serve(1.4) and not machine.may_acknowledge(1.4, THIRD)
+    assert not machine.may_serve(1.5) and not machine.may_acknowledge(1.5, OTHER)
 
 
 def test_a_lost_backup_is_not_recorded_away_and_acknowledges_at_once_when_back() -> None:
     machine = primary(20)
     machine.handle(BackupInSync(0.3, OTHER))
-    machine.handle(RecordSyncAnswered(0.4, 20, OTHER, RecordResult.OK))
+    machine.handle(ok(0.4, OTHER, 30))
     actions = machine.handle(BackupLost(0.5, OTHER))
     assert RecordSync not in kinds(actions)
     assert not machine.may_acknowledge(0.55, OTHER)
@@ -326,15 +356,20 @@ def test_a_failed_record_is_retried_and_nothing_acknowledged_meanwhile() -> None
     machine.handle(BackupInSync(0.3, OTHER))
     machine.handle(RecordSyncAnswered(1.2, 20, OTHER, RecordResult.FAILED))
     assert not machine.may_acknowledge(1.25, OTHER)
-    assert RecordSync(20, OTHER) in machine.handle(Tick(1.2 + TIMING.retry_delay))
-    machine.handle(RecordSyncAnswered(1.5, 20, OTHER, RecordResult.OK))
+    assert RecordSync(20, OTHER, CONFIRMED) in machine.handle(Tick(1.2 + TIMING.retry_delay))
+    machine.handle(ok(1.5, OTHER, 30))
     assert machine.may_acknowledge(1.55, OTHER)
+
+
+def test_the_first_record_of_a_brand_new_cluster_expects_none() -> None:
+    machine = primary(20, None)
+    assert RecordSync(20, OTHER, 0) in machine.handle(BackupInSync(0.3, OTHER))
 
 
 def test_an_answer_for_an_earlier_epoch_is_ignored() -> None:
     machine = primary(20)
     machine.handle(BackupInSync(0.3, OTHER))
-    machine.handle(RecordSyncAnswered(0.4, 12, OTHER, RecordResult.OK))
+    machine.handle(ok(0.4, OTHER, 30, epoch=12))
     assert not machine.may_acknowledge(0.45, OTHER)
 
 
@@ -405,7 +440,7 @@ def test_a_primary_whose_key_expired_while_paused_may_campaign_again_as_the_reco
 def test_etcd_unreachable_the_primary_carries_on_until_its_lease_then_fences() -> None:
     machine = primary(20)
     machine.handle(BackupInSync(0.3, OTHER))
-    machine.handle(RecordSyncAnswered(0.4, 20, OTHER, RecordResult.OK))
+    machine.handle(ok(0.4, OTHER, 30))
     assert kinds(machine.handle(Tick(0.95))) == [KeepAlive]
     machine.handle(EtcdFailed(1.8, Operation.KEEPALIVE, "timed out"))
     assert KeepAlive in kinds(machine.handle(Tick(1.8 + TIMING.retry_delay)))
@@ -472,7 +507,7 @@ def test_stale_leader_news_is_ignored(first: LeaderObserved, stale: LeaderObserv
 def test_a_record_newer_than_the_known_leader_makes_it_stale() -> None:
     machine = started()
     machine.handle(LeaderObserved(0.1, Leader(OTHER, 3), 3))
-    actions = machine.handle(SyncObserved(0.3, 0.2, SyncRecord(15, THIRD)))
+    actions = machine.handle(sync_read(0.3, 0.2, SyncRecord(15, THIRD)))
     assert kinds(actions) == [ReadLeader]
     assert not machine.accepts(OTHER, 3)
 
@@ -481,7 +516,7 @@ def test_a_follower_is_the_backup_when_the_record_names_it_under_the_leaders_epo
     machine = started()
     actions = machine.handle(LeaderObserved(0.1, Leader(OTHER, 30), 30))
     assert without_register(actions) == [BecomeSpare(OTHER, 30)]
-    actions = machine.handle(SyncObserved(0.3, 0.2, SyncRecord(30, ME)))
+    actions = machine.handle(sync_read(0.3, 0.2, SyncRecord(30, ME)))
     assert without_register(actions) == [BecomeBackup(OTHER, 30)]
     assert machine.status(0.3).role is Role.BACKUP
 
