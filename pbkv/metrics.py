@@ -9,6 +9,8 @@ mapping (what ``/kvman/status`` shows), so the two never tell different stories.
 from __future__ import annotations
 
 import collections
+import gc
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -21,6 +23,30 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
 Status = Mapping[str, Any]  # a node's status: JSON values by name
+
+
+class GcPauses:
+    """The longest pause of the cyclic garbage collector, per generation (a pause
+    inside a turn of the loop is part of that turn's time)."""
+
+    def __init__(self) -> None:
+        self.longest = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def install(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def uninstall(self) -> None:
+        if self._callback in gc.callbacks:
+            gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            generation = info["generation"]
+            pause = time.perf_counter() - self._started
+            self.longest[generation] = max(self.longest[generation], pause)
 
 
 class LoopLag:

@@ -32,7 +32,7 @@ from pbkv.limits import (
     LogThrottle,
     raise_file_limit,
 )
-from pbkv.metrics import LoopLag, Metrics
+from pbkv.metrics import GcPauses, LoopLag, Metrics
 from pbkv.primary import PrimaryCore
 from pbkv.routes import LISTENING_PATH
 from pbkv.stages import Role
@@ -214,6 +214,7 @@ class Node:
         self.timers: dict[Timer, asyncio.TimerHandle] = {}
         self.stopped = asyncio.Event()
         self.lag = LoopLag(interval=LAG_PROBE_INTERVAL)
+        self.gc_pauses = GcPauses()
         self.stats = Metrics(self.status)
         self._pumping = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -247,6 +248,7 @@ class Node:
         )
         log.info("%s listening on %s:%d (store %s)", self.role, host, port, store_kind(self.core))
         log_trust(self.settings)
+        self.gc_pauses.install()
         self.core.start(self.clock())
         self.core.drain(self)
         if listening is not None:
@@ -256,6 +258,7 @@ class Node:
         try:
             await self.stopped.wait()
         finally:
+            self.gc_pauses.uninstall()
             self._sweep.cancel()
             self._lag_timer.cancel()
             server.close()  # frees the port at once
@@ -331,6 +334,7 @@ class Node:
         status["dump_turn_cpu_max_ms"] = round(guard.pump.longest_cpu * 1000, 1)
         status["loop_lag_ms"] = round(self.lag.recent_max(now) * 1000, 1)
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
+        status["gc_pause_max_ms"] = [round(pause * 1000, 1) for pause in self.gc_pauses.longest]
         return status
 
     def metrics(self) -> tuple[bytes, str]:

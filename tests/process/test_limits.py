@@ -411,13 +411,15 @@ def test_ten_dumps_of_a_million_pairs_with_a_writer_running(make_pair):
     stop.set()
     thread.join(10)
     watcher.join(10)
-    turns, turns_cpu = {}, {}
+    turns, turns_cpu, gc_pauses = {}, {}, {}
     for role in worst:  # the last second of the dumps
         state = status(pair, role)
         worst[role] = max(worst[role], state["loop_lag_ms"])
         turns[role] = state["dump_turn_max_ms"]
         turns_cpu[role] = state["dump_turn_cpu_max_ms"]
+        gc_pauses[role] = state["gc_pause_max_ms"]
     print("dump turns (ms)", turns, "in CPU time", turns_cpu, "loop lag (ms)", worst)
+    print("longest gc pause per generation (ms)", gc_pauses)
     assert failures == []
     assert written > 100
     assert len(sizes) == 10 and all(keys <= size <= keys + written for size in sizes), sizes
@@ -428,7 +430,7 @@ def test_ten_dumps_of_a_million_pairs_with_a_writer_running(make_pair):
     # process had the CPU: on this shared 2-core machine, with the readers and the
     # writer on the same cores, the clock showed 15-50 ms for turns that had used
     # under 1 ms of CPU. So the clock gets a margin over that, not the design bound.
-    assert turns_cpu["primary"] < 20 and turns_cpu["backup"] < 20, (turns_cpu, turns, worst)
+    assert turns_cpu["primary"] < 20 and turns_cpu["backup"] < 20, (turns_cpu, turns, gc_pauses)
     assert turns["primary"] < 250 and turns["backup"] < 250, (turns_cpu, turns, worst)
     assert worst["primary"] < 250 and worst["backup"] < 250, (turns_cpu, turns, worst)
     assert pair.stage("primary") == "in_sync"

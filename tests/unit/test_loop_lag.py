@@ -32,3 +32,21 @@ def test_the_probe_records_how_late_it_fired():
     assert lag.recent_max(100.30) == pytest.approx(0.25)
     assert lag.worst == pytest.approx(0.25)
     assert lag.recent_max(111.0) == 0  # past the window
+
+
+def test_gc_pauses_are_recorded_per_generation() -> None:
+    import gc
+
+    from pbkv.metrics import GcPauses
+
+    pauses = GcPauses()
+    pauses.install()
+    try:
+        gc.collect(2)
+    finally:
+        pauses.uninstall()
+    assert pauses.longest[2] > 0.0
+    assert pauses._callback not in gc.callbacks
+    before = list(pauses.longest)
+    gc.collect(2)  # uninstalled: no longer recorded
+    assert pauses.longest == before
