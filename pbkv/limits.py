@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 SMALL_BODY = 64 * 1024  # bodies up to this size are never refused for lack of room
 PUMP_BUDGET = 0.002  # seconds of dump encoding per turn of the event loop, all dumps together
+# A turn that took more CPU than this is counted (status: dump_turns_slow): the loop's
+# stall bound for dumps.
+SLOW_TURN = 0.020
 DUMP_PAIRS = 512  # pairs per dump chunk (about 64 KiB)
 LIMIT_LOG_INTERVAL = 10.0  # a limit being hit is logged at most this often
 FREED_BEFORE_TRIM = 64 * 1024 * 1024  # bytes of request bodies freed before malloc_trim
@@ -130,6 +133,11 @@ class StreamPump:
         # The two differ when another process takes the CPU in the middle of a turn.
         self.longest = 0.0
         self.longest_cpu = 0.0
+        # Turns over SLOW_TURN in CPU time. The thread's CPU time also holds kernel
+        # work done while it ran (timers and packets of other sockets, on loopback),
+        # so a rare turn can pass the bound through no work of its own; a dump that
+        # is not streamed, or a slower step, makes every turn slow.
+        self.slow_turns = 0
 
     def want(self, step: Callable[[], None]) -> None:
         self._ready.append(step)
@@ -149,7 +157,10 @@ class StreamPump:
             if time.perf_counter() - started > self.budget:
                 break
         self.longest = max(self.longest, time.perf_counter() - started)
-        self.longest_cpu = max(self.longest_cpu, time.thread_time() - started_cpu)
+        cpu = time.thread_time() - started_cpu
+        self.longest_cpu = max(self.longest_cpu, cpu)
+        if cpu > SLOW_TURN:
+            self.slow_turns += 1
         if ready and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._run)

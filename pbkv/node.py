@@ -332,6 +332,7 @@ class Node:
         status["connections_timed_out"] = guard.timeouts
         status["dump_turn_max_ms"] = round(guard.pump.longest * 1000, 1)
         status["dump_turn_cpu_max_ms"] = round(guard.pump.longest_cpu * 1000, 1)
+        status["dump_turns_slow"] = guard.pump.slow_turns
         status["loop_lag_ms"] = round(self.lag.recent_max(now) * 1000, 1)
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         status["gc_pause_max_ms"] = [round(pause * 1000, 1) for pause in self.gc_pauses.longest]

@@ -411,26 +411,32 @@ def test_ten_dumps_of_a_million_pairs_with_a_writer_running(make_pair):
     stop.set()
     thread.join(10)
     watcher.join(10)
-    turns, turns_cpu, gc_pauses = {}, {}, {}
+    turns, turns_cpu, slow, gc_pauses = {}, {}, {}, {}
     for role in worst:  # the last second of the dumps
         state = status(pair, role)
         worst[role] = max(worst[role], state["loop_lag_ms"])
         turns[role] = state["dump_turn_max_ms"]
         turns_cpu[role] = state["dump_turn_cpu_max_ms"]
+        slow[role] = state["dump_turns_slow"]
         gc_pauses[role] = state["gc_pause_max_ms"]
     print("dump turns (ms)", turns, "in CPU time", turns_cpu, "loop lag (ms)", worst)
+    print("turns over 20 ms of CPU", slow)
     print("longest gc pause per generation (ms)", gc_pauses)
     assert failures == []
     assert written > 100
     assert len(sizes) == 10 and all(keys <= size <= keys + written for size in sizes), sizes
-    # What the dumps cost the loop: the longest turn they took (all of them together,
-    # a shard's copy included) in the loop thread's CPU time, 1-4 ms when measured.
-    # A dump that is not streamed (a whole million-pair reply built at once) takes
-    # seconds. On the clock, a turn and the loop lag also hold the time another
-    # process had the CPU: on this shared 2-core machine, with the readers and the
-    # writer on the same cores, the clock showed 15-50 ms for turns that had used
-    # under 1 ms of CPU. So the clock gets a margin over that, not the design bound.
-    assert turns_cpu["primary"] < 20 and turns_cpu["backup"] < 20, (turns_cpu, turns, gc_pauses)
+    # What the dumps cost the loop: their turns (all of them together, a shard's copy
+    # included) in the loop thread's CPU time, 1-8 ms at most when measured alone. A
+    # dump that is not streamed (a whole million-pair reply built at once) takes
+    # seconds, and a slower step makes thousands of turns slow. The thread's CPU time
+    # also holds kernel work done while it ran: after the whole suite has left tens of
+    # thousands of loopback connections closing, the longest turn measured 23-29 ms in
+    # two runs of three, while the next ones stayed under the bound. So: at most two
+    # turns over 20 ms in CPU time, none over 100 ms. On the clock, a turn and the loop
+    # lag also hold the time another process had the CPU (15-50 ms measured for turns
+    # of under 1 ms of CPU), so the clock gets a margin, not the design bound.
+    assert slow["primary"] <= 2 and slow["backup"] <= 2, (slow, turns_cpu, gc_pauses)
+    assert turns_cpu["primary"] < 100 and turns_cpu["backup"] < 100, (turns_cpu, turns)
     assert turns["primary"] < 250 and turns["backup"] < 250, (turns_cpu, turns, worst)
     assert worst["primary"] < 250 and worst["backup"] < 250, (turns_cpu, turns, worst)
     assert pair.stage("primary") == "in_sync"

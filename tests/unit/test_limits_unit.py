@@ -104,6 +104,7 @@ def test_the_pump_times_its_turns_on_the_clock_and_in_cpu_time():
     assert waiting.longest >= 0.03 and waiting.longest_cpu < 0.01
     working = asyncio.run(run(lambda: busy(0.03)))
     assert working.longest >= 0.03 and working.longest_cpu >= 0.03
+    assert (waiting.slow_turns, working.slow_turns) == (0, 1)  # over SLOW_TURN in CPU time
 
 
 def test_a_replaced_copy_is_freed_a_shard_per_turn_of_the_loop():
