@@ -318,22 +318,33 @@ async def read_replies(reader: asyncio.StreamReader, count: int) -> list[int]:
 
 
 async def pipelined_inserts(
-    primary: tuple[str, int], backup_pid: int, connections: int, each: int
+    pair: LocalPair, connections: int, each: int, value_bytes: int = LARGE_VALUE
 ) -> list[int]:
+    """``connections`` connections each pipeline ``each`` large inserts; the backup is
+    stopped for 0.6 s once the primary holds writes of the burst unacknowledged.
+    The status code of every reply."""
+    primary = pair.address["primary"]
+    backup_pid = pair.pid("backup")
+    assert backup_pid is not None
+
     async def one(connection: int) -> list[int]:
         reader, writer = await asyncio.open_connection(*primary)
         writer.write(
-            b"".join(insert_request(f"c{connection}-{i}", LARGE_VALUE) for i in range(each))
+            b"".join(insert_request(f"c{connection}-{i}", value_bytes) for i in range(each))
         )
         codes = await read_replies(reader, each)
         writer.close()
         return codes
 
+    def under_way() -> bool:
+        status = pair.status("primary", timeout=5.0)
+        return status is not None and status.get("pending_write_bytes", 0) > 0
+
     burst = [asyncio.create_task(one(c)) for c in range(connections)]
-    await asyncio.sleep(0.05)  # the burst is under way
+    await asyncio.to_thread(wait_for, under_way, 10, "the burst to reach the primary", 0.002)
     os.kill(backup_pid, signal.SIGSTOP)
     try:
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # the pause is the attack, not a wait
     finally:
         os.kill(backup_pid, signal.SIGCONT)
     return [code for codes in await asyncio.gather(*burst) for code in codes]
@@ -366,13 +377,9 @@ def memory(args: argparse.Namespace, directory: str) -> bool:
     one_request = LARGE_VALUE + PAIR_OVERHEAD + 16
     with LocalPair(directory, max_memory=str(MAX_MEMORY)) as pair:
         pair.start_both()
-        backup_pid = pair.pid("backup")
-        assert backup_pid is not None
         peaks = StatusPeaks(pair)
         peaks.start()
-        codes = uvloop.run(
-            pipelined_inserts(pair.address["primary"], backup_pid, connections, each)
-        )
+        codes = uvloop.run(pipelined_inserts(pair, connections, each))
         peaks.stop.set()
         peaks.join(10)
         peaks.note(pair.status("primary") or {})

@@ -5,15 +5,12 @@ backup is paused.  Each test fails without its bound."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
-import threading
 import time
 
 import pytest
 
-from bench.abuse import descriptors, insert_request, read_replies, silent_socket_closed
+from bench.abuse import StatusPeaks, descriptors, pipelined_inserts, silent_socket_closed
 from pbkv.limits import RESERVED_CLIENTS
 from pbkv.store import PAIR_OVERHEAD
 from tests.support.harness import Pair, wait_for
@@ -88,57 +85,23 @@ VALUE = 400_000
 CONNECTIONS, PIPELINED = 4, 100
 
 
-async def pipeline(address: tuple[str, int], connection: int) -> list[int]:
-    """Pipeline PIPELINED inserts on one connection; the status code of each reply."""
-    reader, writer = await asyncio.open_connection(*address)
-    writer.write(b"".join(insert_request(f"c{connection}-{i}", VALUE) for i in range(PIPELINED)))
-    statuses = await read_replies(reader, PIPELINED)
-    writer.close()
-    return statuses
-
-
 def test_pipelined_large_inserts_with_the_backup_paused_stay_under_max_memory(make_pair):
     limit = 50_000_000
     one_request = VALUE + PAIR_OVERHEAD + 16
     pair: Pair = make_pair(max_memory=str(limit), errors="http")
     pair.start_both()
-    backup_pid = pair.pid("backup")
-    assert backup_pid is not None
-    peaks = {"memory_bytes": 0, "with_pending": 0}
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            state = pair.status("primary", timeout=5.0)
-            if state is not None:
-                memory = state["memory_bytes"]
-                peaks["memory_bytes"] = max(peaks["memory_bytes"], memory)
-                pending = memory + state["pending_write_bytes"]
-                peaks["with_pending"] = max(peaks["with_pending"], pending)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-
-    async def attack() -> list[int]:
-        address = pair.address["primary"]
-        burst = [asyncio.create_task(pipeline(address, c)) for c in range(CONNECTIONS)]
-        await asyncio.sleep(0.05)  # the burst is under way
-        os.kill(backup_pid, signal.SIGSTOP)
-        try:
-            await asyncio.sleep(0.6)
-        finally:
-            os.kill(backup_pid, signal.SIGCONT)
-        return [code for codes in await asyncio.gather(*burst) for code in codes]
-
-    codes = asyncio.run(attack())
-    stop.set()
-    sampler.join(10)
+    peaks = StatusPeaks(pair)
+    peaks.start()
+    codes = asyncio.run(pipelined_inserts(pair, CONNECTIONS, PIPELINED, VALUE))
+    peaks.stop.set()
+    peaks.join(10)
     state = pair.status("primary")
     assert state is not None
     assert state["pending_write_bytes"] == 0
     assert set(codes) <= {200, 503, 507}, sorted(set(codes))
-    assert max(peaks["memory_bytes"], state["memory_bytes"]) <= limit + one_request, peaks
-    assert peaks["with_pending"] <= limit + one_request, peaks
+    seen = {"memory_bytes": peaks.memory, "with_pending": peaks.with_pending}
+    assert max(peaks.memory, state["memory_bytes"]) <= limit + one_request, seen
+    assert peaks.with_pending <= limit + one_request, seen
     assert codes.count(507) > 0  # the limit was reached
     # Nothing over the limit reached the backup either.
     backup = pair.status("backup")

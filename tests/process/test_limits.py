@@ -14,6 +14,7 @@ import pytest
 
 from pbkv.client import Client, PbkvError
 from pbkv.http import Limits
+from tests.support.forge import Writer
 from tests.support.harness import Pair, wait_for
 from tests.support.raw_http import JSON_TYPE, Raw, assert_error, exchange, request
 
@@ -560,42 +561,6 @@ def test_a_connection_with_max_pipeline_unanswered_requests_is_not_read(make_pai
 
 
 # -- parameters and unanswered writes -------------------------------------------------------------
-class Writer:
-    """One client inserting as fast as it is answered, noting failures and the longest
-    time between two acknowledged writes."""
-
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.address = address
-        self.written = 0
-        self.failures: list[str] = []
-        self.longest_gap = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def __enter__(self) -> Writer:
-        self._thread.start()
-        wait_for(lambda: self.written > 20, 10, what="the writer to run")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
-    def _run(self) -> None:
-        with Client(*self.address, timeout=10) as client:
-            last = time.monotonic()
-            while not self._stop.is_set():
-                try:
-                    client.insert(f"w-{self.written}", "x")
-                except Exception as exc:  # noqa: BLE001 - every failure is reported
-                    self.failures.append(repr(exc))
-                    continue
-                now = time.monotonic()
-                self.longest_gap = max(self.longest_gap, now - last)
-                last = now
-                self.written += 1
-
-
 def many_parameters(size: int, as_json: bool) -> bytes:
     """``n0=&n1=&...`` (or a JSON object of such members) of at most ``size`` bytes."""
     if as_json:
@@ -627,6 +592,7 @@ def test_bodies_of_half_a_million_parameters_do_not_stall_the_loop(make_pair):
             replies.append(read_reply(sock, 30))
 
     with Writer(address) as writer:
+        wait_for(lambda: writer.acknowledged > 20, 10, what="the writer to run")
         attackers = [threading.Thread(target=attack, args=bodies[n % 2]) for n in range(6)]
         for thread in attackers:
             thread.start()
@@ -634,7 +600,7 @@ def test_bodies_of_half_a_million_parameters_do_not_stall_the_loop(make_pair):
             thread.join(60)
         lag = status(pair)["loop_lag_ms"]  # the worst of the last 10 s
     print("loop lag (ms)", lag, "writer's longest gap (s)", writer.longest_gap)
-    assert writer.failures == [] and "replication failed" not in pair.log("primary")
+    assert writer.refused == [] and "replication failed" not in pair.log("primary")
     assert writer.longest_gap < 1.0
     assert lag < 200, lag  # 450 ms and more when the bodies were decoded
     assert len(replies) == 6
