@@ -71,6 +71,8 @@ class Driver(Protocol):
 
     def promote(self, candidate: int) -> None: ...
 
+    def sync_changed(self) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Send:
@@ -166,6 +168,15 @@ class Promote:
         driver.promote(self.candidate)
 
 
+@dataclass(frozen=True, slots=True)
+class SyncChanged:
+    """Who is in sync changed: the primary's backup, or the backup's confirmed copy
+    (with a coordinator, the driver tells the leadership; without one, nothing)."""
+
+    def apply(self, driver: Driver) -> None:
+        driver.sync_changed()
+
+
 Action = (
     Send
     | Connect
@@ -179,6 +190,7 @@ Action = (
     | SendToCandidate
     | CloseCandidate
     | Promote
+    | SyncChanged
 )
 
 

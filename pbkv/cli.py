@@ -157,16 +157,25 @@ def serve_main(argv: list[str] | None = None, ready_fd: int | None = None) -> in
     listens (``bin/start_server`` waits for it).
     """
     parser = argparse.ArgumentParser(prog="pbkv serve", description="Run a pbkv server.")
-    parser.add_argument("--role", choices=[role.value for role in Role], required=True)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--role", choices=[role.value for role in Role])
+    which.add_argument(
+        "--member",
+        metavar="HOST:PORT",
+        help="a member of the cluster the coordinator setting names, listening here",
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
+    member: tuple[str, int] | None = None
     try:
         settings = settings_from_args(args)
+        if args.member is not None:
+            member = _member_address(args.member, settings)
     except SettingsError as exc:
         print(f"pbkv: {exc}", file=sys.stderr)
         return 2
-    role = Role(args.role)
-    setup_logging(settings.log_level, role)
+    role = Role(args.role or Role.BACKUP)
+    setup_logging(settings.log_level, "member" if member else role)
     import asyncio
     import signal
 
@@ -186,7 +195,7 @@ def serve_main(argv: list[str] | None = None, ready_fd: int | None = None) -> in
             os.close(fd)
 
     async def serve() -> None:
-        node = Node(settings, role)
+        node = Node(settings, role, member)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, node.stopped.set)
@@ -195,12 +204,29 @@ def serve_main(argv: list[str] | None = None, ready_fd: int | None = None) -> in
     try:
         uvloop.run(serve())
     except OSError as exc:
-        host, port = settings.address_of(role)
+        host, port = member or settings.address_of(role)
         log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
         return 1
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _member_address(text: str, settings: Settings) -> tuple[str, int]:
+    """A member's own address; a member needs a coordinator and a secret."""
+    from pbkv.member import parse_address
+
+    if settings.coordinator is None:
+        raise SettingsError("a member (--member) needs the coordinator setting (etcd's URL)")
+    if settings.secret is None:
+        raise SettingsError(
+            "a member needs a secret (secret, secret_file or PBKV_SECRET): any member may "
+            "lead, so the members prove the secret to each other instead of trusting addresses"
+        )
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def _address(args: argparse.Namespace) -> tuple[str, int]:

@@ -154,6 +154,8 @@ class ReplicationCore:
         self.epoch = 0
         self.epoch_seen = 0
         self.copy_epoch = 0
+        # With a coordinator: this server's member name, in its HELLO ("" without one).
+        self.member = ""
         self.seq = 0  # last replicated batch applied here
         self.peer_seq = 0  # the peer's seq, from its last hello/heartbeat
         self.channel_up = False
@@ -247,6 +249,7 @@ class ReplicationCore:
             self.history,
             self.undo_points(),
             self.copy_epoch,
+            self.member,
             epoch=self.epoch,
         )
 

@@ -38,6 +38,7 @@ from typing import Any, NoReturn
 from pbkv import config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+MEMBER = "member"  # the launcher's name for a member of a coordinated cluster
 START_UP_STAGES = ("cold_start", "warm_start")
 STOP_WAIT = 10.0  # the longest a stop waits for SIGTERM to work before SIGKILL
 SYNC_WAIT = 10.0  # seconds without a transfer under way that start waits for the sync
@@ -272,6 +273,15 @@ def transferring(status: dict[str, Any], peer: dict[str, Any] | None) -> bool:
     return TRANSFERRING in (status.get("handshake"), peer and peer.get("handshake"))
 
 
+def address_of(role: str, settings: config.Settings, member: str | None) -> tuple[str, int]:
+    """Where the server listens: a member's own address, or the pair's from the settings."""
+    if role == MEMBER:
+        assert member is not None
+        host, _, port = member.rpartition(":")
+        return host.strip("[]"), int(port)
+    return settings.address_of(role)
+
+
 def start(
     role: str,
     settings: config.Settings,
@@ -280,13 +290,16 @@ def start(
     run_dir: Path,
     wait: float,
     sync_wait: float = SYNC_WAIT,
+    member: str | None = None,
 ) -> int:
-    host, port = settings.address_of(role)
+    host, port = address_of(role, settings, member)
     pid_file, _ = _paths(run_dir, role, host, port)
     # A stop holds the lock until its process is gone, a start until its server is ready.
     try:
         with pid_lock(pid_file, 2 * wait + STOP_WAIT):
-            return _start_locked(role, settings, config_path, extra, run_dir, wait, sync_wait)
+            return _start_locked(
+                role, settings, config_path, extra, run_dir, wait, sync_wait, member
+            )
     except TimeoutError as exc:
         print(f"{role}: {exc}", file=sys.stderr)
         return 1
@@ -300,9 +313,9 @@ def _start_locked(
     run_dir: Path,
     wait: float,
     sync_wait: float,
+    member: str | None = None,
 ) -> int:
-    host, port = settings.address_of(role)
-    peer_host, peer_port = settings.address_of("backup" if role == "primary" else "primary")
+    host, port = address_of(role, settings, member)
     pid_file, log_file = _paths(run_dir, role, host, port)
     running = _read_pid(pid_file)
     if running is not None and _status(host, port, settings=settings) is None:
@@ -321,6 +334,8 @@ def _start_locked(
         print(f"{role} is already running (pid {running}) on {host}:{port}", file=sys.stderr)
         return 1
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    if member is not None:
+        extra = ["--member", member, *extra]
     pid, ready_pipe = _fork_server(role, config_path, extra, log_file)
     _write_pid(pid_file, pid)
     try:
@@ -342,12 +357,28 @@ def _start_locked(
         lines = log_file.read_text(errors="replace").splitlines()[-5:]
         print("\n".join("  " + line for line in lines), file=sys.stderr)
         return 1
-    status, in_time = _await_sync(
-        pid, settings, (host, port), (peer_host, peer_port), wait, sync_wait
-    )
+    if role == MEMBER:
+        status, in_time = _await_role(pid, settings, (host, port), wait, sync_wait)
+    else:
+        peer_host, peer_port = settings.address_of("backup" if role == "primary" else "primary")
+        status, in_time = _await_sync(
+            pid, settings, (host, port), (peer_host, peer_port), wait, sync_wait
+        )
     if status is None:
         print(f"{role} (pid {pid}) stopped answering on {host}:{port}", file=sys.stderr)
         return 1
+    if role == MEMBER:
+        if not in_time:
+            print(
+                f"member on {host}:{port}: no primary known after {sync_wait:g}s "
+                f"({status.get('why_not_primary')}); it keeps trying: see {log_file}",
+                file=sys.stderr,
+            )
+        print(
+            f"member running on {host}:{port} (pid {pid}, role {status.get('role')}, "
+            f"primary {status.get('primary')}, log {log_file})"
+        )
+        return 0
     if not in_time:
         print(
             f"{role}: not in sync with the {'backup' if role == 'primary' else 'primary'} "
@@ -397,7 +428,8 @@ def _become_server(
             comm.write(f"pbkv-{role}")  # what ps and pgrep show
         from pbkv.cli import serve_main
 
-        code = serve_main(["--role", role, "--config", config_path, *extra], ready_fd=ready)
+        which = [] if role == MEMBER else ["--role", role]
+        code = serve_main([*which, "--config", config_path, *extra], ready_fd=ready)
     except BaseException:
         import traceback
 
@@ -481,8 +513,40 @@ def _await_sync(
         peer_link.close()
 
 
-def stop(role: str, settings: config.Settings, run_dir: Path, wait: float) -> int:
-    host, port = settings.address_of(role)
+def _await_role(
+    pid: int, settings: config.Settings, address: tuple[str, int], wait: float, role_wait: float
+) -> tuple[dict[str, Any] | None, bool]:
+    """Poll a member until it leads or knows who does (within ``role_wait``)."""
+    link = StatusLink(settings, *address)
+    try:
+        started = time.monotonic()
+        status: dict[str, Any] | None = None
+        unanswered_since: float | None = None
+        while True:
+            now = time.monotonic()
+            own = link.status()
+            if own is None:
+                if _exit_status(pid, 0.0) is not None:
+                    return None, False
+                unanswered_since = unanswered_since or now
+                if now - unanswered_since > wait:
+                    return None, False
+            else:
+                unanswered_since = None
+                status = own
+                if own.get("role") == "primary" or own.get("primary") is not None:
+                    return own, True
+            if now - started > role_wait:
+                return status, False
+            time.sleep(min(POLL_LAST, POLL_FIRST + (now - started) / 20))
+    finally:
+        link.close()
+
+
+def stop(
+    role: str, settings: config.Settings, run_dir: Path, wait: float, member: str | None = None
+) -> int:
+    host, port = address_of(role, settings, member)
     pid_file, _ = _paths(run_dir, role, host, port)
     # Held until the process is gone, so a start never sees it half-stopped.
     try:
@@ -531,6 +595,12 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("-p", "--primary", dest="role", action="store_const", const="primary")
     which.add_argument("-b", "--backup", dest="role", action="store_const", const="backup")
+    which.add_argument(
+        "-m",
+        "--member",
+        metavar="HOST:PORT",
+        help="a member of a coordinated cluster (the coordinator setting), listening there",
+    )
     parser.add_argument("--config", default=str(REPO_ROOT / config.DEFAULT_CONFIG_PATH))
     parser.add_argument(
         "--run-dir",
@@ -564,9 +634,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pbkv: {exc}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir)
+    role = args.role
+    if args.member is not None:
+        role = MEMBER
+        host, _, port = args.member.rpartition(":")
+        if not host or not port.isdigit():
+            print(f"pbkv: -m takes HOST:PORT, not {args.member!r}", file=sys.stderr)
+            return 2
     if args.action == "start":
-        return start(args.role, settings, args.config, extra, run_dir, args.wait, args.sync_wait)
-    return stop(args.role, settings, run_dir, min(args.wait, STOP_WAIT))
+        return start(
+            role, settings, args.config, extra, run_dir, args.wait, args.sync_wait, args.member
+        )
+    return stop(role, settings, run_dir, min(args.wait, STOP_WAIT), args.member)
 
 
 if __name__ == "__main__":

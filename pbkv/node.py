@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import socket
@@ -22,7 +23,7 @@ import httptools
 from pbkv import config, tls
 from pbkv.actions import Timer
 from pbkv.backup import BackupCore
-from pbkv.commands import Command, Outcome, Reply
+from pbkv.commands import Command, Outcome, Refused, Reply
 from pbkv.http import HttpProtocol, Limits, access_for
 from pbkv.limits import (
     CLOCK_STEP,
@@ -34,8 +35,9 @@ from pbkv.limits import (
 )
 from pbkv.metrics import GcPauses, LoopLag, Metrics
 from pbkv.primary import PrimaryCore
+from pbkv.roles import demoted, promoted
 from pbkv.routes import LISTENING_PATH
-from pbkv.stages import Role
+from pbkv.stages import Role, Stage
 from pbkv.store import make_store
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
@@ -80,7 +82,7 @@ class ChannelProtocol(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         if self._response_parser is not None:
-            host, port = self.node.settings.address_of("backup")
+            host, port = self.node.peer_address
             transport.write(
                 b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: %s\r\nConnection: Upgrade\r\n\r\n"
                 % (UPGRADE_PATH, host.encode(), port, UPGRADE_TOKEN)
@@ -162,20 +164,37 @@ class Node:
     resolution, too coarse for acknowledgement times.
     """
 
-    def __init__(self, settings: config.Settings, role: Role) -> None:
+    def __init__(
+        self,
+        settings: config.Settings,
+        role: Role,
+        member_address: tuple[str, int] | None = None,
+    ) -> None:
         self.settings = settings
-        self.role = Role(role)
         self.loop = asyncio.get_running_loop()
         self.clock = time.monotonic
         store = make_store(settings.store, settings.shards)
+        # With a coordinator (``member_address`` given) the role is the leadership's
+        # to decide (``pbkv.member``): a member starts as a backup that waits, keeping
+        # its data, and its core changes with its role (``pbkv.roles``).
+        self.member: Member | None = None
+        if member_address is not None:
+            role = Role.BACKUP
+            settings = dataclasses.replace(
+                settings, backup_initial_stage=Stage.BOOTSTRAPPING_PRIMARY.value
+            )
+        self.role = Role(role)
         core_class = PrimaryCore if self.role is Role.PRIMARY else BackupCore
         # The core owns the store (after a transfer the backup refills it in place).
         self.core: PrimaryCore | BackupCore = core_class(settings, store, self.clock())
-        self.accepts_replication = self.role is Role.BACKUP
-        self.address = settings.address_of(self.role)
-        self.peer_address = settings.address_of(self.role.peer)
+        if member_address is not None:
+            self.address = member_address
+            self.peer_address = member_address  # nobody yet: whom the leadership names
+        else:
+            self.address = settings.address_of(self.role)
+            self.peer_address = settings.address_of(self.role.peer)
         self.limits = Limits(settings.max_key_bytes, settings.max_value_bytes)
-        self.access = access_for(settings, role)
+        self.access = access_for(settings, role, member=member_address is not None)
         self.connections: set[HttpProtocol] = set()
         reserved = RESERVED_CLIENTS
         wanted = settings.max_clients + reserved + SPARE_DESCRIPTORS
@@ -218,6 +237,10 @@ class Node:
         self.stats = Metrics(self.status)
         self._pumping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        if member_address is not None:
+            from pbkv.member import Member  # only members load etcd's client
+
+            self.member = Member(self, settings, member_address)
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, listening: Callable[[], None] | None = None) -> None:
@@ -251,6 +274,8 @@ class Node:
         self.gc_pauses.install()
         self.core.start(self.clock())
         self.core.drain(self)
+        if self.member is not None:
+            await self.member.start()
         if listening is not None:
             listening()
         self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
@@ -258,6 +283,8 @@ class Node:
         try:
             await self.stopped.wait()
         finally:
+            if self.member is not None:
+                await self.member.stop()  # hands leadership over at once, not after the lease
             self.gc_pauses.uninstall()
             self._sweep.cancel()
             self._lag_timer.cancel()
@@ -299,13 +326,93 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def accepts_replication(self) -> bool:
+        return isinstance(self.core, BackupCore)
+
+    # -- roles (with a coordinator: pbkv.member decides, the node carries out) ------------
+    def _switch_core(self, new: PrimaryCore | BackupCore) -> None:
+        """Drive ``new`` from now on: the old core's last actions are carried out, its
+        timers and channels go (a timer of one role means nothing to the other)."""
+        self.core.drain(self)
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
+        for candidate in list(self.candidates.values()):
+            candidate.close()
+        self.candidates.clear()
+        self.close_channel("the role changed")
+        self.core = new
+        self.role = new.role
+        new.start(self.clock())
+        new.drain(self)
+
+    def become_primary(self, epoch: int, authority: Callable[[float, str], bool]) -> None:
+        core = self.core
+        now = self.clock()
+        if isinstance(core, PrimaryCore):
+            core.serve_epoch(now, epoch)
+            core.drain(self)
+            return
+        primary = promoted(core, now, epoch)
+        primary.authority = authority
+        self._switch_core(primary)
+
+    def fence(self, reason: str) -> None:
+        """Stop serving as primary now; keep the data for whoever leads next."""
+        core = self.core
+        if isinstance(core, PrimaryCore):
+            self._switch_core(demoted(core, self.clock(), f"fenced: {reason}"))
+
+    def follow(self, primary: tuple[str, int], epoch: int) -> None:
+        """Take frames only from ``primary`` at ``epoch`` or later; tell it we listen."""
+        core = self.core
+        if isinstance(core, PrimaryCore):
+            self.fence(f"following {primary[0]}:{primary[1]} at epoch {epoch}")
+            core = self.core
+        assert isinstance(core, BackupCore)
+        core.epoch_observed(self.clock(), epoch)
+        core.primary_address = "%s:%d" % primary
+        core.drain(self)
+        self.peer_address = primary
+        if primary != self.address and not core.channel_up:
+            self._spawn(self._nudge(primary))
+
+    def stop_following(self, epoch: int) -> None:
+        """Apply no frame of ``epoch`` or older any more (before campaigning): every
+        later leader's epoch is higher, so ``epoch + 1`` is the floor."""
+        self.core.epoch_observed(self.clock(), epoch + 1)
+        self.core.drain(self)
+
+    def flush_if_authorised(self) -> None:
+        """The leadership may have just allowed acknowledgements: send what waited."""
+        core = self.core
+        if isinstance(core, PrimaryCore) and core.queued[0].entries:
+            core.flush(self.clock())
+            core.drain(self)
+
+    def sync_changed(self) -> None:
+        if self.member is not None:
+            self.member.replication_changed()
+
+    def _not_primary(self) -> Refused:
+        member = self.member
+        assert member is not None
+        return Refused(self.core.stage, member.role_name(), primary=member.primary_address())
+
     # -- the App interface of pbkv.http -----------------------------------------
     def read(self, command: Command, key: str) -> Outcome:
         self.stats.count(command)
+        member = self.member
+        if member is not None and not member.may_serve():
+            return self._not_primary()
         return self.core.read(command, key)
 
     def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome | None:
         self.stats.count(command)
+        member = self.member
+        if member is not None and not member.may_serve():
+            return self._not_primary()
         core = self.core
         outcome = core.submit(command, key, value, reply)
         if core.outbox:
@@ -336,6 +443,8 @@ class Node:
         status["loop_lag_ms"] = round(self.lag.recent_max(now) * 1000, 1)
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         status["gc_pause_max_ms"] = [round(pause * 1000, 1) for pause in self.gc_pauses.longest]
+        if self.member is not None:
+            status.update(self.member.status(now))
         return status
 
     def metrics(self) -> tuple[bytes, str]:
@@ -345,16 +454,20 @@ class Node:
         """A nudge arrived: the primary's core decides whether to connect now."""
         core = self.core
         if isinstance(core, PrimaryCore):
+            if self.member is not None:
+                self.member.member_listening()
             core.backup_listening(self.clock())
             core.drain(self)
 
     def upgrade(self, transport: asyncio.Transport, leftover: bytes) -> None:
+        core = self.core
+        if not isinstance(core, BackupCore):  # a member that leads now takes no channel
+            transport.close()
+            return
         ident = next(self._channel_numbers)
         channel = ChannelProtocol(self, upgraded=True, ident=ident)
         transport.set_protocol(channel)
         channel.connection_made(transport)
-        core = self.core
-        assert isinstance(core, BackupCore)
         core.channel_opened(self.clock(), ident)
         if ident in core.candidates:  # with a secret: it proves it before it counts
             self.candidates[ident] = channel
@@ -472,6 +585,13 @@ class Node:
     async def _connect(self) -> None:
         core = self.core
         assert isinstance(core, PrimaryCore)
+        if self.member is not None:
+            target = self.member.choose_backup()
+            if target is None:
+                core.channel_failed(self.clock(), "no other member is registered yet")
+                core.drain(self)
+                return
+            self.peer_address = target
         host, port = self.peer_address
         timeout = self.settings.peer_timeout
         transport = None
@@ -481,8 +601,13 @@ class Node:
         except (TimeoutError, OSError) as exc:
             if transport is not None:
                 transport.close()
+            if core is not self.core:
+                return  # the role changed meanwhile: the attempt is moot
             core.channel_failed(self.clock(), f"{host}:{port}: {exc or type(exc).__name__}")
             core.drain(self)
+            return
+        if core is not self.core:
+            channel.close()
             return
         if channel.closed:
             core.channel_failed(self.clock(), "closed during the upgrade")
@@ -571,33 +696,45 @@ class Node:
         back-off says (up to ``retry_max`` later)."""
         core = self.core
         assert isinstance(core, BackupCore)
-        host, port = self.peer_address
+
+        def answered() -> None:  # before the stage moves: the nudge travels meanwhile
+            core.probe_result(self.clock(), True)
+            core.drain(self)
+
+        if not await self._nudge(self.peer_address, answered):
+            core.probe_result(self.clock(), False)
+            core.drain(self)
+
+    async def _nudge(
+        self, primary: tuple[str, int], connected: Callable[[], None] | None = None
+    ) -> bool:
+        """Send the nudge to ``primary``; False if it could not be reached."""
+        host, port = primary
         timeout = self.settings.peer_timeout
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
         except (TimeoutError, OSError):
-            core.probe_result(self.clock(), False)
-            core.drain(self)
-            return
+            return False
         context = tls.channel_context(self.settings)
         if context is None:
-            writer.write(self._nudge_request())  # before the stage moves: it travels meanwhile
-        core.probe_result(self.clock(), True)
-        core.drain(self)
+            writer.write(self._nudge_request(primary))
+        if connected is not None:
+            connected()
         try:
             async with asyncio.timeout(timeout):
                 if context is not None:
                     await writer.start_tls(context, server_hostname=host)
-                    writer.write(self._nudge_request())
+                    writer.write(self._nudge_request(primary))
                 answer = await reader.readline()
             log.debug("the primary answered the nudge: %r", answer[:80])
         except (TimeoutError, OSError) as exc:
             log.debug("no answer to the nudge: %s", exc or type(exc).__name__)
         finally:
             writer.close()
+        return True
 
-    def _nudge_request(self) -> bytes:
-        host, port = self.peer_address
+    def _nudge_request(self, primary: tuple[str, int]) -> bytes:
+        host, port = primary
         token = self.settings.client_token
         authorization = b"" if token is None else b"Authorization: Bearer %s\r\n" % token.encode()
         return b"POST %s HTTP/1.1\r\nHost: %s:%d\r\nContent-Length: 0\r\n%s\r\n" % (

@@ -21,11 +21,12 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pbkv import auth
-from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, Timer
+from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, SyncChanged, Timer
 from pbkv.commands import REPLICATION_FAILED, Command, Done, Outcome, Refused, Reply
 from pbkv.config import Settings
 from pbkv.core import (
@@ -83,10 +84,16 @@ class PrimaryCore(ReplicationCore):
         store: ShardedStore,
         now: float,
         rng: random.Random | None = None,
+        initial: Stage | None = None,
     ) -> None:
         self.standalone = settings.standalone
-        initial = Stage.IN_SYNC if self.standalone else Stage.COLD_START
+        if initial is None:
+            initial = Stage.IN_SYNC if self.standalone else Stage.COLD_START
         super().__init__(settings, store, initial, now, rng)
+        # With a coordinator: whether a write that backup ``member`` acknowledged may be
+        # acknowledged at ``now`` (the leadership's answer: our lease holds and etcd
+        # records that member as our in-sync backup). None: always (the seed's pair).
+        self.authority: Callable[[float, str], bool] | None = None
         self.overlay: dict[str, tuple[str | None, int]] = {}
         # Writes not yet sent, oldest batch first; the last one takes new writes.
         self.queued: deque[Batch] = deque([Batch()])
@@ -138,6 +145,28 @@ class PrimaryCore(ReplicationCore):
                 self.outbox.append(Connect())
             return
         super().timer_fired(now, timer)
+
+    @property
+    def in_sync_backup(self) -> str | None:
+        """The member name of the backup we are in sync with (None: none)."""
+        hello = self.peer_hello
+        if self.channel_up and self.stage is Stage.IN_SYNC and hello is not None:
+            return hello.member
+        return None
+
+    def authorised(self, now: float) -> bool:
+        """Whether writes the backup acknowledges may be acknowledged now (see ``authority``)."""
+        authority = self.authority
+        if authority is None:
+            return True
+        backup = self.in_sync_backup
+        return backup is not None and authority(now, backup)
+
+    def step_down(self, reason: str) -> None:
+        """Stop acting as primary: the channel goes, and every write not yet
+        acknowledged is answered "replication failed"."""
+        self.lose_channel(reason)
+        self._rewind(reason)
 
     def visible(self, key: str) -> str | None:
         pending = self.overlay.get(key)
@@ -219,6 +248,8 @@ class PrimaryCore(ReplicationCore):
         self.schedule_retry()
 
     def on_channel_lost(self, reason: str) -> None:
+        if self.stage is Stage.IN_SYNC:
+            self.outbox.append(SyncChanged())
         self.plan = None
         self._rewind(reason)
         self.schedule_retry()
@@ -280,6 +311,8 @@ class PrimaryCore(ReplicationCore):
         """Send queued batches while the window has room."""
         self.now = now
         self.flush_pending = False
+        if not self.authorised(now):
+            return  # held until the leadership allows it (the driver flushes then)
         queued = self.queued
         while len(self.in_flight) < self.window and queued[0].entries:
             batch = queued.popleft()
@@ -309,6 +342,11 @@ class PrimaryCore(ReplicationCore):
         seq = frame.seq
         if not self.in_flight or seq != self.in_flight[0].seq:
             self.lose_channel(f"acknowledgement for unexpected batch {seq}")
+            return Step.NONE
+        if not self.authorised(self.now):
+            # Our lease may be over, or etcd does not name this backup: acknowledge
+            # nothing, apply nothing (a read could see it); the writes are rewound.
+            self.lose_channel(f"batch {seq} acknowledged, but this primary may not acknowledge now")
             return Step.NONE
         batch = self.in_flight.popleft()
         ops, overlay = batch.ops, self.overlay
@@ -437,6 +475,7 @@ class PrimaryCore(ReplicationCore):
         self.fire(
             Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how} the backup, checksums match"
         )
+        self.outbox.append(SyncChanged())
         return Step.STREAMING
 
     def status(self, now: float) -> dict[str, Any]:

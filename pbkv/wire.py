@@ -127,6 +127,15 @@ def _text(raw: Any) -> str:
     return raw
 
 
+MAX_MEMBER = 320  # characters of a member's name (``host:port#run``)
+
+
+def _member(raw: Any) -> str:
+    if type(raw) is not str or len(raw) > MAX_MEMBER:
+        raise FrameError(f"must be a string of at most {MAX_MEMBER} characters")
+    return raw
+
+
 def _bytes32(raw: Any) -> bytes:
     if type(raw) is not bytes or len(raw) != 32:
         raise FrameError("must be 32 bytes")
@@ -236,7 +245,17 @@ class Hello(Frame):
     """Who we are and what we hold; the primary decides from both hellos."""
 
     kind = FrameType.HELLO
-    field_kinds = (_text, _flag, _checksum, _count, _count, _history, _undo_points, _epoch)
+    field_kinds = (
+        _text,
+        _flag,
+        _checksum,
+        _count,
+        _count,
+        _history,
+        _undo_points,
+        _epoch,
+        _member,
+    )
     role: str
     confirmed: bool  # a peer verified our data (see the README)
     checksum: int
@@ -247,6 +266,8 @@ class Hello(Frame):
     # The epoch under which our data was last confirmed (the frame's own ``epoch`` is the
     # one we act under now: a backup's copy may be of an older one).
     copy_epoch: int = 0
+    # With a coordinator: the sender's member name (what the in-sync record names).
+    member: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,7 +92,15 @@ def _normal(address: str) -> str:
     return str(ip)
 
 
-def access_for(settings: Settings, role: str) -> Access:
+def access_for(settings: Settings, role: str, member: bool = False) -> Access:
+    """Who may do what on this server. A member of a coordinated cluster (``member``)
+    has a secret (``pbkv serve`` insists): any member may lead, so the channel is
+    open to every address and trusted by the proof of the secret alone."""
+    if member:
+        return Access(
+            client_token=_bearer(settings.client_token),
+            shutdown_secret=_bearer(settings.secret),
+        )
     primary = host_addresses(settings.primary)
     # With a secret the owner proves itself; without one (protected mode), addresses.
     shutdown_from = None if settings.secret else primary | host_addresses(settings.backup)

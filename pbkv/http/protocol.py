@@ -61,7 +61,8 @@ _COURSE_METHODS = (b"GET", b"POST")
 class App(Protocol):
     """What the HTTP layer needs from a server (``node.Node`` implements it)."""
 
-    accepts_replication: bool
+    @property
+    def accepts_replication(self) -> bool: ...
 
     def read(self, command: Command, key: str) -> Outcome: ...
 

@@ -239,6 +239,9 @@ class SimNode:
             self.pumping = True
             self.deliver(self.sim.tiny(), self.pump)
 
+    def sync_changed(self) -> None:
+        pass  # no leadership without a coordinator
+
     def flush_soon(self) -> None:
         self.deliver(self.sim.tiny(), self.flush)
 

@@ -448,6 +448,9 @@ class RoleDriver:
             while core.pump_transfer(link.now):
                 pass
 
+    def sync_changed(self) -> None:
+        pass  # no leadership without a coordinator
+
     def flush_soon(self) -> None:
         """Writes are flushed when the test says so (``Link.flush``)."""
 
@@ -1370,7 +1373,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
     ("role", "frame"),
     [
         ("primary", [FrameType.ACK, 1]),  # nothing in flight
-        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 0]),
+        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 0, ""]),
         ("primary", [FrameType.SYNC_ACK, bytes(16)]),
         ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
         ("backup", [FrameType.BATCH, 99, ["k", "v"]]),  # out of order
@@ -1378,7 +1381,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
         ("backup", [FrameType.FETCH]),
         ("backup", [FrameType.SNAPSHOT_BEGIN, SHARDS, 1]),
         ("backup", [FrameType.SYNC_ACK, bytes(16)]),
-        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0]),
+        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, ""]),
     ],
     ids=lambda v: v if isinstance(v, str) else FrameType(v[0]).name,
 )
@@ -1428,7 +1431,7 @@ def test_a_fetch_from_a_backup_without_confirmed_data_is_refused(link: Link) -> 
     backup = link.start_backup()
     assert not backup.confirmed
     backup.channel_opened(link.now)
-    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0, 7, [], 0])
+    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0, 7, [], 0, ""])
     assert link.kinds("backup") == [FrameType.HELLO]
     moves = len(link.moves())
 
@@ -1517,7 +1520,9 @@ def test_a_hello_of_a_lower_epoch_is_refused_and_ours_tells_the_primary(link: Li
     backup.channel_opened(link.now)
     mark = link.mark()
 
-    link.inject("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0], epoch=4)
+    link.inject(
+        "backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, ""], epoch=4
+    )
 
     assert link.closed_by[-1] == ("backup", "epoch 4 < 7 seen")
     assert not backup.channel_up and backup.step.value == "none"
@@ -1628,7 +1633,9 @@ def test_a_primary_that_meets_a_copy_of_a_newer_epoch_is_stale_and_sends_nothing
     link.run()  # our HELLO
     mark = link.mark()
 
-    link.inject("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 6], epoch=4)
+    link.inject(
+        "primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 6, ""], epoch=4
+    )
 
     assert link.kinds("primary", mark["primary"]) == []  # no SKIP, SEND, FETCH, ROLLBACK
     assert link.closed_by[-1] == (
@@ -1767,7 +1774,7 @@ def test_a_forged_hello_before_the_proofs_is_refused(make_link) -> None:
     checksum = backup.store.checksum
     intruder = link.intrude()  # an outsider connects
     frames = link.intruders[intruder]
-    link.intruder_sends(intruder, [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0])
+    link.intruder_sends(intruder, [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, ""])
 
     assert intruder not in backup.candidates and not backup.channel_up
     assert "without proving it" in link.closed_by[-1][1]
@@ -1802,7 +1809,7 @@ def serving(link: Link, primary: PrimaryCore, backup: BackupCore) -> None:
 @pytest.mark.parametrize(
     ("frames", "why"),
     [
-        ([[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0]], "without proving it"),
+        ([[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, ""]], "without proving it"),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.AUTH_PROOF, bytes(32)]], "match"),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.BATCH, 9, ["k", "v"]]], "BATCH"),
         ([[FrameType.FENCE, "go away"]], "unexpected FENCE"),
@@ -2078,7 +2085,7 @@ def dishonest_primary(link: Link) -> tuple[BackupCore, dict[str, str], int]:
     kept, checksum = dict(backup.store.items()), backup.store.checksum
     backup.channel_opened(link.now)
     hello = [FrameType.HELLO, "primary", True, checksum_to_bytes(checksum)]
-    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, [], 0])
+    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, [], 0, ""])
     assert backup.step.value == "await_directive"
     return backup, kept, checksum
 
