@@ -760,6 +760,7 @@ class Leadership:
             self._abandon(actions)
         if leader is None:
             self.resigning = None
+            self.following = None  # nobody leads: no primary to name or to follow
             self._read_sync(event.now, actions)
             return
         if ours:

@@ -11,7 +11,7 @@ LAYERS = ("unit", "sim", "loopback", "etcd", "process", "netns")
 # The fast lane (bin/run_tests --fast) runs these; none may start a server process.
 FAST_LAYERS = ("unit", "sim", "loopback")
 # What starts server processes: these names, and the fixtures of tests/conftest.py.
-SERVER_STARTERS = {"Pair", "LocalPair", "NamespacePair", "standalone_server", "BIN"}
+SERVER_STARTERS = {"Pair", "LocalPair", "LocalMembers", "NamespacePair", "standalone_server", "BIN"}
 SERVER_FIXTURES = {"pair", "make_pair", "standalone"}
 
 

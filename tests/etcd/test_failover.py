@@ -1,0 +1,206 @@
+"""Failover with real member processes and a real etcd (SPEC section 8).
+
+Three members on loopback, started by ``bin/start_server -m``; a writer that
+records every write's answer; then a fault. Each test checks what an operator
+relies on: another member takes over by itself, every acknowledged write is
+there, a write that was refused is nowhere, and the old primary never answers
+as primary again.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from pbkv.client import Client, NotPrimary, PbkvError, Unavailable
+from pbkv.testing.members import LocalMembers
+from tests.support.raw_http import Raw
+
+
+@pytest.fixture
+def members(tmp_path, etcd, prefix) -> Iterator[LocalMembers]:
+    with LocalMembers(tmp_path, etcd.client_url, cluster=prefix) as cluster:
+        yield cluster
+
+
+def start_three(members: LocalMembers) -> int:
+    for index in range(3):
+        members.start(index)
+    return members.wait_writable()
+
+
+@dataclass
+class Writer:
+    """Inserts ``w<n>`` keys one after another into whichever member is primary."""
+
+    members: LocalMembers
+    acknowledged: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # applied nowhere, by the spec
+    indeterminate: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Writer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+    def wait_acknowledged(self, count: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        target = len(self.acknowledged) + count
+        while len(self.acknowledged) < target:
+            assert time.monotonic() < deadline, f"only {len(self.acknowledged)} writes acknowledged"
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        number = 0
+        client: Client | None = None
+        while not self.stop.is_set():
+            if client is None:
+                primary = self.members.primary()
+                if primary is None:
+                    time.sleep(0.01)
+                    continue
+                client = self.members.client(primary, timeout=2.0)
+            key = f"w{number}"
+            number += 1
+            try:
+                client.insert(key, "v")
+            except (NotPrimary, Unavailable):
+                self.refused.append(key)
+                client.close()
+                client = None
+            except (OSError, PbkvError):
+                # "replication failed", or the connection died: it may have been applied.
+                self.indeterminate.append(key)
+                client.close()
+                client = None
+            else:
+                self.acknowledged.append(key)
+        if client is not None:
+            client.close()
+
+
+def check_no_loss(members: LocalMembers, primary: int, writer: Writer) -> None:
+    with members.client(primary, timeout=10.0) as client:
+        data = dict(client.dump())
+    lost = [key for key in writer.acknowledged if key not in data]
+    assert not lost, f"{len(lost)} acknowledged writes lost, e.g. {lost[:5]}"
+    visible = [key for key in writer.refused if key in data]
+    assert not visible, f"refused writes visible: {visible[:5]}"
+
+
+def test_a_killed_primary_is_replaced_by_its_recorded_backup_with_every_write(members) -> None:
+    old = start_three(members)
+    recorded = members.status(old)["recorded_backup"]
+    with Writer(members) as writer:
+        writer.wait_acknowledged(200)
+        members.kill(old)
+        faulted = time.monotonic()
+        new = members.wait_writable(exclude=(old,))
+        writer.wait_acknowledged(200)
+    took = time.monotonic() - faulted
+    status = members.status(new)
+    assert status["member"] == recorded, "only the recorded backup may be promoted"
+    assert status["promotions"] == 1
+    assert "etcd records this member as the in-sync backup" in status["last_role_change"]
+    assert f"promoted to primary of epoch {status['epoch']}" in members.log(new)
+    check_no_loss(members, new, writer)
+    # The third member was brought in sync with nobody acting, and is recorded.
+    third = ({0, 1, 2} - {old, new}).pop()
+    assert status["recorded_backup"] == members.status(third)["member"]
+    assert took < 20
+
+
+def test_a_primary_paused_past_its_lease_never_answers_as_primary_again(members) -> None:
+    old = start_three(members)
+    with members.client(old) as client:
+        assert client.insert("before", "pause")
+    members.signal(old, signal.SIGSTOP)
+    try:
+        new = members.wait_writable(exclude=(old,))
+        with members.client(new) as client:
+            assert client.update("before", "changed by the new primary")
+        # The kernel accepts and buffers these while the old primary sleeps: it reads
+        # them first thing when it wakes, on a clock now past its lease.
+        reader, writer = Raw(members.addresses[old]), Raw(members.addresses[old])
+        reader.send(b"GET /kv/get?key=before HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.send(
+            b"POST /kv/insert HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"application/x-www-form-urlencoded\r\nContent-Length: 15\r\n\r\nkey=late&value="
+        )
+    finally:
+        members.signal(old, signal.SIGCONT)
+    read, write = reader.reply(), writer.reply()
+    # Course mode (the default): the failure shape, the status in a header.
+    assert read.headers["x-pbkv-status"] == "503" and b"pause" not in read.body, read
+    assert write.headers["x-pbkv-status"] == "503", write
+    members.wait(
+        lambda: (s := members.status(old)) is not None and s["role"] != "primary",
+        what="the old primary to step down",
+    )
+    assert members.status(old)["fencings"] == 1
+    assert "primary fenced itself" in members.log(old)
+    with members.client(new) as client:
+        assert client.get("before") == "changed by the new primary"
+        assert client.get("late") is None
+
+
+def test_a_primary_restarted_within_its_lease_comes_back_empty_as_a_spare(members) -> None:
+    old = start_three(members)
+    with Writer(members) as writer:
+        writer.wait_acknowledged(300)
+        members.kill(old)
+        members.start(old)  # within the lease: its leader key still stands
+        restarted = members.status(old)
+        assert restarted["role"] != "primary"
+        new = members.wait_writable(exclude=(old,))
+        writer.wait_acknowledged(100)
+    assert new != old
+    check_no_loss(members, new, writer)
+    members.wait(
+        lambda: (s := members.status(old)) is not None and s["keys"] >= len(writer.acknowledged),
+        what="the restarted member to receive the data",
+    )
+    assert "promoted" not in members.log(old).split(" of cluster ")[-1]
+
+
+def test_nobody_is_promoted_when_the_recorded_backup_is_gone_too(members) -> None:
+    members.start(0)
+    members.start(1)
+    old = members.wait_writable()
+    backup = 1 - old
+    with members.client(old) as client:
+        assert client.insert("k", "v")
+    members.kill(backup)
+    members.kill(old)
+    members.start(2)
+    why = members.wait(
+        lambda: (
+            (s := members.status(2)) is not None
+            and s["primary"] is None
+            and "may be promoted" in (s["why_not_primary"] or "")
+            and s["why_not_primary"]
+        ),
+        what="the third member to say why it is not promoted",
+    )
+    assert members.status(2)["role"] != "primary"
+    assert f"127.0.0.{backup + 1}" in why
+
+
+def test_a_stopped_primary_hands_over_before_its_lease_runs_out(members) -> None:
+    old = start_three(members)
+    started = time.monotonic()
+    members.stop(old)  # SIGTERM: it resigns its leader key instead of letting it expire
+    members.wait_writable(exclude=(old,))
+    assert time.monotonic() - started < float(members.settings["lease_ttl"])
