@@ -177,6 +177,7 @@ class Member:
         status = self.leadership.status(now)
         return {
             "role": status.role.value,
+            "core_role": self.node.core.role.value,
             "member": self.name,
             "cluster": self.settings.cluster,
             "epoch": status.epoch,

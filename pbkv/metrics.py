@@ -127,6 +127,12 @@ GAUGES: dict[str, tuple[str, str, float]] = {
     "pbkv_loop_lag_seconds": ("Longest event-loop delay in the last 10 s", "loop_lag_ms", 1000),
 }
 
+# With a coordinator only: name: (help text, status field); left out when null.
+MEMBER_GAUGES: dict[str, tuple[str, str]] = {
+    "pbkv_epoch": ("The epoch this member leads or follows", "epoch"),
+    "pbkv_lease_left_seconds": ("Seconds this member's lease is certainly valid", "lease_left"),
+}
+
 # name: (help text, status field); a counter whose field the role lacks is left out.
 COUNTERS: dict[str, tuple[str, str]] = {
     "pbkv_transfers_completed": (
@@ -147,6 +153,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "Connections closed by a header, body or send timeout",
         "connections_timed_out",
     ),
+    "pbkv_promotions": ("Times this member became the primary", "promotions"),
+    "pbkv_fencings": ("Times this member stopped serving as primary on its own", "fencings"),
 }
 
 
@@ -154,22 +162,29 @@ def families(status: Status, requests: Mapping[Command, int]) -> Iterator[Metric
     """The metric families of one node, from its status and its request counts."""
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
-    role = Role(status["role"])
-    labels = [role.value]
+    # A member's role may be "spare"; its stages are those of the core it runs.
+    role = Role(status.get("core_role", status["role"]))
+    label = str(status["role"])
+    labels = [label]
     counted = CounterMetricFamily(
         "pbkv_requests", "Client requests by command", labels=["role", "command"]
     )
     for command in Command:
-        counted.add_metric([role.value, command.value], requests.get(command, 0))
+        counted.add_metric([label, command.value], requests.get(command, 0))
     yield counted
     stage = GaugeMetricFamily("pbkv_stage", "1 for the current stage", labels=["role", "stage"])
     for each in ACCEPTANCE[role]:
-        stage.add_metric([role.value, each.value], 1.0 if each.value == status["stage"] else 0.0)
+        stage.add_metric([label, each.value], 1.0 if each.value == status["stage"] else 0.0)
     yield stage
     for name, (text, field, per_unit) in GAUGES.items():
         gauge = GaugeMetricFamily(name, text, labels=["role"])
         gauge.add_metric(labels, float(status[field]) / per_unit)
         yield gauge
+    for name, (text, field) in MEMBER_GAUGES.items():
+        if status.get(field) is not None:
+            gauge = GaugeMetricFamily(name, text, labels=["role"])
+            gauge.add_metric(labels, float(status[field]))
+            yield gauge
     if "batches_acked" in status:  # the primary's group commit
         yield SummaryMetricFamily(
             "pbkv_replication_ack_seconds",

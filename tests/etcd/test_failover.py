@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -115,6 +116,9 @@ def test_a_killed_primary_is_replaced_by_its_recorded_backup_with_every_write(me
     assert status["promotions"] == 1
     assert "etcd records this member as the in-sync backup" in status["last_role_change"]
     assert f"promoted to primary of epoch {status['epoch']}" in members.log(new)
+    with urllib.request.urlopen(f"http://{members.name(new)}/metrics", timeout=5) as reply:
+        metrics = reply.read().decode()
+    assert 'pbkv_promotions_total{role="primary"} 1.0' in metrics
     check_no_loss(members, new, writer)
     # The third member was brought in sync with nobody acting, and is recorded.
     third = ({0, 1, 2} - {old, new}).pop()
@@ -204,3 +208,44 @@ def test_a_stopped_primary_hands_over_before_its_lease_runs_out(members) -> None
     members.stop(old)  # SIGTERM: it resigns its leader key instead of letting it expire
     members.wait_writable(exclude=(old,))
     assert time.monotonic() - started < float(members.settings["lease_ttl"])
+
+
+@pytest.fixture
+def own_members(tmp_path, own_etcd, prefix) -> Iterator[LocalMembers]:
+    with LocalMembers(tmp_path, own_etcd.client_url, cluster=prefix) as cluster:
+        yield cluster
+
+
+def test_while_etcd_is_silent_the_primary_serves_until_its_lease_runs_out(
+    own_members, own_etcd
+) -> None:
+    """Rule (e): nobody can be promoted without etcd, so the primary goes on while its
+    lease certainly holds, then fences; nobody campaigns; etcd back, writes resume."""
+    members = own_members
+    members.start(0)
+    members.start(1)
+    old = members.wait_writable()
+    backup = 1 - old
+    lease_ttl = float(members.settings["lease_ttl"])
+    with members.client(old) as client:
+        assert client.insert("before", "1")
+        own_etcd.pause()
+        paused = time.monotonic()
+        assert client.insert("during", "1"), "the lease still holds: writes go on"
+        members.wait(
+            lambda: members.status(old)["role"] != "primary",
+            timeout=lease_ttl + 5,
+            what="the primary to fence itself",
+        )
+        fenced_after = time.monotonic() - paused
+        with pytest.raises(Unavailable):
+            client.insert("after", "1")
+    assert fenced_after <= lease_ttl + 1.0
+    status = members.status(backup)
+    assert status["role"] != "primary" and status["promotions"] == 0
+    own_etcd.resume()
+    primary = members.wait_writable(timeout=30)
+    with members.client(primary) as client:
+        assert client.get("before") == "1" and client.get("during") == "1"
+        assert client.get("after") is None
+        assert client.insert("resumed", "1")
