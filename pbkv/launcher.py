@@ -370,8 +370,9 @@ def _start_locked(
     if role == MEMBER:
         if not in_time:
             print(
-                f"member on {host}:{port}: no primary known after {sync_wait:g}s "
-                f"({status.get('why_not_primary')}); it keeps trying: see {log_file}",
+                f"member on {host}:{port}: the cluster does not accept writes yet after "
+                f"{sync_wait:g}s (primary {status.get('primary')}, this member: "
+                f"{status.get('why_not_primary')}); it keeps trying: see {log_file}",
                 file=sys.stderr,
             )
         print(
@@ -513,10 +514,25 @@ def _await_sync(
         peer_link.close()
 
 
+def _writable(settings: config.Settings, primary: str) -> bool:
+    """Whether the member at ``primary`` leads with a backup in sync and recorded."""
+    host, _, port = primary.rpartition(":")
+    status = _status(host.strip("[]"), int(port), settings=settings)
+    return (
+        status is not None
+        and status.get("role") == "primary"
+        and status.get("stage") == "in_sync"
+        and status.get("recorded_backup") is not None
+        and status.get("recorded_backup") == status.get("in_sync_backup")
+    )
+
+
 def _await_role(
     pid: int, settings: config.Settings, address: tuple[str, int], wait: float, role_wait: float
 ) -> tuple[dict[str, Any] | None, bool]:
-    """Poll a member until it leads or knows who does (within ``role_wait``)."""
+    """Poll a member until it leads, or follows a primary that accepts writes (in sync
+    with a recorded backup): within ``role_wait``. The first member of a new cluster
+    leads at once, alone; the next one returns once writes are accepted."""
     link = StatusLink(settings, *address)
     try:
         started = time.monotonic()
@@ -534,7 +550,10 @@ def _await_role(
             else:
                 unanswered_since = None
                 status = own
-                if own.get("role") == "primary" or own.get("primary") is not None:
+                if own.get("role") == "primary":
+                    return own, True  # the first member: nobody to sync with yet
+                primary = own.get("primary")
+                if primary is not None and _writable(settings, primary):
                     return own, True
             if now - started > role_wait:
                 return status, False
