@@ -172,7 +172,9 @@ class Node:
     ) -> None:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
-        self.clock = time.monotonic
+        # A member's lease is judged on this clock: one that also counts time the
+        # machine spent suspended, so a primary that wakes past its lease knows it.
+        self.clock = boot_clock if member_address is not None else time.monotonic
         store = make_store(settings.store, settings.shards)
         # With a coordinator (``member_address`` given) the role is the leadership's
         # to decide (``pbkv.member``): a member starts as a backup that waits, keeping
@@ -573,7 +575,8 @@ class Node:
 
     def _flush(self) -> None:
         core = self.core
-        assert isinstance(core, PrimaryCore)
+        if not isinstance(core, PrimaryCore):
+            return  # the member stepped down meanwhile: its writes were answered then
         core.flush(self.clock())
         core.drain(self)
 
@@ -584,7 +587,8 @@ class Node:
 
     async def _connect(self) -> None:
         core = self.core
-        assert isinstance(core, PrimaryCore)
+        if not isinstance(core, PrimaryCore):
+            return  # the member stepped down before the attempt began
         if self.member is not None:
             target = self.member.choose_backup()
             if target is None:
@@ -760,6 +764,14 @@ class Node:
                 await asyncio.sleep(0)
         finally:
             self._pumping = False
+
+
+def boot_clock() -> float:
+    """Seconds on a monotonic clock that includes suspended time (Linux's BOOTTIME)."""
+    return time.clock_gettime(CLOCK_BOOTTIME)
+
+
+CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
 def _close_if_connected(task: asyncio.Task[Any]) -> None:
