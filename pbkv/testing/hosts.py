@@ -93,6 +93,7 @@ class Hosts:
         self.isolated: dict[str, frozenset[str]] = {}  # host -> what still reaches it
         self._ip = _tool("ip") or "ip"
         self._iptables = _tool("iptables") or "iptables"
+        self._iptables_restore = _tool("iptables-restore") or "iptables-restore"
         self._made: list[str] = []
         self._processes: list[subprocess.Popen[Any]] = []
 
@@ -209,7 +210,7 @@ class Hosts:
         """Drop every packet between ``host`` and every other host, both ways,
         except the hosts in ``keep_reachable_from`` (by default the client's hub).
         The rules live in ``host``'s namespace: it sends nothing to the others and
-        takes nothing from them."""
+        takes nothing from them.  The rules land at once (one ``iptables-restore``)."""
         keep = (
             {keep_reachable_from}
             if isinstance(keep_reachable_from, str)
@@ -218,12 +219,24 @@ class Hosts:
         unknown = ({host} | keep) - set(self.addresses)
         if unknown or host == CLIENT:
             raise ValueError(f"cannot isolate {host!r} keeping {sorted(keep)}")
+        rules = ["*filter"]
         for other in self.addresses:
             if other == host or other in keep:
                 continue
             address = self.addresses[other]
-            self._iptables_cmd(host, "-A", "INPUT", "-s", address, "-j", "DROP")
-            self._iptables_cmd(host, "-A", "OUTPUT", "-d", address, "-j", "DROP")
+            rules += [f"-A INPUT -s {address} -j DROP", f"-A OUTPUT -d {address} -j DROP"]
+        rules.append("COMMIT")
+        # One iptables-restore: every rule lands at once (the partition starts whole).
+        argv = self.command(host, self._iptables_restore, "-w", "--noflush")
+        result = subprocess.run(
+            argv,
+            input="\n".join(rules) + "\n",
+            capture_output=True,
+            text=True,
+            timeout=_COMMAND_TIMEOUT,
+        )
+        if result.returncode != 0:
+            raise TopologyError(f"{' '.join(argv)} failed: {result.stderr.strip()}")
         self.isolated[host] = frozenset(keep)
 
     def heal(self) -> None:
@@ -282,6 +295,8 @@ def available() -> str | None:
         return "the ip command is missing (apt-get install iproute2)"
     if _tool("iptables") is None:
         return "the iptables command is missing (apt-get install iptables)"
+    if _tool("iptables-restore") is None:
+        return "the iptables-restore command is missing (apt-get install iptables)"
     if not os.path.exists("/proc/thread-self/ns/net"):
         return "/proc/thread-self/ns/net is missing: cannot switch network namespaces"
     net = Hosts(2, prefix="pbkvprobe")
