@@ -902,7 +902,7 @@ def print_report(report: dict[str, Any]) -> None:
     )
     head = (
         f"{'system':<6} {'fault':<9} {'first read s':>12} {'first acked write s':>19} "
-        f"{'acked writes lost':>17}"
+        f"{'acked writes lost':>19}"
     )
     print(head)
     print("-" * len(head))
@@ -913,7 +913,7 @@ def print_report(report: dict[str, Any]) -> None:
         lost = f"{r['lost']} of {r['acknowledged']}"
         print(
             f"{r['system']:<6} {r['fault']:<9} {_seconds(r['first_read_s']):>12} "
-            f"{_seconds(r['first_ack_s']):>19} {lost:>17}"
+            f"{_seconds(r['first_ack_s']):>19} {lost:>19}"
         )
     for skipped, why in report["skipped"].items():
         print(f"{skipped}: skipped ({why})")
