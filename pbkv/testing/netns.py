@@ -57,6 +57,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -378,12 +379,14 @@ class NamespacePair(LocalPair):
         return self.net.command(role, *super().command(action, role, *extra))
 
 
-_OURS = re.compile(r"^pbkv(?:probe)?[pbc]-(\d+)-[0-9a-f]+$")
+# This module's namespaces (primary, backup, client) and pbkv.testing.hosts' (hub, hosts).
+_OURS = re.compile(r"^pbkv(?:probe)?(?:[pbc]|hub|h\d+)-(\d+)-[0-9a-f]+$")
 
 
 def remove_stale() -> list[str]:
     """Delete the namespaces of topologies whose creating process is gone (a test
-    run that was killed before its clean-up); returns their names."""
+    run that was killed before its clean-up), killing what still runs in them
+    first; returns their names."""
     try:
         names = os.listdir("/run/netns")
     except OSError:
@@ -393,7 +396,12 @@ def remove_stale() -> list[str]:
         match = _OURS.match(name)
         if match is None or process_alive(int(match.group(1))):
             continue
-        result = Topology._run([_tool("ip") or "ip", "netns", "del", name], check=False)
+        ip = _tool("ip") or "ip"
+        listed = Topology._run([ip, "netns", "pids", name], check=False)
+        for pid in (int(word) for word in listed.stdout.split() if word.isdigit()):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        result = Topology._run([ip, "netns", "del", name], check=False)
         if result.returncode == 0:
             removed.append(name)
     return removed

@@ -1,5 +1,5 @@
-"""Smoke runs of the benchmarks (bench/compare.py, transfer.py, memory.py, blip.py) at tiny
-sizes, plus unit checks of the RESP load generator's pieces.
+"""Smoke runs of the benchmarks (bench/compare.py, transfer.py, memory.py, blip.py,
+failover.py) at tiny sizes, plus unit checks of the RESP load generator's pieces.
 
 The scripts start their own servers on free ports (port 0 on 127.0.0.1, checked free on
 127.0.0.2 too). Redis is used when installed (CI installs it); otherwise the scripts must
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import blip, bulk, resp_load, servers
+from bench import blip, bulk, failover, resp_load, servers
 from pbkv.launcher import process_alive
-from pbkv.testing import netns
+from pbkv.testing import hosts, netns
 
 ROOT = Path(__file__).resolve().parents[2]
 HAVE_REDIS = shutil.which("redis-server") is not None
@@ -131,6 +131,36 @@ def test_blip_quick() -> None:
     assert not left, left
 
 
+@pytest.mark.netns
+def test_failover_redis_quick() -> None:
+    reason = hosts.available() or failover.redis_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    before = _namespaces()
+    pairs, lease = 3000, 2
+    out = _run(
+        "bench.failover", "--only", "redis", "--pairs", str(pairs), "--faults", "kill",
+        "--lease", str(lease), "--window", "20", "--json",
+        timeout=60,
+    )  # fmt: skip
+    report = json.loads(out)
+    assert report["skipped"] == {} and report["targets"] == [], report
+    [r] = report["results"]
+    assert "error" not in r, r
+    assert (r["system"], r["fault"], r["pairs"]) == ("redis", "kill", pairs), r
+    # Sentinel needs down-after, then an election and a promotion: never sooner.
+    assert lease <= r["first_read_s"] < 20, r
+    assert lease <= r["first_ack_s"] < 20, r
+    assert r["lost"] == 0 and r["acknowledged"] >= pairs + failover.WARMUP_ACKS, r
+    assert r["faulted_host"] in failover.SERVERS, r
+    left = {
+        name
+        for name in _namespaces() - before
+        if (match := re.match(r"^pbkv[a-z0-9]*-(\d+)-", name)) and not process_alive(int(match[1]))
+    }
+    assert not left, left
+
+
 def _namespaces() -> set[str]:
     try:
         return {path.name for path in Path("/run/netns").iterdir()}
@@ -144,6 +174,36 @@ def test_blip_gap() -> None:
 
 
 # ---------------------------------------------------------------- pieces
+
+
+def test_failover_first_after_and_targets() -> None:
+    ops = [
+        failover.Op(0.5, 0.6, "ok", "n1"),  # sent before the fault
+        failover.Op(1.0, 1.2, "error: ConnectionRefusedError", "n1"),
+        failover.Op(1.3, 1.4, "ok", "n1"),  # from the cut-off server
+        failover.Op(1.5, 4.1, "ok", "n2"),
+    ]
+    assert failover.first_after(ops, 1.0) == pytest.approx(1.4)
+    assert failover.first_after(ops, 1.0, exclude="n1") == pytest.approx(4.1)
+    assert failover.first_after(ops, 5.0) is None
+    assert failover.tally(ops) == {"ok": 3, "error: ConnectionRefusedError": 1}
+    common = {"lost": 0, "first_read_s": 3.2}
+    results = [
+        {"system": "pbkv", "fault": "kill", **common, "first_ack_s": 4.0, "transfer_s": 1.0},
+        {"system": "redis", "fault": "kill", **common, "first_ack_s": 4.3},
+        {"system": "pbkv", "fault": "restart", **common, "first_ack_s": 3.6, "lost": 1},
+        {"system": "redis", "fault": "restart", "error": "RuntimeError: no master"},
+    ]
+    met = {t["target"].split(" (")[0]: t["met"] for t in failover.targets(results, 3)}
+    assert met == {
+        "pbkv kill: 0 acknowledged writes lost": True,
+        "pbkv kill: first read <= lease + 0.5 s": True,
+        "pbkv kill: first acked write <= lease + 0.5 s + transfer": True,
+        "pbkv kill: first acked write sooner than Sentinel's": True,
+        "pbkv restart: 0 acknowledged writes lost": False,
+        "pbkv restart: first read <= lease + 0.5 s": True,
+        "pbkv restart: first acked write <= lease + 0.5 s + transfer": False,
+    }
 
 
 def test_resp_encoding_and_replies() -> None:
