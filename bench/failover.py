@@ -566,18 +566,20 @@ class StatusWatch(threading.Thread):
         self.join(10)
 
     def transfer_seconds(self, start: float) -> float:
-        """How long, after ``start``, a member reported itself a backup not yet in
-        sync: from the first such report to the first in-sync one after it."""
-        began = ended = None
-        for t, _, status in self.samples:
-            if t < start or status.get("role") != "backup":
+        """How long, after ``start``, a member took to receive the new primary's data:
+        from its first report of warm start (receiving) to its first in-sync report
+        after that; the longest of any member (0 when none received anything)."""
+        began: dict[str, float] = {}
+        took = 0.0
+        for t, host, status in self.samples:
+            if t < start:
                 continue
-            if status.get("stage") != "in_sync":
-                if began is None:
-                    began = t
-            elif began is not None:
-                ended = t
-        return 0.0 if began is None or ended is None else ended - began
+            stage = status.get("stage")
+            if stage == "warm_start" and status.get("core_role") == "backup":
+                began.setdefault(host, t)
+            elif stage == "in_sync" and host in began:
+                took = max(took, t - began.pop(host))
+        return took
 
 
 class PbkvCluster(Cluster):

@@ -153,6 +153,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "Connections closed by a header, body or send timeout",
         "connections_timed_out",
     ),
+}
+
+# With a coordinator only: name: (help text, status field).
+MEMBER_COUNTERS: dict[str, tuple[str, str]] = {
     "pbkv_promotions": ("Times this member became the primary", "promotions"),
     "pbkv_fencings": ("Times this member stopped serving as primary on its own", "fencings"),
 }
@@ -197,7 +201,7 @@ def families(status: Status, requests: Mapping[Command, int]) -> Iterator[Metric
         )
         replicated.add_metric(labels, float(status["writes_replicated"]))
         yield replicated
-    for name, (text, field) in COUNTERS.items():
+    for name, (text, field) in [*COUNTERS.items(), *MEMBER_COUNTERS.items()]:
         if field == "batches_sent" and role is Role.BACKUP:
             field = "batches_applied"
         if field in status:

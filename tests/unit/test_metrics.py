@@ -101,6 +101,22 @@ def test_every_value_comes_from_the_status_or_the_request_counts():
     assert set(GAUGES) <= names
 
 
+def test_a_member_is_labelled_by_its_role_and_counts_promotions_and_fencings():
+    status = backup_status(stage="in_sync")
+    status.update(
+        role="spare", core_role="backup", epoch=41, lease_left=1.25, promotions=1, fencings=2
+    )
+    samples = scrape(Metrics(lambda: status))
+    role = (("role", "spare"),)
+    assert samples["pbkv_stage", (("role", "spare"), ("stage", "in_sync"))] == 1
+    assert samples["pbkv_epoch", role] == 41
+    assert samples["pbkv_lease_left_seconds", role] == 1.25
+    assert samples["pbkv_promotions_total", role] == 1
+    assert samples["pbkv_fencings_total", role] == 2
+    status.update(epoch=None)  # following nobody: no epoch to show
+    assert "pbkv_epoch" not in {name for name, _ in scrape(Metrics(lambda: status))}
+
+
 def test_the_backup_counts_batches_applied_and_has_no_acknowledgements():
     samples = scrape(Metrics(lambda: backup_status(batches_applied=5, stage="in_sync")))
     role = (("role", "backup"),)
