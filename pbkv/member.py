@@ -193,6 +193,15 @@ class Member:
             "last_role_change": self.last_change,
         }
 
+    async def next_backup(self) -> tuple[str, int] | None:
+        """The member to connect to next, from who is registered right now: a member
+        whose lease ended (the old primary after a failover) is not tried in vain."""
+        try:
+            self.members = await self._etcd.members()
+        except CoordinatorError as exc:
+            log.debug("etcd member list failed (the last one is used): %s", exc)
+        return self.choose_backup()
+
     def choose_backup(self) -> tuple[str, int] | None:
         """The member the primary connects to next (None: no other is registered)."""
         registered: list[tuple[str, int]] = []

@@ -590,7 +590,9 @@ class Node:
         if not isinstance(core, PrimaryCore):
             return  # the member stepped down before the attempt began
         if self.member is not None:
-            target = self.member.choose_backup()
+            target = await self.member.next_backup()
+            if core is not self.core:
+                return
             if target is None:
                 core.channel_failed(self.clock(), "no other member is registered yet")
                 core.drain(self)
