@@ -116,6 +116,7 @@ class Member:
         self._wakeup: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        self._leaderless_why: str | None = None
         node.core.member = self.name
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -280,7 +281,20 @@ class Member:
         finally:
             self._handling = False
         self.node.flush_if_authorised()
+        self._say_why_leaderless()
         self._schedule_wakeup()
+
+    def _say_why_leaderless(self) -> None:
+        """One log line each time the reason nobody leads changes (say, the recorded
+        backup is gone too: nobody may be promoted)."""
+        leadership = self.leadership
+        why = None
+        if leadership.leader_known and leadership.leader is None and leadership.record_known:
+            why = leadership.why_not_primary(self._now())
+        if why != self._leaderless_why:
+            self._leaderless_why = why
+            if why is not None and why != "campaigning":
+                log.warning("no primary, and this member may not become it: %s", why)
 
     def _schedule_wakeup(self) -> None:
         if self.leadership.stopped:

@@ -41,13 +41,21 @@ class LocalMembers:
         coordinator: str,
         cluster: str = "pbkv",
         count: int = 3,
+        addresses: list[tuple[str, int]] | None = None,
+        wrap: Callable[[int, list[str]], list[str]] | None = None,
         **settings: str,
     ) -> None:
+        """``addresses`` (default: ``127.0.0.<i+1>`` at a free port) and ``wrap``, which
+        turns member ``i``'s script command line into one that runs where it lives
+        (another network namespace, say)."""
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
-        hosts = tuple(f"127.0.0.{i + 1}" for i in range(count))
-        self.port = free_port(hosts)
-        self.addresses = [(host, self.port) for host in hosts]
+        if addresses is None:
+            hosts = tuple(f"127.0.0.{i + 1}" for i in range(count))
+            port = free_port(hosts)
+            addresses = [(host, port) for host in hosts]
+        self.addresses = addresses
+        self.wrap = wrap
         values = {
             "coordinator": coordinator,
             "cluster": cluster,
@@ -76,6 +84,8 @@ class LocalMembers:
             str(self.dir),
             *extra,
         ]
+        if self.wrap is not None:
+            command = self.wrap(index, command)
         result = subprocess.run(command, capture_output=True, text=True, timeout=60)
         if result.returncode != 0:
             raise RuntimeError(

@@ -176,7 +176,7 @@ def test_a_primary_restarted_within_its_lease_comes_back_empty_as_a_spare(member
         lambda: (s := members.status(old)) is not None and s["keys"] >= len(writer.acknowledged),
         what="the restarted member to receive the data",
     )
-    assert "promoted" not in members.log(old).split(" of cluster ")[-1]
+    assert "promoted to primary" not in members.log(old).split(" of cluster ")[-1]
 
 
 def test_nobody_is_promoted_when_the_recorded_backup_is_gone_too(members) -> None:
@@ -200,6 +200,7 @@ def test_nobody_is_promoted_when_the_recorded_backup_is_gone_too(members) -> Non
     )
     assert members.status(2)["role"] != "primary"
     assert f"127.0.0.{backup + 1}" in why
+    assert f"no primary, and this member may not become it: {why}" in members.log(2)
 
 
 def test_a_stopped_primary_hands_over_before_its_lease_runs_out(members) -> None:
