@@ -107,8 +107,8 @@ class Member:
         self.promotions = 0
         self.fencings = 0
         self.last_change = ""  # the reason of the last promotion or fencing
-        self._listening: tuple[str, int] | None = None  # who nudged us last
-        self._tried: collections.deque[tuple[str, int]] = collections.deque()
+        # Connection attempts per member since a backup last came in sync.
+        self._tries: collections.Counter[tuple[str, int]] = collections.Counter()
         self._reported_backup: str | None = None
         self._reported_holding: Holding | None = None
         self._events: collections.deque[Event] = collections.deque()
@@ -204,34 +204,29 @@ class Member:
         return self.choose_backup()
 
     def choose_backup(self) -> tuple[str, int] | None:
-        """The member the primary connects to next (None: no other is registered)."""
+        """The member the primary connects to next (None: no other is registered).
+
+        The one tried least often since a backup last came in sync; among those the
+        recorded backup first (its copy is likely whole: a skip or a rollback rather
+        than a transfer), then the others in turn. So a recorded backup that cannot
+        be reached (a partition) is left for a spare after one attempt."""
         registered: list[tuple[str, int]] = []
         for info in self.members:
             with contextlib.suppress(ValueError):
                 parsed = parse_address(address_of(info.member))
                 if parsed != self.address and parsed not in registered:
                     registered.append(parsed)
-        record = self.leadership.record
-        first: list[tuple[str, int]] = []
-        if self._listening is not None:
-            first.append(self._listening)
-            self._listening = None
-        if record is not None and record.backup is not None:
-            with contextlib.suppress(ValueError):
-                first.append(parse_address(address_of(record.backup)))
-        for address in first:
-            if address in registered:
-                return address
         if not registered:
             return None
-        # The others in turn: the one tried longest ago first.
-        for address in registered:
-            if address not in self._tried:
-                self._tried.append(address)
-                return address
-        address = self._tried.popleft()
-        self._tried.append(address)
-        return address if address in registered else registered[0]
+        recorded: tuple[str, int] | None = None
+        record = self.leadership.record
+        if record is not None and record.backup is not None:
+            with contextlib.suppress(ValueError):
+                recorded = parse_address(address_of(record.backup))
+        tries = self._tries
+        choice = min(registered, key=lambda address: (tries[address], address != recorded))
+        tries[choice] += 1
+        return choice
 
     def member_listening(self) -> None:
         """A nudge arrived: someone listens. Refresh who is registered first."""
@@ -242,6 +237,8 @@ class Member:
         core = self.node.core
         if isinstance(core, PrimaryCore):
             backup = core.in_sync_backup
+            if backup is not None:
+                self._tries.clear()
             if backup != self._reported_backup:
                 previous, self._reported_backup = self._reported_backup, backup
                 now = self._now()
