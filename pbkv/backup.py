@@ -30,6 +30,7 @@ from pbkv.candidates import MAX_CANDIDATES, Candidate, Unproven
 from pbkv.commands import Command, Outcome, Refused, Reply
 from pbkv.config import Settings
 from pbkv.core import ReplicationCore
+from pbkv.idempotency import TableUndo
 from pbkv.limits import LogThrottle
 from pbkv.stages import Copy, Directive, Event, Resync, Role, Stage, State, Step, refusal
 from pbkv.store import ShardedStore
@@ -65,6 +66,10 @@ class Undo:
     checksum_before: int
     count_before: int
     size: int  # bytes, roughly: what the undo record holds for it
+    # The batch's time and idempotency entries, and what undoes them in the table.
+    time: int = 0
+    keyed: list[Any] | None = None
+    table: TableUndo | None = None
 
 
 def _undo_size(ops: list[str | None], olds: list[str | None]) -> int:
@@ -98,6 +103,7 @@ class BackupCore(ReplicationCore):
                 FrameType.SNAPSHOT_BEGIN: self._begin_receiving,
                 FrameType.SHARD_CHUNK: self._transfer_frame,
                 FrameType.SHARD_END: self._transfer_frame,
+                FrameType.IDEMPOTENCY_CHUNK: self._transfer_frame,
                 FrameType.SNAPSHOT_END: self._transfer_frame,
                 FrameType.SKIP: self._skip,
                 FrameType.ROLLBACK: self._rollback,
@@ -250,7 +256,14 @@ class BackupCore(ReplicationCore):
         super().timer_fired(now, timer)
 
     # -- client requests: reads only -----------------------------------------------
-    def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome:
+    def submit(
+        self,
+        command: Command,
+        key: str,
+        value: str | None,
+        reply: Reply,
+        idempotency: str | None = None,
+    ) -> Outcome:
         # A write past max_memory is refused for that first, on either role.
         if self.max_memory and value is not None:
             full = self.memory_full(command, key, value)
@@ -268,7 +281,9 @@ class BackupCore(ReplicationCore):
         if self.settings.undo_bytes:
             checksum, count = store.checksum, len(store)
             olds = store.apply_recording(ops)
-            entry = Undo(seq, ops, olds, checksum, count, _undo_size(ops, olds))
+            table = store.idempotency.apply(frame.time, frame.keyed, record=True)
+            size = _undo_size(ops, olds) + (0 if table is None else table.size)
+            entry = Undo(seq, ops, olds, checksum, count, size, frame.time, frame.keyed, table)
             self.undo.append(entry)
             self.undo_size += entry.size
             while self.undo and (
@@ -277,14 +292,18 @@ class BackupCore(ReplicationCore):
                 self.undo_size -= self.undo.popleft().size
         else:
             store.apply(ops)
+            store.idempotency.apply(frame.time, frame.keyed)
         self.seq = seq
         self.batches_applied += 1
         self.send(Ack(seq, epoch=self.epoch))
         return Step.STREAMING
 
     def _undo_batches(self, steps: list[Undo]) -> None:
+        store = self.store
         for entry in reversed(steps):  # newest first
-            self.store.undo(entry.ops, entry.olds)
+            store.undo(entry.ops, entry.olds)
+            if entry.table is not None:
+                store.idempotency.undo(entry.table)
 
     def _holds(self, checksum: int, count: int) -> bool:
         return self.store.checksum == checksum and len(self.store) == count
@@ -307,6 +326,7 @@ class BackupCore(ReplicationCore):
         if not self._holds(frame.checksum, frame.count):
             for entry in steps:  # our copy as it was: still a confirmed one
                 store.apply(entry.ops)
+                store.idempotency.apply(entry.time, entry.keyed or [])
             self.undo.clear()  # but this record cannot reach the primary's: a full transfer next
             self.undo_size = 0
             self.fail_transfer(f"rolled back to seq {target}, but the data is not the primary's")

@@ -62,6 +62,11 @@ class MemoryFull:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyReused:
+    """The Idempotency-Key came with another request before: nothing applied (HTTP 422)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Counted:
     count: int
 
@@ -81,8 +86,9 @@ class Dumped:
         return isinstance(other, Dumped) and self.pairs == other.pairs
 
 
-Outcome = Done | Refused | ReplicationFailed | MemoryFull | Counted | Dumped
+Outcome = Done | Refused | ReplicationFailed | MemoryFull | KeyReused | Counted | Dumped
 REPLICATION_FAILED = ReplicationFailed()
+KEY_REUSED = KeyReused()
 
 # How a write queued in a core is answered: the driver's callable, called with the outcome.
 Reply = Callable[[Outcome], None]

@@ -80,6 +80,10 @@ class Settings:
     max_pending_bytes: int = 256 * 1024 * 1024  # unfinished requests and unanswered writes
     max_memory: int = 0  # approximate bytes of pairs past which writes are refused; 0 = off
     max_clients: int = 10_000  # client connections; the replication channel has a reserve
+    # Safe retries (docs/api.md): the remembered replies of writes with an Idempotency-Key,
+    # at most this many, each for this many seconds (both servers must agree on both).
+    idempotency_keys: int = 100_000
+    idempotency_ttl: float = 3600.0
     errors: str = "course"  # how refusals are answered: see ERROR_MODES
     log_level: str = "info"
 
@@ -122,6 +126,7 @@ class Settings:
             "max_pipeline",
             "max_pending_bytes",
             "max_clients",
+            "idempotency_keys",
         ):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive number")
@@ -142,6 +147,7 @@ class Settings:
             "header_timeout",
             "body_timeout",
             "send_timeout",
+            "idempotency_ttl",
         ):
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{name} must be a positive number of seconds")

@@ -134,6 +134,9 @@ class ReplicationCore:
     ) -> None:
         self.settings = settings
         self.store = store
+        table = store.idempotency  # its bounds are the settings' (one settings file for both)
+        table.capacity = settings.idempotency_keys
+        table.ttl_ms = int(settings.idempotency_ttl * 1000)
         self.rng = rng or random.Random()
         self.incarnation = self.rng.getrandbits(63)
         # The lineage of our data (Redis's replication id): new on every restart and

@@ -410,13 +410,22 @@ class Node:
             return self._not_primary()
         return self.core.read(command, key)
 
-    def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome | None:
+    def submit(
+        self,
+        command: Command,
+        key: str,
+        value: str | None,
+        reply: Reply,
+        idempotency: str | None = None,
+    ) -> Outcome | None:
         self.stats.count(command)
         member = self.member
         if member is not None and not member.may_serve():
             return self._not_primary()
         core = self.core
-        outcome = core.submit(command, key, value, reply)
+        if idempotency is not None:
+            core.now = self.clock()  # a standalone primary stamps its table with it
+        outcome = core.submit(command, key, value, reply, idempotency)
         if core.outbox:
             core.drain(self)
         return outcome

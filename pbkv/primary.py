@@ -27,7 +27,15 @@ from typing import Any
 
 from pbkv import auth
 from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, SyncChanged, Timer
-from pbkv.commands import REPLICATION_FAILED, Command, Done, Outcome, Refused, Reply
+from pbkv.commands import (
+    KEY_REUSED,
+    REPLICATION_FAILED,
+    Command,
+    Done,
+    Outcome,
+    Refused,
+    Reply,
+)
 from pbkv.config import Settings
 from pbkv.core import (
     BATCH_CHARS,
@@ -36,6 +44,7 @@ from pbkv.core import (
     ReplicationCore,
     growth,
 )
+from pbkv.idempotency import TableClock, entry_size, fingerprint
 from pbkv.stages import Copy, Directive, Event, Plan, Role, Stage, Step, WriteRule, plan
 from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
@@ -70,9 +79,17 @@ class Batch:
     grows: int = 0  # bytes its writes add to the store (counted in pending_write_bytes)
     sent_at: float = 0.0
     deadline: float = 0.0
+    # The idempotency entries of its keyed writes (key, fingerprint, ok, value, ...),
+    # and the table time it carries (set when it is sent).
+    keyed: list[Any] = field(default_factory=list)
+    time: int = 0
 
     def full(self) -> bool:
-        return len(self.ops) >= 2 * BATCH_WRITES or self.chars >= BATCH_CHARS
+        return (
+            len(self.ops) >= 2 * BATCH_WRITES
+            or len(self.keyed) >= 4 * BATCH_WRITES
+            or self.chars >= BATCH_CHARS
+        )
 
 
 class PrimaryCore(ReplicationCore):
@@ -95,6 +112,11 @@ class PrimaryCore(ReplicationCore):
         # records that member as our in-sync backup). None: always (the seed's pair).
         self.authority: Callable[[float, str], bool] | None = None
         self.overlay: dict[str, tuple[str | None, int]] = {}
+        # Keyed writes not yet acknowledged: Idempotency-Key -> (fingerprint, the batch
+        # that carries it, its outcome); a retry meanwhile is answered with that batch.
+        self.keyed: dict[str, tuple[int, Batch, Outcome]] = {}
+        # The table time this primary stamps on its batches (see ``idempotency.py``).
+        self.table_clock = TableClock(store.idempotency.clock, now)
         # Writes not yet sent, oldest batch first; the last one takes new writes.
         self.queued: deque[Batch] = deque([Batch()])
         self.flush_pending = False
@@ -121,6 +143,7 @@ class PrimaryCore(ReplicationCore):
                 FrameType.SNAPSHOT_BEGIN: self._transfer_frame,
                 FrameType.SHARD_CHUNK: self._transfer_frame,
                 FrameType.SHARD_END: self._transfer_frame,
+                FrameType.IDEMPOTENCY_CHUNK: self._transfer_frame,
                 FrameType.SNAPSHOT_END: self._transfer_frame,
                 FrameType.SYNC_ACK: self._sync_ack,
                 FrameType.AUTH_RESPONSE: self._auth_response,
@@ -263,8 +286,18 @@ class PrimaryCore(ReplicationCore):
         super().tick()
 
     # -- client requests ---------------------------------------------------------
-    def submit(self, command: Command, key: str, value: str | None, reply: Reply) -> Outcome | None:
-        """A write: an outcome now, or None when ``Respond(reply, ...)`` follows."""
+    def submit(
+        self,
+        command: Command,
+        key: str,
+        value: str | None,
+        reply: Reply,
+        idempotency: str | None = None,
+    ) -> Outcome | None:
+        """A write: an outcome now, or None when ``Respond(reply, ...)`` follows.
+        ``idempotency``: the request's Idempotency-Key (see ``_submit_keyed``)."""
+        if idempotency is not None:
+            return self._submit_keyed(command, key, value, reply, idempotency)
         pending = self.overlay.get(key)
         current = self.store.get(key) if pending is None else pending[0]
         # Checked against the store plus every write not yet acknowledged.
@@ -307,6 +340,73 @@ class PrimaryCore(ReplicationCore):
             self.outbox.append(FlushSoon())
         return None
 
+    def _submit_keyed(
+        self, command: Command, key: str, value: str | None, reply: Reply, ident: str
+    ) -> Outcome | None:
+        """A write with an Idempotency-Key: a key seen before with this request gets its
+        reply (once its write is acknowledged, if it is still in flight), with another
+        request a refusal; a new one is a write whose reply is remembered, replicated
+        with it: even a logical failure travels in a batch and is answered once the
+        backup acknowledged it."""
+        print_ = fingerprint(command.value, key, value)
+        waiting = self.keyed.get(ident)
+        if waiting is not None:
+            if waiting[0] != print_:
+                return KEY_REUSED
+            waiting[1].entries.append((reply, waiting[2]))
+            return None
+        table = self.store.idempotency
+        remembered = table.get(ident)
+        if remembered is not None:
+            if remembered.fingerprint != print_:
+                return KEY_REUSED
+            # Acknowledged state, as a read sees it: served when a read of it would be.
+            if not self.may_read(Command.COUNT, ""):
+                return Refused(self.stage, self.role)
+            return Done(remembered.ok, remembered.value)
+        pending = self.overlay.get(key)
+        current = self.store.get(key) if pending is None else pending[0]
+        grow = 0 if value is None else growth(command, key, value, current)
+        if command is Command.INSERT:
+            ok, new, outcome = current is None, value, Done(current is None)
+        elif command is Command.UPDATE:
+            ok, new, outcome = current is not None, value, Done(current is not None)
+        else:
+            ok, new = current is not None, None
+            outcome = Done(True, current) if ok else MISS
+        remembers = entry_size(ident, outcome.value)
+        if self.max_memory:
+            full = self.over_memory(grow + remembers)
+            if full is not None:
+                return full
+        if self.machine.acceptance.writes is not WriteRule.REPLICATE:
+            return Refused(self.stage, self.role)
+        entry = [ident, print_, outcome.ok, outcome.value]
+        if self.standalone:
+            if ok:
+                self.store.write(key, new)
+            table.apply(self.table_clock.time(table.clock, self.now), entry)
+            return outcome
+        queued = self.queued[-1]
+        if queued.full():
+            queued = Batch()
+            self.queued.append(queued)
+        if ok:
+            queued.ops.append(key)
+            queued.ops.append(new)
+            queued.chars += len(key) + (0 if new is None else len(new))
+            self.overlay[key] = (new, self.sent_seq + len(self.queued))
+        queued.keyed += entry
+        queued.chars += len(ident) + (0 if outcome.value is None else len(outcome.value))
+        queued.grows += grow + remembers
+        self.pending_write_bytes += grow + remembers
+        queued.entries.append((reply, outcome))
+        self.keyed[ident] = (print_, queued, outcome)
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.outbox.append(FlushSoon())
+        return None
+
     def flush(self, now: float) -> None:
         """Send queued batches while the window has room."""
         self.now = now
@@ -318,7 +418,7 @@ class PrimaryCore(ReplicationCore):
             batch = queued.popleft()
             if not queued:
                 queued.append(Batch())
-            if not batch.ops:
+            if not batch.ops and not batch.keyed:
                 # Only answers that wait for earlier batches: answer them with the last.
                 if self.in_flight:
                     self.in_flight[-1].entries.extend(batch.entries)
@@ -329,9 +429,10 @@ class PrimaryCore(ReplicationCore):
             batch.seq = self.sent_seq
             batch.sent_at = now
             batch.deadline = now + self.settings.ack_timeout
+            batch.time = self.table_clock.time(self.store.idempotency.clock, now)
             self.in_flight.append(batch)
             self.batches_sent += 1
-            self.send(BatchFrame(batch.seq, batch.ops, epoch=self.epoch))
+            self.send(BatchFrame(batch.seq, batch.ops, batch.time, batch.keyed, epoch=self.epoch))
 
     def _answer(self, batch: Batch) -> None:
         outbox = self.outbox
@@ -350,7 +451,13 @@ class PrimaryCore(ReplicationCore):
             return Step.NONE
         batch = self.in_flight.popleft()
         ops, overlay = batch.ops, self.overlay
-        self.store.apply(ops)
+        store = self.store
+        store.apply(ops)
+        keyed = batch.keyed
+        store.idempotency.apply(batch.time, keyed)  # as the backup did: both expire alike
+        if keyed:
+            for ident in keyed[0::4]:
+                self.keyed.pop(ident, None)
         self.pending_write_bytes -= batch.grows
         for key in ops[0::2]:
             pending = overlay.get(key)
@@ -377,6 +484,7 @@ class PrimaryCore(ReplicationCore):
         self.in_flight.clear()
         self.queued = deque([Batch()])
         self.overlay.clear()
+        self.keyed.clear()
         self.pending_write_bytes = 0
         self.sent_seq = self.seq
 
@@ -466,6 +574,9 @@ class PrimaryCore(ReplicationCore):
         self.confirmed = True
         self.copy_epoch = self.epoch  # our data is now this epoch's
         self.receiver = None
+        # The table time goes on from our copy's (a fetched one's may be ahead of ours).
+        clock = self.table_clock
+        clock.anchor(clock.time(self.store.idempotency.clock, self.now), self.now)
         self.transfers_completed += 1
         self.backoff.reset()
         decided, hello = self.plan, self.peer_hello

@@ -210,7 +210,11 @@ class Step(enum.Enum):
 
 
 F = FrameType
-_SHARDS = {F.SHARD_CHUNK: (Step.RECEIVE_SNAPSHOT,), F.SHARD_END: (Step.RECEIVE_SNAPSHOT,)}
+_SHARDS = {
+    F.SHARD_CHUNK: (Step.RECEIVE_SNAPSHOT,),
+    F.SHARD_END: (Step.RECEIVE_SNAPSHOT,),
+    F.IDEMPOTENCY_CHUNK: (Step.RECEIVE_SNAPSHOT,),  # the idempotency table, after the shards
+}
 
 # Where a new channel starts: without a secret / with one.
 FIRST_STEP = {

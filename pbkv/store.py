@@ -21,6 +21,8 @@ from collections.abc import Iterable, Iterator
 
 import xxhash
 
+from pbkv.idempotency import IdempotencyTable
+
 CHECKSUM_MODULUS = 1 << 128
 _MASK = CHECKSUM_MODULUS - 1
 # 0xFF never occurs in UTF-8, so "key 0xFF value" is unambiguous.
@@ -63,6 +65,8 @@ class ShardedStore:
         self._sums: list[int] = [0] * shard_count
         self._size = 0
         self._memory = 0  # approximate bytes held: characters plus PAIR_OVERHEAD per pair
+        # The remembered replies of keyed writes: replicated and transferred with the pairs.
+        self.idempotency = IdempotencyTable()
 
     # -- reads ---------------------------------------------------------------
     def get(self, key: str) -> str | None:
@@ -76,6 +80,11 @@ class ShardedStore:
 
     @property
     def checksum(self) -> int:
+        """Of the pairs and of the idempotency table (0 when it is empty)."""
+        return (sum(self._sums) + self.idempotency.checksum) & _MASK
+
+    @property
+    def pairs_checksum(self) -> int:
         return combine(self._sums)
 
     def shard_checksum(self, shard: int) -> int:
@@ -86,8 +95,9 @@ class ShardedStore:
 
     @property
     def memory_bytes(self) -> int:
-        """Approximate memory held by the pairs, kept current in O(1) per write."""
-        return self._memory
+        """Approximate memory held by the pairs and the idempotency table, kept current
+        in O(1) per write."""
+        return self._memory + self.idempotency.memory
 
     def shard_copy(self, shard: int) -> dict[str, str]:
         """A copy of one shard's pairs (a dump's snapshot of that shard)."""
@@ -119,8 +129,10 @@ class ShardedStore:
             yield chunk
 
     def empty_like(self) -> ShardedStore:
-        """A new empty store of the same kind and layout."""
-        return type(self)(self.shard_count)
+        """A new empty store of the same kind and layout (and table bounds)."""
+        store = type(self)(self.shard_count)
+        store.idempotency = self.idempotency.empty_like()
+        return store
 
     # -- writes --------------------------------------------------------------
     def put(self, key: str, value: str) -> str | None:
@@ -194,6 +206,7 @@ class ShardedStore:
         self._sums = [0] * self.shard_count
         self._size = 0
         self._memory = 0
+        self.idempotency.clear()
         return shards
 
     def take_pairs_of(self, other: ShardedStore) -> list[dict[str, str]]:
@@ -205,6 +218,7 @@ class ShardedStore:
         old = self._shards
         self._shards, self._sums = other._shards, other._sums
         self._size, self._memory = other._size, other._memory
+        self.idempotency.take_from(other.idempotency)
         other.release()
         return old
 
@@ -214,6 +228,7 @@ class ShardedStore:
         self._sums = [0] * self.shard_count
         self._size = 0
         self._memory = 0
+        self.idempotency.clear()
 
     def load_chunk(self, shard: int, pairs: Iterable[tuple[str, str]]) -> None:
         """Add pairs received for ``shard`` during a transfer."""

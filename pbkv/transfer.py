@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from pbkv.config import MAX_SHARDS
 from pbkv.store import ShardedStore, pair_checksum, shard_of
-from pbkv.wire import Frame, ShardChunk, ShardEnd, SnapshotBegin, SnapshotEnd
+from pbkv.wire import Frame, IdempotencyChunk, ShardChunk, ShardEnd, SnapshotBegin, SnapshotEnd
 
 
 class TransferError(Exception):
@@ -46,6 +46,9 @@ class SnapshotSender:
             for chunk in store.shard_chunks(shard, chunk_size, self._chunk_chars):
                 yield ShardChunk(shard, _flatten(chunk))
             yield ShardEnd(shard, store.shard_checksum(shard), store.shard_len(shard))
+        table = store.idempotency
+        for entries in table.chunks(chunk_size, self._chunk_chars):
+            yield IdempotencyChunk(table.clock, entries)
         yield SnapshotEnd(store.checksum, len(store), seq)
 
     def next_frames(self, limit: int) -> list[Frame]:
@@ -77,6 +80,7 @@ class SnapshotReceiver:
         self._same_layout = False
         self._running = [0]  # per sender shard, when the layouts differ
         self._counts = [0]  # pairs per sender shard, when the layouts differ
+        self.idempotency_received = False  # at least one IDEMPOTENCY_CHUNK arrived
 
     def begin(self, frame: SnapshotBegin) -> None:
         if self._begun:
@@ -130,10 +134,23 @@ class SnapshotReceiver:
         if self._same_layout:
             self.complete_shards.add(shard)
 
+    def idempotency_chunk(self, frame: IdempotencyChunk) -> None:
+        if not self._begun:
+            raise TransferError("idempotency entries before SNAPSHOT_BEGIN")
+        table = self.store.idempotency
+        known = table.entries
+        keys = frame.entries[0::5]
+        if any(key in known for key in keys) or len(set(keys)) != len(keys):
+            raise TransferError("an idempotency key sent twice")
+        table.load(frame.clock, frame.entries)
+        self.idempotency_received = True
+
     def end(self, frame: SnapshotEnd) -> int:
-        """Verify the whole database; returns its checksum."""
+        """Verify the whole database, its idempotency table included; returns its checksum."""
         if not self._begun:
             raise TransferError("SNAPSHOT_END before SNAPSHOT_BEGIN")
+        if not self.idempotency_received:
+            raise TransferError("SNAPSHOT_END before the idempotency table")
         count = frame.count
         if len(self.store) != count or self.received != count or self.expected_total != count:
             raise TransferError(f"received {len(self.store)} pairs, sender had {count}")
@@ -151,6 +168,8 @@ class SnapshotReceiver:
             self.shard_end(frame)
         elif type(frame) is SnapshotBegin:
             self.begin(frame)
+        elif type(frame) is IdempotencyChunk:
+            self.idempotency_chunk(frame)
         elif type(frame) is SnapshotEnd:
             return self.end(frame)
         else:

@@ -39,6 +39,7 @@ import xxhash
 # The most shards a transfer may declare (the ``shards`` setting's bound): the receiver
 # keeps a few numbers per sender shard, allocated at SNAPSHOT_BEGIN.
 from pbkv.config import MAX_SHARDS
+from pbkv.idempotency import BATCH_ITEMS, MAX_KEY_CHARS, TRANSFER_ITEMS
 
 _HEADER = struct.Struct(">IQQ")  # length, epoch, hash
 HEADER_SIZE = _HEADER.size
@@ -74,6 +75,7 @@ class FrameType(enum.IntEnum):
     AUTH_PROOF = 16  # primary: its proof
     AUTH_FAILED = 17  # either: the proof did not verify (a courtesy: the log says why)
     ROLLBACK = 18  # partial resync: the backup undoes the batches the primary never applied
+    IDEMPOTENCY_CHUNK = 19  # a transfer's idempotency table (after the shards)
 
 
 class FrameError(ValueError):
@@ -158,6 +160,36 @@ def _operations(raw: Any) -> list[str | None]:
     if not all(value is None or type(value) is str for value in values):
         raise FrameError("values must be strings or null")
     return raw
+
+
+_U64 = 1 << 64
+
+
+def _keyed_entries(raw: Any, items: int) -> list[Any]:
+    """Idempotency entries, flat: key, fingerprint, ok, value-or-None (+ time made)."""
+    if type(raw) is not list or len(raw) % items:
+        raise FrameError(f"must be a flat list of {items}-item idempotency entries")
+    for i in range(0, len(raw), items):
+        key, print_, ok, value = raw[i : i + 4]
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_CHARS:
+            raise FrameError(f"an idempotency key must be 1 to {MAX_KEY_CHARS} characters")
+        if type(print_) is not int or not 0 <= print_ < _U64:
+            raise FrameError("a fingerprint must be a 64-bit non-negative integer")
+        if type(ok) is not bool or not (value is None or type(value) is str):
+            raise FrameError("a remembered reply is a flag and a string or null")
+        if items == TRANSFER_ITEMS and (type(raw[i + 4]) is not int or raw[i + 4] < 0):
+            raise FrameError("an entry's time must be a non-negative integer")
+    return raw
+
+
+def _batch_entries(raw: Any) -> list[Any]:
+    if type(raw) is list and not raw:  # the hot path: a batch without keyed writes
+        return raw
+    return _keyed_entries(raw, BATCH_ITEMS)
+
+
+def _transfer_entries(raw: Any) -> list[Any]:
+    return _keyed_entries(raw, TRANSFER_ITEMS)
 
 
 def _pairs(raw: Any) -> list[str]:
@@ -273,12 +305,16 @@ class Hello(Frame):
 @dataclass(frozen=True, slots=True)
 class Batch(Frame):
     kind = FrameType.BATCH
-    field_kinds = (_count, _operations)
+    field_kinds = (_count, _operations, _count, _batch_entries)
     seq: int
     ops: list[str | None]  # key, value-or-None (a delete), key, ...
+    # The primary's table time (ms), by which both copies expire idempotency entries.
+    time: int = 0
+    # The idempotency entries its keyed writes make: key, fingerprint, ok, value, ...
+    keyed: list[Any] = field(default_factory=list)
 
     def to_wire(self) -> list[Any]:  # the hot path: no generic conversion
-        return [FrameType.BATCH, self.seq, self.ops]
+        return [FrameType.BATCH, self.seq, self.ops, self.time, self.keyed]
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +416,17 @@ class Rollback(Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class IdempotencyChunk(Frame):
+    """Part of a transfer's idempotency table, oldest entries first, after the shards
+    (at least one, so the table's time travels with an empty table too)."""
+
+    kind = FrameType.IDEMPOTENCY_CHUNK
+    field_kinds = (_count, _transfer_entries)
+    clock: int  # the table's time (ms)
+    entries: list[Any]  # key, fingerprint, ok, value, time made, ...
+
+
+@dataclass(frozen=True, slots=True)
 class AuthChallenge(Frame):
     kind = FrameType.AUTH_CHALLENGE
     field_kinds = (_bytes32,)
@@ -425,6 +472,7 @@ FRAME_CLASSES: dict[FrameType, type[Frame]] = {
         SyncNack,
         Fence,
         Rollback,
+        IdempotencyChunk,
         AuthChallenge,
         AuthResponse,
         AuthProof,
@@ -483,6 +531,7 @@ class FrameLimit:
 CONTROL_LIMIT = FrameLimit(max_bytes=4 * MAX_REASON + 256, max_items=8, max_text=4 * MAX_REASON)
 # A UTF-8 character is at most 4 bytes, and msgpack adds at most 5 per string.
 _PER_CHAR, _PER_ITEM = 4, 5
+_U64_ITEM = 9  # a msgpack integer of 64 bits
 
 
 def frame_limits(
@@ -496,19 +545,32 @@ def frame_limits(
     """The limit of each frame type, from what a sender with the same settings sends:
     a batch closes at ``batch_writes`` writes or past ``batch_chars`` characters (and
     a transfer chunk at ``chunk_pairs`` pairs or past ``chunk_chars``), so it holds at
-    most one more write (pair) than that."""
+    most one more write (pair) than that.  A keyed write adds an idempotency entry
+    (four items, its key, and a delete's reply holds the old value); a transfer's
+    idempotency chunk is bounded as a shard chunk is, five items an entry."""
     one_write = max_key_bytes + max_value_bytes
+    one_entry = MAX_KEY_CHARS + max_value_bytes
     text = max(max_key_bytes, max_value_bytes, CONTROL_LIMIT.max_text)
 
-    def bulk(items: int, chars: int) -> FrameLimit:
-        size = _PER_CHAR * chars + one_write + _PER_ITEM * items + 64
-        return FrameLimit(min(size, MAX_FRAME), items, text)
+    def bulk(items: int, chars: int, largest: int = one_write, per_item: int = _PER_ITEM) -> int:
+        return min(_PER_CHAR * (chars + largest) + per_item * items + 64, MAX_FRAME)
 
     limits = dict.fromkeys(FrameType, CONTROL_LIMIT)
     # A backup's HELLO lists the states it can roll back to.
     limits[FrameType.HELLO] = FrameLimit(8192, MAX_UNDO_POINTS, CONTROL_LIMIT.max_text)
-    limits[FrameType.BATCH] = bulk(2 * batch_writes, batch_chars)
-    limits[FrameType.SHARD_CHUNK] = bulk(2 * chunk_pairs, chunk_chars)
+    # Ops and keyed entries of batch_writes + 1 writes; a fingerprint takes 9 bytes.
+    writes = batch_writes + 1
+    batch_bytes = bulk(6 * writes, batch_chars, one_write + one_entry, _U64_ITEM)
+    limits[FrameType.BATCH] = FrameLimit(batch_bytes, BATCH_ITEMS * writes, text)
+    limits[FrameType.SHARD_CHUNK] = FrameLimit(
+        bulk(2 * chunk_pairs, chunk_chars), 2 * chunk_pairs, text
+    )
+    entries = chunk_pairs + 1
+    limits[FrameType.IDEMPOTENCY_CHUNK] = FrameLimit(
+        bulk(TRANSFER_ITEMS * entries, chunk_chars, one_entry, _U64_ITEM),
+        TRANSFER_ITEMS * entries,
+        text,
+    )
     return limits
 
 

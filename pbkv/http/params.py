@@ -16,6 +16,7 @@ import orjson
 
 from pbkv.commands import Command
 from pbkv.http.replies import RequestError
+from pbkv.idempotency import MAX_KEY_CHARS, valid_key
 
 # Parameters a query string or a body may carry: a route reads at most three (key,
 # value and maybe one more).  Counted before anything is split or decoded, so a body
@@ -185,3 +186,20 @@ def key_and_value(
         if len(value) > limits.max_value_bytes or len(value.encode()) > limits.max_value_bytes:
             raise RequestError(413, f"value longer than {limits.max_value_bytes} bytes")
     return key or "", value
+
+
+def idempotency_key(raw: bytes) -> str:
+    """An ``Idempotency-Key`` header's value: 1 to 255 printable ASCII characters
+    without spaces, optionally in double quotes (the IETF draft's structured-field
+    string: ``Idempotency-Key: "8e03978e-40d5"``); anything else is a 400."""
+    text = raw.strip()
+    if len(text) >= 2 and text[:1] == b'"' and text[-1:] == b'"':
+        text = text[1:-1]
+    key = text.decode("latin-1")
+    if not valid_key(key):
+        raise RequestError(
+            400,
+            f"Idempotency-Key must be 1 to {MAX_KEY_CHARS} printable ASCII characters "
+            "without spaces, given once",
+        )
+    return key

@@ -33,7 +33,7 @@ from pbkv.http.access import (
     check_shutdown,
     peer_ip,
 )
-from pbkv.http.params import Limits, key_and_value, parse_params, split_target
+from pbkv.http.params import Limits, idempotency_key, key_and_value, parse_params, split_target
 from pbkv.http.pending import HeldRequest, PendingReply, ReplyQueue
 from pbkv.http.reader import Phase, RequestReader
 from pbkv.http.replies import (
@@ -67,7 +67,12 @@ class App(Protocol):
     def read(self, command: Command, key: str) -> Outcome: ...
 
     def submit(
-        self, command: Command, key: str, value: str | None, respond: Callable[[Outcome], None]
+        self,
+        command: Command,
+        key: str,
+        value: str | None,
+        respond: Callable[[Outcome], None],
+        idempotency: str | None = None,
     ) -> Outcome | None: ...
 
     def status(self) -> dict[str, Any]: ...
@@ -186,7 +191,11 @@ class HttpProtocol(asyncio.Protocol):
                 params = parse_params(query, b"".join(body) if body else b"", reader.content_type)
                 key, value = key_and_value(command, params, self.limits)
                 if not is_read:
-                    self._write(reply, command, key, value)
+                    ident = reader.idempotency_key
+                    if ident is None:
+                        self._write(reply, command, key, value)
+                    else:
+                        self._write(reply, command, key, value, idempotency_key(ident))
                 elif self._writes_out:  # behind a write not yet answered: after it
                     self._hold(False, len(key), lambda: self._read(reply, command, key))
                 else:
@@ -331,24 +340,42 @@ class HttpProtocol(asyncio.Protocol):
     def _read(self, reply: PendingReply, command: Command, key: str) -> None:
         self._answer(reply, command, self.app.read(command, key))
 
-    def _write(self, reply: PendingReply, command: Command, key: str, value: str | None) -> None:
+    def _write(
+        self,
+        reply: PendingReply,
+        command: Command,
+        key: str,
+        value: str | None,
+        ident: str | None = None,
+    ) -> None:
         # Its key and value count until it is answered: queued and in flight, they
         # are memory the client's connection holds.
         size = len(key) if value is None else len(key) + len(value)
         self._unanswered_bytes += size
         self.guard.pending_bytes += size
         if self._held:  # behind a held read: it must not be seen by that read
-            self._hold(True, size, lambda: self._submit(reply, command, key, value, size))
+            self._hold(True, size, lambda: self._submit(reply, command, key, value, size, ident))
         else:
-            self._submit(reply, command, key, value, size)
+            self._submit(reply, command, key, value, size, ident)
 
     def _submit(
-        self, reply: PendingReply, command: Command, key: str, value: str | None, size: int
+        self,
+        reply: PendingReply,
+        command: Command,
+        key: str,
+        value: str | None,
+        size: int,
+        ident: str | None = None,
     ) -> None:
         self._writes_out += 1
-        outcome = self.app.submit(
-            command, key, value, lambda o: self._write_answered(reply, command, size, o)
-        )
+
+        def answered(outcome: Outcome) -> None:
+            self._write_answered(reply, command, size, outcome)
+
+        if ident is None:
+            outcome = self.app.submit(command, key, value, answered)
+        else:  # with an Idempotency-Key
+            outcome = self.app.submit(command, key, value, answered, ident)
         if outcome is not None:
             self._write_answered(reply, command, size, outcome)
 

@@ -84,6 +84,7 @@ _WATCHED_HEADERS = frozenset(
         b"origin",
         b"sec-fetch-site",
         b"expect",
+        b"idempotency-key",
     }
 )
 
@@ -114,6 +115,7 @@ class RequestReader:
         self.from_web_page = False  # a browser sent it on a page's behalf
         self.upgrade = False  # it asks for the replication channel
         self.refused = False  # answered already: the rest of it is ignored
+        self.idempotency_key: bytes | None = None  # its Idempotency-Key header, as sent
         self._expect = b""
         self._head_bytes = 0
         self._body_size = 0
@@ -241,6 +243,7 @@ class RequestReader:
         self.from_web_page = False
         self.refused = False
         self.upgrade = False
+        self.idempotency_key = None
         self._head_bytes = 0
         self._content_length = -1
         self._declared = 0
@@ -274,6 +277,9 @@ class RequestReader:
             self.from_web_page = True
         elif lower == b"expect":
             self._expect = value.strip().lower()
+        elif lower == b"idempotency-key":
+            # Twice is no key: refused where it is read, never one of them taken.
+            self.idempotency_key = value if self.idempotency_key is None else REPEATED
 
     def on_headers_complete(self) -> None:
         self.phase = _BODY

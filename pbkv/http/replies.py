@@ -23,6 +23,7 @@ from pbkv.commands import (
     Counted,
     Done,
     Dumped,
+    KeyReused,
     MemoryFull,
     Outcome,
     Refused,
@@ -44,6 +45,7 @@ _REASONS = {
     408: b"Request Timeout",
     413: b"Content Too Large",
     417: b"Expectation Failed",
+    422: b"Unprocessable Content",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
@@ -108,6 +110,9 @@ def outcome_reply(
     if isinstance(outcome, MemoryFull):
         message = f"max_memory reached ({outcome.limit} bytes): write refused"
         return refusal_reply(errors, COMMAND_PATHS[command], 507, message)
+    if isinstance(outcome, KeyReused):
+        message = "Idempotency-Key already used for another request: nothing applied"
+        return refusal_reply(errors, COMMAND_PATHS[command], 422, message)
     raise TypeError(f"unknown outcome {outcome!r}")
 
 

@@ -310,7 +310,7 @@ class SnapshotReader:
                 by_shard.setdefault(shard_of(key, shard_count), []).append((key, flat[index + 1]))
             for shard, pairs in by_shard.items():
                 store.load_chunk(shard, pairs)
-        self._verify(len(store), store.checksum)
+        self._verify(len(store), store.pairs_checksum)
 
 
 def verify_snapshot(path: Path | str, max_record: int = DEFAULT_MAX_RECORD) -> SnapshotInfo:

@@ -70,7 +70,9 @@ def forge_empty_copy(pair: Pair, source: str) -> RawChannel:
     transfer and an injected BATCH."""
     channel = RawChannel(pair.address["backup"], source)
     if channel.status == 101:
-        channel.send(forged_hello(), *transfer_frames({}), [FrameType.BATCH, 1, ["key0001", "x"]])
+        channel.send(
+            forged_hello(), *transfer_frames({}), [FrameType.BATCH, 1, ["key0001", "x"], 0, []]
+        )
     return channel
 
 

@@ -42,6 +42,7 @@ def transfer_frames(pairs: dict[str, str], shards: int = 16, moved: str | None =
             flat = [item for pair in members.items() for item in pair]
             frames.append([FrameType.SHARD_CHUNK, shard, flat])
         frames.append([FrameType.SHARD_END, shard, checksum_of(members), len(members)])
+    frames.append([FrameType.IDEMPOTENCY_CHUNK, 0, []])  # an empty idempotency table
     frames.append([FrameType.SNAPSHOT_END, checksum_of(pairs), len(pairs), 0])
     return frames
 

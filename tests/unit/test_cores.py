@@ -29,6 +29,7 @@ from pbkv.commands import (
     Counted,
     Done,
     Dumped,
+    KeyReused,
     MemoryFull,
     Outcome,
     Refused,
@@ -344,8 +345,16 @@ class Link:
 
         return reply
 
-    def submit(self, token: Any, command: Command, key: str, value: str | None = None) -> Any:
-        outcome = self.primary.submit(command, key, value, self.reply_to(token))
+    def submit(
+        self,
+        token: Any,
+        command: Command,
+        key: str,
+        value: str | None = None,
+        ident: str | None = None,
+    ) -> Any:
+        """``ident``: the request's Idempotency-Key."""
+        outcome = self.primary.submit(command, key, value, self.reply_to(token), ident)
         self.run()
         return outcome
 
@@ -353,10 +362,12 @@ class Link:
         self.primary.flush(self.now)
         self.run()
 
-    def write(self, command: Command, key: str, value: str | None = None) -> Outcome:
+    def write(
+        self, command: Command, key: str, value: str | None = None, ident: str | None = None
+    ) -> Outcome:
         """A write from start to answer (an immediate outcome or a Respond)."""
         token = self.token()
-        outcome = self.submit(token, command, key, value)
+        outcome = self.submit(token, command, key, value, ident)
         if outcome is not None:
             return outcome
         self.flush()
@@ -573,6 +584,7 @@ def test_both_empty_backup_first(link: Link) -> None:
         FrameType.HELLO,
         FrameType.SNAPSHOT_BEGIN,
         *[FrameType.SHARD_END] * SHARDS,
+        FrameType.IDEMPOTENCY_CHUNK,
         FrameType.SNAPSHOT_END,
     ]
     assert link.kinds("backup") == [FrameType.HELLO, FrameType.SYNC_ACK]
@@ -1343,7 +1355,7 @@ def test_a_batch_while_the_backup_is_in_warm_start_closes_the_channel(link: Link
     link.pump("primary", 2)  # SNAPSHOT_BEGIN and a first chunk
     assert backup.stage is S.WARM_START and backup.channel_up
 
-    link.inject("backup", [FrameType.BATCH, primary.seq + 1, ["intruder", "x"]])
+    link.inject("backup", [FrameType.BATCH, primary.seq + 1, ["intruder", "x"], 0, []])
 
     assert link.closed_by[-1][0] == "backup"
     assert link.closed_by[-1][1] == "unexpected BATCH in handshake step receive_snapshot"
@@ -1376,7 +1388,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
         ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 0, ""]),
         ("primary", [FrameType.SYNC_ACK, bytes(16)]),
         ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
-        ("backup", [FrameType.BATCH, 99, ["k", "v"]]),  # out of order
+        ("backup", [FrameType.BATCH, 99, ["k", "v"], 0, []]),  # out of order
         ("backup", [FrameType.SKIP, bytes(16), 0, 0]),
         ("backup", [FrameType.FETCH]),
         ("backup", [FrameType.SNAPSHOT_BEGIN, SHARDS, 1]),
@@ -1403,8 +1415,8 @@ def test_an_unexpected_frame_in_sync_closes_the_channel(
     ("role", "frame"),
     [
         ("backup", [FrameType.BATCH, "not a number"]),
-        ("backup", [FrameType.BATCH, 2, ["k", "v", 7, "v"]]),  # an integer key mid-batch
-        ("backup", [FrameType.BATCH, 2, ["k", 7]]),
+        ("backup", [FrameType.BATCH, 2, ["k", "v", 7, "v"], 0, []]),  # an integer key mid-batch
+        ("backup", [FrameType.BATCH, 2, ["k", 7], 0, []]),
         ("primary", [FrameType.ACK, "1"]),
         ("primary", [FrameType.HELLO, "backup"]),
     ],
@@ -1499,7 +1511,7 @@ def test_a_batch_of_another_epoch_than_the_channels_is_refused_and_not_applied(
     primary, backup = epoch_pair(link, 7, {"a": "1"})
     seq, checksum = backup.seq, backup.store.checksum
 
-    link.inject("backup", [FrameType.BATCH, seq + 1, ["intruder", "x"]], epoch=epoch)
+    link.inject("backup", [FrameType.BATCH, seq + 1, ["intruder", "x"], 0, []], epoch=epoch)
 
     assert ("intruder" in backup.store) is applied
     if applied:  # the control: the same batch under the channel's epoch is applied
@@ -1811,7 +1823,7 @@ def serving(link: Link, primary: PrimaryCore, backup: BackupCore) -> None:
     [
         ([[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, ""]], "without proving it"),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.AUTH_PROOF, bytes(32)]], "match"),
-        ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.BATCH, 9, ["k", "v"]]], "BATCH"),
+        ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.BATCH, 9, ["k", "v"], 0, []]], "BATCH"),
         ([[FrameType.FENCE, "go away"]], "unexpected FENCE"),
         (
             [
@@ -2226,3 +2238,145 @@ def test_a_timer_the_role_never_starts_is_an_error(link: Link, role: str, timer:
     in_sync_pair(link)
     with pytest.raises(ValueError, match=f"starts no {timer.value} timer"):
         link.cores[role].timer_fired(link.now, timer)
+
+
+# -- safe retries: the idempotency table is replicated state ----------------------------
+
+
+def tables(*cores: Core) -> list[list[tuple[Any, ...]]]:
+    return [
+        [
+            (k, e.fingerprint, e.ok, e.value, e.made)
+            for k, e in core.store.idempotency.entries.items()
+        ]
+        for core in cores
+    ]
+
+
+def test_a_keyed_write_is_applied_once_and_its_reply_replicated(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    assert link.write(INSERT, "k", "v", ident="id-1") == Done(True)
+    assert link.write(DELETE, "a", ident="id-2") == Done(True, "1")
+    # A logical failure is remembered too, and travels in a batch of its own.
+    seq = primary.seq
+    assert link.write(INSERT, "k", "other", ident="id-3") == Done(False)
+    assert primary.seq == seq + 1
+    first, second = tables(primary, backup)
+    assert [entry[0] for entry in first] == ["id-1", "id-2", "id-3"]
+    assert first == second
+    assert_same_data(primary, backup)
+    seq, sent = primary.seq, primary.batches_sent
+
+    # Retries: the same replies, nothing applied, nothing sent.
+    assert link.write(INSERT, "k", "v", ident="id-1") == Done(True)
+    assert link.write(DELETE, "a", ident="id-2") == Done(True, "1")
+    assert link.write(INSERT, "k", "other", ident="id-3") == Done(False)
+    assert (primary.seq, primary.batches_sent) == (seq, sent)
+    # The same key with another request: refused, nothing changes.
+    assert link.write(INSERT, "k2", "v", ident="id-1") == KeyReused()
+    assert link.write(DELETE, "k", ident="id-1") == KeyReused()
+    assert "k2" not in primary.store and primary.store.get("k") == "v"
+    # Without a key, as before: no entry.
+    assert link.write(INSERT, "k", "v") == Done(False)
+    assert len(primary.store.idempotency) == 3
+    assert_same_data(primary, backup)
+
+
+def test_a_retry_while_the_first_is_in_flight_waits_for_its_outcome(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    first, retry, other = link.token(), link.token(), link.token()
+    assert link.submit(first, INSERT, "k", "v", "id-1") is None
+    assert link.submit(retry, INSERT, "k", "v", "id-1") is None
+    assert link.submit(other, INSERT, "k", "x", "id-1") == KeyReused()
+    assert first not in link.responses and retry not in link.responses
+    link.flush()
+    assert link.responses[first] == link.responses[retry] == Done(True)
+    assert primary.writes_replicated == 1 and backup.batches_applied == 1
+    assert primary.keyed == {}
+
+
+def test_a_rewound_keyed_write_fails_with_its_waiting_retry_and_is_rolled_back(
+    make_link: Callable[..., Link],
+) -> None:
+    link = make_link(ack_timeout=0.5)
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    before = tables(primary)[0]
+    link.lossy.add("backup")
+    first, retry = link.token(), link.token()
+    link.submit(first, UPDATE, "a", "2", "id-1")
+    link.flush()
+    link.submit(retry, UPDATE, "a", "2", "id-1")
+    assert "id-1" in backup.store.idempotency.entries  # applied there; its ACK is lost
+    link.now += 0.6
+    link.fire("primary", TICK)
+    assert link.responses[first] == link.responses[retry] == REPLICATION_FAILED
+    assert primary.keyed == {} and tables(primary)[0] == before
+    link.lossy.clear()
+    mark = link.mark()
+
+    link.fire("primary", RETRY)
+
+    assert FrameType.ROLLBACK in link.kinds("primary", mark["primary"])
+    assert tables(backup) == [before]  # the entry went with the batch
+    assert_same_data(primary, backup)
+    # The client's next retry applies it, once.
+    assert link.write(UPDATE, "a", "2", ident="id-1") == Done(True)
+    assert link.write(UPDATE, "a", "2", ident="id-1") == Done(True)
+    assert primary.writes_replicated == 2  # {a}, then the retry; the rewound one not
+    assert tables(primary) == tables(backup)
+
+
+@pytest.mark.parametrize("restart", ["backup", "primary"])
+def test_a_full_transfer_carries_the_table_both_ways(make_link, restart: str) -> None:
+    link = make_link(undo_bytes=0)
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    for i in range(5):
+        assert link.write(INSERT, f"k{i}", "v", ident=f"id-{i}") == Done(True)
+    assert link.write(DELETE, "a", ident="id-del") == Done(True, "1")
+    expected = tables(primary)[0]
+    clock = primary.store.idempotency.clock
+
+    link.kill(restart)  # kill -9: its copy, table included, is gone
+    if restart == "backup":
+        backup = link.start_backup()  # empty: the primary sends its data
+        link.fire("primary", RETRY)
+    else:
+        primary = link.start_primary()  # empty: it warm-starts from the backup's copy
+
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert tables(primary, backup) == [expected, expected]
+    assert primary.store.idempotency.clock == backup.store.idempotency.clock == clock
+    assert_same_data(primary, backup)
+    # The retry after the restart gets the original reply; the write is not applied again.
+    assert link.write(DELETE, "a", ident="id-del") == Done(True, "1")
+    assert link.write(INSERT, "k0", "v", ident="id-0") == Done(True)
+    assert link.write(INSERT, "k0", "v", ident="new") == Done(False)
+
+
+def test_entries_expire_alike_on_both_copies_on_the_primarys_time(make_link) -> None:
+    link = make_link(idempotency_ttl=1.0, idempotency_keys=3)
+    primary, backup = in_sync_pair(link)
+    assert link.write(INSERT, "a", "1", ident="old") == Done(True)
+    link.now += 0.6
+    for ident in ("b", "c"):
+        assert link.write(INSERT, ident, "1", ident=ident) == Done(True)
+    link.now += 0.6  # "old" is 1.2 s old, but nothing expires without a batch
+    assert "old" in primary.store.idempotency.entries
+    assert link.write(INSERT, "d", "1") == Done(True)  # any batch carries the time
+    assert list(primary.store.idempotency.entries) == ["b", "c"]
+    assert tables(primary) == tables(backup)
+    for ident in ("e", "f"):
+        assert link.write(INSERT, ident, "1", ident=ident) == Done(True)
+    assert list(primary.store.idempotency.entries) == ["c", "e", "f"]  # at most 3
+    assert tables(primary) == tables(backup)
+    assert_same_data(primary, backup)
+    # An expired key is a new one.
+    assert link.write(INSERT, "a", "1", ident="old") == Done(False)
+
+
+def test_remembered_replies_count_in_max_memory(make_link) -> None:
+    link = make_link(max_memory=PAIR_OVERHEAD + 300)
+    primary, _ = in_sync_pair(link)
+    assert link.write(INSERT, "k", "v", ident="i" * 200) == MemoryFull(PAIR_OVERHEAD + 300)
+    assert link.write(INSERT, "k", "v", ident="short") == Done(True)
+    assert primary.store.memory_bytes > PAIR_OVERHEAD + 2

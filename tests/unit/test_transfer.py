@@ -364,7 +364,7 @@ def test_malformed_transfer_frames_are_refused_at_decode(frame: list[Any]) -> No
     "frame",
     [
         [FrameType.HEARTBEAT, 1],
-        [FrameType.BATCH, 1, []],
+        [FrameType.BATCH, 1, [], 0, []],
     ],
 )
 def test_frames_that_are_no_transfer_raise_transfer_error(frame: list[Any]) -> None:
@@ -388,7 +388,7 @@ def test_next_frames_respects_limit_and_done(
     pairs: dict[str, str], shape: tuple[str, int], chunk_size: int, limits: list[int]
 ) -> None:
     store = filled(shape, pairs)
-    expected = 2 + store.shard_count
+    expected = 3 + store.shard_count  # begin, shard ends, one idempotency chunk, end
     expected += sum(math.ceil(store.shard_len(i) / chunk_size) for i in range(store.shard_count))
     sender = SnapshotSender(store, chunk_size, 0)
     assert sender.next_frames(0) == []
@@ -415,14 +415,15 @@ def test_next_frames_respects_limit_and_done(
 
 @pytest.mark.parametrize("limit", [1, 2, 4, 8])
 def test_done_right_after_last_frame_when_limit_divides(limit: int) -> None:
-    """Four frames (begin, two shard ends, end): the last call must report done."""
+    """Five frames (begin, two shard ends, the idempotency table, end): the last call
+    must report done."""
     sender = SnapshotSender(ShardedStore(2), 10, 0)
     calls = 0
     while not sender.done:
         frames = sender.next_frames(limit)
         calls += 1
         assert frames
-    assert calls == math.ceil(4 / limit)
+    assert calls == math.ceil(5 / limit)
 
 
 @pytest.mark.parametrize("receiver_shape", [("sharded", 16), ("sharded", 4), ("hash", 1)])

@@ -29,6 +29,7 @@ from pbkv.wire import (
     FrameType,
     Heartbeat,
     Hello,
+    IdempotencyChunk,
     ShardEnd,
     checksum_to_bytes,
     encode,
@@ -157,7 +158,7 @@ def test_a_hello_carries_the_epoch_of_its_copy_beside_its_own() -> None:
 
 
 def test_a_batch_keeps_deletes_and_empty_values() -> None:
-    frame = decode_one([FrameType.BATCH, 4, ["a", None, "b", "", "", "x"]])
+    frame = decode_one([FrameType.BATCH, 4, ["a", None, "b", "", "", "x"], 0, []])
     assert frame == Batch(4, ["a", None, "b", "", "", "x"])
 
 
@@ -196,11 +197,11 @@ def test_a_batch_keeps_deletes_and_empty_values() -> None:
         ([FrameType.SYNC_ACK, "0" * 16], "16-byte checksum"),
         ([FrameType.SYNC_NACK, None], "must be a string"),
         ([FrameType.FETCH, 1], "has 1 fields, expected 0"),
-        ([FrameType.BATCH, 1, ["k"]], "flat list"),
-        ([FrameType.BATCH, 1, ["k", "v", 7, "v"]], "keys must be strings"),
-        ([FrameType.BATCH, 1, ["k", "v", None, "v"]], "keys must be strings"),
-        ([FrameType.BATCH, 1, ["k", 7]], "values must be strings or null"),
-        ([FrameType.BATCH, 1, ["k", b"v"]], "values must be strings or null"),
+        ([FrameType.BATCH, 1, ["k"], 0, []], "flat list"),
+        ([FrameType.BATCH, 1, ["k", "v", 7, "v"], 0, []], "keys must be strings"),
+        ([FrameType.BATCH, 1, ["k", "v", None, "v"], 0, []], "keys must be strings"),
+        ([FrameType.BATCH, 1, ["k", 7], 0, []], "values must be strings or null"),
+        ([FrameType.BATCH, 1, ["k", b"v"], 0, []], "values must be strings or null"),
         ([FrameType.SHARD_CHUNK, 0, ["k", None]], "must be strings"),
         ([FrameType.SHARD_CHUNK, 0, ["k"]], "flat list"),
         ([FrameType.SHARD_CHUNK, -1, []], "non-negative integer"),
@@ -216,10 +217,10 @@ def test_a_batch_with_one_bad_operation_is_refused_whole() -> None:
     ops: list[Any] = [f"key{i}" for i in range(100) for _ in (0, 1)]
     ops[150] = 12345  # a key in the middle of the batch
     with pytest.raises(FrameError, match="keys must be strings"):
-        frame_from_wire([FrameType.BATCH, 1, ops])
+        frame_from_wire([FrameType.BATCH, 1, ops, 0, []])
 
 
-@pytest.mark.parametrize("kind", [0, 19, 99, -1, 2**40])
+@pytest.mark.parametrize("kind", [0, 20, 99, -1, 2**40])
 def test_unknown_frame_type(kind: int) -> None:
     with pytest.raises(FrameError, match="unknown frame type"):
         FrameCodec().feed(encode([kind, "x"]))
@@ -305,7 +306,7 @@ def test_a_bad_frame_hands_back_the_good_frames_before_it():
 
 
 def test_a_malformed_frame_hands_back_the_good_frames_before_it():
-    stream = encode(Heartbeat(1)) + encode([FrameType.BATCH, 1, ["k", 7]])
+    stream = encode(Heartbeat(1)) + encode([FrameType.BATCH, 1, ["k", 7], 0, []])
     with pytest.raises(FrameError) as info:
         FrameCodec().feed(stream)
     assert info.value.frames == [Heartbeat(1)]
@@ -344,7 +345,8 @@ def test_control_frames_are_small_and_bulk_frames_fit_what_a_sender_builds() -> 
     max_key, max_value, writes, chars = 64, 1000, 50, 5000
     limits = frame_limits(max_key, max_value, writes, chars, chunk_pairs=20, chunk_chars=chars)
     for kind, limit in limits.items():
-        if kind not in (FrameType.BATCH, FrameType.SHARD_CHUNK, FrameType.HELLO):
+        bulk = (FrameType.BATCH, FrameType.SHARD_CHUNK, FrameType.IDEMPOTENCY_CHUNK)
+        if kind not in (*bulk, FrameType.HELLO):
             assert limit == CONTROL_LIMIT
     # A HELLO with every undo point the backup may offer fits its limit.
     points = tuple((2**63, 2**128 - 1, 2**63) for _ in range(MAX_UNDO_POINTS))
@@ -362,3 +364,27 @@ def test_control_frames_are_small_and_bulk_frames_fit_what_a_sender_builds() -> 
     frame = encode(Batch(2**63, ops))
     assert len(frame) - HEADER_SIZE <= limits[FrameType.BATCH].max_bytes
     assert FrameCodec().feed(frame, limits[FrameType.BATCH]) == [Batch(2**63, ops)]
+    # Every write keyed, each a delete whose remembered reply holds a whole value.
+    ident = "i" * 255
+    deletes: list[str | None] = []
+    keyed: list[object] = []
+    used = 0
+    while len(deletes) < 2 * writes and used < chars:
+        deletes += [key, None]
+        keyed += [ident, 2**64 - 1, True, value]
+        used += len(key) + len(ident) + len(value)
+    frame = encode(Batch(2**63, deletes, 2**63, keyed))
+    assert len(frame) - HEADER_SIZE <= limits[FrameType.BATCH].max_bytes
+    decoded = FrameCodec().feed(frame, limits[FrameType.BATCH])
+    assert decoded == [Batch(2**63, deletes, 2**63, keyed)]
+    # A transfer's idempotency chunk of as many such entries as a chunk takes.
+    entries: list[object] = []
+    used = count = 0
+    while count < 20 and used < chars:
+        entries += [ident[:250] + str(count), 2**64 - 1, False, value, 2**63]
+        used += len(ident) + len(value)
+        count += 1
+    frame = encode(IdempotencyChunk(2**63, entries))
+    limit = limits[FrameType.IDEMPOTENCY_CHUNK]
+    assert len(frame) - HEADER_SIZE <= limit.max_bytes
+    assert FrameCodec().feed(frame, limit) == [IdempotencyChunk(2**63, entries)]

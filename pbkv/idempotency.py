@@ -1,0 +1,236 @@
+"""The idempotency table: the remembered replies of writes sent with an
+``Idempotency-Key`` (the IETF httpapi draft's header, as Stripe's API uses it).
+
+A write with a key is applied once and its reply remembered here, under the key,
+with a fingerprint of the request (command, key, value): a retry with the same key
+and the same request gets that reply without being applied again; the same key with
+another request is refused.  As MIT 6.824's and Raft's client sessions do, the table
+is part of the replicated state, not of one process: it lives with the store
+(``store.idempotency``), so it moves with the store from one core to the other when a
+role changes, its checksum is part of the store's (so every handshake and transfer
+that compares checksums compares it too), each replication batch carries the entries
+its writes add, a full transfer carries the whole table after the shards, and the
+backup's undo record undoes what a batch did to it.
+
+**Time.**  Entries expire ``ttl`` milliseconds after they were made, and the table
+holds at most ``capacity`` of them (the oldest go first).  So that both copies drop
+exactly the same entries, the table has no clock of its own: its time is the time
+the primary stamps on each batch (``clock``, in milliseconds), and entries are
+dropped only when a batch is applied, on both copies alike.  The primary's table
+time goes on from the time of the last batch applied by the elapsed time of its own
+clock (``TableClock``), so a new primary after a failover continues it, whatever its
+host's clock says.  An entry made by a batch has that batch's time, and batch times
+never decrease: the entries are kept in the order they were made, which is also the
+order in which they expire.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+# An Idempotency-Key header's value: 1 to this many printable ASCII characters.
+MAX_KEY_CHARS = 255
+DEFAULT_CAPACITY = 100_000
+DEFAULT_TTL = 3600.0  # seconds
+
+# Approximate bytes an entry costs beyond its key's and reply's characters: the
+# entry object, the ordered dict's node and slot, two str headers.
+ENTRY_OVERHEAD = 260
+# Items per entry: in a batch (key, fingerprint, ok, value) and in a transfer (+ time).
+BATCH_ITEMS = 4
+TRANSFER_ITEMS = 5
+
+_MASK = (1 << 128) - 1
+_SEPARATOR = b"\xff"  # never in UTF-8
+_NONE = b"\x00"
+_SOME = b"\x01"
+
+
+def fingerprint(command: str, key: str, value: str | None) -> int:
+    """What identifies a request, for 'the same key with another request'."""
+    text = command.encode() + _SEPARATOR + key.encode()
+    if value is not None:
+        text += _SEPARATOR + value.encode()
+    return xxhash.xxh3_64_intdigest(text)
+
+
+def valid_key(text: str) -> bool:
+    """1 to MAX_KEY_CHARS printable ASCII characters (no space or control)."""
+    return (
+        0 < len(text) <= MAX_KEY_CHARS and text.isascii() and text.isprintable() and " " not in text
+    )
+
+
+@dataclass(slots=True)
+class Entry:
+    """One remembered reply: the course's ``success`` and the value a delete returned."""
+
+    fingerprint: int
+    ok: bool
+    value: str | None
+    made: int  # table time (ms) of the batch that made it
+
+    def digest(self, key: str) -> int:
+        value = _NONE if self.value is None else _SOME + self.value.encode()
+        head = b"%d:%d:%d:" % (self.fingerprint, self.ok, self.made)
+        return xxhash.xxh3_128_intdigest(head + key.encode() + _SEPARATOR + value)
+
+
+def entry_size(key: str, value: str | None) -> int:
+    """The bytes an entry counts for, in ``max_memory``."""
+    return len(key) + (0 if value is None else len(value)) + ENTRY_OVERHEAD
+
+
+@dataclass(slots=True)
+class TableUndo:
+    """What undoes one batch's changes to the table."""
+
+    clock: int  # the table's time before the batch
+    added: list[str]  # keys the batch made, in order
+    dropped: list[tuple[str, Entry]]  # entries it expired or evicted, oldest first
+    size: int  # bytes, roughly, this record holds
+
+
+class IdempotencyTable:
+    """Key -> remembered reply, oldest first; with a running checksum and memory count."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, ttl: float = DEFAULT_TTL) -> None:
+        self.capacity = capacity
+        self.ttl_ms = int(ttl * 1000)
+        self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.clock = 0  # the time of the last batch applied (ms)
+        self.checksum = 0
+        self.memory = 0
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, key: str) -> Entry | None:
+        return self.entries.get(key)
+
+    def empty_like(self) -> IdempotencyTable:
+        table = IdempotencyTable(self.capacity)
+        table.ttl_ms = self.ttl_ms
+        return table
+
+    def clear(self) -> None:
+        self.entries = OrderedDict()
+        self.clock = 0
+        self.checksum = 0
+        self.memory = 0
+
+    # -- changes ---------------------------------------------------------------------------
+    def _add(self, key: str, entry: Entry) -> None:
+        old = self.entries.pop(key, None)
+        if old is not None:  # never in a consistent history; kept exact all the same
+            self._forget(key, old)
+        self.entries[key] = entry
+        self.checksum = (self.checksum + entry.digest(key)) & _MASK
+        self.memory += entry_size(key, entry.value)
+
+    def _forget(self, key: str, entry: Entry) -> None:
+        self.checksum = (self.checksum - entry.digest(key)) & _MASK
+        self.memory -= entry_size(key, entry.value)
+
+    def _drop_oldest(self) -> tuple[str, Entry]:
+        key, entry = self.entries.popitem(last=False)
+        self._forget(key, entry)
+        return key, entry
+
+    def apply(self, time: int, keyed: list[Any], record: bool = False) -> TableUndo | None:
+        """One batch: the time moves to ``time``, entries older than the ttl go, the
+        batch's entries (key, fingerprint, ok, value, ...) come in, and the oldest go
+        past ``capacity``.  With ``record``, returns what undoes it (None: nothing
+        changed)."""
+        entries = self.entries
+        before = self.clock
+        if time > before:
+            self.clock = time
+        if not entries and not keyed:
+            return TableUndo(before, [], [], 0) if record and time > before else None
+        dropped: list[tuple[str, Entry]] = []
+        horizon = self.clock - self.ttl_ms
+        while entries:
+            oldest = next(iter(entries.values()))
+            if oldest.made > horizon:
+                break
+            dropped.append(self._drop_oldest())
+        added: list[str] = []
+        for i in range(0, len(keyed), BATCH_ITEMS):
+            key = keyed[i]
+            self._add(key, Entry(keyed[i + 1], keyed[i + 2], keyed[i + 3], self.clock))
+            added.append(key)
+        while len(entries) > self.capacity:
+            dropped.append(self._drop_oldest())
+        if not record:
+            return None
+        size = sum(len(key) for key in added) + 100 * (len(added) + len(dropped))
+        size += sum(entry_size(key, entry.value) for key, entry in dropped)
+        return TableUndo(before, added, dropped, size)
+
+    def undo(self, change: TableUndo) -> None:
+        """Reverse ``apply``: its entries go, those it dropped come back in front."""
+        entries = self.entries
+        for key in reversed(change.added):
+            entry = entries.pop(key, None)
+            if entry is not None:
+                self._forget(key, entry)
+        made = set(change.added)
+        for key, entry in reversed(change.dropped):
+            if key in made:
+                continue  # made and evicted by the same batch: absent before it
+            self._add(key, entry)
+            entries.move_to_end(key, last=False)
+        self.clock = change.clock
+
+    # -- transfers -------------------------------------------------------------------------
+    def chunks(self, size: int, max_chars: int) -> Iterator[list[Any]]:
+        """The entries, oldest first, as flat lists (key, fingerprint, ok, value, made)
+        of at most ``size`` entries or about ``max_chars`` characters; at least one
+        list, so that the clock travels with an empty table too."""
+        chunk: list[Any] = []
+        chars = count = 0
+        for key, entry in self.entries.items():
+            chunk += (key, entry.fingerprint, entry.ok, entry.value, entry.made)
+            count += 1
+            chars += len(key) + (0 if entry.value is None else len(entry.value))
+            if count >= size or chars >= max_chars:
+                yield chunk
+                chunk, chars, count = [], 0, 0
+        if chunk or not self.entries:
+            yield chunk
+
+    def load(self, clock: int, flat: list[Any]) -> None:
+        """Entries received in a transfer (after those received before them)."""
+        if clock > self.clock:
+            self.clock = clock
+        for i in range(0, len(flat), TRANSFER_ITEMS):
+            key = flat[i]
+            self._add(key, Entry(flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4]))
+
+    def take_from(self, other: IdempotencyTable) -> None:
+        """Hold ``other``'s entries in place of ours, leaving ``other`` empty."""
+        self.entries, self.clock = other.entries, other.clock
+        self.checksum, self.memory = other.checksum, other.memory
+        other.clear()
+
+
+class TableClock:
+    """The primary's table time: the time of the last batch applied, moved on by the
+    elapsed time of this process's own clock since ``anchor`` (seconds in, ms out)."""
+
+    def __init__(self, table_ms: int, now: float) -> None:
+        self.anchor(table_ms, now)
+
+    def anchor(self, table_ms: int, now: float) -> None:
+        self._base = table_ms
+        self._since = now
+
+    def time(self, table_ms: int, now: float) -> int:
+        moved = self._base + int((now - self._since) * 1000)
+        return moved if moved > table_ms else table_ms
