@@ -612,5 +612,6 @@ class ReplicationCore:
             "transfers_completed": self.transfers_completed,
             "transfers_failed": self.transfers_failed,
             "pending_write_bytes": self.pending_write_bytes,
+            "idempotency_entries": len(self.store.idempotency),
             "last_transfer_error": self.last_transfer_error,
         }

@@ -106,6 +106,9 @@ class IdempotencyTable:
         self.clock = 0  # the time of the last batch applied (ms)
         self.checksum = 0
         self.memory = 0
+        # Entries that replaced one of the same key: never, in a consistent history (a
+        # key is replayed while it is held); the simulation checks it stays 0.
+        self.replaced = 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -129,6 +132,7 @@ class IdempotencyTable:
         old = self.entries.pop(key, None)
         if old is not None:  # never in a consistent history; kept exact all the same
             self._forget(key, old)
+            self.replaced += 1
         self.entries[key] = entry
         self.checksum = (self.checksum + entry.digest(key)) & _MASK
         self.memory += entry_size(key, entry.value)

@@ -117,7 +117,16 @@ GAUGES: dict[str, tuple[str, str, float]] = {
     "pbkv_peer_connected": ("1 while the replication channel is up", "peer_connected", 1),
     "pbkv_uptime_seconds": ("Seconds since start", "uptime", 1),
     "pbkv_client_connections": ("Open client connections", "clients", 1),
-    "pbkv_memory_bytes": ("Approximate bytes held by the pairs", "memory_bytes", 1),
+    "pbkv_memory_bytes": (
+        "Approximate bytes held by the pairs and the idempotency table",
+        "memory_bytes",
+        1,
+    ),
+    "pbkv_idempotency_entries": (
+        "Remembered replies of writes sent with an Idempotency-Key",
+        "idempotency_entries",
+        1,
+    ),
     "pbkv_max_memory_bytes": ("max_memory (0: no limit)", "max_memory", 1),
     "pbkv_pending_request_bytes": (
         "Bytes of unfinished requests held",
@@ -146,6 +155,14 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "pbkv_resyncs_full": ("Synchronizations by a full transfer", "resyncs_full"),
     "pbkv_writes_rewound": ("Writes rewound after a replication failure", "writes_rewound"),
+    "pbkv_writes_replayed": (
+        "Retries with an Idempotency-Key answered without being applied again",
+        "writes_replayed",
+    ),
+    "pbkv_idempotency_keys_reused": (
+        "Writes refused: their Idempotency-Key came with another request (422)",
+        "idempotency_keys_reused",
+    ),
     "pbkv_batches": ("Replication batches sent or applied", "batches_sent"),
     "pbkv_clients_refused": ("Connections refused over max_clients", "clients_refused"),
     "pbkv_bodies_refused": ("Requests refused over max_pending_bytes", "bodies_refused"),

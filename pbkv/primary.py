@@ -117,6 +117,8 @@ class PrimaryCore(ReplicationCore):
         self.keyed: dict[str, tuple[int, Batch, Outcome]] = {}
         # The table time this primary stamps on its batches (see ``idempotency.py``).
         self.table_clock = TableClock(store.idempotency.clock, now)
+        self.writes_replayed = 0  # retries answered with a remembered reply (or joined)
+        self.keys_reused = 0  # keys that came with another request: refused (422)
         # Writes not yet sent, oldest batch first; the last one takes new writes.
         self.queued: deque[Batch] = deque([Batch()])
         self.flush_pending = False
@@ -352,17 +354,21 @@ class PrimaryCore(ReplicationCore):
         waiting = self.keyed.get(ident)
         if waiting is not None:
             if waiting[0] != print_:
+                self.keys_reused += 1
                 return KEY_REUSED
+            self.writes_replayed += 1
             waiting[1].entries.append((reply, waiting[2]))
             return None
         table = self.store.idempotency
         remembered = table.get(ident)
         if remembered is not None:
             if remembered.fingerprint != print_:
+                self.keys_reused += 1
                 return KEY_REUSED
             # Acknowledged state, as a read sees it: served when a read of it would be.
             if not self.may_read(Command.COUNT, ""):
                 return Refused(self.stage, self.role)
+            self.writes_replayed += 1
             return Done(remembered.ok, remembered.value)
         pending = self.overlay.get(key)
         current = self.store.get(key) if pending is None else pending[0]
@@ -375,7 +381,7 @@ class PrimaryCore(ReplicationCore):
             ok, new = current is not None, None
             outcome = Done(True, current) if ok else MISS
         remembers = entry_size(ident, outcome.value)
-        if self.max_memory:
+        if self.max_memory and grow:  # what adds no pair passes, as without a key
             full = self.over_memory(grow + remembers)
             if full is not None:
                 return full
@@ -598,6 +604,8 @@ class PrimaryCore(ReplicationCore):
             writes_queued=sum(len(b.entries) for b in self.queued),
             writes_in_flight=sum(len(b.entries) for b in self.in_flight),
             writes_rewound=self.writes_rewound,
+            writes_replayed=self.writes_replayed,
+            idempotency_keys_reused=self.keys_reused,
             batches_sent=self.batches_sent,
             batches_acked=self.batches_acked,
             writes_replicated=self.writes_replicated,

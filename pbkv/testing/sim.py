@@ -11,6 +11,14 @@ together with the final content of both servers once the faults stop and the
 pair is in sync again.  Some seeds set a ``max_memory`` that the data reaches:
 a write refused for it must never become visible.
 
+Half the clients send every write with an ``Idempotency-Key`` and retry it, with
+back-off until a deadline, through lost replies, "replication failed", stage
+refusals, crashes and rewinds (as the Python clients do): all the attempts of
+one key are one operation in the history, from the first call to the answer
+that ended them.  Every write, keyed or not, must be applied at most once on the
+primary (each value is written once, each key enters the primary's idempotency
+table once), and both copies' tables must be equal at the end.
+
 Run many seeds: ``python -m pbkv.testing.sim --seeds 1000``; replay one with
 its log: ``python -m pbkv.testing.sim --seed 42 --verbose``.
 """
@@ -33,7 +41,15 @@ from typing import Any
 
 from pbkv.actions import Timer
 from pbkv.backup import BackupCore
-from pbkv.commands import Command, Done, MemoryFull, Outcome, Refused, ReplicationFailed
+from pbkv.commands import (
+    Command,
+    Done,
+    KeyReused,
+    MemoryFull,
+    Outcome,
+    Refused,
+    ReplicationFailed,
+)
 from pbkv.config import Settings
 from pbkv.primary import PrimaryCore
 from pbkv.stages import Role, Stage
@@ -56,6 +72,15 @@ KEYS = tuple(f"k{i}" for i in range(6))
 # A seed with a memory limit: room for about half the keys, so writes are refused.
 MEMORY_LIMIT_RATE = 0.25
 MEMORY_LIMIT = 3 * (PAIR_OVERHEAD + 8)
+# A keyed client's attempt with no answer by then is given up (and retried); the
+# operation is given up (indeterminate) once its next attempt would start past its
+# deadline.  Back-off doubles from RETRY_FIRST.
+ATTEMPT_TIMEOUT = 1.5
+# The share of keyed writes' replies lost on the way (the client's connection died
+# with the reply in it), while faults last.
+LOST_REPLY_RATE = 0.1
+RETRY_DEADLINE = 5.0
+RETRY_FIRST = 0.05
 COMMANDS = {
     "get": Command.GET,
     "insert": Command.INSERT,
@@ -133,6 +158,8 @@ class SimNode:
     def start(self) -> None:
         sim = self.sim
         store = make_store(sim.settings.store, sim.settings.shards)
+        if self.role is PRIMARY:
+            sim.count_applications(store)
         rng = random.Random(sim.rng.getrandbits(64))
         core_class = PrimaryCore if self.role is PRIMARY else BackupCore
         core = self.core = core_class(sim.settings, store, sim.now, rng)
@@ -146,6 +173,10 @@ class SimNode:
     def crash(self) -> None:
         sim = self.sim
         sim.trace(f"{self.role} crashes")
+        if isinstance(self.core, PrimaryCore):
+            sim.replays += self.core.writes_replayed
+        if self.core is not None:
+            sim.entries_replaced += self.core.store.idempotency.replaced
         self.core = None
         self.life += 1
         self.paused = False
@@ -257,6 +288,16 @@ class SimNode:
 
 
 @dataclass
+class _Attempts:
+    """Where one keyed write's attempts stand."""
+
+    done: bool = False
+    attempt: int = 0
+    maybe: bool = False  # an attempt was lost or rewound: it may have been applied
+    backoff: float = RETRY_FIRST
+
+
+@dataclass
 class RunResult:
     seed: int
     ok: bool | None
@@ -307,6 +348,15 @@ class Simulation:
         self.faults_enabled = faults
         self.synced_lives: dict[Role, int] = {}
         self.operations: list[Operation] = []
+        # How often the primary applied each value and made each idempotency entry
+        # (all lives): more than once is a write applied twice.
+        self.values_applied: dict[str, int] = {}
+        self.keys_applied: dict[str, int] = {}
+        self.violations: list[str] = []  # what the clients saw that must never happen
+        self.open_operations = 0  # called, not yet ended (a keyed one may be retrying)
+        self.retried = 0  # keyed operations that took more than one attempt
+        self.replays = 0  # retries the primary answered with a remembered reply (all lives)
+        self.entries_replaced = 0  # idempotency entries that replaced one of the same key
         # Values of writes refused for max_memory: none may ever be read or kept.
         self.refused_values: set[str] = set()
         self.fault_log: list[str] = []
@@ -486,6 +536,25 @@ class Simulation:
         backup.deliver(self.latency(), lambda: backup.backup.probe_result(self.now, running))
 
     # -- clients -----------------------------------------------------------------------
+    def count_applications(self, store: Any) -> None:
+        """Count what the primary applies to ``store`` and its idempotency table."""
+        apply, table_apply = store.apply, store.idempotency.apply
+        values, keys = self.values_applied, self.keys_applied
+
+        def counting(ops: list[str | None]) -> None:
+            for value in ops[1::2]:
+                if value is not None:
+                    values[value] = values.get(value, 0) + 1
+            apply(ops)
+
+        def counting_keys(time: int, keyed: list[Any], record: bool = False) -> Any:
+            for ident in keyed[0::4]:
+                keys[ident] = keys.get(ident, 0) + 1
+            return table_apply(time, keyed, record)
+
+        store.apply = counting
+        store.idempotency.apply = counting_keys
+
     def client_loop(self, client: int) -> None:
         if self.now >= self.duration:
             return
@@ -493,6 +562,9 @@ class Simulation:
         command = COMMANDS[kind]
         key = self.rng.choice(KEYS)
         value = f"v{next(self._values)}" if kind in ("insert", "update") else None
+        if client % 2 == 0 and kind != "get":
+            self.keyed_write(client, kind, key, value)
+            return
         call = self.now
         primary = self.nodes[PRIMARY]
         state = {"done": False}
@@ -541,6 +613,75 @@ class Simulation:
             primary.deliver(self.latency(), at_primary)
         # A request with no reply (crash, pause) times out: indeterminate.
         self.schedule(3.0, lambda: finish(None, None))
+
+    def keyed_write(self, client: int, kind: str, key: str, value: str | None) -> None:
+        """A write with an Idempotency-Key, retried as the Python clients do: after a
+        lost reply, "replication failed" or a stage refusal, with back-off, until
+        ``RETRY_DEADLINE``.  All its attempts are one operation."""
+        command = COMMANDS[kind]
+        ident = f"c{client}.{next(self._values)}"
+        call = self.now
+        primary = self.nodes[PRIMARY]
+        self.open_operations += 1
+        state = _Attempts()
+
+        def finish(ok: bool | None, output: str | None, record: bool = True) -> None:
+            state.done = True
+            self.open_operations -= 1
+            if record:
+                ret = self.now if ok is not None else None
+                self.operations.append(Operation(client, kind, key, value, call, ret, ok, output))
+            self.schedule(self.rng.uniform(0.001, 0.05), lambda: self.client_loop(client))
+
+        def attempt() -> None:
+            state.attempt += 1
+            number = state.attempt
+            if number > 1:
+                self.trace(f"client {client} retries {ident} (attempt {number})")
+
+            def answer(outcome: Outcome) -> None:
+                faulty = self.faults_enabled and self.now < self.duration
+                if faulty and self.rng.random() < LOST_REPLY_RATE:
+                    self.trace(f"the reply to {ident} (attempt {number}) is lost")
+                    return
+                self.schedule(self.latency(), lambda: ended(number, outcome))
+
+            def at_primary() -> None:
+                outcome = primary.primary.submit(command, key, value, answer, ident)
+                if outcome is not None:
+                    answer(outcome)
+
+            if primary.alive:
+                primary.deliver(self.latency(), at_primary)
+            self.schedule(ATTEMPT_TIMEOUT, lambda: ended(number, None))
+
+        def ended(number: int, outcome: Outcome | None) -> None:
+            if state.done or number != state.attempt:
+                return  # a later attempt is under way: its answer counts
+            if isinstance(outcome, Done):
+                self.retried += number > 1
+                finish(outcome.ok, outcome.value)
+                return
+            if isinstance(outcome, KeyReused):
+                self.violations.append(f"{ident}: the same request refused as another one")
+                finish(None, None)
+                return
+            if isinstance(outcome, MemoryFull) and not state.maybe:
+                assert value is not None, "only a write that adds data is refused"
+                self.refused_values.add(value)
+                finish(None, None, record=False)  # no attempt was applied anywhere
+                return
+            if not isinstance(outcome, Refused):
+                state.maybe = True  # lost or rewound: it may have been applied
+            delay = state.backoff * self.rng.uniform(0.5, 1.0)
+            state.backoff = min(0.5, 2 * state.backoff)
+            if self.now + delay > call + RETRY_DEADLINE:
+                # Given up: indeterminate, or nothing if every attempt was refused.
+                finish(None, None, record=state.maybe)
+                return
+            self.schedule(delay, attempt)
+
+        attempt()
 
     # -- nemesis -------------------------------------------------------------------------
     def note_sync(self) -> None:
@@ -639,8 +780,12 @@ class Simulation:
             self.resume(node)
             self.restart(node)
         converged = self.run_until(self.duration + 30.0, self.in_sync)
-        # Let answers in flight arrive (clients stopped issuing at ``duration``).
+        # Let answers in flight arrive (clients stopped issuing at ``duration``), and
+        # keyed writes finish retrying.
         self.run_until(self.now + 5.0)
+        self.run_until(self.now + 2 * RETRY_DEADLINE, lambda: self.open_operations == 0)
+        last = self.nodes[PRIMARY].core
+        self.replays += last.writes_replayed if isinstance(last, PrimaryCore) else 0
         result = RunResult(self.seed, True, operations=len(self.operations), faults=self.fault_log)
         if not converged or not self.in_sync():
             result.ok = False
@@ -651,13 +796,36 @@ class Simulation:
             }
             result.explanation = f"the pair did not return to in sync: {stages}"
             return result
-        primary = dict(self.nodes[PRIMARY].running.store.items())
-        backup = dict(self.nodes[BACKUP].running.store.items())
+        primary_store = self.nodes[PRIMARY].running.store
+        backup_store = self.nodes[BACKUP].running.store
+        primary = dict(primary_store.items())
+        backup = dict(backup_store.items())
         if primary != backup:
             result.ok = False
             result.explanation = (
                 f"primary and backup differ after sync: primary {primary} backup {backup}"
             )
+            return result
+        tables = [
+            {ident: (e.fingerprint, e.ok, e.value, e.made) for ident, e in table.entries.items()}
+            for table in (primary_store.idempotency, backup_store.idempotency)
+        ]
+        if tables[0] != tables[1]:
+            only = sorted(set(tables[0].items()) ^ set(tables[1].items()))[:4]
+            result.ok = False
+            result.explanation = f"the idempotency tables differ after sync: {only}"
+            return result
+        twice = sorted(
+            [v for v, n in self.values_applied.items() if n > 1]
+            + [k for k, n in self.keys_applied.items() if n > 1]
+        )
+        self.entries_replaced += primary_store.idempotency.replaced
+        self.entries_replaced += backup_store.idempotency.replaced
+        if self.entries_replaced:
+            twice.append(f"{self.entries_replaced} idempotency entries made twice on a copy")
+        if twice or self.violations:
+            result.ok = False
+            result.explanation = f"writes applied twice: {twice[:5]} {self.violations[:3]}"
             return result
         seen = {op.output for op in self.operations} | set(primary.values())
         visible = sorted(v for v in seen if v in self.refused_values)

@@ -77,8 +77,8 @@ def test_the_attackers_moves_happen_and_every_history_holds():
 def test_catches_acknowledging_before_the_backup(monkeypatch):
     original = PrimaryCore.submit
 
-    def acknowledge_at_once(self, command, key, value, reply):
-        outcome = original(self, command, key, value, reply)
+    def acknowledge_at_once(self, command, key, value, reply, ident=None):
+        outcome = original(self, command, key, value, reply, ident)
         if outcome is None:
             for entry in self.queued[-1].entries:
                 if entry[0] is reply:
@@ -155,7 +155,13 @@ def _rolling_back_one_batch_too_few(monkeypatch):
     from pbkv.backup import BackupCore
 
     original = BackupCore._undo_batches
-    monkeypatch.setattr(BackupCore, "_undo_batches", lambda self, steps: original(self, steps[1:]))
+
+    def too_few(self, steps):
+        original(self, steps[1:])
+        if steps and steps[0].table is not None:  # its idempotency entries are undone
+            self.store.idempotency.undo(steps[0].table)
+
+    monkeypatch.setattr(BackupCore, "_undo_batches", too_few)
     return BackupCore
 
 
@@ -206,13 +212,80 @@ def test_catches_a_refused_write_that_is_applied_anyway(monkeypatch):
 
     original = PrimaryCore.submit
 
-    def refuse_but_apply(self, command, key, value, reply):
-        outcome = original(self, command, key, value, reply)
+    def refuse_but_apply(self, command, key, value, reply, ident=None):
+        outcome = original(self, command, key, value, reply, ident)
         if isinstance(outcome, MemoryFull):
             self.max_memory = 0  # let the write through, and still say it was refused
-            original(self, command, key, value, lambda outcome: None)
+            original(self, command, key, value, lambda outcome: None, ident)
             self.max_memory = outcome.limit
         return outcome
 
     monkeypatch.setattr(PrimaryCore, "submit", refuse_but_apply)
     assert failures(range(40)), "a refused write that was applied went unnoticed"
+
+
+# -- safe retries: keyed writes retried through the faults ---------------------------
+
+
+def test_keyed_writes_are_retried_through_the_faults_and_applied_once():
+    retried = replays = keyed = 0
+    for seed in range(100):
+        simulation = sim.Simulation(seed)
+        assert simulation.run().ok is True, seed
+        retried += simulation.retried
+        replays += simulation.replays
+        keyed += len(simulation.keys_applied)
+    # Retries that found their first attempt applied (or in flight) and got its reply.
+    assert retried >= 300 and replays >= 100 and keyed >= 1000, (retried, replays, keyed)
+
+
+def _checksum_of_the_pairs_alone(monkeypatch):
+    """Without the table in the checksum, no handshake or transfer check catches a wrong
+    table: the simulation's own checks must (applied twice, tables differ, history)."""
+    from pbkv.store import ShardedStore
+
+    monkeypatch.setattr(ShardedStore, "checksum", property(lambda self: self.pairs_checksum))
+
+
+def _explained(bad: list[sim.RunResult]) -> str:
+    return "; ".join(sorted({r.explanation.split(":")[0] for r in bad}))
+
+
+def test_catches_a_table_that_is_not_replicated(monkeypatch):
+    from pbkv.backup import BackupCore
+
+    _checksum_of_the_pairs_alone(monkeypatch)
+    original = BackupCore._apply_batch
+
+    def without_entries(self, frame):
+        return original(self, dataclasses.replace(frame, keyed=[]))
+
+    monkeypatch.setattr(BackupCore, "_apply_batch", without_entries)
+    bad = failures(range(40))
+    assert len(bad) >= 10, "a table the batches do not carry went unnoticed"
+
+
+def test_catches_a_table_that_is_not_transferred(monkeypatch):
+    from pbkv.idempotency import IdempotencyTable
+
+    _checksum_of_the_pairs_alone(monkeypatch)
+    original = IdempotencyTable.load
+    monkeypatch.setattr(
+        IdempotencyTable, "load", lambda self, clock, flat: original(self, clock, [])
+    )
+    bad = failures(range(80), undo_bytes=0)
+    assert len(bad) >= 5, "a transfer without the table went unnoticed"
+    assert "writes applied twice" in _explained(bad) or "tables differ" in _explained(bad)
+
+
+def test_catches_a_table_not_rolled_back_with_a_partial_resync(monkeypatch):
+    from pbkv.idempotency import IdempotencyTable
+
+    _checksum_of_the_pairs_alone(monkeypatch)
+
+    def clock_only(self, change):
+        self.clock = change.clock
+
+    monkeypatch.setattr(IdempotencyTable, "undo", clock_only)
+    bad = failures(range(150))
+    assert len(bad) >= 3, "a rollback that keeps the table's entries went unnoticed"
