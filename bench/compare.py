@@ -17,8 +17,11 @@ so slow phases of a noisy machine hit all of them; a cell reports its best round
     python -m bench.compare            # 1, 8 and 64 connections, 2 rounds of 3 s
     python -m bench.compare --quick    # smoke run: 8 connections, tiny durations
 
-``--variant`` adds more replicated pairs to the same run, each compared with the
-plain one: ``--variant secret,secret=s3cret`` (other settings), or
+``--keyed`` also drives the replicated pair with inserts that each carry an
+``Idempotency-Key`` ("pbkv keyed", measured back to back with the plain inserts on
+the same servers; target: at least 0.9x). ``--variant`` adds more replicated
+pairs to the same run, each compared with the plain one:
+``--variant secret,secret=s3cret`` (other settings), or
 ``--variant before@../old-checkout`` (another checkout's code, e.g. the previous
 commit in a ``git worktree``; it needs a ``.venv`` of its own or a link to one).
 """
@@ -46,11 +49,13 @@ from bench import bulk, resp_load, servers
 from bench.loadgen import InsertTemplate, LoadResult, host_header, run_load, unique_prefix
 
 REPLICATED = "pbkv replicated"
+KEYED = "pbkv keyed"  # the replicated pair, every insert with an Idempotency-Key
 STANDALONE = "pbkv standalone"
 REDIS = "redis"
 WORKLOADS = ("insert", "get")
 LABELS = {
     (REPLICATED, "insert"): "insert",
+    (KEYED, "insert"): "insert+key",
     (STANDALONE, "insert"): "insert",
     (REDIS, "insert"): "SET+WAIT 1 0",
     (REPLICATED, "get"): "get",
@@ -65,6 +70,8 @@ TARGETS = (
     ("pbkv gets / Redis GET", "get_vs_redis", ">=", 0.6),
     ("replicated insert p99 / Redis SET+WAIT p99", "insert_p99_vs_redis", "<=", 2.0),
 )
+# With --keyed: inserts with an Idempotency-Key / inserts without, on the same pair.
+KEYED_TARGET = ("keyed replicated inserts / replicated inserts", ">=", 0.9)
 
 
 @dataclass
@@ -152,11 +159,11 @@ class System:
         return result, meter.cores
 
 
-def _pbkv_system(name: str, pbkv: servers.Pbkv) -> System:
+def _pbkv_system(name: str, pbkv: servers.Pbkv, idempotency: bool = False) -> System:
     host, port = pbkv.address["primary"]
 
     def run(workload: str, connections: int, **kwargs: Any):
-        return run_load(host, port, workload, connections, **kwargs)
+        return run_load(host, port, workload, connections, idempotency=idempotency, **kwargs)
 
     pids = {"primary": pbkv.pid("primary") or 0}
     if not pbkv.standalone:
@@ -348,6 +355,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-redis", action="store_true", help="measure pbkv only")
     ap.add_argument("--no-standalone", action="store_true", help="skip the standalone primary")
     ap.add_argument(
+        "--keyed",
+        action="store_true",
+        help="also insert with an Idempotency-Key per request on the replicated pair",
+    )
+    ap.add_argument(
         "--variant",
         type=Variant.parse,
         action="append",
@@ -421,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for pbkv in pbkvs.values():
             pbkv.start_all()
         systems = [_pbkv_system(name, pbkv) for name, pbkv in pbkvs.items()]
+        if args.keyed:  # right after the plain pair's: measured back to back with it
+            systems.insert(1, _pbkv_system(KEYED, pair, idempotency=True))
         if redis_binary is not None:
             primary = servers.Redis(redis_binary, workdir, "redis-primary")
             replica = servers.Redis(redis_binary, workdir, "redis-replica")
@@ -443,12 +457,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells: list[Cell] = []
         started_at = time.monotonic()
         for workload in args.workloads:
+            active = [s for s in systems if s.name != KEYED or workload == "insert"]
             for conns in args.connections:
-                row = [Cell(s.name, workload, conns) for s in systems]
+                row = [Cell(s.name, workload, conns) for s in active]
                 cells += row
                 for r in range(args.rounds):
                     # Every other round in reverse order: no system always runs first.
-                    order = list(zip(systems, row, strict=True))
+                    order = list(zip(active, row, strict=True))
                     for system, cell in order if r % 2 == 0 else reversed(order):
                         result, cpu = system.measure(workload, conns, args, prefix)
                         cell.rounds.append(result)
@@ -472,27 +487,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = {(c.system, c.workload, c.connections): c.pick(args.stat)[0] for c in cells}
     by_cell = {(c.system, c.workload, c.connections): c for c in cells}
     table = ratios(chosen, args.connections)
+    compared = [variant.system for variant in args.variant] + ([KEYED] if args.keyed else [])
     variants = {
-        variant.system: {
+        system: {
             f"{workload}_{c}": _ratio(
-                getattr(chosen.get((variant.system, workload, c)), "throughput", None),
+                getattr(chosen.get((system, workload, c)), "throughput", None),
                 getattr(chosen.get((REPLICATED, workload, c)), "throughput", None),
             )
             for workload in args.workloads
             for c in args.connections
+            if system != KEYED or workload == "insert"
         }
-        for variant in args.variant
+        for system in compared
     }
     paired = {
-        variant.system: {
-            f"{workload}_{c}": paired_ratios(by_cell, variant.system, workload, c)
+        system: {
+            f"{workload}_{c}": paired_ratios(by_cell, system, workload, c)
             for workload in args.workloads
             for c in args.connections
+            if system != KEYED or workload == "insert"
         }
-        for variant in args.variant
+        for system in compared
     }
     top = max(args.connections)
     checks = check_targets(table[top])
+    if args.keyed and "insert" in args.workloads:
+        label, op, bound = KEYED_TARGET
+        value = variants[KEYED].get(f"insert_{top}")
+        met = None if value is None else value >= bound
+        checks.append({"target": label, "ratio": value, "bound": f"{op} {bound}", "met": met})
     report = {
         "stat": args.stat,
         "rounds": args.rounds,

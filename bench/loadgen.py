@@ -70,12 +70,13 @@ def host_header(host: str, port: int) -> bytes:
     return f"{host}:{port}".encode()
 
 
-def _post_head(path: bytes, host_header: bytes, length: int) -> bytes:
-    return b"POST %b HTTP/1.1\r\nHost: %b\r\nContent-Type: %b\r\nContent-Length: %d\r\n\r\n" % (
+def _post_head(path: bytes, host_header: bytes, length: int, extra: bytes = b"") -> bytes:
+    return b"POST %b HTTP/1.1\r\nHost: %b\r\nContent-Type: %b\r\nContent-Length: %d\r\n%b\r\n" % (
         path,
         host_header,
         _FORM,
         length,
+        extra,
     )
 
 
@@ -100,20 +101,33 @@ class InsertTemplate:
     """Insert requests for keys `<prefix><9 digits>`, all with one value.
 
     The key width is fixed, so Content-Length is too, and a request is
-    head + digits + tail: one formatting operation per request.
+    head + digits + tail: one formatting operation per request.  With
+    ``idempotency``, each also carries an ``Idempotency-Key`` of 36 characters (a
+    UUID's length: 27 of a per-run, per-connection prefix, then the digits).
     """
 
-    def __init__(self, host_header: bytes, prefix: str, value: str) -> None:
+    def __init__(
+        self, host_header: bytes, prefix: str, value: str, idempotency: bool = False
+    ) -> None:
         body_head = b"key=" + _enc(prefix)
         self._tail = b"&value=" + _enc(value)
         length = len(body_head) + 9 + len(self._tail)
-        self._head = _post_head(b"/kv/insert", host_header, length) + body_head
         self._prefix = prefix
+        self._keyed = idempotency
+        if not idempotency:
+            self._head = _post_head(b"/kv/insert", host_header, length) + body_head
+            return
+        ident = os.urandom(16).hex()[:27].encode()
+        head = _post_head(b"/kv/insert", host_header, length, b"Idempotency-Key: %b\r\n" % ident)
+        marker = head.index(ident) + len(ident)
+        self._head, self._middle = head[:marker], head[marker:] + body_head
 
     def key(self, i: int) -> str:
         return f"{self._prefix}{i:09d}"
 
     def request(self, i: int) -> bytes:
+        if self._keyed:
+            return b"%b%09d%b%09d%b" % (self._head, i, self._middle, i, self._tail)
         return b"%b%09d%b" % (self._head, i, self._tail)
 
 
@@ -537,13 +551,15 @@ async def run_load(
     preload: bool = True,
     timeout: float = 10.0,
     seed: int | None = None,
+    idempotency: bool = False,
 ) -> LoadResult:
     """Run one workload against a server; see the module docstring.
 
     `insert` writes unique keys; `get` reads random keys of a set of `keys` keys
     (inserted first unless `preload` is false); `mix` reads that set with probability
     `read_ratio` and otherwise inserts unique keys. Without `requests` or `duration`
-    it sends DEFAULT_REQUESTS requests.
+    it sends DEFAULT_REQUESTS requests. With `idempotency`, every measured insert
+    carries an Idempotency-Key of its own.
     """
     requests = check_load_args(WORKLOADS, workload, connections, requests, duration)
     prefix = key_prefix if key_prefix is not None else unique_prefix()
@@ -551,7 +567,9 @@ async def run_load(
     value = "x" * value_size
     rng = random.Random(seed)
     # Unique keys per connection: <prefix><conn>-<index>.
-    templates = [InsertTemplate(hh, f"{prefix}{c:03d}-", value) for c in range(connections)]
+    templates = [
+        InsertTemplate(hh, f"{prefix}{c:03d}-", value, idempotency) for c in range(connections)
+    ]
 
     gets: list[Op] = []
     if workload != "insert":
@@ -641,6 +659,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--key-prefix", help="default: unique per run")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply")
     ap.add_argument("--seed", type=int)
+    ap.add_argument(
+        "--idempotency-keys",
+        action="store_true",
+        help="every insert carries an Idempotency-Key of its own",
+    )
     ap.add_argument("--config", help="settings file (default conf/settings.conf)")
     ap.add_argument("--host", help="default: the primary from the settings file")
     ap.add_argument("--port", type=int, help="default: the port from the settings file")
@@ -657,7 +680,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = port if port is not None else conf_port
     options = load_options(args)
     run = run_load(
-        host, port, args.workload, args.connections, read_ratio=args.read_ratio, **options
+        host,
+        port,
+        args.workload,
+        args.connections,
+        read_ratio=args.read_ratio,
+        idempotency=args.idempotency_keys,
+        **options,
     )
     return run_and_print("loadgen", host, port, run, args.json)
 
