@@ -121,7 +121,7 @@ class Writer(threading.Thread):
 class PbkvWriter(Writer):
     def __init__(self, host: str, port: int, prefix: str) -> None:
         super().__init__(prefix)
-        self.client = Client(host, port, timeout=WRITE_TIMEOUT)
+        self.client = Client(host, port, timeout=WRITE_TIMEOUT, retry_for=0)  # failures counted
 
     def write(self, key: str, value: str) -> str:
         try:

@@ -497,8 +497,8 @@ class PbkvSession(Session):
                 host = self.cluster.primary()
             if host is None:
                 return None
-            self.client = Client(
-                self.cluster.net.addresses[host], PBKV_PORT, timeout=REQUEST_TIMEOUT
+            self.client = Client(  # one attempt: the bench counts every failure
+                self.cluster.net.addresses[host], PBKV_PORT, timeout=REQUEST_TIMEOUT, retry_for=0
             )
             self.server = host
         return self.client

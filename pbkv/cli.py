@@ -48,7 +48,7 @@ def escape(text: str) -> str:
 
 def _connection_options(defaults: bool) -> argparse.ArgumentParser:
     """Options accepted before or after the command; only the top level holds defaults."""
-    from pbkv.client import DEFAULT_TIMEOUT
+    from pbkv.client import DEFAULT_RETRY_FOR, DEFAULT_TIMEOUT
 
     parser = argparse.ArgumentParser(add_help=False)
 
@@ -79,6 +79,15 @@ def _connection_options(defaults: bool) -> argparse.ArgumentParser:
         default=default(DEFAULT_TIMEOUT),
         metavar="SECONDS",
         help=f"per-request timeout (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--retry-for",
+        type=float,
+        default=default(DEFAULT_RETRY_FOR),
+        metavar="SECONDS",
+        help="a write carries an Idempotency-Key and is retried after a lost connection, "
+        "'replication failed' or a stage refusal for up to this long "
+        f"(default {DEFAULT_RETRY_FOR:g}; 0: one attempt)",
     )
     parser.add_argument(
         "--token",
@@ -264,6 +273,7 @@ def _client(args: argparse.Namespace, host: str, port: int) -> tuple[Client, str
         host,
         port,
         timeout=args.timeout,
+        retry_for=args.retry_for,
         token=settings.client_token,
         ssl_context=tls_context(cafile) if cafile is not None else None,
     )

@@ -6,7 +6,15 @@ replies into results with the same function, :func:`parse_reply`: a logical fail
 refuses raises a :class:`PbkvError` subclass, in either error mode of the server (``http``:
 a real status and a JSON error; ``course``: HTTP 200, the course failure shape and the
 reason in ``X-Pbkv-*`` headers). Transport failures raise ``OSError``
-(``ConnectionError``, ``TimeoutError``); after one of those a write's outcome is unknown.
+(``ConnectionError``, ``TimeoutError``).
+
+Safe retries: by default every write carries an ``Idempotency-Key`` of its own, and
+is sent again with the same key after a lost or refused connection, "replication
+failed" or a stage refusal, with back-off, for up to ``retry_for`` seconds; a refusal
+that names the primary (a backup, a member that does not lead) sends the next
+attempt there. The server applies a key's write once and answers a retry with the
+first reply, so the result is the write's true outcome. Only when the deadline passes
+is the last error raised, and then the write's outcome is unknown.
 """
 
 from __future__ import annotations
@@ -16,8 +24,11 @@ import http
 import http.client
 import json
 import os
+import random
 import select
 import ssl
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Self, cast
@@ -42,6 +53,12 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT = 5.0
+# Safe retries of writes (see the module docstring): for how long, from what first delay.
+DEFAULT_RETRY_FOR = 10.0
+RETRY_FIRST = 0.05
+RETRY_CEILING = 1.0
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_WRITES = frozenset({"insert", "update", "delete"})
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -231,6 +248,40 @@ _RESULTS: dict[str, Callable[[int, Any], Any]] = {
 }
 
 
+def new_idempotency_key() -> str:
+    """A fresh key for one write (a random UUID)."""
+    return str(uuid.uuid4())
+
+
+class _Retries:
+    """The back-off of one write's attempts until its deadline (both clients)."""
+
+    def __init__(self, retry_for: float) -> None:
+        self.deadline = time.monotonic() + retry_for
+        self.delay = RETRY_FIRST
+
+    def next_delay(self, exc: BaseException) -> float | None:
+        """How long to wait before the next attempt after ``exc``; None: raise it."""
+        if not isinstance(exc, (OSError, ReplicationFailed, Unavailable)):
+            return None  # a bad request, a reused key, max_memory: the same again
+        delay = self.delay * (0.5 + random.random() / 2)
+        self.delay = min(RETRY_CEILING, 2 * self.delay)
+        if time.monotonic() + delay > self.deadline:
+            return None
+        return delay
+
+
+def _primary_named(exc: BaseException) -> tuple[str, int] | None:
+    """The primary's address a refusal names (a write sent to a backup), if any."""
+    if not isinstance(exc, NotPrimary) or not exc.primary:
+        return None
+    host, _, port = exc.primary.rpartition(":")
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        return None
+
+
 def _header_text(value: str) -> str:
     """Undo the server's escaping of a reason in a header (printable ASCII only)."""
     try:
@@ -344,11 +395,17 @@ class _Endpoint:
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        idempotency_keys: bool = True,
     ) -> None:
         self.host = host
         self.port = port
         self.timeout = timeout
         self.token = token
+        # Writes carry a fresh Idempotency-Key, and are retried for up to retry_for
+        # seconds (0: one attempt); without keys a write is never sent twice.
+        self.retry_for = retry_for
+        self.idempotency_keys = idempotency_keys
         if ssl_context is None and cafile is not None:
             ssl_context = tls_context(cafile)
         self.ssl_context = ssl_context
@@ -380,8 +437,10 @@ class _Endpoint:
 class Client(_Endpoint):
     """Blocking client over one keep-alive connection; not thread-safe.
 
-    A connection the server dropped while idle is replaced transparently; a write is never
-    sent twice: if the connection fails after a write went out, the ``OSError`` is raised.
+    A connection the server dropped while idle is replaced transparently. A write
+    carries an Idempotency-Key and is retried as the module docstring says; with
+    ``idempotency_keys=False`` it is never sent twice: if the connection fails after
+    it went out, the ``OSError`` is raised.
     """
 
     def __init__(
@@ -393,14 +452,27 @@ class Client(_Endpoint):
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        idempotency_keys: bool = True,
     ) -> None:
-        super().__init__(host, port, timeout, token=token, ssl_context=ssl_context, cafile=cafile)
+        super().__init__(
+            host,
+            port,
+            timeout,
+            token=token,
+            ssl_context=ssl_context,
+            cafile=cafile,
+            retry_for=retry_for,
+            idempotency_keys=idempotency_keys,
+        )
+        self._conn = self._connection()
+
+    def _connection(self) -> http.client.HTTPConnection:
         if self.ssl_context is not None:
-            self._conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, port, timeout=timeout, context=self.ssl_context
+            return http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout, context=self.ssl_context
             )
-        else:
-            self._conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
 
     def get(self, key: str) -> str | None:
         """The value of ``key``, or None when it is missing."""
@@ -461,10 +533,33 @@ class Client(_Endpoint):
     def _call(
         self, op: str, params: Mapping[str, str] | None = None, credential: str | None = None
     ) -> Any:
+        if op in _WRITES and self.idempotency_keys:
+            return self._keyed_call(op, params)
         method, target, body, headers = _request_parts(op, params)
         headers = self._headers(headers, credential)
         status, raw, replied = self._exchange(method, target, body, headers, BY_NAME[op].safe)
         return parse_reply(op, status, raw, replied.get("retry-after"), replied)
+
+    def _keyed_call(self, op: str, params: Mapping[str, str] | None) -> Any:
+        """A write with a fresh Idempotency-Key, sent until it has an outcome or its
+        deadline passes (safe: the server applies the key's write once)."""
+        method, target, body, headers = _request_parts(op, params)
+        headers = self._headers({**headers, IDEMPOTENCY_HEADER: new_idempotency_key()}, None)
+        retries = _Retries(self.retry_for)
+        while True:
+            try:
+                status, raw, replied = self._exchange(method, target, body, headers, True)
+                return parse_reply(op, status, raw, replied.get("retry-after"), replied)
+            except Exception as exc:
+                delay = retries.next_delay(exc)
+                if delay is None:
+                    raise
+                primary = _primary_named(exc)
+                if primary is not None and primary != (self.host, self.port):
+                    self._conn.close()
+                    self.host, self.port = primary
+                    self._conn = self._connection()
+                time.sleep(delay)
 
     def _exchange(
         self,
@@ -570,8 +665,19 @@ class AsyncClient(_Endpoint):
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
+        retry_for: float = DEFAULT_RETRY_FOR,
+        idempotency_keys: bool = True,
     ) -> None:
-        super().__init__(host, port, timeout, token=token, ssl_context=ssl_context, cafile=cafile)
+        super().__init__(
+            host,
+            port,
+            timeout,
+            token=token,
+            ssl_context=ssl_context,
+            cafile=cafile,
+            retry_for=retry_for,
+            idempotency_keys=idempotency_keys,
+        )
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
@@ -655,16 +761,42 @@ class AsyncClient(_Endpoint):
     async def _call(
         self, op: str, params: Mapping[str, str] | None = None, credential: str | None = None
     ) -> Any:
+        if op in _WRITES and self.idempotency_keys:
+            return await self._keyed_call(op, params)
+        request = self._request(op, params, self._headers({}, credential))
+        async with self._lock:
+            status, raw, replied = await self._exchange(request, BY_NAME[op].safe)
+        return parse_reply(op, status, raw, replied.get("retry-after"), replied)
+
+    def _request(self, op: str, params: Mapping[str, str] | None, extra: dict[str, str]) -> bytes:
         method, target, body, headers = _request_parts(op, params)
-        headers = self._headers(headers, credential)
+        headers.update(extra)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {_host_header(self.host, self.port)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
-        async with self._lock:
-            status, raw, replied = await self._exchange(request, BY_NAME[op].safe)
-        return parse_reply(op, status, raw, replied.get("retry-after"), replied)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
+
+    async def _keyed_call(self, op: str, params: Mapping[str, str] | None) -> Any:
+        """A write with a fresh Idempotency-Key, sent until it has an outcome or its
+        deadline passes (safe: the server applies the key's write once)."""
+        extra = self._headers({IDEMPOTENCY_HEADER: new_idempotency_key()}, None)
+        retries = _Retries(self.retry_for)
+        while True:
+            try:
+                request = self._request(op, params, extra)
+                async with self._lock:
+                    status, raw, replied = await self._exchange(request, True)
+                return parse_reply(op, status, raw, replied.get("retry-after"), replied)
+            except Exception as exc:
+                delay = retries.next_delay(exc)
+                if delay is None:
+                    raise
+                primary = _primary_named(exc)
+                if primary is not None and primary != (self.host, self.port):
+                    self._drop()
+                    self.host, self.port = primary
+                await asyncio.sleep(delay)
 
     async def _exchange(
         self, request: bytes, resendable: bool

@@ -235,7 +235,10 @@ class LocalPair:
     # -- talking to the servers ---------------------------------------------------------
     def _client(self, host: str, port: int, timeout: float) -> Client:
         context = tls_context(self.cafile) if self.cafile is not None else None
-        return Client(host, port, timeout=timeout, token=self.token, ssl_context=context)
+        # One attempt a request: the tests see every refusal and failure the server gives.
+        return Client(
+            host, port, timeout=timeout, token=self.token, ssl_context=context, retry_for=0
+        )
 
     def client(self, role: str = "primary", timeout: float = 10.0) -> Client:
         host, port = self.address[role]

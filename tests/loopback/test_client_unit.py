@@ -79,6 +79,7 @@ class FakePbkv(ThreadingHTTPServer):
         self.port = self.server_address[1]
         self.data: dict[str, str] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.idempotency_keys: list[str | None] = []  # each request's Idempotency-Key
         self.connections = 0
         # Test controls, each consumed by the next request(s).
         self.forced: list[tuple[int, Any, dict[str, str]]] = []
@@ -168,6 +169,7 @@ class _Handler(BaseHTTPRequestHandler):
         params = dict(parse_qsl(query, keep_blank_values=True))
         with srv.lock:
             srv.requests.append((self.command, url.path, params))
+            srv.idempotency_keys.append(self.headers.get("Idempotency-Key"))
             if srv.hangups:
                 srv.hangups -= 1
                 self.close_connection = True
@@ -460,7 +462,7 @@ def test_any_text_round_trips(server: FakePbkv, key: str, value: str) -> None:
 
 
 def test_sync_errors(server: FakePbkv) -> None:
-    with Client("127.0.0.1", server.port) as client:
+    with Client("127.0.0.1", server.port, retry_for=0) as client:
         with pytest.raises(BadRequest) as bad:
             client.get("")
         assert bad.value.error == "empty key"
@@ -525,7 +527,7 @@ def test_sync_read_resent_once_when_reused_connection_dies(server: FakePbkv) -> 
 
 
 def test_sync_write_never_resent(server: FakePbkv) -> None:
-    with Client("127.0.0.1", server.port) as client:
+    with Client("127.0.0.1", server.port, idempotency_keys=False) as client:
         assert client.count() == 0
         server.hangups = 1
         with pytest.raises(ConnectionError):
@@ -589,7 +591,7 @@ def test_async_tricky_strings_and_concurrency(server: FakePbkv) -> None:
 
 def test_async_errors(server: FakePbkv) -> None:
     async def scenario() -> None:
-        async with AsyncClient("127.0.0.1", server.port) as client:
+        async with AsyncClient("127.0.0.1", server.port, retry_for=0) as client:
             with pytest.raises(BadRequest):
                 await client.delete("")
             server.forced.append(
@@ -639,7 +641,7 @@ def test_async_other_framings(server: FakePbkv) -> None:
 
 def test_async_keep_alive_rules(server: FakePbkv) -> None:
     async def scenario() -> None:
-        async with AsyncClient("127.0.0.1", server.port) as client:
+        async with AsyncClient("127.0.0.1", server.port, idempotency_keys=False) as client:
             server.close_after_reply = True
             assert await client.insert("a", "1")
             _wait_for_close(server)
@@ -756,7 +758,7 @@ def test_cli_server_errors(server: FakePbkv, capsys: pytest.CaptureFixture[str])
     server.forced.append(
         (503, {"success": "false", "error": "not the primary", "primary": "10.1.1.1:8080"}, {})
     )
-    assert _cli(server, "insert", "k", "v") == 2
+    assert _cli(server, "--retry-for", "0", "insert", "k", "v") == 2
     assert "10.1.1.1:8080" in capsys.readouterr().err
     server.forced.append(
         (503, {"success": "false", "error": "not now", "stage": "cold_start"}, {"Retry-After": "1"})
@@ -765,7 +767,7 @@ def test_cli_server_errors(server: FakePbkv, capsys: pytest.CaptureFixture[str])
     err = capsys.readouterr().err
     assert "not now" in err and "cold_start" in err
     server.forced.append((500, {"success": "false", "error": "replication failed"}, {}))
-    assert _cli(server, "update", "k", "v") == 2
+    assert _cli(server, "--retry-for", "0", "update", "k", "v") == 2
     assert "replication failed" in capsys.readouterr().err
 
 
@@ -913,3 +915,86 @@ def test_course_reason_is_unescaped() -> None:
             x_pbkv_status="400",
         )
     assert info.value.error == "parameter 'ключ' given more than once"
+
+
+# -- safe retries: a write carries an Idempotency-Key and is sent again ---------------
+
+
+def test_a_write_is_retried_with_its_key_after_a_lost_connection(server: FakePbkv) -> None:
+    with Client("127.0.0.1", server.port) as client:
+        server.hangups = 1  # the request read, the connection closed: no reply
+        assert client.insert("k", "v") is True
+        assert client.get("k") == "v"
+    first, second, read = server.idempotency_keys
+    assert first and first == second and read is None  # one key, both attempts; none on reads
+    assert client.insert("k2", "v") is True
+    assert server.idempotency_keys[-1] not in (None, first)  # a fresh key per write
+
+
+def test_a_write_is_retried_through_replication_failed_and_stage_refusals(
+    server: FakePbkv,
+) -> None:
+    server.forced += [
+        (503, {"success": "false", "error": "replication failed"}, {"Retry-After": "1"}),
+        (503, {"success": "false", "error": "not now", "stage": "warm_start"}, {}),
+    ]
+    with Client("127.0.0.1", server.port) as client:
+        started = time.monotonic()
+        assert client.delete("missing") is None
+        assert time.monotonic() - started < 1.0  # its own back-off, not Retry-After
+    assert len(set(server.idempotency_keys)) == 1 and len(server.idempotency_keys) == 3
+
+
+def test_retries_end_at_the_deadline_with_the_last_error(server: FakePbkv) -> None:
+    failed = (503, {"success": "false", "error": "replication failed"}, {})
+    server.forced += [failed] * 100
+    with (
+        Client("127.0.0.1", server.port, retry_for=0.3) as client,
+        pytest.raises(ReplicationFailed),
+    ):
+        client.update("k", "v")
+    assert 2 <= len(server.requests) < 20
+    server.forced.clear()
+    with Client("127.0.0.1", server.port) as client:
+        server.forced.append((400, {"success": "false", "error": "bad"}, {}))
+        with pytest.raises(BadRequest):  # not retried: the same request gets the same answer
+            client.insert("k", "v")
+    assert server.requests[-1][1] == "/kv/insert" and len(server.forced) == 0
+
+
+def test_a_write_follows_the_primary_a_refusal_names(server: FakePbkv) -> None:
+    other = FakePbkv()
+    thread = threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        named = {"success": "false", "error": "backup", "primary": f"127.0.0.1:{other.port}"}
+        server.forced.append((503, named, {}))
+        with Client("127.0.0.1", server.port) as client:
+            assert client.insert("k", "v") is True
+            assert (client.host, client.port) == ("127.0.0.1", other.port)
+        assert other.data == {"k": "v"} and server.data == {}
+        assert server.idempotency_keys == other.idempotency_keys[:1]
+
+        server.forced.append((503, named, {}))
+
+        async def scenario() -> None:
+            async with AsyncClient("127.0.0.1", server.port) as client:
+                assert await client.insert("a", "1") is True
+                assert client.port == other.port
+                other.hangups = 1
+                assert await client.update("a", "2") is True  # after a lost connection
+
+        asyncio.run(scenario())
+        assert other.data == {"k": "v", "a": "2"}
+        assert other.idempotency_keys[-2] == other.idempotency_keys[-1] is not None
+    finally:
+        other.shutdown()
+        other.server_close()
+        thread.join()
+
+
+def test_the_cli_retries_a_write(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
+    server.forced.append((500, {"success": "false", "error": "replication failed"}, {}))
+    assert _cli(server, "insert", "k", "v") == 0
+    assert server.data == {"k": "v"}
+    assert len(server.idempotency_keys) == 2 and server.idempotency_keys[0]

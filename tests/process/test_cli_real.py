@@ -184,7 +184,8 @@ def test_cli_bad_requests_exit_2(pbkv, client):
 def test_cli_connection_refused_exits_2(capsys):
     port = free_port(("127.0.0.1",))
     for words in (["get", "k"], ["insert", "k", "v"], ["count"], ["dump"], ["status"]):
-        assert main(["--host", "127.0.0.1", "--port", str(port), *words]) == 2
+        # One attempt: a write would otherwise be retried for --retry-for seconds first.
+        assert main(["--host", "127.0.0.1", "--port", str(port), "--retry-for", "0", *words]) == 2
         captured = capsys.readouterr()
         assert captured.out == ""
         assert captured.err == f"pbkv: cannot connect to 127.0.0.1:{port}: connection refused\n"
