@@ -73,7 +73,7 @@ class Writer(threading.Thread):
 
     def __init__(self, host: str, port: int) -> None:
         super().__init__(daemon=True)
-        self.client = Client(host, port, timeout=10, retry_for=0)
+        self.client = Client(host, port, timeout=10, idempotency_keys=False)
         self.stop = threading.Event()
         self.writes = 0
         self.failures: list[str] = []

@@ -39,8 +39,8 @@ DEFAULT_CAPACITY = 100_000
 DEFAULT_TTL = 3600.0  # seconds
 
 # Approximate bytes an entry costs beyond its key's and reply's characters: the
-# entry object, the ordered dict's node and slot, two str headers.
-ENTRY_OVERHEAD = 260
+# entry object (with its digest), the ordered dict's node and slot, two str headers.
+ENTRY_OVERHEAD = 300
 # Items per entry: in a batch (key, fingerprint, ok, value) and in a transfer (+ time).
 BATCH_ITEMS = 4
 TRANSFER_ITEMS = 5
@@ -74,11 +74,17 @@ class Entry:
     ok: bool
     value: str | None
     made: int  # table time (ms) of the batch that made it
+    digest: int = 0  # its share of the table's checksum (kept: dropping it needs it again)
 
-    def digest(self, key: str) -> int:
-        value = _NONE if self.value is None else _SOME + self.value.encode()
-        head = b"%d:%d:%d:" % (self.fingerprint, self.ok, self.made)
-        return xxhash.xxh3_128_intdigest(head + key.encode() + _SEPARATOR + value)
+
+_digest = xxhash.xxh3_128_intdigest
+
+
+def _entry(key: str, fingerprint: int, ok: bool, value: str | None, made: int) -> Entry:
+    """An entry with its checksum share: over every field, the key's included."""
+    text = _NONE if value is None else _SOME + value.encode()
+    head = b"%d:%d:%d:" % (fingerprint, ok, made)
+    return Entry(fingerprint, ok, value, made, _digest(head + key.encode() + _SEPARATOR + text))
 
 
 def entry_size(key: str, value: str | None) -> int:
@@ -134,11 +140,11 @@ class IdempotencyTable:
             self._forget(key, old)
             self.replaced += 1
         self.entries[key] = entry
-        self.checksum = (self.checksum + entry.digest(key)) & _MASK
+        self.checksum = (self.checksum + entry.digest) & _MASK
         self.memory += entry_size(key, entry.value)
 
     def _forget(self, key: str, entry: Entry) -> None:
-        self.checksum = (self.checksum - entry.digest(key)) & _MASK
+        self.checksum = (self.checksum - entry.digest) & _MASK
         self.memory -= entry_size(key, entry.value)
 
     def _drop_oldest(self) -> tuple[str, Entry]:
@@ -164,11 +170,20 @@ class IdempotencyTable:
             if oldest.made > horizon:
                 break
             dropped.append(self._drop_oldest())
-        added: list[str] = []
+        added: list[str] = keyed[0::BATCH_ITEMS]
+        made = self.clock
+        checksum, memory = self.checksum, self.memory
         for i in range(0, len(keyed), BATCH_ITEMS):
-            key = keyed[i]
-            self._add(key, Entry(keyed[i + 1], keyed[i + 2], keyed[i + 3], self.clock))
-            added.append(key)
+            key, value = keyed[i], keyed[i + 3]
+            if key in entries:  # never in a consistent history
+                self.checksum, self.memory = checksum, memory
+                self._add(key, _entry(key, keyed[i + 1], keyed[i + 2], value, made))
+                checksum, memory = self.checksum, self.memory
+                continue
+            entry = entries[key] = _entry(key, keyed[i + 1], keyed[i + 2], value, made)
+            checksum += entry.digest
+            memory += len(key) + ENTRY_OVERHEAD + (0 if value is None else len(value))
+        self.checksum, self.memory = checksum & _MASK, memory
         while len(entries) > self.capacity:
             dropped.append(self._drop_oldest())
         if not record:
@@ -215,7 +230,7 @@ class IdempotencyTable:
             self.clock = clock
         for i in range(0, len(flat), TRANSFER_ITEMS):
             key = flat[i]
-            self._add(key, Entry(flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4]))
+            self._add(key, _entry(key, flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4]))
 
     def take_from(self, other: IdempotencyTable) -> None:
         """Hold ``other``'s entries in place of ours, leaving ``other`` empty."""

@@ -235,9 +235,15 @@ class LocalPair:
     # -- talking to the servers ---------------------------------------------------------
     def _client(self, host: str, port: int, timeout: float) -> Client:
         context = tls_context(self.cafile) if self.cafile is not None else None
-        # One attempt a request: the tests see every refusal and failure the server gives.
+        # Writes without a key, one attempt each (as before safe retries): the tests see
+        # every refusal and failure the server gives, and no table beside the pairs.
         return Client(
-            host, port, timeout=timeout, token=self.token, ssl_context=context, retry_for=0
+            host,
+            port,
+            timeout=timeout,
+            token=self.token,
+            ssl_context=context,
+            idempotency_keys=False,
         )
 
     def client(self, role: str = "primary", timeout: float = 10.0) -> Client:

@@ -156,7 +156,8 @@ class LocalMembers:
     # -- talking to the members --------------------------------------------------------------
     def client(self, index: int, timeout: float = 5.0) -> Client:
         host, port = self.addresses[index]
-        return Client(host, port, timeout=timeout, retry_for=0)  # every refusal seen
+        # Writes without a key, one attempt each: every refusal is seen.
+        return Client(host, port, timeout=timeout, idempotency_keys=False)
 
     def status(self, index: int, timeout: float = 2.0) -> dict[str, Any] | None:
         try:

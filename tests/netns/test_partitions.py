@@ -137,7 +137,8 @@ class Workload:
     async def _client(self, n: int) -> None:
         rng = random.Random(f"{self.seed}-{n}")
         history = self.history
-        async with AsyncClient(*self.address, timeout=CLIENT_TIMEOUT) as client:
+        # One attempt a write: the history records each outcome as the server gave it.
+        async with AsyncClient(*self.address, timeout=CLIENT_TIMEOUT, retry_for=0) as client:
             i = 0
             while not self._stop.is_set():
                 i += 1

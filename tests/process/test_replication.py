@@ -105,7 +105,9 @@ def fill(
 
     def work(part: int) -> None:
         try:
-            with Client(*pair.address["primary"], timeout=CLIENT_TIMEOUT) as client:
+            with Client(
+                *pair.address["primary"], timeout=CLIENT_TIMEOUT, idempotency_keys=False
+            ) as client:
                 for n in range(part, count, threads):
                     key, value = f"{tag}-{n:05d}", f"value-{n:05d}-" + "x" * value_size
                     assert client.insert(key, value) is True
@@ -164,7 +166,7 @@ class Worker:
     def run(self) -> None:
         rng = random.Random(self.number)
         fresh = 0
-        with Client(self.host, self.port, timeout=CLIENT_TIMEOUT) as client:
+        with Client(self.host, self.port, timeout=CLIENT_TIMEOUT, idempotency_keys=False) as client:
             while not self.stop.is_set():
                 roll = rng.random()
                 if roll < 0.5 or not self.model:

@@ -146,7 +146,7 @@ class Writer:
             self.longest_gap = max(self.longest_gap, self._stopped_at - self._last)
 
     def _run(self) -> None:
-        with Client(*self.address, timeout=10, retry_for=0) as client:
+        with Client(*self.address, timeout=10, idempotency_keys=False) as client:
             while not self._stop.is_set():
                 try:
                     ok = client.insert(f"writer-{self.acknowledged}-{time.monotonic()}", "x")

@@ -35,6 +35,7 @@ from pbkv.commands import (
     Refused,
 )
 from pbkv.config import Settings
+from pbkv.idempotency import ENTRY_OVERHEAD
 from pbkv.primary import PrimaryCore
 from pbkv.stages import ProtocolError, Role, Stage
 from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
@@ -2375,8 +2376,9 @@ def test_entries_expire_alike_on_both_copies_on_the_primarys_time(make_link) -> 
 
 
 def test_remembered_replies_count_in_max_memory(make_link) -> None:
-    link = make_link(max_memory=PAIR_OVERHEAD + 300)
+    limit = PAIR_OVERHEAD + ENTRY_OVERHEAD + 50
+    link = make_link(max_memory=limit)
     primary, _ = in_sync_pair(link)
-    assert link.write(INSERT, "k", "v", ident="i" * 200) == MemoryFull(PAIR_OVERHEAD + 300)
+    assert link.write(INSERT, "k", "v", ident="i" * 200) == MemoryFull(limit)
     assert link.write(INSERT, "k", "v", ident="short") == Done(True)
     assert primary.store.memory_bytes > PAIR_OVERHEAD + 2
