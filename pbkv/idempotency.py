@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import xxhash
 
@@ -53,10 +53,12 @@ _SOME = b"\x01"
 
 def fingerprint(command: str, key: str, value: str | None) -> int:
     """What identifies a request, for 'the same key with another request'."""
-    text = command.encode() + _SEPARATOR + key.encode()
-    if value is not None:
-        text += _SEPARATOR + value.encode()
-    return xxhash.xxh3_64_intdigest(text)
+    if value is None:
+        return _digest64(b"%b\xff%b" % (command.encode(), key.encode()))
+    return _digest64(b"%b\xff%b\xff%b" % (command.encode(), key.encode(), value.encode()))
+
+
+_digest64 = xxhash.xxh3_64_intdigest
 
 
 def valid_key(text: str) -> bool:
@@ -66,16 +68,18 @@ def valid_key(text: str) -> bool:
     )
 
 
-@dataclass(slots=True)
-class Entry:
-    """One remembered reply: the course's ``success`` and the value a delete returned."""
-
-    fingerprint: int
-    ok: bool
-    value: str | None
-    made: int  # table time (ms) of the batch that made it
-    digest: int = 0  # its share of the table's checksum (kept: dropping it needs it again)
-
+# One remembered reply: (fingerprint, ok, value, made, digest): the request's
+# fingerprint, the course's ``success`` and the value a delete returned, the table
+# time (ms) of the batch that made it, and its share of the table's checksum (kept:
+# dropping it needs it again).  A plain tuple of numbers and strings, which the
+# garbage collector stops tracking: a table of many entries costs its full
+# collections nothing.
+Entry = tuple[int, bool, str | None, int, int]
+FINGERPRINT: Final = 0
+OK: Final = 1
+VALUE: Final = 2
+MADE: Final = 3
+DIGEST: Final = 4
 
 _digest = xxhash.xxh3_128_intdigest
 
@@ -84,7 +88,7 @@ def _entry(key: str, fingerprint: int, ok: bool, value: str | None, made: int) -
     """An entry with its checksum share: over every field, the key's included."""
     text = _NONE if value is None else _SOME + value.encode()
     head = b"%d:%d:%d:" % (fingerprint, ok, made)
-    return Entry(fingerprint, ok, value, made, _digest(head + key.encode() + _SEPARATOR + text))
+    return (fingerprint, ok, value, made, _digest(head + key.encode() + _SEPARATOR + text))
 
 
 def entry_size(key: str, value: str | None) -> int:
@@ -140,12 +144,12 @@ class IdempotencyTable:
             self._forget(key, old)
             self.replaced += 1
         self.entries[key] = entry
-        self.checksum = (self.checksum + entry.digest) & _MASK
-        self.memory += entry_size(key, entry.value)
+        self.checksum = (self.checksum + entry[DIGEST]) & _MASK
+        self.memory += entry_size(key, entry[VALUE])
 
     def _forget(self, key: str, entry: Entry) -> None:
-        self.checksum = (self.checksum - entry.digest) & _MASK
-        self.memory -= entry_size(key, entry.value)
+        self.checksum = (self.checksum - entry[DIGEST]) & _MASK
+        self.memory -= entry_size(key, entry[VALUE])
 
     def _drop_oldest(self) -> tuple[str, Entry]:
         key, entry = self.entries.popitem(last=False)
@@ -167,7 +171,7 @@ class IdempotencyTable:
         horizon = self.clock - self.ttl_ms
         while entries:
             oldest = next(iter(entries.values()))
-            if oldest.made > horizon:
+            if oldest[MADE] > horizon:
                 break
             dropped.append(self._drop_oldest())
         added: list[str] = keyed[0::BATCH_ITEMS]
@@ -181,15 +185,22 @@ class IdempotencyTable:
                 checksum, memory = self.checksum, self.memory
                 continue
             entry = entries[key] = _entry(key, keyed[i + 1], keyed[i + 2], value, made)
-            checksum += entry.digest
+            checksum += entry[DIGEST]
             memory += len(key) + ENTRY_OVERHEAD + (0 if value is None else len(value))
+        over = len(entries) - self.capacity
+        if over > 0:  # the oldest go (inline: a full table drops one per write)
+            popitem = entries.popitem
+            for _ in range(over):
+                key, entry = popitem(last=False)
+                checksum -= entry[DIGEST]
+                value = entry[VALUE]
+                memory -= len(key) + ENTRY_OVERHEAD + (0 if value is None else len(value))
+                dropped.append((key, entry))
         self.checksum, self.memory = checksum & _MASK, memory
-        while len(entries) > self.capacity:
-            dropped.append(self._drop_oldest())
         if not record:
             return None
-        size = sum(len(key) for key in added) + 100 * (len(added) + len(dropped))
-        size += sum(entry_size(key, entry.value) for key, entry in dropped)
+        # Roughly: the undo record holds references to entries the table held anyway.
+        size = 100 * (len(added) + len(dropped)) + ENTRY_OVERHEAD * len(dropped)
         return TableUndo(before, added, dropped, size)
 
     def undo(self, change: TableUndo) -> None:
@@ -215,9 +226,10 @@ class IdempotencyTable:
         chunk: list[Any] = []
         chars = count = 0
         for key, entry in self.entries.items():
-            chunk += (key, entry.fingerprint, entry.ok, entry.value, entry.made)
+            value = entry[VALUE]
+            chunk += (key, *entry[:DIGEST])
             count += 1
-            chars += len(key) + (0 if entry.value is None else len(entry.value))
+            chars += len(key) + (0 if value is None else len(value))
             if count >= size or chars >= max_chars:
                 yield chunk
                 chunk, chars, count = [], 0, 0

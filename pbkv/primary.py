@@ -44,7 +44,15 @@ from pbkv.core import (
     ReplicationCore,
     growth,
 )
-from pbkv.idempotency import TableClock, entry_size, fingerprint
+from pbkv.idempotency import (
+    ENTRY_OVERHEAD,
+    FINGERPRINT,
+    OK,
+    VALUE,
+    TableClock,
+    entry_size,
+    fingerprint,
+)
 from pbkv.stages import Copy, Directive, Event, Plan, Role, Stage, Step, WriteRule, plan
 from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
@@ -362,14 +370,14 @@ class PrimaryCore(ReplicationCore):
         table = self.store.idempotency
         remembered = table.get(ident)
         if remembered is not None:
-            if remembered.fingerprint != print_:
+            if remembered[FINGERPRINT] != print_:
                 self.keys_reused += 1
                 return KEY_REUSED
             # Acknowledged state, as a read sees it: served when a read of it would be.
             if not self.may_read(Command.COUNT, ""):
                 return Refused(self.stage, self.role)
             self.writes_replayed += 1
-            return Done(remembered.ok, remembered.value)
+            return Done(remembered[OK], remembered[VALUE])
         pending = self.overlay.get(key)
         current = self.store.get(key) if pending is None else pending[0]
         grow = 0 if value is None else growth(command, key, value, current)
@@ -380,17 +388,18 @@ class PrimaryCore(ReplicationCore):
         else:
             ok, new = current is not None, None
             outcome = Done(True, current) if ok else MISS
-        remembers = entry_size(ident, outcome.value)
+        reply_value = outcome.value
+        remembers = entry_size(ident, reply_value)
         if self.max_memory and grow:  # what adds no pair passes, as without a key
             full = self.over_memory(grow + remembers)
             if full is not None:
                 return full
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
-        entry = [ident, print_, outcome.ok, outcome.value]
         if self.standalone:
             if ok:
                 self.store.write(key, new)
+            entry = [ident, print_, outcome.ok, outcome.value]
             table.apply(self.table_clock.time(table.clock, self.now), entry)
             return outcome
         queued = self.queued[-1]
@@ -402,10 +411,11 @@ class PrimaryCore(ReplicationCore):
             queued.ops.append(new)
             queued.chars += len(key) + (0 if new is None else len(new))
             self.overlay[key] = (new, self.sent_seq + len(self.queued))
-        queued.keyed += entry
-        queued.chars += len(ident) + (0 if outcome.value is None else len(outcome.value))
-        queued.grows += grow + remembers
-        self.pending_write_bytes += grow + remembers
+        queued.keyed += (ident, print_, outcome.ok, reply_value)
+        queued.chars += remembers - ENTRY_OVERHEAD  # the key's and the reply's characters
+        grow += remembers
+        queued.grows += grow
+        self.pending_write_bytes += grow
         queued.entries.append((reply, outcome))
         self.keyed[ident] = (print_, queued, outcome)
         if not self.flush_pending:

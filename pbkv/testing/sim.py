@@ -807,7 +807,7 @@ class Simulation:
             )
             return result
         tables = [
-            {ident: (e.fingerprint, e.ok, e.value, e.made) for ident, e in table.entries.items()}
+            {ident: entry[:4] for ident, entry in table.entries.items()}
             for table in (primary_store.idempotency, backup_store.idempotency)
         ]
         if tables[0] != tables[1]:
