@@ -14,7 +14,8 @@ failed" or a stage refusal, with back-off, for up to ``retry_for`` seconds; a re
 that names the primary (a backup, a member that does not lead) sends the next
 attempt there. The server applies a key's write once and answers a retry with the
 first reply, so the result is the write's true outcome. Only when the deadline passes
-is the last error raised, and then the write's outcome is unknown.
+is an error raised: one that says the outcome is unknown (a connection lost after
+sending, "replication failed") if any attempt may have been applied, else the last.
 """
 
 from __future__ import annotations
@@ -269,6 +270,14 @@ class _Retries:
         if time.monotonic() + delay > self.deadline:
             return None
         return delay
+
+
+def _may_be_applied(exc: BaseException) -> bool:
+    """Whether the attempt that raised ``exc`` may have been applied: it was sent and
+    no answer came (a refused connection sent nothing; a refusal applied nothing)."""
+    if isinstance(exc, OSError):
+        return not isinstance(exc, ConnectionRefusedError)
+    return isinstance(exc, ReplicationFailed)
 
 
 def _primary_named(exc: BaseException) -> tuple[str, int] | None:
@@ -546,13 +555,19 @@ class Client(_Endpoint):
         method, target, body, headers = _request_parts(op, params)
         headers = self._headers({**headers, IDEMPOTENCY_HEADER: new_idempotency_key()}, None)
         retries = _Retries(self.retry_for)
+        unknown: Exception | None = None  # an attempt that may have been applied
         while True:
             try:
-                status, raw, replied = self._exchange(method, target, body, headers, True)
+                status, raw, replied = self._exchange(method, target, body, headers, False)
                 return parse_reply(op, status, raw, replied.get("retry-after"), replied)
             except Exception as exc:
+                if _may_be_applied(exc):
+                    unknown = exc
                 delay = retries.next_delay(exc)
                 if delay is None:
+                    if unknown is not None and unknown is not exc and not _may_be_applied(exc):
+                        # Say that the outcome is unknown, as the earlier attempt's error does.
+                        raise unknown from exc
                     raise
                 primary = _primary_named(exc)
                 if primary is not None and primary != (self.host, self.port):
@@ -782,15 +797,21 @@ class AsyncClient(_Endpoint):
         deadline passes (safe: the server applies the key's write once)."""
         extra = self._headers({IDEMPOTENCY_HEADER: new_idempotency_key()}, None)
         retries = _Retries(self.retry_for)
+        unknown: Exception | None = None  # an attempt that may have been applied
         while True:
             try:
                 request = self._request(op, params, extra)
                 async with self._lock:
-                    status, raw, replied = await self._exchange(request, True)
+                    status, raw, replied = await self._exchange(request, False)
                 return parse_reply(op, status, raw, replied.get("retry-after"), replied)
             except Exception as exc:
+                if _may_be_applied(exc):
+                    unknown = exc
                 delay = retries.next_delay(exc)
                 if delay is None:
+                    if unknown is not None and unknown is not exc and not _may_be_applied(exc):
+                        # Say that the outcome is unknown, as the earlier attempt's error does.
+                        raise unknown from exc
                     raise
                 primary = _primary_named(exc)
                 if primary is not None and primary != (self.host, self.port):

@@ -998,3 +998,27 @@ def test_the_cli_retries_a_write(server: FakePbkv, capsys: pytest.CaptureFixture
     assert _cli(server, "insert", "k", "v") == 0
     assert server.data == {"k": "v"}
     assert len(server.idempotency_keys) == 2 and server.idempotency_keys[0]
+
+
+def test_an_unknown_outcome_is_what_a_failed_write_raises(server: FakePbkv) -> None:
+    """After an attempt that may have been applied (sent, no answer), the error raised at
+    the deadline says so, whatever the later attempts met (refusals, refused connects)."""
+    refused = (503, {"success": "false", "error": "not now", "stage": "cold_start"}, {})
+    server.hangups = 1
+    server.forced += [refused] * 100
+    with Client("127.0.0.1", server.port, retry_for=0.3) as client:
+        with pytest.raises(ConnectionError) as lost:
+            client.insert("k", "v")
+        assert isinstance(lost.value.__cause__, Unavailable)
+    server.forced.clear()
+
+    async def one_attempt() -> None:
+        async with AsyncClient("127.0.0.1", server.port, retry_for=0) as client:
+            assert await client.count() == 0
+            server.hangups = 1  # the reused connection dies with the write in it
+            with pytest.raises(ConnectionError):
+                await client.insert("k", "v")  # not sent again: one attempt
+
+    before = len(server.requests)
+    asyncio.run(one_attempt())
+    assert [path for _, path, _ in server.requests[before:]] == ["/kvman/countkey", "/kv/insert"]
