@@ -354,6 +354,7 @@ class BackupCore(ReplicationCore):
         # that dies mid-transfer can still warm-start from it.
         self.fire(Event.TRANSFER_STARTED, f"primary sends {frame.count} pairs")
         self.receiver = SnapshotReceiver(self.store.empty_like())
+        self.transfer_began = self.now
         return self._transfer_frame(frame)
 
     def _transfer_frame(self, frame: Any) -> Step:
@@ -367,6 +368,9 @@ class BackupCore(ReplicationCore):
         if checksum is None:
             return Step.RECEIVE_SNAPSHOT
         self.seq = receiver.seq
+        if self.transfer_began is not None:
+            self.last_transfer_seconds = self.now - self.transfer_began
+            self.transfer_began = None
         # Same store object, new pairs: the old ones are freed a shard per turn.
         self.outbox.append(Discard(self.store.take_pairs_of(receiver.store)))
         self._confirm(checksum, "received", Resync.FULL)

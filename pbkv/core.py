@@ -169,6 +169,9 @@ class ReplicationCore:
         self.receiver: SnapshotReceiver | None = None
         self.transfers_completed = 0
         self.transfers_failed = 0
+        # When the transfer under way began (receiving side), and how long the last took.
+        self.transfer_began: float | None = None
+        self.last_transfer_seconds = 0.0
         self.last_transfer_error = ""
         # The shards of a copy being received that have fully arrived (warm start reads).
         self.complete_shards: set[int] = set()
@@ -567,6 +570,7 @@ class ReplicationCore:
         self.peer_hello = None
         self.sender = None
         self.receiver = None
+        self.transfer_began = None
         self.on_channel_lost(reason)
         self.fire(event, reason)
 
@@ -608,6 +612,7 @@ class ReplicationCore:
             "resyncs_full": self.resyncs_full,
             "transfers_completed": self.transfers_completed,
             "transfers_failed": self.transfers_failed,
+            "last_transfer_seconds": round(self.last_transfer_seconds, 3),
             "pending_write_bytes": self.pending_write_bytes,
             "last_transfer_error": self.last_transfer_error,
         }

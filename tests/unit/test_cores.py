@@ -2226,3 +2226,18 @@ def test_a_timer_the_role_never_starts_is_an_error(link: Link, role: str, timer:
     in_sync_pair(link)
     with pytest.raises(ValueError, match=f"starts no {timer.value} timer"):
         link.cores[role].timer_fired(link.now, timer)
+
+
+def test_the_backup_says_how_long_the_last_full_transfer_took(link: Link) -> None:
+    primary, _ = in_sync_pair(link, DATA)
+    link.kill("backup")
+    backup = link.start_backup()
+    link.manual_pump = True
+    link.fire("primary", RETRY)
+    link.pump("primary", frames=1)  # SNAPSHOT_BEGIN: the clock starts
+    link.now += 1.5
+    while link.pump("primary", frames=2):
+        pass
+    link.manual_pump = False
+    assert backup.stage is S.IN_SYNC
+    assert backup.status(link.now)["last_transfer_seconds"] == 1.5
