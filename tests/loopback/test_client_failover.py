@@ -7,11 +7,13 @@ reached a primary. (The same against real servers: tests/process.)
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from pbkv.cli import main
 from pbkv.client import (
     AsyncClient,
     Client,
@@ -273,3 +275,68 @@ def test_async_write_lost_mid_request_on_a_single_address_is_outcome_unknown(
 
     asyncio.run(scenario())
     assert data_paths(one) == ["/kv/insert"]
+
+
+# -- the command line ----------------------------------------------------------------------
+def test_cli_addresses_find_the_primary(
+    one: FakePbkv, two: FakePbkv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    one.primary = two.address
+    dead = f"127.0.0.1:{closed_port()}"
+    assert main(["--address", f"{dead},{one.address}", "-a", two.address, "insert", "k", "v"]) == 0
+    assert main(["get", "k", "--address", f"{one.address},{two.address}"]) == 0
+    assert capsys.readouterr().out == "v\n"
+    assert data_paths(one) == []
+    assert data_paths(two) == ["/kv/insert", "/kv/get"]
+
+
+def test_cli_gives_up_after_failover_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    dead = [f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"]
+    assert main(["-a", ",".join(dead), "--failover", "0.2", "count"]) == 2
+    err = capsys.readouterr().err
+    assert "connection refused" in err and "no primary found among 2 servers" in err
+
+
+def test_cli_reports_a_lost_write(one: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
+    one.delay = 1.0  # no reply in time: to the status probe, then to the delete
+    assert main(["-a", one.address, "--timeout", "0.3", "delete", "k"]) == 2
+    assert "may or may not have been applied" in capsys.readouterr().err
+    assert data_paths(one) == ["/kv/delete"]
+
+
+def test_cli_refuses_a_bad_address(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["-a", "host:port", "count"]) == 2
+    assert "bad address" in capsys.readouterr().err
+
+
+def test_cli_cluster_lists_the_servers_given(
+    one: FakePbkv, two: FakePbkv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    one.status_fields = {"role": "primary", "stage": "in_sync", "epoch": 0, "lag": 0}
+    two.primary = one.address
+    two.status_fields = {"stage": "in_sync", "epoch": 0, "lag": 0}
+    dead = f"127.0.0.1:{closed_port()}"
+    assert main(["cluster", one.address, two.address, "--address", dead]) == 1  # one unreachable
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split("|")[1:-1] == [
+        f" {'Member':<15} ",
+        " Role    ",
+        " Stage       ",
+        " Epoch ",
+        " In sync ",
+        " Lag ",
+        " Lease left ",
+    ]
+    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in lines[3:6]]
+    assert cells == [
+        [one.address, "primary", "in_sync", "0", "-", "0", "-"],
+        [two.address, "backup", "in_sync", "0", "yes", "0", "-"],
+        [dead, "-", "unreachable", "-", "-", "-", "-"],
+    ]
+    assert main(["cluster", one.address, two.address, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(row["address"], row["role"], row["in_sync"]) for row in listed] == [
+        (one.address, "primary", None),
+        (two.address, "backup", True),
+    ]
+    assert paths(one) == paths(two) == ["/kvman/status", "/kvman/status"]
