@@ -87,6 +87,54 @@ class Network:
         """A line of the run's trace (none by default)."""
 
     # -- channels --------------------------------------------------------------------
+    def open_channel(self, dialer: Process, listener: Process, ident: int, timeout: float) -> None:
+        """``dialer`` (a primary's core asked to connect) opens a channel to ``listener``:
+        refused at once when it is down, timed out when it cannot be reached or is paused,
+        closed during the upgrade when it is no backup; else both cores hear of it."""
+        core = dialer.core
+        if not listener.alive or not self.reachable(dialer, listener) or listener.paused:
+            delay = 0.001 if not listener.alive else timeout
+            reason = "refused" if not listener.alive else "timed out"
+
+            def failed() -> None:
+                if dialer.core is core:  # else the role changed meanwhile: moot
+                    dialer.primary.channel_failed(dialer.clock(), reason)
+
+            dialer.deliver(delay, failed)
+            return
+        channel = Channel(ident, (dialer, listener))
+
+        def listener_accepts() -> None:
+            if channel.closed:
+                return
+            core = listener.core
+            if not isinstance(core, BackupCore):  # a member that leads takes no channel
+                channel.closed = True
+                return
+            core.channel_opened(listener.clock(), channel.id)
+            channel.open_at[listener] = True
+            if channel.id in core.candidates:  # with a secret: it proves it first
+                listener.candidates[channel.id] = channel
+                listener.drain()
+            else:
+                listener.drain()  # closes the channel this one replaces
+                listener.channel = channel
+
+        def dialer_opens() -> None:
+            if dialer.core is not core:
+                self.close_channel(channel, dialer)  # the role changed meanwhile
+                return
+            if channel.closed or not channel.open_at.get(listener):
+                dialer.primary.channel_failed(dialer.clock(), "upgrade failed")
+                return
+            dialer.channel = channel
+            channel.open_at[dialer] = True
+            dialer.primary.channel_opened(dialer.clock())
+
+        first = self.latency()
+        listener.deliver(first, listener_accepts)
+        dialer.deliver(first + self.latency(), dialer_opens)
+
     def transmit(self, channel: Channel, sender: Process, data: bytes) -> None:
         """``sender`` writes ``data`` on ``channel``."""
         if channel.closed:

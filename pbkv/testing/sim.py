@@ -198,38 +198,7 @@ class Simulation(Network):
     def connect(self) -> None:
         """The primary opens a channel to the backup."""
         primary, backup = self.nodes[PRIMARY], self.nodes[BACKUP]
-        if not backup.alive or not self.reachable() or backup.paused:
-            # Refused at once when the backup is down; a time-out otherwise.
-            delay = 0.001 if not backup.alive else self.settings.peer_timeout
-            reason = "refused" if not backup.alive else "timed out"
-            primary.deliver(delay, lambda: primary.primary.channel_failed(self.now, reason))
-            return
-        channel = Channel(next(self.channel_ids), (primary, backup))
-
-        def backup_accepts() -> None:
-            if channel.closed:
-                return
-            core = backup.backup
-            core.channel_opened(self.now, channel.id)
-            channel.open_at[backup] = True
-            if channel.id in core.candidates:  # with a secret: it proves it first
-                backup.candidates[channel.id] = channel
-                backup.drain()
-            else:
-                backup.drain()  # closes the channel this one replaces
-                backup.channel = channel
-
-        def primary_opens() -> None:
-            if channel.closed or not channel.open_at.get(backup):
-                primary.primary.channel_failed(self.now, "upgrade failed")
-                return
-            primary.channel = channel
-            channel.open_at[primary] = True
-            primary.primary.channel_opened(self.now)
-
-        first = self.latency()
-        backup.deliver(first, backup_accepts)
-        primary.deliver(first + self.latency(), primary_opens)
+        self.open_channel(primary, backup, next(self.channel_ids), self.settings.peer_timeout)
 
     def transmit(self, channel: Channel, sender_node: Process, data: bytes) -> None:
         """With faults: frames corrupted, duplicated, or (with a secret) replayed."""
