@@ -23,7 +23,6 @@ from pbkv.actions import (
     Promote,
     SendToCandidate,
     StartTimer,
-    SyncChanged,
     Timer,
 )
 from pbkv.candidates import MAX_CANDIDATES, Candidate, Unproven
@@ -403,7 +402,7 @@ class BackupCore(ReplicationCore):
         self.undo.clear()  # the undo record is for batches after this point
         self.undo_size = 0
         self.fire(Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how}, checksum verified")
-        self.outbox.append(SyncChanged())
+        self.note_sync_changed()
 
     def _fetch(self, frame: Fetch) -> Step:
         refused = self._refusal(Directive.FETCH, None)

@@ -40,6 +40,7 @@ from pbkv.actions import (
     PumpTransfer,
     Send,
     StartTimer,
+    SyncChanged,
     Timer,
     carry_out,
 )
@@ -144,6 +145,7 @@ class ReplicationCore:
         self.machine = StageMachine(self.role, initial, self._log_transition)
         self.handshake = Handshake(self.role)
         self.outbox: list[Action] = []
+        self._sync_news = False  # a SyncChanged is queued (see ``note_sync_changed``)
         self.started_at = now
         self.now = now
         self.backoff = Backoff(settings.retry_min, settings.retry_max, self.rng)
@@ -290,8 +292,19 @@ class ReplicationCore:
     def start_tick(self) -> None:
         self.outbox.append(StartTimer(Timer.TICK, self.settings.heartbeat_interval))
 
+    def note_sync_changed(self) -> None:
+        """Who is in sync changed: queue ``SyncChanged``, which :meth:`take_actions`
+        hands out after the other actions queued with it. With a coordinator the
+        driver may change the role on it (``pbkv.roles``: a new core around the
+        store), so every action of this core must have been carried out by then."""
+        self.outbox.append(SyncChanged())
+        self._sync_news = True
+
     def take_actions(self) -> list[Action]:
         actions, self.outbox = self.outbox, []
+        if self._sync_news:
+            self._sync_news = False
+            actions.sort(key=lambda action: type(action) is SyncChanged)  # stable
         return actions
 
     def drain(self, driver: Driver) -> None:

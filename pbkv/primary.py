@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pbkv import auth
-from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, SyncChanged, Timer
+from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, Timer
 from pbkv.commands import REPLICATION_FAILED, Command, Done, Outcome, Refused, Reply
 from pbkv.config import Settings
 from pbkv.core import (
@@ -249,7 +249,7 @@ class PrimaryCore(ReplicationCore):
 
     def on_channel_lost(self, reason: str) -> None:
         if self.stage is Stage.IN_SYNC:
-            self.outbox.append(SyncChanged())
+            self.note_sync_changed()
         self.plan = None
         self._rewind(reason)
         self.schedule_retry()
@@ -475,7 +475,7 @@ class PrimaryCore(ReplicationCore):
         self.fire(
             Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how} the backup, checksums match"
         )
-        self.outbox.append(SyncChanged())
+        self.note_sync_changed()
         return Step.STREAMING
 
     def status(self, now: float) -> dict[str, Any]:

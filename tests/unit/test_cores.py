@@ -951,6 +951,19 @@ def test_channel_closed_at_the_primary_rewinds(link: Link) -> None:
     assert_same_data(primary, backup)
 
 
+def test_news_of_sync_comes_after_the_other_actions_queued_with_it(link: Link) -> None:
+    """On ``SyncChanged`` a member's driver may switch cores (pbkv.roles): every other
+    action of the old core (the retry timer, the replies) must be carried out first."""
+    primary, _ = in_sync_pair(link, {"a": "1"})
+    link.paused.add("primary")
+    link.submit(link.token(), UPDATE, "a", "2")
+    link.flush()
+    primary.channel_closed(link.now, "connection reset")
+    actions = [type(action).__name__ for action in primary.take_actions()]
+    assert actions[-1] == "SyncChanged"
+    assert {"Respond", "StartTimer"} <= set(actions[:-1])
+
+
 def test_channel_closed_at_the_backup_keeps_its_data(link: Link) -> None:
     primary, backup = in_sync_pair(link, DATA)
     checksum = backup.store.checksum
