@@ -68,7 +68,6 @@ from pbkv.leadership import (
     member_name,
 )
 from pbkv.membership import Membership, parse_address
-from pbkv.primary import PrimaryCore
 
 if TYPE_CHECKING:
     from pbkv.node import Node
@@ -116,7 +115,6 @@ class Member:
         )
         self._feed(self.membership.started(self._now(), self.node.core))
         self._spawn(self._watch(), "pbkv-loop-watch")
-        self._spawn(self._refresh_members(), "pbkv-loop-members")
 
     async def stop(self) -> None:
         """Hand over now (fence, resign, revoke), waiting at most one request timeout."""
@@ -188,10 +186,6 @@ class Member:
         registered = [info.member for info in self.members]
         return self.membership.choose_backup(self.address, registered)
 
-    def member_listening(self) -> None:
-        """A nudge arrived: someone listens. Refresh who is registered first."""
-        self._spawn(self._refresh_members(once=True))
-
     def replication_changed(self) -> None:
         """The core's news: a backup came in sync or was lost, or our copy changed."""
         for event in self.membership.replication_events(self.node.core, self._now()):
@@ -257,7 +251,6 @@ class Member:
             log.warning("%s", self.last_change)
             self.membership.role_changed()
             node.become_primary(action.epoch, self.authority)
-            self._spawn(self._refresh_members(once=True))
         elif isinstance(action, Fence):
             self.fencings += 1
             self.last_change = f"fenced: {action.reason}"
@@ -416,19 +409,3 @@ class Member:
                     self._feed(LeaderObserved(self._now(), event.leader, event.revision))
                 else:
                     self._feed(EtcdFailed(self._now(), Operation.WATCH, event.reason))
-
-    async def _refresh_members(self, once: bool = False) -> None:
-        """Who is registered (the primary's choice of backup), every read interval."""
-        while True:
-            try:
-                self.members = await self._etcd.members()
-            except CoordinatorError as exc:
-                log.debug("etcd member list failed: %s", exc)
-            else:
-                core = self.node.core
-                if once and isinstance(core, PrimaryCore) and not core.channel_up:
-                    core.backup_listening(self._now())
-                    core.drain(self.node)
-            if once:
-                return
-            await asyncio.sleep(self.timing.read_interval)

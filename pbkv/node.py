@@ -456,8 +456,6 @@ class Node:
         """A nudge arrived: the primary's core decides whether to connect now."""
         core = self.core
         if isinstance(core, PrimaryCore):
-            if self.member is not None:
-                self.member.member_listening()
             core.backup_listening(self.clock())
             core.drain(self)
 
