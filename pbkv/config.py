@@ -186,6 +186,8 @@ class Settings:
             )
         if self.persistence != "off" and not self.data_dir:
             raise SettingsError(f"persistence {self.persistence} needs data_dir (a folder)")
+        if self.persistence != "off" and self.standalone:
+            raise SettingsError("persistence needs a pair: a standalone primary logs no batches")
         if self.rewrite_percentage < 0:
             raise SettingsError("rewrite_percentage must be 0 (never) or more")
         if self.rewrite_min_bytes < 0:

@@ -25,6 +25,16 @@ applied meanwhile wait in memory and are appended once the base is in place
 harmless: every operation sets a key's final value or removes it).  With
 ``always`` everything that acknowledges is held until the base is in place.
 
+A log that has grown by ``rewrite_percentage`` of the base's size (and past
+``rewrite_min_bytes``) is *rewritten*, as Redis rewrites its append-only file:
+a new base of the store as it is, written the same way, while records go on
+to a new increment after it; once the base is in place the older files go.
+
+A base written while batches are applied may hold some of their writes; so
+a rollback to a state before the last batch such a base may hold cannot be
+replayed on it (the base does not record the values it would restore): it is
+written as a new base of the rolled-back store instead.
+
 A failed append, fsync or snapshot leaves the server unable to say what is on
 disk: ``on_failure`` is called (the node logs it and exits, as Redis does when
 a write of its append-only file fails under ``appendfsync always``), and what
@@ -44,7 +54,7 @@ from pbkv.commands import Outcome, Reply
 from pbkv.config import Settings
 from pbkv.persist.datadir import DataDir
 from pbkv.persist.framing import PersistError
-from pbkv.persist.log import Record, State
+from pbkv.persist.log import Record, RecordKind, State
 from pbkv.persist.snapshot import SnapshotWriter
 from pbkv.store import ShardedStore
 
@@ -63,6 +73,7 @@ class _Base:
     state: State
     chunks: Iterator[list[tuple[str, str]]]
     started: float
+    replacing: bool  # the data was replaced (records wait) or the log is rewritten
 
 
 def _store_chunks(store: ShardedStore, size: int) -> Iterator[list[tuple[str, str]]]:
@@ -87,6 +98,8 @@ class Persistence:
         assert settings.data_dir is not None, "checked by Settings"
         self.mode = settings.persistence
         self.always = self.mode == "always"
+        self.rewrite_percentage = settings.rewrite_percentage
+        self.rewrite_min_bytes = settings.rewrite_min_bytes
         self.loop = loop
         self.on_failure = on_failure
         self.datadir = DataDir.for_address(settings.data_dir, *address)
@@ -102,7 +115,12 @@ class Persistence:
         self.last_base_seconds = 0.0
         self.recovered_pairs = 0
         self.recovery_seconds = 0.0
+        self.rewrites = 0
         self._timer: asyncio.TimerHandle | None = None
+        self.store: ShardedStore | None = None  # the server's, from ``recover`` on
+        self.state = State(0, 0)  # after the last record
+        # The last seq whose writes the newest base may hold (see the module).
+        self.fuzzy_until = 0
 
     # -- start and stop ---------------------------------------------------------------
     def recover(self, store: ShardedStore, fresh: State) -> State | None:
@@ -111,18 +129,20 @@ class Persistence:
         records may follow at once).  Raises ``PersistError`` naming the file and
         offset of any damage but a torn last record, which is cut and logged."""
         datadir = self.datadir
+        self.store = store
         for name in datadir.removed:
             log.info("persistence: removed %s (left by an interrupted write)", name)
         if not datadir.exists:
             datadir.start(fresh)
             datadir.finish_rewrite()
+            self.state = fresh
             log.info("persistence %s: %s holds no data yet", self.mode, datadir.folder)
             return None
         started = time.perf_counter()
         loaded = datadir.load()
         for torn in loaded.cut:
             log.warning("persistence: cut a torn last record (a crash's leftover): %s", torn)
-        state = loaded.fill(store)
+        state = self.state = loaded.fill(store)
         self.recovery_seconds = time.perf_counter() - started
         self.recovered_pairs = len(store)
         log.info(
@@ -140,8 +160,7 @@ class Persistence:
         return state
 
     def start(self) -> None:
-        if not self.always:
-            self._timer = self.loop.call_later(EVERYSEC, self._every_second)
+        self._timer = self.loop.call_later(EVERYSEC, self._every_second)
 
     def close(self) -> None:
         """A clean stop: whatever was appended is made durable, the folder released."""
@@ -193,7 +212,17 @@ class Persistence:
     def persist(self, record: Record) -> None:
         if self.failed is not None:
             return
-        if self.base is not None:
+        if record.kind is RecordKind.ROLLBACK and self.store is not None:
+            state = self.state
+            if self.base is not None or (
+                record.history == state.history and record.seq < self.fuzzy_until
+            ):
+                # The base may hold writes this undoes: a base of the rolled-back store.
+                self.persist_all(record.state, self.store)
+                return
+        self.state = record.state
+        base = self.base
+        if base is not None and base.replacing:
             self.waiting.append(record)
             return
         try:
@@ -219,15 +248,48 @@ class Persistence:
         except PersistError as exc:
             self._fail(f"starting a snapshot failed: {exc}")
             return
+        self.state = state
+        self._write_base_of(writer, store, state, replacing=True)
+
+    def _write_base_of(
+        self, writer: SnapshotWriter, store: ShardedStore, state: State, replacing: bool
+    ) -> None:
         chunks = _store_chunks(store, self.datadir.chunk_pairs)
-        self.base = _Base(writer, store, state, chunks, time.perf_counter())
+        self.base = _Base(writer, store, state, chunks, time.perf_counter(), replacing)
         self.loop.call_soon(self._write_base, self.base)
+
+    def _rewrite_if_grown(self) -> None:
+        """Rewrite the log once it has grown past the settings (Redis's
+        auto-aof-rewrite-percentage and auto-aof-rewrite-min-size)."""
+        if not self.rewrite_percentage or self.base is not None or self.store is None:
+            return
+        status = self.datadir.status()
+        snapshot = status["snapshot"]
+        if snapshot is None:
+            return
+        grown = status["log_bytes"]
+        if (
+            grown < self.rewrite_min_bytes
+            or grown * 100 < snapshot["size"] * self.rewrite_percentage
+        ):
+            return
+        log.info(
+            "persistence: rewriting: the log holds %d bytes, the base %d", grown, snapshot["size"]
+        )
+        try:
+            writer = self.datadir.begin_rewrite(self.state)
+        except PersistError as exc:
+            self._fail(f"starting a rewrite failed: {exc}")
+            return
+        self.rewrites += 1
+        self._write_base_of(writer, self.store, self.state, replacing=False)
 
     # -- the disk work ------------------------------------------------------------------
     def _sync_now(self) -> None:
         self.sync_scheduled = False
-        if self.failed is not None or self.base is not None:
-            return  # a base being written syncs everything once it is in place
+        base = self.base
+        if self.failed is not None or (base is not None and base.replacing):
+            return  # a base that replaces the data syncs everything once it is in place
         self._sync()
         self._release()
 
@@ -243,8 +305,12 @@ class Persistence:
 
     def _every_second(self) -> None:
         self._timer = self.loop.call_later(EVERYSEC, self._every_second)
-        if self.failed is None and self.base is None and self.datadir.dirty:
+        if self.failed is not None:
+            return
+        base = self.base
+        if not self.always and (base is None or not base.replacing) and self.datadir.dirty:
             self._sync()
+        self._rewrite_if_grown()
 
     def _write_base(self, base: _Base) -> None:
         if base is not self.base or self.failed is not None:
@@ -261,6 +327,7 @@ class Persistence:
             self._fail(f"writing a snapshot failed: {exc}")
             return
         self.base = None
+        self.fuzzy_until = self.state.seq
         self.bases_written += 1
         self.last_base_seconds = time.perf_counter() - base.started
         log.info(
@@ -292,6 +359,7 @@ class Persistence:
             fsyncs=self.syncs,
             fsync_max_ms=round(self.sync_seconds_max * 1000, 3),
             bases_written=self.bases_written,
+            rewrites=self.rewrites,
             last_base_seconds=round(self.last_base_seconds, 3),
             base_under_way=self.base is not None,
             held=len(self.held),

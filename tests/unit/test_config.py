@@ -215,6 +215,7 @@ def test_missing_file(tmp_path: Path) -> None:
         {"persistence": "always"},  # without data_dir
         {"persistence": "everysec", "data_dir": ""},
         {"rewrite_percentage": -1},
+        {"persistence": "always", "data_dir": "/d", "standalone": True},
         {"rewrite_min_bytes": -1},
     ],
 )

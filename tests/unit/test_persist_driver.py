@@ -31,15 +31,18 @@ def on_loop(test: Callable[[Path], Coroutine[Any, Any, None]]) -> Callable[[Path
     return run
 
 
-def settings(tmp_path: Path, mode: str = "always") -> Settings:
-    return Settings(persistence=mode, data_dir=str(tmp_path))
-
-
 def opened(tmp_path: Path, mode: str = "always", **kwargs: Any) -> Persistence:
     failures: list[str] = kwargs.pop("failures", [])
-    return Persistence(
-        settings(tmp_path, mode), ADDRESS, asyncio.get_running_loop(), failures.append
-    )
+    settings = Settings(persistence=mode, data_dir=str(tmp_path), **kwargs)
+    return Persistence(settings, ADDRESS, asyncio.get_running_loop(), failures.append)
+
+
+async def until_written(persistence: Persistence) -> None:
+    for _ in range(10_000):
+        if persistence.base is None:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the base was never finished")
 
 
 async def turns(count: int = 3) -> None:
@@ -196,3 +199,61 @@ async def test_damage_refuses_to_load_naming_the_file_and_offset(tmp_path: Path)
     log.write_bytes(bytes(data))
     with pytest.raises(PersistError, match=rf"{log.name}: .* at offset 8"):
         opened(tmp_path).recover(make_store("sharded", 4), State(1, 0, 0))
+
+
+def apply(store: ShardedStore, record: Record) -> Record:
+    store.apply(record.ops)
+    return record
+
+
+@on_loop
+async def test_a_grown_log_is_rewritten_while_records_go_on(tmp_path: Path) -> None:
+    persistence = opened(tmp_path, rewrite_min_bytes=2000, rewrite_percentage=100)
+    store = make_store("sharded", 4)
+    persistence.recover(store, State(7, 0, 0))
+    persistence.datadir.chunk_pairs = 10
+    for seq in range(1, 80):
+        persistence.persist(apply(store, Record.batch(7, seq, 0, [f"k{seq}", "v" * 20])))
+    await turns()
+    persistence._rewrite_if_grown()
+    assert persistence.base is not None and persistence.rewrites == 1
+    persistence.persist(apply(store, Record.batch(7, 80, 0, ["k1", None])))
+    await turns()
+    assert not persistence.holding  # a rewrite holds nothing back
+    await until_written(persistence)
+    persistence.persist(apply(store, Record.batch(7, 81, 0, ["k2", "later"])))
+    await turns()
+    status = persistence.status()
+    assert status["log_bytes"] < 1000 and status["snapshot"]["file"] != "base.1.snap"
+    persistence._rewrite_if_grown()
+    assert persistence.base is None  # not grown enough again
+    persistence.close()
+    folder = tmp_path / "127.0.0.1-8080"
+    assert len(list(folder.glob("base.*.snap"))) == 1
+    assert loaded(tmp_path) == (State(7, 81, 0), dict(store.items()))
+
+
+@on_loop
+async def test_a_rollback_into_a_base_that_may_hold_its_batches_writes_a_new_base(
+    tmp_path: Path,
+) -> None:
+    persistence = opened(tmp_path, "everysec")
+    store = make_store("sharded", 4)
+    persistence.recover(store, State(7, 0, 0))  # the server's store, from now on
+    for key, value in filled(200).items():
+        store.write(key, value)
+    persistence.datadir.chunk_pairs = 10
+    persistence.persist_all(State(8, 10, 0), store)
+    # Batches applied while the base is written: it may hold their writes.
+    olds = store.apply_recording(["key1", "rolled back", "key2", None])
+    persistence.persist(Record.batch(8, 11, 0, ["key1", "rolled back", "key2", None]))
+    await until_written(persistence)
+    assert persistence.fuzzy_until == 11
+    store.undo(["key1", "rolled back", "key2", None], olds)
+    persistence.persist(Record.rollback(State(8, 10, 0)))
+    assert persistence.base is not None  # a new base, not a record the old one cannot take
+    persistence.persist(Record.mark(State(9, 10, 0)))
+    await until_written(persistence)
+    await turns()
+    persistence.close()
+    assert loaded(tmp_path) == (State(9, 10, 0), dict(filled(200).items()))
