@@ -44,10 +44,13 @@ was held is dropped: nothing that is not on disk is acknowledged.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pbkv.commands import Outcome, Reply
@@ -62,6 +65,8 @@ log = logging.getLogger(__name__)
 
 EVERYSEC = 1.0  # seconds between fsyncs with ``everysec``
 WRITE_BUDGET = 0.005  # seconds of base writing per turn of the event loop
+# Pairs per chunk of a base: a chunk is written in one go (about 1 ms per 1,000 pairs).
+BASE_CHUNK_PAIRS = 1024
 
 
 @dataclass
@@ -80,9 +85,17 @@ def _store_chunks(store: ShardedStore, size: int) -> Iterator[list[tuple[str, st
     """The store's pairs in chunks, each shard copied when its turn comes (so the
     store may change between chunks: see the module)."""
     for shard in range(store.shard_count):
-        pairs = list(store.shard_copy(shard).items())
-        for start in range(0, len(pairs), size):
-            yield pairs[start : start + size]
+        pairs = iter(store.shard_copy(shard).items())  # a private copy: read lazily
+        while chunk := list(itertools.islice(pairs, size)):
+            yield chunk
+
+
+def _flush_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Persistence:
@@ -102,7 +115,9 @@ class Persistence:
         self.rewrite_min_bytes = settings.rewrite_min_bytes
         self.loop = loop
         self.on_failure = on_failure
-        self.datadir = DataDir.for_address(settings.data_dir, *address)
+        self.datadir = DataDir.for_address(
+            settings.data_dir, *address, chunk_pairs=BASE_CHUNK_PAIRS
+        )
         self.held: list[Callable[[], None]] = []
         self.sync_scheduled = False
         self.base: _Base | None = None
@@ -178,7 +193,7 @@ class Persistence:
     @property
     def holding(self) -> bool:
         """Whether what acknowledges data must wait (``always``, records not yet durable)."""
-        return self.always and (self.sync_scheduled or self.base is not None or bool(self.held))
+        return self.always and (self.holding_for_disk or bool(self.held))
 
     def hold(self, deliver: Callable[[], None]) -> None:
         """Run ``deliver`` once every record appended so far is durable (now if none)."""
@@ -206,7 +221,10 @@ class Persistence:
 
     @property
     def holding_for_disk(self) -> bool:
-        return self.sync_scheduled or self.base is not None
+        """An fsync is due, or a base that replaces the data is not in place yet (a
+        rewrite holds nothing back: its records go on to the log meanwhile)."""
+        base = self.base
+        return self.sync_scheduled or (base is not None and base.replacing)
 
     # -- the actions ------------------------------------------------------------------
     def persist(self, record: Record) -> None:
@@ -322,6 +340,19 @@ class Persistence:
                 if time.perf_counter() > deadline:
                     self.loop.call_soon(self._write_base, base)
                     return
+        except (PersistError, OSError) as exc:
+            self._fail(f"writing a snapshot failed: {exc}")
+            return
+        # Flushing tens of megabytes takes tens of milliseconds: in a thread, so the
+        # fsync in ``finish_rewrite`` then finds little left to do.
+        future = self.loop.run_in_executor(None, _flush_file, base.writer.temp_path)
+        future.add_done_callback(lambda done: self._finish_base(base, done))
+
+    def _finish_base(self, base: _Base, flushed: asyncio.Future[None]) -> None:
+        if base is not self.base or self.failed is not None:
+            return
+        try:
+            flushed.result()
             info = self.datadir.finish_rewrite()
         except (PersistError, OSError) as exc:
             self._fail(f"writing a snapshot failed: {exc}")

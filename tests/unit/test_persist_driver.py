@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,10 @@ def opened(tmp_path: Path, mode: str = "always", **kwargs: Any) -> Persistence:
 
 
 async def until_written(persistence: Persistence) -> None:
-    for _ in range(10_000):
-        if persistence.base is None:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("the base was never finished")
+    deadline = time.monotonic() + 10
+    while persistence.base is not None:
+        assert time.monotonic() < deadline, "the base was never finished"
+        await asyncio.sleep(0.001)
 
 
 async def turns(count: int = 3) -> None:
@@ -135,12 +135,11 @@ async def test_a_new_base_is_written_while_serving(tmp_path: Path) -> None:
     store.write("key2", None)
     persistence.persist(Record.batch(8, 42, 2, ["key2", None]))
     persistence.durable(replies.append)(Done(True))
-    for _ in range(1000):
-        if persistence.base is None:
-            break
-        assert replies == []
-        await asyncio.sleep(0)
-    assert persistence.base is None and persistence.bases_written == 1
+    deadline = time.monotonic() + 10
+    while persistence.base is not None:
+        assert replies == [] and time.monotonic() < deadline
+        await asyncio.sleep(0.001)
+    assert persistence.bases_written == 1
     await turns()
     assert replies == [Done(True)]
     persistence.close()
@@ -157,10 +156,7 @@ async def test_a_newer_base_replaces_one_under_way(tmp_path: Path) -> None:
     persistence.persist_all(State(8, 5, 0), filled(300))
     await turns(2)
     persistence.persist_all(State(9, 6, 0), filled(20))
-    for _ in range(1000):
-        if persistence.base is None:
-            break
-        await asyncio.sleep(0)
+    await until_written(persistence)
     persistence.close()
     assert loaded(tmp_path) == (State(9, 6, 0), dict(filled(20).items()))
 
