@@ -37,6 +37,8 @@ from pbkv.actions import (
     Action,
     CloseChannel,
     Driver,
+    Persist,
+    PersistAll,
     PumpTransfer,
     Send,
     StartTimer,
@@ -46,6 +48,8 @@ from pbkv.actions import (
 )
 from pbkv.commands import Command, Counted, Done, Dumped, MemoryFull, Outcome, Refused
 from pbkv.config import Settings
+from pbkv.persist.log import Record
+from pbkv.persist.log import State as DiskState
 from pbkv.stages import (
     HANDSHAKES,
     Copy,
@@ -156,6 +160,10 @@ class ReplicationCore:
         self.epoch = 0
         self.epoch_seen = 0
         self.copy_epoch = 0
+        # With persistence: our data was loaded from disk at start and no peer has
+        # confirmed it yet (a *recovered* copy: see ``stages.plan``).
+        self.recovered = False
+        self.persistent = settings.persistent
         # With a coordinator: this server's member name, in its HELLO ("" without one).
         self.member = ""
         self.seq = 0  # last replicated batch applied here
@@ -255,6 +263,7 @@ class ReplicationCore:
             self.undo_points(),
             self.copy_epoch,
             self.member,
+            self.recovered,
             epoch=self.epoch,
         )
 
@@ -271,6 +280,7 @@ class ReplicationCore:
             undo,
             self.copy_epoch,
             self.epoch,
+            self.recovered,
         )
 
     def undo_points(self) -> tuple[tuple[int, int, int], ...]:
@@ -288,6 +298,27 @@ class ReplicationCore:
             self.resyncs_full += 1
         elif resync is Resync.PARTIAL:
             self.resyncs_partial += 1
+
+    # -- persistence (only with ``persistence`` set) ---------------------------------
+    def persist_batch(self, seq: int, ops: list[str | None]) -> None:
+        """Log a batch just applied (before anything that acknowledges it is queued)."""
+        if self.persistent:
+            self.outbox.append(Persist(Record.batch(self.history, seq, self.copy_epoch, ops)))
+
+    def persist_rollback(self, seq: int) -> None:
+        """Log that the batches after ``seq`` were undone."""
+        if self.persistent:
+            state = DiskState(self.history, seq, self.copy_epoch)
+            self.outbox.append(Persist(Record.rollback(state)))
+
+    def persist_synced(self, replaced: bool) -> None:
+        """A sync is confirmed: our data's new state (history, seq, epoch) is logged as a
+        mark, or with ``replaced`` (a transfer brought it) the whole store becomes the new
+        base.  Queued before the frame that confirms the sync."""
+        self.recovered = False  # confirmed now, which says more
+        if self.persistent:
+            state = DiskState(self.history, self.seq, self.copy_epoch)
+            self.outbox.append(PersistAll(state) if replaced else Persist(Record.mark(state)))
 
     def start_tick(self) -> None:
         self.outbox.append(StartTimer(Timer.TICK, self.settings.heartbeat_interval))
@@ -612,6 +643,7 @@ class ReplicationCore:
             "keys": len(self.store),
             "checksum": f"{self.store.checksum:032x}",
             "confirmed": self.confirmed,
+            "recovered": self.recovered,
             "epoch": self.epoch,
             "epoch_seen": self.epoch_seen,
             "copy_epoch": self.copy_epoch,

@@ -357,6 +357,7 @@ class PrimaryCore(ReplicationCore):
             if pending is not None and pending[1] == seq:
                 del overlay[key]
         self.seq = seq
+        self.persist_batch(seq, ops)  # before the answers: they wait for it to be durable
         self.batches_acked += 1
         self.writes_replicated += len(ops) // 2
         self.ack_seconds_total += self.now - batch.sent_at
@@ -416,9 +417,12 @@ class PrimaryCore(ReplicationCore):
             log.info("primary resync: partial: %s", reason)
             self.send(Rollback(self.seq, store.checksum, len(store)))
         elif directive is Directive.SEND:
+            if not self.confirmed:  # a copy recovered from disk: the backup needs it
+                self.fire(Event.BACKUP_NEEDS_DATA, reason)
             log.info("primary resync: full transfer: %s", reason)
             self.start_sending_snapshot()
         elif directive is Directive.FETCH:
+            self.recovered = False  # the store is refilled from the backup's
             self.fire(Event.BACKUP_HOLDS_DATA, reason)
             self.receiver = SnapshotReceiver(store)
             self.complete_shards = self.receiver.complete_shards
@@ -471,6 +475,7 @@ class PrimaryCore(ReplicationCore):
         decided, hello = self.plan, self.peer_hello
         assert decided is not None and hello is not None, "a SYNC_ACK comes only after the hello"
         self.note_resync(decided.directive.resync, hello)
+        self.persist_synced(decided.directive in (Directive.FETCH, Directive.START_EMPTY))
         how = decided.directive.value
         self.fire(
             Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how} the backup, checksums match"
