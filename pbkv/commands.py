@@ -62,6 +62,17 @@ class MemoryFull:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskFailed:
+    """This server's data folder cannot take the write (a full disk, a failed write or
+    fsync).  ``applied`` false: refused before anything was applied (HTTP 507);
+    true: applied in memory, but its record did not reach this server's disk, so it
+    is not acknowledged (HTTP 503: it may or may not survive)."""
+
+    reason: str
+    applied: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Counted:
     count: int
 
@@ -81,7 +92,7 @@ class Dumped:
         return isinstance(other, Dumped) and self.pairs == other.pairs
 
 
-Outcome = Done | Refused | ReplicationFailed | MemoryFull | Counted | Dumped
+Outcome = Done | Refused | ReplicationFailed | MemoryFull | DiskFailed | Counted | Dumped
 REPLICATION_FAILED = ReplicationFailed()
 
 # How a write queued in a core is answered: the driver's callable, called with the outcome.

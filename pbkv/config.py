@@ -112,6 +112,9 @@ class Settings:
     data_dir: str | None = None
     rewrite_percentage: int = 100
     rewrite_min_bytes: int = 64 * 1024 * 1024
+    # Writes are refused (before anything is applied) while the data folder's file
+    # system has less than this free: room for the records of writes under way.
+    disk_headroom: int = 8 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.store not in ("sharded", "hash"):
@@ -192,6 +195,8 @@ class Settings:
             raise SettingsError("rewrite_percentage must be 0 (never) or more")
         if self.rewrite_min_bytes < 0:
             raise SettingsError("rewrite_min_bytes must be 0 or a number of bytes")
+        if self.disk_headroom < 0:
+            raise SettingsError("disk_headroom must be 0 or a number of bytes")
         if self.lease_ttl < MIN_LEASE_TTL:
             raise SettingsError(
                 f"lease_ttl must be at least {MIN_LEASE_TTL} seconds (etcd grants no less)"

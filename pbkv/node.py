@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import itertools
 import logging
-import os
 import socket
 import ssl
 import time
@@ -256,7 +255,9 @@ class Node:
         Damage stops the start with the file and offset (a torn last record is cut)."""
         core = self.core
         try:
-            persistence = Persistence(self.settings, self.address, self.loop, self._disk_failed)
+            persistence = Persistence(
+                self.settings, self.address, self.loop, self._disk_failed, self._disk_healed
+            )
             state = persistence.recover(store, State(core.history, core.seq, core.copy_epoch))
         except (PersistError, OSError) as exc:
             log.error("%s cannot start: %s", self.role, exc)
@@ -269,12 +270,20 @@ class Node:
         return persistence
 
     def _disk_failed(self, reason: str) -> None:
-        """A record or a snapshot could not be written: what is on disk is unknown, so
-        this server acknowledges nothing more (Redis exits likewise under
-        ``appendfsync always``); its peer carries on, and a restart loads what is there."""
-        log.critical("%s persistence failed, stopping at once: %s", self.role, reason)
-        logging.shutdown()
-        os._exit(3)
+        """A record or a base could not be written: what was held for it was answered as
+        a failure, and until a new base is in place writes are refused (a primary) or
+        the replication channel is refused (a backup: its ACKs would say the batches
+        are on its disk; the primary rewinds what it had in flight)."""
+        log.error("%s persistence failed, refusing writes until it heals: %s", self.role, reason)
+        if isinstance(self.core, BackupCore):
+            if self.channel is not None:
+                self.channel_broken(self.channel, f"this server's disk failed: {reason}")
+            for candidate in list(self.candidates.values()):
+                candidate.close()
+                self.channel_broken(candidate, "this server's disk failed")
+
+    def _disk_healed(self) -> None:
+        log.warning("%s persistence works again", self.role)
 
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, listening: Callable[[], None] | None = None) -> None:
@@ -453,8 +462,12 @@ class Node:
             return self._not_primary()
         core = self.core
         persistence = self.persistence
-        if persistence is not None and persistence.always:
-            reply = persistence.durable(reply)  # answered once its batch is on disk
+        if persistence is not None and isinstance(core, PrimaryCore):
+            refused = persistence.refusal()  # before anything is applied
+            if refused is not None:
+                return refused
+            if persistence.always:
+                reply = persistence.durable(reply)  # answered once its batch is on disk
         outcome = core.submit(command, key, value, reply)
         if core.outbox:
             core.drain(self)
@@ -504,6 +517,9 @@ class Node:
         core = self.core
         if not isinstance(core, BackupCore):  # a member that leads now takes no channel
             transport.close()
+            return
+        if self.persistence is not None and self.persistence.failed is not None:
+            transport.close()  # its ACKs would claim what its disk does not hold
             return
         ident = next(self._channel_numbers)
         channel = ChannelProtocol(self, upgraded=True, ident=ident)

@@ -21,6 +21,7 @@ import orjson
 from pbkv.commands import (
     Command,
     Counted,
+    DiskFailed,
     Done,
     Dumped,
     MemoryFull,
@@ -126,6 +127,15 @@ def outcome_reply(
     if isinstance(outcome, MemoryFull):
         message = f"max_memory reached ({outcome.limit} bytes): write refused"
         return refusal_reply(errors, COMMAND_PATHS[command], 507, message)
+    if isinstance(outcome, DiskFailed):
+        if outcome.applied:
+            message = (
+                f"disk error: the write did not reach this server's disk ({outcome.reason}); "
+                "not acknowledged: it may or may not survive"
+            )
+            return refusal_reply(errors, COMMAND_PATHS[command], 503, message, None, RETRY)
+        message = f"disk error: writes refused until it clears ({outcome.reason})"
+        return refusal_reply(errors, COMMAND_PATHS[command], 507, message, None, RETRY)
     raise TypeError(f"unknown outcome {outcome!r}")
 
 

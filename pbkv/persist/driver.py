@@ -35,10 +35,23 @@ a rollback to a state before the last batch such a base may hold cannot be
 replayed on it (the base does not record the values it would restore): it is
 written as a new base of the rolled-back store instead.
 
-A failed append, fsync or snapshot leaves the server unable to say what is on
-disk: ``on_failure`` is called (the node logs it and exits, as Redis does when
-a write of its append-only file fails under ``appendfsync always``), and what
-was held is dropped: nothing that is not on disk is acknowledged.
+Disk faults.  A primary refuses a write *before* applying it while the folder's
+file system has less than ``headroom`` bytes free (``refusal``: ``statvfs`` once per
+turn of the event loop that brings writes), so a disk
+that fills up refuses writes cleanly: the records of the writes already
+admitted fit in the headroom, and nothing refused is applied anywhere.  Once
+space is freed the next write is accepted.
+
+A failed append, fsync or base (a disk that filled up anyway, an I/O error)
+*fails* the folder: after a failed fsync what is on disk is unknown (the
+kernel may have dropped the pages), so the log is not trusted again.  What was
+held is answered as a failure (``on_failure``; a reply gets ``DiskFailed``
+with ``applied``), nothing that is not on disk is acknowledged, writes are
+refused, reads go on.  Once a second the server tries to write a new base of
+its whole store (a new base and a new increment, named by a new manifest);
+once it is in place the folder is healthy again (``on_recovery``) and writes
+are accepted.  A failed log rewrite fails nothing: the rewrite is given up
+(the old base and the log stay valid) and tried again later.
 """
 
 from __future__ import annotations
@@ -53,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pbkv.commands import Outcome, Reply
+from pbkv.commands import DiskFailed, Done, Outcome, Reply
 from pbkv.config import Settings
 from pbkv.persist.datadir import DataDir
 from pbkv.persist.framing import PersistError
@@ -107,6 +120,7 @@ class Persistence:
         address: tuple[str, int],
         loop: asyncio.AbstractEventLoop,
         on_failure: Callable[[str], None],
+        on_recovery: Callable[[], None] = lambda: None,
     ) -> None:
         assert settings.data_dir is not None, "checked by Settings"
         self.mode = settings.persistence
@@ -115,10 +129,22 @@ class Persistence:
         self.rewrite_min_bytes = settings.rewrite_min_bytes
         self.loop = loop
         self.on_failure = on_failure
+        self.on_recovery = on_recovery
+        # Room kept free for the records of writes already admitted: the batches in
+        # flight and queued (a batch's record is at most about twice its BATCH_CHARS).
+        self.headroom = settings.disk_headroom
+        self._space_checked = False  # in this turn of the event loop
+        self._space_free = 0
+        self.short_of_space: str | None = None  # writes refused: the reason
+        self.writes_refused = 0
+        self.disk_failures = 0
+        self.last_disk_error: str | None = None
         self.datadir = DataDir.for_address(
             settings.data_dir, *address, chunk_pairs=BASE_CHUNK_PAIRS
         )
-        self.held: list[Callable[[], None]] = []
+        # What waits for an fsync: (deliver, refuse), ``refuse`` called instead when
+        # the records it acknowledges never reach the disk.
+        self.held: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
         self.sync_scheduled = False
         self.base: _Base | None = None
         self.waiting: list[Record] = []  # records that follow the base being written
@@ -198,7 +224,7 @@ class Persistence:
     def hold(self, deliver: Callable[[], None]) -> None:
         """Run ``deliver`` once every record appended so far is durable (now if none)."""
         if self.holding:
-            self.held.append(deliver)
+            self.held.append((deliver, None))
         else:
             deliver()
 
@@ -206,8 +232,12 @@ class Persistence:
         """``reply``, delivered only once the records before it are durable."""
 
         def answer(outcome: Outcome) -> None:
-            if self.holding:
-                self.held.append(lambda: reply(outcome))
+            if self.failed is not None and isinstance(outcome, Done):
+                reply(DiskFailed(self.failed, applied=True))
+            elif self.holding:
+                self.held.append(
+                    (lambda: reply(outcome), lambda: reply(DiskFailed(self.failed or "", True)))
+                )
             else:
                 reply(outcome)
 
@@ -216,8 +246,47 @@ class Persistence:
     def _release(self) -> None:
         while self.held and not self.holding_for_disk:
             held, self.held = self.held, []
-            for deliver in held:
+            for deliver, _ in held:
                 deliver()
+
+    # -- disk space -------------------------------------------------------------------
+    def refusal(self) -> DiskFailed | None:
+        """Whether a new write must be refused before it is applied: the folder failed,
+        or its file system has less than ``headroom`` bytes free."""
+        if self.failed is not None:
+            self.writes_refused += 1
+            return DiskFailed(self.failed)
+        if not self._space_checked:
+            self._check_space()
+            self._space_checked = True
+            self.loop.call_soon(self._next_turn)
+        if self.short_of_space is not None:
+            self.writes_refused += 1
+            return DiskFailed(self.short_of_space)
+        return None
+
+    def _next_turn(self) -> None:
+        self._space_checked = False
+
+    def _check_space(self) -> None:
+        try:
+            stats = os.statvfs(self.datadir.folder)
+        except OSError as exc:
+            free, reason = 0, f"cannot read the free space: {exc.strerror or exc}"
+        else:
+            free = stats.f_bavail * stats.f_frsize
+            reason = (
+                f"disk full: {free} bytes free in {self.datadir.folder}, "
+                f"below the {self.headroom} kept for writes under way"
+            )
+        self._space_free = free
+        was = self.short_of_space
+        self.short_of_space = reason if free < self.headroom else None
+        if was is None and self.short_of_space is not None:
+            log.error("persistence: refusing writes: %s", self.short_of_space)
+            self.last_disk_error = self.short_of_space
+        elif was is not None and self.short_of_space is None:
+            log.warning("persistence: %d bytes free again: accepting writes", free)
 
     @property
     def holding_for_disk(self) -> bool:
@@ -228,7 +297,9 @@ class Persistence:
 
     # -- the actions ------------------------------------------------------------------
     def persist(self, record: Record) -> None:
-        if self.failed is not None:
+        if self.failed is not None and self.base is None:
+            # Not logged: the store holds it, and the base that heals the folder too.
+            self.state = record.state
             return
         if record.kind is RecordKind.ROLLBACK and self.store is not None:
             state = self.state
@@ -255,7 +326,8 @@ class Persistence:
 
     def persist_all(self, state: State, store: ShardedStore) -> None:
         """The store now holds data that replaces everything: a new base at ``state``."""
-        if self.failed is not None:
+        if self.failed is not None and self.base is None:
+            self.state = state  # the base that heals the folder holds it
             return
         if self.base is not None:  # replaced again before the last one was in place
             self.datadir.abort_rewrite()
@@ -291,6 +363,9 @@ class Persistence:
             or grown * 100 < snapshot["size"] * self.rewrite_percentage
         ):
             return
+        self._check_space()
+        if self._space_free < snapshot["size"] + grown + 2 * self.headroom:
+            return  # no room for the new base: the log goes on growing meanwhile
         log.info(
             "persistence: rewriting: the log holds %d bytes, the base %d", grown, snapshot["size"]
         )
@@ -306,8 +381,10 @@ class Persistence:
     def _sync_now(self) -> None:
         self.sync_scheduled = False
         base = self.base
-        if self.failed is not None or (base is not None and base.replacing):
+        if base is not None and base.replacing:
             return  # a base that replaces the data syncs everything once it is in place
+        if self.failed is not None:
+            return
         self._sync()
         self._release()
 
@@ -324,14 +401,33 @@ class Persistence:
     def _every_second(self) -> None:
         self._timer = self.loop.call_later(EVERYSEC, self._every_second)
         if self.failed is not None:
+            self._heal()
             return
         base = self.base
         if not self.always and (base is None or not base.replacing) and self.datadir.dirty:
             self._sync()
         self._rewrite_if_grown()
 
+    def _heal(self) -> None:
+        """The folder failed: try a new base of the whole store (a new base, a new
+        increment, a new manifest), unless one is under way or the disk is still full."""
+        if self.base is not None or self.store is None:
+            return
+        self._check_space()
+        if self.short_of_space is not None:
+            return
+        self.datadir.abort_rewrite()
+        try:
+            writer = self.datadir.start(self.state)
+        except PersistError as exc:
+            self.last_disk_error = f"starting a new base failed: {exc}"
+            return
+        log.info("persistence: writing a new base to leave the failure behind")
+        self.waiting.clear()
+        self._write_base_of(writer, self.store, self.state, replacing=True)
+
     def _write_base(self, base: _Base) -> None:
-        if base is not self.base or self.failed is not None:
+        if base is not self.base:
             return  # replaced by a newer one, or given up
         deadline = time.perf_counter() + WRITE_BUDGET
         try:
@@ -349,7 +445,7 @@ class Persistence:
         future.add_done_callback(lambda done: self._finish_base(base, done))
 
     def _finish_base(self, base: _Base, flushed: asyncio.Future[None]) -> None:
-        if base is not self.base or self.failed is not None:
+        if base is not self.base:
             return
         try:
             flushed.result()
@@ -359,6 +455,12 @@ class Persistence:
             return
         self.base = None
         self.fuzzy_until = self.state.seq
+        if self.failed is not None:
+            log.warning(
+                "persistence: the folder works again (%s): accepting writes", info.path.name
+            )
+            self.failed = None
+            self.on_recovery()
         self.bases_written += 1
         self.last_base_seconds = time.perf_counter() - base.started
         log.info(
@@ -377,8 +479,27 @@ class Persistence:
             self._release()
 
     def _fail(self, reason: str) -> None:
+        base = self.base
+        if base is not None and not base.replacing and self.failed is None:
+            # A rewrite that failed: the old base and the log are still whole.
+            self.base = None
+            self.datadir.abort_rewrite()
+            self.last_disk_error = reason
+            log.error("persistence: gave up a rewrite (tried again later): %s", reason)
+            return
+        self.base = None
+        self.datadir.abort_rewrite()  # its temporary file freed
+        self.last_disk_error = reason
+        if self.failed is not None:
+            log.error("persistence: still failing: %s", reason)
+            return
         self.failed = reason
-        self.held.clear()  # never acknowledged: not on disk
+        self.disk_failures += 1
+        self.waiting.clear()  # in the store: the healing base holds them
+        held, self.held = self.held, []
+        for _, refuse in held:  # never acknowledged: not on disk
+            if refuse is not None:
+                refuse()
         self.on_failure(reason)
 
     # -- status -----------------------------------------------------------------------
@@ -397,5 +518,10 @@ class Persistence:
             recovered_pairs=self.recovered_pairs,
             recovery_seconds=round(self.recovery_seconds, 3),
             failed=self.failed,
+            short_of_space=self.short_of_space,
+            headroom=self.headroom,
+            writes_refused=self.writes_refused,
+            disk_failures=self.disk_failures,
+            last_disk_error=self.last_disk_error,
         )
         return status

@@ -7,12 +7,14 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from pbkv.client import PbkvError
 from pbkv.persist import address_folder
 from pbkv.testing.cluster import process_alive
 from tests.support.harness import Pair, wait_for
@@ -155,3 +157,82 @@ def test_a_torn_last_record_is_cut_and_other_damage_stops_the_start(
     result = pair.start("primary", check=False)
     assert result.returncode != 0
     assert f"{log}: damage at offset" in pair.log("primary")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 16 MiB tmpfs: a disk that fills up."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def free_bytes(folder: Path) -> int:
+    stats = os.statvfs(folder)
+    return stats.f_bavail * stats.f_frsize
+
+
+def test_a_full_disk_refuses_writes_with_the_reason_and_they_resume_once_freed(
+    make_pair, small_disk: Path
+) -> None:
+    """``always`` on a disk that fills up: writes are refused (507, the reason given)
+    before anything is applied, reads go on, nothing refused ever shows up, and once
+    space is freed the next write is accepted."""
+    headroom = 2 * 1024 * 1024
+    data = small_disk / "data"
+    pair: Pair = make_pair(persistence="always", data_dir=str(data), disk_headroom=str(headroom))
+    pair.start_both()
+    client = pair.client("primary")
+    assert client.insert("before", "v") is True
+    filler = small_disk / "filler"
+    with open(filler, "wb") as file:
+        file.write(b"\x00" * (free_bytes(small_disk) - headroom - 1024 * 1024))
+    value = "x" * 32 * 1024
+    acknowledged: set[str] = set()
+    refused: list[PbkvError] = []
+    refused_keys: set[str] = set()
+    for i in range(200):
+        key = f"k{i}"
+        try:
+            assert client.insert(key, value) is True
+            acknowledged.add(key)
+        except PbkvError as exc:
+            refused.append(exc)
+            refused_keys.add(key)
+            if len(refused) >= 5:
+                break
+    assert acknowledged and len(refused) == 5, (len(acknowledged), refused)
+    assert all(exc.status == 507 and "disk full" in exc.error for exc in refused), refused
+    status = pair.status("primary")
+    assert status is not None
+    persisted = status["persistence"]
+    assert persisted["short_of_space"] and persisted["writes_refused"] >= 5
+    assert persisted["failed"] is None  # refused cleanly: the log is whole
+    # Reads go on; what was refused is nowhere.
+    assert client.get("before") == "v"
+    for key in refused_keys:
+        assert client.get(key) is None
+        assert pair.client("backup").get(key) is None
+    # Room again: the next write is accepted.
+    filler.unlink()
+    assert client.insert("after", "v") is True
+    status = pair.status("primary")
+    assert status is not None and status["persistence"]["short_of_space"] is None
+    # Both killed and restarted: every acknowledged write is back, no refused one.
+    pair.kill("primary")
+    pair.kill("backup")
+    restart(pair, "primary")
+    dump = pair.dump("primary")
+    assert {"before", "after", *acknowledged} <= dump.keys()
+    assert not refused_keys & dump.keys()
+    assert "refusing writes: disk full" in pair.log("primary")

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from pbkv.commands import Done, Outcome
+from pbkv.commands import DiskFailed, Done, Outcome
 from pbkv.config import Settings
 from pbkv.persist import DataDir, LogWriteError, PersistError, Record, State
 from pbkv.persist.driver import Persistence
@@ -177,8 +177,43 @@ async def test_a_failed_append_acknowledges_nothing(tmp_path: Path) -> None:
     persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))
     assert failures and "no space left on device" in failures[0]
     await turns()
-    assert replies == [] and persistence.held == []
+    # The reply held for the fsync is a failure, never a success.
+    assert len(replies) == 1 and persistence.held == []
+    (reply,) = replies
+    assert isinstance(reply, DiskFailed) and reply.applied
+    assert "no space left on device" in reply.reason
+    refused = persistence.refusal()  # new writes: refused before they are applied
+    assert refused is not None and not refused.applied
     persistence.close()
+
+
+@on_loop
+async def test_a_failed_folder_heals_with_a_new_base_of_the_store(tmp_path: Path) -> None:
+    failures: list[str] = []
+    persistence = opened(tmp_path, failures=failures)
+    store = make_store("sharded", 4)
+    persistence.recover(store, State(7, 0, 0))
+    store.write("a", "1")
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    real_append = persistence.datadir.append
+
+    def full(record: Record) -> int:
+        raise LogWriteError("no space left on device")
+
+    persistence.datadir.append = full  # type: ignore[method-assign]
+    store.write("b", "2")
+    persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))
+    assert persistence.failed is not None
+    store.write("c", "3")
+    persistence.persist(Record.batch(7, 3, 0, ["c", "3"]))  # not logged: the store has it
+    persistence.datadir.append = real_append  # type: ignore[method-assign]
+    persistence._heal()  # what the once-a-second timer does while failed
+    await until_written(persistence)
+    assert persistence.failed is None and persistence.refusal() is None
+    persistence.persist(Record.batch(7, 4, 0, ["d", "4"]))
+    store.write("d", "4")
+    persistence.close()
+    assert loaded(tmp_path) == (State(7, 4, 0), {"a": "1", "b": "2", "c": "3", "d": "4"})
 
 
 @on_loop
