@@ -171,13 +171,13 @@ def _pbkv_system(name: str, pbkv: servers.Pbkv, idempotency: bool = False) -> Sy
     return System(name, run, pids)
 
 
-def _redis_system(primary: servers.Redis, replica: servers.Redis) -> System:
+def _redis_system(primary: servers.Redis, replica: servers.Redis, name: str = REDIS) -> System:
     def run(workload: str, connections: int, **kwargs: Any):
         return resp_load.run_resp_load(
             primary.host, primary.port, workload, connections, wait_replicas=1, **kwargs
         )
 
-    return System(REDIS, run, {"primary": primary.pid, "replica": replica.pid})
+    return System(name, run, {"primary": primary.pid, "replica": replica.pid})
 
 
 async def _preload_pbkv(pbkv: servers.Pbkv, prefix: str, keys: int) -> None:

@@ -566,19 +566,18 @@ class StatusWatch(threading.Thread):
         self.join(10)
 
     def transfer_seconds(self, start: float) -> float:
-        """How long, after ``start``, a member took to receive the new primary's data:
-        from its first report of warm start (receiving) to its first in-sync report
-        after that; the longest of any member (0 when none received anything)."""
-        began: dict[str, float] = {}
+        """How long the member that received the new primary's data took to receive
+        it (its own ``last_transfer_seconds``, from the first frame to the checksum),
+        for transfers that ended after ``start``; the longest (0: none)."""
         took = 0.0
-        for t, host, status in self.samples:
+        before: dict[str, int] = {}  # by member name: a restarted member is a new one
+        for t, _, status in self.samples:
+            done = status.get("transfers_completed", 0)
+            name = str(status.get("member"))
             if t < start:
-                continue
-            stage = status.get("stage")
-            if stage == "warm_start" and status.get("core_role") == "backup":
-                began.setdefault(host, t)
-            elif stage == "in_sync" and host in began:
-                took = max(took, t - began.pop(host))
+                before[name] = done
+            elif done > before.get(name, 0) and status.get("core_role") == "backup":
+                took = max(took, float(status.get("last_transfer_seconds", 0.0)))
         return took
 
 

@@ -308,7 +308,15 @@ class Redis:
         self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, replicaof: Redis | None = None, extra: Sequence[str] = ()) -> None:
+    def start(
+        self,
+        replicaof: Redis | None = None,
+        extra: Sequence[str] = (),
+        poll: float = 0.02,
+        timeout: float = 20.0,
+    ) -> None:
+        """Launch it; returns once it answers PING (after loading its data, if any, within
+        `timeout` s), checked every `poll` s. `extra` flags come last: they override."""
         args = [
             self.binary,
             "--port", str(self.port),
@@ -328,7 +336,7 @@ class Redis:
             args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         try:
-            wait_for(self._pong, 20, f"redis {self.name} to answer PING", step=0.02)
+            wait_for(self._pong, timeout, f"redis {self.name} to answer PING", step=poll)
         except TimeoutError:
             self.stop()
             log = (self.dir / "redis.log").read_text(errors="replace").splitlines()[-5:]
@@ -340,7 +348,7 @@ class Redis:
         try:
             with self.client(1.0) as r:
                 return r.call("PING") == b"PONG"
-        except OSError:
+        except (OSError, RespError):  # RespError: -LOADING, still reading its files
             return False
 
     @property

@@ -29,6 +29,13 @@ implements :class:`Driver` and hands the actions to :func:`carry_out`.
   ``candidate_closed``.
 * ``Discard(shards)``: drop these dicts of pairs (a replaced copy of the data),
   one per turn of the event loop, so freeing millions of pairs never stalls it.
+* ``Persist(record)`` / ``PersistAll(state)`` (only with ``persistence`` set): log
+  this record (a batch applied, a rollback, a sync that kept the data), or write
+  the whole store, which now holds data that replaces everything (a full
+  transfer, a fetch, an empty start), as the new base at ``state``.  A driver
+  that keeps no files ignores them; one that does must not let a client's
+  reply or a backup's frame that follows them out before they are durable
+  (with ``always``; see ``pbkv/persist/driver.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pbkv.commands import Outcome
+from pbkv.persist.log import Record, State
 from pbkv.wire import Frame
 
 
@@ -177,6 +185,26 @@ class SyncChanged:
         driver.sync_changed()
 
 
+@dataclass(frozen=True, slots=True)
+class Persist:
+    record: Record = field(repr=False)
+
+    def apply(self, driver: Driver) -> None:
+        persist = getattr(driver, "persist", None)  # drivers without files: nothing
+        if persist is not None:
+            persist(self.record)
+
+
+@dataclass(frozen=True, slots=True)
+class PersistAll:
+    state: State
+
+    def apply(self, driver: Driver) -> None:
+        persist_all = getattr(driver, "persist_all", None)
+        if persist_all is not None:
+            persist_all(self.state)
+
+
 Action = (
     Send
     | Connect
@@ -191,6 +219,8 @@ Action = (
     | CloseCandidate
     | Promote
     | SyncChanged
+    | Persist
+    | PersistAll
 )
 
 

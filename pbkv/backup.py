@@ -23,7 +23,6 @@ from pbkv.actions import (
     Promote,
     SendToCandidate,
     StartTimer,
-    SyncChanged,
     Timer,
 )
 from pbkv.candidates import MAX_CANDIDATES, Candidate, Unproven
@@ -294,6 +293,7 @@ class BackupCore(ReplicationCore):
             store.apply(ops)
             store.idempotency.apply(frame.time, frame.keyed)
         self.seq = seq
+        self.persist_batch(seq, ops)  # before the ACK: it waits for the record to be durable
         self.batches_applied += 1
         self.send(Ack(seq, epoch=self.epoch))
         return Step.STREAMING
@@ -340,6 +340,7 @@ class BackupCore(ReplicationCore):
             target,
         )
         self.seq = target
+        self.persist_rollback(target)
         self._confirm(store.checksum, f"rolled back {len(steps)} batches", Resync.PARTIAL)
         return Step.STREAMING
 
@@ -374,6 +375,7 @@ class BackupCore(ReplicationCore):
         # that dies mid-transfer can still warm-start from it.
         self.fire(Event.TRANSFER_STARTED, f"primary sends {frame.count} pairs")
         self.receiver = SnapshotReceiver(self.store.empty_like())
+        self.transfer_began = self.now
         return self._transfer_frame(frame)
 
     def _transfer_frame(self, frame: Any) -> Step:
@@ -387,9 +389,12 @@ class BackupCore(ReplicationCore):
         if checksum is None:
             return Step.RECEIVE_SNAPSHOT
         self.seq = receiver.seq
+        if self.transfer_began is not None:
+            self.last_transfer_seconds = self.now - self.transfer_began
+            self.transfer_began = None
         # Same store object, new pairs: the old ones are freed a shard per turn.
         self.outbox.append(Discard(self.store.take_pairs_of(receiver.store)))
-        self._confirm(checksum, "received", Resync.FULL)
+        self._confirm(checksum, "received", Resync.FULL, replaced=True)
         return Step.STREAMING
 
     def _refusal(self, directive: Directive, target: State | None) -> str | None:
@@ -406,26 +411,29 @@ class BackupCore(ReplicationCore):
         self._confirm(self.store.checksum, "already matching", Resync.NONE)
         return Step.STREAMING
 
-    def _confirm(self, checksum: int, how: str, resync: Resync) -> None:
+    def _confirm(self, checksum: int, how: str, resync: Resync, replaced: bool = False) -> None:
         """Seed: the backup enters in sync before the primary."""
-        self.send(SyncAck(checksum))
-        self.confirmed = True
-        self.receiver = None
-        self.transfers_completed += 1
         hello = self.peer_hello
         assert hello is not None
         self.copy_epoch = hello.epoch  # our data is now that primary's epoch's
         self.note_resync(resync, hello)
+        self.persist_synced(replaced)  # before the SYNC_ACK, which waits for it
+        self.send(SyncAck(checksum))
+        self.confirmed = True
+        self.receiver = None
+        self.transfers_completed += 1
         self.undo.clear()  # the undo record is for batches after this point
         self.undo_size = 0
         self.fire(Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how}, checksum verified")
-        self.outbox.append(SyncChanged())
+        self.note_sync_changed()
 
     def _fetch(self, frame: Fetch) -> Step:
         refused = self._refusal(Directive.FETCH, None)
         if refused is not None:
             self.fail_transfer(refused)
             return Step.NONE
+        if self.stage is Stage.COLD_START:  # a recovered copy, before our probe answered
+            self.fire(Event.PRIMARY_RUNNING, "the primary fetches our recovered copy")
         self.start_sending_snapshot()
         return Step.AWAIT_FINAL_ACK
 

@@ -48,7 +48,7 @@ def escape(text: str) -> str:
 
 def _connection_options(defaults: bool) -> argparse.ArgumentParser:
     """Options accepted before or after the command; only the top level holds defaults."""
-    from pbkv.client import DEFAULT_RETRY_FOR, DEFAULT_TIMEOUT
+    from pbkv.client import DEFAULT_FAILOVER, DEFAULT_RETRY_FOR, DEFAULT_TIMEOUT
 
     parser = argparse.ArgumentParser(add_help=False)
 
@@ -61,6 +61,39 @@ def _connection_options(defaults: bool) -> argparse.ArgumentParser:
         default=default(None),
         metavar="PATH",
         help=f"settings file (default {DEFAULT_CONFIG_PATH})",
+    )
+    parser.add_argument(
+        "-a",
+        "--address",
+        action="append",
+        default=default(None),
+        metavar="HOST:PORT",
+        help="a server of the cluster; give it several times or comma-separated: the "
+        "client finds the primary among them and follows it through a failover",
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=default(None),
+        metavar="URL",
+        help="etcd's client URL(s): talk to the members registered there (see --cluster)",
+    )
+    parser.add_argument(
+        "--cluster",
+        default=default(None),
+        metavar="NAME",
+        help="the cluster's name in etcd (default: the settings' cluster, pbkv)",
+    )
+    parser.add_argument(
+        "--failover",
+        "--retry-for",
+        dest="failover",
+        type=float,
+        default=default(None),
+        metavar="SECONDS",
+        help="how long one command keeps trying: looking for the primary (with --address "
+        f"or --coordinator; default {DEFAULT_FAILOVER:g}), and sending a write again with "
+        "its Idempotency-Key after a lost connection, 'replication failed' or a refusal "
+        f"(default {DEFAULT_RETRY_FOR:g} with one server; 0: one attempt)",
     )
     parser.add_argument("--host", default=default(None), help="server address (overrides config)")
     parser.add_argument("--port", type=int, default=default(None), help="server port")
@@ -79,15 +112,6 @@ def _connection_options(defaults: bool) -> argparse.ArgumentParser:
         default=default(DEFAULT_TIMEOUT),
         metavar="SECONDS",
         help=f"per-request timeout (default {DEFAULT_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--retry-for",
-        type=float,
-        default=default(DEFAULT_RETRY_FOR),
-        metavar="SECONDS",
-        help="a write carries an Idempotency-Key and is retried after a lost connection, "
-        "'replication failed' or a stage refusal for up to this long "
-        f"(default {DEFAULT_RETRY_FOR:g}; 0: one attempt)",
     )
     parser.add_argument(
         "--token",
@@ -135,6 +159,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print every pair as KEY<TAB>VALUE (backslash, tab, newline, CR, NUL escaped)",
     )
     commands.add_parser("status", parents=common, help="print the server's status")
+    cmd = commands.add_parser(
+        "cluster",
+        parents=common,
+        help="list the servers: address, role, stage, epoch, in sync, lag, lease left",
+        description="List the cluster's servers (as patronictl list does): those given, "
+        "else the members registered in etcd (--coordinator), else the settings' pair. "
+        "Exit status: 0 every server answered, 1 some did not, 2 none to list.",
+    )
+    cmd.add_argument("servers", nargs="*", metavar="HOST:PORT", help="the servers to list")
     commands.add_parser("shutdown", parents=common, help="stop the server")
     # No option prefix: every word after "serve" (even -h or --port) is the server's.
     cmd = commands.add_parser(
@@ -253,31 +286,84 @@ def _address(args: argparse.Namespace) -> tuple[str, int]:
     )
 
 
-def _client(args: argparse.Namespace, host: str, port: int) -> tuple[Client, str | None]:
-    """A client with the token and TLS of the flags or the settings, and the secret.
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings file's (if any), with the flags' token and secret.
 
     The same precedence as the server's: a flag, then the settings file (``secret``,
     then ``secret_file``), then ``PBKV_SECRET`` / ``PBKV_CLIENT_TOKEN``.
     """
-    from pbkv.client import Client, tls_context
-
     path = args.config or DEFAULT_CONFIG_PATH
     settings = Settings(**load_file(path)) if Path(path).exists() or args.config else Settings()
     if args.secret is not None:
         settings = dataclasses.replace(settings, secret=args.secret)
     if args.token is not None:
         settings = dataclasses.replace(settings, client_token=args.token)
-    settings = with_secrets(settings)
+    return with_secrets(settings)
+
+
+def _client_options(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """The token and TLS of the flags or the settings, as the clients take them."""
+    from pbkv.client import tls_context
+
     cafile = args.cafile if args.cafile is not None else settings.tls_ca
-    client = Client(
-        host,
-        port,
-        timeout=args.timeout,
-        retry_for=args.retry_for,
-        token=settings.client_token,
-        ssl_context=tls_context(cafile) if cafile is not None else None,
-    )
-    return client, settings.secret
+    return {
+        "token": settings.client_token,
+        "ssl_context": tls_context(cafile) if cafile is not None else None,
+    }
+
+
+def _given_addresses(words: list[str] | None) -> list[tuple[str, int]]:
+    """The servers of ``--address`` (repeated, or comma-separated) or of arguments."""
+    from pbkv.client import parse_address
+
+    found: list[tuple[str, int]] = []
+    for word in words or ():
+        for item in word.split(","):
+            if item.strip():
+                address = parse_address(item)
+                if address not in found:
+                    found.append(address)
+    return found
+
+
+def _registered(args: argparse.Namespace, coordinator: str, cluster: str) -> list[tuple[str, int]]:
+    """The members registered in etcd; raises ValueError when there are none."""
+    import asyncio
+
+    from pbkv.client import member_addresses
+    from pbkv.coordinator import CoordinatorError
+
+    try:
+        found = asyncio.run(member_addresses(coordinator, cluster, args.timeout))
+    except CoordinatorError as exc:
+        raise ValueError(f"etcd at {coordinator}: {exc}") from None
+    if not found:
+        raise ValueError(f"no member of cluster {cluster!r} is registered at {coordinator}")
+    return found
+
+
+def _one_server(args: argparse.Namespace) -> bool:
+    """Whether the flags name one server (``--host``, ``--port``, ``--backup``)."""
+    return args.host is not None or args.port is not None or bool(args.backup)
+
+
+def _client(args: argparse.Namespace, settings: Settings) -> Client:
+    """A client of ``--address`` / ``--coordinator`` (finding the primary among them);
+    else of the one server of ``--host``, ``--port`` and ``--backup``; else of the
+    members registered at the settings' ``coordinator``, or the settings' primary."""
+    from pbkv.client import Client
+
+    options = _client_options(args, settings)
+    addresses = _given_addresses(args.address)
+    coordinator = args.coordinator
+    if coordinator is None and not addresses and not _one_server(args):
+        coordinator = settings.coordinator  # a member's settings: ask etcd
+    if coordinator is not None:
+        addresses += _registered(args, coordinator, args.cluster or settings.cluster)
+    if addresses:
+        return Client(timeout=args.timeout, addresses=addresses, failover=args.failover, **options)
+    host, port = _address(args)
+    return Client(host, port, timeout=args.timeout, failover=args.failover, **options)
 
 
 def _flatten(status: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -357,7 +443,7 @@ def _describe(error: PbkvError) -> str:
     from pbkv.client import NotPrimary, ReplicationFailed, Unavailable
 
     if isinstance(error, NotPrimary):
-        return f"{error.error} (this is the backup; the primary is {error.primary})"
+        return f"{error.error} (not the primary; the primary is {error.primary})"
     if isinstance(error, Unavailable):
         hints = [f"stage {error.stage}"] if error.stage else []
         if error.retry_after is not None:
@@ -387,27 +473,91 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pbkv: error: put options after '{args.command}'", file=sys.stderr)
         return EXIT_ERROR
 
-    from pbkv.client import PbkvError  # the client's modules: not imported to serve
+    from pbkv.client import OutcomeUnknown, PbkvError  # not imported to serve
 
     try:
-        host, port = _address(args)
-        client, secret = _client(args, host, port)
+        settings = _settings(args)
+        if args.command == "cluster":
+            return _cluster(args, settings)
+        client = _client(args, settings)
     except ValueError as exc:
         print(f"pbkv: {exc}", file=sys.stderr)
         return EXIT_ERROR
     try:
         with client:
-            return _run(client, args, secret)
+            return _run(client, args, settings.secret)
     except PbkvError as exc:
         message = _describe(exc)
+    except OutcomeUnknown as exc:
+        message = str(exc)
     except ConnectionRefusedError:
-        message = f"cannot connect to {host}:{port}: connection refused"
+        message = f"cannot connect to {_where(client)}: connection refused"
     except TimeoutError:
-        message = f"no reply from {host}:{port} within {args.timeout:g}s"
+        message = f"no reply from {_where(client)} within {args.timeout:g}s"
     except OSError as exc:
-        message = f"{host}:{port}: {exc.strerror or exc}"
+        message = f"{_where(client)}: {exc.strerror or exc}"
     print(f"pbkv: {message}", file=sys.stderr)
     return EXIT_ERROR
+
+
+def _where(client: Client) -> str:
+    """The server a failure came from; with several, after how long."""
+    from pbkv.client import format_address
+
+    address = format_address(*client.address)
+    if len(client.addresses) > 1 and client.failover > 0:
+        return f"{address} (no primary found among {len(client.addresses)} servers)"
+    return address
+
+
+# -- pbkv cluster ------------------------------------------------------------------------------
+def _cluster(args: argparse.Namespace, settings: Settings) -> int:
+    """``pbkv cluster``: list the servers given, or registered in etcd, or of the pair."""
+    import asyncio
+
+    from pbkv import roster
+
+    given = _given_addresses([*args.servers, *(args.address or ())])
+    coordinator = args.coordinator
+    if not given and coordinator is None and not _one_server(args):
+        coordinator = settings.coordinator
+    cluster = args.cluster or settings.cluster
+    members: list[tuple[str | None, tuple[str, int], dict[str, Any] | None]] = []
+    title = None
+    if given:
+        members = [(None, address, None) for address in given]
+    elif coordinator is not None:
+        from pbkv.coordinator import CoordinatorError
+
+        title = cluster
+        try:
+            listed = asyncio.run(roster.registered(coordinator, cluster, args.timeout))
+        except CoordinatorError as exc:
+            print(f"pbkv: etcd at {coordinator}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        members = [(name, address, info) for name, address, info in listed]
+    else:  # the settings' pair (or --host and --port: one server)
+        if args.host is not None or args.port is not None:
+            servers = [_address(args)]
+        else:
+            servers = [settings.address_of(role) for role in ("primary", "backup")]
+        members = [(None, address, None) for address in servers]
+    if not members:
+        print(f"pbkv: no member of cluster {cluster!r} is registered", file=sys.stderr)
+        return EXIT_ERROR
+    addresses = [address for _, address, _ in members]
+    options = _client_options(args, settings)
+    statuses = asyncio.run(roster.gather(addresses, args.timeout, **options))
+    entries = [
+        roster.Entry(address, info, status, name)
+        for (name, address, info), status in zip(members, statuses, strict=True)
+    ]
+    rows = roster.rows(entries)
+    if args.json:
+        _print_json([row.as_json() for row in rows])
+    else:
+        print(roster.table(rows, title))
+    return EXIT_OK if all(row.reachable for row in rows) else EXIT_NO
 
 
 if __name__ == "__main__":

@@ -6,31 +6,39 @@ replies into results with the same function, :func:`parse_reply`: a logical fail
 refuses raises a :class:`PbkvError` subclass, in either error mode of the server (``http``:
 a real status and a JSON error; ``course``: HTTP 200, the course failure shape and the
 reason in ``X-Pbkv-*`` headers). Transport failures raise ``OSError``
-(``ConnectionError``, ``TimeoutError``).
+(``ConnectionError``, ``TimeoutError``); a write sent whose reply never came raises
+:class:`OutcomeUnknown` (a ``ConnectionError``): it may or may not have been applied.
 
-Safe retries: by default every write carries an ``Idempotency-Key`` of its own, and
-is sent again with the same key after a lost or refused connection, "replication
-failed" or a stage refusal, with back-off, for up to ``retry_for`` seconds; a refusal
-that names the primary (a backup, a member that does not lead) sends the next
-attempt there. The server applies a key's write once and answers a retry with the
-first reply, so the result is the write's true outcome. Only when the deadline passes
-is an error raised: one that says the outcome is unknown (a connection lost after
-sending, "replication failed") if any attempt may have been applied, else the last.
+**Several servers.** Given ``addresses`` (or built by ``from_coordinator``), a client
+finds the primary and follows it through a failover, for ``failover`` seconds per
+call (see :class:`Client`).
+
+**Safe retries.** By default every write carries an ``Idempotency-Key`` of its own,
+the same on each of its attempts. The server applies a key's write once and answers
+a retry with the first reply, so a keyed write is also sent again after a lost
+reply (:class:`OutcomeUnknown`) or "replication failed", with back-off, until the
+deadline (``failover``, also called ``retry_for``; with one server a keyed write
+follows a primary a refusal names). Only when the deadline passes is an error
+raised: if any attempt may have been applied, that attempt's (``OutcomeUnknown``,
+or ``ReplicationFailed``), else the last. With ``idempotency_keys=False`` a write
+is sent again only when it certainly never reached a primary; see the rule in
+:class:`Client`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import http
 import http.client
 import json
 import os
-import random
 import select
 import ssl
 import time
+import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, cast
 from urllib.parse import quote, urlencode
@@ -45,21 +53,27 @@ __all__ = [
     "BadRequest",
     "Client",
     "NotPrimary",
+    "OutcomeUnknown",
     "PbkvError",
     "REPLY_HEADERS",
     "ReplicationFailed",
     "Unavailable",
+    "format_address",
+    "member_addresses",
+    "parse_address",
     "parse_reply",
     "server_address",
 ]
 
 DEFAULT_TIMEOUT = 5.0
-# Safe retries of writes (see the module docstring): for how long, from what first delay.
+# How long a client of several servers keeps looking for the primary in one call:
+# longer than a failover takes (a lease of a few seconds, then a promotion).
+DEFAULT_FAILOVER = 15.0
+# A client of one server with Idempotency-Keys retries a write for this long.
 DEFAULT_RETRY_FOR = 10.0
-RETRY_FIRST = 0.05
-RETRY_CEILING = 1.0
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _WRITES = frozenset({"insert", "update", "delete"})
+DEFAULT_PORT = 8080
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -106,7 +120,9 @@ class Unavailable(PbkvError):
 
 
 class NotPrimary(Unavailable):
-    """A write was sent to the backup; ``primary`` is the primary's ``"host:port"``."""
+    """The server is not the primary (a backup refusing a write, or a member refusing
+    any request): a 503, or in ``http`` mode a 307 to the primary. ``primary`` is the
+    primary's ``"host:port"``."""
 
     def __init__(
         self,
@@ -123,6 +139,25 @@ class NotPrimary(Unavailable):
 
 class BadRequest(PbkvError):
     """4xx other than 503: malformed or missing parameter, empty key, too large, ..."""
+
+
+class OutcomeUnknown(ConnectionError):
+    """A write was sent and no reply came: the connection broke or the timeout passed.
+
+    The server may or may not have applied it, so it is never sent again on its own;
+    read the key to learn what happened. The transport's own error is ``__cause__``.
+    """
+
+
+def new_idempotency_key() -> str:
+    """A fresh key for one write (a random UUID)."""
+    return str(uuid.uuid4())
+
+
+def _may_be_applied(exc: BaseException) -> bool:
+    """Whether the attempt that raised ``exc`` may have been applied: it was sent in
+    full and no answer came, or the primary rewound it (a refusal applied nothing)."""
+    return isinstance(exc, (OutcomeUnknown, ReplicationFailed))
 
 
 # --- requests and replies (shared by both clients) ----------------------------------------
@@ -151,7 +186,14 @@ def _request_parts(
 _NOT_JSON = object()
 
 # Headers of a reply that parse_reply reads (names in lower case).
-REPLY_HEADERS = ("retry-after", "x-pbkv-error", "x-pbkv-status", "x-pbkv-stage", "x-pbkv-primary")
+REPLY_HEADERS = (
+    "retry-after",
+    "location",
+    "x-pbkv-error",
+    "x-pbkv-status",
+    "x-pbkv-stage",
+    "x-pbkv-primary",
+)
 
 
 def _retry_after(header: str | None) -> float | None:
@@ -163,8 +205,12 @@ def _retry_after(header: str | None) -> float | None:
         return None
 
 
-def _error(status: int, body: Any, raw: bytes, retry_after: str | None) -> PbkvError:
-    """The exception for an error reply (HTTP error, or a 200 carrying ``"error"``)."""
+def _error(
+    status: int, body: Any, raw: bytes, retry_after: str | None, location: str | None = None
+) -> PbkvError:
+    """The exception for an error reply (HTTP error, or a 200 carrying ``"error"``); a
+    refusal naming the primary (a 503 from a backup, a 307 to the primary) is
+    :class:`NotPrimary`."""
     fields: dict[str, Any] = body if isinstance(body, dict) else {}
     if "error" in fields:
         message = str(fields["error"])
@@ -177,6 +223,11 @@ def _error(status: int, body: Any, raw: bytes, retry_after: str | None) -> PbkvE
             message = "unexpected reply"
     if message.startswith("replication failed"):
         return ReplicationFailed(status, message, fields)
+    if status in (307, 308) and "primary" not in fields and location:
+        # A redirect without pbkv's body (a proxy's?): the primary is where it points.
+        primary = urllib.parse.urlsplit(location).netloc
+        if primary:
+            fields = {**fields, "primary": primary}
     if status == 503 or "primary" in fields:
         stage = fields.get("stage")
         extra = (str(stage) if stage is not None else None, _retry_after(retry_after))
@@ -249,48 +300,6 @@ _RESULTS: dict[str, Callable[[int, Any], Any]] = {
 }
 
 
-def new_idempotency_key() -> str:
-    """A fresh key for one write (a random UUID)."""
-    return str(uuid.uuid4())
-
-
-class _Retries:
-    """The back-off of one write's attempts until its deadline (both clients)."""
-
-    def __init__(self, retry_for: float) -> None:
-        self.deadline = time.monotonic() + retry_for
-        self.delay = RETRY_FIRST
-
-    def next_delay(self, exc: BaseException) -> float | None:
-        """How long to wait before the next attempt after ``exc``; None: raise it."""
-        if not isinstance(exc, (OSError, ReplicationFailed, Unavailable)):
-            return None  # a bad request, a reused key, max_memory: the same again
-        delay = self.delay * (0.5 + random.random() / 2)
-        self.delay = min(RETRY_CEILING, 2 * self.delay)
-        if time.monotonic() + delay > self.deadline:
-            return None
-        return delay
-
-
-def _may_be_applied(exc: BaseException) -> bool:
-    """Whether the attempt that raised ``exc`` may have been applied: it was sent and
-    no answer came (a refused connection sent nothing; a refusal applied nothing)."""
-    if isinstance(exc, OSError):
-        return not isinstance(exc, ConnectionRefusedError)
-    return isinstance(exc, ReplicationFailed)
-
-
-def _primary_named(exc: BaseException) -> tuple[str, int] | None:
-    """The primary's address a refusal names (a write sent to a backup), if any."""
-    if not isinstance(exc, NotPrimary) or not exc.primary:
-        return None
-    host, _, port = exc.primary.rpartition(":")
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        return None
-
-
 def _header_text(value: str) -> str:
     """Undo the server's escaping of a reason in a header (printable ASCII only)."""
     try:
@@ -337,8 +346,9 @@ def parse_reply(
         body = _NOT_JSON
     # "replication failed" may come as 200 or 5xx; a success reply never says "false" + error.
     failed = isinstance(body, dict) and body.get("success") == "false" and "error" in body
-    if status >= 400 or failed:
-        raise _error(status, body, raw, retry_after)
+    if status >= 300 or failed:
+        location = headers.get("location") if headers else None
+        raise _error(status, body, raw, retry_after, location)
     if op == "shutdown":  # the server is going away; whatever it said first is fine
         return None
     if body is _NOT_JSON:
@@ -381,15 +391,93 @@ def _bad_http(exc: Exception) -> PbkvError:
     return PbkvError(0, f"bad HTTP reply: {exc}")
 
 
-def _host_header(host: str, port: int) -> str:
+def format_address(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets (also the ``Host`` header's form)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_host_header = format_address
+
+
+def parse_address(
+    address: str | tuple[str, int], default_port: int = DEFAULT_PORT
+) -> tuple[str, int]:
+    """(host, port) of ``"host:port"``, ``"[v6]:port"``, a bare host (``default_port``)
+    or a (host, port) pair. A member's name (``"host:port#run"``) gives its address.
+    Raises ``ValueError``."""
+    if isinstance(address, tuple):
+        host, port = address
+        return str(host), int(port)
+    text = address.partition("#")[0].strip()
+    if "://" in text:
+        text = urllib.parse.urlsplit(text).netloc
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad address {address!r}")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:  # a bare host, or a bare IPv6 address
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"bad address {address!r}: no host")
+    if not port_text:
+        return host, default_port
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad address {address!r}: the port is not a number") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"bad address {address!r}: port out of range")
+    return host, port
+
+
+async def member_addresses(
+    coordinator: str, cluster: str = "pbkv", timeout: float = 2.0
+) -> list[tuple[str, int]]:
+    """The addresses of the members registered in etcd (``coordinator``: its client
+    URLs, as the setting) under the cluster name ``cluster``. Raises
+    ``pbkv.coordinator.CoordinatorError`` when etcd does not answer, ``ValueError``
+    for a bad URL."""
+    from pbkv.coordinator import Coordinator  # grpc and aetcd only when asked for
+
+    async with await Coordinator.open(coordinator, cluster, timeout) as etcd:
+        members = await etcd.members()
+    found: list[tuple[str, int]] = []
+    for member in members:
+        try:
+            address = parse_address(member.member)
+        except ValueError:
+            continue  # not a member's name: nobody to talk to
+        if address not in found:
+            found.append(address)
+    return found
 
 
 # --- blocking client ----------------------------------------------------------------------
 
 
+# The operations a client of several servers carries to the primary. status() and
+# shutdown() are about the server the client is at now, so they go nowhere else.
+_FOLLOWED = frozenset({"get", "insert", "update", "delete", "count", "dump"})
+_PAUSE_FIRST = 0.05  # back-off between rounds of looking for the primary: doubles...
+_PAUSE_MAX = 1.0  # ...up to this
+_PROBE_TIMEOUT = 2.0  # the longest a status probe of one server may take
+
+
+class _Unsent(Exception):
+    """The request certainly never reached the server in full (the connection could
+    not be made, or sending failed before the last byte): nothing was applied."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class _Endpoint:
-    """Where a client connects; shared by the blocking and the asyncio client.
+    """Where a client connects, and how it finds the primary; shared by the blocking and
+    the asyncio client.
 
     ``token`` is the server's ``client_token`` (sent as ``Authorization: Bearer``);
     ``ssl_context`` (or just ``cafile``) makes the client speak HTTPS.
@@ -398,23 +486,47 @@ class _Endpoint:
     def __init__(
         self,
         host: str = "127.0.0.1",
-        port: int = 8080,
+        port: int = DEFAULT_PORT,
         timeout: float | None = DEFAULT_TIMEOUT,
         *,
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
-        retry_for: float = DEFAULT_RETRY_FOR,
+        addresses: Sequence[str | tuple[str, int]] | None = None,
+        failover: float | None = None,
+        retry_for: float | None = None,
         idempotency_keys: bool = True,
     ) -> None:
-        self.host = host
-        self.port = port
+        servers: list[tuple[str, int]] = []
+        for address in addresses if addresses is not None else [(host, port)]:
+            parsed = parse_address(address)
+            if parsed not in servers:
+                servers.append(parsed)
+        if not servers:
+            raise ValueError("no server address given")
+        # Every server known: those given, then each primary a server named.
+        self.addresses = servers
+        self.host, self.port = servers[0]  # the server the client talks to now
         self.timeout = timeout
-        self.token = token
-        # Writes carry a fresh Idempotency-Key, and are retried for up to retry_for
-        # seconds (0: one attempt); without keys a write is never sent twice.
-        self.retry_for = retry_for
+        # Writes carry a fresh Idempotency-Key (safe to send again); without keys a
+        # write is sent again only when it certainly never reached a primary.
         self.idempotency_keys = idempotency_keys
+        # Several servers: every followed call looks for the primary; one server: only
+        # keyed writes are sent again (to it, or to a primary a refusal names).
+        self.several = addresses is not None
+        if failover is not None and retry_for is not None and failover != retry_for:
+            raise ValueError("failover and retry_for are one deadline: give one of them")
+        if failover is None:
+            failover = retry_for
+        if failover is None:
+            if addresses is not None:
+                failover = DEFAULT_FAILOVER
+            else:
+                failover = DEFAULT_RETRY_FOR if idempotency_keys else 0.0
+        self.failover = failover
+        # The primary is looked for before the first call (with several servers).
+        self._located = failover <= 0 or not self.several
+        self.token = token
         if ssl_context is None and cafile is not None:
             ssl_context = tls_context(cafile)
         self.ssl_context = ssl_context
@@ -435,6 +547,33 @@ class _Endpoint:
         context = tls_context(settings.tls_ca) if settings.tls else None
         return cls(host, port, timeout, token=settings.client_token, ssl_context=context)
 
+    @property
+    def address(self) -> tuple[str, int]:
+        """The server the client talks to now."""
+        return self.host, self.port
+
+    @property
+    def retry_for(self) -> float:
+        """The other name of ``failover``: how long one call keeps trying."""
+        return self.failover
+
+    @retry_for.setter
+    def retry_for(self, seconds: float) -> None:
+        self.failover = seconds
+
+    def _followed(self, op: str) -> bool:
+        """Whether ``op`` goes through the loop that retries and follows the primary."""
+        if self.failover <= 0 or op not in _FOLLOWED:
+            return False
+        return self.several or (op in _WRITES and self.idempotency_keys)
+
+    def _keyed(self, op: str, headers: dict[str, str]) -> bool:
+        """Give a write its Idempotency-Key (one for all its attempts): whether it has one."""
+        if op in _WRITES and self.idempotency_keys:
+            headers[IDEMPOTENCY_HEADER] = new_idempotency_key()
+            return True
+        return False
+
     def _headers(self, headers: dict[str, str], credential: str | None) -> dict[str, str]:
         """The request's headers plus its credential: ``credential`` or the token."""
         credential = credential if credential is not None else self.token
@@ -442,26 +581,117 @@ class _Endpoint:
             return headers
         return {**headers, "Authorization": f"Bearer {credential}"}
 
+    # -- finding the primary (the decisions; each client does the I/O) --------------------
+    def _known(self, address: str) -> tuple[str, int] | None:
+        """The address a server named, added to those known (None if unreadable)."""
+        try:
+            parsed = parse_address(address)
+        except ValueError:
+            return None
+        if parsed not in self.addresses:
+            self.addresses.append(parsed)
+        return parsed
+
+    def _probe_timeout(self, deadline: float) -> float:
+        left = max(deadline - time.monotonic(), 0.05)
+        return min(_PROBE_TIMEOUT, left, self.timeout or _PROBE_TIMEOUT)
+
+    def _choose(
+        self, statuses: Sequence[tuple[tuple[str, int], dict[str, Any] | None]]
+    ) -> tuple[str, int] | None:
+        """The primary, from the statuses of the servers that answered: one that says it
+        is the primary (the highest epoch if several do), else the primary most of them
+        name, else None."""
+        best: tuple[str, int] | None = None
+        best_epoch = -1
+        for address, status in statuses:
+            if status is not None and status.get("role") == "primary":
+                epoch = status.get("epoch")
+                rank = epoch if isinstance(epoch, int) else 0
+                if best is None or rank > best_epoch:
+                    best, best_epoch = address, rank
+        if best is not None:
+            return best
+        named = collections.Counter(
+            status["primary"]
+            for _, status in statuses
+            if status is not None and isinstance(status.get("primary"), str)
+        )
+        for name, _ in named.most_common():
+            found = self._known(name)
+            if found is not None:
+                return found
+        return None
+
+    def _next_after(self, address: tuple[str, int]) -> tuple[str, int]:
+        """The server after ``address`` in the list, round the end."""
+        servers = self.addresses
+        index = servers.index(address) if address in servers else -1
+        return servers[(index + 1) % len(servers)]
+
 
 class Client(_Endpoint):
     """Blocking client over one keep-alive connection; not thread-safe.
 
-    A connection the server dropped while idle is replaced transparently. A write
-    carries an Idempotency-Key and is retried as the module docstring says; with
-    ``idempotency_keys=False`` it is never sent twice: if the connection fails after
-    it went out, the ``OSError`` is raised.
+    ``Client(host, port)`` talks to that one server. A connection the server dropped
+    while idle is replaced transparently; a write is never sent twice: if the
+    connection fails after a write went out, :class:`OutcomeUnknown` is raised.
+
+    ``Client(addresses=["10.0.0.1:8080", "10.0.0.2:8080"])`` (or
+    :meth:`from_coordinator`) talks to the primary among those servers, and finds it
+    again after a failover. Before its first call it asks the servers'
+    ``/kvman/status`` for the one whose ``role`` is ``primary``. A get, insert,
+    update, delete, count or dump then moves on when:
+
+    - the connection cannot be made (refused, unreachable, timed out connecting);
+    - the server refuses it naming the primary (a 503 from a backup, or a 307 to
+      the primary in ``http`` mode): it goes to the named primary;
+    - the server refuses it for its stage (a 503 without a primary, as from a primary
+      that has no in-sync backup yet): it waits and asks again, or asks the
+      others' status for a primary;
+    - a read's connection broke after it was sent (a read is safe to repeat).
+
+    It pauses between rounds (50 ms, doubling up to 1 s) and gives up ``failover``
+    seconds (default 15) after the call began, raising the last error.
+    ``status()`` and ``shutdown()`` go to the server the client is at now
+    (``address``), nowhere else.
+
+    **The rule for writes:** a write is sent again only when it certainly never
+    reached a primary: the connection was never made, sending failed before the
+    request's last byte, or the server answered with a refusal or a redirect (a
+    refusal applies nothing). A write whose request went out in full and whose
+    reply never came (the connection broke, the timeout passed) has an unknown
+    outcome: it raises :class:`OutcomeUnknown` and is not sent again. Sending it
+    again could apply it twice (an insert answered "exists" by its own first copy);
+    safe retries need a request identity the server remembers.
+
+    **Writes with an Idempotency-Key** (the default; ``idempotency_keys=False``
+    turns keys off and the rule above holds): each write carries a fresh key, the
+    same on all its attempts, so the server applies it at most once and answers a
+    repeat with the first reply. Such a write is also sent again after an
+    :class:`OutcomeUnknown` or :class:`ReplicationFailed`, until the deadline;
+    then, if any attempt may have been applied, that attempt's error is raised
+    (with the last error as ``__cause__``), else the last error. A client of one
+    server (``Client(host, port)``) with keys retries its writes there, or at a
+    primary a refusal names; its reads are sent once, as before.
+
+    ``failover`` and ``retry_for`` are two names for one deadline, in seconds from
+    the start of a call (give either; 0: one attempt). The default is 15 with
+    ``addresses``, else 10 with keys, else 0.
     """
 
     def __init__(
         self,
         host: str = "127.0.0.1",
-        port: int = 8080,
+        port: int = DEFAULT_PORT,
         timeout: float | None = DEFAULT_TIMEOUT,
         *,
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
-        retry_for: float = DEFAULT_RETRY_FOR,
+        addresses: Sequence[str | tuple[str, int]] | None = None,
+        failover: float | None = None,
+        retry_for: float | None = None,
         idempotency_keys: bool = True,
     ) -> None:
         super().__init__(
@@ -471,17 +701,30 @@ class Client(_Endpoint):
             token=token,
             ssl_context=ssl_context,
             cafile=cafile,
+            addresses=addresses,
+            failover=failover,
             retry_for=retry_for,
             idempotency_keys=idempotency_keys,
         )
         self._conn = self._connection()
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self.ssl_context is not None:
-            return http.client.HTTPSConnection(
-                self.host, self.port, timeout=self.timeout, context=self.ssl_context
-            )
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+    @classmethod
+    def from_coordinator(
+        cls,
+        coordinator: str,
+        cluster: str = "pbkv",
+        timeout: float | None = DEFAULT_TIMEOUT,
+        **options: Any,
+    ) -> Self:
+        """A client of the members registered in etcd (``coordinator``: its URLs) under
+        the cluster name ``cluster``; ``options`` as the constructor's. The member list
+        is read once, here; a primary a member names later is added to it. Call it
+        where no event loop runs (it runs one to ask etcd); raises ``ValueError``
+        when no member is registered."""
+        found = asyncio.run(member_addresses(coordinator, cluster, timeout or DEFAULT_TIMEOUT))
+        if not found:
+            raise ValueError(f"no member of cluster {cluster!r} is registered at {coordinator}")
+        return cls(timeout=timeout, addresses=found, **options)
 
     def get(self, key: str) -> str | None:
         """The value of ``key``, or None when it is missing."""
@@ -539,42 +782,109 @@ class Client(_Endpoint):
     ) -> None:
         self.close()
 
+    def _connection(self) -> http.client.HTTPConnection:
+        if self.ssl_context is not None:
+            return http.client.HTTPSConnection(
+                self.host, self.port, timeout=self.timeout, context=self.ssl_context
+            )
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def _switch(self, address: tuple[str, int]) -> None:
+        """Talk to ``address`` from now on."""
+        if address != self.address:
+            self._conn.close()
+            self.host, self.port = address
+            self._conn = self._connection()
+
     def _call(
         self, op: str, params: Mapping[str, str] | None = None, credential: str | None = None
     ) -> Any:
-        if op in _WRITES and self.idempotency_keys:
-            return self._keyed_call(op, params)
         method, target, body, headers = _request_parts(op, params)
+        keyed = self._keyed(op, headers)
         headers = self._headers(headers, credential)
-        status, raw, replied = self._exchange(method, target, body, headers, BY_NAME[op].safe)
-        return parse_reply(op, status, raw, replied.get("retry-after"), replied)
-
-    def _keyed_call(self, op: str, params: Mapping[str, str] | None) -> Any:
-        """A write with a fresh Idempotency-Key, sent until it has an outcome or its
-        deadline passes (safe: the server applies the key's write once)."""
-        method, target, body, headers = _request_parts(op, params)
-        headers = self._headers({**headers, IDEMPOTENCY_HEADER: new_idempotency_key()}, None)
-        retries = _Retries(self.retry_for)
+        safe = BY_NAME[op].safe
+        if not self._followed(op):
+            try:
+                return self._send(op, method, target, body, headers, safe)
+            except _Unsent as exc:
+                raise exc.error from None
+        deadline = time.monotonic() + self.failover
+        if not self._located:
+            self._located = True
+            self._switch(self._find_primary(deadline) or self.address)
+        tried = {self.address}
+        pause = _PAUSE_FIRST
         unknown: Exception | None = None  # an attempt that may have been applied
         while True:
+            error: Exception
+            named: str | None = None
             try:
-                status, raw, replied = self._exchange(method, target, body, headers, False)
-                return parse_reply(op, status, raw, replied.get("retry-after"), replied)
-            except Exception as exc:
-                if _may_be_applied(exc):
-                    unknown = exc
-                delay = retries.next_delay(exc)
-                if delay is None:
-                    if unknown is not None and unknown is not exc and not _may_be_applied(exc):
-                        # Say that the outcome is unknown, as the earlier attempt's error does.
-                        raise unknown from exc
+                return self._send(op, method, target, body, headers, safe)
+            except NotPrimary as exc:
+                error, named = exc, exc.primary
+            except Unavailable as exc:  # refused in this stage: nothing was applied
+                error = exc
+            except _Unsent as exc:
+                error = exc.error
+            except (OutcomeUnknown, ReplicationFailed) as exc:
+                if not keyed:
                     raise
-                primary = _primary_named(exc)
-                if primary is not None and primary != (self.host, self.port):
-                    self._conn.close()
-                    self.host, self.port = primary
-                    self._conn = self._connection()
-                time.sleep(delay)
+                error = unknown = exc  # its key makes sending it again safe
+            except PbkvError as exc:
+                if unknown is not None:  # an earlier attempt may have been applied
+                    raise unknown from exc
+                raise
+            except OSError as exc:
+                if not safe:
+                    raise
+                error = exc  # a read lost on the way: safe to ask again
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if unknown is not None and unknown is not error:
+                    raise unknown from error  # say that the outcome is unknown
+                raise error
+            following = self._known(named) if named else None
+            if not self.several and following is None:
+                following = self.address  # one server: try it again
+            elif following is None or following == self.address:
+                following = self._find_primary(deadline) or self._next_after(self.address)
+            if following in tried:  # a round without an answer: wait before the next
+                time.sleep(min(pause, left))
+                pause = min(pause * 2, _PAUSE_MAX)
+                tried.clear()
+            tried.add(following)
+            self._switch(following)
+
+    def _find_primary(self, deadline: float) -> tuple[str, int] | None:
+        """Ask the servers' status, in order, until one says it is the primary."""
+        statuses: list[tuple[tuple[str, int], dict[str, Any] | None]] = []
+        for address in list(self.addresses):
+            status = self._status_of(address, self._probe_timeout(deadline))
+            statuses.append((address, status))
+            if status is not None and status.get("role") == "primary":
+                break
+        return self._choose(statuses)
+
+    def _status_of(self, address: tuple[str, int], timeout: float) -> dict[str, Any] | None:
+        host, port = address
+        probe = Client(host, port, timeout, token=self.token, ssl_context=self.ssl_context)
+        try:
+            with probe:
+                return probe.status()
+        except (OSError, PbkvError):
+            return None
+
+    def _send(
+        self,
+        op: str,
+        method: str,
+        target: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        safe: bool,
+    ) -> Any:
+        status, raw, replied = self._exchange(method, target, body, headers, safe)
+        return parse_reply(op, status, raw, replied.get("retry-after"), replied)
 
     def _exchange(
         self,
@@ -592,27 +902,33 @@ class Client(_Endpoint):
                 conn.close()
                 reused = False
             try:
+                if conn.sock is None:
+                    conn.connect()
                 # One sendall: if it fails the server never saw a whole request.
                 conn.request(method, target, body=body, headers=headers)
-            except ConnectionError:
+            except OSError as exc:
                 conn.close()
-                if reused and attempt == 1:
+                if reused and attempt == 1 and isinstance(exc, ConnectionError):
                     continue
-                raise
+                raise _Unsent(exc) from exc
             except BaseException:
                 conn.close()
                 raise
             try:
                 resp = conn.getresponse()
                 raw = resp.read()
-            except ConnectionError:  # includes RemoteDisconnected: no reply at all
-                conn.close()
-                if reused and resendable and attempt == 1:
-                    continue
-                raise
             except http.client.HTTPException as exc:
                 conn.close()
+                if isinstance(exc, ConnectionError):  # RemoteDisconnected: no reply at all
+                    if reused and resendable and attempt == 1:
+                        continue
+                    raise self._lost(method, target, exc, resendable) from exc
                 raise _bad_http(exc) from exc
+            except OSError as exc:  # broken, or no reply within the timeout
+                conn.close()
+                if reused and resendable and attempt == 1 and isinstance(exc, ConnectionError):
+                    continue
+                raise self._lost(method, target, exc, resendable) from exc
             except BaseException:
                 conn.close()
                 raise
@@ -623,6 +939,20 @@ class Client(_Endpoint):
                     replied[name] = value
             return resp.status, raw, replied
         raise AssertionError("unreachable")
+
+    def _lost(self, method: str, target: str, exc: OSError, resendable: bool) -> OSError:
+        return exc if resendable else _outcome_unknown(self.address, method, target, exc)
+
+
+def _outcome_unknown(
+    address: tuple[str, int], method: str, target: str, exc: BaseException
+) -> OutcomeUnknown:
+    reason = str(exc) or type(exc).__name__
+    path = target.partition("?")[0]
+    return OutcomeUnknown(
+        f"{format_address(*address)}: no reply to {method} {path} ({reason}): the write "
+        "may or may not have been applied"
+    )
 
 
 # --- asyncio client -----------------------------------------------------------------------
@@ -667,20 +997,24 @@ class _Reply:
 class AsyncClient(_Endpoint):
     """asyncio client over one keep-alive connection; concurrent calls take turns.
 
-    Same methods, results and errors as :class:`Client`, as coroutines. For parallel
-    requests use several clients.
+    Same methods, results and errors as :class:`Client`, as coroutines, and the same
+    rules with several servers (``addresses``, :meth:`from_coordinator`; a call
+    looking for the primary holds the others back). For parallel requests use
+    several clients.
     """
 
     def __init__(
         self,
         host: str = "127.0.0.1",
-        port: int = 8080,
+        port: int = DEFAULT_PORT,
         timeout: float | None = DEFAULT_TIMEOUT,
         *,
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         cafile: str | None = None,
-        retry_for: float = DEFAULT_RETRY_FOR,
+        addresses: Sequence[str | tuple[str, int]] | None = None,
+        failover: float | None = None,
+        retry_for: float | None = None,
         idempotency_keys: bool = True,
     ) -> None:
         super().__init__(
@@ -690,12 +1024,28 @@ class AsyncClient(_Endpoint):
             token=token,
             ssl_context=ssl_context,
             cafile=cafile,
+            addresses=addresses,
+            failover=failover,
             retry_for=retry_for,
             idempotency_keys=idempotency_keys,
         )
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()
+
+    @classmethod
+    async def from_coordinator(
+        cls,
+        coordinator: str,
+        cluster: str = "pbkv",
+        timeout: float | None = DEFAULT_TIMEOUT,
+        **options: Any,
+    ) -> Self:
+        """As :meth:`Client.from_coordinator`, awaited."""
+        found = await member_addresses(coordinator, cluster, timeout or DEFAULT_TIMEOUT)
+        if not found:
+            raise ValueError(f"no member of cluster {cluster!r} is registered at {coordinator}")
+        return cls(timeout=timeout, addresses=found, **options)
 
     async def get(self, key: str) -> str | None:
         """The value of ``key``, or None when it is missing."""
@@ -773,79 +1123,148 @@ class AsyncClient(_Endpoint):
         sock = self._writer.get_extra_info("socket")
         return sock is None or not _peer_closed(sock.fileno())
 
+    def _switch(self, address: tuple[str, int]) -> None:
+        """Talk to ``address`` from now on."""
+        if address != self.address:
+            self._drop()
+            self.host, self.port = address
+
     async def _call(
         self, op: str, params: Mapping[str, str] | None = None, credential: str | None = None
     ) -> Any:
-        if op in _WRITES and self.idempotency_keys:
-            return await self._keyed_call(op, params)
-        request = self._request(op, params, self._headers({}, credential))
+        parts = _request_parts(op, params)
+        keyed = self._keyed(op, parts[3])
+        safe = BY_NAME[op].safe
         async with self._lock:
-            status, raw, replied = await self._exchange(request, BY_NAME[op].safe)
-        return parse_reply(op, status, raw, replied.get("retry-after"), replied)
+            if not self._followed(op):
+                try:
+                    return await self._send(op, parts, credential, safe)
+                except _Unsent as exc:
+                    raise exc.error from None
+            return await self._follow(op, parts, credential, safe, keyed)
 
-    def _request(self, op: str, params: Mapping[str, str] | None, extra: dict[str, str]) -> bytes:
-        method, target, body, headers = _request_parts(op, params)
-        headers.update(extra)
+    async def _follow(
+        self,
+        op: str,
+        parts: tuple[str, str, bytes | None, dict[str, str]],
+        credential: str | None,
+        safe: bool,
+        keyed: bool = False,
+    ) -> Any:
+        """Carry ``op`` to the primary (the rules are :class:`Client`'s)."""
+        deadline = time.monotonic() + self.failover
+        if not self._located:
+            self._located = True
+            self._switch(await self._find_primary(deadline) or self.address)
+        tried = {self.address}
+        pause = _PAUSE_FIRST
+        unknown: Exception | None = None  # an attempt that may have been applied
+        while True:
+            error: Exception
+            named: str | None = None
+            try:
+                return await self._send(op, parts, credential, safe)
+            except NotPrimary as exc:
+                error, named = exc, exc.primary
+            except Unavailable as exc:  # refused in this stage: nothing was applied
+                error = exc
+            except _Unsent as exc:
+                error = exc.error
+            except (OutcomeUnknown, ReplicationFailed) as exc:
+                if not keyed:
+                    raise
+                error = unknown = exc  # its key makes sending it again safe
+            except PbkvError as exc:
+                if unknown is not None:  # an earlier attempt may have been applied
+                    raise unknown from exc
+                raise
+            except OSError as exc:
+                if not safe:
+                    raise
+                error = exc  # a read lost on the way: safe to ask again
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if unknown is not None and unknown is not error:
+                    raise unknown from error  # say that the outcome is unknown
+                raise error
+            following = self._known(named) if named else None
+            if not self.several and following is None:
+                following = self.address  # one server: try it again
+            elif following is None or following == self.address:
+                following = await self._find_primary(deadline) or self._next_after(self.address)
+            if following in tried:  # a round without an answer: wait before the next
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, _PAUSE_MAX)
+                tried.clear()
+            tried.add(following)
+            self._switch(following)
+
+    async def _find_primary(self, deadline: float) -> tuple[str, int] | None:
+        """Ask every server's status at once; the primary is chosen from the answers."""
+        servers = list(self.addresses)
+        timeout = self._probe_timeout(deadline)
+        statuses = await asyncio.gather(*(self._status_of(a, timeout) for a in servers))
+        return self._choose(list(zip(servers, statuses, strict=True)))
+
+    async def _status_of(self, address: tuple[str, int], timeout: float) -> dict[str, Any] | None:
+        host, port = address
+        probe = AsyncClient(host, port, timeout, token=self.token, ssl_context=self.ssl_context)
+        try:
+            async with probe:
+                return await probe.status()
+        except (OSError, PbkvError):
+            return None
+
+    async def _send(
+        self,
+        op: str,
+        parts: tuple[str, str, bytes | None, dict[str, str]],
+        credential: str | None,
+        safe: bool,
+    ) -> Any:
+        method, target, body, headers = parts
+        headers = self._headers(headers, credential)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {_host_header(self.host, self.port)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
-
-    async def _keyed_call(self, op: str, params: Mapping[str, str] | None) -> Any:
-        """A write with a fresh Idempotency-Key, sent until it has an outcome or its
-        deadline passes (safe: the server applies the key's write once)."""
-        extra = self._headers({IDEMPOTENCY_HEADER: new_idempotency_key()}, None)
-        retries = _Retries(self.retry_for)
-        unknown: Exception | None = None  # an attempt that may have been applied
-        while True:
-            try:
-                request = self._request(op, params, extra)
-                async with self._lock:
-                    status, raw, replied = await self._exchange(request, False)
-                return parse_reply(op, status, raw, replied.get("retry-after"), replied)
-            except Exception as exc:
-                if _may_be_applied(exc):
-                    unknown = exc
-                delay = retries.next_delay(exc)
-                if delay is None:
-                    if unknown is not None and unknown is not exc and not _may_be_applied(exc):
-                        # Say that the outcome is unknown, as the earlier attempt's error does.
-                        raise unknown from exc
-                    raise
-                primary = _primary_named(exc)
-                if primary is not None and primary != (self.host, self.port):
-                    self._drop()
-                    self.host, self.port = primary
-                await asyncio.sleep(delay)
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + (body or b"")
+        status, raw, replied = await self._exchange(request, safe, method, target)
+        return parse_reply(op, status, raw, replied.get("retry-after"), replied)
 
     async def _exchange(
-        self, request: bytes, resendable: bool
+        self, request: bytes, resendable: bool, method: str = "", target: str = ""
     ) -> tuple[int, bytes, dict[str, str]]:
         for attempt in (1, 2):
             reused = self._writer is not None
             if reused and not self._idle_connection_alive():
                 self._drop()
                 reused = False
+            sent = False  # whether any of the request may have gone out
             try:
                 async with asyncio.timeout(self.timeout):
                     if self._writer is None:
                         self._reader, self._writer = await asyncio.open_connection(
                             self.host, self.port, ssl=self.ssl_context
                         )
+                    sent = True
                     self._writer.write(request)
                     await self._writer.drain()
                     return await self._read_reply()
-            except ConnectionError:
-                self._drop()
-                # Unlike a blocking sendall, write() gives no proof the request stayed
-                # unsent, so only requests that are safe to repeat are sent again.
-                if reused and resendable and attempt == 1:
-                    continue
-                raise
             except httptools.HttpParserError as exc:
                 self._drop()
                 raise _bad_http(exc) from exc
+            except OSError as exc:  # refused, broken, or the timeout passed
+                self._drop()
+                if not sent:
+                    raise _Unsent(exc) from exc
+                # Unlike a blocking sendall, write() gives no proof the request stayed
+                # unsent, so only requests that are safe to repeat are sent again.
+                if resendable:
+                    if reused and attempt == 1 and isinstance(exc, ConnectionError):
+                        continue
+                    raise
+                raise _outcome_unknown(self.address, method, target, exc) from exc
             except BaseException:
                 self._drop()
                 raise

@@ -67,6 +67,17 @@ class KeyReused:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskFailed:
+    """This server's data folder cannot take the write (a full disk, a failed write or
+    fsync).  ``applied`` false: refused before anything was applied (HTTP 507);
+    true: applied in memory, but its record did not reach this server's disk, so it
+    is not acknowledged (HTTP 503: it may or may not survive)."""
+
+    reason: str
+    applied: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Counted:
     count: int
 
@@ -86,7 +97,9 @@ class Dumped:
         return isinstance(other, Dumped) and self.pairs == other.pairs
 
 
-Outcome = Done | Refused | ReplicationFailed | MemoryFull | KeyReused | Counted | Dumped
+Outcome = (
+    Done | Refused | ReplicationFailed | MemoryFull | DiskFailed | KeyReused | Counted | Dumped
+)
 REPLICATION_FAILED = ReplicationFailed()
 KEY_REUSED = KeyReused()
 

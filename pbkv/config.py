@@ -27,6 +27,9 @@ SECRET_FIELDS = ("secret", "client_token")
 # "course": every request that reaches a route gets HTTP 200 and the course's failure
 # shape, the reason in an X-Pbkv-Error header; "http": real HTTP statuses and JSON errors.
 ERROR_MODES = ("course", "http")
+# Persistence (docs/persistence.md): "off" keeps the data in memory only; "everysec"
+# logs every batch and fsyncs once a second; "always" fsyncs before acknowledging.
+PERSISTENCE_MODES = ("off", "everysec", "always")
 # etcd's client port, when a coordinator URL names none.
 ETCD_CLIENT_PORT = 2379
 # etcd 3.4 with its default --heartbeat-interval (100 ms) and --election-timeout (1 s)
@@ -104,6 +107,19 @@ class Settings:
     cluster: str = "pbkv"
     lease_ttl: int = 3
 
+    # Persistence (SPEC section 10, docs/persistence.md): a record log and snapshots in
+    # ``data_dir``/<this server's address>/. A rewrite (a new snapshot, the log after it
+    # emptied) starts once the log has grown by ``rewrite_percentage`` percent of the
+    # last snapshot's size and is at least ``rewrite_min_bytes`` (Redis's
+    # auto-aof-rewrite-percentage and auto-aof-rewrite-min-size); 0 percent: never.
+    persistence: str = "off"
+    data_dir: str | None = None
+    rewrite_percentage: int = 100
+    rewrite_min_bytes: int = 64 * 1024 * 1024
+    # Writes are refused (before anything is applied) while the data folder's file
+    # system has less than this free: room for the records of writes under way.
+    disk_headroom: int = 8 * 1024 * 1024
+
     def __post_init__(self) -> None:
         if self.store not in ("sharded", "hash"):
             raise SettingsError(f"store must be 'sharded' or 'hash', not {self.store!r}")
@@ -172,6 +188,21 @@ class Settings:
             raise SettingsError("cluster must be non-empty printable ASCII without spaces")
         if self.cluster.startswith("/") or self.cluster.endswith("/"):
             raise SettingsError("cluster must not start or end with '/'")
+        if self.persistence not in PERSISTENCE_MODES:
+            raise SettingsError(
+                f"persistence must be one of {', '.join(PERSISTENCE_MODES)}, "
+                f"not {self.persistence!r}"
+            )
+        if self.persistence != "off" and not self.data_dir:
+            raise SettingsError(f"persistence {self.persistence} needs data_dir (a folder)")
+        if self.persistence != "off" and self.standalone:
+            raise SettingsError("persistence needs a pair: a standalone primary logs no batches")
+        if self.rewrite_percentage < 0:
+            raise SettingsError("rewrite_percentage must be 0 (never) or more")
+        if self.rewrite_min_bytes < 0:
+            raise SettingsError("rewrite_min_bytes must be 0 or a number of bytes")
+        if self.disk_headroom < 0:
+            raise SettingsError("disk_headroom must be 0 or a number of bytes")
         if self.lease_ttl < MIN_LEASE_TTL:
             raise SettingsError(
                 f"lease_ttl must be at least {MIN_LEASE_TTL} seconds (etcd grants no less)"
@@ -180,6 +211,10 @@ class Settings:
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def persistent(self) -> bool:
+        return self.persistence != "off"
 
     @property
     def coordinator_endpoints(self) -> tuple[tuple[str, int], ...]:

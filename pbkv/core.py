@@ -37,14 +37,19 @@ from pbkv.actions import (
     Action,
     CloseChannel,
     Driver,
+    Persist,
+    PersistAll,
     PumpTransfer,
     Send,
     StartTimer,
+    SyncChanged,
     Timer,
     carry_out,
 )
 from pbkv.commands import Command, Counted, Done, Dumped, MemoryFull, Outcome, Refused
 from pbkv.config import Settings
+from pbkv.persist.log import Record
+from pbkv.persist.log import State as DiskState
 from pbkv.stages import (
     HANDSHAKES,
     Copy,
@@ -147,6 +152,7 @@ class ReplicationCore:
         self.machine = StageMachine(self.role, initial, self._log_transition)
         self.handshake = Handshake(self.role)
         self.outbox: list[Action] = []
+        self._sync_news = False  # a SyncChanged is queued (see ``note_sync_changed``)
         self.started_at = now
         self.now = now
         self.backoff = Backoff(settings.retry_min, settings.retry_max, self.rng)
@@ -157,6 +163,10 @@ class ReplicationCore:
         self.epoch = 0
         self.epoch_seen = 0
         self.copy_epoch = 0
+        # With persistence: our data was loaded from disk at start and no peer has
+        # confirmed it yet (a *recovered* copy: see ``stages.plan``).
+        self.recovered = False
+        self.persistent = settings.persistent
         # With a coordinator: this server's member name, in its HELLO ("" without one).
         self.member = ""
         self.seq = 0  # last replicated batch applied here
@@ -172,6 +182,9 @@ class ReplicationCore:
         self.receiver: SnapshotReceiver | None = None
         self.transfers_completed = 0
         self.transfers_failed = 0
+        # When the transfer under way began (receiving side), and how long the last took.
+        self.transfer_began: float | None = None
+        self.last_transfer_seconds = 0.0
         self.last_transfer_error = ""
         # The shards of a copy being received that have fully arrived (warm start reads).
         self.complete_shards: set[int] = set()
@@ -253,6 +266,7 @@ class ReplicationCore:
             self.undo_points(),
             self.copy_epoch,
             self.member,
+            self.recovered,
             epoch=self.epoch,
         )
 
@@ -269,6 +283,7 @@ class ReplicationCore:
             undo,
             self.copy_epoch,
             self.epoch,
+            self.recovered,
         )
 
     def undo_points(self) -> tuple[tuple[int, int, int], ...]:
@@ -287,11 +302,43 @@ class ReplicationCore:
         elif resync is Resync.PARTIAL:
             self.resyncs_partial += 1
 
+    # -- persistence (only with ``persistence`` set) ---------------------------------
+    def persist_batch(self, seq: int, ops: list[str | None]) -> None:
+        """Log a batch just applied (before anything that acknowledges it is queued)."""
+        if self.persistent:
+            self.outbox.append(Persist(Record.batch(self.history, seq, self.copy_epoch, ops)))
+
+    def persist_rollback(self, seq: int) -> None:
+        """Log that the batches after ``seq`` were undone."""
+        if self.persistent:
+            state = DiskState(self.history, seq, self.copy_epoch)
+            self.outbox.append(Persist(Record.rollback(state)))
+
+    def persist_synced(self, replaced: bool) -> None:
+        """A sync is confirmed: our data's new state (history, seq, epoch) is logged as a
+        mark, or with ``replaced`` (a transfer brought it) the whole store becomes the new
+        base.  Queued before the frame that confirms the sync."""
+        self.recovered = False  # confirmed now, which says more
+        if self.persistent:
+            state = DiskState(self.history, self.seq, self.copy_epoch)
+            self.outbox.append(PersistAll(state) if replaced else Persist(Record.mark(state)))
+
     def start_tick(self) -> None:
         self.outbox.append(StartTimer(Timer.TICK, self.settings.heartbeat_interval))
 
+    def note_sync_changed(self) -> None:
+        """Who is in sync changed: queue ``SyncChanged``, which :meth:`take_actions`
+        hands out after the other actions queued with it. With a coordinator the
+        driver may change the role on it (``pbkv.roles``: a new core around the
+        store), so every action of this core must have been carried out by then."""
+        self.outbox.append(SyncChanged())
+        self._sync_news = True
+
     def take_actions(self) -> list[Action]:
         actions, self.outbox = self.outbox, []
+        if self._sync_news:
+            self._sync_news = False
+            actions.sort(key=lambda action: type(action) is SyncChanged)  # stable
         return actions
 
     def drain(self, driver: Driver) -> None:
@@ -570,6 +617,7 @@ class ReplicationCore:
         self.peer_hello = None
         self.sender = None
         self.receiver = None
+        self.transfer_began = None
         self.on_channel_lost(reason)
         self.fire(event, reason)
 
@@ -598,6 +646,7 @@ class ReplicationCore:
             "keys": len(self.store),
             "checksum": f"{self.store.checksum:032x}",
             "confirmed": self.confirmed,
+            "recovered": self.recovered,
             "epoch": self.epoch,
             "epoch_seen": self.epoch_seen,
             "copy_epoch": self.copy_epoch,
@@ -611,6 +660,7 @@ class ReplicationCore:
             "resyncs_full": self.resyncs_full,
             "transfers_completed": self.transfers_completed,
             "transfers_failed": self.transfers_failed,
+            "last_transfer_seconds": round(self.last_transfer_seconds, 3),
             "pending_write_bytes": self.pending_write_bytes,
             "idempotency_entries": len(self.store.idempotency),
             "last_transfer_error": self.last_transfer_error,

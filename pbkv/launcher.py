@@ -31,7 +31,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -469,6 +469,39 @@ def _exit_status(pid: int, wait: float) -> int | None:
         time.sleep(0.01)
 
 
+def _poll_status(
+    pid: int,
+    link: StatusLink,
+    wait: float,
+    done: Callable[[dict[str, Any], float], bool],
+    out_of_time: Callable[[float], bool],
+) -> tuple[dict[str, Any] | None, bool]:
+    """Poll our server's status until ``done(status, now)`` (True: ready in time) or
+    ``out_of_time(now)`` (False). None as the status: it stopped answering (it is
+    gone, or its loop stayed stuck for ``wait``)."""
+    started = time.monotonic()
+    status: dict[str, Any] | None = None
+    unanswered_since: float | None = None
+    while True:
+        now = time.monotonic()
+        own = link.status()
+        if own is None:
+            # Listening, so it answers unless it is gone or its loop is stuck.
+            if _exit_status(pid, 0.0) is not None:
+                return None, False
+            unanswered_since = unanswered_since or now
+            if now - unanswered_since > wait:
+                return None, False
+        else:
+            unanswered_since = None
+            status = own
+            if done(own, now):
+                return own, True
+        if out_of_time(now):
+            return status, False
+        time.sleep(min(POLL_LAST, POLL_FIRST + (now - started) / 20))
+
+
 def _await_sync(
     pid: int,
     settings: config.Settings,
@@ -482,33 +515,21 @@ def _await_sync(
     ``sync_wait`` seconds not spent on a transfer."""
     own_link = StatusLink(settings, *address)
     peer_link = StatusLink(settings, *peer_address)
+    budget = sync_wait
+    last = time.monotonic()
+
+    def synced(own: dict[str, Any], now: float) -> bool:
+        nonlocal budget, last
+        peer = peer_link.status()
+        if ready(own, peer):
+            return True
+        if not transferring(own, peer):
+            budget -= now - last
+        last = now
+        return False
+
     try:
-        started = last = time.monotonic()
-        budget = sync_wait
-        status: dict[str, Any] | None = None
-        unanswered_since: float | None = None
-        while True:
-            now = time.monotonic()
-            own = own_link.status()
-            if own is None:
-                # Listening, so it answers unless it is gone or its loop is stuck.
-                if _exit_status(pid, 0.0) is not None:
-                    return None, False
-                unanswered_since = unanswered_since or now
-                if now - unanswered_since > wait:
-                    return None, False
-            else:
-                unanswered_since = None
-                status = own
-                peer = peer_link.status()
-                if ready(own, peer):
-                    return own, True
-                if not transferring(own, peer):
-                    budget -= now - last
-            last = now
-            if budget <= 0:
-                return status, False
-            time.sleep(min(POLL_LAST, POLL_FIRST + (now - started) / 20))
+        return _poll_status(pid, own_link, wait, synced, lambda now: budget <= 0)
     finally:
         own_link.close()
         peer_link.close()
@@ -534,30 +555,16 @@ def _await_role(
     with a recorded backup): within ``role_wait``. The first member of a new cluster
     leads at once, alone; the next one returns once writes are accepted."""
     link = StatusLink(settings, *address)
+    deadline = time.monotonic() + role_wait
+
+    def settled(own: dict[str, Any], now: float) -> bool:
+        if own.get("role") == "primary":
+            return True  # the first member: nobody to sync with yet
+        primary = own.get("primary")
+        return primary is not None and _writable(settings, primary)
+
     try:
-        started = time.monotonic()
-        status: dict[str, Any] | None = None
-        unanswered_since: float | None = None
-        while True:
-            now = time.monotonic()
-            own = link.status()
-            if own is None:
-                if _exit_status(pid, 0.0) is not None:
-                    return None, False
-                unanswered_since = unanswered_since or now
-                if now - unanswered_since > wait:
-                    return None, False
-            else:
-                unanswered_since = None
-                status = own
-                if own.get("role") == "primary":
-                    return own, True  # the first member: nobody to sync with yet
-                primary = own.get("primary")
-                if primary is not None and _writable(settings, primary):
-                    return own, True
-            if now - started > role_wait:
-                return status, False
-            time.sleep(min(POLL_LAST, POLL_FIRST + (now - started) / 20))
+        return _poll_status(pid, link, wait, settled, lambda now: now > deadline)
     finally:
         link.close()
 

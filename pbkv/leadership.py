@@ -672,9 +672,17 @@ class Leadership:
         )
 
     def next_wakeup(self) -> float:
-        """When the driver should tick next at the latest."""
-        times = [self.next_keepalive, self.next_read, self.valid_until]
-        if self.lease is None:
+        """When the driver should tick next at the latest: never a time already past
+        (the driver would tick at once, again and again). A grant or keepalive on
+        its way sets none (its answer or failure is an event), a follower's lease
+        none (it may have run out long ago, etcd unreachable); the primary's fencing
+        deadline is still ahead, since every event checks it."""
+        times = [self.next_read]
+        if not self.outstanding.keepalive:
+            times.append(self.next_keepalive)
+        if self.phase in (Phase.PRIMARY, Phase.CONFIRMING):
+            times.append(self.valid_until)
+        if self.lease is None and not self.outstanding.grant:
             times.append(self.next_grant)
         return min(t for t in times if t > -math.inf)
 
@@ -798,8 +806,12 @@ class Leadership:
         self.record_revision = event.mod_revision
         if event.record is not None:
             self.highest_epoch = max(self.highest_epoch, event.record.epoch)
-            if self.leader is not None and self.leader.epoch < event.record.epoch:
-                # Written by a later leader than the one we know of: read who leads.
+            # The leader we know of, or the revision of a read that found none.
+            known = self.leader.epoch if self.leader is not None else self.leader_revision
+            if known < event.record.epoch:
+                # Written by a later leader than the one we know of (perhaps one that
+                # leads now, which a "nobody" read before it could not see): read who
+                # leads before following, or campaigning under a floor above its epoch.
                 self.leader_known = False
                 self._read_leader(event.now, actions)
         if self.phase is Phase.CONFIRMING and event.sent >= self.confirm_since:
@@ -881,6 +893,10 @@ class Leadership:
         if now >= self.next_read:
             self._read_leader(now, actions)
             if self.leader is None or self.following is not None:
+                self._read_sync(now, actions)
+            elif self.phase is Phase.CONFIRMING:
+                # The read that confirms a win failed (or is late): send another,
+                # else the key we hold keeps everyone out while we never serve.
                 self._read_sync(now, actions)
         if self.phase is Phase.PRIMARY and now >= self.next_record:
             self._record_in_sync(now, actions)

@@ -10,15 +10,14 @@ core asks the leadership (``PrimaryCore.authority``) before it acknowledges a
 write: so a primary whose lease may have run out on its own clock answers
 nothing, even before the timer that fences it fires (after a pause, say).
 
-Which member the primary brings in sync (:meth:`Member.choose_backup`): the one
-etcd records as in sync if it is registered, else the others in turn, a member
-that just said it listens first.
+What happens between the leadership and the core (the gate, the core's news as
+events, feeding, the choice of backup) is ``pbkv.membership``'s, which the
+failover simulation drives too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import math
@@ -36,20 +35,16 @@ from pbkv.coordinator import (
 )
 from pbkv.leadership import (
     Action,
-    BackupInSync,
-    BackupLost,
     BecomeBackup,
     BecomePrimary,
     BecomeSpare,
     Campaign,
     CampaignAnswered,
     CampaignResult,
-    CopyChanged,
     EtcdFailed,
     Event,
     Fence,
     GrantLease,
-    Holding,
     KeepAlive,
     KeepaliveAnswered,
     LeaderObserved,
@@ -64,7 +59,6 @@ from pbkv.leadership import (
     Register,
     Resign,
     RevokeLease,
-    Started,
     Stop,
     StopFollowing,
     SyncObserved,
@@ -73,7 +67,7 @@ from pbkv.leadership import (
     address_of,
     member_name,
 )
-from pbkv.primary import PrimaryCore
+from pbkv.membership import Membership, parse_address
 
 if TYPE_CHECKING:
     from pbkv.node import Node
@@ -81,14 +75,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = ["Member", "parse_address"]
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (a member's address, as its name and the settings give it)."""
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"an address is HOST:PORT, not {text!r}")
-    return host.strip("[]"), int(port)
 
 
 class Member:
@@ -107,12 +93,7 @@ class Member:
         self.promotions = 0
         self.fencings = 0
         self.last_change = ""  # the reason of the last promotion or fencing
-        # Connection attempts per member since a backup last came in sync.
-        self._tries: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._reported_backup: str | None = None
-        self._reported_holding: Holding | None = None
-        self._events: collections.deque[Event] = collections.deque()
-        self._handling = False
+        self.membership = Membership(self.leadership, self.name, self._carry_out)
         self._wakeup: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = False
@@ -132,11 +113,8 @@ class Member:
             self.settings.coordinator,
             self.settings.lease_ttl,
         )
-        holding = self._holding()
-        self._reported_holding = holding
-        self._feed(Started(self._now(), self.name, holding))
+        self._feed(self.membership.started(self._now(), self.node.core))
         self._spawn(self._watch(), "pbkv-loop-watch")
-        self._spawn(self._refresh_members(), "pbkv-loop-members")
 
     async def stop(self) -> None:
         """Hand over now (fence, resign, revoke), waiting at most one request timeout."""
@@ -161,11 +139,11 @@ class Member:
 
     # -- what the node asks ----------------------------------------------------------------
     def may_serve(self) -> bool:
-        return self.leadership.may_serve(self._now())
+        return self.membership.may_serve(self._now())
 
     def authority(self, now: float, backup: str) -> bool:
         """Whether a write ``backup`` acknowledged may be acknowledged (the primary's core)."""
-        return self.leadership.may_acknowledge(now, backup)
+        return self.membership.authority(now, backup)
 
     def role_name(self) -> str:
         return self.leadership.role.value
@@ -204,79 +182,28 @@ class Member:
         return self.choose_backup()
 
     def choose_backup(self) -> tuple[str, int] | None:
-        """The member the primary connects to next (None: no other is registered).
-
-        The one tried least often since a backup last came in sync; among those the
-        recorded backup first (its copy is likely whole: a skip or a rollback rather
-        than a transfer), then the others in turn. So a recorded backup that cannot
-        be reached (a partition) is left for a spare after one attempt."""
-        registered: list[tuple[str, int]] = []
-        for info in self.members:
-            with contextlib.suppress(ValueError):
-                parsed = parse_address(address_of(info.member))
-                if parsed != self.address and parsed not in registered:
-                    registered.append(parsed)
-        if not registered:
-            return None
-        recorded: tuple[str, int] | None = None
-        record = self.leadership.record
-        if record is not None and record.backup is not None:
-            with contextlib.suppress(ValueError):
-                recorded = parse_address(address_of(record.backup))
-        tries = self._tries
-        choice = min(registered, key=lambda address: (tries[address], address != recorded))
-        tries[choice] += 1
-        return choice
-
-    def member_listening(self) -> None:
-        """A nudge arrived: someone listens. Refresh who is registered first."""
-        self._spawn(self._refresh_members(once=True))
+        """The member the primary connects to next (None: no other is registered)."""
+        registered = [info.member for info in self.members]
+        return self.membership.choose_backup(self.address, registered)
 
     def replication_changed(self) -> None:
         """The core's news: a backup came in sync or was lost, or our copy changed."""
-        core = self.node.core
-        if isinstance(core, PrimaryCore):
-            backup = core.in_sync_backup
-            if backup is not None:
-                self._tries.clear()
-            if backup != self._reported_backup:
-                previous, self._reported_backup = self._reported_backup, backup
-                now = self._now()
-                if previous is not None:
-                    self._feed(BackupLost(now, previous))
-                if backup is not None:
-                    self._feed(BackupInSync(now, backup))
-        else:
-            self._copy_changed()
+        for event in self.membership.replication_events(self.node.core, self._now()):
+            self._feed(event)
 
     # -- events in ---------------------------------------------------------------------------
     def _now(self) -> float:
         return self.node.clock()
 
-    def _holding(self) -> Holding:
-        core = self.node.core
-        return Holding(core.confirmed, core.copy_epoch, core.history, core.seq)
-
     def _copy_changed(self) -> None:
-        holding = self._holding()
-        if holding != self._reported_holding:
-            self._reported_holding = holding
-            self._feed(CopyChanged(self._now(), holding))
+        for event in self.membership.copy_events(self.node.core, self._now()):
+            self._feed(event)
 
     def _feed(self, event: Event) -> None:
-        """Hand ``event`` to the leadership and carry out what it says; events raised
-        while doing so (a role change tells us about the copy) queue behind it."""
-        self._events.append(event)
-        if self._handling:
+        """Hand ``event`` to the leadership (``Membership.feed``); once handled, send
+        the writes it may have allowed and plan the next tick."""
+        if not self.membership.feed(event):
             return
-        self._handling = True
-        try:
-            while self._events:
-                actions = self.leadership.handle(self._events.popleft())
-                for action in actions:
-                    self._carry_out(action)
-        finally:
-            self._handling = False
         self.node.flush_if_authorised()
         self._say_why_leaderless()
         self._schedule_wakeup()
@@ -322,14 +249,13 @@ class Member:
                 )
             )
             log.warning("%s", self.last_change)
-            self._reported_backup = None
+            self.membership.role_changed()
             node.become_primary(action.epoch, self.authority)
-            self._spawn(self._refresh_members(once=True))
         elif isinstance(action, Fence):
             self.fencings += 1
             self.last_change = f"fenced: {action.reason}"
             log.warning("primary fenced itself: %s", action.reason)
-            self._reported_backup = None
+            self.membership.role_changed()
             node.fence(action.reason)
         elif isinstance(action, BecomeBackup | BecomeSpare):
             role = "backup" if isinstance(action, BecomeBackup) else "spare"
@@ -483,19 +409,3 @@ class Member:
                     self._feed(LeaderObserved(self._now(), event.leader, event.revision))
                 else:
                     self._feed(EtcdFailed(self._now(), Operation.WATCH, event.reason))
-
-    async def _refresh_members(self, once: bool = False) -> None:
-        """Who is registered (the primary's choice of backup), every read interval."""
-        while True:
-            try:
-                self.members = await self._etcd.members()
-            except CoordinatorError as exc:
-                log.debug("etcd member list failed: %s", exc)
-            else:
-                core = self.node.core
-                if once and isinstance(core, PrimaryCore) and not core.channel_up:
-                    core.backup_listening(self._now())
-                    core.drain(self.node)
-            if once:
-                return
-            await asyncio.sleep(self.timing.read_interval)

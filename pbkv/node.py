@@ -34,11 +34,13 @@ from pbkv.limits import (
     raise_file_limit,
 )
 from pbkv.metrics import GcPauses, LoopLag, Metrics
+from pbkv.persist import PersistError, Record, State
+from pbkv.persist.driver import Persistence
 from pbkv.primary import PrimaryCore
 from pbkv.roles import demoted, promoted
 from pbkv.routes import LISTENING_PATH
 from pbkv.stages import Role, Stage
-from pbkv.store import make_store
+from pbkv.store import ShardedStore, make_store
 from pbkv.wire import UPGRADE_PATH, UPGRADE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,9 @@ class Node:
         else:
             self.address = settings.address_of(self.role)
             self.peer_address = settings.address_of(self.role.peer)
+        self.persistence: Persistence | None = None
+        if settings.persistent:
+            self.persistence = self._recover(store)
         self.limits = Limits(settings.max_key_bytes, settings.max_value_bytes)
         self.access = access_for(settings, role, member=member_address is not None)
         self.connections: set[HttpProtocol] = set()
@@ -244,6 +249,42 @@ class Node:
 
             self.member = Member(self, settings, member_address)
 
+    def _recover(self, store: ShardedStore) -> Persistence:
+        """Open this server's data folder and load its data into ``store``, before we
+        serve anything: the core then holds a *recovered* copy (``stages.plan``).
+        Damage stops the start with the file and offset (a torn last record is cut)."""
+        core = self.core
+        try:
+            persistence = Persistence(
+                self.settings, self.address, self.loop, self._disk_failed, self._disk_healed
+            )
+            state = persistence.recover(store, State(core.history, core.seq, core.copy_epoch))
+        except (PersistError, OSError) as exc:
+            log.error("%s cannot start: %s", self.role, exc)
+            raise SystemExit(1) from None
+        if state is not None:
+            core.history, core.seq, core.copy_epoch = state.history, state.seq, state.epoch
+            core.recovered = True
+            if isinstance(core, PrimaryCore):
+                core.sent_seq = state.seq
+        return persistence
+
+    def _disk_failed(self, reason: str) -> None:
+        """A record or a base could not be written: what was held for it was answered as
+        a failure, and until a new base is in place writes are refused (a primary) or
+        the replication channel is refused (a backup: its ACKs would say the batches
+        are on its disk; the primary rewinds what it had in flight)."""
+        log.error("%s persistence failed, refusing writes until it heals: %s", self.role, reason)
+        if isinstance(self.core, BackupCore):
+            if self.channel is not None:
+                self.channel_broken(self.channel, f"this server's disk failed: {reason}")
+            for candidate in list(self.candidates.values()):
+                candidate.close()
+                self.channel_broken(candidate, "this server's disk failed")
+
+    def _disk_healed(self) -> None:
+        log.warning("%s persistence works again", self.role)
+
     # -- lifecycle ---------------------------------------------------------------
     async def run(self, listening: Callable[[], None] | None = None) -> None:
         """Serve until ``stopped`` is set; ``listening()`` is called once we listen."""
@@ -274,6 +315,8 @@ class Node:
         log.info("%s listening on %s:%d (store %s)", self.role, host, port, store_kind(self.core))
         log_trust(self.settings)
         self.gc_pauses.install()
+        if self.persistence is not None:
+            self.persistence.start()
         self.core.start(self.clock())
         self.core.drain(self)
         if self.member is not None:
@@ -304,6 +347,8 @@ class Node:
                     connection.transport.close()
             for task in list(self._tasks):
                 task.cancel()
+            if self.persistence is not None:
+                self.persistence.close()
             log.info("%s stopped", self.role)
 
     def shutdown(self) -> None:
@@ -423,6 +468,13 @@ class Node:
         if member is not None and not member.may_serve():
             return self._not_primary()
         core = self.core
+        persistence = self.persistence
+        if persistence is not None and isinstance(core, PrimaryCore):
+            refused = persistence.refusal()  # before anything is applied
+            if refused is not None and not (idempotency and core.remembers(idempotency)):
+                return refused  # (a retry of a key seen before gets that write's reply)
+            if persistence.always:
+                reply = persistence.durable(reply)  # answered once its batch is on disk
         if idempotency is not None:
             core.now = self.clock()  # a standalone primary stamps its table with it
         outcome = core.submit(command, key, value, reply, idempotency)
@@ -456,6 +508,8 @@ class Node:
         status["gc_pause_max_ms"] = [round(pause * 1000, 1) for pause in self.gc_pauses.longest]
         if self.member is not None:
             status.update(self.member.status(now))
+        if self.persistence is not None:
+            status["persistence"] = self.persistence.status()
         return status
 
     def metrics(self) -> tuple[bytes, str]:
@@ -465,8 +519,6 @@ class Node:
         """A nudge arrived: the primary's core decides whether to connect now."""
         core = self.core
         if isinstance(core, PrimaryCore):
-            if self.member is not None:
-                self.member.member_listening()
             core.backup_listening(self.clock())
             core.drain(self)
 
@@ -474,6 +526,9 @@ class Node:
         core = self.core
         if not isinstance(core, BackupCore):  # a member that leads now takes no channel
             transport.close()
+            return
+        if self.persistence is not None and self.persistence.failed is not None:
+            transport.close()  # its ACKs would claim what its disk does not hold
             return
         ident = next(self._channel_numbers)
         channel = ChannelProtocol(self, upgraded=True, ident=ident)
@@ -526,7 +581,20 @@ class Node:
     def send(self, data: bytes) -> None:
         channel = self.channel
         if channel is not None:
-            channel.write(data)
+            persistence = self.persistence
+            if persistence is not None and persistence.holding and self.role is Role.BACKUP:
+                # An ACK (or a SYNC_ACK) says the data is here: on disk first.
+                persistence.hold(lambda: channel.write(data))
+            else:
+                channel.write(data)
+
+    def persist(self, record: Record) -> None:
+        if self.persistence is not None:
+            self.persistence.persist(record)
+
+    def persist_all(self, state: State) -> None:
+        if self.persistence is not None:
+            self.persistence.persist_all(state, self.core.store)
 
     def send_to_candidate(self, candidate: int, data: bytes) -> None:
         channel = self.candidates.get(candidate)

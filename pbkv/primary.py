@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pbkv import auth
-from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, SyncChanged, Timer
+from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, Timer
 from pbkv.commands import (
     KEY_REUSED,
     REPLICATION_FAILED,
@@ -282,7 +282,7 @@ class PrimaryCore(ReplicationCore):
 
     def on_channel_lost(self, reason: str) -> None:
         if self.stage is Stage.IN_SYNC:
-            self.outbox.append(SyncChanged())
+            self.note_sync_changed()
         self.plan = None
         self._rewind(reason)
         self.schedule_retry()
@@ -349,6 +349,10 @@ class PrimaryCore(ReplicationCore):
             self.flush_pending = True
             self.outbox.append(FlushSoon())
         return None
+
+    def remembers(self, ident: str) -> bool:
+        """Whether a write with Idempotency-Key ``ident`` is in flight or remembered."""
+        return ident in self.keyed or self.store.idempotency.get(ident) is not None
 
     def _submit_keyed(
         self, command: Command, key: str, value: str | None, reply: Reply, ident: str
@@ -480,6 +484,7 @@ class PrimaryCore(ReplicationCore):
             if pending is not None and pending[1] == seq:
                 del overlay[key]
         self.seq = seq
+        self.persist_batch(seq, ops)  # before the answers: they wait for it to be durable
         self.batches_acked += 1
         self.writes_replicated += len(ops) // 2
         self.ack_seconds_total += self.now - batch.sent_at
@@ -540,9 +545,12 @@ class PrimaryCore(ReplicationCore):
             log.info("primary resync: partial: %s", reason)
             self.send(Rollback(self.seq, store.checksum, len(store)))
         elif directive is Directive.SEND:
+            if not self.confirmed:  # a copy recovered from disk: the backup needs it
+                self.fire(Event.BACKUP_NEEDS_DATA, reason)
             log.info("primary resync: full transfer: %s", reason)
             self.start_sending_snapshot()
         elif directive is Directive.FETCH:
+            self.recovered = False  # the store is refilled from the backup's
             self.fire(Event.BACKUP_HOLDS_DATA, reason)
             self.receiver = SnapshotReceiver(store)
             self.complete_shards = self.receiver.complete_shards
@@ -598,11 +606,12 @@ class PrimaryCore(ReplicationCore):
         decided, hello = self.plan, self.peer_hello
         assert decided is not None and hello is not None, "a SYNC_ACK comes only after the hello"
         self.note_resync(decided.directive.resync, hello)
+        self.persist_synced(decided.directive in (Directive.FETCH, Directive.START_EMPTY))
         how = decided.directive.value
         self.fire(
             Event.SYNC_CONFIRMED, f"{len(self.store)} pairs {how} the backup, checksums match"
         )
-        self.outbox.append(SyncChanged())
+        self.note_sync_changed()
         return Step.STREAMING
 
     def status(self, now: float) -> dict[str, Any]:

@@ -34,6 +34,7 @@ def _carry(old: ReplicationCore, new: ReplicationCore) -> None:
     new.history = old.history
     new.seq = old.seq
     new.confirmed = old.confirmed
+    new.recovered = old.recovered
     new.copy_epoch = old.copy_epoch
     new.epoch_seen = old.epoch_seen
     new.member = old.member

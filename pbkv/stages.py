@@ -368,8 +368,17 @@ class Handshake:
 #    same history, not behind, and can undo back to our seq into exactly our
 #    data (the batches whose acknowledgement we never saw); else it SENDs its data.
 # 5. A primary without confirmed data (freshly started) FETCHes the backup's
-#    data when the backup holds a confirmed copy,
-# 6. and otherwise neither copy is confirmed: it STARTs EMPTY and sends that.
+#    data when the backup holds a confirmed copy.
+# 6. Neither copy is confirmed, but one or both were *recovered* (loaded from disk
+#    at start, with ``persistence`` set): a recovered copy wins over one that was
+#    not (an empty start); of two recovered copies the newer wins: the higher
+#    epoch, then the higher seq (the primary's on a tie).  Writes need both
+#    servers, so of one history the copy with the higher seq holds every batch
+#    the other holds, and more: batches in flight when both went down, never
+#    acknowledged.  A primary SENDs its newer copy (the backup's extra batches
+#    are dropped: they were never acknowledged) or FETCHes the backup's.
+# 7. Otherwise neither copy holds anything worth keeping: the primary STARTs
+#    EMPTY and sends that.
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,6 +403,8 @@ class Copy:
     epoch: int = 0  # the epoch under which this copy was last confirmed (and written)
     # The epoch its holder acts under: a primary's own, a backup's highest seen.
     serving: int = 0
+    # Loaded from disk at start, not yet confirmed by a peer (``persistence``).
+    recovered: bool = False
 
     @classmethod
     def of(cls, hello: Hello) -> Copy:
@@ -407,6 +418,7 @@ class Copy:
             undo,
             hello.copy_epoch,
             hello.epoch,
+            hello.recovered,
         )
 
 
@@ -480,7 +492,30 @@ def plan(ours: Copy, theirs: Copy) -> Plan:
         return Plan(Directive.SEND, why_not)
     if theirs.confirmed:
         return Plan(Directive.FETCH, f"backup holds {theirs.count} confirmed pairs")
+    if ours.recovered or theirs.recovered:
+        return recovered_plan(ours, theirs)
     return Plan(Directive.START_EMPTY, "no confirmed data on either side: start empty")
+
+
+def recovered_plan(ours: Copy, theirs: Copy) -> Plan:
+    """Rule 6: neither copy is confirmed, at least one was recovered from disk."""
+    if not theirs.recovered:
+        return Plan(
+            Directive.SEND,
+            f"the primary recovered {ours.count} pairs from disk (seq {ours.seq}); "
+            "the backup holds no confirmed or recovered copy",
+        )
+    if not ours.recovered:
+        return Plan(
+            Directive.FETCH,
+            f"the backup recovered {theirs.count} pairs from disk (seq {theirs.seq}); "
+            "the primary holds no confirmed or recovered copy",
+        )
+    both = f"both recovered from disk: the primary's seq {ours.seq} epoch {ours.epoch}, "
+    both += f"the backup's seq {theirs.seq} epoch {theirs.epoch}"
+    if (theirs.epoch, theirs.seq) > (ours.epoch, ours.seq):
+        return Plan(Directive.FETCH, f"{both}: the backup's copy is newer")
+    return Plan(Directive.SEND, f"{both}: the primary's copy is as new or newer")
 
 
 def why_no_rollback(ours: Copy, theirs: Copy) -> str | None:
@@ -531,7 +566,7 @@ def refusal(directive: Directive, target: State | None, ours: Copy, theirs: Copy
             or all(state.seq != target.seq for state in ours.undo)
         ):
             return f"cannot roll back to seq {target.seq}"
-    elif directive is Directive.FETCH and not ours.confirmed:
+    elif directive is Directive.FETCH and not (ours.confirmed or ours.recovered):
         return "fetch asked of a backup without confirmed data"
     return None
 

@@ -287,6 +287,7 @@ class Hello(Frame):
         _undo_points,
         _epoch,
         _member,
+        _flag,
     )
     role: str
     confirmed: bool  # a peer verified our data (see the README)
@@ -300,6 +301,8 @@ class Hello(Frame):
     copy_epoch: int = 0
     # With a coordinator: the sender's member name (what the in-sync record names).
     member: str = ""
+    # Our data was loaded from disk at start and no peer has confirmed it since.
+    recovered: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,14 +32,16 @@ class HeldRequest(NamedTuple):
 class PendingReply:
     """One request's place in the queue."""
 
-    __slots__ = ("data", "stream", "close")
+    __slots__ = ("data", "stream", "close", "target")
 
-    def __init__(self, close: bool) -> None:
+    def __init__(self, close: bool, target: bytes | None = None) -> None:
         # The reply, or its head when a stream follows; None until it is known.
         self.data: bytes | None = None
         # The rest of the reply, produced as the client reads it (a large dump).
         self.stream: DumpStream | None = None
         self.close = close  # close the connection once it is sent
+        # The request's target, for a redirect to the primary (None: not kept).
+        self.target = target
 
 
 class ReplyQueue(collections.deque[PendingReply]):

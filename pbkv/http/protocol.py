@@ -39,6 +39,7 @@ from pbkv.http.reader import Phase, RequestReader
 from pbkv.http.replies import (
     CONTINUE,
     COURSE_FAILURES,
+    MAX_REDIRECT_TARGET,
     TRUE,
     RequestError,
     error_body,
@@ -105,6 +106,7 @@ class HttpProtocol(asyncio.Protocol):
         self.connections = connections
         self.guard = guard if guard is not None else Guard()
         self.transport: asyncio.Transport | None = None
+        self.scheme = b"http"  # of a redirect to the primary: the scheme we speak
         self.reader = RequestReader(self, limits, self.guard)
         self._pending = ReplyQueue()
         self._after_reply: Callable[[], None] | None = None
@@ -124,6 +126,8 @@ class HttpProtocol(asyncio.Protocol):
         # A stream server's connection: the transport is a full asyncio.Transport.
         self.transport = transport = cast(asyncio.Transport, transport)
         self.connections.add(self)
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = b"https"
         guard = self.guard
         bounds = guard.limits
         transport.set_write_buffer_limits(high=bounds.max_reply_buffer)
@@ -170,11 +174,15 @@ class HttpProtocol(asyncio.Protocol):
         reader = self.reader
         parser = reader.parser
         pending = self._pending
-        reply = PendingReply(not parser.should_keep_alive())
+        url = reader.url
+        # The target is kept for a redirect to the primary, unless too long to repeat.
+        reply = PendingReply(
+            not parser.should_keep_alive(), url if len(url) <= MAX_REDIRECT_TARGET else None
+        )
         pending.append(reply)
         path = b""
         try:
-            path, query = split_target(reader.url)
+            path, query = split_target(url)
             method = parser.get_method()
             if self.access.client_token is not None:
                 check_client_token(self.access, path, reader.authorization)
@@ -427,7 +435,9 @@ class HttpProtocol(asyncio.Protocol):
                 self._stream_dump(reply, outcome.source)
                 return
             outcome = Dumped(list(outcome.source.items()))  # small: one reply as before
-        status, body, extra = outcome_reply(command, outcome, self.errors)
+        status, body, extra = outcome_reply(
+            command, outcome, self.errors, reply.target, self.scheme
+        )
         self._reply(reply, status, body, extra)
 
     def _refuse(self, reply: PendingReply, path: bytes, status: int, message: str) -> None:

@@ -21,6 +21,7 @@ import orjson
 from pbkv.commands import (
     Command,
     Counted,
+    DiskFailed,
     Done,
     Dumped,
     KeyReused,
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 _REASONS = {
     200: b"OK",
+    307: b"Temporary Redirect",
     400: b"Bad Request",
     401: b"Unauthorized",
     403: b"Forbidden",
@@ -83,9 +85,17 @@ _MISS = b'{"success":"false","value":""}'
 
 
 def outcome_reply(
-    command: Command, outcome: Outcome, errors: str = "course"
+    command: Command,
+    outcome: Outcome,
+    errors: str = "course",
+    target: bytes | None = None,
+    scheme: bytes = b"http",
 ) -> tuple[int, bytes, bytes]:
-    """(status, body, extra headers) for an outcome of ``command`` in error mode ``errors``."""
+    """(status, body, extra headers) for an outcome of ``command`` in error mode ``errors``.
+
+    ``target`` is the request target (None: unknown, or too long to repeat in a
+    header): with it, a refusal naming the primary is a 307 in ``http`` mode.
+    """
     if isinstance(outcome, Done):
         if command is Command.GET or command is Command.DELETE:
             if not outcome.ok:
@@ -100,9 +110,18 @@ def outcome_reply(
         return refusal_reply(errors, COMMAND_PATHS[command], 503, "replication failed", None, RETRY)
     if isinstance(outcome, Refused):
         stage = outcome.stage.value
-        if outcome.primary is not None:
-            message = f"this server is the backup; send writes to the primary at {outcome.primary}"
-            fields = {"stage": stage, "primary": outcome.primary}
+        primary = outcome.primary
+        if primary is not None:
+            asked = "reads" if command.is_read else "writes"
+            message = f"this server is the {outcome.role}; send {asked} to the primary at {primary}"
+            fields = {"stage": stage, "primary": primary}
+            if errors == "http" and target is not None:
+                location = b"Location: %s://%s%s\r\n" % (
+                    scheme,
+                    _authority(primary),
+                    _origin_form(target),
+                )
+                return 307, error_body(message, **fields), location
         else:
             message = f"not accepting this request in stage {stage}"
             fields = {"stage": stage}
@@ -113,7 +132,42 @@ def outcome_reply(
     if isinstance(outcome, KeyReused):
         message = "Idempotency-Key already used for another request: nothing applied"
         return refusal_reply(errors, COMMAND_PATHS[command], 422, message)
+    if isinstance(outcome, DiskFailed):
+        if outcome.applied:
+            message = (
+                f"disk error: the write did not reach this server's disk ({outcome.reason}); "
+                "not acknowledged: it may or may not survive"
+            )
+            return refusal_reply(errors, COMMAND_PATHS[command], 503, message, None, RETRY)
+        message = f"disk error: writes refused until it clears ({outcome.reason})"
+        return refusal_reply(errors, COMMAND_PATHS[command], 507, message, None, RETRY)
     raise TypeError(f"unknown outcome {outcome!r}")
+
+
+# The longest request target a redirect repeats in its Location header; a longer one
+# (a value sent in the query string) gets the plain 503 that names the primary: many
+# clients refuse header lines this long, and the reply would double the request.
+MAX_REDIRECT_TARGET = 8192
+
+
+def _authority(primary: str) -> bytes:
+    """``host:port`` as a URL's authority (an IPv6 host in brackets), safe in a header."""
+    host, _, port = primary.rpartition(":")
+    if ":" in host and not host.startswith("["):
+        primary = f"[{host}]:{port}"
+    return header_text(primary).replace(b" ", b"%20")
+
+
+def _origin_form(target: bytes) -> bytes:
+    """The path and query of a request target (``/kv/insert?key=k``), also from the
+    absolute form (``http://host/kv/insert?key=k``) that proxies send. The reader
+    has percent-encoded any byte >= 0x80 already."""
+    if target.startswith(b"/"):
+        return target.partition(b"#")[0]
+    from pbkv.http.params import split_target  # params imports this module
+
+    path, query = split_target(target)
+    return path if query is None else path + b"?" + query
 
 
 # -- refusals: the one place where the error mode shapes the reply ------------------------

@@ -35,7 +35,14 @@ from pbkv import config
 from pbkv.client import Client, tls_context
 from pbkv.launcher import process_alive
 
-__all__ = ["FAST_SETTINGS", "LocalPair", "free_port", "process_alive", "wait_for"]
+__all__ = [
+    "FAST_SETTINGS",
+    "LocalPair",
+    "ServerProcesses",
+    "free_port",
+    "process_alive",
+    "wait_for",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / "bin"
@@ -86,7 +93,38 @@ def wait_for(
         time.sleep(interval)
 
 
-class LocalPair:
+class ServerProcesses:
+    """Server processes a test started: killed (stopped ones too) at ``cleanup`` or
+    at the end of a ``with`` block."""
+
+    def pids(self) -> list[int | None]:
+        """The pid of each server, None where it has none."""
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        """Kill whatever still runs (stopped processes included)."""
+        for pid in self.pids():
+            if pid is None or not process_alive(pid):
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+
+class LocalPair(ServerProcesses):
     """Both servers of one pair, started by the real scripts in ``directory``."""
 
     def __init__(self, directory: str | os.PathLike[str], **settings: str) -> None:
@@ -209,28 +247,8 @@ class LocalPair:
             wait_for(lambda: not process_alive(pid), timeout, what=f"{role} to exit")
             self.pid_file(role).unlink(missing_ok=True)
 
-    def cleanup(self) -> None:
-        """Kill whatever still runs (stopped processes included)."""
-        for role in ROLES:
-            pid = self.pid(role)
-            if pid is None or not process_alive(pid):
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    def pids(self) -> list[int | None]:
+        return [self.pid(role) for role in ROLES]
 
     # -- talking to the servers ---------------------------------------------------------
     def _client(self, host: str, port: int, timeout: float) -> Client:

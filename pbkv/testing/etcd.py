@@ -220,15 +220,28 @@ class EtcdServer:
         self.start(timeout)
 
     def pause(self) -> None:
-        """SIGSTOP: etcd keeps its sockets open and answers nothing."""
+        """SIGSTOP: etcd keeps its sockets open and answers nothing. Returns once the
+        kernel says it is stopped (the signal is delivered asynchronously: a request
+        sent at once could still be answered)."""
         if self.process is None:
             raise RuntimeError("etcd is not running")
         self.process.send_signal(signal.SIGSTOP)
+        self._wait_state(stopped=True)
 
     def resume(self) -> None:
         if self.process is None:
             raise RuntimeError("etcd is not running")
         self.process.send_signal(signal.SIGCONT)
+        self._wait_state(stopped=False)
+
+    def _wait_state(self, stopped: bool, timeout: float = 10.0) -> None:
+        """Poll /proc until the process is (or is no longer) stopped."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while _stopped(self.process.pid) != stopped:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"etcd did not {'stop' if stopped else 'resume'} in time")
+            time.sleep(0.005)
 
     def cleanup(self) -> None:
         """Kill etcd and remove its directory when this object created it."""
@@ -261,3 +274,12 @@ class EtcdServer:
 def _kill_leftovers() -> None:
     for server in list(_running):
         server.kill()
+
+
+def _stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by a signal (state T in /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] in ("T", "t")
+    except OSError:
+        return False

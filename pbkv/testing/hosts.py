@@ -53,11 +53,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from types import TracebackType
 from typing import Any, Self
 
 from pbkv.launcher import process_alive
-from pbkv.testing.netns import TopologyError, _entered, _tool, remove_stale
+from pbkv.testing.netns import Namespaces, TopologyError, _tool, remove_stale
 
 __all__ = ["CLIENT", "Hosts", "TopologyError", "available"]
 
@@ -72,7 +71,7 @@ _COMMAND_TIMEOUT = 20.0
 _built: set[Hosts] = set()
 
 
-class Hosts:
+class Hosts(Namespaces):
     """Hosts in namespaces on one bridge, and a hub for the client; see the module
     docstring.  ``hosts`` is a list of names or a count (names ``h1``, ``h2``, ...)."""
 
@@ -164,28 +163,6 @@ class Hosts:
         while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    def __enter__(self) -> Self:
-        return self.create()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
-
-    # -- running things in a host --------------------------------------------------------
-    def command(self, host: str, *argv: str) -> list[str]:
-        """``argv`` prefixed to run in ``host``'s namespace (for ``subprocess``)."""
-        return [self._ip, "netns", "exec", self.namespaces[host], *argv]
-
-    def run(
-        self, host: str, *argv: str, check: bool = True, timeout: float = _COMMAND_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` in ``host``'s namespace and wait for it."""
-        return self._run(self.command(host, *argv), check=check, timeout=timeout)
-
     def popen(self, host: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` in ``host``'s namespace in the background.  ``ip netns
         exec`` execs it, so the process's pid is the command's own (kill -9 hits
@@ -199,11 +176,6 @@ class Hosts:
         """Every process living in ``host``'s namespace."""
         listed = self._run([self._ip, "netns", "pids", self.namespaces[host]], check=False)
         return [int(word) for word in listed.stdout.split() if word.isdigit()]
-
-    def inside(self, host: str) -> contextlib.AbstractContextManager[None]:
-        """Context manager: the calling thread's new sockets live in ``host``'s
-        namespace (``CLIENT`` for the hub) until the block ends."""
-        return _entered(f"/run/netns/{self.namespaces[host]}")
 
     # -- faults ---------------------------------------------------------------------------
     def isolate(self, host: str, keep_reachable_from: str | Iterable[str] = CLIENT) -> None:
@@ -257,23 +229,6 @@ class Hosts:
     # -- plumbing ---------------------------------------------------------------------------
     def _iptables_cmd(self, host: str, *args: str) -> None:
         self.run(host, self._iptables, "-w", *args)
-
-    def _ip_cmd(self, *args: str) -> None:
-        self._run([self._ip, *args])
-
-    @staticmethod
-    def _run(
-        argv: Sequence[str], check: bool = True, timeout: float = _COMMAND_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-        if check and result.returncode != 0:
-            raise TopologyError(
-                f"{' '.join(argv)} failed ({result.returncode}): "
-                f"{(result.stderr or result.stdout).strip()}"
-            )
-        return result
 
 
 @atexit.register

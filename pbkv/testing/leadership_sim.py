@@ -148,6 +148,119 @@ MACHINES: dict[Bug | None, type[Leadership]] = {
 }
 
 
+# -- a member's etcd calls on the model --------------------------------------------------
+
+
+@dataclass
+class EtcdCalls:
+    """A member's etcd calls through its session to the model, as ``pbkv.member`` makes
+    them on etcd: each answer (or failure, or time-out) goes back as the leadership's
+    event, stamped with the member's ``clock``."""
+
+    coordination: Coordination
+    session: EtcdSession
+    clock: Callable[[], float]
+    feed: Callable[[Event], None]
+
+    def carry_out(
+        self, action: Action, on_record: Callable[[int | None], None] | None = None
+    ) -> bool:
+        """Send ``action`` if it is an etcd call (False: it is not). ``on_record`` hears
+        of every in-sync record as applied at etcd (its revision, or None: refused)."""
+        coord, session, clock, feed = self.coordination, self.session, self.clock, self.feed
+        etcd = coord.etcd
+        sent = clock()
+
+        def failed(operation: Operation) -> Callable[[Reply[Any]], None]:
+            def on_reply(reply: Reply[Any]) -> None:
+                feed(EtcdFailed(clock(), operation))
+
+            return on_reply
+
+        if isinstance(action, GrantLease):
+
+            def granted(reply: Reply[Lease]) -> None:
+                if isinstance(reply, Answered):
+                    lease = reply.value
+                    feed(LeaseGranted(clock(), sent, lease.id, lease.ttl))
+                else:
+                    failed(Operation.GRANT)(reply)
+
+            session.call(lambda now: coord.grant(now, action.ttl), granted)
+        elif isinstance(action, KeepAlive):
+
+            def kept(reply: Reply[float | None]) -> None:
+                if isinstance(reply, Answered):
+                    feed(KeepaliveAnswered(clock(), sent, action.lease, reply.value))
+                else:
+                    failed(Operation.KEEPALIVE)(reply)
+
+            session.call(lambda now: etcd.keepalive(now, action.lease), kept)
+        elif isinstance(action, RevokeLease):
+            session.call(lambda now: etcd.revoke(now, action.lease), lambda _: None)
+        elif isinstance(action, ReadLeader):
+
+            def leader_read(reply: Reply[LeaderRead]) -> None:
+                if isinstance(reply, Answered):
+                    read = reply.value
+                    feed(LeaderObserved(clock(), read.leader, read.revision))
+                else:
+                    failed(Operation.READ_LEADER)(reply)
+
+            session.call(coord.leader, leader_read)
+        elif isinstance(action, ReadSync):
+
+            def sync_read(reply: Reply[SyncRead]) -> None:
+                if isinstance(reply, Answered):
+                    read = reply.value
+                    feed(SyncObserved(clock(), sent, read.record, read.mod_revision))
+                else:
+                    failed(Operation.READ_SYNC)(reply)
+
+            session.call(coord.sync, sync_read)
+        elif isinstance(action, Campaign):
+            lease = Lease(action.lease, TIMING.ttl)
+
+            def campaigned(reply: Reply[int | None]) -> None:
+                result, epoch = CampaignResult.INDETERMINATE, None
+                if isinstance(reply, Answered):
+                    epoch = reply.value
+                    result = CampaignResult.LOST if epoch is None else CampaignResult.WON
+                elif isinstance(reply, Failed) and isinstance(reply.error, LeaseNotFound):
+                    result = CampaignResult.LEASE_GONE
+                feed(CampaignAnswered(clock(), sent, action.lease, result, epoch))
+
+            session.call(lambda now: coord.campaign(now, action.member, lease), campaigned)
+        elif isinstance(action, RecordSync):
+
+            def recorded(reply: Reply[int | None]) -> None:
+                result, revision = RecordResult.FAILED, None
+                if isinstance(reply, Answered):
+                    revision = reply.value
+                    result = RecordResult.REFUSED if revision is None else RecordResult.OK
+                feed(RecordSyncAnswered(clock(), action.epoch, action.backup, result, revision))
+
+            def record(now: float) -> int | None:
+                done = coord.record_sync(now, action.epoch, action.backup, expected=action.expected)
+                if on_record is not None:
+                    on_record(done)
+                return done
+
+            session.call(record, recorded)
+        elif isinstance(action, Resign):
+            session.call(lambda now: coord.resign(now, action.epoch), lambda _: None)
+        elif isinstance(action, Register):
+            lease = Lease(action.lease, TIMING.ttl)
+
+            def register(now: float) -> None:
+                coord.register(now, action.member, action.info, lease)
+
+            session.call(register, lambda _: None)
+        else:
+            return False
+        return True
+
+
 # -- the simulation ----------------------------------------------------------------------
 
 
@@ -317,108 +430,14 @@ class Simulation:
         for action in member.machine.handle(event):
             self.carry_out(member, action)
 
-    def call(
-        self, member: Member, operation: Callable[[float], Any], on_reply: Callable[[Any], None]
-    ) -> None:
-        assert member.session is not None
-        member.session.call(operation, on_reply)
-
     def carry_out(self, member: Member, action: Action) -> None:
-        coord, sent = self.coordination, self.local(member)
-
-        def failed(operation: Operation) -> Callable[[Reply[Any]], None]:
-            def on_reply(reply: Reply[Any]) -> None:
-                self.feed(member, EtcdFailed(self.local(member), operation))
-
-            return on_reply
-
-        if isinstance(action, GrantLease):
-
-            def granted(reply: Reply[Lease]) -> None:
-                if isinstance(reply, Answered):
-                    lease = reply.value
-                    self.feed(member, LeaseGranted(self.local(member), sent, lease.id, lease.ttl))
-                else:
-                    failed(Operation.GRANT)(reply)
-
-            self.call(member, lambda now: coord.grant(now, action.ttl), granted)
-        elif isinstance(action, KeepAlive):
-
-            def kept(reply: Reply[float | None]) -> None:
-                if isinstance(reply, Answered):
-                    event = KeepaliveAnswered(self.local(member), sent, action.lease, reply.value)
-                    self.feed(member, event)
-                else:
-                    failed(Operation.KEEPALIVE)(reply)
-
-            self.call(member, lambda now: self.etcd.keepalive(now, action.lease), kept)
-        elif isinstance(action, RevokeLease):
-            self.call(member, lambda now: self.etcd.revoke(now, action.lease), lambda _: None)
-        elif isinstance(action, ReadLeader):
-
-            def leader_read(reply: Reply[LeaderRead]) -> None:
-                if isinstance(reply, Answered):
-                    read = reply.value
-                    self.feed(
-                        member, LeaderObserved(self.local(member), read.leader, read.revision)
-                    )
-                else:
-                    failed(Operation.READ_LEADER)(reply)
-
-            self.call(member, coord.leader, leader_read)
-        elif isinstance(action, ReadSync):
-
-            def sync_read(reply: Reply[SyncRead]) -> None:
-                if isinstance(reply, Answered):
-                    read = reply.value
-                    event = SyncObserved(self.local(member), sent, read.record, read.mod_revision)
-                    self.feed(member, event)
-                else:
-                    failed(Operation.READ_SYNC)(reply)
-
-            self.call(member, coord.sync, sync_read)
-        elif isinstance(action, Campaign):
-            lease = Lease(action.lease, TIMING.ttl)
-
-            def campaigned(reply: Reply[int | None]) -> None:
-                result, epoch = CampaignResult.INDETERMINATE, None
-                if isinstance(reply, Answered):
-                    epoch = reply.value
-                    result = CampaignResult.LOST if epoch is None else CampaignResult.WON
-                elif isinstance(reply, Failed) and isinstance(reply.error, LeaseNotFound):
-                    result = CampaignResult.LEASE_GONE
-                event = CampaignAnswered(self.local(member), sent, action.lease, result, epoch)
-                self.feed(member, event)
-
-            self.call(member, lambda now: coord.campaign(now, action.member, lease), campaigned)
-        elif isinstance(action, RecordSync):
-
-            def recorded(reply: Reply[int | None]) -> None:
-                result, revision = RecordResult.FAILED, None
-                if isinstance(reply, Answered):
-                    revision = reply.value
-                    result = RecordResult.REFUSED if revision is None else RecordResult.OK
-                event = RecordSyncAnswered(
-                    self.local(member), action.epoch, action.backup, result, revision
-                )
-                self.feed(member, event)
-
-            def record(now: float) -> int | None:
-                done = coord.record_sync(now, action.epoch, action.backup, expected=action.expected)
-                self.record_ever = self.record_ever or done is not None
-                return done
-
-            self.call(member, record, recorded)
-        elif isinstance(action, Resign):
-            self.call(member, lambda now: coord.resign(now, action.epoch), lambda _: None)
-        elif isinstance(action, Register):
-            lease = Lease(action.lease, TIMING.ttl)
-
-            def register(now: float) -> None:
-                coord.register(now, action.member, action.info, lease)
-
-            self.call(member, register, lambda _: None)
-        elif isinstance(action, StopFollowing):
+        assert member.session is not None
+        calls = EtcdCalls(
+            self.coordination, member.session, lambda: self.local(member), self.feed_to(member)
+        )
+        if calls.carry_out(action, self.recorded):
+            return
+        if isinstance(action, StopFollowing):
             self.stop_following(member)
         elif isinstance(action, BecomePrimary):
             self.promoted(member, action.epoch)
@@ -431,6 +450,12 @@ class Simulation:
             self.trace.append(f"{self.now:.3f} {member.name} fenced: {action.reason}")
             member.leads = None
             member.in_sync = None
+
+    def feed_to(self, member: Member) -> Callable[[Event], None]:
+        return lambda event: self.feed(member, event)
+
+    def recorded(self, revision: int | None) -> None:
+        self.record_ever = self.record_ever or revision is not None
 
     def stop_following(self, member: Member) -> None:
         member.follows = None

@@ -21,18 +21,24 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from pbkv.client import Client, PbkvError
-from pbkv.testing.cluster import BIN, FAST_SETTINGS, free_port, process_alive, wait_for
+from pbkv.testing.cluster import (
+    BIN,
+    FAST_SETTINGS,
+    ServerProcesses,
+    free_port,
+    process_alive,
+    wait_for,
+)
 
 __all__ = ["LocalMembers"]
 
 SECRET = "members-test-secret"
 
 
-class LocalMembers:
+class LocalMembers(ServerProcesses):
     """Up to a few members of one cluster, started by the real scripts in ``directory``."""
 
     def __init__(
@@ -131,27 +137,8 @@ class LocalMembers:
         wait_for(lambda: not process_alive(pid), timeout, what=f"member {index} to die")
         self._file(index, "run", "pid").unlink(missing_ok=True)
 
-    def cleanup(self) -> None:
-        for index in range(len(self.addresses)):
-            pid = self.pid(index)
-            if pid is None or not process_alive(pid):
-                continue
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
+    def pids(self) -> list[int | None]:
+        return [self.pid(index) for index in range(len(self.addresses))]
 
     # -- talking to the members --------------------------------------------------------------
     def client(self, index: int, timeout: float = 5.0) -> Client:

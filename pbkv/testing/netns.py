@@ -136,7 +136,66 @@ def _entered(path: str) -> Iterator[None]:
         os.close(own)
 
 
-class Topology:
+class Namespaces:
+    """What every topology of network namespaces shares: ``namespaces`` (a name for
+    each namespace, as the caller knows it, to the system's name), running
+    commands in them, a thread's sockets inside one, and building and destroying
+    under a ``with`` block (``create`` / ``destroy``, by the subclass)."""
+
+    namespaces: dict[str, str]
+    _ip: str
+
+    def create(self) -> Self:
+        raise NotImplementedError
+
+    def destroy(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.create()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy()
+
+    def command(self, name: str, *argv: str) -> list[str]:
+        """``argv`` prefixed to run in ``name``'s namespace (for ``subprocess``)."""
+        return [self._ip, "netns", "exec", self.namespaces[name], *argv]
+
+    def run(
+        self, name: str, *argv: str, check: bool = True, timeout: float = _COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in ``name``'s namespace and wait for it."""
+        return self._run(self.command(name, *argv), check=check, timeout=timeout)
+
+    def inside(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """Context manager: the calling thread's new sockets live in ``name``'s
+        namespace until the block ends (threads started inside stay there)."""
+        return _entered(f"/run/netns/{self.namespaces[name]}")
+
+    def _ip_cmd(self, *args: str) -> None:
+        self._run([self._ip, *args])
+
+    @staticmethod
+    def _run(
+        argv: Sequence[str], check: bool = True, timeout: float = _COMMAND_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+        if check and result.returncode != 0:
+            raise TopologyError(
+                f"{' '.join(argv)} failed ({result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()}"
+            )
+        return result
+
+
+class Topology(Namespaces):
     """Three namespaces (primary, backup, client) and the links between them.
 
     Names get the creator's pid and a random suffix (``pbkvp-<pid>-<hex>``,
@@ -224,33 +283,6 @@ class Topology:
                 errors.append(f"{name}: {result.stderr.strip()}")
         if errors:
             raise TopologyError("could not delete namespaces: " + "; ".join(errors))
-
-    def __enter__(self) -> Self:
-        return self.create()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.destroy()
-
-    # -- running things in a namespace ------------------------------------------------
-    def command(self, role: str, *argv: str) -> list[str]:
-        """``argv`` prefixed to run in ``role``'s namespace (for ``subprocess``)."""
-        return [self._ip, "netns", "exec", self.namespaces[role], *argv]
-
-    def run(
-        self, role: str, *argv: str, check: bool = True, timeout: float = _COMMAND_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` in ``role``'s namespace and wait for it."""
-        return self._run(self.command(role, *argv), check=check, timeout=timeout)
-
-    def inside(self, role: str) -> contextlib.AbstractContextManager[None]:
-        """Context manager: the calling thread's new sockets live in ``role``'s
-        namespace until the block ends (threads started inside stay there)."""
-        return _entered(f"/run/netns/{self.namespaces[role]}")
 
     # -- faults on the server link ---------------------------------------------------------
     def cut(self) -> None:
@@ -344,24 +376,6 @@ class Topology:
 
     def _rule(self, role: str, chain: str, source: str, dest: str, action: list[str]) -> None:
         self.run(role, self._iptables, "-w", "-A", chain, "-s", source, "-d", dest, *action)
-
-    # -- plumbing -----------------------------------------------------------------------
-    def _ip_cmd(self, *args: str) -> None:
-        self._run([self._ip, *args])
-
-    @staticmethod
-    def _run(
-        argv: Sequence[str], check: bool = True, timeout: float = _COMMAND_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-        )
-        if check and result.returncode != 0:
-            raise TopologyError(
-                f"{' '.join(argv)} failed ({result.returncode}): "
-                f"{(result.stderr or result.stdout).strip()}"
-            )
-        return result
 
 
 class NamespacePair(LocalPair):

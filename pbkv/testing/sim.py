@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import heapq
 import itertools
 import logging
 import random
@@ -39,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pbkv.actions import Timer
 from pbkv.backup import BackupCore
 from pbkv.commands import (
     Command,
@@ -55,6 +53,7 @@ from pbkv.primary import PrimaryCore
 from pbkv.stages import Role, Stage
 from pbkv.store import PAIR_OVERHEAD, make_store
 from pbkv.testing.linearizability import Operation, Result, check
+from pbkv.testing.link import Channel, Network, Process
 
 log = logging.getLogger(__name__)
 
@@ -107,52 +106,17 @@ def sim_settings(store: str = "sharded", window: int = 2, secret: str | None = N
     )
 
 
-@dataclass
-class Channel:
-    """One TCP connection between the primary and the backup."""
+class SimNode(Process):
+    """The primary's or the backup's process: its role never changes."""
 
-    id: int
-    open_at: dict[Role, bool] = field(default_factory=lambda: dict.fromkeys(ROLES, False))
-    closed: bool = False
-    black_holed: bool = False  # a partition ate some bytes: nothing more gets through
-    last_delivery: dict[Role, float] = field(default_factory=lambda: dict.fromkeys(ROLES, 0.0))
-
-
-class SimNode:
     def __init__(self, sim: Simulation, role: Role) -> None:
+        super().__init__(sim)
         self.sim = sim
         self.role = role
-        self.core: PrimaryCore | BackupCore | None = None
-        self.life = 0  # bumps on every crash: events of an earlier life are dropped
-        self.paused = False
-        self.deferred: list[Callable[[], None]] = []
-        self.timers: dict[Timer, int] = {}
-        self.channel: Channel | None = None
-        # Backup with a secret: channels still proving it, by their id.
-        self.candidates: dict[int, Channel] = {}
-        self.pumping = False
 
     @property
-    def alive(self) -> bool:
-        return self.core is not None
-
-    @property
-    def running(self) -> PrimaryCore | BackupCore:
-        """The core of a node that is up (events reach only those)."""
-        assert self.core is not None, f"the {self.role} is down"
-        return self.core
-
-    @property
-    def primary(self) -> PrimaryCore:
-        core = self.running
-        assert isinstance(core, PrimaryCore)
-        return core
-
-    @property
-    def backup(self) -> BackupCore:
-        core = self.running
-        assert isinstance(core, BackupCore)
-        return core
+    def label(self) -> str:
+        return str(self.role)
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -163,128 +127,30 @@ class SimNode:
         rng = random.Random(sim.rng.getrandbits(64))
         core_class = PrimaryCore if self.role is PRIMARY else BackupCore
         core = self.core = core_class(sim.settings, store, sim.now, rng)
-        self.timers.clear()
-        self.channel = None
-        self.candidates.clear()
-        self.pumping = False
+        self.reset_driver()
         core.start(sim.now)
         self.drain()
 
     def crash(self) -> None:
         sim = self.sim
-        sim.trace(f"{self.role} crashes")
         if isinstance(self.core, PrimaryCore):
             sim.replays += self.core.writes_replayed
         if self.core is not None:
             sim.entries_replaced += self.core.store.idempotency.replaced
-        self.core = None
-        self.life += 1
-        self.paused = False
-        self.deferred.clear()
-        if self.channel is not None:
-            sim.close_channel(self.channel, self.role)
-            self.channel = None
-        for candidate in self.candidates.values():
-            sim.close_channel(candidate, self.role)
-        self.candidates.clear()
+        super().crash()
 
-    def pause(self) -> None:
-        self.sim.trace(f"{self.role} paused")
-        self.paused = True
-
-    def resume(self) -> None:
-        self.sim.trace(f"{self.role} resumed")
-        self.paused = False
-        deferred, self.deferred = self.deferred, []
-        for event in deferred:
-            event()
-
-    # -- event delivery ----------------------------------------------------------
-    def deliver(self, delay: float, event: Callable[[], None]) -> None:
-        """Run ``event`` on this node after ``delay``, in this life only."""
-        life = self.life
-
-        def run() -> None:
-            if self.life != life or self.core is None:
-                return
-            if self.paused:
-                self.deferred.append(run)
-                return
-            event()
-            self.drain()
-
-        self.sim.schedule(delay, run)
-
-    def drain(self) -> None:
-        core = self.core
-        if core is not None:
-            core.drain(self)
+    def drained(self) -> None:
         self.sim.note_sync()
 
     # -- actions.Driver ----------------------------------------------------------
-    def send(self, data: bytes) -> None:
-        if self.channel is not None:
-            self.sim.transmit(self.channel, self.role, data)
-
-    def discard(self, shards: list[dict[str, str]]) -> None:
-        shards.clear()  # simulated time: freeing costs nothing here
-
-    def start_timer(self, timer: Timer, delay: float) -> None:
-        generation = self.timers.get(timer, 0) + 1
-        self.timers[timer] = generation
-
-        def fire() -> None:
-            if self.timers.get(timer) == generation:
-                self.running.timer_fired(self.sim.now, timer)
-
-        self.deliver(delay, fire)
-
-    def close_channel(self, reason: str) -> None:
-        channel, self.channel = self.channel, None
-        if channel is not None:
-            self.sim.close_channel(channel, self.role)
-
-    def send_to_candidate(self, candidate: int, data: bytes) -> None:
-        channel = self.candidates.get(candidate)
-        if channel is not None:
-            self.sim.transmit(channel, self.role, data)
-
-    def close_candidate(self, candidate: int, reason: str) -> None:
-        channel = self.candidates.pop(candidate, None)
-        if channel is not None:
-            self.sim.close_channel(channel, self.role)
-
-    def promote(self, candidate: int) -> None:
-        channel = self.candidates.pop(candidate, None)
-        if channel is not None:
-            self.channel = channel
-
     def connect(self) -> None:
         self.sim.connect()
 
     def probe(self) -> None:
         self.sim.probe()
 
-    def pump_transfer(self) -> None:
-        if not self.pumping:
-            self.pumping = True
-            self.deliver(self.sim.tiny(), self.pump)
-
     def sync_changed(self) -> None:
         pass  # no leadership without a coordinator
-
-    def flush_soon(self) -> None:
-        self.deliver(self.sim.tiny(), self.flush)
-
-    def pump(self) -> None:
-        more = self.running.pump_transfer(self.sim.now, 3)
-        if more:
-            self.deliver(self.sim.tiny(), self.pump)
-        else:
-            self.pumping = False
-
-    def flush(self) -> None:
-        self.primary.flush(self.sim.now)
 
 
 @dataclass
@@ -310,7 +176,7 @@ class RunResult:
         return f"python -m pbkv.testing.sim --seed {self.seed} --verbose"
 
 
-class Simulation:
+class Simulation(Network):
     """One seeded run: clients, nemesis, convergence, checks."""
 
     def __init__(
@@ -324,8 +190,8 @@ class Simulation:
         trace: Callable[[str], None] | None = None,
         **overrides: Any,
     ) -> None:
+        super().__init__(random.Random(seed))
         self.seed = seed
-        self.rng = random.Random(seed)
         # Half the seeds authenticate the channel (drawn aside, so as not to move the rest).
         secret = "sim-secret" if random.Random(seed ^ 0x5EC2E7).random() < 0.5 else None
         self.settings = settings or sim_settings(
@@ -337,9 +203,6 @@ class Simulation:
             self.settings = dataclasses.replace(self.settings, undo_bytes=0)
         if overrides:  # e.g. undo_bytes=0: every resync a full transfer
             self.settings = dataclasses.replace(self.settings, **overrides)
-        self.now = 0.0
-        self._queue: list[tuple[float, int, Callable[[], None]]] = []
-        self._counter = itertools.count()
         self.nodes = {role: SimNode(self, role) for role in ROLES}
         self.partitioned = False
         self.channel_ids = itertools.count(1)
@@ -370,23 +233,6 @@ class Simulation:
         self.openings: deque[tuple[int, list[bytes]]] = deque(maxlen=4)
         self.intruders = 0  # channels the attacker opened to the backup
 
-    # -- scheduling ----------------------------------------------------------------
-    def schedule(self, delay: float, event: Callable[[], None]) -> None:
-        heapq.heappush(self._queue, (self.now + delay, next(self._counter), event))
-
-    def run_until(self, deadline: float, stop: Callable[[], bool] | None = None) -> bool:
-        while self._queue and self._queue[0][0] <= deadline:
-            when, _, event = heapq.heappop(self._queue)
-            self.now = when
-            event()
-            if stop is not None and stop():
-                return True
-        self.now = max(self.now, deadline)
-        return stop() if stop is not None else True
-
-    def tiny(self) -> float:
-        return self.rng.uniform(0.0001, 0.002)
-
     def latency(self) -> float:
         # Mostly fast, sometimes slow: slow frames reorder old connections' traffic.
         # A slow frame is a fault: without faults, the network keeps within the
@@ -400,46 +246,18 @@ class Simulation:
             self._trace(f"[{self.now:9.4f}] {text}")
 
     # -- network -------------------------------------------------------------------
-    def reachable(self) -> bool:
+    def reachable(self, a: Process | None = None, b: Process | None = None) -> bool:
         return not self.partitioned
 
     def connect(self) -> None:
         """The primary opens a channel to the backup."""
         primary, backup = self.nodes[PRIMARY], self.nodes[BACKUP]
-        if not backup.alive or not self.reachable() or backup.paused:
-            # Refused at once when the backup is down; a time-out otherwise.
-            delay = 0.001 if not backup.alive else self.settings.peer_timeout
-            reason = "refused" if not backup.alive else "timed out"
-            primary.deliver(delay, lambda: primary.primary.channel_failed(self.now, reason))
-            return
-        channel = Channel(next(self.channel_ids))
+        self.open_channel(primary, backup, next(self.channel_ids), self.settings.peer_timeout)
 
-        def backup_accepts() -> None:
-            if channel.closed:
-                return
-            core = backup.backup
-            core.channel_opened(self.now, channel.id)
-            channel.open_at[BACKUP] = True
-            if channel.id in core.candidates:  # with a secret: it proves it first
-                backup.candidates[channel.id] = channel
-                backup.drain()
-            else:
-                backup.drain()  # closes the channel this one replaces
-                backup.channel = channel
-
-        def primary_opens() -> None:
-            if channel.closed or not channel.open_at[BACKUP]:
-                primary.primary.channel_failed(self.now, "upgrade failed")
-                return
-            primary.channel = channel
-            channel.open_at[PRIMARY] = True
-            primary.primary.channel_opened(self.now)
-
-        first = self.latency()
-        backup.deliver(first, backup_accepts)
-        primary.deliver(first + self.latency(), primary_opens)
-
-    def transmit(self, channel: Channel, sender: Role, data: bytes) -> None:
+    def transmit(self, channel: Channel, sender_node: Process, data: bytes) -> None:
+        """With faults: frames corrupted, duplicated, or (with a secret) replayed."""
+        assert isinstance(sender_node, SimNode)
+        sender, receiver = sender_node.role, channel.peer(sender_node)
         receiver_role = sender.peer
         if channel.closed:
             return
@@ -459,37 +277,20 @@ class Simulation:
             self.trace(f"corrupting a frame {sender} -> {receiver_role}")
             data = _flip_a_byte(data, self.rng)
         self.recorded[sender].append((channel.id, data))
-        self.deliver_on(channel, receiver_role, data)
+        self.deliver_on(channel, receiver, data)
         if faulty and self.rng.random() < DUPLICATE_RATE:
             # Not TCP's doing, but a faulty middlebox's: the cores must refuse a
             # repeated frame (a batch applied twice, an ack for the wrong batch);
             # on a keyed channel, its MAC fails.
             self.trace(f"duplicating a frame {sender} -> {receiver_role}")
-            self.deliver_on(channel, receiver_role, data)
+            self.deliver_on(channel, receiver, data)
         if faulty and self.settings.secret is not None and self.rng.random() < REPLAY_RATE:
             # An attacker on the path splices in bytes of an earlier connection: its keys
             # and frame counter differ, so the MAC fails and the channel closes.
             older = [data for ident, data in self.recorded[sender] if ident != channel.id]
             if older:
                 self.trace(f"replaying an older connection's frame {sender} -> {receiver_role}")
-                self.deliver_on(channel, receiver_role, self.rng.choice(older))
-
-    def deliver_on(self, channel: Channel, receiver_role: Role, data: bytes) -> None:
-        """``data`` arrives at ``receiver_role`` on ``channel``, after what was sent before."""
-        receiver = self.nodes[receiver_role]
-        # TCP keeps order within a connection.
-        at = max(self.now + self.latency(), channel.last_delivery[receiver_role])
-        channel.last_delivery[receiver_role] = at
-
-        def arrive() -> None:
-            if channel.closed:
-                return
-            if receiver.channel is channel:
-                receiver.running.bytes_received(self.now, data)
-            elif receiver.candidates.get(channel.id) is channel:
-                receiver.backup.candidate_bytes(self.now, channel.id, data)
-
-        receiver.deliver(at - self.now, arrive)
+                self.deliver_on(channel, receiver, self.rng.choice(older))
 
     def intrude(self) -> None:
         """With a secret: someone on the primary's address opens a channel to the backup
@@ -500,35 +301,16 @@ class Simulation:
             return
         recorded = self.rng.choice(self.openings)[1]
         self.intruders += 1
-        channel = Channel(-self.intruders)  # the primary never sees it: its own numbers
+        # The primary never sees it: its own numbers.
+        channel = Channel(-self.intruders, (self.nodes[PRIMARY], backup))
         self.fault(f"intruder replays a handshake on channel {channel.id}")
         core = backup.backup
         core.channel_opened(self.now, channel.id)
-        channel.open_at[BACKUP] = True
+        channel.open_at[backup] = True
         backup.candidates[channel.id] = channel
         backup.drain()
         for data in recorded:
-            self.deliver_on(channel, BACKUP, data)
-
-    def close_channel(self, channel: Channel, closer: Role) -> None:
-        if channel.closed:
-            return
-        channel.closed = True
-        other_role = closer.peer
-        other = self.nodes[other_role]
-        if channel.black_holed or not self.reachable():
-            return  # the FIN is lost too: the peer notices by silence
-        at = max(self.now + self.latency(), channel.last_delivery[other_role])
-
-        def notice() -> None:
-            if other.channel is channel:
-                other.channel = None
-                other.running.channel_closed(self.now, "connection closed by peer")
-            elif other.candidates.get(channel.id) is channel:
-                del other.candidates[channel.id]
-                other.backup.candidate_closed(self.now, channel.id)
-
-        other.deliver(at - self.now, notice)
+            self.deliver_on(channel, backup, data)
 
     def probe(self) -> None:
         primary, backup = self.nodes[PRIMARY], self.nodes[BACKUP]
@@ -732,7 +514,7 @@ class Simulation:
             if node.alive and node.channel is not None and not node.paused:
                 self.fault(f"{node.role} connection reset")
                 channel, node.channel = node.channel, None
-                self.close_channel(channel, node.role)
+                self.close_channel(channel, node)
                 node.running.channel_closed(self.now, "connection reset")
                 node.drain()
         self.schedule(self.rng.uniform(0.2, 1.5), self.nemesis)

@@ -1,8 +1,6 @@
-"""Client library and CLI against a small in-process imitation of a pbkv server.
-
-The fake speaks the same HTTP/JSON replies as pbkv and can be told to misbehave
-(forced replies, hang up, drop idle connections, stall) so the client's error mapping
-and its keep-alive rules can be checked without starting a real server.
+"""Client library and CLI against a small in-process imitation of a pbkv server
+(``tests/support/fake_pbkv.py``), so the client's error mapping and its keep-alive
+rules can be checked without starting a real server.
 """
 
 from __future__ import annotations
@@ -10,14 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -36,6 +31,7 @@ from pbkv.client import (
     parse_reply,
     server_address,
 )
+from tests.support.fake_pbkv import STATUS, FakePbkv, closed_port, running_fake
 
 TRICKY = [
     "a+b",
@@ -59,162 +55,11 @@ TRICKY = [
     "?key=x&value=y",
 ]
 
-STATUS = {
-    "role": "primary",
-    "stage": "in_sync",
-    "keys": 0,
-    "checksum": "00ff",
-    "peer": {"address": "127.0.0.2:8080", "state": "up"},
-}
-
-
-# --- the fake server ----------------------------------------------------------------------
-
-
-class FakePbkv(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.port = self.server_address[1]
-        self.data: dict[str, str] = {}
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self.idempotency_keys: list[str | None] = []  # each request's Idempotency-Key
-        self.connections = 0
-        # Test controls, each consumed by the next request(s).
-        self.forced: list[tuple[int, Any, dict[str, str]]] = []
-        self.raw: list[bytes] = []
-        self.hangups = 0  # read the request, then close without replying
-        self.close_after_reply = False  # keep-alive reply, then close (an idle drop)
-        self.delay = 0.0
-        self.closed = threading.Event()
-        self.lock = threading.Lock()
-
-    def shutdown_request(self, request: Any) -> None:
-        super().shutdown_request(request)
-        self.closed.set()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # a stalled reply written to a client that gave up is expected
-
-    def answer(self, method: str, path: str, params: dict[str, str]) -> tuple[int, Any]:
-        """What pbkv itself would reply."""
-        gets = {"/kv/get", "/kvman/countkey", "/kvman/dump", "/kvman/status", "/kvman/shutdown"}
-        posts = {"/kv/insert", "/kv/update", "/kv/delete"}
-        if path not in gets | posts:
-            return 404, {"success": "false", "error": f"unknown path {path}"}
-        if (method == "GET") != (path in gets):
-            return 405, {"success": "false", "error": "method not allowed"}
-        needed = ["value"] if path in ("/kv/insert", "/kv/update") else []
-        if path.startswith("/kv/"):
-            needed.append("key")
-        for name in needed:
-            if name not in params:
-                return 400, {"success": "false", "error": f"missing parameter {name}"}
-        if "key" in needed and not params["key"]:
-            return 400, {"success": "false", "error": "empty key"}
-        data, key = self.data, params.get("key", "")
-        if path == "/kv/get":
-            found = key in data
-            return 200, {"success": "true" if found else "false", "value": data.get(key, "")}
-        if path == "/kv/insert":
-            if key in data:
-                return 200, {"success": "false"}
-            data[key] = params["value"]
-            return 200, {"success": "true"}
-        if path == "/kv/update":
-            if key not in data:
-                return 200, {"success": "false"}
-            data[key] = params["value"]
-            return 200, {"success": "true"}
-        if path == "/kv/delete":
-            if key not in data:
-                return 200, {"success": "false", "value": ""}
-            return 200, {"success": "true", "value": data.pop(key)}
-        if path == "/kvman/countkey":
-            return 200, {"result": str(len(data))}
-        if path == "/kvman/dump":
-            return 200, [[k, v] for k, v in data.items()]
-        if path == "/kvman/status":
-            return 200, {**STATUS, "keys": len(data)}
-        return 200, {"success": "true"}  # shutdown
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: FakePbkv
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes; without this, Nagle adds 40 ms a reply.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.server.lock:
-            self.server.connections += 1
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def _handle(self) -> None:
-        srv = self.server
-        url = urlsplit(self.path)
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length).decode("ascii") if length else ""
-        query = body if self.command == "POST" else url.query
-        params = dict(parse_qsl(query, keep_blank_values=True))
-        with srv.lock:
-            srv.requests.append((self.command, url.path, params))
-            srv.idempotency_keys.append(self.headers.get("Idempotency-Key"))
-            if srv.hangups:
-                srv.hangups -= 1
-                self.close_connection = True
-                return
-            raw = srv.raw.pop(0) if srv.raw else None
-            forced = srv.forced.pop(0) if srv.forced else None
-            if raw is None and forced is None:
-                status, reply = srv.answer(self.command, url.path, params)
-                forced = (status, reply, {})
-        time.sleep(srv.delay)
-        if raw is not None:
-            self.wfile.write(raw)
-            self.close_connection = True
-            return
-        assert forced is not None
-        status, reply, headers = forced
-        payload = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
-        if srv.close_after_reply:
-            self.close_connection = True
-
 
 @pytest.fixture
 def server() -> Iterator[FakePbkv]:
-    srv = FakePbkv()
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
+    with running_fake() as srv:
         yield srv
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join()
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for_close(srv: FakePbkv) -> None:
@@ -544,7 +389,7 @@ def test_sync_fresh_connection_failure_not_resent(server: FakePbkv) -> None:
 
 
 def test_sync_refused_and_timeout(server: FakePbkv) -> None:
-    with Client("127.0.0.1", _closed_port()) as client, pytest.raises(ConnectionRefusedError):
+    with Client("127.0.0.1", closed_port()) as client, pytest.raises(ConnectionRefusedError):
         client.count()
     server.delay = 1.0
     with Client("127.0.0.1", server.port, timeout=0.2) as client, pytest.raises(TimeoutError):
@@ -671,7 +516,7 @@ def test_async_keep_alive_rules(server: FakePbkv) -> None:
 
 def test_async_refused_and_timeout(server: FakePbkv) -> None:
     async def scenario() -> None:
-        async with AsyncClient("127.0.0.1", _closed_port()) as client:
+        async with AsyncClient("127.0.0.1", closed_port()) as client:
             with pytest.raises(ConnectionRefusedError):
                 await client.count()
         server.delay = 1.0
@@ -772,7 +617,7 @@ def test_cli_server_errors(server: FakePbkv, capsys: pytest.CaptureFixture[str])
 
 
 def test_cli_connection_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    port = _closed_port()
+    port = closed_port()
     assert main(["--host", "127.0.0.1", "--port", str(port), "count"]) == 2
     assert f"cannot connect to 127.0.0.1:{port}" in capsys.readouterr().err
 

@@ -7,6 +7,7 @@ socket bound to 127.0.0.9 is an outsider on the same network.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import socket
 import ssl
@@ -27,6 +28,7 @@ from tests.support.forge import (
     upgrade_flood,
 )
 from tests.support.harness import Pair, wait_for
+from tests.support.raw_http import FORM
 
 OUTSIDER = "127.0.0.9"
 PAIRS = {f"key{i:04d}": f"value{i}" for i in range(1000)}
@@ -349,6 +351,30 @@ def test_tls_pair_syncs_and_serves(make_pair, authority) -> None:
     pair.wait_stage("primary", "in_sync")
     assert len(pair.dump("primary")) == 100
     assert "channel over TLS" in pair.log("backup")
+
+
+def test_the_backup_over_tls_redirects_to_https(make_pair, authority) -> None:
+    primary_cert, primary_key = authority.issue("primary", "127.0.0.1")
+    pair = make_pair(
+        tls_ca=str(authority.ca_file), tls_cert=primary_cert, tls_key=primary_key, errors="http"
+    )
+    pair.backup_tls = authority.issue("backup", "127.0.0.2")
+    start_tls_pair(pair)
+    context = tls_context(str(authority.ca_file))
+    host, port = pair.address["backup"]
+    conn = http.client.HTTPSConnection(host, port, timeout=10, context=context)
+    try:
+        conn.request("POST", "/kv/insert?key=t", body=b"value=v", headers={"Content-Type": FORM})
+        reply = conn.getresponse()
+        reply.read()
+    finally:
+        conn.close()
+    assert reply.status == 307
+    assert reply.getheader("Location") == "https://%s:%d/kv/insert?key=t" % pair.address["primary"]
+    addresses = ["%s:%d" % pair.address[role] for role in ("backup", "primary")]
+    with Client(addresses=addresses, timeout=10, ssl_context=context) as client:
+        assert client.insert("t", "v")
+        assert client.address == pair.address["primary"]
 
 
 def test_plain_client_to_a_tls_port_fails_cleanly(make_pair, authority) -> None:

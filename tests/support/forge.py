@@ -26,7 +26,7 @@ def checksum_of(pairs: dict[str, str]) -> bytes:
 
 def forged_hello(count: int = 0, checksum: bytes = checksum_of({})) -> list[Any]:
     """A HELLO claiming to be a confirmed primary."""
-    return [FrameType.HELLO, "primary", True, checksum, count, 0, 1, [], 0, ""]
+    return [FrameType.HELLO, "primary", True, checksum, count, 0, 1, [], 0, "", False]
 
 
 def transfer_frames(pairs: dict[str, str], shards: int = 16, moved: str | None = None) -> list:

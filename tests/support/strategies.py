@@ -15,6 +15,7 @@ from pbkv.wire import (
     Frame,
     Heartbeat,
     Hello,
+    IdempotencyChunk,
     Rollback,
     ShardChunk,
     ShardEnd,
@@ -34,6 +35,14 @@ texts = st.text(max_size=20)
 ops = st.lists(st.tuples(texts, st.one_of(st.none(), texts)), max_size=6).map(
     lambda pairs: [item for pair in pairs for item in pair]
 )
+# Idempotency entries, flat: key, fingerprint, ok, value-or-None (+ time made).
+_entry = st.tuples(
+    st.text(min_size=1, max_size=20), st.integers(0, 2**64 - 1), st.booleans(), st.none() | texts
+)
+keyed = st.lists(_entry, max_size=4).map(lambda found: [item for entry in found for item in entry])
+transferred = st.lists(st.tuples(_entry, counts), max_size=4).map(
+    lambda found: [item for entry, made in found for item in (*entry, made)]
+)
 pairs = st.lists(st.tuples(texts, texts), max_size=6).map(
     lambda found: [item for pair in found for item in pair]
 )
@@ -48,9 +57,12 @@ fields: st.SearchStrategy[Frame] = st.one_of(
         st.integers(0, 2**64 - 1),
         st.lists(st.tuples(counts, checksums, counts), max_size=4).map(tuple),
         epochs,
+        texts,  # the member's name
+        st.booleans(),  # recovered from disk
     ),
     st.builds(Rollback, counts, checksums, counts),
-    st.builds(Batch, counts, ops),
+    st.builds(Batch, counts, ops, counts, keyed),
+    st.builds(IdempotencyChunk, counts, transferred),
     st.builds(Ack, counts),
     st.builds(Heartbeat, counts),
     st.builds(Fetch),

@@ -210,6 +210,13 @@ def test_missing_file(tmp_path: Path) -> None:
         {"errors": "strict"},
         {"errors": ""},
         {"errors": "HTTP"},
+        {"persistence": "on"},
+        {"persistence": "Always"},
+        {"persistence": "always"},  # without data_dir
+        {"persistence": "everysec", "data_dir": ""},
+        {"rewrite_percentage": -1},
+        {"persistence": "always", "data_dir": "/d", "standalone": True},
+        {"rewrite_min_bytes": -1},
     ],
 )
 def test_invalid_settings_rejected(changes: dict[str, Any]) -> None:
@@ -224,6 +231,19 @@ def test_invalid_store_message() -> None:
         Settings(backup_initial_stage="in_sync")
     with pytest.raises(SettingsError, match="ack_timeout"):
         Settings(ack_timeout=-1.0)
+
+
+def test_persistence_settings(tmp_path: Path) -> None:
+    assert Settings().persistence == "off" and not Settings().persistent
+    with pytest.raises(SettingsError, match="off, everysec, always"):
+        Settings(persistence="fsync")
+    with pytest.raises(SettingsError, match="persistence always needs data_dir"):
+        Settings(persistence="always")
+    path = write(tmp_path, {"persistence": "always", "data_dir": "/var/lib/pbkv"})
+    settings = parse_flags(["--config", str(path), "--rewrite-percentage", "50"])
+    assert settings.persistent and settings.data_dir == "/var/lib/pbkv"
+    assert settings.rewrite_percentage == 50
+    assert parse_flags(["--config", str(path), "--persistence", "off"]).persistent is False
 
 
 def test_defaults_suit_course_clients() -> None:

@@ -36,6 +36,8 @@ from pbkv.commands import (
 )
 from pbkv.config import Settings
 from pbkv.idempotency import ENTRY_OVERHEAD
+from pbkv.persist.log import Record, RecordKind
+from pbkv.persist.log import State as DiskState
 from pbkv.primary import PrimaryCore
 from pbkv.stages import ProtocolError, Role, Stage
 from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
@@ -116,6 +118,11 @@ class Link:
         self.discarded: dict[str, list[int]] = {role: [] for role in ROLES}  # pairs per Discard
         self.responses: dict[Any, Outcome] = {}
         self.answer_order: list[Any] = []
+        # With persistence: what each role asked to log, in order, with what it had sent
+        # and the primary had answered by then (nothing that acknowledges may come first).
+        self.persisted: dict[str, list[tuple[int, int, Record | DiskState]]] = {
+            role: [] for role in ROLES
+        }
         self._tokens = itertools.count(1)
 
     # -- processes ---------------------------------------------------------------------
@@ -462,6 +469,14 @@ class RoleDriver:
 
     def sync_changed(self) -> None:
         pass  # no leadership without a coordinator
+
+    def persist(self, record: Record) -> None:
+        link = self.link
+        link.persisted[self.role].append((len(link.sent[self.role]), len(link.responses), record))
+
+    def persist_all(self, state: DiskState) -> None:
+        link = self.link
+        link.persisted[self.role].append((len(link.sent[self.role]), len(link.responses), state))
 
     def flush_soon(self) -> None:
         """Writes are flushed when the test says so (``Link.flush``)."""
@@ -964,6 +979,19 @@ def test_channel_closed_at_the_primary_rewinds(link: Link) -> None:
     assert_same_data(primary, backup)
 
 
+def test_news_of_sync_comes_after_the_other_actions_queued_with_it(link: Link) -> None:
+    """On ``SyncChanged`` a member's driver may switch cores (pbkv.roles): every other
+    action of the old core (the retry timer, the replies) must be carried out first."""
+    primary, _ = in_sync_pair(link, {"a": "1"})
+    link.paused.add("primary")
+    link.submit(link.token(), UPDATE, "a", "2")
+    link.flush()
+    primary.channel_closed(link.now, "connection reset")
+    actions = [type(action).__name__ for action in primary.take_actions()]
+    assert actions[-1] == "SyncChanged"
+    assert {"Respond", "StartTimer"} <= set(actions[:-1])
+
+
 def test_channel_closed_at_the_backup_keeps_its_data(link: Link) -> None:
     primary, backup = in_sync_pair(link, DATA)
     checksum = backup.store.checksum
@@ -1386,7 +1414,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
     ("role", "frame"),
     [
         ("primary", [FrameType.ACK, 1]),  # nothing in flight
-        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 0, ""]),
+        ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 0, "", False]),
         ("primary", [FrameType.SYNC_ACK, bytes(16)]),
         ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
         ("backup", [FrameType.BATCH, 99, ["k", "v"], 0, []]),  # out of order
@@ -1394,7 +1422,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
         ("backup", [FrameType.FETCH]),
         ("backup", [FrameType.SNAPSHOT_BEGIN, SHARDS, 1]),
         ("backup", [FrameType.SYNC_ACK, bytes(16)]),
-        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, ""]),
+        ("backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, "", False]),
     ],
     ids=lambda v: v if isinstance(v, str) else FrameType(v[0]).name,
 )
@@ -1444,7 +1472,7 @@ def test_a_fetch_from_a_backup_without_confirmed_data_is_refused(link: Link) -> 
     backup = link.start_backup()
     assert not backup.confirmed
     backup.channel_opened(link.now)
-    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0, 7, [], 0, ""])
+    link.inject("backup", [FrameType.HELLO, "primary", False, bytes(16), 0, 0, 7, [], 0, "", False])
     assert link.kinds("backup") == [FrameType.HELLO]
     moves = len(link.moves())
 
@@ -1534,7 +1562,7 @@ def test_a_hello_of_a_lower_epoch_is_refused_and_ours_tells_the_primary(link: Li
     mark = link.mark()
 
     link.inject(
-        "backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, ""], epoch=4
+        "backup", [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, "", False], epoch=4
     )
 
     assert link.closed_by[-1] == ("backup", "epoch 4 < 7 seen")
@@ -1647,7 +1675,7 @@ def test_a_primary_that_meets_a_copy_of_a_newer_epoch_is_stale_and_sends_nothing
     mark = link.mark()
 
     link.inject(
-        "primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 6, ""], epoch=4
+        "primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 6, "", False], epoch=4
     )
 
     assert link.kinds("primary", mark["primary"]) == []  # no SKIP, SEND, FETCH, ROLLBACK
@@ -1787,7 +1815,9 @@ def test_a_forged_hello_before_the_proofs_is_refused(make_link) -> None:
     checksum = backup.store.checksum
     intruder = link.intrude()  # an outsider connects
     frames = link.intruders[intruder]
-    link.intruder_sends(intruder, [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, ""])
+    link.intruder_sends(
+        intruder, [FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, "", False]
+    )
 
     assert intruder not in backup.candidates and not backup.channel_up
     assert "without proving it" in link.closed_by[-1][1]
@@ -1822,7 +1852,10 @@ def serving(link: Link, primary: PrimaryCore, backup: BackupCore) -> None:
 @pytest.mark.parametrize(
     ("frames", "why"),
     [
-        ([[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, ""]], "without proving it"),
+        (
+            [[FrameType.HELLO, "primary", True, bytes(16), 0, 0, 7, [], 0, "", False]],
+            "without proving it",
+        ),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.AUTH_PROOF, bytes(32)]], "match"),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.BATCH, 9, ["k", "v"], 0, []]], "BATCH"),
         ([[FrameType.FENCE, "go away"]], "unexpected FENCE"),
@@ -2098,7 +2131,7 @@ def dishonest_primary(link: Link) -> tuple[BackupCore, dict[str, str], int]:
     kept, checksum = dict(backup.store.items()), backup.store.checksum
     backup.channel_opened(link.now)
     hello = [FrameType.HELLO, "primary", True, checksum_to_bytes(checksum)]
-    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, [], 0, ""])
+    link.inject("backup", [*hello, len(kept), backup.seq, backup.history, [], 0, "", False])
     assert backup.step.value == "await_directive"
     return backup, kept, checksum
 
@@ -2376,3 +2409,138 @@ def test_remembered_replies_count_in_max_memory(make_link) -> None:
     assert link.write(INSERT, "k", "v", ident="i" * 200) == MemoryFull(limit)
     assert link.write(INSERT, "k", "v", ident="short") == Done(True)
     assert primary.store.memory_bytes > PAIR_OVERHEAD + 2
+
+
+def test_the_backup_says_how_long_the_last_full_transfer_took(link: Link) -> None:
+    primary, _ = in_sync_pair(link, DATA)
+    link.kill("backup")
+    backup = link.start_backup()
+    link.manual_pump = True
+    link.fire("primary", RETRY)
+    link.pump("primary", frames=1)  # SNAPSHOT_BEGIN: the clock starts
+    link.now += 1.5
+    while link.pump("primary", frames=2):
+        pass
+    link.manual_pump = False
+    assert backup.stage is S.IN_SYNC
+    assert backup.status(link.now)["last_transfer_seconds"] == 1.5
+
+
+# -- persistence: what the cores ask to log, and recovered copies ----------------------
+
+PERSISTENT = {"persistence": "always", "data_dir": "unused-by-the-cores"}
+
+
+def logged(link: Link, role: str) -> list[Record | DiskState]:
+    return [entry for _, _, entry in link.persisted[role]]
+
+
+def test_every_batch_is_logged_before_what_acknowledges_it(make_link) -> None:
+    link = make_link(**PERSISTENT)
+    primary, backup = in_sync_pair(link)
+    # The empty start replaced both copies: a new base on each, before the SYNC_ACK.
+    assert logged(link, "primary") == [DiskState(primary.history, 0, 0)]
+    assert logged(link, "backup") == [DiskState(backup.history, 0, 0)]
+    sent_before, _, _ = link.persisted["backup"][0]
+    assert FrameType.SYNC_ACK not in link.kinds("backup")[:sent_before]
+    assert FrameType.SYNC_ACK in link.kinds("backup")[sent_before:]
+
+    assert link.write(INSERT, "a", "1") == Done(True)
+    assert link.write(DELETE, "a") == Done(True, "1")
+    batches = [
+        Record.batch(primary.history, 1, 0, ["a", "1"]),
+        Record.batch(primary.history, 2, 0, ["a", None]),
+    ]
+    assert logged(link, "primary")[1:] == batches
+    assert logged(link, "backup")[1:] == batches
+    # The backup logged each batch before its ACK; the primary before answering it.
+    for sent_before, _, record in link.persisted["backup"][1:]:
+        assert isinstance(record, Record)
+        acks = [f.seq for f in link.sent["backup"][:sent_before] if f.kind is FrameType.ACK]
+        assert record.seq not in acks
+    answered = [answered for _, answered, _ in link.persisted["primary"][1:]]
+    assert answered == [0, 1]  # the first write's answer came after its record
+
+
+def test_without_persistence_the_cores_log_nothing(link: Link) -> None:
+    in_sync_pair(link, DATA)
+    assert link.persisted == {"primary": [], "backup": []}
+
+
+def test_a_rollback_is_logged_then_a_mark(make_link) -> None:
+    link = make_link(**PERSISTENT)
+    primary, backup = in_sync_pair(link, {"k": "v"})
+    link.lossy.add("backup")  # the ACK of the next batch is lost: the primary rewinds it
+    token = link.token()
+    assert link.submit(token, UPDATE, "k", "lost") is None
+    link.flush()
+    link.now += 10
+    link.fire("primary", Timer.TICK)
+    link.lossy.clear()
+    link.fire("primary", RETRY)
+    assert primary.stage is S.IN_SYNC and backup.store.get("k") == "v"
+    records = [r for r in logged(link, "backup") if isinstance(r, Record)]
+    kinds = [r.kind for r in records]
+    assert kinds[-3:] == [RecordKind.BATCH, RecordKind.ROLLBACK, RecordKind.MARK]
+    assert records[-2].seq == records[-1].seq == primary.seq
+    # The primary kept its data: a mark of the state both now share, no new base.
+    assert logged(link, "primary")[-1] == Record.mark(DiskState(primary.history, primary.seq, 0))
+
+
+def recovered(link: Link, role: str, data: dict[str, str], history: int, seq: int) -> Core:
+    """A core as the node builds it after loading its data folder (``persist/driver.py``)."""
+    store = new_store()
+    for key, value in data.items():
+        store.write(key, value)
+    settings = make_settings(**PERSISTENT)
+    rng = random.Random(link.rng.random())
+    core: Core
+    if role == "primary":
+        core = PrimaryCore(settings, store, link.now, rng)
+    else:
+        core = BackupCore(settings, store, link.now, rng)
+    core.history, core.seq, core.recovered = history, seq, True
+    if isinstance(core, PrimaryCore):
+        core.sent_seq = seq
+    link._start(role, core)
+    return core
+
+
+def test_a_recovered_primary_sends_its_copy_to_an_empty_backup(make_link) -> None:
+    link = make_link(**PERSISTENT)
+    link.unreachable.add("backup")
+    primary = recovered(link, "primary", DATA, history=11, seq=9)
+    assert primary.stage is S.BOOTSTRAPPING_SECONDARY and primary.recovered
+    # Not confirmed: it may have lost the last writes of its peer's copy.
+    assert link.read("primary", GET, "key1") == Refused(S.BOOTSTRAPPING_SECONDARY, "primary")
+    link.unreachable.clear()
+    backup = link.start_backup()
+    link.fire("primary", RETRY)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert dict(backup.store.items()) == DATA and not primary.recovered
+    assert_same_data(primary, backup)
+    assert "the backup holds no confirmed or recovered copy" in link.caplog.text
+
+
+def test_an_empty_primary_fetches_a_recovered_backups_copy(make_link) -> None:
+    link = make_link(**PERSISTENT)
+    backup = recovered(link, "backup", DATA, history=11, seq=9)
+    primary = link.start_primary()
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert dict(primary.store.items()) == DATA and primary.seq == 9
+    # The primary's store was replaced: a new base; the backup's kept: a mark.
+    assert logged(link, "primary")[-1] == DiskState(primary.history, 9, 0)
+    assert logged(link, "backup")[-1] == Record.mark(DiskState(backup.history, 9, 0))
+
+
+@pytest.mark.parametrize("newer", ["primary", "backup"])
+def test_of_two_recovered_copies_the_newer_wins(make_link, newer: str) -> None:
+    link = make_link(**PERSISTENT)
+    old, new = dict(DATA), {**DATA, "key1": "newer", "extra": "x"}
+    seqs = {"primary": 5, "backup": 5}
+    seqs[newer] = 7
+    backup = recovered(link, "backup", new if newer == "backup" else old, 11, seqs["backup"])
+    primary = recovered(link, "primary", new if newer == "primary" else old, 11, seqs["primary"])
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert dict(primary.store.items()) == new == dict(backup.store.items())
+    assert primary.seq == backup.seq == 7

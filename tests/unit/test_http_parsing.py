@@ -410,6 +410,51 @@ def test_backup_write_refusal_names_the_primary() -> None:
     assert b"Retry-After:" in extra
 
 
+@pytest.mark.parametrize(
+    ("target", "location"),
+    [
+        (b"/kv/insert", b"http://127.0.0.1:8080/kv/insert"),
+        (b"/kv/get?key=a%20b&x=%E9%9F%A9", b"http://127.0.0.1:8080/kv/get?key=a%20b&x=%E9%9F%A9"),
+        (b"http://127.0.0.2:8080/kv/insert?key=k", b"http://127.0.0.1:8080/kv/insert?key=k"),
+        (b"http://127.0.0.2:8080/kv/insert", b"http://127.0.0.1:8080/kv/insert"),
+    ],
+)
+def test_a_refusal_naming_the_primary_is_a_307_in_http_mode(target: bytes, location: bytes):
+    refused = Refused(Stage.IN_SYNC, "backup", primary="127.0.0.1:8080")
+    status, body, extra = outcome_reply(Command.INSERT, refused, "http", target)
+    assert status == 307
+    assert extra == b"Location: " + location + b"\r\n"  # no Retry-After: it would delay
+    # The body is the 503's, byte for byte.
+    assert body == outcome_reply(Command.INSERT, refused, "http")[1]
+    assert set(json.loads(body)) == {"success", "error", "stage", "primary"}
+
+
+def test_a_redirect_brackets_an_ipv6_primary_and_keeps_https():
+    refused = Refused(Stage.IN_SYNC, "spare", primary="::1:8080")
+    status, _, extra = outcome_reply(Command.GET, refused, "http", b"/kv/get?key=k", b"https")
+    assert (status, extra) == (307, b"Location: https://[::1]:8080/kv/get?key=k\r\n")
+
+
+def test_a_refusal_names_the_role_and_what_was_asked():
+    refused = Refused(Stage.IN_SYNC, "spare", primary="127.0.0.1:8080")
+    read = json.loads(outcome_reply(Command.GET, refused, "http", b"/kv/get?key=k")[1])
+    assert read["error"] == "this server is the spare; send reads to the primary at 127.0.0.1:8080"
+    write = json.loads(outcome_reply(Command.UPDATE, refused, "http")[1])
+    assert write["error"].startswith("this server is the spare; send writes to the primary")
+
+
+@pytest.mark.parametrize("command", list(Command))
+def test_no_redirect_without_a_primary_or_in_course_mode(command: Command):
+    target = b"/" + command.value.encode()
+    no_primary = outcome_reply(command, Refused(Stage.COLD_START, "primary"), "http", target)
+    assert no_primary[0] == 503
+    named = Refused(Stage.IN_SYNC, "backup", primary="127.0.0.1:8080")
+    course = outcome_reply(command, named, "course", target)
+    assert course == outcome_reply(command, named, "course")  # the target changes nothing
+    assert course[0] == 200 and b"Location" not in course[2]
+    assert b"X-Pbkv-Primary: 127.0.0.1:8080\r\n" in course[2]
+
+
 def headers_of(extra: bytes) -> dict[str, str]:
     lines = extra.decode("ascii").split("\r\n")
     assert lines[-1] == ""

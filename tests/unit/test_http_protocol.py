@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-from pbkv.commands import Done
+from pbkv.commands import Done, Refused
 from pbkv.http import HttpProtocol, Limits
 from pbkv.http.pending import PendingReply, ReplyQueue
+from pbkv.http.replies import MAX_REDIRECT_TARGET
 from pbkv.limits import CLOCK_STEP, ConnectionLimits, Guard
+from pbkv.stages import Stage
 from tests.support.fake_transport import FakeTransport
 
 
@@ -502,3 +504,66 @@ def test_a_connection_without_unanswered_writes_is_not_paused_by_others():
     standalone.data_received(insert("s", "v" * 2000))
     assert not reader_transport.paused and not standalone_transport.paused
     assert guard.pending_bytes == 2001  # answered at once: counted no longer
+
+
+# -- redirects to the primary -------------------------------------------------------------
+REFUSED = Refused(Stage.IN_SYNC, "backup", primary="127.0.0.9:7000")
+
+
+def locations(raw: bytes) -> list[str | None]:
+    """The Location header of each reply (None where there is none)."""
+    found: list[str | None] = []
+    for part in raw.split(b"HTTP/1.1 ")[1:]:
+        head = part.split(b"\r\n\r\n", 1)[0].decode()
+        values = [
+            line[len("Location: ") :]
+            for line in head.split("\r\n")
+            if line.startswith("Location: ")
+        ]
+        found.append(values[0] if values else None)
+    return found
+
+
+def test_writes_refused_late_redirect_each_to_its_own_target():
+    """The target is the request's own even when the refusal comes after later
+    requests were read (the reader holds another target by then)."""
+    app = App()
+    protocol, transport = connect(app)
+    protocol.data_received(
+        b"POST /kv/insert?key=a HTTP/1.1\r\nContent-Length: 7\r\n\r\nvalue=1"
+        b"POST /kv/delete?key=b HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+        b"GET /kv/get?key=c HTTP/1.1\r\n\r\n"
+    )
+    app.pending[1](REFUSED)
+    app.pending[0](REFUSED)
+    assert transport.written.count(b"HTTP/1.1 307 Temporary Redirect\r\n") == 2
+    assert locations(transport.written) == [
+        "http://127.0.0.9:7000/kv/insert?key=a",
+        "http://127.0.0.9:7000/kv/delete?key=b",
+        None,
+    ]
+    assert bodies(transport.written)[0]["primary"] == "127.0.0.9:7000"
+
+
+def test_a_target_too_long_to_repeat_gets_the_503_naming_the_primary():
+    app = App()
+    protocol, transport = connect(app)
+    value = "v" * MAX_REDIRECT_TARGET
+    protocol.data_received(f"POST /kv/insert?key=a&value={value} HTTP/1.1\r\n\r\n".encode())
+    app.pending[0](REFUSED)
+    assert transport.written.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert locations(transport.written) == [None]
+    assert bodies(transport.written)[0]["primary"] == "127.0.0.9:7000"
+
+
+def test_a_redirect_from_a_tls_connection_says_https():
+    app = App()
+    protocol = HttpProtocol(app, Limits(), set(), "http")
+    transport = FakeTransport()
+    transport.get_extra_info = lambda name, default=None: (  # type: ignore[method-assign]
+        object() if name == "sslcontext" else default
+    )
+    protocol.connection_made(transport)
+    protocol.data_received(b"POST /kv/update?key=a&value=b HTTP/1.1\r\n\r\n")
+    app.pending[0](REFUSED)
+    assert locations(transport.written) == ["https://127.0.0.9:7000/kv/update?key=a&value=b"]

@@ -207,6 +207,34 @@ def test_a_win_not_confirmed_within_the_lease_is_given_up_and_its_key_resigned()
     assert BecomePrimary not in kinds(machine.handle(sync_read(2.8, 0.3, SyncRecord(5, ME))))
 
 
+def test_a_failed_read_after_a_win_is_sent_again() -> None:
+    """Without it, the member holds the leader key, keeps its lease alive and never
+    serves: nobody else may campaign, and the cluster answers nothing."""
+    machine = started()
+    leader_gone(machine, SyncRecord(5, ME))
+    machine.handle(CampaignAnswered(0.2, 0.12, LEASE, CampaignResult.WON, 20))
+    machine.handle(EtcdFailed(0.8, Operation.READ_SYNC, "timed out"))
+    machine.handle(KeepaliveAnswered(0.95, 0.9, LEASE, 3.0))
+    assert ReadSync in kinds(machine.handle(Tick(1.1)))
+    assert without_register(machine.handle(sync_read(1.2, 1.1, SyncRecord(5, ME)))) == [
+        BecomePrimary(20)
+    ]
+
+
+def test_a_record_newer_than_a_read_that_found_no_leader_makes_it_stale() -> None:
+    """No leader as of revision 15, then a record of epoch 16 that names us (our copy,
+    in sync with that leader meanwhile, is of 16): the leader of 16 may lead now. A
+    campaign would set our floor to 17 (StopFollowing), above the epoch of the very
+    primary we then follow: its channel would be refused forever."""
+    machine = started(Holding(True, 16, 7, 40))
+    machine.handle(LeaderObserved(0.1, None, 15))
+    actions = machine.handle(sync_read(0.2, 0.15, SyncRecord(16, ME)))
+    assert kinds(actions) == [ReadLeader]
+    assert machine.why_not_primary(0.2) == "the leader key has not been read yet"
+    actions = machine.handle(LeaderObserved(0.3, Leader(OTHER, 16), 31))
+    assert kinds(actions) == [BecomeBackup]
+
+
 def test_a_late_answer_to_an_older_read_does_not_replace_the_record() -> None:
     machine = started()
     machine.handle(LeaderObserved(0.1, None, 10))
@@ -453,6 +481,27 @@ def test_etcd_unreachable_the_primary_carries_on_until_its_lease_then_fences() -
     assert machine.why_not_primary(2.8) == "no valid lease: etcd unreachable"
 
 
+def test_etcd_unreachable_sets_no_wakeup_in_the_past() -> None:
+    """The driver ticks at ``next_wakeup``: a call on its way past its retry time, or a
+    lease that ran out on our clock while its keepalives fail, must not make that a
+    time already past (the driver would tick at zero delay until etcd answers)."""
+    machine = Leadership(TIMING)
+    machine.handle(Started(0.0, ME, COPY))  # the grant is on its way
+    machine.handle(Tick(0.5))
+    assert machine.next_wakeup() > 0.5
+    machine = started()
+    machine.handle(Tick(0.95))  # a keepalive is on its way
+    machine.handle(Tick(1.9))
+    assert machine.next_wakeup() > 1.9
+    machine = primary(20)
+    assert machine.next_wakeup() <= machine.valid_until  # the primary's fencing deadline
+    machine.handle(EtcdFailed(1.8, Operation.KEEPALIVE, "timed out"))
+    machine.handle(Tick(2.7))  # fenced: the lease sent at 0 ran out at 2.7
+    machine.handle(EtcdFailed(2.8, Operation.KEEPALIVE, "timed out"))
+    assert machine.lease is not None and machine.valid_until <= 2.8
+    assert machine.next_wakeup() > 2.8
+
+
 def test_keepalives_follow_patronis_rule() -> None:
     with pytest.raises(ValueError, match="ttl"):
         Timing(ttl=3.0, margin=0.3, keepalive_interval=1.0, request_timeout=1.0)
@@ -478,7 +527,7 @@ def test_nobody_to_promote_every_member_says_why() -> None:
     gone = member_name("10.0.0.9:7000", "z")
     for holding in (COPY, EMPTY):
         machine = started(holding)
-        leader_gone(machine, SyncRecord(40, gone))
+        leader_gone(machine, SyncRecord(40, gone), revision=45)
         for at in (0.5, 0.95, 1.5):
             actions = machine.handle(Tick(at))
             assert Campaign not in kinds(actions)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -477,8 +478,17 @@ def held(
     undo: tuple[State, ...] = (),
     epoch: int = 0,
     serving: int = 0,
+    recovered: bool = False,
 ) -> Copy:
-    return Copy(confirmed, history, seq, checksum, count, undo, epoch, serving)
+    return Copy(confirmed, history, seq, checksum, count, undo, epoch, serving, recovered)
+
+
+def recovered(**changes: Any) -> Copy:
+    """A copy loaded from disk at start (``persistence``), not confirmed since."""
+    return held(confirmed=False, recovered=True, **changes)
+
+
+NEITHER = "the backup holds no confirmed or recovered copy"
 
 
 # A backup two batches ahead of the primary's seq 5, whose record reaches seq 5 as A/3.
@@ -560,6 +570,68 @@ PLANS: list[tuple[Copy, Copy, Plan]] = [
         held(confirmed=False),  # even the same data
         Plan(Directive.START_EMPTY, "no confirmed data on either side: start empty"),
     ),
+    # -- recovered copies (persistence: loaded from disk at start, not yet confirmed) --
+    # A recovered copy wins over an empty start, on either side...
+    (
+        recovered(),
+        held(confirmed=False, seq=0, checksum=B, count=0),
+        Plan(Directive.SEND, f"the primary recovered 3 pairs from disk (seq 5); {NEITHER}"),
+    ),
+    (
+        held(confirmed=False, seq=0, count=0),
+        recovered(seq=9, checksum=B, count=4),
+        Plan(
+            Directive.FETCH,
+            "the backup recovered 4 pairs from disk (seq 9); "
+            "the primary holds no confirmed or recovered copy",
+        ),
+    ),
+    # ... of two recovered copies the newer wins: the backup's, ahead by batches in flight,
+    (
+        recovered(),
+        recovered(seq=7, checksum=B, count=4),
+        Plan(
+            Directive.FETCH,
+            "both recovered from disk: the primary's seq 5 epoch 0, the backup's seq 7 "
+            "epoch 0: the backup's copy is newer",
+        ),
+    ),
+    (  # ... or the primary's (the backup's log lost its last second: everysec)
+        recovered(seq=9),
+        recovered(seq=7, checksum=B, count=4),
+        Plan(
+            Directive.SEND,
+            "both recovered from disk: the primary's seq 9 epoch 0, the backup's seq 7 "
+            "epoch 0: the primary's copy is as new or newer",
+        ),
+    ),
+    (
+        recovered(),
+        recovered(history=OTHER),
+        Plan(
+            Directive.SEND,
+            "both recovered from disk: the primary's seq 5 epoch 0, the backup's seq 5 "
+            "epoch 0: the primary's copy is as new or newer",
+        ),
+    ),
+    (  # ... the newer epoch first, whatever the seqs
+        recovered(seq=9, epoch=5, serving=7),
+        recovered(seq=3, checksum=B, epoch=7, serving=7),
+        Plan(
+            Directive.FETCH,
+            "both recovered from disk: the primary's seq 9 epoch 5, the backup's seq 3 "
+            "epoch 7: the backup's copy is newer",
+        ),
+    ),
+    # A stale recovered copy never overwrites a live confirmed one, on either side...
+    (recovered(seq=9), held(seq=7), Plan(Directive.FETCH, "backup holds 3 confirmed pairs")),
+    (
+        held(),
+        recovered(seq=9, checksum=B),
+        Plan(Directive.SEND, "the backup holds no confirmed copy"),
+    ),
+    # ... and a recovered primary of an older epoch than the backup has seen is stale.
+    (recovered(serving=4), recovered(seq=9, serving=7), STALE_SEEN),
     # -- epochs (a coordinated cluster; every row above is epoch 0 on both sides) --
     # Equal epochs past 0 change nothing.
     (
@@ -632,7 +704,7 @@ def test_every_handshake_case_has_its_plan() -> None:
 
 def test_the_table_catches_a_primary_that_sends_over_a_backups_confirmed_copy() -> None:
     def sends_over_a_confirmed_backup(ours: Copy, theirs: Copy) -> Plan:
-        if not ours.confirmed:
+        if not ours.confirmed and not ours.recovered:
             return Plan(Directive.START_EMPTY, "no confirmed data on either side: start empty")
         return plan(ours, theirs)
 
@@ -640,9 +712,22 @@ def test_the_table_catches_a_primary_that_sends_over_a_backups_confirmed_copy() 
     assert [want.directive for _, _, want in wrong] == [
         Directive.FETCH,
         Directive.FETCH,
+        Directive.FETCH,  # the backup's recovered copy
         Directive.STALE,
         Directive.STALE,
     ]
+
+
+def test_the_table_catches_a_primary_that_forgets_recovered_copies() -> None:
+    """Treating a copy loaded from disk as an empty start loses it (both down at once)."""
+
+    def forgetful(ours: Copy, theirs: Copy) -> Plan:
+        return plan(replace(ours, recovered=False), replace(theirs, recovered=False))
+
+    wrong = plans_that_differ(forgetful)
+    assert [got.directive for got in (forgetful(o, t) for o, t, _ in wrong)] == [
+        Directive.START_EMPTY
+    ] * 6
 
 
 def test_the_table_catches_a_primary_that_ignores_epochs() -> None:
@@ -651,7 +736,7 @@ def test_the_table_catches_a_primary_that_ignores_epochs() -> None:
 
     wrong = plans_that_differ(blind)
     assert {want.directive for _, _, want in wrong} == {Directive.STALE, Directive.FETCH}
-    assert len(wrong) == 8
+    assert len(wrong) == 10
 
 
 def test_the_table_catches_a_primary_that_rolls_back_a_newer_epochs_batches() -> None:
@@ -714,6 +799,8 @@ DIRECTIVES: list[tuple[Directive, State | None, Copy, Copy, str | None]] = [
         held(confirmed=False),
         "fetch asked of a backup without confirmed data",
     ),
+    # A recovered copy may be fetched (the primary found it the newer).
+    (Directive.FETCH, None, recovered(), recovered(seq=3), None),
     # The primary's data is always taken (once all of it has arrived).
     (Directive.SEND, None, held(confirmed=False), held(), None),
     (Directive.START_EMPTY, None, held(), held(confirmed=False), None),

@@ -151,10 +151,16 @@ def test_an_altered_epoch_fails_like_a_corrupted_byte(keyed: bool) -> None:
 
 def test_a_hello_carries_the_epoch_of_its_copy_beside_its_own() -> None:
     hello = Hello("backup", True, 5, 1, 2, 3, (), 4, "10.0.0.2:8080#ab12", epoch=9)
-    assert hello.to_wire()[-2:] == [4, "10.0.0.2:8080#ab12"]
+    assert hello.to_wire()[-3:] == [4, "10.0.0.2:8080#ab12", False]
     assert decode_one(hello.to_wire()) == replace(hello, epoch=0)
     (decoded,) = FrameCodec().feed(encode(hello))
     assert (decoded.epoch, decoded.copy_epoch) == (9, 4)
+
+
+def test_a_hello_says_whether_its_copy_was_recovered_from_disk() -> None:
+    hello = Hello("backup", False, 5, 1, 2, 3, recovered=True)
+    assert hello.to_wire()[-1] is True
+    assert decode_one(hello.to_wire()) == hello
 
 
 def test_a_batch_keeps_deletes_and_empty_values() -> None:
@@ -172,25 +178,58 @@ def test_a_batch_keeps_deletes_and_empty_values() -> None:
         ([FrameType.ACK, -1], "non-negative integer"),
         ([FrameType.ACK, True], "non-negative integer"),
         ([FrameType.HEARTBEAT, 1.5], "non-negative integer"),
-        ([FrameType.HELLO, "backup", 1, bytes(16), 0, 0, 0, [], 0, ""], "true or false"),
-        ([FrameType.HELLO, "backup", True, bytes(15), 0, 0, 0, [], 0, ""], "16-byte checksum"),
-        ([FrameType.HELLO, b"backup", True, bytes(16), 0, 0, 0, [], 0, ""], "must be a string"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 0, "", 9], "has 10 fields"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 0], "has 8 fields, expected 9"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 0, 7], "at most 320"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 0, "m" * 321], "at most 320"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], -1, ""], "integer, not -1"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 1.5, ""], "not a float"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], "7", ""], "not a str"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], False, ""], "not a bool"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, -1, [], 0, ""], "64-bit history"),
-        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(16)]], 0, ""], "a point"),
+        ([FrameType.HELLO, "backup", 1, bytes(16), 0, 0, 0, [], 0, "", False], "true or false"),
         (
-            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(8), 2]], 0, ""],
+            [FrameType.HELLO, "backup", True, bytes(15), 0, 0, 0, [], 0, "", False],
+            "16-byte checksum",
+        ),
+        (
+            [FrameType.HELLO, b"backup", True, bytes(16), 0, 0, 0, [], 0, "", False],
+            "must be a string",
+        ),
+        (
+            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 0, "", False, 9],
+            "has 11 fields",
+        ),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 0], "has 8 fields, expected 10"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 0, 7, False], "at most 320"),
+        (
+            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 0, "m" * 321, False],
+            "at most 320",
+        ),
+        (
+            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], -1, "", False],
+            "integer, not -1",
+        ),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], 1.5, "", False], "not a float"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], "7", "", False], "not a str"),
+        ([FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [], False, "", False], "not a bool"),
+        (
+            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, -1, [], 0, "", False],
+            "64-bit history",
+        ),
+        (
+            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(16)]], 0, "", False],
+            "a point",
+        ),
+        (
+            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[1, bytes(8), 2]], 0, "", False],
             "16-byte",
         ),
         (
-            [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 0, [[0, bytes(16), 0]] * 65, 0, ""],
+            [
+                FrameType.HELLO,
+                "backup",
+                True,
+                bytes(16),
+                0,
+                0,
+                0,
+                [[0, bytes(16), 0]] * 65,
+                0,
+                "",
+                False,
+            ],
             "at most",
         ),
         ([FrameType.ROLLBACK, 1, bytes(16)], "has 2 fields"),

@@ -1,0 +1,527 @@
+"""Persistence in a running server: the asyncio side of the cores' ``Persist`` and
+``PersistAll`` actions (``pbkv/actions.py``), and loading the data at start.
+
+The cores say *what* to log, in order, as they change the data: each batch as it
+is applied (the primary's when the backup acknowledged it, the backup's before
+it acknowledges), each rollback, and each sync (a mark, or a new base when a
+transfer replaced the data).  This module says *when* it reaches the disk:
+
+* ``always``: every record is appended (one ``write``) as the action is carried
+  out, and one fsync at the next turn of the event loop covers every record
+  appended meanwhile (Redis's group commit under ``appendfsync always``).  Until
+  that fsync is done, what acknowledges those records is *held*: the primary's
+  client replies (``durable`` wraps each write's reply), the backup's frames
+  (its ACKs, its SYNC_ACK; ``hold``).  Held things go out in order once the
+  fsync returns, so no acknowledgement leaves before its record is durable.
+* ``everysec``: records are appended as they come and a timer fsyncs once a
+  second; nothing is held.  A crash of the machine (not of the process: the
+  page cache survives that) loses at most the last second or so.
+
+A new base (``persist_all``: a full transfer, a fetch, an empty start) is
+written while serving: one shard of the store copied at a time, written in
+chunks, a few milliseconds per turn of the loop.  The records of batches
+applied meanwhile wait in memory and are appended once the base is in place
+(replaying them on a base that already holds some of their writes is
+harmless: every operation sets a key's final value or removes it).  With
+``always`` everything that acknowledges is held until the base is in place.
+
+A log that has grown by ``rewrite_percentage`` of the base's size (and past
+``rewrite_min_bytes``) is *rewritten*, as Redis rewrites its append-only file:
+a new base of the store as it is, written the same way, while records go on
+to a new increment after it; once the base is in place the older files go.
+
+A base written while batches are applied may hold some of their writes; so
+a rollback to a state before the last batch such a base may hold cannot be
+replayed on it (the base does not record the values it would restore): it is
+written as a new base of the rolled-back store instead.
+
+Disk faults.  A primary refuses a write *before* applying it while the folder's
+file system has less than ``headroom`` bytes free (``refusal``: ``statvfs`` once per
+turn of the event loop that brings writes), so a disk
+that fills up refuses writes cleanly: the records of the writes already
+admitted fit in the headroom, and nothing refused is applied anywhere.  Once
+space is freed the next write is accepted.
+
+A failed append, fsync or base (a disk that filled up anyway, an I/O error)
+*fails* the folder: after a failed fsync what is on disk is unknown (the
+kernel may have dropped the pages), so the log is not trusted again.  What was
+held is answered as a failure (``on_failure``; a reply gets ``DiskFailed``
+with ``applied``), nothing that is not on disk is acknowledged, writes are
+refused, reads go on.  Once a second the server tries to write a new base of
+its whole store (a new base and a new increment, named by a new manifest);
+once it is in place the folder is healthy again (``on_recovery``) and writes
+are accepted.  A failed log rewrite fails nothing: the rewrite is given up
+(the old base and the log stay valid) and tried again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pbkv.commands import DiskFailed, Done, Outcome, Reply
+from pbkv.config import Settings
+from pbkv.persist.datadir import DataDir
+from pbkv.persist.framing import PersistError
+from pbkv.persist.log import Record, RecordKind, State
+from pbkv.persist.snapshot import SnapshotWriter
+from pbkv.store import ShardedStore
+
+log = logging.getLogger(__name__)
+
+EVERYSEC = 1.0  # seconds between fsyncs with ``everysec``
+WRITE_BUDGET = 0.005  # seconds of base writing per turn of the event loop
+# Pairs per chunk of a base: a chunk is written in one go (about 1 ms per 1,000 pairs).
+BASE_CHUNK_PAIRS = 1024
+
+
+@dataclass
+class _Base:
+    """A new base being written: the store's shards, one copy at a time."""
+
+    writer: SnapshotWriter
+    store: ShardedStore
+    state: State
+    chunks: Iterator[list[tuple[str, str]]]
+    started: float
+    replacing: bool  # the data was replaced (records wait) or the log is rewritten
+
+
+def _store_chunks(store: ShardedStore, size: int) -> Iterator[list[tuple[str, str]]]:
+    """The store's pairs in chunks, each shard copied when its turn comes (so the
+    store may change between chunks: see the module)."""
+    for shard in range(store.shard_count):
+        pairs = iter(store.shard_copy(shard).items())  # a private copy: read lazily
+        while chunk := list(itertools.islice(pairs, size)):
+            yield chunk
+
+
+def _flush_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Persistence:
+    """One server's data folder, driven from its event loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        address: tuple[str, int],
+        loop: asyncio.AbstractEventLoop,
+        on_failure: Callable[[str], None],
+        on_recovery: Callable[[], None] = lambda: None,
+    ) -> None:
+        assert settings.data_dir is not None, "checked by Settings"
+        self.mode = settings.persistence
+        self.always = self.mode == "always"
+        self.rewrite_percentage = settings.rewrite_percentage
+        self.rewrite_min_bytes = settings.rewrite_min_bytes
+        self.loop = loop
+        self.on_failure = on_failure
+        self.on_recovery = on_recovery
+        # Room kept free for the records of writes already admitted: the batches in
+        # flight and queued (a batch's record is at most about twice its BATCH_CHARS).
+        self.headroom = settings.disk_headroom
+        self._space_checked = False  # in this turn of the event loop
+        self._space_free = 0
+        self.short_of_space: str | None = None  # writes refused: the reason
+        self.writes_refused = 0
+        self.disk_failures = 0
+        self.last_disk_error: str | None = None
+        self.datadir = DataDir.for_address(
+            settings.data_dir, *address, chunk_pairs=BASE_CHUNK_PAIRS
+        )
+        # What waits for an fsync: (deliver, refuse), ``refuse`` called instead when
+        # the records it acknowledges never reach the disk.
+        self.held: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
+        self.sync_scheduled = False
+        self.base: _Base | None = None
+        self.waiting: list[Record] = []  # records that follow the base being written
+        self.failed: str | None = None
+        self.records = 0
+        self.syncs = 0
+        self.sync_seconds_max = 0.0
+        self.bases_written = 0
+        self.last_base_seconds = 0.0
+        self.recovered_pairs = 0
+        self.recovery_seconds = 0.0
+        self.rewrites = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self.store: ShardedStore | None = None  # the server's, from ``recover`` on
+        self.state = State(0, 0)  # after the last record
+        # The last seq whose writes the newest base may hold (see the module).
+        self.fuzzy_until = 0
+
+    # -- start and stop ---------------------------------------------------------------
+    def recover(self, store: ShardedStore, fresh: State) -> State | None:
+        """Load the folder's data into ``store`` (empty) and return its state; None when
+        the folder held none (a first start: an empty base at ``fresh`` is written, so
+        records may follow at once).  Raises ``PersistError`` naming the file and
+        offset of any damage but a torn last record, which is cut and logged."""
+        datadir = self.datadir
+        self.store = store
+        for name in datadir.removed:
+            log.info("persistence: removed %s (left by an interrupted write)", name)
+        if not datadir.exists:
+            datadir.start(fresh)
+            datadir.finish_rewrite()
+            self.state = fresh
+            log.info("persistence %s: %s holds no data yet", self.mode, datadir.folder)
+            return None
+        started = time.perf_counter()
+        loaded = datadir.load()
+        for torn in loaded.cut:
+            log.warning("persistence: cut a torn last record (a crash's leftover): %s", torn)
+        state = self.state = loaded.fill(store)
+        self.recovery_seconds = time.perf_counter() - started
+        self.recovered_pairs = len(store)
+        log.info(
+            "persistence %s: recovered %d pairs from %s (history %016x, seq %d, epoch %d: "
+            "a base and %d batches) in %.3f s",
+            self.mode,
+            len(store),
+            datadir.folder,
+            state.history,
+            state.seq,
+            state.epoch,
+            len(loaded.batches),
+            self.recovery_seconds,
+        )
+        return state
+
+    def start(self) -> None:
+        self._timer = self.loop.call_later(EVERYSEC, self._every_second)
+
+    def close(self) -> None:
+        """A clean stop: whatever was appended is made durable, the folder released."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.failed is None:
+            try:
+                if self.base is None:
+                    self.datadir.sync()
+            except PersistError as exc:
+                log.error("persistence: the last fsync failed: %s", exc)
+        self.datadir.close()
+
+    # -- acknowledgements wait for their records ----------------------------------------
+    @property
+    def holding(self) -> bool:
+        """Whether what acknowledges data must wait (``always``, records not yet durable)."""
+        return self.always and (self.holding_for_disk or bool(self.held))
+
+    def hold(self, deliver: Callable[[], None]) -> None:
+        """Run ``deliver`` once every record appended so far is durable (now if none)."""
+        if self.holding:
+            self.held.append((deliver, None))
+        else:
+            deliver()
+
+    def durable(self, reply: Reply) -> Reply:
+        """``reply``, delivered only once the records before it are durable."""
+
+        def answer(outcome: Outcome) -> None:
+            if self.failed is not None and isinstance(outcome, Done):
+                reply(DiskFailed(self.failed, applied=True))
+            elif self.holding:
+                self.held.append(
+                    (lambda: reply(outcome), lambda: reply(DiskFailed(self.failed or "", True)))
+                )
+            else:
+                reply(outcome)
+
+        return answer
+
+    def _release(self) -> None:
+        while self.held and not self.holding_for_disk:
+            held, self.held = self.held, []
+            for deliver, _ in held:
+                deliver()
+
+    # -- disk space -------------------------------------------------------------------
+    def refusal(self) -> DiskFailed | None:
+        """Whether a new write must be refused before it is applied: the folder failed,
+        or its file system has less than ``headroom`` bytes free."""
+        if self.failed is not None:
+            self.writes_refused += 1
+            return DiskFailed(self.failed)
+        if not self._space_checked:
+            self._check_space()
+            self._space_checked = True
+            self.loop.call_soon(self._next_turn)
+        if self.short_of_space is not None:
+            self.writes_refused += 1
+            return DiskFailed(self.short_of_space)
+        return None
+
+    def _next_turn(self) -> None:
+        self._space_checked = False
+
+    def _check_space(self) -> None:
+        try:
+            stats = os.statvfs(self.datadir.folder)
+        except OSError as exc:
+            free, reason = 0, f"cannot read the free space: {exc.strerror or exc}"
+        else:
+            free = stats.f_bavail * stats.f_frsize
+            reason = (
+                f"disk full: {free} bytes free in {self.datadir.folder}, "
+                f"below the {self.headroom} kept for writes under way"
+            )
+        self._space_free = free
+        was = self.short_of_space
+        self.short_of_space = reason if free < self.headroom else None
+        if was is None and self.short_of_space is not None:
+            log.error("persistence: refusing writes: %s", self.short_of_space)
+            self.last_disk_error = self.short_of_space
+        elif was is not None and self.short_of_space is None:
+            log.warning("persistence: %d bytes free again: accepting writes", free)
+
+    @property
+    def holding_for_disk(self) -> bool:
+        """An fsync is due, or a base that replaces the data is not in place yet (a
+        rewrite holds nothing back: its records go on to the log meanwhile)."""
+        base = self.base
+        return self.sync_scheduled or (base is not None and base.replacing)
+
+    # -- the actions ------------------------------------------------------------------
+    def persist(self, record: Record) -> None:
+        if self.failed is not None and self.base is None:
+            # Not logged: the store holds it, and the base that heals the folder too.
+            self.state = record.state
+            return
+        if record.kind is RecordKind.ROLLBACK and self.store is not None:
+            state = self.state
+            if self.base is not None or (
+                record.history == state.history and record.seq < self.fuzzy_until
+            ):
+                # The base may hold writes this undoes: a base of the rolled-back store.
+                self.persist_all(record.state, self.store)
+                return
+        self.state = record.state
+        base = self.base
+        if base is not None and base.replacing:
+            self.waiting.append(record)
+            return
+        try:
+            self.datadir.append(record)
+        except PersistError as exc:
+            self._fail(f"appending a record failed: {exc}")
+            return
+        self.records += 1
+        if self.always and not self.sync_scheduled:
+            self.sync_scheduled = True
+            self.loop.call_soon(self._sync_now)
+
+    def persist_all(self, state: State, store: ShardedStore) -> None:
+        """The store now holds data that replaces everything: a new base at ``state``."""
+        if self.failed is not None and self.base is None:
+            self.state = state  # the base that heals the folder holds it
+            return
+        if self.base is not None:  # replaced again before the last one was in place
+            self.datadir.abort_rewrite()
+        # Records waiting for an older base are in the store already: this base has them.
+        self.waiting.clear()
+        try:
+            writer = self.datadir.start(state)
+        except PersistError as exc:
+            self._fail(f"starting a snapshot failed: {exc}")
+            return
+        self.state = state
+        self._write_base_of(writer, store, state, replacing=True)
+
+    def _write_base_of(
+        self, writer: SnapshotWriter, store: ShardedStore, state: State, replacing: bool
+    ) -> None:
+        chunks = _store_chunks(store, self.datadir.chunk_pairs)
+        self.base = _Base(writer, store, state, chunks, time.perf_counter(), replacing)
+        self.loop.call_soon(self._write_base, self.base)
+
+    def _rewrite_if_grown(self) -> None:
+        """Rewrite the log once it has grown past the settings (Redis's
+        auto-aof-rewrite-percentage and auto-aof-rewrite-min-size)."""
+        if not self.rewrite_percentage or self.base is not None or self.store is None:
+            return
+        status = self.datadir.status()
+        snapshot = status["snapshot"]
+        if snapshot is None:
+            return
+        grown = status["log_bytes"]
+        if (
+            grown < self.rewrite_min_bytes
+            or grown * 100 < snapshot["size"] * self.rewrite_percentage
+        ):
+            return
+        self._check_space()
+        if self._space_free < snapshot["size"] + grown + 2 * self.headroom:
+            return  # no room for the new base: the log goes on growing meanwhile
+        log.info(
+            "persistence: rewriting: the log holds %d bytes, the base %d", grown, snapshot["size"]
+        )
+        try:
+            writer = self.datadir.begin_rewrite(self.state)
+        except PersistError as exc:
+            self._fail(f"starting a rewrite failed: {exc}")
+            return
+        self.rewrites += 1
+        self._write_base_of(writer, self.store, self.state, replacing=False)
+
+    # -- the disk work ------------------------------------------------------------------
+    def _sync_now(self) -> None:
+        self.sync_scheduled = False
+        base = self.base
+        if base is not None and base.replacing:
+            return  # a base that replaces the data syncs everything once it is in place
+        if self.failed is not None:
+            return
+        self._sync()
+        self._release()
+
+    def _sync(self) -> None:
+        started = time.perf_counter()
+        try:
+            self.datadir.sync()
+        except PersistError as exc:
+            self._fail(f"fsync failed: {exc}")
+            return
+        self.syncs += 1
+        self.sync_seconds_max = max(self.sync_seconds_max, time.perf_counter() - started)
+
+    def _every_second(self) -> None:
+        self._timer = self.loop.call_later(EVERYSEC, self._every_second)
+        if self.failed is not None:
+            self._heal()
+            return
+        base = self.base
+        if not self.always and (base is None or not base.replacing) and self.datadir.dirty:
+            self._sync()
+        self._rewrite_if_grown()
+
+    def _heal(self) -> None:
+        """The folder failed: try a new base of the whole store (a new base, a new
+        increment, a new manifest), unless one is under way or the disk is still full."""
+        if self.base is not None or self.store is None:
+            return
+        self._check_space()
+        if self.short_of_space is not None:
+            return
+        self.datadir.abort_rewrite()
+        try:
+            writer = self.datadir.start(self.state)
+        except PersistError as exc:
+            self.last_disk_error = f"starting a new base failed: {exc}"
+            return
+        log.info("persistence: writing a new base to leave the failure behind")
+        self.waiting.clear()
+        self._write_base_of(writer, self.store, self.state, replacing=True)
+
+    def _write_base(self, base: _Base) -> None:
+        if base is not self.base:
+            return  # replaced by a newer one, or given up
+        deadline = time.perf_counter() + WRITE_BUDGET
+        try:
+            for chunk in base.chunks:
+                base.writer.write_chunk(chunk)
+                if time.perf_counter() > deadline:
+                    self.loop.call_soon(self._write_base, base)
+                    return
+        except (PersistError, OSError) as exc:
+            self._fail(f"writing a snapshot failed: {exc}")
+            return
+        # Flushing tens of megabytes takes tens of milliseconds: in a thread, so the
+        # fsync in ``finish_rewrite`` then finds little left to do.
+        future = self.loop.run_in_executor(None, _flush_file, base.writer.temp_path)
+        future.add_done_callback(lambda done: self._finish_base(base, done))
+
+    def _finish_base(self, base: _Base, flushed: asyncio.Future[None]) -> None:
+        if base is not self.base:
+            return
+        try:
+            flushed.result()
+            info = self.datadir.finish_rewrite()
+        except (PersistError, OSError) as exc:
+            self._fail(f"writing a snapshot failed: {exc}")
+            return
+        self.base = None
+        self.fuzzy_until = self.state.seq
+        if self.failed is not None:
+            log.warning(
+                "persistence: the folder works again (%s): accepting writes", info.path.name
+            )
+            self.failed = None
+            self.on_recovery()
+        self.bases_written += 1
+        self.last_base_seconds = time.perf_counter() - base.started
+        log.info(
+            "persistence: new base %s in place: %d pairs, %d bytes, seq %d, in %.3f s",
+            info.path.name,
+            info.count,
+            info.size,
+            base.state.seq,
+            self.last_base_seconds,
+        )
+        waiting, self.waiting = self.waiting, []
+        for record in waiting:
+            self.persist(record)
+        if self.failed is None:
+            self._sync()
+            self._release()
+
+    def _fail(self, reason: str) -> None:
+        base = self.base
+        if base is not None and not base.replacing and self.failed is None:
+            # A rewrite that failed: the old base and the log are still whole.
+            self.base = None
+            self.datadir.abort_rewrite()
+            self.last_disk_error = reason
+            log.error("persistence: gave up a rewrite (tried again later): %s", reason)
+            return
+        self.base = None
+        self.datadir.abort_rewrite()  # its temporary file freed
+        self.last_disk_error = reason
+        if self.failed is not None:
+            log.error("persistence: still failing: %s", reason)
+            return
+        self.failed = reason
+        self.disk_failures += 1
+        self.waiting.clear()  # in the store: the healing base holds them
+        held, self.held = self.held, []
+        for _, refuse in held:  # never acknowledged: not on disk
+            if refuse is not None:
+                refuse()
+        self.on_failure(reason)
+
+    # -- status -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        status = self.datadir.status()
+        status.update(
+            mode=self.mode,
+            records=self.records,
+            fsyncs=self.syncs,
+            fsync_max_ms=round(self.sync_seconds_max * 1000, 3),
+            bases_written=self.bases_written,
+            rewrites=self.rewrites,
+            last_base_seconds=round(self.last_base_seconds, 3),
+            base_under_way=self.base is not None,
+            held=len(self.held),
+            recovered_pairs=self.recovered_pairs,
+            recovery_seconds=round(self.recovery_seconds, 3),
+            failed=self.failed,
+            short_of_space=self.short_of_space,
+            headroom=self.headroom,
+            writes_refused=self.writes_refused,
+            disk_failures=self.disk_failures,
+            last_disk_error=self.last_disk_error,
+        )
+        return status

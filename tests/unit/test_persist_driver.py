@@ -1,0 +1,290 @@
+"""The asyncio side of persistence (``pbkv/persist/driver.py``) on a real event loop
+and a real folder: what is held until the fsync, a base written while serving,
+loading at start, and a failed write."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pbkv.commands import DiskFailed, Done, Outcome
+from pbkv.config import Settings
+from pbkv.persist import DataDir, LogWriteError, PersistError, Record, State
+from pbkv.persist.driver import Persistence
+from pbkv.store import ShardedStore, make_store
+
+ADDRESS = ("127.0.0.1", 8080)
+
+
+def on_loop(test: Callable[[Path], Coroutine[Any, Any, None]]) -> Callable[[Path], None]:
+    """Run an ``async`` test on a fresh event loop (the driver needs a running one)."""
+
+    @functools.wraps(test)
+    def run(tmp_path: Path) -> None:
+        asyncio.run(test(tmp_path))
+
+    return run
+
+
+def opened(tmp_path: Path, mode: str = "always", **kwargs: Any) -> Persistence:
+    failures: list[str] = kwargs.pop("failures", [])
+    settings = Settings(persistence=mode, data_dir=str(tmp_path), **kwargs)
+    return Persistence(settings, ADDRESS, asyncio.get_running_loop(), failures.append)
+
+
+async def until_written(persistence: Persistence) -> None:
+    deadline = time.monotonic() + 10
+    while persistence.base is not None:
+        assert time.monotonic() < deadline, "the base was never finished"
+        await asyncio.sleep(0.001)
+
+
+async def turns(count: int = 3) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def loaded(tmp_path: Path) -> tuple[State, dict[str, str]]:
+    """What a restart would load from the folder."""
+    store = make_store("sharded", 4)
+    with DataDir.for_address(tmp_path, *ADDRESS) as datadir:
+        state = datadir.load().fill(store)
+    return state, dict(store.items())
+
+
+@on_loop
+async def test_a_first_start_writes_an_empty_base_and_recovers_nothing(tmp_path: Path) -> None:
+    persistence = opened(tmp_path)
+    assert persistence.recover(make_store("sharded", 4), State(7, 0, 0)) is None
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    await turns()
+    persistence.close()
+    assert loaded(tmp_path) == (State(7, 1, 0), {"a": "1"})
+
+    again = opened(tmp_path)
+    store = make_store("sharded", 4)
+    assert again.recover(store, State(99, 0, 0)) == State(7, 1, 0)
+    assert dict(store.items()) == {"a": "1"} and again.recovered_pairs == 1
+    again.close()
+
+
+@on_loop
+async def test_always_holds_replies_and_frames_until_the_fsync(tmp_path: Path) -> None:
+    persistence = opened(tmp_path)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    order: list[str] = []
+    replies: list[Outcome] = []
+    reply = persistence.durable(replies.append)
+
+    reply(Done(True))  # nothing appended: answered at once
+    assert replies == [Done(True)]
+
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))
+    assert persistence.holding and persistence.datadir.dirty
+    reply(Done(False))
+    persistence.hold(lambda: order.append("ack 2"))
+    assert replies == [Done(True)] and order == []
+    await turns()
+    # One fsync for both records, then everything held, in order.
+    assert not persistence.datadir.dirty and persistence.syncs == 1
+    assert replies == [Done(True), Done(False)] and order == ["ack 2"]
+    assert not persistence.holding
+    persistence.hold(lambda: order.append("heartbeat"))
+    assert order == ["ack 2", "heartbeat"]
+    persistence.close()
+
+
+@on_loop
+async def test_everysec_holds_nothing_and_syncs_on_a_timer(tmp_path: Path) -> None:
+    persistence = opened(tmp_path, "everysec")
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    persistence.start()
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    assert not persistence.holding and persistence.datadir.dirty
+    await asyncio.sleep(1.2)
+    assert not persistence.datadir.dirty and persistence.syncs >= 1
+    persistence.close()
+
+
+def filled(count: int) -> ShardedStore:
+    store = make_store("sharded", 4)
+    for i in range(count):
+        store.write(f"key{i}", f"value{i}")
+    return store
+
+
+@on_loop
+async def test_a_new_base_is_written_while_serving(tmp_path: Path) -> None:
+    persistence = opened(tmp_path)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    persistence.datadir.chunk_pairs = 10  # many chunks, so the loop turns in between
+    store = filled(500)
+    persistence.persist_all(State(8, 40, 2), store)
+    assert persistence.holding
+    replies: list[Outcome] = []
+    # Batches applied while the base is written: logged after it, on top of it.
+    store.write("key1", "changed")
+    persistence.persist(Record.batch(8, 41, 2, ["key1", "changed"]))
+    store.write("key2", None)
+    persistence.persist(Record.batch(8, 42, 2, ["key2", None]))
+    persistence.durable(replies.append)(Done(True))
+    deadline = time.monotonic() + 10
+    while persistence.base is not None:
+        assert replies == [] and time.monotonic() < deadline
+        await asyncio.sleep(0.001)
+    assert persistence.bases_written == 1
+    await turns()
+    assert replies == [Done(True)]
+    persistence.close()
+    state, data = loaded(tmp_path)
+    assert state == State(8, 42, 2)
+    assert data == dict(store.items())
+
+
+@on_loop
+async def test_a_newer_base_replaces_one_under_way(tmp_path: Path) -> None:
+    persistence = opened(tmp_path)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    persistence.datadir.chunk_pairs = 10
+    persistence.persist_all(State(8, 5, 0), filled(300))
+    await turns(2)
+    persistence.persist_all(State(9, 6, 0), filled(20))
+    await until_written(persistence)
+    persistence.close()
+    assert loaded(tmp_path) == (State(9, 6, 0), dict(filled(20).items()))
+
+
+@on_loop
+async def test_a_failed_append_acknowledges_nothing(tmp_path: Path) -> None:
+    failures: list[str] = []
+    persistence = opened(tmp_path, failures=failures)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    replies: list[Outcome] = []
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    persistence.durable(replies.append)(Done(True))
+
+    def full(record: Record) -> int:
+        raise LogWriteError("no space left on device")
+
+    persistence.datadir.append = full  # type: ignore[method-assign]
+    persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))
+    assert failures and "no space left on device" in failures[0]
+    await turns()
+    # The reply held for the fsync is a failure, never a success.
+    assert len(replies) == 1 and persistence.held == []
+    (reply,) = replies
+    assert isinstance(reply, DiskFailed) and reply.applied
+    assert "no space left on device" in reply.reason
+    refused = persistence.refusal()  # new writes: refused before they are applied
+    assert refused is not None and not refused.applied
+    persistence.close()
+
+
+@on_loop
+async def test_a_failed_folder_heals_with_a_new_base_of_the_store(tmp_path: Path) -> None:
+    failures: list[str] = []
+    persistence = opened(tmp_path, failures=failures)
+    store = make_store("sharded", 4)
+    persistence.recover(store, State(7, 0, 0))
+    store.write("a", "1")
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    real_append = persistence.datadir.append
+
+    def full(record: Record) -> int:
+        raise LogWriteError("no space left on device")
+
+    persistence.datadir.append = full  # type: ignore[method-assign]
+    store.write("b", "2")
+    persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))
+    assert persistence.failed is not None
+    store.write("c", "3")
+    persistence.persist(Record.batch(7, 3, 0, ["c", "3"]))  # not logged: the store has it
+    persistence.datadir.append = real_append  # type: ignore[method-assign]
+    persistence._heal()  # what the once-a-second timer does while failed
+    await until_written(persistence)
+    assert persistence.failed is None and persistence.refusal() is None
+    persistence.persist(Record.batch(7, 4, 0, ["d", "4"]))
+    store.write("d", "4")
+    persistence.close()
+    assert loaded(tmp_path) == (State(7, 4, 0), {"a": "1", "b": "2", "c": "3", "d": "4"})
+
+
+@on_loop
+async def test_damage_refuses_to_load_naming_the_file_and_offset(tmp_path: Path) -> None:
+    persistence = opened(tmp_path)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    for seq in range(1, 4):
+        persistence.persist(Record.batch(7, seq, 0, [f"k{seq}", "v"]))
+    await turns()
+    persistence.close()
+    (log,) = (tmp_path / "127.0.0.1-8080").glob("incr.*.log")
+    data = bytearray(log.read_bytes())
+    data[12] ^= 0xFF  # inside the first record
+    log.write_bytes(bytes(data))
+    with pytest.raises(PersistError, match=rf"{log.name}: .* at offset 8"):
+        opened(tmp_path).recover(make_store("sharded", 4), State(1, 0, 0))
+
+
+def apply(store: ShardedStore, record: Record) -> Record:
+    store.apply(record.ops)
+    return record
+
+
+@on_loop
+async def test_a_grown_log_is_rewritten_while_records_go_on(tmp_path: Path) -> None:
+    persistence = opened(tmp_path, rewrite_min_bytes=2000, rewrite_percentage=100)
+    store = make_store("sharded", 4)
+    persistence.recover(store, State(7, 0, 0))
+    persistence.datadir.chunk_pairs = 10
+    for seq in range(1, 80):
+        persistence.persist(apply(store, Record.batch(7, seq, 0, [f"k{seq}", "v" * 20])))
+    await turns()
+    persistence._rewrite_if_grown()
+    assert persistence.base is not None and persistence.rewrites == 1
+    persistence.persist(apply(store, Record.batch(7, 80, 0, ["k1", None])))
+    await turns()
+    assert not persistence.holding  # a rewrite holds nothing back
+    await until_written(persistence)
+    persistence.persist(apply(store, Record.batch(7, 81, 0, ["k2", "later"])))
+    await turns()
+    status = persistence.status()
+    assert status["log_bytes"] < 1000 and status["snapshot"]["file"] != "base.1.snap"
+    persistence._rewrite_if_grown()
+    assert persistence.base is None  # not grown enough again
+    persistence.close()
+    folder = tmp_path / "127.0.0.1-8080"
+    assert len(list(folder.glob("base.*.snap"))) == 1
+    assert loaded(tmp_path) == (State(7, 81, 0), dict(store.items()))
+
+
+@on_loop
+async def test_a_rollback_into_a_base_that_may_hold_its_batches_writes_a_new_base(
+    tmp_path: Path,
+) -> None:
+    persistence = opened(tmp_path, "everysec")
+    store = make_store("sharded", 4)
+    persistence.recover(store, State(7, 0, 0))  # the server's store, from now on
+    for key, value in filled(200).items():
+        store.write(key, value)
+    persistence.datadir.chunk_pairs = 10
+    persistence.persist_all(State(8, 10, 0), store)
+    # Batches applied while the base is written: it may hold their writes.
+    olds = store.apply_recording(["key1", "rolled back", "key2", None])
+    persistence.persist(Record.batch(8, 11, 0, ["key1", "rolled back", "key2", None]))
+    await until_written(persistence)
+    assert persistence.fuzzy_until == 11
+    store.undo(["key1", "rolled back", "key2", None], olds)
+    persistence.persist(Record.rollback(State(8, 10, 0)))
+    assert persistence.base is not None  # a new base, not a record the old one cannot take
+    persistence.persist(Record.mark(State(9, 10, 0)))
+    await until_written(persistence)
+    await turns()
+    persistence.close()
+    assert loaded(tmp_path) == (State(9, 10, 0), dict(filled(200).items()))
