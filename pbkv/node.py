@@ -480,6 +480,13 @@ class Node:
         outcome = core.submit(command, key, value, reply, idempotency)
         if core.outbox:
             core.drain(self)
+        replayed = outcome is not None and idempotency is not None
+        if replayed and persistence is not None and persistence.always and persistence.holding:
+            # A retry answered from the table: its write's record may still wait for
+            # this turn's fsync, so its reply (durable, above) waits with the others.
+            assert outcome is not None
+            reply(outcome)
+            return None
         return outcome
 
     def status(self) -> dict[str, Any]:
