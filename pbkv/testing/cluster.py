@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from pbkv import config
 from pbkv.client import Client, tls_context
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
+Which = TypeVar("Which")
 BIN = REPO / "bin"
 ROLES = ("primary", "backup")
 
@@ -93,13 +94,38 @@ def wait_for(
         time.sleep(interval)
 
 
-class ServerProcesses:
-    """Server processes a test started: killed (stopped ones too) at ``cleanup`` or
-    at the end of a ``with`` block."""
+class ServerProcesses(Generic[Which]):
+    """Server processes a test started, each known by a ``Which`` (a role, an index):
+    signalled, killed, and killed (stopped ones too) at ``cleanup`` or at the end of
+    a ``with`` block."""
+
+    def pid_file(self, which: Which) -> Path:
+        raise NotImplementedError
 
     def pids(self) -> list[int | None]:
         """The pid of each server, None where it has none."""
         raise NotImplementedError
+
+    def pid(self, which: Which) -> int | None:
+        try:
+            return int(self.pid_file(which).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def signal(self, which: Which, signum: int) -> None:
+        pid = self.pid(which)
+        if pid is None:
+            raise RuntimeError(f"{which} has no pid file")
+        os.kill(pid, signum)
+
+    def kill(self, which: Which, timeout: float = 15.0) -> None:
+        """kill -9, then wait until the process is gone (its port is then free)."""
+        pid = self.pid(which)
+        if pid is None:
+            raise RuntimeError(f"{which} has no pid file")
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not process_alive(pid), timeout, what=f"{which} to die")
+        self.pid_file(which).unlink(missing_ok=True)
 
     def cleanup(self) -> None:
         """Kill whatever still runs (stopped processes included)."""
@@ -124,7 +150,7 @@ class ServerProcesses:
         self.cleanup()
 
 
-class LocalPair(ServerProcesses):
+class LocalPair(ServerProcesses[str]):
     """Both servers of one pair, started by the real scripts in ``directory``."""
 
     def __init__(self, directory: str | os.PathLike[str], **settings: str) -> None:
@@ -212,30 +238,9 @@ class LocalPair(ServerProcesses):
     def log_tail(self, role: str, lines: int = 40) -> list[str]:
         return self.log(role).splitlines()[-lines:]
 
-    def pid(self, role: str) -> int | None:
-        try:
-            return int(self.pid_file(role).read_text())
-        except (OSError, ValueError):
-            return None
-
     def alive(self, role: str) -> bool:
         pid = self.pid(role)
         return pid is not None and process_alive(pid)
-
-    def signal(self, role: str, signum: int) -> None:
-        pid = self.pid(role)
-        if pid is None:
-            raise RuntimeError(f"{role} has no pid file")
-        os.kill(pid, signum)
-
-    def kill(self, role: str, timeout: float = 15.0) -> None:
-        """kill -9, then wait until the process is gone (its port is then free)."""
-        pid = self.pid(role)
-        if pid is None:
-            raise RuntimeError(f"{role} has no pid file")
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not process_alive(pid), timeout, what=f"{role} to die")
-        self.pid_file(role).unlink(missing_ok=True)
 
     def shutdown(self, role: str, timeout: float = 15.0) -> None:
         """``GET /kvman/shutdown``, then wait until the process has exited."""

@@ -50,13 +50,12 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, Self
 
 from pbkv.launcher import process_alive
-from pbkv.testing.netns import Namespaces, TopologyError, _tool, remove_stale
+from pbkv.testing.netns import Namespaces, TopologyError, _tool, refusal, remove_stale
 
 __all__ = ["CLIENT", "Hosts", "TopologyError", "available"]
 
@@ -238,22 +237,7 @@ def _destroy_leftovers() -> None:
             hosts.destroy()
 
 
-@functools.cache
-def available() -> str | None:
-    """None when this machine can build a :class:`Hosts` topology and isolate a
-    host, else the reason why not (for ``pytest.skip``)."""
-    if not sys.platform.startswith("linux"):
-        return "network namespaces need Linux"
-    if os.geteuid() != 0:
-        return "network namespaces and iptables need root"
-    if _tool("ip") is None:
-        return "the ip command is missing (apt-get install iproute2)"
-    if _tool("iptables") is None:
-        return "the iptables command is missing (apt-get install iptables)"
-    if _tool("iptables-restore") is None:
-        return "the iptables-restore command is missing (apt-get install iptables)"
-    if not os.path.exists("/proc/thread-self/ns/net"):
-        return "/proc/thread-self/ns/net is missing: cannot switch network namespaces"
+def _probe() -> Hosts:
     net = Hosts(2, prefix="pbkvprobe")
     try:
         net.create()
@@ -261,9 +245,15 @@ def available() -> str | None:
         net.heal()
         with net.inside(CLIENT):
             pass
-    except (OSError, subprocess.SubprocessError, TopologyError) as exc:
-        return f"the kernel or the tools refused a network namespace set-up: {exc}"
-    finally:
+    except BaseException:
         with contextlib.suppress(TopologyError, OSError, subprocess.SubprocessError):
             net.destroy()
-    return None
+        raise
+    return net
+
+
+@functools.cache
+def available() -> str | None:
+    """None when this machine can build a :class:`Hosts` topology and isolate a
+    host, else the reason why not (for ``pytest.skip``)."""
+    return refusal(("ip", "iptables", "iptables-restore"), _probe)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +28,6 @@ from pbkv.testing.cluster import (
     FAST_SETTINGS,
     ServerProcesses,
     free_port,
-    process_alive,
     wait_for,
 )
 
@@ -38,7 +36,7 @@ __all__ = ["LocalMembers"]
 SECRET = "members-test-secret"
 
 
-class LocalMembers(ServerProcesses):
+class LocalMembers(ServerProcesses[int]):
     """Up to a few members of one cluster, started by the real scripts in ``directory``."""
 
     def __init__(
@@ -116,26 +114,8 @@ class LocalMembers(ServerProcesses):
         path = self._file(index, "logs", "log")
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def pid(self, index: int) -> int | None:
-        try:
-            return int(self._file(index, "run", "pid").read_text())
-        except (OSError, ValueError):
-            return None
-
-    def signal(self, index: int, signum: int) -> None:
-        pid = self.pid(index)
-        if pid is None:
-            raise RuntimeError(f"member {index} has no pid file")
-        os.kill(pid, signum)
-
-    def kill(self, index: int, timeout: float = 15.0) -> None:
-        """kill -9, then wait until the process is gone (its port is then free)."""
-        pid = self.pid(index)
-        if pid is None:
-            raise RuntimeError(f"member {index} has no pid file")
-        os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not process_alive(pid), timeout, what=f"member {index} to die")
-        self._file(index, "run", "pid").unlink(missing_ok=True)
+    def pid_file(self, index: int) -> Path:
+        return self._file(index, "run", "pid")
 
     def pids(self) -> list[int | None]:
         return [self.pid(index) for index in range(len(self.addresses))]

@@ -60,7 +60,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Self
 
@@ -421,20 +421,34 @@ def remove_stale() -> list[str]:
     return removed
 
 
-@functools.cache
-def available() -> str | None:
-    """None when this machine can build a :class:`Topology` and apply every fault,
-    else the reason why not (for ``pytest.skip``)."""
+_PACKAGES = {"ip": "iproute2", "iptables": "iptables", "iptables-restore": "iptables"}
+
+
+def refusal(tools: Sequence[str], probe: Callable[[], Namespaces]) -> str | None:
+    """Why this machine cannot build a topology (None: it can): Linux, root, each
+    of ``tools``, and ``probe`` (build one and apply its faults) must all work."""
     if not sys.platform.startswith("linux"):
         return "network namespaces need Linux"
     if os.geteuid() != 0:
         return "network namespaces and iptables need root"
-    if _tool("ip") is None:
-        return "the ip command is missing (apt-get install iproute2)"
-    if _tool("iptables") is None:
-        return "the iptables command is missing (apt-get install iptables)"
+    for tool in tools:
+        if _tool(tool) is None:
+            return f"the {tool} command is missing (apt-get install {_PACKAGES[tool]})"
     if not os.path.exists("/proc/thread-self/ns/net"):
         return "/proc/thread-self/ns/net is missing: cannot switch network namespaces"
+    net: Namespaces | None = None
+    try:
+        net = probe()
+    except (OSError, subprocess.SubprocessError, TopologyError) as exc:
+        return f"the kernel or the tools refused a network namespace set-up: {exc}"
+    finally:
+        if net is not None:
+            with contextlib.suppress(TopologyError, OSError, subprocess.SubprocessError):
+                net.destroy()
+    return None
+
+
+def _probe() -> Topology:
     net = Topology(prefix="pbkvprobe")
     try:
         net.create()
@@ -445,9 +459,15 @@ def available() -> str | None:
         net.heal()
         with net.inside("client"):
             pass
-    except (OSError, subprocess.SubprocessError, TopologyError) as exc:
-        return f"the kernel or the tools refused a network namespace set-up: {exc}"
-    finally:
+    except BaseException:
         with contextlib.suppress(TopologyError, OSError, subprocess.SubprocessError):
             net.destroy()
-    return None
+        raise
+    return net
+
+
+@functools.cache
+def available() -> str | None:
+    """None when this machine can build a :class:`Topology` and apply every fault,
+    else the reason why not (for ``pytest.skip``)."""
+    return refusal(("ip", "iptables"), _probe)
