@@ -52,7 +52,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pbkv.backup import BackupCore
-from pbkv.commands import Command, Done, Outcome, Refused, ReplicationFailed
+from pbkv.commands import Command, Done, KeyReused, Outcome, Refused, ReplicationFailed
 from pbkv.leadership import (
     Action,
     BecomeBackup,
@@ -97,10 +97,23 @@ ETCD = -1  # etcd's place in a partition (the members are 0, 1, 2)
 DRIFT = 0.002  # a member's clock runs at 1 +- this
 CLIENTS = 4
 CLIENT_TIMEOUT = 3.0  # a request unanswered this long is given up: indeterminate
+# Half the clients send writes with an Idempotency-Key and retry them until this long
+# after the call (long enough to ride out a failover).
+KEYED_DEADLINE = 12.0
 SETTLE = 40.0  # after the faults: how long the cluster may take to be in sync again
 DRAIN = 4.0  # then: answers still on their way arrive
 FAULTS = ("crash", "pause", "etcd_cut", "member_cut", "slow")
 FAULT_WEIGHTS = (2, 3, 3, 3, 1)
+
+
+@dataclass
+class _KeyedWrite:
+    """Where one keyed write's attempts stand."""
+
+    attempt: int = 0
+    done: bool = False
+    maybe: bool = False  # an attempt was lost or rewound: it may have been applied
+    backoff: float = 0.05
 
 
 class Violation(Exception):
@@ -364,7 +377,12 @@ class Member(Process):
 
     # -- clients (pbkv.node.Node.read / submit) ---------------------------------------------------
     def request(
-        self, command: Command, key: str, value: str | None, answer: Callable[[Outcome], None]
+        self,
+        command: Command,
+        key: str,
+        value: str | None,
+        answer: Callable[[Outcome], None],
+        ident: str | None = None,
     ) -> None:
         core, now = self.running, self.clock()
         if not self.membership.may_serve(now):
@@ -376,7 +394,9 @@ class Member(Process):
         if command.is_read:
             answer(core.read(command, key))
             return
-        outcome = core.submit(command, key, value, answer)
+        if ident is not None:
+            core.now = now  # the table's time, as the node stamps it
+        outcome = core.submit(command, key, value, answer, ident)
         if outcome is not None:
             answer(outcome)
 
@@ -513,6 +533,9 @@ class Simulation(Network):
         kind = self.rng.choice(("get", "get", "insert", "update", "delete"))
         command, key = COMMANDS[kind], self.rng.choice(KEYS)
         value = f"v{next(self._values)}" if kind in ("insert", "update") else None
+        if client % 2 == 0 and kind != "get":
+            self.keyed_write(client, kind, key, value)
+            return
         call = self.now
         member = self.members[self.beliefs[client]]
         done = False
@@ -569,6 +592,74 @@ class Simulation(Network):
         else:  # connection refused: it never happened
             self.schedule(self.latency(), lambda: refused(None))
         self.schedule(CLIENT_TIMEOUT, timed_out)
+
+    def keyed_write(self, client: int, kind: str, key: str, value: str | None) -> None:
+        """A write with an Idempotency-Key, retried as the Python clients retry it:
+        after a refusal (at the primary it names), "replication failed" or no answer
+        (elsewhere), with back-off, until ``KEYED_DEADLINE``, across failovers. All
+        its attempts are one operation: applied at most once, whatever the retries."""
+        command = COMMANDS[kind]
+        ident = f"c{client}.{next(self._values)}"
+        call = self.now
+        state = _KeyedWrite()
+
+        def finish(ok: bool | None, output: str | None, record: bool) -> None:
+            state.done = True
+            if record:
+                ret = self.now if ok is not None else None
+                self.operations.append(
+                    linearizability.Operation(client, kind, key, value, call, ret, ok, output)
+                )
+                if ok is None:
+                    self.stats.indeterminate += 1
+                elif ok:
+                    self.stats.acknowledged += 1
+            self.schedule(self.rng.uniform(0.001, 0.05), lambda: self.client_loop(client))
+
+        def attempt() -> None:
+            state.attempt += 1
+            number = state.attempt
+            member = self.members[self.beliefs[client]]
+
+            def answer(outcome: Outcome) -> None:
+                self.schedule(self.latency(), lambda: ended(number, outcome))
+
+            if member.alive:
+                member.deliver(
+                    self.latency(),
+                    lambda: member.request(command, key, value, answer, ident),
+                )
+            else:  # connection refused: this attempt never happened
+                self.schedule(self.latency(), lambda: ended(number, Refused(Stage.COLD_START, "")))
+            self.schedule(CLIENT_TIMEOUT, lambda: ended(number, None))
+
+        def ended(number: int, outcome: Outcome | None) -> None:
+            if state.done or number != state.attempt:
+                return  # a later attempt is under way: its answer counts
+            if isinstance(outcome, Done):
+                finish(outcome.ok, outcome.value, record=True)
+                return
+            if isinstance(outcome, KeyReused):
+                raise Violation("idempotency", f"{ident}: its own retry refused as another write")
+            if isinstance(outcome, Refused):
+                self.stats.refused += 1
+                if outcome.primary in ADDRESSES:
+                    self.beliefs[client] = ADDRESSES.index(outcome.primary)
+                else:
+                    self.beliefs[client] = self.rng.randrange(len(ADDRESSES))
+            else:  # "replication failed" or no answer: it may have been applied
+                state.maybe = True
+                if outcome is None:
+                    self.beliefs[client] = self.rng.randrange(len(ADDRESSES))
+            delay = state.backoff * self.rng.uniform(0.5, 1.0)
+            state.backoff = min(1.0, 2 * state.backoff)
+            if self.now + delay > call + KEYED_DEADLINE or self.now >= self.duration:
+                # Given up: indeterminate, or nothing if no attempt may have applied.
+                finish(None, None, record=state.maybe)
+                return
+            self.schedule(delay, attempt)
+
+        attempt()
 
     # -- faults -----------------------------------------------------------------------------------
     def fault(self, text: str) -> None:

@@ -83,3 +83,21 @@ def test_without_the_direct_checks_the_history_shows_what_a_bug_costs(bug: Bug) 
             assert outcome.violation.kind == "linearizability", report(outcome, bug)
             return
     pytest.fail(f"{bug.value} lost no acknowledged write in {BUG_SEEDS} seeds")
+
+
+def test_a_promotion_that_forgets_the_idempotency_table_is_caught(monkeypatch) -> None:
+    """Half the clients retry keyed writes across failovers; a promoted primary that
+    lost the table (keys replicated, but not carried into the new role) applies a
+    retried write a second time, and the histories show it."""
+    import pbkv.testing.failover_sim as failover_sim
+
+    real = failover_sim.promoted
+
+    def forgetting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        primary = real(*args, **kwargs)
+        primary.store.idempotency.clear()
+        return primary
+
+    monkeypatch.setattr(failover_sim, "promoted", forgetting)
+    caught = next((o for o in map(run_seed, range(BUG_SEEDS)) if o.violation is not None), None)
+    assert caught is not None, f"a forgotten table went unnoticed in {BUG_SEEDS} seeds"
