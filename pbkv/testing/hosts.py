@@ -237,23 +237,17 @@ def _destroy_leftovers() -> None:
             hosts.destroy()
 
 
-def _probe() -> Hosts:
-    net = Hosts(2, prefix="pbkvprobe")
-    try:
-        net.create()
-        net.isolate("h1")
-        net.heal()
-        with net.inside(CLIENT):
-            pass
-    except BaseException:
-        with contextlib.suppress(TopologyError, OSError, subprocess.SubprocessError):
-            net.destroy()
-        raise
-    return net
+def _exercise(net: Hosts) -> None:
+    net.isolate("h1")
+    net.heal()
+    with net.inside(CLIENT):
+        pass
 
 
 @functools.cache
 def available() -> str | None:
     """None when this machine can build a :class:`Hosts` topology and isolate a
     host, else the reason why not (for ``pytest.skip``)."""
-    return refusal(("ip", "iptables", "iptables-restore"), _probe)
+    return refusal(
+        ("ip", "iptables", "iptables-restore"), lambda: Hosts(2, prefix="pbkvprobe"), _exercise
+    )

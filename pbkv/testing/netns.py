@@ -62,7 +62,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from pbkv.launcher import process_alive
 from pbkv.stages import Role
@@ -421,12 +421,16 @@ def remove_stale() -> list[str]:
     return removed
 
 
+N = TypeVar("N", bound=Namespaces)
 _PACKAGES = {"ip": "iproute2", "iptables": "iptables", "iptables-restore": "iptables"}
 
 
-def refusal(tools: Sequence[str], probe: Callable[[], Namespaces]) -> str | None:
+def refusal(
+    tools: Sequence[str], make: Callable[[], N], exercise: Callable[[N], None]
+) -> str | None:
     """Why this machine cannot build a topology (None: it can): Linux, root, each
-    of ``tools``, and ``probe`` (build one and apply its faults) must all work."""
+    of ``tools``, and one topology (``make``) built and its faults applied
+    (``exercise``) must all work."""
     if not sys.platform.startswith("linux"):
         return "network namespaces need Linux"
     if os.geteuid() != 0:
@@ -436,38 +440,29 @@ def refusal(tools: Sequence[str], probe: Callable[[], Namespaces]) -> str | None
             return f"the {tool} command is missing (apt-get install {_PACKAGES[tool]})"
     if not os.path.exists("/proc/thread-self/ns/net"):
         return "/proc/thread-self/ns/net is missing: cannot switch network namespaces"
-    net: Namespaces | None = None
+    net = make()
     try:
-        net = probe()
+        exercise(net.create())
     except (OSError, subprocess.SubprocessError, TopologyError) as exc:
         return f"the kernel or the tools refused a network namespace set-up: {exc}"
     finally:
-        if net is not None:
-            with contextlib.suppress(TopologyError, OSError, subprocess.SubprocessError):
-                net.destroy()
+        with contextlib.suppress(TopologyError, OSError, subprocess.SubprocessError):
+            net.destroy()
     return None
 
 
-def _probe() -> Topology:
-    net = Topology(prefix="pbkvprobe")
-    try:
-        net.create()
-        net.partition_reject()
-        net.loss(10)
-        net.clear_rules()
-        net.cut()
-        net.heal()
-        with net.inside("client"):
-            pass
-    except BaseException:
-        with contextlib.suppress(TopologyError, OSError, subprocess.SubprocessError):
-            net.destroy()
-        raise
-    return net
+def _exercise(net: Topology) -> None:
+    net.partition_reject()
+    net.loss(10)
+    net.clear_rules()
+    net.cut()
+    net.heal()
+    with net.inside("client"):
+        pass
 
 
 @functools.cache
 def available() -> str | None:
     """None when this machine can build a :class:`Topology` and apply every fault,
     else the reason why not (for ``pytest.skip``)."""
-    return refusal(("ip", "iptables"), _probe)
+    return refusal(("ip", "iptables"), lambda: Topology(prefix="pbkvprobe"), _exercise)
