@@ -127,40 +127,31 @@ def rows(entries: Sequence[Entry]) -> list[Row]:
         known = status if status is not None else (entry.registered or {})
         role = known.get("role") if isinstance(known.get("role"), str) else None
         member = entry.member or (status or {}).get("member")
-        if status is None:
-            listed.append(
-                Row(
-                    format_address(*entry.address),
-                    member if isinstance(member, str) else None,
-                    False,
-                    role,
-                    None,
-                    _number(known.get("epoch")),
-                    None,
-                    None,
-                    None,
-                )
-            )
-            continue
-        stage = status.get("stage") if isinstance(status.get("stage"), str) else None
+        stage: str | None = None
         synced: bool | None = None
-        if role != "primary":
-            if in_sync is not None:
-                synced = entry.address in in_sync
-            elif stage is not None:
-                synced = stage == "in_sync"
-        lease = status.get("lease_left")
+        lag: int | None = None
+        lease: float | None = None
+        if status is not None:  # answered: its own word on everything
+            stage = status.get("stage") if isinstance(status.get("stage"), str) else None
+            if role != "primary":
+                if in_sync is not None:
+                    synced = entry.address in in_sync
+                elif stage is not None:
+                    synced = stage == "in_sync"
+            lag = _number(status.get("lag"))
+            left = status.get("lease_left")
+            lease = float(left) if isinstance(left, int | float) else None
         listed.append(
             Row(
                 format_address(*entry.address),
                 member if isinstance(member, str) else None,
-                True,
+                status is not None,
                 role,
                 stage,
-                _number(status.get("epoch")),
+                _number(known.get("epoch")),
                 synced,
-                _number(status.get("lag")),
-                float(lease) if isinstance(lease, int | float) else None,
+                lag,
+                lease,
             )
         )
     return listed
