@@ -630,6 +630,31 @@ class _Endpoint:
         return servers[(index + 1) % len(servers)]
 
 
+def _after_failure(
+    exc: Exception, keyed: bool, safe: bool, unknown: Exception | None
+) -> tuple[Exception, str | None, Exception | None]:
+    """What a failed attempt leaves, for both clients' retry loops: the error to report,
+    the primary a refusal named, and the attempt that may have been applied (this one,
+    or ``unknown``, an earlier one). Raises when the call must end now."""
+    if isinstance(exc, NotPrimary):
+        return exc, exc.primary, unknown
+    if isinstance(exc, Unavailable):  # refused in this stage: nothing was applied
+        return exc, None, unknown
+    if isinstance(exc, _Unsent):
+        return exc.error, None, unknown
+    if isinstance(exc, OutcomeUnknown | ReplicationFailed):
+        if not keyed:
+            raise exc
+        return exc, None, exc  # its key makes sending it again safe
+    if isinstance(exc, PbkvError):
+        if unknown is not None:  # an earlier attempt may have been applied
+            raise unknown from exc
+        raise exc
+    if isinstance(exc, OSError) and safe:
+        return exc, None, unknown  # a read lost on the way: safe to ask again
+    raise exc
+
+
 class Client(_Endpoint):
     """Blocking client over one keep-alive connection; not thread-safe.
 
@@ -816,28 +841,10 @@ class Client(_Endpoint):
         pause = _PAUSE_FIRST
         unknown: Exception | None = None  # an attempt that may have been applied
         while True:
-            error: Exception
-            named: str | None = None
             try:
                 return self._send(op, method, target, body, headers, safe)
-            except NotPrimary as exc:
-                error, named = exc, exc.primary
-            except Unavailable as exc:  # refused in this stage: nothing was applied
-                error = exc
-            except _Unsent as exc:
-                error = exc.error
-            except (OutcomeUnknown, ReplicationFailed) as exc:
-                if not keyed:
-                    raise
-                error = unknown = exc  # its key makes sending it again safe
-            except PbkvError as exc:
-                if unknown is not None:  # an earlier attempt may have been applied
-                    raise unknown from exc
-                raise
-            except OSError as exc:
-                if not safe:
-                    raise
-                error = exc  # a read lost on the way: safe to ask again
+            except Exception as exc:
+                error, named, unknown = _after_failure(exc, keyed, safe, unknown)
             left = deadline - time.monotonic()
             if left <= 0:
                 if unknown is not None and unknown is not error:
@@ -1160,28 +1167,10 @@ class AsyncClient(_Endpoint):
         pause = _PAUSE_FIRST
         unknown: Exception | None = None  # an attempt that may have been applied
         while True:
-            error: Exception
-            named: str | None = None
             try:
                 return await self._send(op, parts, credential, safe)
-            except NotPrimary as exc:
-                error, named = exc, exc.primary
-            except Unavailable as exc:  # refused in this stage: nothing was applied
-                error = exc
-            except _Unsent as exc:
-                error = exc.error
-            except (OutcomeUnknown, ReplicationFailed) as exc:
-                if not keyed:
-                    raise
-                error = unknown = exc  # its key makes sending it again safe
-            except PbkvError as exc:
-                if unknown is not None:  # an earlier attempt may have been applied
-                    raise unknown from exc
-                raise
-            except OSError as exc:
-                if not safe:
-                    raise
-                error = exc  # a read lost on the way: safe to ask again
+            except Exception as exc:
+                error, named, unknown = _after_failure(exc, keyed, safe, unknown)
             left = deadline - time.monotonic()
             if left <= 0:
                 if unknown is not None and unknown is not error:
