@@ -78,6 +78,15 @@ class DiskFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class Loaded:
+    """A chunk of a bulk load acknowledged: ``applied`` pairs written, ``skipped`` left
+    as they were (keys that existed, in insert mode)."""
+
+    applied: int
+    skipped: int
+
+
+@dataclass(frozen=True, slots=True)
 class Counted:
     count: int
 
@@ -98,7 +107,15 @@ class Dumped:
 
 
 Outcome = (
-    Done | Refused | ReplicationFailed | MemoryFull | DiskFailed | KeyReused | Counted | Dumped
+    Done
+    | Refused
+    | ReplicationFailed
+    | MemoryFull
+    | DiskFailed
+    | KeyReused
+    | Counted
+    | Dumped
+    | Loaded
 )
 REPLICATION_FAILED = ReplicationFailed()
 KEY_REUSED = KeyReused()

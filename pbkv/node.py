@@ -489,6 +489,27 @@ class Node:
             return None
         return outcome
 
+    def submit_pairs(self, pairs: list[str], upsert: bool, reply: Reply) -> Outcome | None:
+        """A chunk of a bulk load (``PrimaryCore.submit_pairs``), behind the gates a
+        write passes: the leadership's, the disk's, and durability's answer."""
+        member = self.member
+        if member is not None and not member.may_serve():
+            return self._not_primary()
+        core = self.core
+        if not isinstance(core, PrimaryCore):
+            return Refused(core.stage, core.role, primary=core.primary_address)
+        persistence = self.persistence
+        if persistence is not None:
+            refused = persistence.refusal()
+            if refused is not None:
+                return refused
+            if persistence.always:
+                reply = persistence.durable(reply)
+        outcome = core.submit_pairs(pairs, upsert, reply)
+        if core.outbox:
+            core.drain(self)
+        return outcome
+
     def status(self) -> dict[str, Any]:
         now = self.clock()
         status = self.core.status(now)

@@ -32,6 +32,7 @@ from pbkv.commands import (
     REPLICATION_FAILED,
     Command,
     Done,
+    Loaded,
     Outcome,
     Refused,
     Reply,
@@ -54,7 +55,7 @@ from pbkv.idempotency import (
     fingerprint,
 )
 from pbkv.stages import Copy, Directive, Event, Plan, Role, Stage, Step, WriteRule, plan
-from pbkv.store import ShardedStore
+from pbkv.store import PAIR_OVERHEAD, ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
 from pbkv.wire import (
     Ack,
@@ -346,6 +347,74 @@ class PrimaryCore(ReplicationCore):
         queued.entries.append((reply, outcome))
         if not self.flush_pending:
             # Everything submitted before the driver calls flush shares one batch.
+            self.flush_pending = True
+            self.outbox.append(FlushSoon())
+        return None
+
+    def submit_pairs(self, pairs: list[str], upsert: bool, reply: Reply) -> Outcome | None:
+        """A chunk of a bulk load (key, value, key, value, ...; at most ``BATCH_WRITES``
+        pairs, closed past ``BATCH_CHARS`` characters as a batch is): every pair it
+        writes travels in one batch, so the chunk is applied whole or not at all on
+        both servers.  Insert mode (``upsert`` false) leaves a key that holds a value
+        (or that an earlier pair of the chunk wrote) as it is, counted as skipped.
+        An outcome now (a refusal: nothing applied), or None when ``Respond(reply,
+        Loaded(...))`` follows once the backup acknowledged the batch."""
+        if self.machine.acceptance.writes is not WriteRule.REPLICATE:
+            return Refused(self.stage, self.role)
+        overlay, get = self.overlay, self.store.get
+        ops: list[str | None] = []
+        add = ops.append
+        taken: set[str] = set()  # insert mode: keys this chunk writes
+        grows = skipped = chars = 0
+        for i in range(0, len(pairs), 2):
+            key, value = pairs[i], pairs[i + 1]
+            pending = overlay.get(key)
+            current = get(key) if pending is None else pending[0]
+            if upsert:
+                if current is None:
+                    grows += len(key) + len(value) + PAIR_OVERHEAD
+                elif len(value) > len(current):
+                    grows += len(value) - len(current)
+            elif current is not None or key in taken:
+                skipped += 1
+                continue
+            else:
+                taken.add(key)
+                grows += len(key) + len(value) + PAIR_OVERHEAD
+            add(key)
+            add(value)
+            chars += len(key) + len(value)
+        if self.max_memory:
+            full = self.over_memory(grows)
+            if full is not None:
+                return full
+        outcome = Loaded(len(ops) // 2, skipped)
+        if self.standalone:
+            self.store.apply(ops)
+            return outcome
+        queued = self.queued[-1]
+        if (
+            ops
+            and queued.ops
+            and (
+                queued.keyed
+                or len(queued.ops) + len(ops) > 2 * BATCH_WRITES
+                or queued.chars + chars > BATCH_CHARS
+            )
+        ):
+            queued = Batch()
+            self.queued.append(queued)
+        if ops:
+            queued.ops += ops
+            queued.chars += chars
+            queued.grows += grows
+            self.pending_write_bytes += grows
+            seq = self.sent_seq + len(self.queued)
+            for i in range(0, len(ops), 2):
+                overlay[ops[i]] = (ops[i + 1], seq)  # type: ignore[index]  # keys are str
+        # (With nothing to write it is answered after the batches before it.)
+        queued.entries.append((reply, outcome))
+        if not self.flush_pending:
             self.flush_pending = True
             self.outbox.append(FlushSoon())
         return None

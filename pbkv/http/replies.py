@@ -184,6 +184,7 @@ COURSE_FAILURES: dict[bytes, bytes] = {
     b"/kvman/dump": _FALSE,
     b"/kvman/status": _FALSE,
     b"/kvman/shutdown": _FALSE,
+    b"/kvman/load": _FALSE,
 }
 _HEADER_TEXT_LIMIT = 300  # characters of a reason kept in a header or a log line
 

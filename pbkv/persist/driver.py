@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pbkv.commands import DiskFailed, Done, Outcome, Reply
+from pbkv.commands import DiskFailed, Done, Loaded, Outcome, Reply
 from pbkv.config import Settings
 from pbkv.persist.datadir import DataDir
 from pbkv.persist.framing import PersistError
@@ -232,7 +232,7 @@ class Persistence:
         """``reply``, delivered only once the records before it are durable."""
 
         def answer(outcome: Outcome) -> None:
-            if self.failed is not None and isinstance(outcome, Done):
+            if self.failed is not None and isinstance(outcome, Done | Loaded):
                 reply(DiskFailed(self.failed, applied=True))
             elif self.holding:
                 self.held.append(

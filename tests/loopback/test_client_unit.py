@@ -578,7 +578,7 @@ def test_cli_json(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_dump_escapes(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
     server.data.update({"plain": "value", "t\tab": "new\nline\\", "cr\r": "nul\0"})
-    assert _cli(server, "dump") == 0
+    assert _cli(server, "dump", "--tsv") == 0
     assert capsys.readouterr().out.splitlines() == [
         "plain\tvalue",
         "t\\tab\tnew\\nline\\\\",
