@@ -18,7 +18,9 @@ Who wins a handshake is ``stages.plan``: this core carries the plan out.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import random
 from collections import deque
 from collections.abc import Callable
@@ -77,6 +79,19 @@ from pbkv.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+
+# From this many ops on (a bulk load's batch), its overlay entries go in C loops.
+_WHOLE_BATCH_OPS = 256
+
+
+def _forget_batch(overlay: dict[str, tuple[str | None, int]], keys: list[Any], seq: int) -> None:
+    """Drop the overlay entries batch ``seq`` made (an entry of a later batch stays)."""
+    popped = list(map(overlay.pop, keys, itertools.repeat(None)))
+    if set(map(operator.itemgetter(1), filter(None, popped))) - {seq}:
+        for key, pending in zip(keys, popped, strict=True):
+            if pending is not None and pending[1] != seq:
+                overlay[key] = pending  # a later write of that key: still in flight
 
 
 @dataclass(slots=True)
@@ -361,29 +376,23 @@ class PrimaryCore(ReplicationCore):
         Loaded(...))`` follows once the backup acknowledged the batch."""
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
-        overlay, get = self.overlay, self.store.get
-        ops: list[str | None] = []
-        add = ops.append
-        taken: set[str] = set()  # insert mode: keys this chunk writes
-        grows = skipped = chars = 0
-        for i in range(0, len(pairs), 2):
-            key, value = pairs[i], pairs[i + 1]
-            pending = overlay.get(key)
-            current = get(key) if pending is None else pending[0]
-            if upsert:
-                if current is None:
-                    grows += len(key) + len(value) + PAIR_OVERHEAD
-                elif len(value) > len(current):
-                    grows += len(value) - len(current)
-            elif current is not None or key in taken:
-                skipped += 1
-                continue
-            else:
-                taken.add(key)
-                grows += len(key) + len(value) + PAIR_OVERHEAD
-            add(key)
-            add(value)
-            chars += len(key) + len(value)
+        overlay = self.overlay
+        keys = pairs[0::2]
+        stored = self.store.values_of(keys)
+        pendings = list(map(overlay.get, keys)) if overlay else None
+        if (
+            stored.count(None) == len(stored)
+            and (pendings is None or pendings.count(None) == len(pendings))
+            and len(set(keys)) == len(keys)
+        ):
+            # Every key new (a load into an empty key space, the common case): every
+            # pair is written, and nothing needs a look pair by pair.
+            ops: list[str | None] = pairs  # type: ignore[assignment]  # str is a str | None
+            skipped = 0
+            chars = sum(map(len, pairs))
+            grows = chars + PAIR_OVERHEAD * len(keys)
+        else:
+            ops, grows, skipped, chars = self._chunk_writes(pairs, stored, pendings, upsert)
         if self.max_memory:
             full = self.over_memory(grows)
             if full is not None:
@@ -410,14 +419,47 @@ class PrimaryCore(ReplicationCore):
             queued.grows += grows
             self.pending_write_bytes += grows
             seq = self.sent_seq + len(self.queued)
-            for i in range(0, len(ops), 2):
-                overlay[ops[i]] = (ops[i + 1], seq)  # type: ignore[index]  # keys are str
+            entries = zip(ops[1::2], itertools.repeat(seq))
+            overlay.update(zip(ops[0::2], entries, strict=True))  # type: ignore[arg-type]
         # (With nothing to write it is answered after the batches before it.)
         queued.entries.append((reply, outcome))
         if not self.flush_pending:
             self.flush_pending = True
             self.outbox.append(FlushSoon())
         return None
+
+    @staticmethod
+    def _chunk_writes(
+        pairs: list[str],
+        stored: list[str | None],
+        pendings: list[tuple[str | None, int] | None] | None,
+        upsert: bool,
+    ) -> tuple[list[str | None], int, int, int]:
+        """The writes of a load chunk whose keys are not all new, pair by pair: (ops,
+        bytes they add, pairs skipped, characters)."""
+        ops: list[str | None] = []
+        add = ops.append
+        taken: set[str] = set()  # insert mode: keys this chunk writes
+        grows = skipped = chars = 0
+        for i in range(0, len(pairs), 2):
+            key, value = pairs[i], pairs[i + 1]
+            pending = None if pendings is None else pendings[i >> 1]
+            current = stored[i >> 1] if pending is None else pending[0]
+            if upsert:
+                if current is None:
+                    grows += len(key) + len(value) + PAIR_OVERHEAD
+                elif len(value) > len(current):
+                    grows += len(value) - len(current)
+            elif current is not None or key in taken:
+                skipped += 1
+                continue
+            else:
+                taken.add(key)
+                grows += len(key) + len(value) + PAIR_OVERHEAD
+            add(key)
+            add(value)
+            chars += len(key) + len(value)
+        return ops, grows, skipped, chars
 
     def remembers(self, ident: str) -> bool:
         """Whether a write with Idempotency-Key ``ident`` is in flight or remembered."""
@@ -548,10 +590,13 @@ class PrimaryCore(ReplicationCore):
             for ident in keyed[0::4]:
                 self.keyed.pop(ident, None)
         self.pending_write_bytes -= batch.grows
-        for key in ops[0::2]:
-            pending = overlay.get(key)
-            if pending is not None and pending[1] == seq:
-                del overlay[key]
+        if len(ops) < _WHOLE_BATCH_OPS:
+            for key in ops[0::2]:
+                pending = overlay.get(key)
+                if pending is not None and pending[1] == seq:
+                    del overlay[key]
+        else:
+            _forget_batch(overlay, ops[0::2], seq)
         self.seq = seq
         self.persist_batch(seq, ops)  # before the answers: they wait for it to be durable
         self.batches_acked += 1
