@@ -46,7 +46,7 @@ LOAD_PAIRS = BATCH_WRITES  # pairs a chunk holds at most
 LOAD_CHARS = BATCH_CHARS  # a chunk closes past this many characters of keys and values
 # Chunks sent and not answered before the connection is no longer read: the backup's
 # batches in flight plus as many queued behind them keep both servers busy.
-LOAD_WINDOW = 4
+LOAD_WINDOW = 8
 _METHODS = (b"POST",)
 _COURSE_METHODS = (b"GET", b"POST")
 

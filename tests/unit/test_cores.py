@@ -30,11 +30,13 @@ from pbkv.commands import (
     Done,
     Dumped,
     KeyReused,
+    Loaded,
     MemoryFull,
     Outcome,
     Refused,
 )
 from pbkv.config import Settings
+from pbkv.core import BATCH_WRITES
 from pbkv.idempotency import ENTRY_OVERHEAD
 from pbkv.persist.log import Record, RecordKind
 from pbkv.persist.log import State as DiskState
@@ -2544,3 +2546,103 @@ def test_of_two_recovered_copies_the_newer_wins(make_link, newer: str) -> None:
     assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
     assert dict(primary.store.items()) == new == dict(backup.store.items())
     assert primary.seq == backup.seq == 7
+
+
+# -- bulk load chunks (PrimaryCore.submit_pairs) ------------------------------------------
+def load_chunk(link: Link, pairs: list[str], upsert: bool = False) -> Outcome:
+    """A load chunk from start to answer."""
+    token = link.token()
+    outcome = link.primary.submit_pairs(pairs, upsert, link.reply_to(token))
+    link.run()
+    if outcome is not None:
+        return outcome
+    link.flush()
+    assert token in link.responses, "the chunk was not answered"
+    return link.responses[token]
+
+
+def test_a_load_chunk_travels_in_one_batch_and_is_answered_after_its_ack(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    before = link.mark()
+    link.paused.add("primary")  # the backup's ACK waits on the wire
+    token = link.token()
+    pairs = [item for i in range(100) for item in (f"k{i}", f"v{i}")]
+    assert primary.submit_pairs(pairs, False, link.reply_to(token)) is None
+    link.flush()
+    batches = [f for f in link.sent["primary"][before["primary"] :] if f.kind == FrameType.BATCH]
+    assert [f.ops for f in batches] == [pairs]
+    assert link.responses == {} and link.read("primary", COUNT) == Counted(0)
+    assert link.read("primary", GET, "k1") == Done(False, "")  # not visible before the ACK
+    link.paused.clear()
+    link.run()
+    assert link.responses[token] == Loaded(100, 0)
+    assert_same_data(primary, backup)
+
+
+def test_insert_mode_skips_existing_keys_and_repeats_upsert_overwrites(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "old"})
+    assert load_chunk(link, ["a", "new", "b", "1", "b", "2"]) == Loaded(1, 2)
+    assert dict(primary.store.items()) == {"a": "old", "b": "1"}
+    assert load_chunk(link, ["a", "new", "c", "", "c", "3"], upsert=True) == Loaded(3, 0)
+    assert dict(primary.store.items()) == {"a": "new", "b": "1", "c": "3"}
+    assert load_chunk(link, ["a", "x", "b", "y"]) == Loaded(0, 2)  # nothing to send
+    assert_same_data(primary, backup)
+
+
+def test_a_load_chunk_sees_writes_still_in_flight(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    link.paused.add("primary")
+    first = link.token()
+    assert link.submit(first, INSERT, "k", "from insert") is None
+    link.flush()  # in flight, not acknowledged
+    second = link.token()
+    assert primary.submit_pairs(["k", "loaded", "n", "1"], False, link.reply_to(second)) is None
+    link.paused.clear()
+    link.run()
+    link.flush()
+    assert link.responses[first] == Done(True)
+    assert link.responses[second] == Loaded(1, 1)
+    assert link.answer_order == [first, second]
+    assert dict(primary.store.items()) == {"k": "from insert", "n": "1"}
+    assert_same_data(primary, backup)
+
+
+def test_a_load_chunk_past_max_memory_is_refused_whole(make_link: Callable[..., Link]) -> None:
+    link = make_link(max_memory=2 * PAIR_OVERHEAD + 10)
+    primary, backup = in_sync_pair(link)
+    assert load_chunk(link, ["a", "1", "b", "2", "c", "3"]) == MemoryFull(2 * PAIR_OVERHEAD + 10)
+    assert len(primary.store) == 0 and primary.overlay == {}
+    assert load_chunk(link, ["a", "1"]) == Loaded(1, 0)
+    assert_same_data(primary, backup)
+
+
+def test_a_load_chunk_lost_with_the_backup_is_rewound_whole(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"kept": "1"})
+    link.paused.add("primary")
+    token = link.token()
+    pairs = [item for i in range(300) for item in (f"k{i}", "v")]
+    assert primary.submit_pairs(pairs, False, link.reply_to(token)) is None
+    link.flush()
+    link.reset()
+    assert link.responses[token] == REPLICATION_FAILED
+    assert dict(primary.store.items()) == {"kept": "1"} and primary.overlay == {}
+
+
+def test_a_backup_refuses_load_chunks_and_a_cold_primary_too(link: Link) -> None:
+    primary = link.start_primary()
+    assert primary.stage is not S.IN_SYNC
+    assert isinstance(primary.submit_pairs(["a", "1"], False, link.reply_to("x")), Refused)
+
+
+def test_a_full_batch_takes_no_load_chunk(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    link.paused.add("primary")
+    for i in range(3):
+        pairs = [item for j in range(BATCH_WRITES // 2 + 1) for item in (f"c{i}-{j}", "v")]
+        assert primary.submit_pairs(pairs, False, link.reply_to(i)) is None
+    assert [len(batch.ops) // 2 for batch in primary.queued] == [BATCH_WRITES // 2 + 1] * 3
+    link.paused.clear()
+    link.flush()
+    link.run()
+    assert [link.responses[i] for i in range(3)] == [Loaded(BATCH_WRITES // 2 + 1, 0)] * 3
+    assert_same_data(primary, backup)
