@@ -153,7 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"bulk load of {args.keys:,} pairs (16-byte keys, 100-byte values), replicated")
     print(f"  {'':<36} {'median s':>9} {'pairs/s':>10}  rounds")
     shown = " ".join(f"{s:.2f}" for s in rounds["pbkv"])
-    print(f"  {'pbkv load (primary + backup)':<36} {ours:>9.2f} {args.keys / ours:>10,.0f}  {shown}")
+    print(
+        f"  {'pbkv load (primary + backup)':<36} {ours:>9.2f} {args.keys / ours:>10,.0f}  {shown}"
+    )
     if theirs is not None:
         shown = " ".join(f"{s:.2f}" for s in rounds["redis"])
         label = "redis-cli --pipe + WAIT 1 0"

@@ -172,8 +172,11 @@ class BulkLoad:
 
     def abort(self, status: int, message: str) -> None:
         """The request cannot go on (its body timed out, or its HTTP is malformed): no
-        more of it is read; the reply says so once the chunks sent are answered."""
+        more of it is read; its complete lines are applied, and the reply says so once
+        every chunk sent is answered."""
         self.body_ended = True
+        if not self.answered and self.failure is None:
+            self._send(final=True)
         self._fail(1 << 62, status, message, {})
         self._finish()
 
