@@ -177,50 +177,52 @@ class ShardedStore:
             self.put(key, value)
 
     def apply(self, ops: list[str | None]) -> None:
-        """A replicated batch: key, value-or-None, key, ... in order.
-
-        ``put`` inlined: a bulk load's batches make this the primary's busiest loop
-        (each key is encoded once, for its shard and its checksum, and the sums are
-        reduced once per batch)."""
-        shards, sums, count = self._shards, self._sums, self.shard_count
-        key_digest, pair_digest, separator = _key_digest, _pair_digest, _SEPARATOR
-        added = memory = 0
-        for i in range(0, len(ops), 2):
-            key: str = ops[i]  # type: ignore[assignment]  # even slots hold keys
-            value = ops[i + 1]
-            if value is None:
-                self.remove(key)
-                continue
-            encoded = key.encode()
-            index = key_digest(encoded) % count if count > 1 else 0
-            shard = shards[index]
-            old = shard.get(key)
-            delta = pair_digest(encoded + separator + value.encode())
-            if old is None:
-                added += 1
-                memory += len(key) + len(value) + PAIR_OVERHEAD
-            else:
-                delta -= pair_digest(encoded + separator + old.encode())
-                memory += len(value) - len(old)
-            shard[key] = value
-            sums[index] += delta
-        for index, total in enumerate(sums):
-            sums[index] = total & _MASK
-        self._size += added
-        self._memory += memory
+        """A replicated batch: key, value-or-None, key, ... in order."""
+        self._apply(ops, None)
 
     def apply_recording(self, ops: list[str | None]) -> list[str | None]:
         """``apply``, returning each key's previous value (None: absent), for an undo."""
-        put, remove = self.put, self.remove
         olds: list[str | None] = []
-        record = olds.append
-        for i in range(0, len(ops), 2):
-            value = ops[i + 1]
-            if value is None:
-                record(remove(ops[i]))  # type: ignore[arg-type]  # even slots hold keys (str)
-            else:
-                record(put(ops[i], value))  # type: ignore[arg-type]  # even slots hold keys (str)
+        self._apply(ops, olds)
         return olds
+
+    def _apply(self, ops: list[str | None], olds: list[str | None] | None) -> None:
+        """``put`` and ``remove`` inlined, each old value added to ``olds`` (when given):
+        a bulk load's batches make this both servers' busiest loop (each key is encoded
+        once, for its shard and its checksum, and the sums are reduced once a batch)."""
+        shards, sums, count = self._shards, self._sums, self.shard_count
+        key_digest, pair_digest, separator = _key_digest, _pair_digest, _SEPARATOR
+        record = None if olds is None else olds.append
+        size = memory = 0
+        for i in range(0, len(ops), 2):
+            key: str = ops[i]  # type: ignore[assignment]  # even slots hold keys
+            value = ops[i + 1]
+            encoded = key.encode()
+            index = key_digest(encoded) % count if count > 1 else 0
+            shard = shards[index]
+            if value is None:
+                old = shard.pop(key, None)
+                if old is not None:
+                    size -= 1
+                    memory -= len(key) + len(old) + PAIR_OVERHEAD
+                    sums[index] -= pair_digest(encoded + separator + old.encode())
+            else:
+                old = shard.get(key)
+                delta = pair_digest(encoded + separator + value.encode())
+                if old is None:
+                    size += 1
+                    memory += len(key) + len(value) + PAIR_OVERHEAD
+                else:
+                    delta -= pair_digest(encoded + separator + old.encode())
+                    memory += len(value) - len(old)
+                shard[key] = value
+                sums[index] += delta
+            if record is not None:
+                record(old)
+        for index, total in enumerate(sums):
+            sums[index] = total & _MASK
+        self._size += size
+        self._memory += memory
 
     def undo(self, ops: list[str | None], olds: list[str | None]) -> None:
         """Reverse ``apply_recording(ops)``: each key back to its old value, newest first."""
