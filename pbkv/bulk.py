@@ -173,7 +173,7 @@ class LineParser:
         first = self.lines + 1
         loads = orjson.loads
         try:
-            items = [loads(line) for line in lines]
+            items = list(map(loads, lines))
         except orjson.JSONDecodeError:
             items = None
         flat = _flat_pairs(items) if items is not None else None
