@@ -107,6 +107,9 @@ class Batch:
     # and the table time it carries (set when it is sent).
     keyed: list[Any] = field(default_factory=list)
     time: int = 0
+    # A bulk load's chunk of new keys at the start of ops: the shard of each of its
+    # keys (the store adds them with ``add_new``).
+    new_shards: list[int] | None = None
 
     def full(self) -> bool:
         return (
@@ -378,7 +381,7 @@ class PrimaryCore(ReplicationCore):
             return Refused(self.stage, self.role)
         overlay = self.overlay
         keys = pairs[0::2]
-        stored = self.store.values_of(keys)
+        stored, shards = self.store.lookup(keys)
         pendings = list(map(overlay.get, keys)) if overlay else None
         if (
             stored.count(None) == len(stored)
@@ -391,7 +394,9 @@ class PrimaryCore(ReplicationCore):
             skipped = 0
             chars = sum(map(len, pairs))
             grows = chars + PAIR_OVERHEAD * len(keys)
+            new_shards: list[int] | None = shards
         else:
+            new_shards = None
             ops, grows, skipped, chars = self._chunk_writes(pairs, stored, pendings, upsert)
         if self.max_memory:
             full = self.over_memory(grows)
@@ -414,6 +419,8 @@ class PrimaryCore(ReplicationCore):
             queued = Batch()
             self.queued.append(queued)
         if ops:
+            if not queued.ops:
+                queued.new_shards = new_shards
             queued.ops += ops
             queued.chars += chars
             queued.grows += grows
@@ -583,7 +590,13 @@ class PrimaryCore(ReplicationCore):
         batch = self.in_flight.popleft()
         ops, overlay = batch.ops, self.overlay
         store = self.store
-        store.apply(ops)
+        new_shards = batch.new_shards
+        if new_shards is None:
+            store.apply(ops)
+        else:  # a load's chunk of new keys first
+            store.add_new(ops, new_shards)
+            if len(ops) > 2 * len(new_shards):
+                store.apply(ops[2 * len(new_shards) :])
         keyed = batch.keyed
         store.idempotency.apply(batch.time, keyed)  # as the backup did: both expire alike
         if keyed:

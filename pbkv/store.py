@@ -72,13 +72,42 @@ class ShardedStore:
     def get(self, key: str) -> str | None:
         return self._shards[shard_of(key, self.shard_count)].get(key)
 
-    def values_of(self, keys: list[str]) -> list[str | None]:
-        """``get`` of each key (a bulk load's chunk checks its keys at once)."""
+    def lookup(self, keys: list[str]) -> tuple[list[str | None], list[int]]:
+        """Each key's value (None: absent) and shard: a bulk load's chunk checks its
+        keys at once, and ``add_new`` then reuses the shards."""
         shards, count = self._shards, self.shard_count
         if count == 1:
-            return list(map(shards[0].get, keys))
+            return list(map(shards[0].get, keys)), [0] * len(keys)
         digest = _key_digest
-        return [shards[digest(key.encode()) % count].get(key) for key in keys]
+        indices = [digest(key.encode()) % count for key in keys]
+        return [shards[i].get(key) for i, key in zip(indices, keys, strict=True)], indices
+
+    def add_new(self, ops: list[str | None], indices: list[int]) -> None:
+        """``apply`` of the first ``len(indices)`` pairs of ``ops``, keys that ``lookup``
+        found absent (and in the shards it gave) and that nothing wrote since: one
+        dict operation a pair.  A key present after all is still overwritten right."""
+        shards, sums = self._shards, self._sums
+        pair_digest, separator = _pair_digest, _SEPARATOR
+        added = memory = 0
+        for n, index in enumerate(indices):
+            key: str = ops[2 * n]  # type: ignore[assignment]  # even slots hold keys
+            value: str = ops[2 * n + 1]  # type: ignore[assignment]  # new pairs: values
+            encoded = key.encode()
+            shard = shards[index]
+            old = shard.setdefault(key, value)
+            delta = pair_digest(encoded + separator + value.encode())
+            if old is value:
+                added += 1
+                memory += len(key) + len(value) + PAIR_OVERHEAD
+            else:
+                shard[key] = value
+                delta -= pair_digest(encoded + separator + old.encode())
+                memory += len(value) - len(old)
+            sums[index] += delta
+        for index, total in enumerate(sums):
+            sums[index] = total & _MASK
+        self._size += added
+        self._memory += memory
 
     def __contains__(self, key: str) -> bool:
         return key in self._shards[shard_of(key, self.shard_count)]

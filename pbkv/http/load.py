@@ -19,6 +19,7 @@ the body is then read and dropped, so the connection stays usable.
 from __future__ import annotations
 
 import collections
+import gc
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -159,7 +160,15 @@ class BulkLoad:
         conn = self.conn
         conn.reader.since = conn.guard.clock  # the body timeout counts from the last bytes
         parser = self.parser
-        parser.feed(data)
+        # A read's lines make thousands of short-lived lists: one collection of the young
+        # generation after them, not one every 700 (a tenth of a load's time otherwise).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            parser.feed(data)
+        finally:
+            if collecting:
+                gc.enable()
         self._send(final=parser.error is not None)
 
     def end(self) -> None:
