@@ -382,10 +382,9 @@ class PrimaryCore(ReplicationCore):
         overlay = self.overlay
         keys = pairs[0::2]
         stored, shards = self.store.lookup(keys)
-        pendings = list(map(overlay.get, keys)) if overlay else None
         if (
             stored.count(None) == len(stored)
-            and (pendings is None or pendings.count(None) == len(pendings))
+            and overlay.keys().isdisjoint(keys)
             and len(set(keys)) == len(keys)
         ):
             # Every key new (a load into an empty key space, the common case): every
@@ -397,6 +396,7 @@ class PrimaryCore(ReplicationCore):
             new_shards: list[int] | None = shards
         else:
             new_shards = None
+            pendings = list(map(overlay.get, keys))
             ops, grows, skipped, chars = self._chunk_writes(pairs, stored, pendings, upsert)
         if self.max_memory:
             full = self.over_memory(grows)
@@ -439,7 +439,7 @@ class PrimaryCore(ReplicationCore):
     def _chunk_writes(
         pairs: list[str],
         stored: list[str | None],
-        pendings: list[tuple[str | None, int] | None] | None,
+        pendings: list[tuple[str | None, int] | None],
         upsert: bool,
     ) -> tuple[list[str | None], int, int, int]:
         """The writes of a load chunk whose keys are not all new, pair by pair: (ops,
@@ -450,7 +450,7 @@ class PrimaryCore(ReplicationCore):
         grows = skipped = chars = 0
         for i in range(0, len(pairs), 2):
             key, value = pairs[i], pairs[i + 1]
-            pending = None if pendings is None else pendings[i >> 1]
+            pending = pendings[i >> 1]
             current = stored[i >> 1] if pending is None else pending[0]
             if upsert:
                 if current is None:

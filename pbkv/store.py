@@ -83,9 +83,9 @@ class ShardedStore:
         return [shards[i].get(key) for i, key in zip(indices, keys, strict=True)], indices
 
     def add_new(self, ops: list[str | None], indices: list[int]) -> None:
-        """``apply`` of the first ``len(indices)`` pairs of ``ops``, keys that ``lookup``
-        found absent (and in the shards it gave) and that nothing wrote since: one
-        dict operation a pair.  A key present after all is still overwritten right."""
+        """``apply`` of the first ``len(indices)`` pairs of ``ops``: keys that ``lookup``
+        found absent (and in the shards it gave) and that nothing wrote since, one dict
+        operation a pair."""
         shards, sums = self._shards, self._sums
         pair_digest, separator = _pair_digest, _SEPARATOR
         added = memory = 0
@@ -94,9 +94,10 @@ class ShardedStore:
             value: str = ops[2 * n + 1]  # type: ignore[assignment]  # new pairs: values
             encoded = key.encode()
             shard = shards[index]
+            held = len(shard)
             old = shard.setdefault(key, value)
             delta = pair_digest(encoded + separator + value.encode())
-            if old is value:
+            if len(shard) != held:
                 added += 1
                 memory += len(key) + len(value) + PAIR_OVERHEAD
             else:
@@ -236,15 +237,18 @@ class ShardedStore:
                     memory -= len(key) + len(old) + PAIR_OVERHEAD
                     sums[index] -= pair_digest(encoded + separator + old.encode())
             else:
-                old = shard.get(key)
+                # One dict operation for a new key (the common case of a load).
+                held = len(shard)
+                old = shard.setdefault(key, value)
                 delta = pair_digest(encoded + separator + value.encode())
-                if old is None:
+                if len(shard) != held:
+                    old = None
                     size += 1
                     memory += len(key) + len(value) + PAIR_OVERHEAD
                 else:
+                    shard[key] = value
                     delta -= pair_digest(encoded + separator + old.encode())
                     memory += len(value) - len(old)
-                shard[key] = value
                 sums[index] += delta
             if record is not None:
                 record(old)

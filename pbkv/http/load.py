@@ -160,16 +160,17 @@ class BulkLoad:
         conn = self.conn
         conn.reader.since = conn.guard.clock  # the body timeout counts from the last bytes
         parser = self.parser
-        # A read's lines make thousands of short-lived lists: one collection of the young
-        # generation after them, not one every 700 (a tenth of a load's time otherwise).
+        # A read's lines make thousands of short-lived lists, and a chunk thousands of
+        # overlay entries: one collection of the young generation after them, not one
+        # every 700 objects (a tenth of a load's time otherwise).
         collecting = gc.isenabled()
         gc.disable()
         try:
             parser.feed(data)
+            self._send(final=parser.error is not None)
         finally:
             if collecting:
                 gc.enable()
-        self._send(final=parser.error is not None)
 
     def end(self) -> None:
         """The body is complete."""
