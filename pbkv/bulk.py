@@ -19,14 +19,17 @@ import enum
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
+import msgpack
 import orjson
 
 
 class LineFormat(enum.Enum):
     JSON = "jsonl"  # one JSON array of two strings a line
     CSV = "csv"  # one CSV record of two fields (a quoted field may span lines)
+    # What ``pbkv load`` sends once it has read the lines itself (``PackedParser``).
+    PACKED = "msgpack"
 
 
 class LoadMode(enum.Enum):
@@ -91,7 +94,37 @@ def _flat_pairs(items: list[Any]) -> list[str] | None:
     return flat
 
 
-class LineParser:
+class PairBuffer:
+    """Pairs parsed and not yet taken: ``pairs`` (key, value, ...), ``ends`` (each
+    pair's last line number), ``chars`` (of their keys and values)."""
+
+    def __init__(self) -> None:
+        self.pairs: list[str] = []
+        self.ends: list[int] = []
+        self.chars = 0
+
+    def take(self, max_pairs: int, max_chars: int) -> tuple[list[str], list[int]]:
+        """Up to ``max_pairs`` pairs from the front of ``pairs``, fewer when their keys
+        and values pass ``max_chars`` characters, with their line numbers.  A batch
+        closes at those bounds."""
+        pairs = self.pairs
+        count = min(max_pairs, len(pairs) // 2)
+        if self.chars > max_chars:  # only then are the characters counted pair by pair
+            chars = 0
+            for i in range(count):
+                chars += len(pairs[2 * i]) + len(pairs[2 * i + 1])
+                if chars >= max_chars:
+                    count = i + 1
+                    break
+        taken = pairs[: 2 * count]
+        del pairs[: 2 * count]
+        ends = self.ends[:count]
+        del self.ends[:count]
+        self.chars = sum(map(len, pairs)) if pairs else 0
+        return taken, ends
+
+
+class LineParser(PairBuffer):
     """Lines in (bytes in chunks cut anywhere), pairs out; see the module docstring.
 
     After ``feed`` or ``end``, ``pairs`` holds key, value, key, value... of every
@@ -100,11 +133,9 @@ class LineParser:
     """
 
     def __init__(self, fmt: LineFormat = LineFormat.JSON, limits: PairLimits | None = None):
+        super().__init__()
         self.format = fmt
         self.limits = limits if limits is not None else PairLimits()
-        self.pairs: list[str] = []
-        self.ends: list[int] = []  # for each pair in ``pairs``: its last line's number
-        self.chars = 0  # characters of the keys and values in ``pairs``
         self.lines = 0  # lines read so far (complete, or ended by ``end``)
         self.error: LineError | None = None
         self._rest = b""  # the start of a line whose end has not come yet
@@ -141,26 +172,6 @@ class LineParser:
                 self._take_csv([rest], final=True)
         elif rest:
             self._take_json([rest])
-
-    def take(self, max_pairs: int, max_chars: int) -> tuple[list[str], int]:
-        """Up to ``max_pairs`` pairs from the front of ``pairs``, fewer when their keys
-        and values pass ``max_chars`` characters; and the last line number among them
-        (0 when none).  A batch closes at those bounds."""
-        pairs = self.pairs
-        count = min(max_pairs, len(pairs) // 2)
-        if self.chars > max_chars:  # only then are the characters counted pair by pair
-            chars = 0
-            for i in range(count):
-                chars += len(pairs[2 * i]) + len(pairs[2 * i + 1])
-                if chars >= max_chars:
-                    count = i + 1
-                    break
-        taken = pairs[: 2 * count]
-        del pairs[: 2 * count]
-        last = self.ends[count - 1] if count else 0
-        del self.ends[:count]
-        self.chars = sum(map(len, pairs)) if pairs else 0
-        return taken, last
 
     # -- lines to pairs ----------------------------------------------------------------
     def _take(self, lines: list[bytes], final: bool = False) -> None:
@@ -278,3 +289,101 @@ class LineParser:
     def _too_long(self) -> None:
         start = self._record_start or self.lines + 1
         self._fail(start, 413, f"line longer than {self.limits.max_line_bytes} bytes")
+
+
+# Pairs a packed chunk may hold, and the characters past which it closes: what
+# ``pbkv load`` sends is a load chunk's worth (a replicated batch's).
+MAX_PACKED_PAIRS = 4096
+PACKED_CHARS = 1 << 20
+
+
+def packed_chunk(pairs: list[str], ends: list[int]) -> bytes:
+    """Pairs (key, value, ...) and each one's last line, as ``PackedParser`` reads them."""
+    return cast(bytes, msgpack.packb([ends, pairs]))
+
+
+class PackedParser(PairBuffer):
+    """``format=msgpack``: the stream ``pbkv load`` sends once it has parsed and checked
+    the lines itself (the parsing is then the client's work, not the primary's).
+
+    A stream of msgpack arrays ``[ends, pairs]``: ``pairs`` flat (key, value, ...),
+    ``ends`` the line number of each pair in the client's file.  Checked as the
+    lines are (strings, a key not empty, the size limits), an array at a time; the
+    interface is ``LineParser``'s.
+    """
+
+    def __init__(self, limits: PairLimits | None = None) -> None:
+        super().__init__()
+        self.format = LineFormat.PACKED
+        self.limits = limits = limits if limits is not None else PairLimits()
+        self.lines = 0
+        self.error: LineError | None = None
+        longest = max(limits.max_key_bytes, limits.max_value_bytes)
+        self._fed = 0
+        self._unpacker = msgpack.Unpacker(
+            raw=False,
+            max_buffer_size=4 * (MAX_PACKED_PAIRS * 16 + 4 * (1 << 20) + limits.max_line_bytes),
+            max_str_len=longest,
+            max_bin_len=0,
+            max_array_len=2 * MAX_PACKED_PAIRS,
+            max_map_len=0,
+            max_ext_len=0,
+        )
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def feed(self, data: bytes) -> None:
+        if self.error is not None or not data:
+            return
+        self._fed += len(data)
+        try:
+            self._unpacker.feed(data)
+            for item in self._unpacker:
+                if not self._take(item):
+                    return
+        except (ValueError, msgpack.exceptions.UnpackException) as exc:
+            self._fail(400, f"not a valid packed chunk ({type(exc).__name__})")
+
+    def end(self) -> None:
+        if self.error is None and self._unpacker.tell() != self._fed:
+            self._fail(400, "the stream ends inside a packed chunk")
+
+    def _take(self, item: Any) -> bool:
+        if type(item) is not list or len(item) != 2:
+            self._fail(400, "a packed chunk is [ends, pairs]")
+            return False
+        ends, flat = item
+        if (
+            type(ends) is not list
+            or type(flat) is not list
+            or len(flat) != 2 * len(ends)
+            or (ends and set(map(type, ends)) != {int})
+            or (flat and (set(map(type, flat)) != {str} or not all(flat[0::2])))
+        ):
+            self._fail(
+                400, "a packed chunk holds a line number and two strings, a key not empty, a pair"
+            )
+            return False
+        limits = self.limits
+        keys = flat[0::2]
+        if flat and 4 * max(map(len, keys)) > limits.max_key_bytes:
+            for n, key in enumerate(keys):
+                if len(key.encode()) > limits.max_key_bytes:
+                    self._fail(413, f"key longer than {limits.max_key_bytes} bytes", ends[n])
+                    return False
+        if flat and 4 * max(map(len, flat[1::2])) > limits.max_value_bytes:
+            for n, value in enumerate(flat[1::2]):
+                if len(value.encode()) > limits.max_value_bytes:
+                    self._fail(413, f"value longer than {limits.max_value_bytes} bytes", ends[n])
+                    return False
+        self.pairs += flat
+        self.ends += ends
+        self.chars += sum(map(len, flat))
+        if ends:
+            self.lines = ends[-1]
+        return True
+
+    def _fail(self, status: int, reason: str, line: int = 0) -> None:
+        self.error = LineError(line or self.lines + 1, status, reason)

@@ -1,10 +1,10 @@
 """The client side of a bulk load: a file streamed to ``POST /kvman/load``.
 
-The body goes out in HTTP chunks as the file is read, so a file of any size
-takes a block of memory; the server reads it only as fast as its backup
-acknowledges, so sending blocks while it is busy (flow control does the
-pacing).  A reply that comes before the body is all sent (the load failed) stops
-the sending.  The reply is a ``LoadSummary`` or a ``LoadFailed``, in either
+The lines are parsed and checked here and go out packed, a load chunk at a time,
+in HTTP chunks as the file is read: a file of any size takes a block of memory.
+The server reads them only as fast as its backup acknowledges (flow control does
+the pacing).  A reply that comes before the body is all sent (the load failed)
+stops the sending.  The reply is a ``LoadSummary`` or a ``LoadFailed``, in either
 error mode of the server.
 """
 
@@ -22,10 +22,17 @@ from urllib.parse import urlencode
 
 import orjson
 
-from pbkv.bulk import LineFormat, LoadMode
+from pbkv.bulk import (
+    MAX_PACKED_PAIRS,
+    PACKED_CHARS,
+    LineFormat,
+    LineParser,
+    LoadMode,
+    packed_chunk,
+)
 from pbkv.routes import LOAD_PATH
 
-BLOCK = 1 << 20  # bytes read from the file and sent as one HTTP chunk
+BLOCK = 1 << 20  # bytes read from the file at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +45,7 @@ class LoadSummary:
 
 class LoadFailed(Exception):
     """The load stopped: every line before ``line`` is applied (``lines`` of them),
-    nothing from it on.  ``line`` is None when the load was refused before any line."""
+    nothing from it on (a refusal before any line: line 1)."""
 
     def __init__(
         self, status: int, reason: str, line: int | None, lines: int, applied: int, skipped: int
@@ -67,44 +74,61 @@ def load_stream(
     progress: Callable[[int], None] | None = None,
 ) -> LoadSummary:
     """Send ``source`` (JSON lines or CSV) to the primary at ``address``; raises
-    ``LoadFailed`` when the server refused a line or the load, OSError when the
-    connection failed (then the pairs acknowledged so far are there, and running the
-    load again in insert mode skips them)."""
+    ``LoadFailed`` when a line is invalid or the server refused the load, OSError
+    when the connection failed (then the pairs acknowledged so far are there, and
+    running the load again in insert mode skips them).
+
+    The lines are parsed and checked here, and go out packed (``format=msgpack``, a
+    load chunk each): the primary checks them again, but parsing them is this
+    process's work, done while the servers apply the chunks before."""
     started = time.monotonic()
     host, port = address
     sock: socket.socket = socket.create_connection(address, timeout=timeout)
+    parser = LineParser(fmt)
     try:
         if ssl_context is not None:
             sock = ssl_context.wrap_socket(sock, server_hostname=host)
-        head = b"POST %s HTTP/1.1\r\nHost: %s:%d\r\n" % (
-            load_target(mode, fmt),
-            host.encode(),
-            port,
-        )
-        head += b"Content-Type: %s\r\nTransfer-Encoding: chunked\r\n" % (
-            b"text/csv" if fmt is LineFormat.CSV else b"application/jsonl"
-        )
+        target = load_target(mode, LineFormat.PACKED)
+        head = b"POST %s HTTP/1.1\r\nHost: %s:%d\r\n" % (target, host.encode(), port)
+        head += b"Content-Type: application/msgpack\r\nTransfer-Encoding: chunked\r\n"
         if token is not None:
             head += b"Authorization: Bearer %s\r\n" % token.encode()
         sock.sendall(head + b"\r\n")
-        sent = 0
+        read = 0
         while True:
             block = source.read(BLOCK)
-            if not block:
-                sock.sendall(b"0\r\n\r\n")
-                break
-            sock.sendall(b"%x\r\n%s\r\n" % (len(block), block))
-            sent += len(block)
+            if block:
+                parser.feed(block)
+            else:
+                parser.end()
+            final = not block or parser.error is not None
+            out = []
+            while parser.pairs and (
+                final or len(parser.pairs) >= 2 * MAX_PACKED_PAIRS or parser.chars >= PACKED_CHARS
+            ):
+                pairs, ends = parser.take(MAX_PACKED_PAIRS, PACKED_CHARS)
+                packed = packed_chunk(pairs, ends)
+                out.append(b"%x\r\n%s\r\n" % (len(packed), packed))
+            if final:
+                out.append(b"0\r\n\r\n")
+            sock.sendall(b"".join(out))
+            read += len(block)
             if progress is not None:
-                progress(sent)
-            if select.select([sock], [], [], 0)[0]:
-                break  # an answer before the end of the body: the load stopped
+                progress(read)
+            if final or select.select([sock], [], [], 0)[0]:
+                break  # the end, or an answer before it: the load stopped
         response = http.client.HTTPResponse(sock)
         response.begin()
         body = response.read()
-        return _summary(response.status, response.headers, body, time.monotonic() - started)
+        summary = _summary(response.status, response.headers, body, time.monotonic() - started)
     finally:
         sock.close()
+    error = parser.error
+    if error is not None:  # every line before it is applied: the summary says how many
+        raise LoadFailed(
+            error.status, str(error), error.line, summary.lines, summary.applied, summary.skipped
+        )
+    return summary
 
 
 def _summary(

@@ -25,7 +25,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from pbkv.bulk import LineError, LineFormat, LineParser, LoadMode, PairLimits
+from pbkv.bulk import LineError, LineFormat, LineParser, LoadMode, PackedParser, PairLimits
 from pbkv.commands import (
     DiskFailed,
     Loaded,
@@ -101,7 +101,7 @@ def load_options(query: bytes | None) -> tuple[LoadMode, LineFormat]:
             try:
                 fmt = LineFormat(value)
             except ValueError:
-                raise RequestError(400, "format must be jsonl or csv") from None
+                raise RequestError(400, "format must be jsonl, csv or msgpack") from None
         else:
             raise RequestError(400, f"unknown parameter {name!r} (mode, format)")
     return mode, fmt
@@ -116,9 +116,8 @@ class BulkLoad:
         self.conn = conn
         self.reply = reply
         limits = conn.limits
-        self.parser = LineParser(
-            LineFormat.JSON, PairLimits(limits.max_key_bytes, limits.max_value_bytes)
-        )
+        self.limits = PairLimits(limits.max_key_bytes, limits.max_value_bytes)
+        self.parser: LineParser | PackedParser = LineParser(LineFormat.JSON, self.limits)
         self.upsert = False
         self.outstanding = 0  # chunks sent, not answered
         self.held = 0  # their characters, counted in guard.pending_bytes
@@ -150,7 +149,10 @@ class BulkLoad:
             self._finish()
             return
         self.upsert = mode is LoadMode.UPSERT
-        self.parser.format = fmt
+        if fmt is LineFormat.PACKED:
+            self.parser = PackedParser(self.limits)
+        else:
+            self.parser.format = fmt
 
     # -- what the reader reports -------------------------------------------------------
     def chunk(self, data: bytes) -> None:
@@ -209,8 +211,8 @@ class BulkLoad:
             full = len(parser.pairs) >= 2 * LOAD_PAIRS or parser.chars >= LOAD_CHARS
             if not final and not (full and self.outstanding < LOAD_WINDOW):
                 break
-            pairs, last = parser.take(LOAD_PAIRS, LOAD_CHARS)
-            self._submit(pairs, last)
+            pairs, ends = parser.take(LOAD_PAIRS, LOAD_CHARS)
+            self._submit(pairs, ends[-1])
         error = parser.error
         if error is not None and self.failure is None:
             self._fail_line(error)

@@ -144,9 +144,9 @@ def test_limits_on_keys_values_and_lines() -> None:
 
 def test_take_cuts_at_pairs_and_characters_and_names_the_last_line() -> None:
     parser = parse(json_lines([(f"k{i}", "v" * 10) for i in range(10)]), [])
-    assert parser.take(3, 1000) == (["k0", "v" * 10, "k1", "v" * 10, "k2", "v" * 10], 3)
-    taken, last = parser.take(100, 25)  # 12 characters a pair: closed by the third
-    assert (len(taken), last) == (6, 6)
-    taken, last = parser.take(100, 10_000)
-    assert (len(taken), last) == (8, 10)
-    assert parser.take(100, 100) == ([], 0) and parser.chars == 0
+    assert parser.take(3, 1000) == (["k0", "v" * 10, "k1", "v" * 10, "k2", "v" * 10], [1, 2, 3])
+    taken, ends = parser.take(100, 25)  # 12 characters a pair: closed by the third
+    assert (len(taken), ends) == (6, [4, 5, 6])
+    taken, ends = parser.take(100, 10_000)
+    assert (len(taken), ends) == (8, [7, 8, 9, 10])
+    assert parser.take(100, 100) == ([], []) and parser.chars == 0
