@@ -30,6 +30,8 @@ def test_both_times_and_the_ratio_are_printed() -> None:
     assert done.returncode == 0, f"exited {done.returncode}:\n{out}{done.stderr}"
     assert re.search(r"^bulk load of 5,000 pairs", out, re.M), out
     for label in (r"pbkv load \(primary \+ backup\)", r"redis-cli --pipe \+ WAIT 1 0"):
-        assert re.search(rf"^  {label}\s+{NUMBER}\s+[\d,]+  {NUMBER}$", out, re.M), out
+        row = rf"^  {label}\s+{NUMBER}\s+[\d,]+\s+{NUMBER}  {NUMBER}$"
+        assert re.search(row, out, re.M), out
     verdict = rf"^  pbkv / Redis \(seconds\) {NUMBER}x \(target <= 1.2\): (met|MISSED)$"
     assert re.search(verdict, out, re.M), out
+    assert re.search(rf"^  pbkv / Redis \(CPU seconds, servers and client\) {NUMBER}x$", out, re.M)
