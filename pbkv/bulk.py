@@ -318,12 +318,13 @@ class PackedParser(PairBuffer):
         self.limits = limits = limits if limits is not None else PairLimits()
         self.lines = 0
         self.error: LineError | None = None
-        longest = max(limits.max_key_bytes, limits.max_value_bytes)
-        self._fed = 0
+        self._fed = 0  # bytes fed
+        self._complete = 0  # bytes of the chunks read whole
         self._unpacker = msgpack.Unpacker(
             raw=False,
             max_buffer_size=4 * (MAX_PACKED_PAIRS * 16 + 4 * (1 << 20) + limits.max_line_bytes),
-            max_str_len=longest,
+            # Bounded here, checked against the key and value limits in _take (a 413).
+            max_str_len=limits.max_line_bytes,
             max_bin_len=0,
             max_array_len=2 * MAX_PACKED_PAIRS,
             max_map_len=0,
@@ -343,11 +344,12 @@ class PackedParser(PairBuffer):
             for item in self._unpacker:
                 if not self._take(item):
                     return
+                self._complete = self._unpacker.tell()  # where the next chunk starts
         except (ValueError, msgpack.exceptions.UnpackException) as exc:
             self._fail(400, f"not a valid packed chunk ({type(exc).__name__})")
 
     def end(self) -> None:
-        if self.error is None and self._unpacker.tell() != self._fed:
+        if self.error is None and self._complete != self._fed:
             self._fail(400, "the stream ends inside a packed chunk")
 
     def _take(self, item: Any) -> bool:

@@ -7,11 +7,21 @@ from __future__ import annotations
 import csv
 import io
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbkv.bulk import LineError, LineFormat, LineParser, PairLimits, json_line, json_lines
+from pbkv.bulk import (
+    LineError,
+    LineFormat,
+    LineParser,
+    PackedParser,
+    PairLimits,
+    json_line,
+    json_lines,
+    packed_chunk,
+)
 
 TRICKY = [
     ("plain", "value"),
@@ -150,3 +160,44 @@ def test_take_cuts_at_pairs_and_characters_and_names_the_last_line() -> None:
     taken, ends = parser.take(100, 10_000)
     assert (len(taken), ends) == (8, [7, 8, 9, 10])
     assert parser.take(100, 100) == ([], []) and parser.chars == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(pair_lists, st.lists(st.integers(min_value=0, max_value=4000), max_size=8))
+def test_packed_chunks_round_trip_whatever_the_cuts(pairs, cuts) -> None:
+    flat = [item for pair in pairs for item in pair]
+    half = len(pairs) // 2
+    data = packed_chunk(flat[: 2 * half], list(range(1, half + 1)))
+    data += packed_chunk(flat[2 * half :], list(range(half + 1, len(pairs) + 1)))
+    parser = PackedParser()
+    start = 0
+    for cut in sorted({cut % (len(data) + 1) for cut in cuts}):
+        parser.feed(data[start:cut])
+        start = cut
+    parser.feed(data[start:])
+    parser.end()
+    assert parser.error is None
+    assert pairs_of(parser) == pairs and parser.ends == list(range(1, len(pairs) + 1))
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (msgpack.packb([[3], ["k", 1]]), 400),
+        (msgpack.packb([[3], ["", "v"]]), 400),
+        (msgpack.packb([[3, 4], ["k", "v"]]), 400),
+        (msgpack.packb({"k": "v"}), 400),
+        (msgpack.packb([["3"], ["k", "v"]]), 400),
+        (packed_chunk(["k", "v" * 9], [3]), 413),
+        (packed_chunk(["k" * 5, "v"], [3]), 413),
+        (b"\xc1", 400),  # never used in msgpack
+        (packed_chunk(["k", "v"], [3])[:-1], 400),  # cut short
+    ],
+)
+def test_invalid_packed_chunks_are_refused(data: bytes, status: int) -> None:
+    parser = PackedParser(PairLimits(max_key_bytes=4, max_value_bytes=8))
+    parser.feed(packed_chunk(["a", "1", "b", "2"], [1, 2]) + data)
+    parser.end()
+    assert parser.error is not None and parser.error.status == status, parser.error
+    assert parser.error.line == 3
+    assert pairs_of(parser) == [("a", "1"), ("b", "2")]
