@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import collections
 import gc
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import orjson
@@ -123,7 +123,6 @@ class BulkLoad:
         self.held = 0  # their characters, counted in guard.pending_bytes
         self.ends: collections.deque[int] = collections.deque()  # each one's last line
         self.sent = 0  # chunks sent
-        self.answered_chunks = 0
         self.lines = 0  # the last line of the chunks applied so far, all in order
         self.applied = 0
         self.skipped = 0
@@ -157,10 +156,10 @@ class BulkLoad:
     # -- what the reader reports -------------------------------------------------------
     def chunk(self, data: bytes) -> None:
         """Some of the body."""
-        if self.answered or self.failure is not None:
-            return  # dropped: nothing from the failure on is applied
         conn = self.conn
         conn.reader.since = conn.guard.clock  # the body timeout counts from the last bytes
+        if self.answered or self.failure is not None:
+            return  # dropped: nothing from the failure on is applied
         parser = self.parser
         # A read's lines make thousands of short-lived lists, and a chunk thousands of
         # overlay entries: one collection of the young generation after them, not one
@@ -238,7 +237,6 @@ class BulkLoad:
     def _chunk_answered(self, order: int, size: int, outcome: Outcome) -> None:
         conn = self.conn
         self.outstanding -= 1
-        self.answered_chunks += 1
         self.held -= size
         conn.guard.pending_bytes -= size
         last = self.ends.popleft()
@@ -298,6 +296,3 @@ class BulkLoad:
             RETRY if failure.status == 503 else b"",
         )
         self.conn.load_answered(self, status, body, extra)
-
-    def status(self) -> dict[str, Any]:  # for tests and logs
-        return {"lines": self.lines, "applied": self.applied, "skipped": self.skipped}
