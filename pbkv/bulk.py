@@ -369,22 +369,30 @@ class PackedParser(PairBuffer):
             )
             return False
         limits = self.limits
-        keys = flat[0::2]
-        if flat and 4 * max(map(len, keys)) > limits.max_key_bytes:
-            for n, key in enumerate(keys):
+        error: LineError | None = None
+        if flat and (
+            4 * max(map(len, flat[0::2])) > limits.max_key_bytes
+            or 4 * max(map(len, flat[1::2])) > limits.max_value_bytes
+        ):  # some pair may pass a limit: look at each (the pairs before it are taken)
+            for n in range(len(ends)):
+                key, value = flat[2 * n], flat[2 * n + 1]
                 if len(key.encode()) > limits.max_key_bytes:
-                    self._fail(413, f"key longer than {limits.max_key_bytes} bytes", ends[n])
-                    return False
-        if flat and 4 * max(map(len, flat[1::2])) > limits.max_value_bytes:
-            for n, value in enumerate(flat[1::2]):
-                if len(value.encode()) > limits.max_value_bytes:
-                    self._fail(413, f"value longer than {limits.max_value_bytes} bytes", ends[n])
-                    return False
+                    reason = f"key longer than {limits.max_key_bytes} bytes"
+                elif len(value.encode()) > limits.max_value_bytes:
+                    reason = f"value longer than {limits.max_value_bytes} bytes"
+                else:
+                    continue
+                error = LineError(ends[n], 413, reason)
+                del flat[2 * n :], ends[n:]
+                break
         self.pairs += flat
         self.ends += ends
         self.chars += sum(map(len, flat))
         if ends:
             self.lines = ends[-1]
+        if error is not None:
+            self.error = error
+            return False
         return True
 
     def _fail(self, status: int, reason: str, line: int = 0) -> None:

@@ -28,11 +28,15 @@ from pbkv.bulk import (
     LineFormat,
     LineParser,
     LoadMode,
+    PairLimits,
     packed_chunk,
 )
 from pbkv.routes import LOAD_PATH
 
 BLOCK = 1 << 20  # bytes read from the file at a time
+# The server's key and value limits are its own settings: here only a bound on what a
+# line may hold in memory, and the server refuses (413, with the line) what passes its.
+CLIENT_LIMITS = PairLimits(max_key_bytes=16 << 20, max_value_bytes=16 << 20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +88,7 @@ def load_stream(
     started = time.monotonic()
     host, port = address
     sock: socket.socket = socket.create_connection(address, timeout=timeout)
-    parser = LineParser(fmt)
+    parser = LineParser(fmt, CLIENT_LIMITS)
     try:
         if ssl_context is not None:
             sock = ssl_context.wrap_socket(sock, server_hostname=host)

@@ -245,3 +245,15 @@ def test_requests_after_a_load_on_its_connection_see_it(make_pair, stall: bool) 
         assert conn.reply().json["applied"] == str(3 * LOAD_PAIRS)
         assert conn.reply().json == {"success": "true", "value": f"value {3 * LOAD_PAIRS - 1}\r\n"}
         assert conn.reply().json == {"success": "false"}  # the load wrote it first
+
+
+def test_pbkv_load_meets_the_servers_limits_with_the_line_number(make_pair) -> None:
+    pair = make_pair(max_value_bytes="16")
+    pair.start_both()
+    data = json_lines([("a", "1"), ("b", "2"), ("c", "3"), ("d", "x" * 17), ("e", "5")])
+    done = pbkv(pair, "load", "-", stdin=data)
+    assert done.returncode == 2
+    assert b"line 4: value longer than 16 bytes; 3 lines applied before it" in done.stderr, (
+        done.stderr
+    )
+    both_hold(pair, {"a": "1", "b": "2", "c": "3"})

@@ -201,3 +201,10 @@ def test_invalid_packed_chunks_are_refused(data: bytes, status: int) -> None:
     assert parser.error is not None and parser.error.status == status, parser.error
     assert parser.error.line == 3
     assert pairs_of(parser) == [("a", "1"), ("b", "2")]
+
+
+def test_a_packed_chunk_keeps_the_pairs_before_one_over_a_limit() -> None:
+    parser = PackedParser(PairLimits(max_key_bytes=4, max_value_bytes=8))
+    parser.feed(packed_chunk(["a", "1", "b", "2", "k", "v" * 9, "c", "3"], [4, 5, 7, 8]))
+    assert parser.error == LineError(7, 413, "value longer than 8 bytes")
+    assert pairs_of(parser) == [("a", "1"), ("b", "2")] and parser.ends == [4, 5]
