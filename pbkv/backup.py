@@ -293,7 +293,8 @@ class BackupCore(ReplicationCore):
             store.apply(ops)
             store.idempotency.apply(frame.time, frame.keyed)
         self.seq = seq
-        self.persist_batch(seq, ops)  # before the ACK: it waits for the record to be durable
+        # Before the ACK: it waits for the record to be durable.
+        self.persist_batch(seq, ops, frame.time, frame.keyed)
         self.batches_applied += 1
         self.send(Ack(seq, epoch=self.epoch))
         return Step.STREAMING

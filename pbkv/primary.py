@@ -484,7 +484,8 @@ class PrimaryCore(ReplicationCore):
             if pending is not None and pending[1] == seq:
                 del overlay[key]
         self.seq = seq
-        self.persist_batch(seq, ops)  # before the answers: they wait for it to be durable
+        # Before the answers: they wait for it to be durable.
+        self.persist_batch(seq, ops, batch.time, keyed)
         self.batches_acked += 1
         self.writes_replicated += len(ops) // 2
         self.ack_seconds_total += self.now - batch.sent_at

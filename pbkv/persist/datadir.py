@@ -58,6 +58,7 @@ from pbkv.persist.snapshot import (
     SnapshotReader,
     SnapshotWriter,
 )
+from pbkv.persist.table import load_base, replay_batch
 from pbkv.store import ShardedStore
 
 MANIFEST = "manifest.json"
@@ -194,14 +195,19 @@ class Loaded:
         return self.snapshot.extra
 
     def fill(self, store: ShardedStore) -> State:
-        """Load the base into ``store`` (empty), apply the batches, close the snapshot."""
+        """Load the base into ``store`` (empty), its idempotency table included, apply
+        the batches (their pairs and their table entries), close the snapshot."""
         try:
             self.snapshot.fill(store)
         finally:
             self.snapshot.close()
+        table = store.idempotency
+        load_base(table, self.extra)
         apply = store.apply
         for record in self.batches:
             apply(record.ops)
+            replay_batch(table, record.extra)
+        table.replaced = 0  # a fuzzy base's batches add what it holds: not a conflict
         return self.state
 
 

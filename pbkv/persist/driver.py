@@ -72,6 +72,7 @@ from pbkv.persist.datadir import DataDir
 from pbkv.persist.framing import PersistError
 from pbkv.persist.log import Record, RecordKind, State
 from pbkv.persist.snapshot import SnapshotWriter
+from pbkv.persist.table import base_extra
 from pbkv.store import ShardedStore
 
 log = logging.getLogger(__name__)
@@ -334,7 +335,7 @@ class Persistence:
         # Records waiting for an older base are in the store already: this base has them.
         self.waiting.clear()
         try:
-            writer = self.datadir.start(state)
+            writer = self.datadir.start(state, base_extra(store.idempotency))
         except PersistError as exc:
             self._fail(f"starting a snapshot failed: {exc}")
             return
@@ -370,7 +371,7 @@ class Persistence:
             "persistence: rewriting: the log holds %d bytes, the base %d", grown, snapshot["size"]
         )
         try:
-            writer = self.datadir.begin_rewrite(self.state)
+            writer = self.datadir.begin_rewrite(self.state, base_extra(self.store.idempotency))
         except PersistError as exc:
             self._fail(f"starting a rewrite failed: {exc}")
             return
@@ -418,7 +419,7 @@ class Persistence:
             return
         self.datadir.abort_rewrite()
         try:
-            writer = self.datadir.start(self.state)
+            writer = self.datadir.start(self.state, base_extra(self.store.idempotency))
         except PersistError as exc:
             self.last_disk_error = f"starting a new base failed: {exc}"
             return

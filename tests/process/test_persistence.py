@@ -18,6 +18,7 @@ from pbkv.client import PbkvError
 from pbkv.persist import address_folder
 from pbkv.testing.cluster import process_alive
 from tests.support.harness import Pair, wait_for
+from tests.support.raw_http import exchange, request
 
 WRITERS = 8
 
@@ -236,3 +237,51 @@ def test_a_full_disk_refuses_writes_with_the_reason_and_they_resume_once_freed(
     assert {"before", "after", *acknowledged} <= dump.keys()
     assert not refused_keys & dump.keys()
     assert "refusing writes: disk full" in pair.log("primary")
+
+
+def keyed(op: str, body: str, ident: str) -> bytes:
+    return request("POST", f"/kv/{op}", body.encode(), headers=(f"Idempotency-Key: {ident}",))
+
+
+@pytest.mark.parametrize("where", ["log", "base"])
+def test_keyed_writes_are_remembered_after_both_restart_from_disk(
+    make_pair, tmp_path: Path, where: str
+) -> None:
+    """The idempotency table is persisted with the data: after ``kill -9`` of both and
+    a restart from disk, a retry gets the recorded reply, not a second apply (an
+    insert would say "key exists", a delete "missing").  ``log``: the entries are in
+    the batch records; ``base``: a log rewrite put them in a new base first."""
+    settings = {"persistence": "always", "data_dir": str(tmp_path / "data"), "errors": "http"}
+    if where == "base":
+        settings.update(rewrite_min_bytes="1", rewrite_percentage="1")
+    pair: Pair = make_pair(**settings)
+    pair.start_both()
+    address = pair.address["primary"]
+    assert exchange(address, keyed("insert", "key=k&value=v", "ins-1")).json == {"success": "true"}
+    assert exchange(address, keyed("insert", "key=gone&value=old", "ins-2")).status == 200
+    deleted = exchange(address, keyed("delete", "key=gone", "del-1"))
+    assert deleted.json == {"success": "true", "value": "old"}
+    if where == "base":
+        for role in ("primary", "backup"):
+            wait_for(
+                lambda role=role: pair.status(role)["persistence"]["rewrites"] >= 1,  # type: ignore[index]
+                15,
+                what=f"the {role}'s log to be rewritten",
+            )
+    before = pair.status("primary")
+    assert before is not None and before["idempotency_entries"] == 3
+
+    kill_both(pair, random.Random(where))
+    restart(pair, "backup")
+    status = pair.status("primary")
+    assert status is not None and status["checksum"] == before["checksum"]
+    assert status["idempotency_entries"] == 3
+
+    assert exchange(address, keyed("insert", "key=k&value=v", "ins-1")).json == {"success": "true"}
+    again = exchange(address, keyed("delete", "key=gone", "del-1"))
+    assert again.json == {"success": "true", "value": "old"}
+    assert exchange(address, keyed("update", "key=k&value=other", "ins-1")).status == 422
+    after = pair.status("primary")
+    assert after is not None and after["checksum"] == before["checksum"]
+    assert after["writes_replayed"] == 2 and after["writes_replicated"] == 0
+    assert pair.dump("primary") == pair.dump("backup") == {"k": "v"}

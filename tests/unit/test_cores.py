@@ -17,6 +17,7 @@ import random
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -38,6 +39,7 @@ from pbkv.config import Settings
 from pbkv.idempotency import ENTRY_OVERHEAD
 from pbkv.persist.log import Record, RecordKind
 from pbkv.persist.log import State as DiskState
+from pbkv.persist.table import batch_of
 from pbkv.primary import PrimaryCore
 from pbkv.stages import ProtocolError, Role, Stage
 from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
@@ -2451,8 +2453,13 @@ def test_every_batch_is_logged_before_what_acknowledges_it(make_link) -> None:
         Record.batch(primary.history, 1, 0, ["a", "1"]),
         Record.batch(primary.history, 2, 0, ["a", None]),
     ]
-    assert logged(link, "primary")[1:] == batches
-    assert logged(link, "backup")[1:] == batches
+    # Each record carries its batch's table time (and keyed entries: none here), the
+    # same on both copies.
+    for role in ("primary", "backup"):
+        records = logged(link, role)[1:]
+        assert [replace(record, extra=b"") for record in records] == batches
+        assert [batch_of(record.extra)[1] for record in records] == [[], []]
+    assert logged(link, "primary")[1:] == logged(link, "backup")[1:]
     # The backup logged each batch before its ACK; the primary before answering it.
     for sent_before, _, record in link.persisted["backup"][1:]:
         assert isinstance(record, Record)
