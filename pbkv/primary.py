@@ -543,6 +543,8 @@ class PrimaryCore(ReplicationCore):
             log.info("%s: skipping transfer", reason)
             self.send(Skip(frame.checksum, frame.count, self.seq))
         elif directive is Directive.ROLLBACK:
+            if not self.confirmed:  # a copy recovered from disk: the backup undoes batches
+                self.fire(Event.BACKUP_NEEDS_DATA, reason)
             log.info("primary resync: partial: %s", reason)
             self.send(Rollback(self.seq, store.checksum, len(store)))
         elif directive is Directive.SEND:

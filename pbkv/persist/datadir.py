@@ -142,7 +142,7 @@ class Replay:
         self.state = base
         self.floor = base.seq
         self.batches: list[Record] = []
-        self._since_floor = 0  # batches at the end of ``batches`` that follow the floor
+        self.since_floor = 0  # batches at the end of ``batches`` that follow the floor
 
     def feed(self, record: Record, path: Path, offset: int) -> None:
         state = self.state
@@ -151,7 +151,7 @@ class Replay:
         if record.kind is RecordKind.MARK:
             self.state = record.state
             self.floor = record.seq
-            self._since_floor = 0
+            self.since_floor = 0
             return
         if record.history != state.history:
             raise Damage(
@@ -164,7 +164,7 @@ class Replay:
             if record.seq != state.seq + 1:
                 raise Damage(path, offset, f"batch {record.seq} follows batch {state.seq}")
             self.batches.append(record)
-            self._since_floor += 1
+            self.since_floor += 1
         else:  # a rollback
             if not self.floor <= record.seq <= state.seq:
                 raise Damage(
@@ -175,7 +175,7 @@ class Replay:
                 )
             undone = state.seq - record.seq
             del self.batches[len(self.batches) - undone :]
-            self._since_floor -= undone
+            self.since_floor -= undone
         self.state = record.state
 
 
@@ -189,14 +189,18 @@ class Loaded:
     state: State
     batches: list[Record]
     cut: list[TornTail] = field(default_factory=list)  # torn tails cut on the way
+    # The last batches, after the base or the last mark: those a rollback may undo.
+    undoable: int = 0
 
     @property
     def extra(self) -> bytes:
         return self.snapshot.extra
 
-    def fill(self, store: ShardedStore) -> State:
+    def fill(self, store: ShardedStore, undoable: Callable[[Record], None] | None = None) -> State:
         """Load the base into ``store`` (empty), its idempotency table included, apply
-        the batches (their pairs and their table entries), close the snapshot."""
+        the batches (their pairs and their table entries), close the snapshot.  With
+        ``undoable``, the batches a rollback may undo are handed to it to apply instead
+        (a backup keeps what undoes them)."""
         try:
             self.snapshot.fill(store)
         finally:
@@ -204,9 +208,13 @@ class Loaded:
         table = store.idempotency
         load_base(table, self.extra)
         apply = store.apply
-        for record in self.batches:
+        handed = self.undoable if undoable is not None else 0
+        for record in self.batches[: len(self.batches) - handed]:
             apply(record.ops)
             replay_batch(table, record.extra)
+        if undoable is not None:
+            for record in self.batches[len(self.batches) - handed :]:
+                undoable(record)
         table.replaced = 0  # a fuzzy base's batches add what it holds: not a conflict
         return self.state
 
@@ -326,7 +334,9 @@ class DataDir:
         except BaseException:
             snapshot.close()
             raise
-        return Loaded(snapshot, snapshot.state, replay.state, replay.batches, cut)
+        return Loaded(
+            snapshot, snapshot.state, replay.state, replay.batches, cut, replay.since_floor
+        )
 
     def _manifest(self) -> Manifest:
         if self.manifest is None:

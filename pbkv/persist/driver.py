@@ -165,11 +165,17 @@ class Persistence:
         self.fuzzy_until = 0
 
     # -- start and stop ---------------------------------------------------------------
-    def recover(self, store: ShardedStore, fresh: State) -> State | None:
+    def recover(
+        self,
+        store: ShardedStore,
+        fresh: State,
+        undoable: Callable[[Record], None] | None = None,
+    ) -> State | None:
         """Load the folder's data into ``store`` (empty) and return its state; None when
         the folder held none (a first start: an empty base at ``fresh`` is written, so
-        records may follow at once).  Raises ``PersistError`` naming the file and
-        offset of any damage but a torn last record, which is cut and logged."""
+        records may follow at once).  ``undoable``: see ``Loaded.fill``.  Raises
+        ``PersistError`` naming the file and offset of any damage but a torn last
+        record, which is cut and logged."""
         datadir = self.datadir
         self.store = store
         for name in datadir.removed:
@@ -184,7 +190,11 @@ class Persistence:
         loaded = datadir.load()
         for torn in loaded.cut:
             log.warning("persistence: cut a torn last record (a crash's leftover): %s", torn)
-        state = self.state = loaded.fill(store)
+        state = self.state = loaded.fill(store, undoable)
+        # The base may hold writes of the batches after it (it was written while they
+        # were applied), and what it held is not known now: a rollback of any batch
+        # recovered writes a new base of the rolled-back store (see the module).
+        self.fuzzy_until = state.seq
         self.recovery_seconds = time.perf_counter() - started
         self.recovered_pairs = len(store)
         log.info(
