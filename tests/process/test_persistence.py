@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pbkv.client import PbkvError
+from pbkv.client import PbkvError, ReplicationFailed
 from pbkv.persist import address_folder
 from pbkv.testing.cluster import process_alive
+from pbkv.testing.proxy import FaultProxy
 from tests.support.harness import Pair, wait_for
 from tests.support.raw_http import exchange, request
 
@@ -285,3 +286,41 @@ def test_keyed_writes_are_remembered_after_both_restart_from_disk(
     assert after is not None and after["checksum"] == before["checksum"]
     assert after["writes_replayed"] == 2 and after["writes_replicated"] == 0
     assert pair.dump("primary") == pair.dump("backup") == {"k": "v"}
+
+
+@pytest.mark.parametrize("first", ["primary", "backup"])
+def test_a_rewound_write_the_backup_logged_stays_rewound_after_both_restart(
+    make_pair, tmp_path: Path, first: str
+) -> None:
+    """A write answered "replication failed" that the backup had applied and logged
+    (its acknowledgement lost): in memory the live primary has the backup undo it;
+    after ``kill -9`` of both and a restart from disk the same rule holds: the two
+    recovered copies are of one history, the primary's wins, and the backup rolls the
+    batch back (its undo record rebuilt from its log), whatever the order of the
+    restarts."""
+    pair: Pair = make_pair(persistence="always", data_dir=str(tmp_path / "data"), ack_timeout="1")
+    host, port = pair.address["backup"]
+    with FaultProxy(host, 0, host, port, source_host=pair.address["primary"][0]) as proxy:
+        pair.start("backup")
+        pair.start("primary", "--backup-port", str(proxy.port))
+        pair.wait_stage("primary", "in_sync")
+        client = pair.client("primary")  # one attempt per write, no key
+        for i in range(5):
+            assert client.insert(f"acknowledged-{i}", "v") is True
+        proxy.down.drop = True  # the backup's acknowledgements are lost
+        with pytest.raises(ReplicationFailed):
+            client.insert("rewound", "v")
+        wait_for(lambda: pair.dump("backup").get("rewound") == "v", 10, what="the backup's copy")
+        kill_both(pair, random.Random(first))
+
+    restart(pair, first)
+    assert "never acknowledged: it rolls them back" in pair.log("primary")
+    dump = pair.dump("primary")
+    assert "rewound" not in dump and len(dump) == 5
+    assert pair.dump("backup") == dump
+    status = pair.status("primary")
+    assert status is not None and status["resyncs_partial"] == 1
+    # The rollback reached the backup's disk too: restarted again, both hold the same.
+    kill_both(pair, random.Random(first))
+    restart(pair, first)
+    assert pair.dump("backup") == pair.dump("primary") == dump
