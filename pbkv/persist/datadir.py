@@ -10,6 +10,8 @@ Files in the folder (one per server address, ``address_folder``)::
     incr.<n>.log       a record log (log.py); records are appended to the last one
     temp-*             a file being written; a crash's leftover, removed at open
     lock               held (flock) by the one process using the folder
+    member             with a coordinator: the run id of the member the data is
+                       the copy of (``member_run_id``)
 
 The manifest is replaced whole by a rename.  Loading reads the base, then every
 increment in order, checking that each record follows the state before it
@@ -65,6 +67,9 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 TEMP_PREFIX = "temp-"
 LOCK = "lock"
+# With a coordinator: the member's run id, kept so that a member restarted from its
+# data is the member it was (the one etcd may name as holding every write).
+MEMBER = "member"
 BASE_NAME = re.compile(r"base\.(\d+)\.snap")
 INCREMENT_NAME = re.compile(r"incr\.(\d+)\.log")
 
@@ -288,6 +293,17 @@ class DataDir:
         for entry in leftovers + orphans:
             (self.folder / entry).unlink()
             self.removed.append(entry)
+
+    def member_run_id(self, fresh: str, loaded: bool) -> str:
+        """The run id of the member whose data this folder holds: the one kept here
+        if the data was ``loaded`` from it at start, else ``fresh``, kept from now on."""
+        path = self.folder / MEMBER
+        if loaded and path.exists():
+            kept = path.read_text().strip()
+            if kept:
+                return kept
+        write_atomically(path, fresh.encode(), TEMP_PREFIX)
+        return fresh
 
     # -- loading --------------------------------------------------------------------
     @property

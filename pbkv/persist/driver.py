@@ -157,6 +157,7 @@ class Persistence:
         self.last_base_seconds = 0.0
         self.recovered_pairs = 0
         self.recovery_seconds = 0.0
+        self.recovered = False  # the folder held data, loaded at start
         self.rewrites = 0
         self._timer: asyncio.TimerHandle | None = None
         self.store: ShardedStore | None = None  # the server's, from ``recover`` on
@@ -191,6 +192,7 @@ class Persistence:
         for torn in loaded.cut:
             log.warning("persistence: cut a torn last record (a crash's leftover): %s", torn)
         state = self.state = loaded.fill(store, undoable)
+        self.recovered = True
         # The base may hold writes of the batches after it (it was written while they
         # were applied), and what it held is not known now: a rollback of any batch
         # recovered writes a new base of the rolled-back store (see the module).
@@ -210,6 +212,16 @@ class Persistence:
             self.recovery_seconds,
         )
         return state
+
+    def member_run_id(self, fresh: str) -> str:
+        """With a coordinator: the member's run id, the one it had when it wrote the data
+        recovered at start (it is the same member: its copy is the one it held), else
+        ``fresh``.  Call after ``recover``."""
+        try:
+            return self.datadir.member_run_id(fresh, self.recovered)
+        except OSError as exc:  # a new member then: it may not pass for the one it was
+            log.error("persistence: cannot keep the member's run id: %s", exc)
+            return fresh
 
     def start(self) -> None:
         self._timer = self.loop.call_later(EVERYSEC, self._every_second)

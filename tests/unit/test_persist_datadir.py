@@ -345,3 +345,14 @@ def test_status(tmp_path: Path) -> None:
     data.begin_rewrite(State(HISTORY, 1), b"")
     assert data.status()["rewrite"] is True and data.status()["increments"] == 2
     data.close()
+
+
+def test_a_members_run_id_is_kept_only_with_its_data(tmp_path: Path) -> None:
+    data = started(tmp_path / "d")
+    assert data.member_run_id("first", loaded=False) == "first"  # a fresh folder: kept
+    assert data.member_run_id("second", loaded=True) == "first"  # its data loaded: the same
+    assert data.member_run_id("third", loaded=False) == "third"  # data not its own: a new one
+    data.close()
+    assert (tmp_path / "d" / "member").read_text() == "third"
+    with DataDir(tmp_path / "d") as again:  # not a leftover: kept at open
+        assert again.member_run_id("fourth", loaded=True) == "third"
