@@ -324,3 +324,99 @@ def test_a_rewound_write_the_backup_logged_stays_rewound_after_both_restart(
     kill_both(pair, random.Random(first))
     restart(pair, first)
     assert pair.dump("backup") == pair.dump("primary") == dump
+
+
+@pytest.fixture
+def failing_disk(tmp_path: Path):
+    """An ext4 file system (no journal, ``errors=continue``) on a loop device whose
+    file lives on a 16 MiB tmpfs: the file system has room, but once the tmpfs is
+    full its blocks cannot be written, so an fsync fails (an I/O error at writeback).
+    Yields (the mount point, the tmpfs)."""
+    backing, mount = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mount.mkdir()
+
+    def run(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, capture_output=True, text=True)
+
+    if (done := run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(backing))).returncode:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+    image = backing / "disk.img"
+    loop = ""
+    try:
+        with open(image, "wb") as file:
+            file.truncate(64 * 1024 * 1024)  # sparse: its blocks take tmpfs pages when written
+        made = run("mkfs.ext4", "-q", "-O", "^has_journal", "-E", "nodiscard", str(image))
+        attached = run("losetup", "-f", "--show", str(image))
+        if made.returncode or attached.returncode:
+            pytest.skip(f"cannot make a loop device file system: {made.stderr}{attached.stderr}")
+        loop = attached.stdout.strip()
+        if (done := run("mount", "-o", "errors=continue", loop, str(mount))).returncode:
+            pytest.skip(f"cannot mount the loop device: {done.stderr.strip()}")
+        try:
+            yield mount, backing
+        finally:
+            run("umount", "-l", str(mount))
+    finally:
+        if loop:
+            run("losetup", "-d", loop)
+        run("umount", "-l", str(backing))
+
+
+def test_a_failed_fsync_acknowledges_nothing_and_heals_once_the_disk_works(
+    make_pair, failing_disk: tuple[Path, Path]
+) -> None:
+    """A real failed fsync (a disk whose blocks cannot be written): the write that
+    waited for it is not answered as a success, the server says its disk failed, and
+    once the disk works again a new base heals it; after ``kill -9`` of both and a
+    restart, every acknowledged write is back."""
+    mount, backing = failing_disk
+    pair: Pair = make_pair(persistence="always", data_dir=str(mount / "data"))
+    pair.start_both()
+    client = pair.client("primary")
+    assert client.insert("before", "v") is True
+    acknowledged = {"before"}
+    filler = backing / "filler"
+    with open(filler, "wb") as file:  # the file system still shows room: writes admitted
+        file.write(b"\x01" * free_bytes(backing))
+    value = "x" * 32 * 1024  # new blocks for every record
+    failure: PbkvError | None = None
+    for i in range(100):
+        try:
+            assert client.insert(f"k{i}", value) is True
+            acknowledged.add(f"k{i}")
+        except PbkvError as exc:
+            failure = exc
+            break
+    assert failure is not None, "no write failed on a disk that cannot be written"
+    # "replication failed" (the backup's fsync failed before its ACK) or the primary's
+    # own: "the write did not reach this server's disk"; never a success.
+    assert "replication failed" in failure.error or "did not reach" in failure.error, failure
+    statuses = [pair.status(role) for role in ("primary", "backup")]
+    assert any(s is not None and s["persistence"]["disk_failures"] >= 1 for s in statuses)
+
+    filler.unlink()  # the disk works again: a new base heals each server
+    for role in ("primary", "backup"):
+        wait_for(
+            lambda role=role: (
+                (s := pair.status(role)) is not None and s["persistence"]["failed"] is None
+            ),
+            30,
+            what=f"the {role}'s persistence to heal",
+        )
+
+    def accepted() -> bool:
+        try:
+            return client.insert("after", "v") is True
+        except PbkvError:
+            return False
+
+    wait_for(accepted, 30, what="a write accepted again")
+    acknowledged.add("after")
+    log = pair.log("primary") + pair.log("backup")
+    assert "fsync failed" in log and "persistence works again" in log
+    kill_both(pair, random.Random(6))
+    restart(pair, "backup")
+    dump = pair.dump("primary")
+    assert acknowledged <= dump.keys()
+    assert pair.dump("backup") == dump
