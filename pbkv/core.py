@@ -50,6 +50,7 @@ from pbkv.commands import Command, Counted, Done, Dumped, MemoryFull, Outcome, R
 from pbkv.config import Settings
 from pbkv.persist.log import Record
 from pbkv.persist.log import State as DiskState
+from pbkv.persist.table import batch_extra
 from pbkv.stages import (
     HANDSHAKES,
     Copy,
@@ -303,10 +304,16 @@ class ReplicationCore:
             self.resyncs_partial += 1
 
     # -- persistence (only with ``persistence`` set) ---------------------------------
-    def persist_batch(self, seq: int, ops: list[str | None]) -> None:
-        """Log a batch just applied (before anything that acknowledges it is queued)."""
+    def persist_batch(
+        self, seq: int, ops: list[str | None], time: int, keyed: list[Any] | None
+    ) -> None:
+        """Log a batch just applied, its idempotency entries and time with it (before
+        anything that acknowledges it is queued)."""
         if self.persistent:
-            self.outbox.append(Persist(Record.batch(self.history, seq, self.copy_epoch, ops)))
+            extra = batch_extra(time, keyed)
+            self.outbox.append(
+                Persist(Record.batch(self.history, seq, self.copy_epoch, ops, extra))
+            )
 
     def persist_rollback(self, seq: int) -> None:
         """Log that the batches after ``seq`` were undone."""

@@ -484,7 +484,8 @@ class PrimaryCore(ReplicationCore):
             if pending is not None and pending[1] == seq:
                 del overlay[key]
         self.seq = seq
-        self.persist_batch(seq, ops)  # before the answers: they wait for it to be durable
+        # Before the answers: they wait for it to be durable.
+        self.persist_batch(seq, ops, batch.time, keyed)
         self.batches_acked += 1
         self.writes_replicated += len(ops) // 2
         self.ack_seconds_total += self.now - batch.sent_at
@@ -542,6 +543,8 @@ class PrimaryCore(ReplicationCore):
             log.info("%s: skipping transfer", reason)
             self.send(Skip(frame.checksum, frame.count, self.seq))
         elif directive is Directive.ROLLBACK:
+            if not self.confirmed:  # a copy recovered from disk: the backup undoes batches
+                self.fire(Event.BACKUP_NEEDS_DATA, reason)
             log.info("primary resync: partial: %s", reason)
             self.send(Rollback(self.seq, store.checksum, len(store)))
         elif directive is Directive.SEND:
