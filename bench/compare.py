@@ -88,6 +88,19 @@ class Cell:
         return self.rounds[i], self.cpu[i]
 
 
+def cpu_per_request(result: LoadResult, cores: dict[str, float]) -> dict[str, float]:
+    """Microseconds of CPU each process spent per request served: its cores busy over
+    the round (warm-up included, under the same load) divided by the requests per
+    second measured. The load generator and "other" are left out: not the servers."""
+    if not result.throughput:
+        return {}
+    return {
+        name: round(busy / result.throughput * 1e6, 1)
+        for name, busy in cores.items()
+        if name not in ("loadgen", "other")
+    }
+
+
 # ---------------------------------------------------------------- CPU accounting
 
 
@@ -306,7 +319,7 @@ def print_table(
 ) -> None:
     head = (
         f"{'system':<16} {'workload':<13} {'conns':>5} {'req/s':>9} {'p50 ms':>7} "
-        f"{'p90 ms':>7} {'p99 ms':>7} {'errors':>6}  cpu (cores)"
+        f"{'p90 ms':>7} {'p99 ms':>7} {'errors':>6}  cpu (cores); cpu per request (us)"
     )
     print(head)
     print("-" * len(head))
@@ -314,10 +327,11 @@ def print_table(
         result, cpu = cell.pick(stat)
         errors = result.errors + result.failed
         cores = " ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+        per_request = " ".join(f"{k} {v:.1f}" for k, v in cpu_per_request(result, cpu).items())
         print(
             f"{cell.system:<16} {label_of(cell.system, cell.workload):<13} {cell.connections:>5} "
             f"{result.throughput:>9.0f} {result.p50_ms:>7.2f} {result.p90_ms:>7.2f} "
-            f"{result.p99_ms:>7.2f} {errors:>6}  {cores}"
+            f"{result.p99_ms:>7.2f} {errors:>6}  {cores}; {per_request}"
         )
     print()
     names = (
@@ -468,10 +482,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         result, cpu = system.measure(workload, conns, args, prefix)
                         cell.rounds.append(result)
                         cell.cpu.append(cpu)
+                        per_request = " ".join(
+                            f"{k} {v:.1f}" for k, v in cpu_per_request(result, cpu).items()
+                        )
                         say(
                             f"  round {r + 1} {system.name:<16} {workload:<6} {conns:>3} conns: "
                             f"{result.throughput:>8.0f}/s p99 {result.p99_ms:.2f} ms"
                             + (f" errors {result.errors}" if result.errors else "")
+                            + f" cpu/req (us) {per_request}"
                         )
         elapsed = time.monotonic() - started_at
     finally:
@@ -536,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "connections": c.connections,
                 "chosen": c.pick(args.stat)[0].summary(),
                 "cpu_cores": c.pick(args.stat)[1],
+                "cpu_us_per_request": cpu_per_request(*c.pick(args.stat)),
                 "rounds": [r.summary() for r in c.rounds],
             }
             for c in cells
