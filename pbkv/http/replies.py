@@ -64,7 +64,13 @@ class RequestError(Exception):
         self.message = message
 
 
+_OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+_OK = _OK_HEAD + b"%b"
+
+
 def response(status: int, body: bytes, extra: bytes = b"", close: bool = False) -> bytes:
+    if status == 200 and not extra and not close:  # nearly every reply: one formatting
+        return _OK % (len(body), body)
     head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
         status,
         _REASONS.get(status, b"Error"),
