@@ -97,7 +97,8 @@ def _flat_json_object(body: bytes) -> bool:
 
 def _decode_pairs(form: bytes, into: dict[str, str]) -> None:
     """``application/x-www-form-urlencoded`` pairs, as ``parse_qsl`` with blank values
-    kept, but on bytes: no detour through str for the common undecorated case."""
+    kept, but on bytes: a form without escapes is decoded once, whole; another piece
+    by piece (each piece unescaped, then decoded)."""
     if form.count(b"&") >= MAX_PARAMS:
         raise _too_many_params()
     if b"%" not in form and b"+" not in form:
@@ -106,10 +107,10 @@ def _decode_pairs(form: bytes, into: dict[str, str]) -> None:
             text = form.decode("utf-8")
         except UnicodeDecodeError:
             raise _not_utf8() from None
-        for piece in text.split("&"):
-            if not piece:
+        for pair in text.split("&"):
+            if not pair:
                 continue
-            name, _, value = piece.partition("=")
+            name, _, value = pair.partition("=")
             if name in into:
                 raise _given_twice(name)
             into[name] = value
