@@ -259,11 +259,11 @@ def missing(stack: Stack) -> str | None:
     return f"not installed: pip install {' '.join(absent)}" if absent else None
 
 
-def version(dist: str) -> str:
+def version(dist: str, pbkv_root: Path = REPO) -> str:
     if dist == "pbkv":
         from bench.servers import pbkv_revision
 
-        return pbkv_revision()
+        return pbkv_revision(pbkv_root)
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -363,8 +363,9 @@ def _answers(port: int) -> bool:
 class Server:
     """One stack's server: start, the pid to pin and measure, stop."""
 
-    def __init__(self, stack: str, workdir: Path, cpu: int) -> None:
+    def __init__(self, stack: str, workdir: Path, cpu: int, pbkv_root: Path = REPO) -> None:
         self.stack = stack
+        self.pbkv_root = pbkv_root  # whose pbkv the "pbkv" stack runs
         self.cpu = cpu
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
@@ -377,7 +378,7 @@ class Server:
         from bench.servers import Pbkv, free_port
 
         if self.stack == "pbkv":
-            self.pbkv = Pbkv(self.workdir, "pbkv", standalone=True)
+            self.pbkv = Pbkv(self.workdir, "pbkv", standalone=True, root=self.pbkv_root)
             self.port = self.pbkv.port
             self.pbkv.start("primary", wait=START_TIMEOUT)
             pid = self.pbkv.pid("primary")
@@ -500,14 +501,20 @@ def _measure(
 
 
 def run_stack(
-    stack: Stack, duration: float, warmup: float, workdir: Path, cpu: int, connections: int
+    stack: Stack,
+    duration: float,
+    warmup: float,
+    workdir: Path,
+    cpu: int,
+    connections: int,
+    pbkv_root: Path = REPO,
 ) -> Row:
-    row = Row(stack.name, stack.label, version(stack.version_of), "ok")
+    row = Row(stack.name, stack.label, version(stack.version_of, pbkv_root), "ok")
     why = missing(stack)
     if why is not None:
         row.status, row.reason = "skipped", why
         return row
-    server = Server(stack.name, workdir, cpu)
+    server = Server(stack.name, workdir, cpu, pbkv_root)
     try:
         pid = server.start()
         row.server_cores = cores_of(pid)
@@ -627,6 +634,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {','.join(BY_NAME)} (default: all)",
     )
     ap.add_argument("--connections", type=int, default=CONNECTIONS, help=f"default {CONNECTIONS}")
+    ap.add_argument(
+        "--pbkv-checkout",
+        type=Path,
+        default=REPO,
+        help="run this checkout's pbkv as the pbkv stack (e.g. a previous commit's worktree)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--serve", choices=[s.name for s in STACKS if s.name != "pbkv"],
                     help=argparse.SUPPRESS)  # fmt: skip
@@ -653,7 +666,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.stacks:
             stack = BY_NAME[name]
             rows.append(
-                run_stack(stack, args.duration, warmup, Path(tmp), server_cpu, args.connections)
+                run_stack(
+                    stack,
+                    args.duration,
+                    warmup,
+                    Path(tmp),
+                    server_cpu,
+                    args.connections,
+                    args.pbkv_checkout.resolve(),
+                )
             )
             _progress(rows[-1], quiet=args.json)
     bare = next((r for r in rows if r.stack == "bare" and r.status == "ok"), None)
