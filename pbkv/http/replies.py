@@ -88,6 +88,7 @@ def error_body(message: str, **extra: str) -> bytes:
 TRUE = b'{"success":"true"}'
 _FALSE = b'{"success":"false"}'
 _MISS = b'{"success":"false","value":""}'
+_FOUND = b'{"success":"true","value":%b}'  # the value's JSON in one formatting
 
 
 def outcome_reply(
@@ -106,7 +107,7 @@ def outcome_reply(
         if command is Command.GET or command is Command.DELETE:
             if not outcome.ok:
                 return 200, _MISS, b""
-            return 200, b'{"success":"true","value":' + orjson.dumps(outcome.value) + b"}", b""
+            return 200, _FOUND % orjson.dumps(outcome.value), b""
         return 200, (TRUE if outcome.ok else _FALSE), b""
     if isinstance(outcome, Counted):
         return 200, b'{"result":"%d"}' % outcome.count, b""
