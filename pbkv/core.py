@@ -92,6 +92,8 @@ BATCH_CHARS = 1 << 20
 CHUNK_CHARS = 1 << 20
 
 MISS = Done(False, "")
+# The outcome of an insert or update by whether it applies: made once, not per write.
+DONE = {True: Done(True), False: Done(False)}
 
 
 def growth(command: Command, key: str, value: str, current: str | None) -> int:

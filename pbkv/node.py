@@ -657,6 +657,12 @@ class Node:
             self._spawn(self._pump())
 
     def flush_soon(self) -> None:
+        core = self.core
+        if isinstance(core, PrimaryCore) and not core.in_flight:
+            # Nothing in flight: waiting for the rest of this turn would only delay the
+            # write (one writer waits alone); the writes behind it share the next batch.
+            self._flush()
+            return
         # After the other events of this turn of the loop: they share the batch.
         self.loop.call_soon(self._flush)
 

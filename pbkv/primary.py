@@ -40,6 +40,7 @@ from pbkv.config import Settings
 from pbkv.core import (
     BATCH_CHARS,
     BATCH_WRITES,
+    DONE,
     MISS,
     ReplicationCore,
     growth,
@@ -319,9 +320,9 @@ class PrimaryCore(ReplicationCore):
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
         if command is Command.INSERT:
-            ok, new, outcome = current is None, value, Done(current is None)
+            ok, new, outcome = current is None, value, DONE[current is None]
         elif command is Command.UPDATE:
-            ok, new, outcome = current is not None, value, Done(current is not None)
+            ok, new, outcome = current is not None, value, DONE[current is not None]
         else:
             ok, new = current is not None, None
             outcome = Done(True, current) if ok else MISS
@@ -386,9 +387,9 @@ class PrimaryCore(ReplicationCore):
         current = self.store.get(key) if pending is None else pending[0]
         grow = 0 if value is None else growth(command, key, value, current)
         if command is Command.INSERT:
-            ok, new, outcome = current is None, value, Done(current is None)
+            ok, new, outcome = current is None, value, DONE[current is None]
         elif command is Command.UPDATE:
-            ok, new, outcome = current is not None, value, Done(current is not None)
+            ok, new, outcome = current is not None, value, DONE[current is not None]
         else:
             ok, new = current is not None, None
             outcome = Done(True, current) if ok else MISS
