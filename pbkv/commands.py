@@ -22,6 +22,10 @@ class Command(enum.Enum):
     COUNT = "countkey"
     DUMP = "dump"
 
+    # Members are singletons compared by identity: hashed by identity too, in C (Enum's
+    # own __hash__ is Python code, and a request looks its command up several times).
+    __hash__ = object.__hash__
+
     @property
     def is_read(self) -> bool:
         """Reads are answered from the store; every other command is a replicated write."""

@@ -774,10 +774,22 @@ class Leadership:
         if ours:
             self._own_key_seen(event.now, leader, actions)
             return
+        if self._earlier_incarnation(leader):
+            # A run of ours at this very address, now dead: it cannot be serving,
+            # since we hold the address's listening socket (a stopped process still
+            # holds it, a stopping one has fenced before letting it go). Its key would
+            # block every member until its lease ran out; the delete is guarded by
+            # its epoch, so asking again is harmless.
+            self.resigning = leader.epoch
+            actions.append(Resign(leader.epoch))
+            return
         self.resigning = None
         if self.attempt is not None and leader.epoch > self.attempt.floor:
             self.attempt = None  # any key our campaigns made is gone
         self._follow(leader, actions)
+
+    def _earlier_incarnation(self, leader: Leader) -> bool:
+        return leader.member != self.member and address_of(leader.member) == address_of(self.member)
 
     def _own_key_seen(self, now: float, leader: Leader, actions: list[Action]) -> None:
         if self.phase in (Phase.PRIMARY, Phase.CONFIRMING):

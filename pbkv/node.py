@@ -258,7 +258,10 @@ class Node:
             persistence = Persistence(
                 self.settings, self.address, self.loop, self._disk_failed, self._disk_healed
             )
-            state = persistence.recover(store, State(core.history, core.seq, core.copy_epoch))
+            # A backup keeps what undoes the batches after its last sync, as in memory.
+            undoable = core.recovered_batch if isinstance(core, BackupCore) else None
+            fresh = State(core.history, core.seq, core.copy_epoch)
+            state = persistence.recover(store, fresh, undoable)
         except (PersistError, OSError) as exc:
             log.error("%s cannot start: %s", self.role, exc)
             raise SystemExit(1) from None
@@ -675,6 +678,12 @@ class Node:
             self._spawn(self._pump())
 
     def flush_soon(self) -> None:
+        core = self.core
+        if isinstance(core, PrimaryCore) and not core.in_flight:
+            # Nothing in flight: waiting for the rest of this turn would only delay the
+            # write (one writer waits alone); the writes behind it share the next batch.
+            self._flush()
+            return
         # After the other events of this turn of the loop: they share the batch.
         self.loop.call_soon(self._flush)
 

@@ -43,6 +43,7 @@ from pbkv.config import Settings
 from pbkv.core import (
     BATCH_CHARS,
     BATCH_WRITES,
+    DONE,
     MISS,
     ReplicationCore,
     growth,
@@ -338,9 +339,9 @@ class PrimaryCore(ReplicationCore):
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
         if command is Command.INSERT:
-            ok, new, outcome = current is None, value, Done(current is None)
+            ok, new, outcome = current is None, value, DONE[current is None]
         elif command is Command.UPDATE:
-            ok, new, outcome = current is not None, value, Done(current is not None)
+            ok, new, outcome = current is not None, value, DONE[current is not None]
         else:
             ok, new = current is not None, None
             outcome = Done(True, current) if ok else MISS
@@ -504,9 +505,9 @@ class PrimaryCore(ReplicationCore):
         current = self.store.get(key) if pending is None else pending[0]
         grow = 0 if value is None else growth(command, key, value, current)
         if command is Command.INSERT:
-            ok, new, outcome = current is None, value, Done(current is None)
+            ok, new, outcome = current is None, value, DONE[current is None]
         elif command is Command.UPDATE:
-            ok, new, outcome = current is not None, value, Done(current is not None)
+            ok, new, outcome = current is not None, value, DONE[current is not None]
         else:
             ok, new = current is not None, None
             outcome = Done(True, current) if ok else MISS
@@ -611,7 +612,8 @@ class PrimaryCore(ReplicationCore):
         else:
             _forget_batch(overlay, ops[0::2], seq)
         self.seq = seq
-        self.persist_batch(seq, ops)  # before the answers: they wait for it to be durable
+        # Before the answers: they wait for it to be durable.
+        self.persist_batch(seq, ops, batch.time, keyed)
         self.batches_acked += 1
         self.writes_replicated += len(ops) // 2
         self.ack_seconds_total += self.now - batch.sent_at
@@ -669,6 +671,8 @@ class PrimaryCore(ReplicationCore):
             log.info("%s: skipping transfer", reason)
             self.send(Skip(frame.checksum, frame.count, self.seq))
         elif directive is Directive.ROLLBACK:
+            if not self.confirmed:  # a copy recovered from disk: the backup undoes batches
+                self.fire(Event.BACKUP_NEEDS_DATA, reason)
             log.info("primary resync: partial: %s", reason)
             self.send(Rollback(self.seq, store.checksum, len(store)))
         elif directive is Directive.SEND:

@@ -114,6 +114,7 @@ class Bug(enum.Enum):
     PROMOTE_ANYONE = "promote_anyone"  # the in-sync record is not consulted
     ACCEPT_LOWER_EPOCH = "accept_lower_epoch"  # stale leader news is believed
     ACK_BEFORE_RECORD = "ack_before_record"  # acknowledge with a backup not yet recorded
+    RESIGN_ANY_LEADER = "resign_any_leader"  # any leader taken for a dead run of ours
 
 
 class LeaseFromReply(Leadership):
@@ -139,12 +140,18 @@ class AckBeforeRecord(Leadership):
         return backup == self.in_sync
 
 
+class ResignAnyLeader(Leadership):
+    def _earlier_incarnation(self, leader: Leader) -> bool:
+        return leader.member != self.member
+
+
 MACHINES: dict[Bug | None, type[Leadership]] = {
     None: Leadership,
     Bug.LEASE_FROM_REPLY: LeaseFromReply,
     Bug.PROMOTE_ANYONE: PromoteAnyone,
     Bug.ACCEPT_LOWER_EPOCH: AcceptLowerEpoch,
     Bug.ACK_BEFORE_RECORD: AckBeforeRecord,
+    Bug.RESIGN_ANY_LEADER: ResignAnyLeader,
 }
 
 

@@ -160,15 +160,27 @@ def test_a_primary_paused_past_its_lease_never_answers_as_primary_again(members)
         assert client.get("late") is None
 
 
-def test_a_primary_restarted_within_its_lease_comes_back_empty_as_a_spare(members) -> None:
+@pytest.fixture
+def long_lease_members(tmp_path, etcd, prefix) -> Iterator[LocalMembers]:
+    with LocalMembers(tmp_path, etcd.client_url, cluster=prefix, lease_ttl="30") as cluster:
+        yield cluster
+
+
+def test_a_primary_restarted_within_its_lease_comes_back_empty_as_a_spare(
+    long_lease_members: LocalMembers,
+) -> None:
+    members = long_lease_members
     old = start_three(members)
     with Writer(members) as writer:
         writer.wait_acknowledged(300)
         members.kill(old)
+        killed = time.monotonic()
         members.start(old)  # within the lease: its leader key still stands
         restarted = members.status(old)
         assert restarted["role"] != "primary"
         new = members.wait_writable(exclude=(old,))
+        # The restarted run resigned its dead run's key: nobody waited out the lease.
+        assert time.monotonic() - killed < 20
         writer.wait_acknowledged(100)
     assert new != old
     check_no_loss(members, new, writer)

@@ -62,6 +62,7 @@ def test_a_seed_replays_exactly() -> None:
         (Bug.PROMOTE_ANYONE, "promotion"),  # a member that is not the recorded backup
         (Bug.ACCEPT_LOWER_EPOCH, "epoch"),  # follows a leader of a lower epoch
         (Bug.ACK_BEFORE_RECORD, "ack"),  # acknowledges before etcd records the new backup
+        (Bug.RESIGN_ANY_LEADER, "serve"),  # deletes a live leader's key
     ],
 )
 def test_an_injected_bug_is_caught(bug: Bug, kind: str) -> None:

@@ -44,6 +44,7 @@ def test_a_seed_replays_exactly() -> None:
         (Bug.PROMOTE_ANYONE, "promotion"),
         (Bug.ACCEPT_LOWER_EPOCH, "epoch"),
         (Bug.ACK_BEFORE_RECORD, "ack"),
+        (Bug.RESIGN_ANY_LEADER, "serve"),  # deletes a live leader's key
     ],
 )
 def test_an_injected_bug_is_caught(bug: Bug, kind: str) -> None:

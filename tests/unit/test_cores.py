@@ -17,6 +17,7 @@ import random
 import re
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -40,6 +41,7 @@ from pbkv.core import BATCH_WRITES
 from pbkv.idempotency import ENTRY_OVERHEAD
 from pbkv.persist.log import Record, RecordKind
 from pbkv.persist.log import State as DiskState
+from pbkv.persist.table import batch_extra, batch_of
 from pbkv.primary import PrimaryCore
 from pbkv.stages import ProtocolError, Role, Stage
 from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
@@ -2453,8 +2455,13 @@ def test_every_batch_is_logged_before_what_acknowledges_it(make_link) -> None:
         Record.batch(primary.history, 1, 0, ["a", "1"]),
         Record.batch(primary.history, 2, 0, ["a", None]),
     ]
-    assert logged(link, "primary")[1:] == batches
-    assert logged(link, "backup")[1:] == batches
+    # Each record carries its batch's table time (and keyed entries: none here), the
+    # same on both copies.
+    for role in ("primary", "backup"):
+        records = logged(link, role)[1:]
+        assert [replace(record, extra=b"") for record in records] == batches
+        assert [batch_of(record.extra)[1] for record in records] == [[], []]
+    assert logged(link, "primary")[1:] == logged(link, "backup")[1:]
     # The backup logged each batch before its ACK; the primary before answering it.
     for sent_before, _, record in link.persisted["backup"][1:]:
         assert isinstance(record, Record)
@@ -2489,8 +2496,11 @@ def test_a_rollback_is_logged_then_a_mark(make_link) -> None:
     assert logged(link, "primary")[-1] == Record.mark(DiskState(primary.history, primary.seq, 0))
 
 
-def recovered(link: Link, role: str, data: dict[str, str], history: int, seq: int) -> Core:
-    """A core as the node builds it after loading its data folder (``persist/driver.py``)."""
+def recovered(
+    link: Link, role: str, data: dict[str, str], history: int, seq: int, start: bool = True
+) -> Core:
+    """A core as the node builds it after loading its data folder (``persist/driver.py``);
+    without ``start``, not started yet (the caller adds recovered batches first)."""
     store = new_store()
     for key, value in data.items():
         store.write(key, value)
@@ -2504,7 +2514,8 @@ def recovered(link: Link, role: str, data: dict[str, str], history: int, seq: in
     core.history, core.seq, core.recovered = history, seq, True
     if isinstance(core, PrimaryCore):
         core.sent_seq = seq
-    link._start(role, core)
+    if start:
+        link._start(role, core)
     return core
 
 
@@ -2536,7 +2547,10 @@ def test_an_empty_primary_fetches_a_recovered_backups_copy(make_link) -> None:
 
 
 @pytest.mark.parametrize("newer", ["primary", "backup"])
-def test_of_two_recovered_copies_the_newer_wins(make_link, newer: str) -> None:
+def test_of_two_recovered_copies_of_one_history_the_primarys_wins(make_link, newer: str) -> None:
+    """The backup's extra batches were never acknowledged (the primary logs a batch
+    once the backup acknowledged it): the primary's copy wins, as a live one does.
+    Without an undo record reaching the primary's seq, the backup is sent it whole."""
     link = make_link(**PERSISTENT)
     old, new = dict(DATA), {**DATA, "key1": "newer", "extra": "x"}
     seqs = {"primary": 5, "backup": 5}
@@ -2544,8 +2558,37 @@ def test_of_two_recovered_copies_the_newer_wins(make_link, newer: str) -> None:
     backup = recovered(link, "backup", new if newer == "backup" else old, 11, seqs["backup"])
     primary = recovered(link, "primary", new if newer == "primary" else old, 11, seqs["primary"])
     assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
-    assert dict(primary.store.items()) == new == dict(backup.store.items())
-    assert primary.seq == backup.seq == 7
+    won = new if newer == "primary" else old
+    assert dict(primary.store.items()) == won == dict(backup.store.items())
+    assert primary.seq == backup.seq == seqs["primary"]
+    assert primary.resyncs_full == 1
+    if newer == "backup":
+        assert "batches beyond ours were never acknowledged, and it cannot roll" in link.caplog.text
+
+
+def test_a_recovered_backup_rolls_back_the_batches_its_primary_never_logged(make_link) -> None:
+    """Both restarted from disk, the backup's log holding two batches after the last
+    sync that the primary's lacks: it undoes them (its undo record rebuilt from its
+    log at start, the idempotency entries included), no transfer."""
+    link = make_link(**PERSISTENT)
+    backup = recovered(link, "backup", DATA, 11, 5, start=False)
+    assert isinstance(backup, BackupCore)
+    keyed = ["ident-1", 42, True, None]
+    backup.recovered_batch(Record.batch(11, 6, 0, ["key1", "tentative"], batch_extra(10, [])))
+    backup.recovered_batch(Record.batch(11, 7, 0, ["extra", "x"], batch_extra(20, keyed)))
+    backup.seq = 7
+    assert [u.seq for u in backup.undo] == [6, 7] and backup.store.idempotency.get("ident-1")
+    link._start("backup", backup)
+    primary = recovered(link, "primary", DATA, 11, 5)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert dict(primary.store.items()) == DATA == dict(backup.store.items())
+    assert primary.seq == backup.seq == 5 and backup.store.idempotency.get("ident-1") is None
+    assert (primary.resyncs_partial, primary.resyncs_full) == (1, 0)
+    assert_same_data(primary, backup)
+    assert "batches beyond ours were never acknowledged: it rolls them back" in link.caplog.text
+    rollback, mark = logged(link, "backup")[-2:]
+    assert rollback == Record.rollback(DiskState(11, 5, 0))
+    assert mark == Record.mark(DiskState(backup.history, 5, 0))
 
 
 # -- bulk load chunks (PrimaryCore.submit_pairs) ------------------------------------------

@@ -261,6 +261,20 @@ def test_a_key_of_ours_that_we_do_not_lead_under_is_resigned() -> None:
     assert Resign(12) in machine.handle(LeaderObserved(0.2, Leader(ME, 12), 12))
 
 
+def test_a_restarted_member_resigns_the_key_of_its_dead_run_at_the_same_address() -> None:
+    """Holding the address's socket, it knows that run is gone: waiting for the lease to
+    run out would keep every member from taking over."""
+    machine = Leadership(TIMING)
+    machine.handle(Started(0.0, RESTARTED, EMPTY))
+    machine.handle(LeaseGranted(0.01, 0.0, LEASE, 3.0))
+    actions = machine.handle(LeaderObserved(0.1, Leader(ME, 12), 12))
+    assert without_register(actions) == [Resign(12)]  # and it does not follow the dead run
+    assert machine.role is Role.SPARE and machine.status(0.1).primary is None
+    # A leader elsewhere is followed, its key left alone.
+    actions = machine.handle(LeaderObserved(0.2, Leader(OTHER, 14), 14))
+    assert Resign not in kinds(actions) and BecomeSpare in kinds(actions)
+
+
 # -- rule (b): winning -------------------------------------------------------------------------
 
 
