@@ -26,3 +26,4 @@ def test_request_cost_measures_pbkv_and_bare() -> None:
     rows = json.loads(done.stdout)
     assert rows["bare protocol"]["get"] > 0
     assert rows["pbkv"]["get"] > 0 and rows["pbkv"]["insert"] > 0
+    assert rows["pbkv"]["keyed insert"] > 0
