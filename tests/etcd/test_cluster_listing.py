@@ -34,7 +34,9 @@ def registered(etcd: EtcdServer, prefix: str, tmp_path) -> Iterator[Pair]:
         }
 
         async def register() -> None:
-            async with await Coordinator.open(etcd.client_url, prefix, 2.0) as coordinator:
+            # A generous timeout: on a loaded machine, grpc's first connection alone
+            # has taken over 2 s (it failed as "tcp handshaker shutdown").
+            async with await Coordinator.open(etcd.client_url, prefix, 10.0) as coordinator:
                 lease = await coordinator.grant(60)
                 for member, info in members.items():
                     await coordinator.register(member, info, lease)
