@@ -58,3 +58,5 @@ SHUTDOWN_PATH = BY_NAME["shutdown"].path.encode()
 STATUS_PATH = BY_NAME["status"].path.encode()
 METRICS_PATH = BY_NAME["metrics"].path.encode()
 LISTENING_PATH = BY_NAME["listening"].path.encode()
+# A spare follows a member's backup on this upgrade (``follower.py``).
+FOLLOW_PATH = b"/kvrepl/follow"
