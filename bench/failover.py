@@ -669,7 +669,16 @@ class PbkvCluster(Cluster):
             raise RuntimeError("pbkv: no member is the primary")
         seconds = bulk.load_pbkv(self.net.addresses[host], PBKV_PORT, pairs, " while loading")
         servers.wait_for(self._in_sync, self.args.timeout, "pbkv to have a backup in sync")
+        # As Redis's replicas are both confirmed: the spare follows the backup's stream.
+        servers.wait_for(self._spare_follows, self.args.timeout, "the pbkv spare to follow")
         return seconds
+
+    def _spare_follows(self) -> bool:
+        for host in SERVERS:
+            status = self.status(host)
+            if status is not None and status.get("role") == "spare":
+                return status.get("follow_step") == "following"
+        return False
 
     def pid(self, host: str) -> int | None:
         name = f"member-{self.net.addresses[host]}-{PBKV_PORT}.pid"

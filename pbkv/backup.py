@@ -381,6 +381,7 @@ class BackupCore(ReplicationCore):
         self.undo.clear()
         self.undo_size = 0
         self.catchup_target = State(frame.to_seq, frame.to_checksum, frame.to_count)
+        self.transfer_began = self.now
         self.handlers[FrameType.BATCH] = self._catchup_batch
         log.info(
             "backup resync: partial: catching up %d batches, seq %d -> %d",
@@ -416,6 +417,9 @@ class BackupCore(ReplicationCore):
             self.fail_transfer(f"caught up to seq {self.seq}, but the data is not the primary's")
             return Step.NONE
         self.catchups += 1
+        if self.transfer_began is not None:  # how long it took, as for a transfer
+            self.last_transfer_seconds = self.now - self.transfer_began
+            self.transfer_began = None
         self._confirm(self.store.checksum, f"caught up to seq {self.seq}", Resync.PARTIAL)
         return Step.STREAMING
 

@@ -2697,3 +2697,32 @@ def test_a_promoted_backup_catches_up_a_copy_behind_it_from_its_undo_record(link
     assert plan(ours, theirs).directive is Directive.CATCHUP
     new.store.put("z", "outside any batch")  # data changed otherwise: no catch-up
     assert new.record_states() == ()
+
+
+class Tap:
+    """Hears what a backup tells its followers (``following.py``)."""
+
+    def __init__(self) -> None:
+        self.heard: list[Any] = []
+
+    def applied(self, frame: Batch) -> None:
+        self.heard.append(frame.seq)
+
+    def reset(self, reason: str) -> None:
+        self.heard.append(reason)
+
+
+def test_a_backup_tells_its_followers_of_each_batch_after_its_ack_and_of_each_sync(
+    make_link,
+) -> None:
+    link = make_link(ack_timeout=0.5)
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    tap = backup.tap = Tap()
+    mark = link.mark()
+    assert link.write(INSERT, "b", "2") == Done(True)
+    assert tap.heard == [backup.seq]
+    assert FrameType.ACK in link.kinds("backup", mark["backup"])
+
+    link.reset()  # the pair syncs again (a skip): the stream heard so far ends there
+    link.fire("primary", RETRY)
+    assert tap.heard[-1] == "the backup's data changed by a sync"
