@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from pbkv.testing.members import LocalMembers
-from tests.etcd.test_failover import Writer, check_no_loss, start_three
+from tests.support.failover import Writer, check_no_loss, start_three
 
 
 @pytest.fixture

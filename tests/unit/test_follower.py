@@ -64,7 +64,7 @@ class Pair:
                 moved = True
             if not moved:
                 return
-        raise AssertionError("the pair never settled")
+        raise AssertionError("the ends never settled")
 
     def batch(self, ops: list[str | None]) -> Batch:
         """A batch the source's backup applies and forwards."""
@@ -75,62 +75,62 @@ class Pair:
         return frame
 
 
-def assert_holds_source_data(pair: Pair) -> None:
-    target = pair.target
-    assert dict(target.store.items()) == dict(pair.store.items())
-    assert target.store.checksum == pair.store.checksum
-    assert (target.seq, target.history) == (pair.seq, pair.history)
+def assert_holds_source_data(ends: Pair) -> None:
+    target = ends.target
+    assert dict(target.store.items()) == dict(ends.store.items())
+    assert target.store.checksum == ends.store.checksum
+    assert (target.seq, target.history) == (ends.seq, ends.history)
 
 
 def test_a_follower_installs_the_copy_then_applies_the_stream() -> None:
     target = spare_core()
-    target.store.put("old", "pair")  # whatever the spare held goes
-    pair = Pair(target)
-    pair.run()
+    target.store.put("old", "ends")  # whatever the spare held goes
+    ends = Pair(target)
+    ends.run()
 
-    assert pair.follower.step is FollowStep.FOLLOWING and pair.follower.closed is None
-    assert pair.source.step is SourceStep.FORWARDING and pair.source.member.startswith("127.0.0.3")
-    assert_holds_source_data(pair)
+    assert ends.follower.step is FollowStep.FOLLOWING and ends.follower.closed is None
+    assert ends.source.step is SourceStep.FORWARDING and ends.source.member.startswith("127.0.0.3")
+    assert_holds_source_data(ends)
     assert not target.confirmed and target.copy_epoch == 0  # never trusted as a copy
-    assert pair.follower.discard  # the old pairs, dropped gradually by the driver
+    assert ends.follower.discard  # the old pairs, dropped gradually by the driver
 
-    pair.batch(["key1", "changed", "new", "pair"])
-    pair.batch(["key2", None])
-    pair.run()
-    assert_holds_source_data(pair)
-    assert pair.follower.batches_applied == 2 and pair.follower.lag == 0
+    ends.batch(["key1", "changed", "new", "ends"])
+    ends.batch(["key2", None])
+    ends.run()
+    assert_holds_source_data(ends)
+    assert ends.follower.batches_applied == 2 and ends.follower.lag == 0
 
 
 def test_batches_applied_while_the_copy_is_on_its_way_wait_then_follow_in_order() -> None:
-    pair = Pair(spare_core())
-    for data in pair.follower.take():
-        pair.source.received(1.0, data)
-    for data in pair.source.take():
-        pair.follower.received(1.0, data)
-    for data in pair.follower.take():
-        pair.source.received(1.0, data)
-    assert pair.source.wants_copy
-    pair.source.start(pair.store.copy(), pair.seq, pair.history, 3, 1.0)
-    pair.batch(["late", "write"])  # applied after the copy was taken
-    assert len(pair.source.waiting) == 1
-    pair.run()
-    assert_holds_source_data(pair)
+    ends = Pair(spare_core())
+    for data in ends.follower.take():
+        ends.source.received(1.0, data)
+    for data in ends.source.take():
+        ends.follower.received(1.0, data)
+    for data in ends.follower.take():
+        ends.source.received(1.0, data)
+    assert ends.source.wants_copy
+    ends.source.start(ends.store.copy(), ends.seq, ends.history, 3, 1.0)
+    ends.batch(["late", "write"])  # applied after the copy was taken
+    assert len(ends.source.waiting) == 1
+    ends.run()
+    assert_holds_source_data(ends)
 
 
 def test_a_follower_with_another_secret_gets_nothing() -> None:
     target = spare_core()
-    pair = Pair(target, secret="another-secret")
-    pair.run()
-    assert pair.follower.closed == "the source did not prove the secret"
+    ends = Pair(target, secret="another-secret")
+    ends.run()
+    assert ends.follower.closed == "the source did not prove the secret"
     assert len(target.store) == 0 and target.seq == 0
 
 
 def test_a_source_takes_nothing_from_its_follower_past_the_name() -> None:
-    pair = Pair(spare_core())
-    pair.run()
-    codec = pair.follower.codec  # keyed: the follower's own frames would verify
-    pair.source.received(1.0, codec.encode(Hello("backup", True, 0, 0, 99, 1, (), 0, "", False)))
-    assert pair.source.closed is not None and "unexpected HELLO" in pair.source.closed
+    ends = Pair(spare_core())
+    ends.run()
+    codec = ends.follower.codec  # keyed: the follower's own frames would verify
+    ends.source.received(1.0, codec.encode(Hello("backup", True, 0, 0, 99, 1, (), 0, "", False)))
+    assert ends.source.closed is not None and "unexpected HELLO" in ends.source.closed
 
 
 def test_a_source_refuses_frames_before_the_proofs() -> None:
@@ -141,75 +141,75 @@ def test_a_source_refuses_frames_before_the_proofs() -> None:
 
 def test_the_follower_stops_once_the_spares_replication_channel_is_up() -> None:
     target = spare_core()
-    pair = Pair(target)
-    pair.run()
+    ends = Pair(target)
+    ends.run()
     target.channel_up = True  # a primary connected: it decides what the spare holds
     before = dict(target.store.items())
-    pair.batch(["key1", "changed"])
-    pair.run()
-    assert pair.follower.closed is not None and "replication channel is up" in pair.follower.closed
+    ends.batch(["key1", "changed"])
+    ends.run()
+    assert ends.follower.closed is not None and "replication channel is up" in ends.follower.closed
     assert dict(target.store.items()) == before
 
 
 def test_the_follower_stops_once_the_spares_data_changed_otherwise() -> None:
     target = spare_core()
-    pair = Pair(target)
-    pair.run()
+    ends = Pair(target)
+    ends.run()
     target.store.put("written", "by a primary's sync meanwhile")
-    pair.batch(["key1", "changed"])
-    pair.run()
-    assert pair.follower.closed is not None and "changed otherwise" in pair.follower.closed
+    ends.batch(["key1", "changed"])
+    ends.run()
+    assert ends.follower.closed is not None and "changed otherwise" in ends.follower.closed
     assert target.store.get("key1") == "value 1"
 
 
 def test_a_spare_holding_a_confirmed_copy_keeps_it() -> None:
     target = spare_core()
     target.confirmed = True
-    target.store.put("confirmed", "pair")
-    pair = Pair(target)
-    pair.run()
-    assert pair.follower.closed is not None and "confirmed copy" in pair.follower.closed
-    assert dict(target.store.items()) == {"confirmed": "pair"}
+    target.store.put("confirmed", "ends")
+    ends = Pair(target)
+    ends.run()
+    assert ends.follower.closed is not None and "confirmed copy" in ends.follower.closed
+    assert dict(target.store.items()) == {"confirmed": "ends"}
 
 
 def test_a_gap_in_the_stream_closes_the_source() -> None:
-    pair = Pair(spare_core())
-    pair.run()
-    pair.source.forward(Batch(pair.seq + 2, ["k", "v"], 0, []), 1.0)
-    assert pair.source.closed is not None and "gap" in pair.source.closed
+    ends = Pair(spare_core())
+    ends.run()
+    ends.source.forward(Batch(ends.seq + 2, ["k", "v"], 0, []), 1.0)
+    assert ends.source.closed is not None and "gap" in ends.source.closed
 
 
 def test_a_follower_that_lags_past_the_bound_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(follower_module, "FOLLOW_QUEUE_BYTES", 1000)
-    pair = Pair(spare_core())
-    for data in pair.follower.take():
-        pair.source.received(1.0, data)
-    for data in pair.source.take():
-        pair.follower.received(1.0, data)
-    for data in pair.follower.take():
-        pair.source.received(1.0, data)
-    pair.source.start(pair.store.copy(), pair.seq, pair.history, 3, 1.0)
+    ends = Pair(spare_core())
+    for data in ends.follower.take():
+        ends.source.received(1.0, data)
+    for data in ends.source.take():
+        ends.follower.received(1.0, data)
+    for data in ends.follower.take():
+        ends.source.received(1.0, data)
+    ends.source.start(ends.store.copy(), ends.seq, ends.history, 3, 1.0)
     for i in range(20):  # the copy is not sent yet: the batches wait, up to the bound
-        pair.batch([f"k{i}", "v" * 100])
-    assert pair.source.closed is not None and "lags" in pair.source.closed
+        ends.batch([f"k{i}", "v" * 100])
+    assert ends.source.closed is not None and "lags" in ends.source.closed
 
 
 def test_a_silent_source_is_given_up() -> None:
-    pair = Pair(spare_core())
-    pair.run()
-    pair.follower.tick(1.0 + settings().peer_timeout + 0.1)
-    assert pair.follower.closed is not None and "silent" in pair.follower.closed
+    ends = Pair(spare_core())
+    ends.run()
+    ends.follower.tick(1.0 + settings().peer_timeout + 0.1)
+    assert ends.follower.closed is not None and "silent" in ends.follower.closed
 
 
 def test_a_corrupted_frame_closes_the_follower() -> None:
     target = spare_core()
-    pair = Pair(target)
-    for data in pair.follower.take():
-        pair.source.received(1.0, data)
-    data = bytearray(b"".join(pair.source.take()))
+    ends = Pair(target)
+    for data in ends.follower.take():
+        ends.source.received(1.0, data)
+    data = bytearray(b"".join(ends.source.take()))
     data[-1] ^= 1
-    pair.follower.received(1.0, bytes(data))
-    assert pair.follower.closed is not None and "bad frame" in pair.follower.closed
+    ends.follower.received(1.0, bytes(data))
+    assert ends.follower.closed is not None and "bad frame" in ends.follower.closed
 
 
 def test_the_follower_opens_with_its_challenge() -> None:
