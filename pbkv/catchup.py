@@ -48,10 +48,12 @@ class Applied:
         return State(self.seq - 1, self.checksum_before, self.count_before)
 
 
-def batch_size(ops: list[str | None], keyed: list[Any]) -> int:
-    text = sum(len(item) for item in ops if item is not None)
-    text += sum(len(item) for item in keyed if isinstance(item, str))
-    return text + ENTRY_OVERHEAD * (1 + len(ops) // 2 + len(keyed) // 4)
+def batch_size(ops: list[str | None], keyed: list[Any], chars: int | None = None) -> int:
+    """Bytes a batch holds, roughly; ``chars``: its text's length, when known."""
+    if chars is None:
+        chars = sum(len(item) for item in ops if item is not None)
+        chars += sum(len(item) for item in keyed if isinstance(item, str))
+    return chars + ENTRY_OVERHEAD * (1 + len(ops) // 2 + len(keyed) // 4)
 
 
 class AppliedRecord:
@@ -81,8 +83,10 @@ class AppliedRecord:
         checksum_before: int,
         count_before: int,
         after: State,
+        chars: int | None = None,
     ) -> None:
-        """Batch ``seq`` led from (``checksum_before``, ``count_before``) to ``after``."""
+        """Batch ``seq`` led from (``checksum_before``, ``count_before``) to ``after``
+        (``chars``: the length of its text, when the caller knows it)."""
         if not self.max_bytes:
             return
         entries = self.entries
@@ -94,7 +98,7 @@ class AppliedRecord:
         ):
             self.clear()  # not where the last one left the data: it cannot lead here
         entry = Applied(
-            seq, ops, time, keyed, checksum_before, count_before, batch_size(ops, keyed)
+            seq, ops, time, keyed, checksum_before, count_before, batch_size(ops, keyed, chars)
         )
         entries.append(entry)
         self.size += entry.size

@@ -493,15 +493,7 @@ class PrimaryCore(ReplicationCore):
         store.apply(ops)
         keyed = batch.keyed
         store.idempotency.apply(batch.time, keyed)  # as the backup did: both expire alike
-        self.applied_record.applied(
-            seq,
-            ops,
-            batch.time,
-            keyed,
-            checksum_before,
-            count_before,
-            State(seq, store.checksum, len(store)),
-        )
+        self._record_applied(batch, checksum_before, count_before)
         if keyed:
             for ident in keyed[0::4]:
                 self.keyed.pop(ident, None)
@@ -518,6 +510,21 @@ class PrimaryCore(ReplicationCore):
         self._answer(batch)
         self.flush(self.now)
         return Step.STREAMING
+
+    def _record_applied(self, batch: Batch, checksum_before: int, count_before: int) -> None:
+        """Keep the batch just applied for a member that lags (``catchup.py``)."""
+        store = self.store
+        after = State(batch.seq, store.checksum, len(store))
+        self.applied_record.applied(
+            batch.seq,
+            batch.ops,
+            batch.time,
+            batch.keyed,
+            checksum_before,
+            count_before,
+            after,
+            batch.chars,
+        )
 
     def _rewind(self, reason: str) -> None:
         """Fail every write not yet acknowledged; the store never saw them."""
