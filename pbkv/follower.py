@@ -136,8 +136,14 @@ class Source:
         self.waiting: deque[Batch] = deque()  # applied while the copy is on its way
         self.waiting_bytes = 0
         self.last_sent = now
+        self.opened_at = now
         self.epoch = 0
         self.member = ""  # the follower's member name, from its HELLO
+
+    @property
+    def proven(self) -> bool:
+        """The follower proved the secret and named itself."""
+        return self.step in (SourceStep.SENDING_COPY, SourceStep.FORWARDING)
 
     @property
     def wants_copy(self) -> bool:
@@ -229,8 +235,10 @@ class Source:
         if self.waiting_bytes > FOLLOW_QUEUE_BYTES:
             self.close(f"the follower lags by over {FOLLOW_QUEUE_BYTES} bytes of batches")
 
-    def tick(self, now: float, interval: float) -> None:
-        if self.step is SourceStep.FORWARDING and now - self.last_sent >= interval * 0.9:
+    def tick(self, now: float, interval: float, timeout: float) -> None:
+        if not self.proven and now - self.opened_at > timeout:
+            self.close(f"no proof within {timeout}s")
+        elif self.step is SourceStep.FORWARDING and now - self.last_sent >= interval * 0.9:
             self._send(Heartbeat(self.seq, epoch=self.epoch), now)
 
     def take(self) -> list[bytes]:

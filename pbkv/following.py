@@ -162,7 +162,7 @@ class Following:
         now = time.monotonic()
         interval = self.settings.heartbeat_interval
         for channel, source in list(self.sources.items()):
-            source.tick(now, interval)
+            source.tick(now, interval, self.settings.peer_timeout)
             self._write(channel, source)
         follower = self.follower
         if follower is not None:
@@ -185,6 +185,14 @@ class Following:
         """A follow channel was upgraded to: serve it if we are a backup with a
         confirmed copy (a follower's copy is not to be followed)."""
         core = self.node.core
+        if len(self.sources) >= MAX_FOLLOWERS:
+            # Room for a newcomer only in place of the oldest that has not proved
+            # the secret yet: unproven channels cannot keep followers out.
+            unproven = [channel for channel, each in self.sources.items() if not each.proven]
+            if unproven:
+                source = self.sources[unproven[0]]
+                source.close("over the followers allowed at once: the oldest unproven closes")
+                self._write(unproven[0], source)
         if (
             not self.enabled
             or not isinstance(core, BackupCore)

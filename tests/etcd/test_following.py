@@ -9,12 +9,15 @@ resume, no acknowledged write is lost and no refused write is visible.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from pbkv import auth
 from pbkv.testing.members import LocalMembers
+from pbkv.wire import UPGRADE_TOKEN, AuthChallenge, AuthProof, AuthResponse, Frame, FrameCodec
 from tests.support.failover import Writer, check_no_loss, start_three
 
 
@@ -100,3 +103,43 @@ def test_a_killed_spare_follows_again_after_a_restart(members) -> None:
             assert time.monotonic() < deadline
             time.sleep(0.05)
     assert members.status(spare)["follow_copies_installed"] == 1
+
+
+def test_an_outsider_without_the_secret_gets_nothing_from_the_backup(members) -> None:
+    """A forged follower (pbkv's code, not the secret) is closed after its proof
+    fails: no HELLO, no copy, and the backup's data and stream are untouched."""
+    primary = start_three(members)
+    with members.client(primary) as client:
+        for i in range(50):  # a copy would be far larger than a refusal
+            assert client.insert(f"k{i}", "v" * 100)
+    _, backup, _ = roles(members)
+    before = members.status(backup)
+    assert before is not None
+    outsider = socket.create_connection(members.addresses[backup], timeout=10)
+    host, port = members.addresses[backup]
+    outsider.sendall(
+        b"GET /kvrepl/follow HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: %s\r\n"
+        b"Connection: Upgrade\r\n\r\n" % (host.encode(), port, UPGRADE_TOKEN)
+    )
+    codec = FrameCodec()
+    nonce = auth.new_nonce()
+    outsider.sendall(codec.encode(AuthChallenge(nonce)))
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += outsider.recv(4096)
+    head, rest = received.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 101")
+    frames: list[Frame] = []
+    while not frames:
+        frames = codec.feed(rest)
+        rest = b"" if frames else rest + outsider.recv(4096)
+    assert isinstance(frames[0], AuthResponse)
+    outsider.sendall(codec.encode(AuthProof(bytes(32))))  # a proof without the secret
+    tail = b""
+    while chunk := outsider.recv(65536):
+        tail += chunk
+    outsider.close()
+    assert len(tail) < 1024, "the backup sent data to an unproven follower"
+    after = members.status(backup)
+    assert after is not None and after["followers"] == before["followers"]
+    assert after["confirmed"] and after["stage"] == "in_sync"

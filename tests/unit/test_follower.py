@@ -133,6 +133,14 @@ def test_a_source_takes_nothing_from_its_follower_past_the_name() -> None:
     assert ends.source.closed is not None and "unexpected HELLO" in ends.source.closed
 
 
+def test_a_source_closes_a_channel_that_does_not_prove_the_secret_in_time() -> None:
+    source = Source(SECRET, 2, 0.0)
+    source.tick(1.0, 0.2, 2.0)
+    assert source.closed is None
+    source.tick(2.5, 0.2, 2.0)
+    assert source.closed is not None and "no proof" in source.closed
+
+
 def test_a_source_refuses_frames_before_the_proofs() -> None:
     source = Source(SECRET, 2, 0.0)
     source.received(0.0, FrameCodec().encode(Hello("backup", True, 0, 0, 0, 1, (), 0, "", False)))
