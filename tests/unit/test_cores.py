@@ -2726,3 +2726,25 @@ def test_a_backup_tells_its_followers_of_each_batch_after_its_ack_and_of_each_sy
     link.reset()  # the pair syncs again (a skip): the stream heard so far ends there
     link.fire("primary", RETRY)
     assert tap.heard[-1] == "the backup's data changed by a sync"
+
+
+def test_a_member_holding_the_primarys_very_data_unconfirmed_is_caught_up_by_no_batch(
+    link: Link,
+) -> None:
+    """A spare that followed the backup up to its last batch: nothing to send, and no
+    full transfer either."""
+    primary, backup = in_sync_pair(link, {"a": "1", "b": "2"})
+    same = copy_of(backup)
+    link.kill("backup")
+    mark = link.mark()
+
+    backup = start_behind(link, same, confirmed=False)
+    link.fire("primary", RETRY)
+
+    sent = link.kinds("primary", mark["primary"])
+    assert FrameType.CATCHUP in sent and FrameType.SNAPSHOT_BEGIN not in sent
+    assert FrameType.BATCH not in sent
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert backup.confirmed and backup.catchups == 1
+    assert link.write(INSERT, "c", "3") == Done(True)
+    assert_same_data(primary, backup)

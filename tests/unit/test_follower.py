@@ -263,3 +263,23 @@ def test_a_promoted_member_brings_its_follower_in_sync_first() -> None:
     assert glue.choose_backup(own, registered) == ("10.0.0.1", 7000)  # by registration
     glue = membership(LeaderRole.PRIMARY, Leader(BACKUP, 6), SyncRecord(5, BACKUP))
     assert glue.choose_backup(own, registered, frozenset({ME})) == ("10.0.0.3", 7000)
+
+
+def test_a_copy_other_than_the_hello_announced_is_not_installed() -> None:
+    target = spare_core()
+    target.store.put("kept", "pair")
+    ends = Pair(target)
+    for data in ends.follower.take():
+        ends.source.received(1.0, data)
+    for data in ends.source.take():
+        ends.follower.received(1.0, data)
+    for data in ends.follower.take():
+        ends.source.received(1.0, data)
+    copy = ends.store.copy()
+    ends.source.start(copy, ends.seq, ends.history, 3, 1.0)
+    copy.put("extra", "pair")  # the copy sent is not the one its HELLO described
+    ends.run()
+    assert ends.follower.closed is not None and "not what its HELLO announced" in (
+        ends.follower.closed
+    )
+    assert dict(target.store.items()) == {"kept": "pair"} and target.seq == 0
