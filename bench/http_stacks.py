@@ -58,7 +58,7 @@ KEY = "k"
 VALUE = "v"
 STORE = {KEY: VALUE}
 PATH = "/kv/get"
-CONNECTIONS = 50
+CONNECTIONS = 64  # as bench.compare's highest count, where the issue's targets are set
 SERVER_CPU = 0
 LOAD_CPU = 1
 START_TIMEOUT = 30.0
@@ -259,11 +259,11 @@ def missing(stack: Stack) -> str | None:
     return f"not installed: pip install {' '.join(absent)}" if absent else None
 
 
-def version(dist: str) -> str:
+def version(dist: str, pbkv_root: Path = REPO) -> str:
     if dist == "pbkv":
         from bench.servers import pbkv_revision
 
-        return pbkv_revision()
+        return pbkv_revision(pbkv_root)
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -363,8 +363,9 @@ def _answers(port: int) -> bool:
 class Server:
     """One stack's server: start, the pid to pin and measure, stop."""
 
-    def __init__(self, stack: str, workdir: Path, cpu: int) -> None:
+    def __init__(self, stack: str, workdir: Path, cpu: int, pbkv_root: Path = REPO) -> None:
         self.stack = stack
+        self.pbkv_root = pbkv_root  # whose pbkv the "pbkv" stack runs
         self.cpu = cpu
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
@@ -377,7 +378,7 @@ class Server:
         from bench.servers import Pbkv, free_port
 
         if self.stack == "pbkv":
-            self.pbkv = Pbkv(self.workdir, "pbkv", standalone=True)
+            self.pbkv = Pbkv(self.workdir, "pbkv", standalone=True, root=self.pbkv_root)
             self.port = self.pbkv.port
             self.pbkv.start("primary", wait=START_TIMEOUT)
             pid = self.pbkv.pid("primary")
@@ -458,15 +459,18 @@ class Row:
     requests: int = 0
     errors: int = 0  # HTTP errors, lost connections, wrong values
     server_cpu_pct: float = 0.0  # of its one core, over the measured window
+    server_us_per_request: float = 0.0  # its CPU time over the requests it served
     load_cpu_pct: float = 0.0
     server_cores: list[int] = field(default_factory=list)
 
 
-def _measure(port: int, pid: int, duration: float, warmup: float) -> dict[str, Any]:
+def _measure(
+    port: int, pid: int, duration: float, warmup: float, connections: int
+) -> dict[str, Any]:
     from bench.loadgen import GET, get_request, run_ops
 
     op = (GET, get_request(f"{HOST}:{port}".encode(), KEY), VALUE)
-    streams = [itertools.repeat(op) for _ in range(CONNECTIONS)]
+    streams = [itertools.repeat(op) for _ in range(connections)]
 
     def sample() -> tuple[float, float, float]:
         return time.perf_counter(), cpu_seconds(pid), time.process_time()
@@ -483,28 +487,38 @@ def _measure(port: int, pid: int, duration: float, warmup: float) -> dict[str, A
 
     result, (wall_before, server_before, load_before) = uvloop.run(load())
     wall = max(time.perf_counter() - wall_before, 1e-9)
+    server_seconds = cpu_seconds(pid) - server_before
     return {
         "throughput": result.throughput,
         "p50_ms": result.p50_ms,
         "p99_ms": result.p99_ms,
         "requests": result.requests,
         "errors": result.errors + result.failed + result.mismatches,
-        "server_cpu_pct": 100 * (cpu_seconds(pid) - server_before) / wall,
+        "server_cpu_pct": 100 * server_seconds / wall,
+        "server_us_per_request": 1e6 * server_seconds / max(result.requests, 1),
         "load_cpu_pct": 100 * (time.process_time() - load_before) / wall,
     }
 
 
-def run_stack(stack: Stack, duration: float, warmup: float, workdir: Path, cpu: int) -> Row:
-    row = Row(stack.name, stack.label, version(stack.version_of), "ok")
+def run_stack(
+    stack: Stack,
+    duration: float,
+    warmup: float,
+    workdir: Path,
+    cpu: int,
+    connections: int,
+    pbkv_root: Path = REPO,
+) -> Row:
+    row = Row(stack.name, stack.label, version(stack.version_of, pbkv_root), "ok")
     why = missing(stack)
     if why is not None:
         row.status, row.reason = "skipped", why
         return row
-    server = Server(stack.name, workdir, cpu)
+    server = Server(stack.name, workdir, cpu, pbkv_root)
     try:
         pid = server.start()
         row.server_cores = cores_of(pid)
-        for key, value in _measure(server.port, pid, duration, warmup).items():
+        for key, value in _measure(server.port, pid, duration, warmup, connections).items():
             setattr(row, key, value)
         if row.throughput <= 0:
             row.status, row.reason = "failed", "no replies"
@@ -548,13 +562,14 @@ def _fmt(row: Row) -> list[str]:
         f"{row.p99_ms:.2f}",
         ratio,
         f"{row.server_cpu_pct:.0f}%",
+        f"{row.server_us_per_request:.1f}",
         f"{row.load_cpu_pct:.0f}%",
         str(row.errors),
     ]
 
 
-HEADER = ["stack", "version", "req/s", "p50 ms", "p99 ms", "vs bare", "server CPU", "load CPU"]
-HEADER += ["errors"]
+HEADER = ["stack", "version", "req/s", "p50 ms", "p99 ms", "vs bare", "server CPU"]
+HEADER += ["us/req", "load CPU", "errors"]
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -584,7 +599,7 @@ def report(rows: Sequence[Row], meta: dict[str, Any]) -> str:
     legend = (
         "vs bare: requests/s over the bare protocol's. CPU: percent of one core over the "
         "measured window;\na load generator near 100% means the server could go faster "
-        "than measured."
+        "than measured. us/req: the server's CPU time per request served."
     )
     names = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
     return f"{head}\n{table(rows)}\n\n{legend}\nversions: {names}"
@@ -618,6 +633,13 @@ def _parser() -> argparse.ArgumentParser:
         default=list(BY_NAME),
         help=f"comma-separated, from {','.join(BY_NAME)} (default: all)",
     )
+    ap.add_argument("--connections", type=int, default=CONNECTIONS, help=f"default {CONNECTIONS}")
+    ap.add_argument(
+        "--pbkv-checkout",
+        type=Path,
+        default=REPO,
+        help="run this checkout's pbkv as the pbkv stack (e.g. a previous commit's worktree)",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--serve", choices=[s.name for s in STACKS if s.name != "pbkv"],
                     help=argparse.SUPPRESS)  # fmt: skip
@@ -642,7 +664,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="http-stacks-") as tmp:
         for name in args.stacks:
-            rows.append(run_stack(BY_NAME[name], args.duration, warmup, Path(tmp), server_cpu))
+            stack = BY_NAME[name]
+            rows.append(
+                run_stack(
+                    stack,
+                    args.duration,
+                    warmup,
+                    Path(tmp),
+                    server_cpu,
+                    args.connections,
+                    args.pbkv_checkout.resolve(),
+                )
+            )
             _progress(rows[-1], quiet=args.json)
     bare = next((r for r in rows if r.stack == "bare" and r.status == "ok"), None)
     for r in rows:
@@ -650,7 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             r.ratio = r.throughput / bare.throughput
     meta = {
         "request": f"GET {PATH}?key={KEY}",
-        "connections": CONNECTIONS,
+        "connections": args.connections,
         "duration": args.duration,
         "warmup": warmup,
         "server_cpu": server_cpu,

@@ -60,14 +60,14 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, step: floa
 # ---------------------------------------------------------------- pbkv
 
 
-def pbkv_revision() -> str:
+def pbkv_revision(root: Path = REPO) -> str:
     """The commit measured, marked when pbkv/ has uncommitted changes."""
     try:
         rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "pbkv"], cwd=REPO, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--", "pbkv"], cwd=root, capture_output=True, text=True
         ).stdout.strip()
     except OSError:
         return "unknown"

@@ -31,6 +31,8 @@ from pbkv.config import Settings
 from pbkv.core import ReplicationCore
 from pbkv.idempotency import TableUndo
 from pbkv.limits import LogThrottle
+from pbkv.persist.log import Record
+from pbkv.persist.table import batch_of
 from pbkv.stages import Copy, Directive, Event, Resync, Role, Stage, State, Step, refusal
 from pbkv.store import ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
@@ -83,8 +85,8 @@ class BatchTap(Protocol):
 
 
 def _undo_size(ops: list[str | None], olds: list[str | None]) -> int:
-    text = sum(len(item) for item in ops if item is not None)
-    text += sum(len(old) for old in olds if old is not None)
+    # In C loops (a load's batches hold thousands of pairs): None counts as empty.
+    text = sum(map(len, filter(None, ops))) + sum(map(len, filter(None, olds)))
     return text + 100 * len(olds)  # object and list overheads, roughly
 
 
@@ -293,29 +295,41 @@ class BackupCore(ReplicationCore):
         if seq != self.seq + 1:
             self.lose_channel(f"batch {seq} out of order (expected {self.seq + 1})")
             return Step.NONE
-        store, ops = self.store, frame.ops
-        if self.settings.undo_bytes:
-            checksum, count = store.checksum, len(store)
-            olds = store.apply_recording(ops)
-            table = store.idempotency.apply(frame.time, frame.keyed, record=True)
-            size = _undo_size(ops, olds) + (0 if table is None else table.size)
-            entry = Undo(seq, ops, olds, checksum, count, size, frame.time, frame.keyed, table)
-            self.undo.append(entry)
-            self.undo_size += entry.size
-            while self.undo and (
-                self.undo_size > self.settings.undo_bytes or len(self.undo) > MAX_UNDO_POINTS
-            ):
-                self.undo_size -= self.undo.popleft().size
-        else:
-            store.apply(ops)
-            store.idempotency.apply(frame.time, frame.keyed)
+        self._apply(seq, frame.ops, frame.time, frame.keyed)
         self.seq = seq
-        self.persist_batch(seq, ops)  # before the ACK: it waits for the record to be durable
+        # Before the ACK: it waits for the record to be durable.
+        self.persist_batch(seq, frame.ops, frame.time, frame.keyed)
         self.batches_applied += 1
         self.send(Ack(seq, epoch=self.epoch))
         if self.tap is not None:
             self.tap.applied(frame)
         return Step.STREAMING
+
+    def _apply(self, seq: int, ops: list[str | None], time: int, keyed: list[Any]) -> None:
+        """Apply batch ``seq`` to the store and the table, keeping what undoes it."""
+        store = self.store
+        if not self.settings.undo_bytes:
+            store.apply(ops)
+            store.idempotency.apply(time, keyed)
+            return
+        checksum, count = store.checksum, len(store)
+        olds = store.apply_recording(ops)
+        table = store.idempotency.apply(time, keyed, record=True)
+        size = _undo_size(ops, olds) + (0 if table is None else table.size)
+        entry = Undo(seq, ops, olds, checksum, count, size, time, keyed, table)
+        self.undo.append(entry)
+        self.undo_size += entry.size
+        while self.undo and (
+            self.undo_size > self.settings.undo_bytes or len(self.undo) > MAX_UNDO_POINTS
+        ):
+            self.undo_size -= self.undo.popleft().size
+
+    def recovered_batch(self, record: Record) -> None:
+        """A batch of our log that followed the last sync, applied at start as it was
+        when it arrived: our undo record is then what it was (within its bounds), so
+        a primary whose copy lacks these batches can have us undo them."""
+        time, keyed = batch_of(record.extra)
+        self._apply(record.seq, record.ops, time, keyed)
 
     def _undo_batches(self, steps: list[Undo]) -> None:
         store = self.store
@@ -339,6 +353,8 @@ class BackupCore(ReplicationCore):
         if refused is not None:
             self.fail_transfer(refused)
             return Step.NONE
+        if self.stage is Stage.COLD_START:  # a recovered copy, before our probe answered
+            self.fire(Event.PRIMARY_RUNNING, "the primary rolls back our recovered copy")
         # The record holds every batch after the target: consecutive, ending at our seq.
         steps = [entry for entry in self.undo if entry.seq > target]
         store = self.store
@@ -404,7 +420,7 @@ class BackupCore(ReplicationCore):
         self.store.apply(frame.ops)
         self.store.idempotency.apply(frame.time, frame.keyed)
         self.seq = seq
-        self.persist_batch(seq, frame.ops)
+        self.persist_batch(seq, frame.ops, frame.time, frame.keyed)
         if seq < target.seq:
             return Step.CATCHING_UP
         return self._caught_up()

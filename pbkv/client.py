@@ -16,13 +16,17 @@ call (see :class:`Client`).
 **Safe retries.** By default every write carries an ``Idempotency-Key`` of its own,
 the same on each of its attempts. The server applies a key's write once and answers
 a retry with the first reply, so a keyed write is also sent again after a lost
-reply (:class:`OutcomeUnknown`) or "replication failed", with back-off, until the
-deadline (``failover``, also called ``retry_for``; with one server a keyed write
-follows a primary a refusal names). Only when the deadline passes is an error
-raised: if any attempt may have been applied, that attempt's (``OutcomeUnknown``,
-or ``ReplicationFailed``), else the last. With ``idempotency_keys=False`` a write
-is sent again only when it certainly never reached a primary; see the rule in
-:class:`Client`.
+reply (:class:`OutcomeUnknown`), "replication failed" or a reply that it did not
+reach the disk (:class:`NotDurable`), with back-off, until the deadline
+(``failover``, also called ``retry_for``; with one server a keyed write follows a
+primary a refusal names). Only when the deadline passes is an error raised, and it
+says what is known of the write (``_report``): :class:`OutcomeUnknown` if an attempt
+went out and was never answered (it may still be applied, later or elsewhere);
+else the last :class:`ReplicationFailed` or :class:`NotDurable` (rewound or not
+acknowledged by the primary that answered, present only in the rare case its
+class describes); else, when every attempt was refused, the last refusal (nothing
+was applied). With ``idempotency_keys=False`` a write is sent again only when it
+certainly never reached a primary; see the rule in :class:`Client`.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ __all__ = [
     "AsyncClient",
     "BadRequest",
     "Client",
+    "NotDurable",
     "NotPrimary",
     "OutcomeUnknown",
     "PbkvError",
@@ -119,6 +124,13 @@ class Unavailable(PbkvError):
         self.retry_after = retry_after
 
 
+class NotDurable(Unavailable):
+    """503 "disk error: the write did not reach this server's disk": the primary (with
+    ``persistence`` set) applied the write in memory, but its record did not reach its
+    disk, so it was not acknowledged; it may or may not survive (the backup may hold
+    it). Like :class:`ReplicationFailed`, its outcome is not known to be nothing."""
+
+
 class NotPrimary(Unavailable):
     """The server is not the primary (a backup refusing a write, or a member refusing
     any request): a 503, or in ``http`` mode a 307 to the primary. ``primary`` is the
@@ -156,8 +168,20 @@ def new_idempotency_key() -> str:
 
 def _may_be_applied(exc: BaseException) -> bool:
     """Whether the attempt that raised ``exc`` may have been applied: it was sent in
-    full and no answer came, or the primary rewound it (a refusal applied nothing)."""
-    return isinstance(exc, (OutcomeUnknown, ReplicationFailed))
+    full and no answer came, the primary rewound it, or the primary applied it but not
+    to its disk (a refusal applied nothing)."""
+    return isinstance(exc, (OutcomeUnknown, ReplicationFailed, NotDurable))
+
+
+def _report(held: Exception | None, new: Exception) -> Exception:
+    """Of two attempts that may have been applied (``held`` the earlier one), the one to
+    report if the write ends without an answer: one sent and never answered
+    (``OutcomeUnknown``) may still be applied, later or on another server, whatever
+    later attempts met; a rewind (``ReplicationFailed``, ``NotDurable``) says only
+    that the primary that answered does not hold it."""
+    if isinstance(held, OutcomeUnknown) and not isinstance(new, OutcomeUnknown):
+        return held
+    return new
 
 
 # --- requests and replies (shared by both clients) ----------------------------------------
@@ -223,6 +247,8 @@ def _error(
             message = "unexpected reply"
     if message.startswith("replication failed"):
         return ReplicationFailed(status, message, fields)
+    if status == 503 and message.startswith(_NOT_DURABLE):
+        return NotDurable(status, message, fields, None, _retry_after(retry_after))
     if status in (307, 308) and "primary" not in fields and location:
         # A redirect without pbkv's body (a proxy's?): the primary is where it points.
         primary = urllib.parse.urlsplit(location).netloc
@@ -237,6 +263,10 @@ def _error(
     if 400 <= status < 500:
         return BadRequest(status, message, fields)
     return PbkvError(status, message, fields)
+
+
+# A primary's reply to a write it applied in memory but could not log (pbkv.http.replies).
+_NOT_DURABLE = "disk error: the write did not reach"
 
 
 def _malformed(status: int, body: Any) -> PbkvError:
@@ -634,18 +664,19 @@ def _after_failure(
     exc: Exception, keyed: bool, safe: bool, unknown: Exception | None
 ) -> tuple[Exception, str | None, Exception | None]:
     """What a failed attempt leaves, for both clients' retry loops: the error to report,
-    the primary a refusal named, and the attempt that may have been applied (this one,
-    or ``unknown``, an earlier one). Raises when the call must end now."""
+    the primary a refusal named, and the attempt that may have been applied, to report
+    if the write ends without an answer (``_report`` of this one and ``unknown``, the
+    earlier ones'). Raises when the call must end now."""
     if isinstance(exc, NotPrimary):
         return exc, exc.primary, unknown
+    if _may_be_applied(exc):
+        if not keyed:
+            raise exc
+        return exc, None, _report(unknown, exc)  # its key makes sending it again safe
     if isinstance(exc, Unavailable):  # refused in this stage: nothing was applied
         return exc, None, unknown
     if isinstance(exc, _Unsent):
         return exc.error, None, unknown
-    if isinstance(exc, OutcomeUnknown | ReplicationFailed):
-        if not keyed:
-            raise exc
-        return exc, None, exc  # its key makes sending it again safe
     if isinstance(exc, PbkvError):
         if unknown is not None:  # an earlier attempt may have been applied
             raise unknown from exc
@@ -694,9 +725,11 @@ class Client(_Endpoint):
     turns keys off and the rule above holds): each write carries a fresh key, the
     same on all its attempts, so the server applies it at most once and answers a
     repeat with the first reply. Such a write is also sent again after an
-    :class:`OutcomeUnknown` or :class:`ReplicationFailed`, until the deadline;
-    then, if any attempt may have been applied, that attempt's error is raised
-    (with the last error as ``__cause__``), else the last error. A client of one
+    :class:`OutcomeUnknown`, :class:`ReplicationFailed` or :class:`NotDurable`,
+    until the deadline; then the error raised says what is known (with the last
+    error as ``__cause__`` when it is another): :class:`OutcomeUnknown` if any
+    attempt was sent and never answered, else the last :class:`ReplicationFailed`
+    or :class:`NotDurable`, else the last refusal (nothing was applied). A client of one
     server (``Client(host, port)``) with keys retries its writes there, or at a
     primary a refusal names; its reads are sent once, as before.
 

@@ -22,6 +22,10 @@ class Command(enum.Enum):
     COUNT = "countkey"
     DUMP = "dump"
 
+    # Members are singletons compared by identity: hashed by identity too, in C (Enum's
+    # own __hash__ is Python code, and a request looks its command up several times).
+    __hash__ = object.__hash__
+
     @property
     def is_read(self) -> bool:
         """Reads are answered from the store; every other command is a replicated write."""
@@ -78,6 +82,15 @@ class DiskFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class Loaded:
+    """A chunk of a bulk load acknowledged: ``applied`` pairs written, ``skipped`` left
+    as they were (keys that existed, in insert mode)."""
+
+    applied: int
+    skipped: int
+
+
+@dataclass(frozen=True, slots=True)
 class Counted:
     count: int
 
@@ -98,7 +111,15 @@ class Dumped:
 
 
 Outcome = (
-    Done | Refused | ReplicationFailed | MemoryFull | DiskFailed | KeyReused | Counted | Dumped
+    Done
+    | Refused
+    | ReplicationFailed
+    | MemoryFull
+    | DiskFailed
+    | KeyReused
+    | Counted
+    | Dumped
+    | Loaded
 )
 REPLICATION_FAILED = ReplicationFailed()
 KEY_REUSED = KeyReused()

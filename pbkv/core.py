@@ -50,6 +50,7 @@ from pbkv.commands import Command, Counted, Done, Dumped, MemoryFull, Outcome, R
 from pbkv.config import Settings
 from pbkv.persist.log import Record
 from pbkv.persist.log import State as DiskState
+from pbkv.persist.table import batch_extra
 from pbkv.stages import (
     HANDSHAKES,
     Copy,
@@ -91,6 +92,8 @@ BATCH_CHARS = 1 << 20
 CHUNK_CHARS = 1 << 20
 
 MISS = Done(False, "")
+# The outcome of an insert or update by whether it applies: made once, not per write.
+DONE = {True: Done(True), False: Done(False)}
 
 
 def growth(command: Command, key: str, value: str, current: str | None) -> int:
@@ -308,10 +311,16 @@ class ReplicationCore:
             self.resyncs_partial += 1
 
     # -- persistence (only with ``persistence`` set) ---------------------------------
-    def persist_batch(self, seq: int, ops: list[str | None]) -> None:
-        """Log a batch just applied (before anything that acknowledges it is queued)."""
+    def persist_batch(
+        self, seq: int, ops: list[str | None], time: int, keyed: list[Any] | None
+    ) -> None:
+        """Log a batch just applied, its idempotency entries and time with it (before
+        anything that acknowledges it is queued)."""
         if self.persistent:
-            self.outbox.append(Persist(Record.batch(self.history, seq, self.copy_epoch, ops)))
+            extra = batch_extra(time, keyed)
+            self.outbox.append(
+                Persist(Record.batch(self.history, seq, self.copy_epoch, ops, extra))
+            )
 
     def persist_rollback(self, seq: int) -> None:
         """Log that the batches after ``seq`` were undone."""

@@ -86,7 +86,10 @@ class Member:
         self.address = address
         self.timing = Timing.for_ttl(float(settings.lease_ttl))
         self.leadership = Leadership(self.timing)
-        self.name = member_name("%s:%d" % address, secrets.token_hex(4))
+        run_id = secrets.token_hex(4)
+        if node.persistence is not None:  # restarted from its data: the same member
+            run_id = node.persistence.member_run_id(run_id)
+        self.name = member_name("%s:%d" % address, run_id)
         self.coordinator: Coordinator | None = None
         self.leases: dict[int, Lease] = {}
         self.members: list[MemberInfo] = []

@@ -55,8 +55,11 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def holding_of(core: Core) -> Holding:
-    """What ``core``'s store holds, as the leadership sees it."""
-    return Holding(core.confirmed, core.copy_epoch, core.history, core.seq)
+    """What ``core``'s store holds, as the leadership sees it.  A copy recovered from
+    this member's own disk counts as complete: it is the copy the member held when it
+    stopped (it acknowledged no batch before logging it, and a restarted member keeps
+    its name only with the data it wrote: ``Persistence.member_run_id``)."""
+    return Holding(core.confirmed or core.recovered, core.copy_epoch, core.history, core.seq)
 
 
 class Membership:

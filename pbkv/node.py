@@ -263,7 +263,10 @@ class Node:
             persistence = Persistence(
                 self.settings, self.address, self.loop, self._disk_failed, self._disk_healed
             )
-            state = persistence.recover(store, State(core.history, core.seq, core.copy_epoch))
+            # A backup keeps what undoes the batches after its last sync, as in memory.
+            undoable = core.recovered_batch if isinstance(core, BackupCore) else None
+            fresh = State(core.history, core.seq, core.copy_epoch)
+            state = persistence.recover(store, fresh, undoable)
         except (PersistError, OSError) as exc:
             log.error("%s cannot start: %s", self.role, exc)
             raise SystemExit(1) from None
@@ -511,6 +514,27 @@ class Node:
             return None
         return outcome
 
+    def submit_pairs(self, pairs: list[str], upsert: bool, reply: Reply) -> Outcome | None:
+        """A chunk of a bulk load (``PrimaryCore.submit_pairs``), behind the gates a
+        write passes: the leadership's, the disk's, and durability's answer."""
+        member = self.member
+        if member is not None and not member.may_serve():
+            return self._not_primary()
+        core = self.core
+        if not isinstance(core, PrimaryCore):
+            return Refused(core.stage, core.role, primary=core.primary_address)
+        persistence = self.persistence
+        if persistence is not None:
+            refused = persistence.refusal()
+            if refused is not None:
+                return refused
+            if persistence.always:
+                reply = persistence.durable(reply)
+        outcome = core.submit_pairs(pairs, upsert, reply)
+        if core.outbox:
+            core.drain(self)
+        return outcome
+
     def status(self) -> dict[str, Any]:
         now = self.clock()
         status = self.core.status(now)
@@ -678,6 +702,12 @@ class Node:
             self._spawn(self._pump())
 
     def flush_soon(self) -> None:
+        core = self.core
+        if isinstance(core, PrimaryCore) and not core.in_flight:
+            # Nothing in flight: waiting for the rest of this turn would only delay the
+            # write (one writer waits alone); the writes behind it share the next batch.
+            self._flush()
+            return
         # After the other events of this turn of the loop: they share the batch.
         self.loop.call_soon(self._flush)
 

@@ -18,7 +18,9 @@ Who wins a handshake is ``stages.plan``: this core carries the plan out.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import random
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from pbkv.commands import (
     REPLICATION_FAILED,
     Command,
     Done,
+    Loaded,
     Outcome,
     Refused,
     Reply,
@@ -41,6 +44,7 @@ from pbkv.config import Settings
 from pbkv.core import (
     BATCH_CHARS,
     BATCH_WRITES,
+    DONE,
     MISS,
     ReplicationCore,
     growth,
@@ -66,7 +70,7 @@ from pbkv.stages import (
     WriteRule,
     plan,
 )
-from pbkv.store import ShardedStore
+from pbkv.store import PAIR_OVERHEAD, ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
 from pbkv.wire import (
     Ack,
@@ -92,6 +96,19 @@ from pbkv.wire import (
 log = logging.getLogger(__name__)
 
 
+# From this many ops on (a bulk load's batch), its overlay entries go in C loops.
+_WHOLE_BATCH_OPS = 256
+
+
+def _forget_batch(overlay: dict[str, tuple[str | None, int]], keys: list[Any], seq: int) -> None:
+    """Drop the overlay entries batch ``seq`` made (an entry of a later batch stays)."""
+    popped = list(map(overlay.pop, keys, itertools.repeat(None)))
+    if set(map(operator.itemgetter(1), filter(None, popped))) - {seq}:
+        for key, pending in zip(keys, popped, strict=True):
+            if pending is not None and pending[1] != seq:
+                overlay[key] = pending  # a later write of that key: still in flight
+
+
 @dataclass(slots=True)
 class Batch:
     seq: int = 0
@@ -105,6 +122,9 @@ class Batch:
     # and the table time it carries (set when it is sent).
     keyed: list[Any] = field(default_factory=list)
     time: int = 0
+    # A bulk load's chunk of new keys at the start of ops: the shard of each of its
+    # keys (the store adds them with ``add_new``).
+    new_shards: list[int] | None = None
 
     def full(self) -> bool:
         return (
@@ -336,9 +356,9 @@ class PrimaryCore(ReplicationCore):
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
         if command is Command.INSERT:
-            ok, new, outcome = current is None, value, Done(current is None)
+            ok, new, outcome = current is None, value, DONE[current is None]
         elif command is Command.UPDATE:
-            ok, new, outcome = current is not None, value, Done(current is not None)
+            ok, new, outcome = current is not None, value, DONE[current is not None]
         else:
             ok, new = current is not None, None
             outcome = Done(True, current) if ok else MISS
@@ -366,6 +386,105 @@ class PrimaryCore(ReplicationCore):
             self.flush_pending = True
             self.outbox.append(FlushSoon())
         return None
+
+    def submit_pairs(self, pairs: list[str], upsert: bool, reply: Reply) -> Outcome | None:
+        """A chunk of a bulk load (key, value, key, value, ...; at most ``BATCH_WRITES``
+        pairs, closed past ``BATCH_CHARS`` characters as a batch is): every pair it
+        writes travels in one batch, so the chunk is applied whole or not at all on
+        both servers.  Insert mode (``upsert`` false) leaves a key that holds a value
+        (or that an earlier pair of the chunk wrote) as it is, counted as skipped.
+        An outcome now (a refusal: nothing applied), or None when ``Respond(reply,
+        Loaded(...))`` follows once the backup acknowledged the batch."""
+        if self.machine.acceptance.writes is not WriteRule.REPLICATE:
+            return Refused(self.stage, self.role)
+        overlay = self.overlay
+        keys = pairs[0::2]
+        stored, shards = self.store.lookup(keys)
+        if (
+            stored.count(None) == len(stored)
+            and overlay.keys().isdisjoint(keys)
+            and len(set(keys)) == len(keys)
+        ):
+            # Every key new (a load into an empty key space, the common case): every
+            # pair is written, and nothing needs a look pair by pair.
+            ops: list[str | None] = pairs  # type: ignore[assignment]  # str is a str | None
+            skipped = 0
+            chars = sum(map(len, pairs))
+            grows = chars + PAIR_OVERHEAD * len(keys)
+            new_shards: list[int] | None = shards
+        else:
+            new_shards = None
+            pendings = list(map(overlay.get, keys))
+            ops, grows, skipped, chars = self._chunk_writes(pairs, stored, pendings, upsert)
+        if self.max_memory:
+            full = self.over_memory(grows)
+            if full is not None:
+                return full
+        outcome = Loaded(len(ops) // 2, skipped)
+        if self.standalone:
+            self.store.apply(ops)
+            return outcome
+        queued = self.queued[-1]
+        if (
+            ops
+            and queued.ops
+            and (
+                queued.keyed
+                or len(queued.ops) + len(ops) > 2 * BATCH_WRITES
+                or queued.chars + chars > BATCH_CHARS
+            )
+        ):
+            queued = Batch()
+            self.queued.append(queued)
+        if ops:
+            if not queued.ops:
+                queued.new_shards = new_shards
+            queued.ops += ops
+            queued.chars += chars
+            queued.grows += grows
+            self.pending_write_bytes += grows
+            seq = self.sent_seq + len(self.queued)
+            entries = zip(ops[1::2], itertools.repeat(seq))
+            overlay.update(zip(ops[0::2], entries, strict=True))  # type: ignore[arg-type]
+        # (With nothing to write it is answered after the batches before it.)
+        queued.entries.append((reply, outcome))
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.outbox.append(FlushSoon())
+        return None
+
+    @staticmethod
+    def _chunk_writes(
+        pairs: list[str],
+        stored: list[str | None],
+        pendings: list[tuple[str | None, int] | None],
+        upsert: bool,
+    ) -> tuple[list[str | None], int, int, int]:
+        """The writes of a load chunk whose keys are not all new, pair by pair: (ops,
+        bytes they add, pairs skipped, characters)."""
+        ops: list[str | None] = []
+        add = ops.append
+        taken: set[str] = set()  # insert mode: keys this chunk writes
+        grows = skipped = chars = 0
+        for i in range(0, len(pairs), 2):
+            key, value = pairs[i], pairs[i + 1]
+            pending = pendings[i >> 1]
+            current = stored[i >> 1] if pending is None else pending[0]
+            if upsert:
+                if current is None:
+                    grows += len(key) + len(value) + PAIR_OVERHEAD
+                elif len(value) > len(current):
+                    grows += len(value) - len(current)
+            elif current is not None or key in taken:
+                skipped += 1
+                continue
+            else:
+                taken.add(key)
+                grows += len(key) + len(value) + PAIR_OVERHEAD
+            add(key)
+            add(value)
+            chars += len(key) + len(value)
+        return ops, grows, skipped, chars
 
     def remembers(self, ident: str) -> bool:
         """Whether a write with Idempotency-Key ``ident`` is in flight or remembered."""
@@ -403,9 +522,9 @@ class PrimaryCore(ReplicationCore):
         current = self.store.get(key) if pending is None else pending[0]
         grow = 0 if value is None else growth(command, key, value, current)
         if command is Command.INSERT:
-            ok, new, outcome = current is None, value, Done(current is None)
+            ok, new, outcome = current is None, value, DONE[current is None]
         elif command is Command.UPDATE:
-            ok, new, outcome = current is not None, value, Done(current is not None)
+            ok, new, outcome = current is not None, value, DONE[current is not None]
         else:
             ok, new = current is not None, None
             outcome = Done(True, current) if ok else MISS
@@ -490,7 +609,13 @@ class PrimaryCore(ReplicationCore):
         ops, overlay = batch.ops, self.overlay
         store = self.store
         checksum_before, count_before = store.checksum, len(store)
-        store.apply(ops)
+        new_shards = batch.new_shards
+        if new_shards is None:
+            store.apply(ops)
+        else:  # a load's chunk of new keys first
+            store.add_new(ops, new_shards)
+            if len(ops) > 2 * len(new_shards):
+                store.apply(ops[2 * len(new_shards) :])
         keyed = batch.keyed
         store.idempotency.apply(batch.time, keyed)  # as the backup did: both expire alike
         self._record_applied(batch, checksum_before, count_before)
@@ -498,12 +623,16 @@ class PrimaryCore(ReplicationCore):
             for ident in keyed[0::4]:
                 self.keyed.pop(ident, None)
         self.pending_write_bytes -= batch.grows
-        for key in ops[0::2]:
-            pending = overlay.get(key)
-            if pending is not None and pending[1] == seq:
-                del overlay[key]
+        if len(ops) < _WHOLE_BATCH_OPS:
+            for key in ops[0::2]:
+                pending = overlay.get(key)
+                if pending is not None and pending[1] == seq:
+                    del overlay[key]
+        else:
+            _forget_batch(overlay, ops[0::2], seq)
         self.seq = seq
-        self.persist_batch(seq, ops)  # before the answers: they wait for it to be durable
+        # Before the answers: they wait for it to be durable.
+        self.persist_batch(seq, ops, batch.time, keyed)
         self.batches_acked += 1
         self.writes_replicated += len(ops) // 2
         self.ack_seconds_total += self.now - batch.sent_at
@@ -576,6 +705,8 @@ class PrimaryCore(ReplicationCore):
             log.info("%s: skipping transfer", reason)
             self.send(Skip(frame.checksum, frame.count, self.seq))
         elif directive is Directive.ROLLBACK:
+            if not self.confirmed:  # a copy recovered from disk: the backup undoes batches
+                self.fire(Event.BACKUP_NEEDS_DATA, reason)
             log.info("primary resync: partial: %s", reason)
             self.send(Rollback(self.seq, store.checksum, len(store)))
         elif directive is Directive.CATCHUP:

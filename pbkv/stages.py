@@ -543,6 +543,17 @@ def recovered_plan(ours: Copy, theirs: Copy) -> Plan:
         )
     both = f"both recovered from disk: the primary's seq {ours.seq} epoch {ours.epoch}, "
     both += f"the backup's seq {theirs.seq} epoch {theirs.epoch}"
+    if (theirs.history, theirs.epoch) == (ours.history, ours.epoch) and theirs.seq > ours.seq:
+        # The two were this epoch's pair, and its primary logs a batch only once the
+        # backup acknowledged it: batches only the backup logged were never
+        # acknowledged (the primary rewound them, or died first).  As a live primary
+        # does in memory, ours wins: the backup undoes them, or is sent our copy.
+        beyond = f"{both}: the backup's {theirs.seq - ours.seq} batches beyond ours were never "
+        beyond += "acknowledged"
+        why_not = why_no_rollback(ours, theirs)
+        if why_not is None:
+            return Plan(Directive.ROLLBACK, f"{beyond}: it rolls them back")
+        return Plan(Directive.SEND, f"{beyond}, and it cannot roll them back: {why_not}")
     if (theirs.epoch, theirs.seq) > (ours.epoch, ours.seq):
         return Plan(Directive.FETCH, f"{both}: the backup's copy is newer")
     return Plan(Directive.SEND, f"{both}: the primary's copy is as new or newer")
@@ -554,8 +565,8 @@ def why_no_rollback(ours: Copy, theirs: Copy) -> str | None:
     Replication is synchronous, so a live backup of our history is never behind
     our acknowledged state: at most ahead, by the batches whose acknowledgement
     we never saw."""
-    if not theirs.confirmed:
-        return "the backup holds no confirmed copy"
+    if not (theirs.confirmed or theirs.recovered):
+        return "the backup holds no confirmed or recovered copy"
     if theirs.history != ours.history:
         return "the backup's data has another history (a restart or a replaced copy)"
     if theirs.seq < ours.seq:
@@ -593,7 +604,9 @@ def refusal(directive: Directive, target: State | None, ours: Copy, theirs: Copy
     start from.  Nothing is obeyed from
     a primary of a lower epoch than we have seen or than our copy's (a STALE one
     never sends a directive).  Only a confirmed copy may be kept as the primary's
-    (SKIP, ROLLBACK) or become it (FETCH); a rollback needs our history and a
+    (SKIP), only a confirmed or recovered one rolled back to it (ROLLBACK: the
+    checksum then proves it is the primary's) or become it (FETCH); a rollback
+    needs our history and a
     recorded state at the target's seq (and the backup then checks that undoing
     really reached the target); a catch-up needs our history and must start from
     exactly our state (the backup checks the state it reaches at the end).  Data the
@@ -610,7 +623,7 @@ def refusal(directive: Directive, target: State | None, ours: Copy, theirs: Copy
     elif directive is Directive.ROLLBACK:
         assert target is not None
         if (
-            not ours.confirmed
+            not (ours.confirmed or ours.recovered)
             or theirs.history != ours.history
             or all(state.seq != target.seq for state in ours.undo)
         ):

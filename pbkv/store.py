@@ -72,6 +72,44 @@ class ShardedStore:
     def get(self, key: str) -> str | None:
         return self._shards[shard_of(key, self.shard_count)].get(key)
 
+    def lookup(self, keys: list[str]) -> tuple[list[str | None], list[int]]:
+        """Each key's value (None: absent) and shard: a bulk load's chunk checks its
+        keys at once, and ``add_new`` then reuses the shards."""
+        shards, count = self._shards, self.shard_count
+        if count == 1:
+            return list(map(shards[0].get, keys)), [0] * len(keys)
+        digest = _key_digest
+        indices = [digest(key.encode()) % count for key in keys]
+        return [shards[i].get(key) for i, key in zip(indices, keys, strict=True)], indices
+
+    def add_new(self, ops: list[str | None], indices: list[int]) -> None:
+        """``apply`` of the first ``len(indices)`` pairs of ``ops``: keys that ``lookup``
+        found absent (and in the shards it gave) and that nothing wrote since, one dict
+        operation a pair."""
+        shards, sums = self._shards, self._sums
+        pair_digest, separator = _pair_digest, _SEPARATOR
+        added = memory = 0
+        for n, index in enumerate(indices):
+            key: str = ops[2 * n]  # type: ignore[assignment]  # even slots hold keys
+            value: str = ops[2 * n + 1]  # type: ignore[assignment]  # new pairs: values
+            encoded = key.encode()
+            shard = shards[index]
+            held = len(shard)
+            old = shard.setdefault(key, value)
+            delta = pair_digest(encoded + separator + value.encode())
+            if len(shard) != held:
+                added += 1
+                memory += len(key) + len(value) + PAIR_OVERHEAD
+            else:
+                shard[key] = value
+                delta -= pair_digest(encoded + separator + old.encode())
+                memory += len(value) - len(old)
+            sums[index] += delta
+        for index, total in enumerate(sums):
+            sums[index] = total & _MASK
+        self._size += added
+        self._memory += memory
+
     def __contains__(self, key: str) -> bool:
         return key in self._shards[shard_of(key, self.shard_count)]
 
@@ -181,26 +219,54 @@ class ShardedStore:
 
     def apply(self, ops: list[str | None]) -> None:
         """A replicated batch: key, value-or-None, key, ... in order."""
-        put, remove = self.put, self.remove
-        for i in range(0, len(ops), 2):
-            value = ops[i + 1]
-            if value is None:
-                remove(ops[i])  # type: ignore[arg-type]  # even slots hold keys (str)
-            else:
-                put(ops[i], value)  # type: ignore[arg-type]  # even slots hold keys (str)
+        self._apply(ops, None)
 
     def apply_recording(self, ops: list[str | None]) -> list[str | None]:
         """``apply``, returning each key's previous value (None: absent), for an undo."""
-        put, remove = self.put, self.remove
         olds: list[str | None] = []
-        record = olds.append
-        for i in range(0, len(ops), 2):
-            value = ops[i + 1]
-            if value is None:
-                record(remove(ops[i]))  # type: ignore[arg-type]  # even slots hold keys (str)
-            else:
-                record(put(ops[i], value))  # type: ignore[arg-type]  # even slots hold keys (str)
+        self._apply(ops, olds)
         return olds
+
+    def _apply(self, ops: list[str | None], olds: list[str | None] | None) -> None:
+        """``put`` and ``remove`` inlined, each old value added to ``olds`` (when given):
+        a bulk load's batches make this both servers' busiest loop (each key is encoded
+        once, for its shard and its checksum, and the sums are reduced once a batch)."""
+        shards, sums, count = self._shards, self._sums, self.shard_count
+        key_digest, pair_digest, separator = _key_digest, _pair_digest, _SEPARATOR
+        record = None if olds is None else olds.append
+        size = memory = 0
+        for i in range(0, len(ops), 2):
+            key: str = ops[i]  # type: ignore[assignment]  # even slots hold keys
+            value = ops[i + 1]
+            encoded = key.encode()
+            index = key_digest(encoded) % count if count > 1 else 0
+            shard = shards[index]
+            if value is None:
+                old = shard.pop(key, None)
+                if old is not None:
+                    size -= 1
+                    memory -= len(key) + len(old) + PAIR_OVERHEAD
+                    sums[index] -= pair_digest(encoded + separator + old.encode())
+            else:
+                # One dict operation for a new key (the common case of a load).
+                held = len(shard)
+                old = shard.setdefault(key, value)
+                delta = pair_digest(encoded + separator + value.encode())
+                if len(shard) != held:
+                    old = None
+                    size += 1
+                    memory += len(key) + len(value) + PAIR_OVERHEAD
+                else:
+                    shard[key] = value
+                    delta -= pair_digest(encoded + separator + old.encode())
+                    memory += len(value) - len(old)
+                sums[index] += delta
+            if record is not None:
+                record(old)
+        for index, total in enumerate(sums):
+            sums[index] = total & _MASK
+        self._size += size
+        self._memory += memory
 
     def undo(self, ops: list[str | None], olds: list[str | None]) -> None:
         """Reverse ``apply_recording(ops)``: each key back to its old value, newest first."""

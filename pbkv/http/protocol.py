@@ -33,6 +33,7 @@ from pbkv.http.access import (
     check_shutdown,
     peer_ip,
 )
+from pbkv.http.load import BulkLoad
 from pbkv.http.params import Limits, idempotency_key, key_and_value, parse_params, split_target
 from pbkv.http.pending import HeldRequest, PendingReply, ReplyQueue
 from pbkv.http.reader import Phase, RequestReader
@@ -54,6 +55,7 @@ from pbkv.routes import (
     COMMAND_ROUTES,
     FOLLOW_PATH,
     LISTENING_PATH,
+    LOAD_PATH,
     METRICS_PATH,
     STATUS_PATH,
 )
@@ -81,6 +83,10 @@ class App(Protocol):
         value: str | None,
         respond: Callable[[Outcome], None],
         idempotency: str | None = None,
+    ) -> Outcome | None: ...
+
+    def submit_pairs(
+        self, pairs: list[str], upsert: bool, respond: Callable[[Outcome], None]
     ) -> Outcome | None: ...
 
     def status(self) -> dict[str, Any]: ...
@@ -127,6 +133,7 @@ class HttpProtocol(asyncio.Protocol):
         # Requests that wait for those writes, in request order (see pending.py).
         self._held = collections.deque[HeldRequest]()
         self._unanswered_bytes = 0  # this connection's share of guard.pending_bytes
+        self.load: BulkLoad | None = None  # the last bulk load read (see load.py)
 
     # -- asyncio callbacks -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -230,6 +237,8 @@ class HttpProtocol(asyncio.Protocol):
         """Answer an unrecoverable request error and close the connection."""
         if self.reader.closing:
             return
+        if self.reader.stream is not None and self.load is not None:
+            self.load.abort(status, message)  # its reply comes first, then this one
         reply = PendingReply(close=True)
         self._pending.append(reply)
         self._reply(reply, status, error_body(message), extra)
@@ -287,6 +296,33 @@ class HttpProtocol(asyncio.Protocol):
             self.app.follow_upgrade(transport, leftover)  # type: ignore[attr-defined]
         else:
             self.app.upgrade(transport, leftover)
+
+    # -- a bulk load (load.py) ------------------------------------------------------------
+    def stream_began(self) -> BulkLoad | None:
+        reader = self.reader
+        try:
+            path, query = split_target(reader.url)
+        except RequestError:
+            return None  # routed as a whole request, which refuses it
+        if path != LOAD_PATH:
+            return None
+        reply = PendingReply(not reader.parser.should_keep_alive())
+        self._pending.append(reply)
+        self._writes_out += 1  # the reads behind it wait for its answer
+        self.load = BulkLoad(self, reply, reader.parser.get_method(), query)
+        return self.load
+
+    def load_answered(self, load: BulkLoad, status: int, body: bytes, extra: bytes) -> None:
+        self._writes_out -= 1
+        self._reply(load.reply, status, body, extra)
+        if self._held and not self._writes_out:
+            self._run_held()
+
+    def hold_reading(self) -> None:
+        self._pause_reading()
+
+    def release_reading(self) -> None:
+        self._maybe_resume_reading()
 
     # -- timeouts ----------------------------------------------------------------------
     def sweep(self, now: float) -> None:
@@ -584,6 +620,7 @@ class HttpProtocol(asyncio.Protocol):
             and len(self._pending) <= self.guard.limits.max_pipeline
             and self._queued <= self.guard.limits.max_reply_buffer
             and not (self._unanswered_bytes and self._over_pending_bytes())
+            and (self.load is None or not self.load.waiting)
         ):
             self._reading_paused = False
             self.reader.paused = False

@@ -21,6 +21,7 @@ from pbkv.http.access import REPEATED
 from pbkv.http.params import Limits
 from pbkv.http.replies import RETRY, error_body
 from pbkv.limits import SMALL_BODY, Guard
+from pbkv.routes import LOAD_PATH
 from pbkv.wire import UPGRADE_TOKEN
 
 
@@ -40,8 +41,20 @@ _HEADERS = Phase.HEADERS
 _BODY = Phase.BODY
 
 
+class BodyStream(Protocol):
+    """A request body taken as it arrives instead of whole (a bulk load's)."""
+
+    def chunk(self, data: bytes) -> None: ...
+
+    def end(self) -> None: ...
+
+
 class RequestHandler(Protocol):
     """What the reader reports to (``HttpProtocol`` implements it)."""
+
+    def stream_began(self) -> BodyStream | None:
+        """The head of a request to the bulk load's path is read: a stream for its body,
+        or None to read it whole as any other."""
 
     def request_ready(self) -> None:
         """A complete request: its parts are the reader's attributes until this returns."""
@@ -116,6 +129,7 @@ class RequestReader:
         self.upgrade = False  # it asks for the replication channel
         self.refused = False  # answered already: the rest of it is ignored
         self.idempotency_key: bytes | None = None  # its Idempotency-Key header, as sent
+        self.stream: BodyStream | None = None  # takes the body as it arrives (a bulk load)
         self._expect = b""
         self._head_bytes = 0
         self._body_size = 0
@@ -171,6 +185,7 @@ class RequestReader:
         self.parser = None  # type: ignore[assignment]  # nothing is fed after close
         del self._handler, self._request_ready
         self.body = []
+        self.stream = None
 
     # -- raw bytes in a request target -------------------------------------------------
     def _feed_with_raw_bytes(self, data: bytes) -> None:
@@ -264,7 +279,10 @@ class RequestReader:
         elif lower == b"content-length":
             try:
                 self._declared = self._content_length = int(value)
-                if self._declared > self.limits.max_body_bytes:
+                # A bulk load's body streams: its lines are bounded one by one.
+                if self._declared > self.limits.max_body_bytes and not self.url.startswith(
+                    LOAD_PATH
+                ):
                     self.refused = True
             except ValueError:
                 pass  # httptools rejects it
@@ -300,6 +318,12 @@ class RequestReader:
             self.refused = True  # ignore the body
             self._handler.refuse_and_close(417, "only 'Expect: 100-continue' is understood")
             return
+        if self.url.startswith(LOAD_PATH):
+            self.stream = self._handler.stream_began()
+            if self.stream is not None:
+                if self._expect:
+                    self._handler.send_continue()
+                return
         declared = self._declared
         if declared:
             guard = self.guard
@@ -314,6 +338,9 @@ class RequestReader:
 
     def on_body(self, body: bytes) -> None:
         if self.refused:
+            return
+        if self.stream is not None:
+            self.stream.chunk(body)
             return
         self._body_size += len(body)
         if self._body_size > self.limits.max_body_bytes:
@@ -340,6 +367,11 @@ class RequestReader:
             return
         if self.upgrade and self.parser.should_upgrade():
             return  # feed hands the connection over
+        stream = self.stream
+        if stream is not None:
+            self.stream = None
+            stream.end()
+            return
         self._request_ready()
         self.body = []
 

@@ -64,7 +64,13 @@ class RequestError(Exception):
         self.message = message
 
 
+_OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+_OK = _OK_HEAD + b"%b"
+
+
 def response(status: int, body: bytes, extra: bytes = b"", close: bool = False) -> bytes:
+    if status == 200 and not extra and not close:  # nearly every reply: one formatting
+        return _OK % (len(body), body)
     head = b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
         status,
         _REASONS.get(status, b"Error"),
@@ -82,6 +88,7 @@ def error_body(message: str, **extra: str) -> bytes:
 TRUE = b'{"success":"true"}'
 _FALSE = b'{"success":"false"}'
 _MISS = b'{"success":"false","value":""}'
+_FOUND = b'{"success":"true","value":%b}'  # the value's JSON in one formatting
 
 
 def outcome_reply(
@@ -100,7 +107,7 @@ def outcome_reply(
         if command is Command.GET or command is Command.DELETE:
             if not outcome.ok:
                 return 200, _MISS, b""
-            return 200, b'{"success":"true","value":' + orjson.dumps(outcome.value) + b"}", b""
+            return 200, _FOUND % orjson.dumps(outcome.value), b""
         return 200, (TRUE if outcome.ok else _FALSE), b""
     if isinstance(outcome, Counted):
         return 200, b'{"result":"%d"}' % outcome.count, b""
@@ -184,6 +191,7 @@ COURSE_FAILURES: dict[bytes, bytes] = {
     b"/kvman/dump": _FALSE,
     b"/kvman/status": _FALSE,
     b"/kvman/shutdown": _FALSE,
+    b"/kvman/load": _FALSE,
 }
 _HEADER_TEXT_LIMIT = 300  # characters of a reason kept in a header or a log line
 

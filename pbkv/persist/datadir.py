@@ -10,6 +10,8 @@ Files in the folder (one per server address, ``address_folder``)::
     incr.<n>.log       a record log (log.py); records are appended to the last one
     temp-*             a file being written; a crash's leftover, removed at open
     lock               held (flock) by the one process using the folder
+    member             with a coordinator: the run id of the member the data is
+                       the copy of (``member_run_id``)
 
 The manifest is replaced whole by a rename.  Loading reads the base, then every
 increment in order, checking that each record follows the state before it
@@ -58,12 +60,16 @@ from pbkv.persist.snapshot import (
     SnapshotReader,
     SnapshotWriter,
 )
+from pbkv.persist.table import load_base, replay_batch
 from pbkv.store import ShardedStore
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 TEMP_PREFIX = "temp-"
 LOCK = "lock"
+# With a coordinator: the member's run id, kept so that a member restarted from its
+# data is the member it was (the one etcd may name as holding every write).
+MEMBER = "member"
 BASE_NAME = re.compile(r"base\.(\d+)\.snap")
 INCREMENT_NAME = re.compile(r"incr\.(\d+)\.log")
 
@@ -141,7 +147,7 @@ class Replay:
         self.state = base
         self.floor = base.seq
         self.batches: list[Record] = []
-        self._since_floor = 0  # batches at the end of ``batches`` that follow the floor
+        self.since_floor = 0  # batches at the end of ``batches`` that follow the floor
 
     def feed(self, record: Record, path: Path, offset: int) -> None:
         state = self.state
@@ -150,7 +156,7 @@ class Replay:
         if record.kind is RecordKind.MARK:
             self.state = record.state
             self.floor = record.seq
-            self._since_floor = 0
+            self.since_floor = 0
             return
         if record.history != state.history:
             raise Damage(
@@ -163,7 +169,7 @@ class Replay:
             if record.seq != state.seq + 1:
                 raise Damage(path, offset, f"batch {record.seq} follows batch {state.seq}")
             self.batches.append(record)
-            self._since_floor += 1
+            self.since_floor += 1
         else:  # a rollback
             if not self.floor <= record.seq <= state.seq:
                 raise Damage(
@@ -174,7 +180,7 @@ class Replay:
                 )
             undone = state.seq - record.seq
             del self.batches[len(self.batches) - undone :]
-            self._since_floor -= undone
+            self.since_floor -= undone
         self.state = record.state
 
 
@@ -188,20 +194,33 @@ class Loaded:
     state: State
     batches: list[Record]
     cut: list[TornTail] = field(default_factory=list)  # torn tails cut on the way
+    # The last batches, after the base or the last mark: those a rollback may undo.
+    undoable: int = 0
 
     @property
     def extra(self) -> bytes:
         return self.snapshot.extra
 
-    def fill(self, store: ShardedStore) -> State:
-        """Load the base into ``store`` (empty), apply the batches, close the snapshot."""
+    def fill(self, store: ShardedStore, undoable: Callable[[Record], None] | None = None) -> State:
+        """Load the base into ``store`` (empty), its idempotency table included, apply
+        the batches (their pairs and their table entries), close the snapshot.  With
+        ``undoable``, the batches a rollback may undo are handed to it to apply instead
+        (a backup keeps what undoes them)."""
         try:
             self.snapshot.fill(store)
         finally:
             self.snapshot.close()
+        table = store.idempotency
+        load_base(table, self.extra)
         apply = store.apply
-        for record in self.batches:
+        handed = self.undoable if undoable is not None else 0
+        for record in self.batches[: len(self.batches) - handed]:
             apply(record.ops)
+            replay_batch(table, record.extra)
+        if undoable is not None:
+            for record in self.batches[len(self.batches) - handed :]:
+                undoable(record)
+        table.replaced = 0  # a fuzzy base's batches add what it holds: not a conflict
         return self.state
 
 
@@ -275,6 +294,17 @@ class DataDir:
             (self.folder / entry).unlink()
             self.removed.append(entry)
 
+    def member_run_id(self, fresh: str, loaded: bool) -> str:
+        """The run id of the member whose data this folder holds: the one kept here
+        if the data was ``loaded`` from it at start, else ``fresh``, kept from now on."""
+        path = self.folder / MEMBER
+        if loaded and path.exists():
+            kept = path.read_text().strip()
+            if kept:
+                return kept
+        write_atomically(path, fresh.encode(), TEMP_PREFIX)
+        return fresh
+
     # -- loading --------------------------------------------------------------------
     @property
     def exists(self) -> bool:
@@ -320,7 +350,9 @@ class DataDir:
         except BaseException:
             snapshot.close()
             raise
-        return Loaded(snapshot, snapshot.state, replay.state, replay.batches, cut)
+        return Loaded(
+            snapshot, snapshot.state, replay.state, replay.batches, cut, replay.since_floor
+        )
 
     def _manifest(self) -> Manifest:
         if self.manifest is None:

@@ -66,12 +66,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pbkv.commands import DiskFailed, Done, Outcome, Reply
+from pbkv.commands import DiskFailed, Done, Loaded, Outcome, Reply
 from pbkv.config import Settings
 from pbkv.persist.datadir import DataDir
 from pbkv.persist.framing import PersistError
 from pbkv.persist.log import Record, RecordKind, State
 from pbkv.persist.snapshot import SnapshotWriter
+from pbkv.persist.table import base_extra
 from pbkv.store import ShardedStore
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,7 @@ class Persistence:
         self.last_base_seconds = 0.0
         self.recovered_pairs = 0
         self.recovery_seconds = 0.0
+        self.recovered = False  # the folder held data, loaded at start
         self.rewrites = 0
         self._timer: asyncio.TimerHandle | None = None
         self.store: ShardedStore | None = None  # the server's, from ``recover`` on
@@ -164,11 +166,17 @@ class Persistence:
         self.fuzzy_until = 0
 
     # -- start and stop ---------------------------------------------------------------
-    def recover(self, store: ShardedStore, fresh: State) -> State | None:
+    def recover(
+        self,
+        store: ShardedStore,
+        fresh: State,
+        undoable: Callable[[Record], None] | None = None,
+    ) -> State | None:
         """Load the folder's data into ``store`` (empty) and return its state; None when
         the folder held none (a first start: an empty base at ``fresh`` is written, so
-        records may follow at once).  Raises ``PersistError`` naming the file and
-        offset of any damage but a torn last record, which is cut and logged."""
+        records may follow at once).  ``undoable``: see ``Loaded.fill``.  Raises
+        ``PersistError`` naming the file and offset of any damage but a torn last
+        record, which is cut and logged."""
         datadir = self.datadir
         self.store = store
         for name in datadir.removed:
@@ -183,7 +191,12 @@ class Persistence:
         loaded = datadir.load()
         for torn in loaded.cut:
             log.warning("persistence: cut a torn last record (a crash's leftover): %s", torn)
-        state = self.state = loaded.fill(store)
+        state = self.state = loaded.fill(store, undoable)
+        self.recovered = True
+        # The base may hold writes of the batches after it (it was written while they
+        # were applied), and what it held is not known now: a rollback of any batch
+        # recovered writes a new base of the rolled-back store (see the module).
+        self.fuzzy_until = state.seq
         self.recovery_seconds = time.perf_counter() - started
         self.recovered_pairs = len(store)
         log.info(
@@ -199,6 +212,16 @@ class Persistence:
             self.recovery_seconds,
         )
         return state
+
+    def member_run_id(self, fresh: str) -> str:
+        """With a coordinator: the member's run id, the one it had when it wrote the data
+        recovered at start (it is the same member: its copy is the one it held), else
+        ``fresh``.  Call after ``recover``."""
+        try:
+            return self.datadir.member_run_id(fresh, self.recovered)
+        except OSError as exc:  # a new member then: it may not pass for the one it was
+            log.error("persistence: cannot keep the member's run id: %s", exc)
+            return fresh
 
     def start(self) -> None:
         self._timer = self.loop.call_later(EVERYSEC, self._every_second)
@@ -232,7 +255,7 @@ class Persistence:
         """``reply``, delivered only once the records before it are durable."""
 
         def answer(outcome: Outcome) -> None:
-            if self.failed is not None and isinstance(outcome, Done):
+            if self.failed is not None and isinstance(outcome, Done | Loaded):
                 reply(DiskFailed(self.failed, applied=True))
             elif self.holding:
                 self.held.append(
@@ -334,7 +357,7 @@ class Persistence:
         # Records waiting for an older base are in the store already: this base has them.
         self.waiting.clear()
         try:
-            writer = self.datadir.start(state)
+            writer = self.datadir.start(state, base_extra(store.idempotency))
         except PersistError as exc:
             self._fail(f"starting a snapshot failed: {exc}")
             return
@@ -370,7 +393,7 @@ class Persistence:
             "persistence: rewriting: the log holds %d bytes, the base %d", grown, snapshot["size"]
         )
         try:
-            writer = self.datadir.begin_rewrite(self.state)
+            writer = self.datadir.begin_rewrite(self.state, base_extra(self.store.idempotency))
         except PersistError as exc:
             self._fail(f"starting a rewrite failed: {exc}")
             return
@@ -418,7 +441,7 @@ class Persistence:
             return
         self.datadir.abort_rewrite()
         try:
-            writer = self.datadir.start(self.state)
+            writer = self.datadir.start(self.state, base_extra(self.store.idempotency))
         except PersistError as exc:
             self.last_disk_error = f"starting a new base failed: {exc}"
             return

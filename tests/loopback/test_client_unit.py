@@ -24,7 +24,9 @@ from pbkv.client import (
     AsyncClient,
     BadRequest,
     Client,
+    NotDurable,
     NotPrimary,
+    OutcomeUnknown,
     PbkvError,
     ReplicationFailed,
     Unavailable,
@@ -578,7 +580,7 @@ def test_cli_json(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_dump_escapes(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
     server.data.update({"plain": "value", "t\tab": "new\nline\\", "cr\r": "nul\0"})
-    assert _cli(server, "dump") == 0
+    assert _cli(server, "dump", "--tsv") == 0
     assert capsys.readouterr().out.splitlines() == [
         "plain\tvalue",
         "t\\tab\tnew\\nline\\\\",
@@ -867,3 +869,101 @@ def test_an_unknown_outcome_is_what_a_failed_write_raises(server: FakePbkv) -> N
     before = len(server.requests)
     asyncio.run(one_attempt())
     assert [path for _, path, _ in server.requests[before:]] == ["/kvman/countkey", "/kv/insert"]
+
+
+# -- what a keyed write that ends without an answer raises ------------------------------
+
+NOT_DURABLE = (
+    "disk error: the write did not reach this server's disk (fsync failed); "
+    "not acknowledged: it may or may not survive"
+)
+FAILED = (503, {"success": "false", "error": "replication failed"}, {})
+UNSAVED = (503, {"success": "false", "error": NOT_DURABLE}, {"Retry-After": "1"})
+REFUSED = (503, {"success": "false", "error": "not now", "stage": "cold_start"}, {})
+
+
+def test_a_write_not_on_the_primarys_disk_is_not_durable_in_both_modes() -> None:
+    with pytest.raises(NotDurable) as http_mode:
+        _reply("insert", 503, {"success": "false", "error": NOT_DURABLE})
+    assert http_mode.value.retry_after is None
+    with pytest.raises(NotDurable) as course_mode:
+        _course(
+            "delete",
+            {"success": "false", "value": ""},
+            x_pbkv_error=NOT_DURABLE,
+            x_pbkv_status="503",
+            retry_after="1",
+        )
+    assert course_mode.value.retry_after == 1.0
+    with pytest.raises(PbkvError) as refused:  # refused before applying: not this one
+        _reply("insert", 507, {"success": "false", "error": "disk error: writes refused"})
+    assert not isinstance(refused.value, NotDurable)
+
+
+def _ended(server: FakePbkv, use_async: bool, **options: Any) -> BaseException:
+    """The error an insert raises once its retries reach a short deadline."""
+
+    async def insert_async() -> None:
+        async with AsyncClient("127.0.0.1", server.port, retry_for=0.3, **options) as client:
+            await client.insert("k", "v")
+
+    try:
+        if use_async:
+            asyncio.run(insert_async())
+        else:
+            with Client("127.0.0.1", server.port, retry_for=0.3, **options) as client:
+                client.insert("k", "v")
+    except Exception as exc:
+        return exc
+    raise AssertionError("the insert succeeded")
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    ("hangup", "later", "raised", "cause"),
+    [
+        # Sent and never answered, then rewound: it may still be applied (a request
+        # still queued at a paused primary, say): unknown, not "replication failed".
+        (True, FAILED, OutcomeUnknown, ReplicationFailed),
+        (True, UNSAVED, OutcomeUnknown, NotDurable),
+        (True, REFUSED, OutcomeUnknown, Unavailable),
+        # Every attempt answered: the last rewind says what is known.
+        (False, FAILED, ReplicationFailed, None),
+        (False, UNSAVED, NotDurable, None),
+        # Every attempt refused: nothing was applied.
+        (False, REFUSED, Unavailable, None),
+    ],
+    ids=["lost-failed", "lost-unsaved", "lost-refused", "failed", "unsaved", "refused"],
+)
+def test_a_keyed_write_at_its_deadline_raises_what_is_known(
+    server: FakePbkv,
+    use_async: bool,
+    hangup: bool,
+    later: tuple[int, Any, dict[str, str]],
+    raised: type[Exception],
+    cause: type[Exception] | None,
+) -> None:
+    server.hangups = int(hangup)
+    server.forced += [later] * 200
+    error = _ended(server, use_async)
+    assert type(error) is raised
+    if cause is not None:
+        assert isinstance(error.__cause__, cause)
+    assert len(set(server.idempotency_keys)) == 1 and len(server.idempotency_keys) >= 2
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_rewind_then_a_refusal_raises_the_rewind(server: FakePbkv, use_async: bool) -> None:
+    server.forced += [FAILED] + [REFUSED] * 200
+    error = _ended(server, use_async)
+    assert type(error) is ReplicationFailed and isinstance(error.__cause__, Unavailable)
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_write_without_a_key_is_not_sent_again_after_not_durable(
+    server: FakePbkv, use_async: bool
+) -> None:
+    server.forced += [UNSAVED] * 5
+    error = _ended(server, use_async, idempotency_keys=False)
+    assert type(error) is NotDurable
+    assert [path for _, path, _ in server.requests] == ["/kv/insert"]

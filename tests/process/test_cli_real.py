@@ -127,7 +127,7 @@ def test_cli_count_and_dump(pbkv, client, tag):
     assert (status, err) == (0, "")
     assert int(out) == client.count()
 
-    status, out, err = pbkv("dump")
+    status, out, err = pbkv("dump", "--tsv")
     assert (status, err) == (0, "")
     lines = out.split("\n")
     assert lines.pop() == ""

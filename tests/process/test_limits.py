@@ -468,7 +468,7 @@ def test_a_streamed_dump_reads_the_same_through_every_client(make_pair, capsys):
 
     assert dict(asyncio.run(dump_async())) == expected
     capsys.readouterr()
-    assert main(["--host", host, "--port", str(port), "dump"]) == 0
+    assert main(["--host", host, "--port", str(port), "dump", "--tsv"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert sorted(lines) == sorted(f"{escape(k)}\t{escape(v)}" for k, v in expected.items())
     # HTTP/1.0 has no chunked encoding: the body ends with the connection.

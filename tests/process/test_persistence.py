@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from pbkv.client import PbkvError
+from pbkv.client import PbkvError, ReplicationFailed
 from pbkv.persist import address_folder
 from pbkv.testing.cluster import process_alive
+from pbkv.testing.proxy import FaultProxy
 from tests.support.harness import Pair, wait_for
+from tests.support.raw_http import exchange, request
 
 WRITERS = 8
 
@@ -236,3 +238,185 @@ def test_a_full_disk_refuses_writes_with_the_reason_and_they_resume_once_freed(
     assert {"before", "after", *acknowledged} <= dump.keys()
     assert not refused_keys & dump.keys()
     assert "refusing writes: disk full" in pair.log("primary")
+
+
+def keyed(op: str, body: str, ident: str) -> bytes:
+    return request("POST", f"/kv/{op}", body.encode(), headers=(f"Idempotency-Key: {ident}",))
+
+
+@pytest.mark.parametrize("where", ["log", "base"])
+def test_keyed_writes_are_remembered_after_both_restart_from_disk(
+    make_pair, tmp_path: Path, where: str
+) -> None:
+    """The idempotency table is persisted with the data: after ``kill -9`` of both and
+    a restart from disk, a retry gets the recorded reply, not a second apply (an
+    insert would say "key exists", a delete "missing").  ``log``: the entries are in
+    the batch records; ``base``: a log rewrite put them in a new base first."""
+    settings = {"persistence": "always", "data_dir": str(tmp_path / "data"), "errors": "http"}
+    if where == "base":
+        settings.update(rewrite_min_bytes="1", rewrite_percentage="1")
+    pair: Pair = make_pair(**settings)
+    pair.start_both()
+    address = pair.address["primary"]
+    assert exchange(address, keyed("insert", "key=k&value=v", "ins-1")).json == {"success": "true"}
+    assert exchange(address, keyed("insert", "key=gone&value=old", "ins-2")).status == 200
+    deleted = exchange(address, keyed("delete", "key=gone", "del-1"))
+    assert deleted.json == {"success": "true", "value": "old"}
+    if where == "base":
+        for role in ("primary", "backup"):
+            wait_for(
+                lambda role=role: pair.status(role)["persistence"]["rewrites"] >= 1,  # type: ignore[index]
+                15,
+                what=f"the {role}'s log to be rewritten",
+            )
+    before = pair.status("primary")
+    assert before is not None and before["idempotency_entries"] == 3
+
+    kill_both(pair, random.Random(where))
+    restart(pair, "backup")
+    status = pair.status("primary")
+    assert status is not None and status["checksum"] == before["checksum"]
+    assert status["idempotency_entries"] == 3
+
+    assert exchange(address, keyed("insert", "key=k&value=v", "ins-1")).json == {"success": "true"}
+    again = exchange(address, keyed("delete", "key=gone", "del-1"))
+    assert again.json == {"success": "true", "value": "old"}
+    assert exchange(address, keyed("update", "key=k&value=other", "ins-1")).status == 422
+    after = pair.status("primary")
+    assert after is not None and after["checksum"] == before["checksum"]
+    assert after["writes_replayed"] == 2 and after["writes_replicated"] == 0
+    assert pair.dump("primary") == pair.dump("backup") == {"k": "v"}
+
+
+@pytest.mark.parametrize("first", ["primary", "backup"])
+def test_a_rewound_write_the_backup_logged_stays_rewound_after_both_restart(
+    make_pair, tmp_path: Path, first: str
+) -> None:
+    """A write answered "replication failed" that the backup had applied and logged
+    (its acknowledgement lost): in memory the live primary has the backup undo it;
+    after ``kill -9`` of both and a restart from disk the same rule holds: the two
+    recovered copies are of one history, the primary's wins, and the backup rolls the
+    batch back (its undo record rebuilt from its log), whatever the order of the
+    restarts."""
+    pair: Pair = make_pair(persistence="always", data_dir=str(tmp_path / "data"), ack_timeout="1")
+    host, port = pair.address["backup"]
+    with FaultProxy(host, 0, host, port, source_host=pair.address["primary"][0]) as proxy:
+        pair.start("backup")
+        pair.start("primary", "--backup-port", str(proxy.port))
+        pair.wait_stage("primary", "in_sync")
+        client = pair.client("primary")  # one attempt per write, no key
+        for i in range(5):
+            assert client.insert(f"acknowledged-{i}", "v") is True
+        proxy.down.drop = True  # the backup's acknowledgements are lost
+        with pytest.raises(ReplicationFailed):
+            client.insert("rewound", "v")
+        wait_for(lambda: pair.dump("backup").get("rewound") == "v", 10, what="the backup's copy")
+        kill_both(pair, random.Random(first))
+
+    restart(pair, first)
+    assert "never acknowledged: it rolls them back" in pair.log("primary")
+    dump = pair.dump("primary")
+    assert "rewound" not in dump and len(dump) == 5
+    assert pair.dump("backup") == dump
+    status = pair.status("primary")
+    assert status is not None and status["resyncs_partial"] == 1
+    # The rollback reached the backup's disk too: restarted again, both hold the same.
+    kill_both(pair, random.Random(first))
+    restart(pair, first)
+    assert pair.dump("backup") == pair.dump("primary") == dump
+
+
+@pytest.fixture
+def failing_disk(tmp_path: Path):
+    """An ext4 file system (no journal, ``errors=continue``) on a loop device whose
+    file lives on a 16 MiB tmpfs: the file system has room, but once the tmpfs is
+    full its blocks cannot be written, so an fsync fails (an I/O error at writeback).
+    Yields (the mount point, the tmpfs)."""
+    backing, mount = tmp_path / "backing", tmp_path / "mnt"
+    backing.mkdir()
+    mount.mkdir()
+
+    def run(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(command, capture_output=True, text=True)
+
+    if (done := run("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(backing))).returncode:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
+    image = backing / "disk.img"
+    loop = ""
+    try:
+        with open(image, "wb") as file:
+            file.truncate(64 * 1024 * 1024)  # sparse: its blocks take tmpfs pages when written
+        made = run("mkfs.ext4", "-q", "-O", "^has_journal", "-E", "nodiscard", str(image))
+        attached = run("losetup", "-f", "--show", str(image))
+        if made.returncode or attached.returncode:
+            pytest.skip(f"cannot make a loop device file system: {made.stderr}{attached.stderr}")
+        loop = attached.stdout.strip()
+        if (done := run("mount", "-o", "errors=continue", loop, str(mount))).returncode:
+            pytest.skip(f"cannot mount the loop device: {done.stderr.strip()}")
+        try:
+            yield mount, backing
+        finally:
+            run("umount", "-l", str(mount))
+    finally:
+        if loop:
+            run("losetup", "-d", loop)
+        run("umount", "-l", str(backing))
+
+
+def test_a_failed_fsync_acknowledges_nothing_and_heals_once_the_disk_works(
+    make_pair, failing_disk: tuple[Path, Path]
+) -> None:
+    """A real failed fsync (a disk whose blocks cannot be written): the write that
+    waited for it is not answered as a success, the server says its disk failed, and
+    once the disk works again a new base heals it; after ``kill -9`` of both and a
+    restart, every acknowledged write is back."""
+    mount, backing = failing_disk
+    pair: Pair = make_pair(persistence="always", data_dir=str(mount / "data"))
+    pair.start_both()
+    client = pair.client("primary")
+    assert client.insert("before", "v") is True
+    acknowledged = {"before"}
+    filler = backing / "filler"
+    with open(filler, "wb") as file:  # the file system still shows room: writes admitted
+        file.write(b"\x01" * free_bytes(backing))
+    value = "x" * 32 * 1024  # new blocks for every record
+    failure: PbkvError | None = None
+    for i in range(100):
+        try:
+            assert client.insert(f"k{i}", value) is True
+            acknowledged.add(f"k{i}")
+        except PbkvError as exc:
+            failure = exc
+            break
+    assert failure is not None, "no write failed on a disk that cannot be written"
+    # "replication failed" (the backup's fsync failed before its ACK) or the primary's
+    # own: "the write did not reach this server's disk"; never a success.
+    assert "replication failed" in failure.error or "did not reach" in failure.error, failure
+    statuses = [pair.status(role) for role in ("primary", "backup")]
+    assert any(s is not None and s["persistence"]["disk_failures"] >= 1 for s in statuses)
+
+    filler.unlink()  # the disk works again: a new base heals each server
+    for role in ("primary", "backup"):
+        wait_for(
+            lambda role=role: (
+                (s := pair.status(role)) is not None and s["persistence"]["failed"] is None
+            ),
+            30,
+            what=f"the {role}'s persistence to heal",
+        )
+
+    def accepted() -> bool:
+        try:
+            return client.insert("after", "v") is True
+        except PbkvError:
+            return False
+
+    wait_for(accepted, 30, what="a write accepted again")
+    acknowledged.add("after")
+    log = pair.log("primary") + pair.log("backup")
+    assert "fsync failed" in log and "persistence works again" in log
+    kill_both(pair, random.Random(6))
+    restart(pair, "backup")
+    dump = pair.dump("primary")
+    assert acknowledged <= dump.keys()
+    assert pair.dump("backup") == dump

@@ -31,14 +31,17 @@ from pbkv.commands import (
     Done,
     Dumped,
     KeyReused,
+    Loaded,
     MemoryFull,
     Outcome,
     Refused,
 )
 from pbkv.config import Settings
+from pbkv.core import BATCH_WRITES
 from pbkv.idempotency import ENTRY_OVERHEAD
 from pbkv.persist.log import Record, RecordKind
 from pbkv.persist.log import State as DiskState
+from pbkv.persist.table import batch_extra, batch_of
 from pbkv.primary import PrimaryCore
 from pbkv.roles import promoted
 from pbkv.stages import Copy, Directive, ProtocolError, Role, Stage, State, plan
@@ -2455,8 +2458,13 @@ def test_every_batch_is_logged_before_what_acknowledges_it(make_link) -> None:
         Record.batch(primary.history, 1, 0, ["a", "1"]),
         Record.batch(primary.history, 2, 0, ["a", None]),
     ]
-    assert logged(link, "primary")[1:] == batches
-    assert logged(link, "backup")[1:] == batches
+    # Each record carries its batch's table time (and keyed entries: none here), the
+    # same on both copies.
+    for role in ("primary", "backup"):
+        records = logged(link, role)[1:]
+        assert [replace(record, extra=b"") for record in records] == batches
+        assert [batch_of(record.extra)[1] for record in records] == [[], []]
+    assert logged(link, "primary")[1:] == logged(link, "backup")[1:]
     # The backup logged each batch before its ACK; the primary before answering it.
     for sent_before, _, record in link.persisted["backup"][1:]:
         assert isinstance(record, Record)
@@ -2491,8 +2499,11 @@ def test_a_rollback_is_logged_then_a_mark(make_link) -> None:
     assert logged(link, "primary")[-1] == Record.mark(DiskState(primary.history, primary.seq, 0))
 
 
-def recovered(link: Link, role: str, data: dict[str, str], history: int, seq: int) -> Core:
-    """A core as the node builds it after loading its data folder (``persist/driver.py``)."""
+def recovered(
+    link: Link, role: str, data: dict[str, str], history: int, seq: int, start: bool = True
+) -> Core:
+    """A core as the node builds it after loading its data folder (``persist/driver.py``);
+    without ``start``, not started yet (the caller adds recovered batches first)."""
     store = new_store()
     for key, value in data.items():
         store.write(key, value)
@@ -2506,7 +2517,8 @@ def recovered(link: Link, role: str, data: dict[str, str], history: int, seq: in
     core.history, core.seq, core.recovered = history, seq, True
     if isinstance(core, PrimaryCore):
         core.sent_seq = seq
-    link._start(role, core)
+    if start:
+        link._start(role, core)
     return core
 
 
@@ -2538,7 +2550,10 @@ def test_an_empty_primary_fetches_a_recovered_backups_copy(make_link) -> None:
 
 
 @pytest.mark.parametrize("newer", ["primary", "backup"])
-def test_of_two_recovered_copies_the_newer_wins(make_link, newer: str) -> None:
+def test_of_two_recovered_copies_of_one_history_the_primarys_wins(make_link, newer: str) -> None:
+    """The backup's extra batches were never acknowledged (the primary logs a batch
+    once the backup acknowledged it): the primary's copy wins, as a live one does.
+    Without an undo record reaching the primary's seq, the backup is sent it whole."""
     link = make_link(**PERSISTENT)
     old, new = dict(DATA), {**DATA, "key1": "newer", "extra": "x"}
     seqs = {"primary": 5, "backup": 5}
@@ -2546,8 +2561,136 @@ def test_of_two_recovered_copies_the_newer_wins(make_link, newer: str) -> None:
     backup = recovered(link, "backup", new if newer == "backup" else old, 11, seqs["backup"])
     primary = recovered(link, "primary", new if newer == "primary" else old, 11, seqs["primary"])
     assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
-    assert dict(primary.store.items()) == new == dict(backup.store.items())
-    assert primary.seq == backup.seq == 7
+    won = new if newer == "primary" else old
+    assert dict(primary.store.items()) == won == dict(backup.store.items())
+    assert primary.seq == backup.seq == seqs["primary"]
+    assert primary.resyncs_full == 1
+    if newer == "backup":
+        assert "batches beyond ours were never acknowledged, and it cannot roll" in link.caplog.text
+
+
+def test_a_recovered_backup_rolls_back_the_batches_its_primary_never_logged(make_link) -> None:
+    """Both restarted from disk, the backup's log holding two batches after the last
+    sync that the primary's lacks: it undoes them (its undo record rebuilt from its
+    log at start, the idempotency entries included), no transfer."""
+    link = make_link(**PERSISTENT)
+    backup = recovered(link, "backup", DATA, 11, 5, start=False)
+    assert isinstance(backup, BackupCore)
+    keyed = ["ident-1", 42, True, None]
+    backup.recovered_batch(Record.batch(11, 6, 0, ["key1", "tentative"], batch_extra(10, [])))
+    backup.recovered_batch(Record.batch(11, 7, 0, ["extra", "x"], batch_extra(20, keyed)))
+    backup.seq = 7
+    assert [u.seq for u in backup.undo] == [6, 7] and backup.store.idempotency.get("ident-1")
+    link._start("backup", backup)
+    primary = recovered(link, "primary", DATA, 11, 5)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert dict(primary.store.items()) == DATA == dict(backup.store.items())
+    assert primary.seq == backup.seq == 5 and backup.store.idempotency.get("ident-1") is None
+    assert (primary.resyncs_partial, primary.resyncs_full) == (1, 0)
+    assert_same_data(primary, backup)
+    assert "batches beyond ours were never acknowledged: it rolls them back" in link.caplog.text
+    rollback, mark = logged(link, "backup")[-2:]
+    assert rollback == Record.rollback(DiskState(11, 5, 0))
+    assert mark == Record.mark(DiskState(backup.history, 5, 0))
+
+
+# -- bulk load chunks (PrimaryCore.submit_pairs) ------------------------------------------
+def load_chunk(link: Link, pairs: list[str], upsert: bool = False) -> Outcome:
+    """A load chunk from start to answer."""
+    token = link.token()
+    outcome = link.primary.submit_pairs(pairs, upsert, link.reply_to(token))
+    link.run()
+    if outcome is not None:
+        return outcome
+    link.flush()
+    assert token in link.responses, "the chunk was not answered"
+    return link.responses[token]
+
+
+def test_a_load_chunk_travels_in_one_batch_and_is_answered_after_its_ack(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    before = link.mark()
+    link.paused.add("primary")  # the backup's ACK waits on the wire
+    token = link.token()
+    pairs = [item for i in range(100) for item in (f"k{i}", f"v{i}")]
+    assert primary.submit_pairs(pairs, False, link.reply_to(token)) is None
+    link.flush()
+    batches = [f for f in link.sent["primary"][before["primary"] :] if f.kind == FrameType.BATCH]
+    assert [f.ops for f in batches] == [pairs]
+    assert link.responses == {} and link.read("primary", COUNT) == Counted(0)
+    assert link.read("primary", GET, "k1") == Done(False, "")  # not visible before the ACK
+    link.paused.clear()
+    link.run()
+    assert link.responses[token] == Loaded(100, 0)
+    assert_same_data(primary, backup)
+
+
+def test_insert_mode_skips_existing_keys_and_repeats_upsert_overwrites(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "old"})
+    assert load_chunk(link, ["a", "new", "b", "1", "b", "2"]) == Loaded(1, 2)
+    assert dict(primary.store.items()) == {"a": "old", "b": "1"}
+    assert load_chunk(link, ["a", "new", "c", "", "c", "3"], upsert=True) == Loaded(3, 0)
+    assert dict(primary.store.items()) == {"a": "new", "b": "1", "c": "3"}
+    assert load_chunk(link, ["a", "x", "b", "y"]) == Loaded(0, 2)  # nothing to send
+    assert_same_data(primary, backup)
+
+
+def test_a_load_chunk_sees_writes_still_in_flight(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    link.paused.add("primary")
+    first = link.token()
+    assert link.submit(first, INSERT, "k", "from insert") is None
+    link.flush()  # in flight, not acknowledged
+    second = link.token()
+    assert primary.submit_pairs(["k", "loaded", "n", "1"], False, link.reply_to(second)) is None
+    link.paused.clear()
+    link.run()
+    link.flush()
+    assert link.responses[first] == Done(True)
+    assert link.responses[second] == Loaded(1, 1)
+    assert link.answer_order == [first, second]
+    assert dict(primary.store.items()) == {"k": "from insert", "n": "1"}
+    assert_same_data(primary, backup)
+
+
+def test_a_load_chunk_past_max_memory_is_refused_whole(make_link: Callable[..., Link]) -> None:
+    link = make_link(max_memory=2 * PAIR_OVERHEAD + 10)
+    primary, backup = in_sync_pair(link)
+    assert load_chunk(link, ["a", "1", "b", "2", "c", "3"]) == MemoryFull(2 * PAIR_OVERHEAD + 10)
+    assert len(primary.store) == 0 and primary.overlay == {}
+    assert load_chunk(link, ["a", "1"]) == Loaded(1, 0)
+    assert_same_data(primary, backup)
+
+
+def test_a_load_chunk_lost_with_the_backup_is_rewound_whole(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"kept": "1"})
+    link.paused.add("primary")
+    token = link.token()
+    pairs = [item for i in range(300) for item in (f"k{i}", "v")]
+    assert primary.submit_pairs(pairs, False, link.reply_to(token)) is None
+    link.flush()
+    link.reset()
+    assert link.responses[token] == REPLICATION_FAILED
+    assert dict(primary.store.items()) == {"kept": "1"} and primary.overlay == {}
+
+
+def test_a_backup_refuses_load_chunks_and_a_cold_primary_too(link: Link) -> None:
+    primary = link.start_primary()
+    assert primary.stage is not S.IN_SYNC
+    assert isinstance(primary.submit_pairs(["a", "1"], False, link.reply_to("x")), Refused)
+
+
+def test_a_full_batch_takes_no_load_chunk(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    link.paused.add("primary")
+    for i in range(3):
+        pairs = [item for j in range(BATCH_WRITES // 2 + 1) for item in (f"c{i}-{j}", "v")]
+        assert primary.submit_pairs(pairs, False, link.reply_to(i)) is None
+    assert [len(batch.ops) // 2 for batch in primary.queued] == [BATCH_WRITES // 2 + 1] * 3
+    link.paused.clear()
+    link.flush()
+    link.run()
+    assert [link.responses[i] for i in range(3)] == [Loaded(BATCH_WRITES // 2 + 1, 0)] * 3
 
 
 # -- catching up (a partial resync forward) --------------------------------------------

@@ -26,11 +26,13 @@ from tests.support.persist import ops_lists
 
 HISTORY = 0x5EED
 EMPTY = State(HISTORY, 0)
+# A base's idempotency table: one remembered reply, made at table time 1000 ms.
+TABLE = b"\x92\xcd\x03\xe8\x95\xa4key1\x07\xc3\xc0\xcd\x03\xe8"
 
 
 def started(folder: Path, state: State = EMPTY, pairs: Iterable[tuple[str, str]] = ()) -> DataDir:
     data = DataDir(folder, chunk_pairs=2)
-    writer = data.start(state, b"table")
+    writer = data.start(state, TABLE)
     data.write_snapshot(writer, pairs)
     data.finish_rewrite()
     return data
@@ -65,8 +67,10 @@ def test_a_fresh_folder_starts_appends_and_loads(tmp_path: Path) -> None:
     assert (loaded.base, loaded.state, loaded.extra) == (
         State(HISTORY, 0),
         State(HISTORY, 2),
-        b"table",
+        TABLE,
     )
+    assert store.idempotency.clock == 1000
+    assert store.idempotency.get("key1") is not None
     assert on_disk(tmp_path / "d") == {MANIFEST, LOCK, "base.1.snap", "incr.1.log"}
 
 
@@ -341,3 +345,14 @@ def test_status(tmp_path: Path) -> None:
     data.begin_rewrite(State(HISTORY, 1), b"")
     assert data.status()["rewrite"] is True and data.status()["increments"] == 2
     data.close()
+
+
+def test_a_members_run_id_is_kept_only_with_its_data(tmp_path: Path) -> None:
+    data = started(tmp_path / "d")
+    assert data.member_run_id("first", loaded=False) == "first"  # a fresh folder: kept
+    assert data.member_run_id("second", loaded=True) == "first"  # its data loaded: the same
+    assert data.member_run_id("third", loaded=False) == "third"  # data not its own: a new one
+    data.close()
+    assert (tmp_path / "d" / "member").read_text() == "third"
+    with DataDir(tmp_path / "d") as again:  # not a leftover: kept at open
+        assert again.member_run_id("fourth", loaded=True) == "third"

@@ -518,7 +518,7 @@ PLANS: list[tuple[Copy, Copy, Plan]] = [
     (
         held(),
         held(confirmed=False, checksum=B),
-        Plan(Directive.SEND, "the backup holds no confirmed copy"),
+        Plan(Directive.SEND, NEITHER),
     ),
     (  # our very data, not confirmed (a spare that followed us): caught up by no batch
         held(),
@@ -568,7 +568,7 @@ PLANS: list[tuple[Copy, Copy, Plan]] = [
     (
         held(record=RECORDED),
         held(confirmed=False, seq=3, checksum=B, count=2, history=OTHER),
-        Plan(Directive.SEND, "the backup holds no confirmed copy"),
+        Plan(Directive.SEND, NEITHER),
     ),
     (  # a newer epoch's confirmed copy still wins (rule 3): no catch-up over it
         held(record=RECORDED, epoch=4, serving=9),
@@ -636,17 +636,49 @@ PLANS: list[tuple[Copy, Copy, Plan]] = [
             "the primary holds no confirmed or recovered copy",
         ),
     ),
-    # ... of two recovered copies the newer wins: the backup's, ahead by batches in flight,
+    # ... of two recovered copies of one history and epoch the primary's wins: the
+    # backup's batches beyond it were never acknowledged; it undoes them if it can,
     (
         recovered(),
+        recovered(seq=7, checksum=B, count=4, undo=AHEAD),
+        Plan(
+            Directive.ROLLBACK,
+            "both recovered from disk: the primary's seq 5 epoch 0, the backup's seq 7 "
+            "epoch 0: the backup's 2 batches beyond ours were never acknowledged: it rolls "
+            "them back",
+        ),
+    ),
+    (  # ... else it is sent the primary's copy,
+        recovered(),
         recovered(seq=7, checksum=B, count=4),
+        Plan(
+            Directive.SEND,
+            "both recovered from disk: the primary's seq 5 epoch 0, the backup's seq 7 "
+            "epoch 0: the backup's 2 batches beyond ours were never acknowledged, and it "
+            "cannot roll them back: the backup cannot undo back to seq 5 (its undo record "
+            "is too short)",
+        ),
+    ),
+    (  # ... even when its record reaches seq 5 as other data (a base written meanwhile)
+        recovered(),
+        recovered(seq=7, checksum=B, count=4, undo=(State(5, B, 3),)),
+        Plan(
+            Directive.SEND,
+            "both recovered from disk: the primary's seq 5 epoch 0, the backup's seq 7 "
+            "epoch 0: the backup's 2 batches beyond ours were never acknowledged, and it "
+            "cannot roll them back: the backup's data at seq 5 differs from ours",
+        ),
+    ),
+    (  # ... of two histories, the newer (their seqs say nothing of each other)
+        recovered(),
+        recovered(seq=7, checksum=B, count=4, history=OTHER),
         Plan(
             Directive.FETCH,
             "both recovered from disk: the primary's seq 5 epoch 0, the backup's seq 7 "
             "epoch 0: the backup's copy is newer",
         ),
     ),
-    (  # ... or the primary's (the backup's log lost its last second: everysec)
+    (  # ... and the primary's when it is ahead (the backup's log lost its last second)
         recovered(seq=9),
         recovered(seq=7, checksum=B, count=4),
         Plan(
@@ -678,7 +710,15 @@ PLANS: list[tuple[Copy, Copy, Plan]] = [
     (
         held(),
         recovered(seq=9, checksum=B),
-        Plan(Directive.SEND, "the backup holds no confirmed copy"),
+        Plan(
+            Directive.SEND,
+            "the backup cannot undo back to seq 5 (its undo record is too short)",
+        ),
+    ),
+    (  # ... which, of our history, undoes the batches we never acknowledged
+        held(),
+        recovered(seq=7, checksum=B, count=4, undo=AHEAD),
+        Plan(Directive.ROLLBACK, "the backup rolls back 2 batches, seq 7 -> 5"),
     ),
     # ... and a recovered primary of an older epoch than the backup has seen is stale.
     (recovered(serving=4), recovered(seq=9, serving=7), STALE_SEEN),
@@ -777,7 +817,25 @@ def test_the_table_catches_a_primary_that_forgets_recovered_copies() -> None:
     wrong = plans_that_differ(forgetful)
     assert [got.directive for got in (forgetful(o, t) for o, t, _ in wrong)] == [
         Directive.START_EMPTY
-    ] * 6
+    ] * 9 + [Directive.SEND] * 2  # (the last two: a live primary's, sent whole)
+
+
+def test_the_table_catches_a_primary_that_lets_the_newer_recovered_copy_win() -> None:
+    """Of two recovered copies of one history, "the newer wins" would bring back
+    batches the primary never acknowledged (a write answered "replication failed")."""
+
+    def newer_wins(ours: Copy, theirs: Copy) -> Plan:
+        both_recovered = ours.recovered and theirs.recovered
+        if both_recovered and (theirs.epoch, theirs.seq) > (ours.epoch, ours.seq):
+            return Plan(Directive.FETCH, "newer")
+        return plan(ours, theirs)
+
+    wrong = [
+        want.directive
+        for ours, theirs, want in PLANS
+        if newer_wins(ours, theirs).directive is not want.directive
+    ]
+    assert wrong == [Directive.ROLLBACK, Directive.SEND, Directive.SEND, Directive.STALE]
 
 
 def test_the_table_catches_a_primary_that_ignores_epochs() -> None:

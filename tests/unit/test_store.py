@@ -341,3 +341,23 @@ def test_shard_of_ignores_pythonhashseed(seed: str) -> None:
         timeout=60,
     )
     assert [int(n) for n in result.stdout.split()] == list(KNOWN_SHARDS.values())
+
+
+@pytest.mark.parametrize("shards", [1, 4])
+def test_lookup_then_add_new_is_apply(shards: int) -> None:
+    store, same = ShardedStore(shards), ShardedStore(shards)
+    for target in (store, same):
+        target.apply(["kept", "1", "there", "old"])
+    ops: list[str | None] = ["a", "x", "b", "", "emoji 😀", "\0\r\n"]
+    values, indices = store.lookup(ops[0::2])  # type: ignore[arg-type]
+    assert values == [None, None, None]
+    assert indices == [shard_of(key, shards) for key in ops[0::2]]  # type: ignore[arg-type]
+    # A key written after the lookup (not in a load's use) is still overwritten right.
+    store.add_new([*ops, "there", "new"], [*indices, shard_of("there", shards)])
+    same.apply([*ops, "there", "new"])
+    assert dict(store.items()) == dict(same.items())
+    assert (store.checksum, len(store), store.memory_bytes) == (
+        same.checksum,
+        len(same),
+        same.memory_bytes,
+    )
