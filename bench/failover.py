@@ -580,6 +580,19 @@ class StatusWatch(threading.Thread):
                 took = max(took, float(status.get("last_transfer_seconds", 0.0)))
         return took
 
+    def resync_kind(self, start: float) -> str:
+        """How the first member brought in sync after ``start`` got there: "a catch-up"
+        (the spare had followed the backup), "a full transfer", or "" (not seen). Only
+        the first: the member restarted when a kill is healed comes later."""
+        first: dict[str, tuple[int, int]] = {}  # each member's counts when first seen
+        for t, _, status in self.samples:
+            counts = (status.get("transfers_completed", 0), status.get("catchups") or 0)
+            name = str(status.get("member"))
+            was = first.setdefault(name, counts)
+            if t >= start and status.get("core_role") == "backup" and counts[0] > was[0]:
+                return "a catch-up" if counts[1] > was[1] else "a full transfer"
+        return ""
+
 
 class PbkvCluster(Cluster):
     name = "pbkv"
@@ -669,7 +682,16 @@ class PbkvCluster(Cluster):
             raise RuntimeError("pbkv: no member is the primary")
         seconds = bulk.load_pbkv(self.net.addresses[host], PBKV_PORT, pairs, " while loading")
         servers.wait_for(self._in_sync, self.args.timeout, "pbkv to have a backup in sync")
+        # As Redis's replicas are both confirmed: the spare follows the backup's stream.
+        servers.wait_for(self._spare_follows, self.args.timeout, "the pbkv spare to follow")
         return seconds
+
+    def _spare_follows(self) -> bool:
+        for host in SERVERS:
+            status = self.status(host)
+            if status is not None and status.get("role") == "spare":
+                return status.get("follow_step") == "following"
+        return False
 
     def pid(self, host: str) -> int | None:
         name = f"member-{self.net.addresses[host]}-{PBKV_PORT}.pid"
@@ -718,7 +740,11 @@ class PbkvCluster(Cluster):
             if last.get(host) != seen:
                 last[host] = seen
                 roles.append({"at_s": round(t - start, 3), "host": host, "role_stage": seen})
-        return {"transfer_s": self.watch.transfer_seconds(start), "status_changes": roles}
+        return {
+            "transfer_s": self.watch.transfer_seconds(start),
+            "resync": self.watch.resync_kind(start),
+            "status_changes": roles,
+        }
 
     def lost(self, acknowledged: Callable[[], Iterable[tuple[str, str]]]) -> int:
         host = self.primary()
@@ -953,8 +979,11 @@ def print_report(report: dict[str, Any]) -> None:
                 f"  {where}: reads answered with another value (the pair lost) from "
                 f"{r['reads_wrong_from_s']:.2f} s"
             )
-        if r.get("transfer_s"):
-            notes.append(f"  {where}: new backup brought in sync in {r['transfer_s']:.2f} s")
+        if r.get("transfer_s") or r.get("resync"):
+            how = f" by {r['resync']}" if r.get("resync") else ""
+            notes.append(
+                f"  {where}: new backup brought in sync{how} in {r.get('transfer_s', 0.0):.2f} s"
+            )
         failed = {k: v for k, v in r["writes"].items() if k != "ok"}
         if failed:
             shown = ", ".join(f"{k} {v}" for k, v in sorted(failed.items()))

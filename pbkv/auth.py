@@ -9,6 +9,10 @@ before any replication frame counts, and the secret itself never travels:
 3. primary: ``verify_proof(...)`` on the backup's proof, then sends
    ``proof(secret, "primary", nonce_p, nonce_b)``; the backup verifies it.
 
+A spare that follows a backup's stream (``follower.py``) opens its own channel with
+the same steps under other labels (roles ``follower`` and ``source``, and keys of
+their own), so a proof or a key of one kind of channel is worthless on the other.
+
 A proof covers both nonces, so a recorded handshake is worthless once either
 side picks a new nonce, and it names the role that made it, so a proof cannot
 be reflected back to its maker.  After the proofs both ends call
@@ -34,8 +38,14 @@ NONCE_BYTES = 32
 PROOF_BYTES = 32  # HMAC-SHA256
 KEY_BYTES = 32
 ROLES = ("primary", "backup")
+FOLLOW_ROLES = ("follower", "source")  # the follower opens, as the primary does
 
-_PROOF_LABEL = {"primary": b"pbkv-proof-primary\x00", "backup": b"pbkv-proof-backup\x00"}
+_PROOF_LABEL = {
+    "primary": b"pbkv-proof-primary\x00",
+    "backup": b"pbkv-proof-backup\x00",
+    "follower": b"pbkv-proof-follower\x00",
+    "source": b"pbkv-proof-source\x00",
+}
 _KEY_LABEL = {
     "primary": b"pbkv-key primary to backup\x01",
     "backup": b"pbkv-key backup to primary\x01",
@@ -63,8 +73,8 @@ def _check(name: str, value: Any, size: int) -> bytes:
 
 def proof(secret: str | bytes, role: str, nonce_primary: bytes, nonce_backup: bytes) -> bytes:
     """What ``role`` sends to show it holds ``secret``, bound to this channel's nonces."""
-    if role not in ROLES:
-        raise AuthError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
+    if role not in _PROOF_LABEL:
+        raise AuthError(f"role must be one of {', '.join(_PROOF_LABEL)}, not {role!r}")
     message = (
         _PROOF_LABEL[role]
         + _check("nonce_primary", nonce_primary, NONCE_BYTES)
@@ -115,3 +125,16 @@ def channel_keys(secret: str | bytes, nonce_primary: bytes, nonce_backup: bytes)
         role: hmac.new(prk, label, hashlib.sha256).digest() for role, label in _KEY_LABEL.items()
     }
     return ChannelKeys(keys["primary"], keys["backup"])
+
+
+def follow_keys(secret: str | bytes, nonce_follower: bytes, nonce_source: bytes) -> ChannelKeys:
+    """A follow channel's keys (as ``channel_keys``, under labels of their own): the
+    follower plays the primary's part (it opens), the source the backup's."""
+    salt = _check("nonce_follower", nonce_follower, NONCE_BYTES) + _check(
+        "nonce_source", nonce_source, NONCE_BYTES
+    )
+    prk = hmac.new(salt, _secret_bytes(secret), hashlib.sha256).digest()
+    return ChannelKeys(
+        hmac.new(prk, b"pbkv-follow-key follower to source\x01", hashlib.sha256).digest(),
+        hmac.new(prk, b"pbkv-follow-key source to follower\x01", hashlib.sha256).digest(),
+    )

@@ -14,7 +14,7 @@ import logging
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pbkv.actions import (
     CloseCandidate,
@@ -42,6 +42,7 @@ from pbkv.wire import (
     AuthChallenge,
     AuthFailed,
     Batch,
+    Catchup,
     Fence,
     Fetch,
     Frame,
@@ -73,6 +74,16 @@ class Undo:
     table: TableUndo | None = None
 
 
+class BatchTap(Protocol):
+    """Who hears of the batches this backup applies (its followers: ``following.py``)."""
+
+    def applied(self, frame: Batch) -> None:
+        """Batch ``frame`` was applied (its ACK is queued first: never delay it)."""
+
+    def reset(self, reason: str) -> None:
+        """Our data changed otherwise than by a batch: the stream heard so far ends."""
+
+
 def _undo_size(ops: list[str | None], olds: list[str | None]) -> int:
     # In C loops (a load's batches hold thousands of pairs): None counts as empty.
     text = sum(map(len, filter(None, ops))) + sum(map(len, filter(None, olds)))
@@ -97,6 +108,10 @@ class BackupCore(ReplicationCore):
         # (their acknowledgement was lost) instead of copying the whole database again.
         self.undo: deque[Undo] = deque()
         self.undo_size = 0
+        # Catching up (the CATCHUP directive): the state the last batch must reach.
+        self.catchup_target: State | None = None
+        self.catchups = 0  # syncs by catching up (a part of resyncs_partial)
+        self.tap: BatchTap | None = None
         self.handlers.update(
             {
                 FrameType.HELLO: self._hello,
@@ -108,6 +123,7 @@ class BackupCore(ReplicationCore):
                 FrameType.SNAPSHOT_END: self._transfer_frame,
                 FrameType.SKIP: self._skip,
                 FrameType.ROLLBACK: self._rollback,
+                FrameType.CATCHUP: self._catch_up,
                 FrameType.FETCH: self._fetch,
                 FrameType.SYNC_ACK: self._final_ack,
                 FrameType.FENCE: self._fenced,
@@ -229,6 +245,7 @@ class BackupCore(ReplicationCore):
         super()._channel_lost(reason, event)
 
     def on_channel_lost(self, reason: str) -> None:
+        self._end_catchup()
         self._wait_for_primary()
 
     # -- epochs ------------------------------------------------------------------
@@ -284,6 +301,8 @@ class BackupCore(ReplicationCore):
         self.persist_batch(seq, frame.ops, frame.time, frame.keyed)
         self.batches_applied += 1
         self.send(Ack(seq, epoch=self.epoch))
+        if self.tap is not None:
+            self.tap.applied(frame)
         return Step.STREAMING
 
     def _apply(self, seq: int, ops: list[str | None], time: int, keyed: list[Any]) -> None:
@@ -329,6 +348,7 @@ class BackupCore(ReplicationCore):
         """Undo, newest first, the batches after ``frame.seq``; then our data must be
         the primary's (an O(1) checksum comparison), or we redo them and refuse."""
         target = frame.seq
+        self._data_changes("a rollback")
         refused = self._refusal(Directive.ROLLBACK, State(target, frame.checksum, frame.count))
         if refused is not None:
             self.fail_transfer(refused)
@@ -359,6 +379,84 @@ class BackupCore(ReplicationCore):
         self.persist_rollback(target)
         self._confirm(store.checksum, f"rolled back {len(steps)} batches", Resync.PARTIAL)
         return Step.STREAMING
+
+    def _catch_up(self, frame: Catchup) -> Step:
+        """The primary's batches after our seq follow, up to ``frame.to_seq``; then our
+        data must be the primary's (``_catchup_batch``)."""
+        start = State(frame.seq, frame.checksum, frame.count)
+        refused = self._refusal(Directive.CATCHUP, start)
+        if refused is None and frame.to_seq < frame.seq:
+            refused = f"catch-up to seq {frame.to_seq} from seq {frame.seq}: backwards"
+        if refused is not None:
+            self.fail_transfer(refused)
+            return Step.NONE
+        # Our data moves on from here: no longer what a peer verified, nor what our
+        # undo record leads back from, until the last batch matches the primary's.
+        self._data_changes("a catch-up")
+        self.confirmed = False
+        self.undo.clear()
+        self.undo_size = 0
+        self.catchup_target = State(frame.to_seq, frame.to_checksum, frame.to_count)
+        self.transfer_began = self.now
+        self.handlers[FrameType.BATCH] = self._catchup_batch
+        log.info(
+            "backup resync: partial: catching up %d batches, seq %d -> %d",
+            frame.to_seq - frame.seq,
+            frame.seq,
+            frame.to_seq,
+        )
+        if frame.to_seq == frame.seq:  # we hold the primary's data already
+            return self._caught_up()
+        return Step.CATCHING_UP
+
+    def _catchup_batch(self, frame: Batch) -> Step:
+        """A batch we lack: applied in order, not acknowledged (the SYNC_ACK at the end is)."""
+        target = self.catchup_target
+        assert target is not None
+        seq = frame.seq
+        if seq != self.seq + 1 or seq > target.seq:
+            self.fail_transfer(f"catch-up batch {seq} out of order (expected {self.seq + 1})")
+            return Step.NONE
+        self.store.apply(frame.ops)
+        self.store.idempotency.apply(frame.time, frame.keyed)
+        self.seq = seq
+        self.persist_batch(seq, frame.ops, frame.time, frame.keyed)
+        if seq < target.seq:
+            return Step.CATCHING_UP
+        return self._caught_up()
+
+    def _caught_up(self) -> Step:
+        target = self.catchup_target
+        assert target is not None and target.seq == self.seq
+        self._end_catchup()
+        if not self._holds(target.checksum, target.count):
+            self.fail_transfer(f"caught up to seq {self.seq}, but the data is not the primary's")
+            return Step.NONE
+        self.catchups += 1
+        if self.transfer_began is not None:  # how long it took, as for a transfer
+            self.last_transfer_seconds = self.now - self.transfer_began
+            self.transfer_began = None
+        self._confirm(self.store.checksum, f"caught up to seq {self.seq}", Resync.PARTIAL)
+        return Step.STREAMING
+
+    def _data_changes(self, how: str) -> None:
+        if self.tap is not None:
+            self.tap.reset(f"the backup's data changed by {how}")
+
+    def adopt_followed(self, store: ShardedStore, seq: int, history: int) -> list[dict[str, str]]:
+        """Hold a copy that followed a backup's stream (``follower.py``): of that backup's
+        history, never confirmed, of no epoch. Returns our old pairs, to drop gradually."""
+        old = self.store.take_pairs_of(store)
+        self.seq, self.history = seq, history
+        self.confirmed = self.recovered = False
+        self.copy_epoch = 0
+        self.undo.clear()
+        self.undo_size = 0
+        return old
+
+    def _end_catchup(self) -> None:
+        self.catchup_target = None
+        self.handlers[FrameType.BATCH] = self._apply_batch
 
     def _fenced(self, frame: Fence) -> Step:
         self.lose_channel(f"fenced by the primary: {self.peer_text(frame.reason)}")
@@ -431,6 +529,7 @@ class BackupCore(ReplicationCore):
         """Seed: the backup enters in sync before the primary."""
         hello = self.peer_hello
         assert hello is not None
+        self._data_changes("a sync")
         self.copy_epoch = hello.epoch  # our data is now that primary's epoch's
         self.note_resync(resync, hello)
         self.persist_synced(replaced)  # before the SYNC_ACK, which waits for it
@@ -466,5 +565,6 @@ class BackupCore(ReplicationCore):
             primary=self.primary_address,
             lag=max(0, self.peer_seq - self.seq),
             batches_applied=self.batches_applied,
+            catchups=self.catchups,
         )
         return status

@@ -287,7 +287,12 @@ class ReplicationCore:
             self.copy_epoch,
             self.epoch,
             self.recovered,
+            self.record_states(),
         )
+
+    def record_states(self) -> tuple[State, ...]:
+        """The states our recorded batches lead on from (the primary's, ``catchup.py``)."""
+        return ()
 
     def undo_points(self) -> tuple[tuple[int, int, int], ...]:
         """The (seq, checksum, count) states we can roll back to (the backup's)."""

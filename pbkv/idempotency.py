@@ -131,6 +131,13 @@ class IdempotencyTable:
         table.ttl_ms = self.ttl_ms
         return table
 
+    def copy(self) -> IdempotencyTable:
+        """The entries and the time as of now (their tuples are shared: never changed)."""
+        table = self.empty_like()
+        table.entries = self.entries.copy()
+        table.clock, table.checksum, table.memory = self.clock, self.checksum, self.memory
+        return table
+
     def clear(self) -> None:
         self.entries = OrderedDict()
         self.clock = 0

@@ -187,7 +187,9 @@ class Member:
     def choose_backup(self) -> tuple[str, int] | None:
         """The member the primary connects to next (None: no other is registered)."""
         registered = [info.member for info in self.members]
-        return self.membership.choose_backup(self.address, registered)
+        following = self.node.following
+        followers = frozenset(following.followed_by) if following is not None else frozenset()
+        return self.membership.choose_backup(self.address, registered, followers)
 
     def replication_changed(self) -> None:
         """The core's news: a backup came in sync or was lost, or our copy changed."""
@@ -236,6 +238,8 @@ class Member:
         self._wakeup = None
         self._copy_changed()
         self._feed(Tick(self._now()))
+        if self.node.following is not None:
+            self.node.following.follow(self.membership.follow_target())
 
     # -- actions out -------------------------------------------------------------------------
     def _carry_out(self, action: Action) -> None:

@@ -35,6 +35,7 @@ from pbkv.leadership import (
     Event,
     Holding,
     Leadership,
+    Role,
     Started,
     address_of,
 )
@@ -141,8 +142,23 @@ class Membership:
         self._reported_backup = None
 
     # -- the primary's choice of backup ---------------------------------------------------------
+    def follow_target(self) -> str | None:
+        """The member a spare follows (``follower.py``): the backup recorded in sync
+        under the epoch of the primary we follow (None: no spare, or nobody to follow)."""
+        leadership = self.leadership
+        leader, record = leadership.leader, leadership.record
+        if leadership.role is not Role.SPARE or leader is None or record is None:
+            return None
+        backup = record.backup
+        if backup is None or record.epoch != leader.epoch or backup in (leader.member, self.name):
+            return None
+        return address_of(backup)
+
     def choose_backup(
-        self, own: tuple[str, int], registered_members: list[str]
+        self,
+        own: tuple[str, int],
+        registered_members: list[str],
+        followers: frozenset[str] = frozenset(),
     ) -> tuple[str, int] | None:
         """The member the primary connects to next, of those registered in etcd (None:
         no other is).
@@ -151,7 +167,8 @@ class Membership:
         recorded backup first (its copy is likely whole: a skip or a rollback rather
         than a transfer), then the others in the order they registered. So a
         recorded backup that cannot be reached (a partition) is left for a spare
-        after one attempt."""
+        after one attempt. Then the ``followers`` (member names) that followed this
+        member's copy while it was a backup: they catch up by the batches they lack."""
         registered: list[tuple[str, int]] = []
         for member in registered_members:
             with contextlib.suppress(ValueError):
@@ -165,7 +182,14 @@ class Membership:
         if record is not None and record.backup is not None:
             with contextlib.suppress(ValueError):
                 recorded = parse_address(address_of(record.backup))
+        followed: set[tuple[str, int]] = set()
+        for member in followers:
+            with contextlib.suppress(ValueError):
+                followed.add(parse_address(address_of(member)))
         tries = self._tries
-        choice = min(registered, key=lambda address: (tries[address], address != recorded))
+        choice = min(
+            registered,
+            key=lambda address: (tries[address], address != recorded, address not in followed),
+        )
         tries[choice] += 1
         return choice

@@ -140,6 +140,10 @@ GAUGES: dict[str, tuple[str, str, float]] = {
 MEMBER_GAUGES: dict[str, tuple[str, str]] = {
     "pbkv_epoch": ("The epoch this member leads or follows", "epoch"),
     "pbkv_lease_left_seconds": ("Seconds this member's lease is certainly valid", "lease_left"),
+    "pbkv_follow_lag_batches": (
+        "Batches a spare's followed copy is behind the backup it follows",
+        "follow_lag",
+    ),
 }
 
 # name: (help text, status field); a counter whose field the role lacks is left out.
@@ -150,10 +154,14 @@ COUNTERS: dict[str, tuple[str, str]] = {
     ),
     "pbkv_transfers_failed": ("Synchronizations that failed", "transfers_failed"),
     "pbkv_resyncs_partial": (
-        "Synchronizations by a rollback of the backup (no copy)",
+        "Synchronizations by a rollback or a catch-up of the backup (no copy)",
         "resyncs_partial",
     ),
     "pbkv_resyncs_full": ("Synchronizations by a full transfer", "resyncs_full"),
+    "pbkv_catchups": (
+        "Synchronizations by a catch-up on the primary's batches (sent or received)",
+        "catchups_sent",
+    ),
     "pbkv_writes_rewound": ("Writes rewound after a replication failure", "writes_rewound"),
     "pbkv_writes_replayed": (
         "Retries with an Idempotency-Key answered without being applied again",
@@ -221,6 +229,8 @@ def families(status: Status, requests: Mapping[Command, int]) -> Iterator[Metric
     for name, (text, field) in [*COUNTERS.items(), *MEMBER_COUNTERS.items()]:
         if field == "batches_sent" and role is Role.BACKUP:
             field = "batches_applied"
+        if field == "catchups_sent" and role is Role.BACKUP:
+            field = "catchups"
         if field in status:
             counter = CounterMetricFamily(name, text, labels=["role"])
             counter.add_metric(labels, float(status[field]))

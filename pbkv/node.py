@@ -244,10 +244,15 @@ class Node:
         self.stats = Metrics(self.status)
         self._pumping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        # With a coordinator: follow channels (a spare follows the recorded backup).
+        self.following: Following | None = None
         if member_address is not None:
+            from pbkv.following import Following
             from pbkv.member import Member  # only members load etcd's client
 
             self.member = Member(self, settings, member_address)
+            self.following = Following(self)
+            self.following.core_switched()
 
     def _recover(self, store: ShardedStore) -> Persistence:
         """Open this server's data folder and load its data into ``store``, before we
@@ -324,6 +329,8 @@ class Node:
         self.core.drain(self)
         if self.member is not None:
             await self.member.start()
+        if self.following is not None:
+            self.following.start()
         if listening is not None:
             listening()
         self._sweep = self.loop.call_later(SWEEP_INTERVAL, self._sweep_idle)
@@ -333,6 +340,8 @@ class Node:
         finally:
             if self.member is not None:
                 await self.member.stop()  # hands leadership over at once, not after the lease
+            if self.following is not None:
+                self.following.stop()
             self.gc_pauses.uninstall()
             self._sweep.cancel()
             self._lag_timer.cancel()
@@ -380,6 +389,17 @@ class Node:
     def accepts_replication(self) -> bool:
         return isinstance(self.core, BackupCore)
 
+    @property
+    def accepts_followers(self) -> bool:
+        return self.following is not None and isinstance(self.core, BackupCore)
+
+    def follow_upgrade(self, transport: asyncio.Transport, leftover: bytes) -> None:
+        """A follow channel (``following.py``): served only by a member's backup."""
+        if self.following is None:
+            transport.close()
+            return
+        self.following.accept(transport, leftover)
+
     # -- roles (with a coordinator: pbkv.member decides, the node carries out) ------------
     def _switch_core(self, new: PrimaryCore | BackupCore) -> None:
         """Drive ``new`` from now on: the old core's last actions are carried out, its
@@ -396,6 +416,8 @@ class Node:
         self.role = new.role
         new.start(self.clock())
         new.drain(self)
+        if self.following is not None:
+            self.following.core_switched()
 
     def become_primary(self, epoch: int, authority: Callable[[float, str], bool]) -> None:
         core = self.core
@@ -539,6 +561,8 @@ class Node:
         status["gc_pause_max_ms"] = [round(pause * 1000, 1) for pause in self.gc_pauses.longest]
         if self.member is not None:
             status.update(self.member.status(now))
+        if self.following is not None:
+            status.update(self.following.status())
         if self.persistence is not None:
             status["persistence"] = self.persistence.status()
         return status

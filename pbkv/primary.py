@@ -29,6 +29,7 @@ from typing import Any
 
 from pbkv import auth
 from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, Timer
+from pbkv.catchup import AppliedRecord
 from pbkv.commands import (
     KEY_REUSED,
     REPLICATION_FAILED,
@@ -57,7 +58,18 @@ from pbkv.idempotency import (
     entry_size,
     fingerprint,
 )
-from pbkv.stages import Copy, Directive, Event, Plan, Role, Stage, Step, WriteRule, plan
+from pbkv.stages import (
+    Copy,
+    Directive,
+    Event,
+    Plan,
+    Role,
+    Stage,
+    State,
+    Step,
+    WriteRule,
+    plan,
+)
 from pbkv.store import PAIR_OVERHEAD, ShardedStore
 from pbkv.transfer import SnapshotReceiver, TransferError
 from pbkv.wire import (
@@ -65,6 +77,7 @@ from pbkv.wire import (
     AuthChallenge,
     AuthProof,
     AuthResponse,
+    Catchup,
     Fence,
     Fetch,
     FrameType,
@@ -74,6 +87,7 @@ from pbkv.wire import (
     SnapshotBegin,
     SnapshotEnd,
     SyncAck,
+    SyncNack,
 )
 from pbkv.wire import (
     Batch as BatchFrame,
@@ -155,6 +169,9 @@ class PrimaryCore(ReplicationCore):
         self.window = settings.batches_in_flight
         self.sent_seq = 0
         self.plan: Plan | None = None  # what this channel's handshake decided
+        # The batches applied last, to bring a member behind us in sync (``catchup.py``).
+        self.applied_record = AppliedRecord(settings.undo_bytes)
+        self.catchups_sent = 0
         self.writes_rewound = 0
         self.batches_sent = 0
         # Acknowledged batches: how many, their writes, and the sum of round trips.
@@ -591,6 +608,7 @@ class PrimaryCore(ReplicationCore):
         batch = self.in_flight.popleft()
         ops, overlay = batch.ops, self.overlay
         store = self.store
+        checksum_before, count_before = store.checksum, len(store)
         new_shards = batch.new_shards
         if new_shards is None:
             store.apply(ops)
@@ -600,6 +618,7 @@ class PrimaryCore(ReplicationCore):
                 store.apply(ops[2 * len(new_shards) :])
         keyed = batch.keyed
         store.idempotency.apply(batch.time, keyed)  # as the backup did: both expire alike
+        self._record_applied(batch, checksum_before, count_before)
         if keyed:
             for ident in keyed[0::4]:
                 self.keyed.pop(ident, None)
@@ -620,6 +639,21 @@ class PrimaryCore(ReplicationCore):
         self._answer(batch)
         self.flush(self.now)
         return Step.STREAMING
+
+    def _record_applied(self, batch: Batch, checksum_before: int, count_before: int) -> None:
+        """Keep the batch just applied for a member that lags (``catchup.py``)."""
+        store = self.store
+        after = State(batch.seq, store.checksum, len(store))
+        self.applied_record.applied(
+            batch.seq,
+            batch.ops,
+            batch.time,
+            batch.keyed,
+            checksum_before,
+            count_before,
+            after,
+            batch.chars,
+        )
 
     def _rewind(self, reason: str) -> None:
         """Fail every write not yet acknowledged; the store never saw them."""
@@ -675,6 +709,9 @@ class PrimaryCore(ReplicationCore):
                 self.fire(Event.BACKUP_NEEDS_DATA, reason)
             log.info("primary resync: partial: %s", reason)
             self.send(Rollback(self.seq, store.checksum, len(store)))
+        elif directive is Directive.CATCHUP:
+            log.info("primary resync: partial: %s", reason)
+            self._send_catchup(theirs)
         elif directive is Directive.SEND:
             if not self.confirmed:  # a copy recovered from disk: the backup needs it
                 self.fire(Event.BACKUP_NEEDS_DATA, reason)
@@ -682,6 +719,7 @@ class PrimaryCore(ReplicationCore):
             self.start_sending_snapshot()
         elif directive is Directive.FETCH:
             self.recovered = False  # the store is refilled from the backup's
+            self.applied_record.clear()
             self.fire(Event.BACKUP_HOLDS_DATA, reason)
             self.receiver = SnapshotReceiver(store)
             self.complete_shards = self.receiver.complete_shards
@@ -693,10 +731,31 @@ class PrimaryCore(ReplicationCore):
                     "primary discards %d unconfirmed pairs: the backup holds no data", len(store)
                 )
                 store.clear()
+            self.applied_record.clear()
             self.confirmed = True
             self.fire(Event.BACKUP_NEEDS_DATA, reason)
             self.start_sending_snapshot()
         return Step.AWAIT_SYNC_ACK
+
+    def _refused_by_peer(self, frame: SyncNack) -> Step:
+        if self.plan is not None and self.plan.directive is Directive.CATCHUP:
+            self.applied_record.clear()  # it did not lead there: never offer it again
+        return super()._refused_by_peer(frame)
+
+    def record_states(self) -> tuple[State, ...]:
+        store = self.store
+        return self.applied_record.states(State(self.seq, store.checksum, len(store)))
+
+    def _send_catchup(self, theirs: Copy) -> None:
+        """The CATCHUP directive and the recorded batches after the backup's seq (the
+        plan checked that the record covers them): bounded by ``undo_bytes``."""
+        store = self.store
+        self.send(
+            Catchup(theirs.seq, theirs.checksum, theirs.count, self.seq, store.checksum, len(store))
+        )
+        for entry in self.applied_record.after(theirs.seq):
+            self.send(BatchFrame(entry.seq, entry.ops, entry.time, entry.keyed, epoch=self.epoch))
+        self.catchups_sent += 1
 
     def _transfer_frame(self, frame: Any) -> Step:
         receiver = self.receiver
@@ -758,6 +817,8 @@ class PrimaryCore(ReplicationCore):
             idempotency_keys_reused=self.keys_reused,
             batches_sent=self.batches_sent,
             batches_acked=self.batches_acked,
+            catchups_sent=self.catchups_sent,
+            catchup_record_batches=len(self.applied_record),
             writes_replicated=self.writes_replicated,
             ack_seconds_total=round(self.ack_seconds_total, 6),
             # Group commit at work: writes per batch, and the mean acknowledgement time.

@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 
 from pbkv.backup import BackupCore
+from pbkv.catchup import Applied
 from pbkv.core import ReplicationCore
 from pbkv.primary import PrimaryCore
-from pbkv.stages import Stage
+from pbkv.stages import Stage, State
 
 __all__ = ["demoted", "promoted"]
 
@@ -57,6 +58,14 @@ def promoted(backup: BackupCore, now: float, epoch: int) -> PrimaryCore:
     _carry(backup, primary)
     primary.confirmed = True
     primary.sent_seq = primary.seq
+    # The batches of the undo record are the last this copy applied: a member that
+    # followed it and lags by some of them catches up by those (``catchup.py``).
+    store = backup.store
+    applied = [
+        Applied(u.seq, u.ops, u.time, u.keyed or [], u.checksum_before, u.count_before, u.size)
+        for u in backup.undo
+    ]
+    primary.applied_record.extend(applied, State(backup.seq, store.checksum, len(store)))
     primary.serve_epoch(now, epoch)
     primary.copy_epoch = epoch  # the new epoch's writes go on from this copy
     return primary

@@ -139,6 +139,8 @@ def rows(entries: Sequence[Entry]) -> list[Row]:
                 elif stage is not None:
                     synced = stage == "in_sync"
             lag = _number(status.get("lag"))
+            if status.get("follow_lag") is not None:  # a spare: behind the backup it follows
+                lag = _number(status.get("follow_lag"))
             left = status.get("lease_left")
             lease = float(left) if isinstance(left, int | float) else None
         listed.append(

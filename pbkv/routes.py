@@ -58,6 +58,8 @@ SHUTDOWN_PATH = BY_NAME["shutdown"].path.encode()
 STATUS_PATH = BY_NAME["status"].path.encode()
 METRICS_PATH = BY_NAME["metrics"].path.encode()
 LISTENING_PATH = BY_NAME["listening"].path.encode()
+# A spare follows a member's backup on this upgrade (``follower.py``).
+FOLLOW_PATH = b"/kvrepl/follow"
 # The bulk load: its body is read as it arrives (``pbkv/http/load.py``), not routed as
 # a whole request, so it is in neither table above.
 LOAD_PATH = b"/kvman/load"

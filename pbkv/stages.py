@@ -203,6 +203,8 @@ class Step(enum.Enum):
     AWAIT_HELLO = "await_hello"  # the peer's HELLO comes next
     # Backup: our HELLO sent; the primary says what happens (send, skip, fetch).
     AWAIT_DIRECTIVE = "await_directive"
+    # Backup: told to catch up; the batches it lacks arrive, unacknowledged one by one.
+    CATCHING_UP = "catching_up"
     AWAIT_SYNC_ACK = "await_sync_ack"  # primary: our data (or SKIP) sent; is it verified?
     RECEIVE_SNAPSHOT = "receive_snapshot"  # the peer's whole database arrives
     AWAIT_FINAL_ACK = "await_final_ack"  # our verdict on a transfer sent; the peer's comes
@@ -257,7 +259,14 @@ BACKUP_HANDSHAKE: dict[Step, dict[FrameType, tuple[Step, ...]]] = {
         F.SNAPSHOT_BEGIN: (Step.RECEIVE_SNAPSHOT,),
         F.SKIP: (Step.STREAMING,),
         F.ROLLBACK: (Step.STREAMING,),  # partial resync: undo the batches it never applied
+        # Partial resync: apply the batches we lack (none: in sync at once).
+        F.CATCHUP: (Step.CATCHING_UP, Step.STREAMING),
         F.FETCH: (Step.AWAIT_FINAL_ACK,),
+    },
+    # The last batch brings us to the primary's state: in sync (and we say so).
+    Step.CATCHING_UP: {
+        F.BATCH: (Step.CATCHING_UP, Step.STREAMING),
+        F.SYNC_NACK: (Step.NONE,),
     },
     # The backup is in sync (and says so) before the primary: the primary may
     # still refuse our acknowledgement, in streaming.
@@ -366,7 +375,16 @@ class Handshake:
 # 4. A primary whose data a backup has confirmed (it has been in sync since it
 #    started) keeps it: it has the backup ROLL BACK when the backup is of the
 #    same history, not behind, and can undo back to our seq into exactly our
-#    data (the batches whose acknowledgement we never saw); else it SENDs its data.
+#    data (the batches whose acknowledgement we never saw); it has the backup
+#    CATCH UP when the backup is of the same history, behind, and our record of
+#    the batches we applied last (``catchup.py``) reaches back to the backup's
+#    seq with exactly the backup's state there (checksum and count, which cover
+#    the idempotency table too): our batches then lead from its data to ours
+#    (none, when it already holds our data but not confirmed).
+#    Its copy need not be confirmed for that: nothing of it survives that is not
+#    also ours (its data *is* ours as of that seq), the batches come from our
+#    record, and the backup checks the result against our checksum and count
+#    before it says it is in sync, as after any transfer.  Else it SENDs its data.
 # 5. A primary without confirmed data (freshly started) FETCHes the backup's
 #    data when the backup holds a confirmed copy.
 # 6. Neither copy is confirmed, but one or both were *recovered* (loaded from disk
@@ -405,6 +423,8 @@ class Copy:
     serving: int = 0
     # Loaded from disk at start, not yet confirmed by a peer (``persistence``).
     recovered: bool = False
+    # The states a primary can lead on from by the batches it recorded (not in a HELLO).
+    record: tuple[State, ...] = ()
 
     @classmethod
     def of(cls, hello: Hello) -> Copy:
@@ -426,7 +446,7 @@ class Resync(enum.Enum):
     """How a sync reached matching data (what the resync counters count)."""
 
     FULL = "full"  # the data was copied whole: a new history on both sides
-    PARTIAL = "partial"  # the backup rolled back batches
+    PARTIAL = "partial"  # the backup rolled back batches, or caught up by them
     NONE = "none"  # both already held the same data
 
 
@@ -436,6 +456,7 @@ class Directive(enum.Enum):
     SEND = "sent to"  # our confirmed data wins
     SKIP = "already matched on"  # both hold the same confirmed data
     ROLLBACK = "rolled back on"  # the backup is ahead by batches we never applied: it undoes them
+    CATCHUP = "caught up on"  # the backup is behind by batches we recorded: it applies them
     FETCH = "fetched from"  # the backup's confirmed data wins
     START_EMPTY = "started empty with"  # neither side holds confirmed data
     STALE = "withheld from"  # a newer primary exists: we step down, nothing moves
@@ -444,7 +465,7 @@ class Directive(enum.Enum):
     def resync(self) -> Resync:
         if self is Directive.SKIP or self is Directive.STALE:
             return Resync.NONE
-        if self is Directive.ROLLBACK:
+        if self is Directive.ROLLBACK or self is Directive.CATCHUP:
             return Resync.PARTIAL
         return Resync.FULL
 
@@ -489,6 +510,15 @@ def plan(ours: Copy, theirs: Copy) -> Plan:
                 f"the backup rolls back {theirs.seq - ours.seq} batches, "
                 f"seq {theirs.seq} -> {ours.seq}",
             )
+        why_behind = why_no_catchup(ours, theirs)
+        if why_behind is None:
+            return Plan(
+                Directive.CATCHUP,
+                f"the backup catches up {ours.seq - theirs.seq} batches, "
+                f"seq {theirs.seq} -> {ours.seq}",
+            )
+        if theirs.history == ours.history and theirs.seq < ours.seq:
+            why_not = why_behind  # says more than "not confirmed" or "behind"
         return Plan(Directive.SEND, why_not)
     if theirs.confirmed:
         return Plan(Directive.FETCH, f"backup holds {theirs.count} confirmed pairs")
@@ -550,18 +580,37 @@ def why_no_rollback(ours: Copy, theirs: Copy) -> str | None:
     return None
 
 
+def why_no_catchup(ours: Copy, theirs: Copy) -> str | None:
+    """Why the backup (``theirs``) cannot reach our data by our recorded batches (None:
+    it can): rule 4."""
+    if theirs.history != ours.history:
+        return "the backup's data has another history (a restart or a replaced copy)"
+    if theirs.seq > ours.seq:
+        return f"the backup is ahead (seq {theirs.seq} > {ours.seq})"
+    recorded = {state.seq: state for state in ours.record}
+    recorded[ours.seq] = State(ours.seq, ours.checksum, ours.count)  # none to send
+    state = recorded.get(theirs.seq)
+    if state is None:
+        return f"the backup is behind (seq {theirs.seq} < {ours.seq}) past our record of batches"
+    if (state.checksum, state.count) != (theirs.checksum, theirs.count):
+        return f"the backup's data at seq {theirs.seq} differs from ours then"
+    return None
+
+
 def refusal(directive: Directive, target: State | None, ours: Copy, theirs: Copy) -> str | None:
     """Why the backup (``ours``) refuses the primary's (``theirs``) directive; None: it obeys.
 
-    ``target``: the state a SKIP or ROLLBACK says we reach.  Nothing is obeyed from
+    ``target``: the state a SKIP or ROLLBACK says we reach, the state a CATCHUP says we
+    start from.  Nothing is obeyed from
     a primary of a lower epoch than we have seen or than our copy's (a STALE one
     never sends a directive).  Only a confirmed copy may be kept as the primary's
     (SKIP), only a confirmed or recovered one rolled back to it (ROLLBACK: the
     checksum then proves it is the primary's) or become it (FETCH); a rollback
     needs our history and a
     recorded state at the target's seq (and the backup then checks that undoing
-    really reached the target).  Data the primary sends is always taken, once all
-    of it has arrived."""
+    really reached the target); a catch-up needs our history and must start from
+    exactly our state (the backup checks the state it reaches at the end).  Data the
+    primary sends is always taken, once all of it has arrived."""
     newest = max(ours.serving, ours.epoch)
     if theirs.serving < newest:
         return f"directive of epoch {theirs.serving} < {newest} seen"
@@ -579,6 +628,10 @@ def refusal(directive: Directive, target: State | None, ours: Copy, theirs: Copy
             or all(state.seq != target.seq for state in ours.undo)
         ):
             return f"cannot roll back to seq {target.seq}"
+    elif directive is Directive.CATCHUP:
+        assert target is not None
+        if theirs.history != ours.history or target != State(ours.seq, ours.checksum, ours.count):
+            return f"cannot catch up from seq {target.seq}: our copy is not in that state"
     elif directive is Directive.FETCH and not (ours.confirmed or ours.recovered):
         return "fetch asked of a backup without confirmed data"
     return None

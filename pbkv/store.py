@@ -166,6 +166,17 @@ class ShardedStore:
         if chunk:
             yield chunk
 
+    def copy(self) -> ShardedStore:
+        """A copy of the pairs and the table as of now, for a follower's snapshot (a
+        dict copy per shard: about 60 ms per million pairs here, on the loop, so it is
+        consistent with the seq it is taken at)."""
+        store = self.empty_like()
+        store._shards = [shard.copy() for shard in self._shards]
+        store._sums = list(self._sums)
+        store._size, store._memory = self._size, self._memory
+        store.idempotency = self.idempotency.copy()
+        return store
+
     def empty_like(self) -> ShardedStore:
         """A new empty store of the same kind and layout (and table bounds)."""
         store = type(self)(self.shard_count)

@@ -76,6 +76,7 @@ class FrameType(enum.IntEnum):
     AUTH_FAILED = 17  # either: the proof did not verify (a courtesy: the log says why)
     ROLLBACK = 18  # partial resync: the backup undoes the batches the primary never applied
     IDEMPOTENCY_CHUNK = 19  # a transfer's idempotency table (after the shards)
+    CATCHUP = 20  # partial resync: the backup is behind; the batches it lacks follow
 
 
 class FrameError(ValueError):
@@ -422,6 +423,22 @@ class Rollback(Frame):
 
 
 @dataclass(frozen=True, slots=True)
+class Catchup(Frame):
+    """The primary to a backup behind it in the same history: from the state the backup
+    holds (``seq``, ``checksum``, ``count``) the batches up to ``to_seq`` follow, after
+    which the backup must hold ``to_checksum`` and ``to_count``."""
+
+    kind = FrameType.CATCHUP
+    field_kinds = (_count, _checksum, _count, _count, _checksum, _count)
+    seq: int
+    checksum: int
+    count: int
+    to_seq: int
+    to_checksum: int
+    to_count: int
+
+
+@dataclass(frozen=True, slots=True)
 class IdempotencyChunk(Frame):
     """Part of a transfer's idempotency table, oldest entries first, after the shards
     (at least one, so the table's time travels with an empty table too)."""
@@ -478,6 +495,7 @@ FRAME_CLASSES: dict[FrameType, type[Frame]] = {
         SyncNack,
         Fence,
         Rollback,
+        Catchup,
         IdempotencyChunk,
         AuthChallenge,
         AuthResponse,

@@ -53,6 +53,7 @@ from pbkv.limits import CLOCK_STEP, DUMP_PAIRS, DumpStream, Guard
 from pbkv.routes import (
     ADMIN_ROUTES,
     COMMAND_ROUTES,
+    FOLLOW_PATH,
     LISTENING_PATH,
     LOAD_PATH,
     METRICS_PATH,
@@ -263,10 +264,14 @@ class HttpProtocol(asyncio.Protocol):
     def upgrade_requested(self, leftover: bytes) -> None:
         reader = self.reader
         path = reader.url.partition(b"?")[0]
-        if not reader.upgrade or path != UPGRADE_PATH or self._pending:
+        follow = path == FOLLOW_PATH  # a spare follows a member's backup (``following.py``)
+        if not reader.upgrade or (path != UPGRADE_PATH and not follow) or self._pending:
             self.refuse_and_close(400, "unsupported upgrade")
             return
-        if not self.app.accepts_replication:
+        if follow and not getattr(self.app, "accepts_followers", False):
+            self.refuse_and_close(400, "only a member's backup may be followed")
+            return
+        if not follow and not self.app.accepts_replication:
             self.refuse_and_close(400, "only the backup accepts a replication channel")
             return
         transport = self.transport
@@ -287,7 +292,10 @@ class HttpProtocol(asyncio.Protocol):
             + UPGRADE_TOKEN
             + b"\r\nConnection: Upgrade\r\n\r\n"
         )
-        self.app.upgrade(transport, leftover)
+        if follow:
+            self.app.follow_upgrade(transport, leftover)  # type: ignore[attr-defined]
+        else:
+            self.app.upgrade(transport, leftover)
 
     # -- a bulk load (load.py) ------------------------------------------------------------
     def stream_began(self) -> BulkLoad | None:

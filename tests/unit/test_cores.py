@@ -43,9 +43,12 @@ from pbkv.persist.log import Record, RecordKind
 from pbkv.persist.log import State as DiskState
 from pbkv.persist.table import batch_extra, batch_of
 from pbkv.primary import PrimaryCore
-from pbkv.stages import ProtocolError, Role, Stage
+from pbkv.roles import promoted
+from pbkv.stages import Copy, Directive, ProtocolError, Role, Stage, State, plan
 from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
 from pbkv.wire import (
+    Batch,
+    Catchup,
     Frame,
     FrameCodec,
     FrameError,
@@ -2688,4 +2691,203 @@ def test_a_full_batch_takes_no_load_chunk(link: Link) -> None:
     link.flush()
     link.run()
     assert [link.responses[i] for i in range(3)] == [Loaded(BATCH_WRITES // 2 + 1, 0)] * 3
+
+
+# -- catching up (a partial resync forward) --------------------------------------------
+
+
+def copy_of(core: Core) -> tuple[ShardedStore, int, int]:
+    """A copy of ``core``'s data as of now (its store, seq and history)."""
+    store = new_store()
+    for key, value in core.store.items():
+        store.put(key, value)
+    return store, core.seq, core.history
+
+
+def start_behind(link: Link, held: tuple[ShardedStore, int, int], confirmed: bool) -> BackupCore:
+    """A backup that holds ``held`` (a copy of the primary's history, as a spare that
+    followed the old backup holds)."""
+    store, seq, history = held
+    core = BackupCore(link.settings, store, link.now, random.Random(3))
+    core.seq, core.history, core.confirmed = seq, history, confirmed
+    link._start("backup", core)
+    return core
+
+
+@pytest.mark.parametrize("confirmed", [False, True])
+def test_a_backup_behind_in_the_same_history_catches_up_by_the_batches_it_lacks(
+    link: Link, confirmed: bool
+) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    behind = copy_of(backup)
+    assert link.write(INSERT, "b", "2") == Done(True)
+    assert link.write(UPDATE, "a", "3") == Done(True)
+    link.kill("backup")
+    full, partial = primary.resyncs_full, primary.resyncs_partial
+    mark = link.mark()
+
+    backup = start_behind(link, behind, confirmed)
+    link.fire("primary", RETRY)
+
+    sent = link.kinds("primary", mark["primary"])
+    assert FrameType.CATCHUP in sent and FrameType.SNAPSHOT_BEGIN not in sent
+    assert sent.count(FrameType.BATCH) == 2
+    assert FrameType.ACK not in link.kinds("backup", mark["backup"])  # the SYNC_ACK says it
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert_same_data(primary, backup)
+    assert backup.confirmed and backup.catchups == 1 and primary.catchups_sent == 1
+    assert (primary.resyncs_full, primary.resyncs_partial) == (full, partial + 1)
+    assert backup.history == primary.history  # a partial resync keeps the history
+    assert "caught up to seq" in link.transitions()[-2][3]
+    assert link.write(INSERT, "c", "4") == Done(True)  # sequence numbers agree
+    assert_same_data(primary, backup)
+
+
+def test_a_backup_behind_with_other_data_at_its_seq_receives_a_full_transfer(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    store, seq, history = copy_of(backup)
+    store.put("stray", "x")  # not the primary's data at that seq
+    assert link.write(INSERT, "b", "2") == Done(True)
+    link.kill("backup")
+    mark = link.mark()
+
+    backup = start_behind(link, (store, seq, history), confirmed=False)
+    link.fire("primary", RETRY)
+
+    sent = link.kinds("primary", mark["primary"])
+    assert FrameType.CATCHUP not in sent and FrameType.SNAPSHOT_BEGIN in sent
+    assert_same_data(primary, backup)
+    assert "differs from ours then" in link.caplog.text
+
+
+def test_a_backup_behind_the_primarys_record_receives_a_full_transfer(make_link) -> None:
+    link = make_link(undo_bytes=0)  # no record: every resync of a copy behind is full
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    behind = copy_of(backup)
+    assert link.write(INSERT, "b", "2") == Done(True)
+    link.kill("backup")
+    mark = link.mark()
+
+    backup = start_behind(link, behind, confirmed=False)
+    link.fire("primary", RETRY)
+
+    sent = link.kinds("primary", mark["primary"])
+    assert FrameType.CATCHUP not in sent and FrameType.SNAPSHOT_BEGIN in sent
+    assert_same_data(primary, backup)
+
+
+def test_a_catchup_that_does_not_reach_the_primarys_state_is_refused_and_not_offered_again(
+    link: Link,
+) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    behind = copy_of(backup)
+    assert link.write(INSERT, "b", "2") == Done(True)
+    link.kill("backup")
+
+    def forge(source: str, frame: Frame) -> Frame:  # a batch altered on its way
+        if source == "primary" and isinstance(frame, Batch):
+            return Batch(frame.seq, ["b", "forged"], frame.time, frame.keyed)
+        return frame
+
+    link.tamper = forge
+    backup = start_behind(link, behind, confirmed=False)
+    link.fire("primary", RETRY)
+
+    assert backup.stage is not S.IN_SYNC and not backup.confirmed
+    assert "the data is not the primary's" in backup.last_transfer_error
+    assert len(primary.applied_record) == 0  # the next attempt sends the data whole
+    link.tamper = None
+    mark = link.mark()
+    link.fire("primary", RETRY)
+    assert FrameType.SNAPSHOT_BEGIN in link.kinds("primary", mark["primary"])
+    assert_same_data(primary, backup)
+
+
+def test_a_catchup_from_another_state_than_the_backups_is_refused(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    behind = copy_of(backup)
+    assert link.write(INSERT, "b", "2") == Done(True)
+    link.kill("backup")
+
+    def lie(source: str, frame: Frame) -> Frame:
+        if isinstance(frame, Catchup):
+            return replace(frame, checksum=frame.checksum ^ 1)
+        return frame
+
+    link.tamper = lie
+    backup = start_behind(link, behind, confirmed=False)
+    store_before = dict(backup.store.items())
+    link.fire("primary", RETRY)
+
+    assert "cannot catch up from seq" in backup.last_transfer_error
+    assert dict(backup.store.items()) == store_before  # nothing applied
+    assert backup.stage is not S.IN_SYNC
+
+
+def test_a_promoted_backup_catches_up_a_copy_behind_it_from_its_undo_record(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    behind = State(backup.seq, backup.store.checksum, len(backup.store))
+    assert link.write(INSERT, "b", "2") == Done(True)
+    assert link.write(DELETE, "a") == Done(True, "1")
+    assert len(backup.undo) == 3  # every batch since the sync
+
+    new = promoted(backup, link.now, epoch=5)
+
+    assert behind in new.record_states()
+    assert new.record_states()[-1].seq == new.seq - 1
+    ours = new.own_copy()
+    theirs = Copy(False, backup.history, behind.seq, behind.checksum, behind.count)
+    assert plan(ours, theirs).directive is Directive.CATCHUP
+    new.store.put("z", "outside any batch")  # data changed otherwise: no catch-up
+    assert new.record_states() == ()
+
+
+class Tap:
+    """Hears what a backup tells its followers (``following.py``)."""
+
+    def __init__(self) -> None:
+        self.heard: list[Any] = []
+
+    def applied(self, frame: Batch) -> None:
+        self.heard.append(frame.seq)
+
+    def reset(self, reason: str) -> None:
+        self.heard.append(reason)
+
+
+def test_a_backup_tells_its_followers_of_each_batch_after_its_ack_and_of_each_sync(
+    make_link,
+) -> None:
+    link = make_link(ack_timeout=0.5)
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    tap = backup.tap = Tap()
+    mark = link.mark()
+    assert link.write(INSERT, "b", "2") == Done(True)
+    assert tap.heard == [backup.seq]
+    assert FrameType.ACK in link.kinds("backup", mark["backup"])
+
+    link.reset()  # the pair syncs again (a skip): the stream heard so far ends there
+    link.fire("primary", RETRY)
+    assert tap.heard[-1] == "the backup's data changed by a sync"
+
+
+def test_a_member_holding_the_primarys_very_data_unconfirmed_is_caught_up_by_no_batch(
+    link: Link,
+) -> None:
+    """A spare that followed the backup up to its last batch: nothing to send, and no
+    full transfer either."""
+    primary, backup = in_sync_pair(link, {"a": "1", "b": "2"})
+    same = copy_of(backup)
+    link.kill("backup")
+    mark = link.mark()
+
+    backup = start_behind(link, same, confirmed=False)
+    link.fire("primary", RETRY)
+
+    sent = link.kinds("primary", mark["primary"])
+    assert FrameType.CATCHUP in sent and FrameType.SNAPSHOT_BEGIN not in sent
+    assert FrameType.BATCH not in sent
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert backup.confirmed and backup.catchups == 1
+    assert link.write(INSERT, "c", "3") == Done(True)
     assert_same_data(primary, backup)

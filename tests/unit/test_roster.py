@@ -121,3 +121,11 @@ def test_rows_as_json() -> None:
         "lag": 0,
         "lease_left": None,
     }
+
+
+def test_a_following_spare_lags_by_what_it_lacks_of_the_backups_batches() -> None:
+    entries = member_entries("127.0.0.2:8080#bb", "127.0.0.2:8080#bb")
+    status = entries[2].status
+    assert status is not None
+    entries[2] = Entry(SPARE, {"role": "spare"}, {**status, "lag": 0, "follow_lag": 3})
+    assert rows(entries)[2].lag == 3

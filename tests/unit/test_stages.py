@@ -479,8 +479,9 @@ def held(
     epoch: int = 0,
     serving: int = 0,
     recovered: bool = False,
+    record: tuple[State, ...] = (),
 ) -> Copy:
-    return Copy(confirmed, history, seq, checksum, count, undo, epoch, serving, recovered)
+    return Copy(confirmed, history, seq, checksum, count, undo, epoch, serving, recovered, record)
 
 
 def recovered(**changes: Any) -> Copy:
@@ -493,6 +494,8 @@ NEITHER = "the backup holds no confirmed or recovered copy"
 
 # A backup two batches ahead of the primary's seq 5, whose record reaches seq 5 as A/3.
 AHEAD = (State(4, B, 2), State(5, A, 3), State(6, B, 4))
+# A primary at seq 5 whose record of batches leads on from seq 2 (B/1) and 3 (B/2).
+RECORDED = (State(2, B, 1), State(3, B, 2), State(4, A, 2))
 # A primary of epoch 4 meets a backup that has seen epoch 7.
 STALE_SEEN = Plan(Directive.STALE, "the backup has seen epoch 7 > our 4: a newer primary exists")
 
@@ -514,8 +517,13 @@ PLANS: list[tuple[Copy, Copy, Plan]] = [
     # ... and send it otherwise, saying why.
     (
         held(),
-        held(confirmed=False),
+        held(confirmed=False, checksum=B),
         Plan(Directive.SEND, NEITHER),
+    ),
+    (  # our very data, not confirmed (a spare that followed us): caught up by no batch
+        held(),
+        held(confirmed=False),
+        Plan(Directive.CATCHUP, "the backup catches up 0 batches, seq 5 -> 5"),
     ),
     (
         held(),
@@ -528,7 +536,49 @@ PLANS: list[tuple[Copy, Copy, Plan]] = [
     (
         held(),
         held(seq=3, checksum=B),
-        Plan(Directive.SEND, "the backup is behind (seq 3 < 5)"),
+        Plan(Directive.SEND, "the backup is behind (seq 3 < 5) past our record of batches"),
+    ),
+    # ... or have a backup behind us catch up by the batches we recorded, when our
+    # record reaches back to its seq with exactly its data: confirmed or not.
+    (
+        held(record=RECORDED),
+        held(seq=3, checksum=B, count=2),
+        Plan(Directive.CATCHUP, "the backup catches up 2 batches, seq 3 -> 5"),
+    ),
+    (
+        held(record=RECORDED),
+        held(confirmed=False, seq=2, checksum=B, count=1),
+        Plan(Directive.CATCHUP, "the backup catches up 3 batches, seq 2 -> 5"),
+    ),
+    (
+        held(record=RECORDED),
+        held(confirmed=False, seq=1, checksum=B, count=1),
+        Plan(Directive.SEND, "the backup is behind (seq 1 < 5) past our record of batches"),
+    ),
+    (
+        held(record=RECORDED),
+        held(confirmed=False, seq=3, checksum=B, count=3),  # same checksum, not count
+        Plan(Directive.SEND, "the backup's data at seq 3 differs from ours then"),
+    ),
+    (
+        held(record=RECORDED),
+        held(confirmed=False, seq=3, checksum=A, count=2),
+        Plan(Directive.SEND, "the backup's data at seq 3 differs from ours then"),
+    ),
+    (
+        held(record=RECORDED),
+        held(confirmed=False, seq=3, checksum=B, count=2, history=OTHER),
+        Plan(Directive.SEND, NEITHER),
+    ),
+    (  # a newer epoch's confirmed copy still wins (rule 3): no catch-up over it
+        held(record=RECORDED, epoch=4, serving=9),
+        held(seq=3, checksum=B, count=2, epoch=7, serving=7),
+        Plan(Directive.FETCH, "backup holds 2 confirmed pairs of a newer epoch (7 > our copy's 4)"),
+    ),
+    (  # and a stale primary catches nobody up
+        held(record=RECORDED, epoch=4, serving=4),
+        held(seq=3, checksum=B, count=2, serving=7),
+        STALE_SEEN,
     ),
     (
         held(),
@@ -794,7 +844,7 @@ def test_the_table_catches_a_primary_that_ignores_epochs() -> None:
 
     wrong = plans_that_differ(blind)
     assert {want.directive for _, _, want in wrong} == {Directive.STALE, Directive.FETCH}
-    assert len(wrong) == 10
+    assert len(wrong) == 12
 
 
 def test_the_table_catches_a_primary_that_rolls_back_a_newer_epochs_batches() -> None:
@@ -821,6 +871,8 @@ def test_the_backup_obeys_every_directive_the_primary_plans(
 ) -> None:
     """The two sides' rules agree: what the primary plans, the backup accepts."""
     target = State(ours.seq, ours.checksum, ours.count)
+    if want.directive is Directive.CATCHUP:  # from the backup's state on
+        target = State(theirs.seq, theirs.checksum, theirs.count)
     assert refusal(want.directive, target, theirs, ours) is None
 
 
@@ -850,6 +902,50 @@ DIRECTIVES: list[tuple[Directive, State | None, Copy, Copy, str | None]] = [
     (Directive.ROLLBACK, S5, held(seq=7, undo=AHEAD[2:]), held(), "cannot roll back to seq 5"),
     (Directive.ROLLBACK, S5, held(seq=7), held(), "cannot roll back to seq 5"),
     (Directive.FETCH, None, held(), held(confirmed=False), None),
+    # A catch-up starts from exactly our state, in our history; confirmed or not.
+    (Directive.CATCHUP, State(3, B, 2), held(seq=3, checksum=B, count=2), held(), None),
+    (
+        Directive.CATCHUP,
+        State(3, B, 2),
+        held(confirmed=False, seq=3, checksum=B, count=2),
+        held(),
+        None,
+    ),
+    (
+        Directive.CATCHUP,
+        State(3, B, 2),
+        held(seq=3, checksum=B, count=2),
+        held(history=OTHER),
+        "cannot catch up from seq 3: our copy is not in that state",
+    ),
+    (
+        Directive.CATCHUP,
+        State(2, B, 2),
+        held(seq=3, checksum=B, count=2),
+        held(),
+        "cannot catch up from seq 2: our copy is not in that state",
+    ),
+    (
+        Directive.CATCHUP,
+        State(3, A, 2),
+        held(seq=3, checksum=B, count=2),
+        held(),
+        "cannot catch up from seq 3: our copy is not in that state",
+    ),
+    (
+        Directive.CATCHUP,
+        State(3, B, 1),
+        held(seq=3, checksum=B, count=2),
+        held(),
+        "cannot catch up from seq 3: our copy is not in that state",
+    ),
+    (
+        Directive.CATCHUP,
+        State(3, B, 2),
+        held(seq=3, checksum=B, count=2, serving=7),
+        held(serving=4),
+        "directive of epoch 4 < 7 seen",
+    ),
     (
         Directive.FETCH,
         None,
@@ -925,6 +1021,7 @@ def test_each_directive_counts_as_its_kind_of_resync() -> None:
     assert kinds == {
         Directive.SEND: Resync.FULL,
         Directive.SKIP: Resync.NONE,
+        Directive.CATCHUP: Resync.PARTIAL,
         Directive.ROLLBACK: Resync.PARTIAL,
         Directive.FETCH: Resync.FULL,
         Directive.START_EMPTY: Resync.FULL,
