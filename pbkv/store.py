@@ -17,6 +17,7 @@ databases compare in O(1) and a transfer can be verified shard by shard.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 
 import xxhash
@@ -78,37 +79,40 @@ class ShardedStore:
         shards, count = self._shards, self.shard_count
         if count == 1:
             return list(map(shards[0].get, keys)), [0] * len(keys)
-        digest = _key_digest
-        indices = [digest(key.encode()) % count for key in keys]
-        return [shards[i].get(key) for i, key in zip(indices, keys, strict=True)], indices
+        # map() chains: the loops run in C (a load looks up every key it writes).
+        indices = list(map(count.__rmod__, map(_key_digest, map(str.encode, keys))))
+        return list(map(dict.get, map(shards.__getitem__, indices), keys)), indices
 
     def add_new(self, ops: list[str | None], indices: list[int]) -> None:
         """``apply`` of the first ``len(indices)`` pairs of ``ops``: keys that ``lookup``
-        found absent (and in the shards it gave) and that nothing wrote since, one dict
-        operation a pair."""
+        found absent (and in the shards it gave) and that nothing wrote since.  The
+        digests are taken in C loops and each pair costs one dict store; should a key
+        be there after all, the shards' sums and sizes are counted again."""
+        count = len(indices)
+        keys: list[str] = ops[0 : 2 * count : 2]  # type: ignore[assignment]  # even: keys
+        values: list[str] = ops[1 : 2 * count : 2]  # type: ignore[assignment]  # new: str
+        encoded = zip(map(str.encode, keys), map(str.encode, values), strict=True)
+        digests = map(_pair_digest, map(_SEPARATOR.join, encoded))
         shards, sums = self._shards, self._sums
-        pair_digest, separator = _pair_digest, _SEPARATOR
-        added = memory = 0
-        for n, index in enumerate(indices):
-            key: str = ops[2 * n]  # type: ignore[assignment]  # even slots hold keys
-            value: str = ops[2 * n + 1]  # type: ignore[assignment]  # new pairs: values
-            encoded = key.encode()
-            shard = shards[index]
-            held = len(shard)
-            old = shard.setdefault(key, value)
-            delta = pair_digest(encoded + separator + value.encode())
-            if len(shard) != held:
-                added += 1
-                memory += len(key) + len(value) + PAIR_OVERHEAD
-            else:
-                shard[key] = value
-                delta -= pair_digest(encoded + separator + old.encode())
-                memory += len(value) - len(old)
-            sums[index] += delta
+        held = sum(map(len, shards))
+        for index, key, value, digest in zip(indices, keys, values, digests, strict=True):
+            shards[index][key] = value
+            sums[index] += digest
+        if sum(map(len, shards)) - held != count:
+            self._recount()  # a key was there: what it held is gone from the sums
+            return
         for index, total in enumerate(sums):
             sums[index] = total & _MASK
-        self._size += added
-        self._memory += memory
+        self._size += count
+        self._memory += sum(map(len, keys)) + sum(map(len, values)) + PAIR_OVERHEAD * count
+
+    def _recount(self) -> None:
+        """The sums, size and memory counted again from the pairs."""
+        self._sums = [
+            combine(itertools.starmap(pair_checksum, shard.items())) for shard in self._shards
+        ]
+        self._size = sum(map(len, self._shards))
+        self._memory = sum(_memory_of(shard.items()) for shard in self._shards)
 
     def __contains__(self, key: str) -> bool:
         return key in self._shards[shard_of(key, self.shard_count)]
