@@ -100,6 +100,9 @@ log = logging.getLogger(__name__)
 _WHOLE_BATCH_OPS = 256
 
 
+_PAIRS_OF = operator.itemgetter(1)  # a layer's {key: value}
+
+
 def _forget_batch(overlay: dict[str, tuple[str | None, int]], keys: list[Any], seq: int) -> None:
     """Drop the overlay entries batch ``seq`` made (an entry of a later batch stays)."""
     popped = list(map(overlay.pop, keys, itertools.repeat(None)))
@@ -125,6 +128,10 @@ class Batch:
     # A bulk load's chunk of new keys at the start of ops: the shard of each of its
     # keys (the store adds them with ``add_new``).
     new_shards: list[int] | None = None
+    # The load chunks of new keys it carries as layers (see ``PrimaryCore.layers``),
+    # and the ops they hold.
+    layers: int = 0
+    layered_ops: int = 0
 
     def full(self) -> bool:
         return (
@@ -154,6 +161,11 @@ class PrimaryCore(ReplicationCore):
         # records that member as our in-sync backup). None: always (the seed's pair).
         self.authority: Callable[[float, str], bool] | None = None
         self.overlay: dict[str, tuple[str | None, int]] = {}
+        # A load chunk of new keys is in flight as a layer, (seq, {key: value}), oldest
+        # first, not as overlay entries: one dict built in C, dropped whole at its ack.
+        # Its keys are in no other layer nor the overlay when it comes; a later write
+        # of one goes to the overlay, which is therefore read first.
+        self.layers: deque[tuple[int, dict[str, str]]] = deque()
         # Keyed writes not yet acknowledged: Idempotency-Key -> (fingerprint, the batch
         # that carries it, its outcome); a retry meanwhile is answered with that batch.
         self.keyed: dict[str, tuple[int, Batch, Outcome]] = {}
@@ -239,8 +251,22 @@ class PrimaryCore(ReplicationCore):
         self._rewind(reason)
 
     def visible(self, key: str) -> str | None:
-        pending = self.overlay.get(key)
+        pending = self.pending(key)
         return self.store.get(key) if pending is None else pending[0]
+
+    def pending(self, key: str) -> tuple[str | None, int] | None:
+        """The newest write of ``key`` in flight or queued (value, seq), if any."""
+        pending = self.overlay.get(key)
+        if pending is None and self.layers:
+            return self._layered(key)
+        return pending
+
+    def _layered(self, key: str) -> tuple[str, int] | None:
+        for seq, layer in reversed(self.layers):
+            value = layer.get(key)
+            if value is not None:
+                return value, seq
+        return None
 
     # -- epochs ------------------------------------------------------------------
     @property
@@ -346,6 +372,8 @@ class PrimaryCore(ReplicationCore):
         if idempotency is not None:
             return self._submit_keyed(command, key, value, reply, idempotency)
         pending = self.overlay.get(key)
+        if pending is None and self.layers:
+            pending = self._layered(key)
         current = self.store.get(key) if pending is None else pending[0]
         # Checked against the store plus every write not yet acknowledged.
         grow = 0 if value is None else growth(command, key, value, current)
@@ -397,14 +425,17 @@ class PrimaryCore(ReplicationCore):
         Loaded(...))`` follows once the backup acknowledged the batch."""
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
-        overlay = self.overlay
         keys = pairs[0::2]
         stored, shards = self.store.lookup(keys)
+        fresh = dict(zip(keys, pairs[1::2], strict=True))
+        layer: dict[str, str] | None = None
         if (
-            stored.count(None) == len(stored)
-            and overlay.keys().isdisjoint(keys)
-            and len(set(keys)) == len(keys)
+            len(fresh) == len(keys)
+            and stored.count(None) == len(stored)
+            and self.overlay.keys().isdisjoint(fresh)
+            and all(map(fresh.keys().isdisjoint, map(_PAIRS_OF, self.layers)))
         ):
+            layer = fresh
             # Every key new (a load into an empty key space, the common case): every
             # pair is written, and nothing needs a look pair by pair.
             ops: list[str | None] = pairs  # type: ignore[assignment]  # str is a str | None
@@ -414,7 +445,7 @@ class PrimaryCore(ReplicationCore):
             new_shards: list[int] | None = shards
         else:
             new_shards = None
-            pendings = list(map(overlay.get, keys))
+            pendings = list(map(self.pending if self.layers else self.overlay.get, keys))
             ops, grows, skipped, chars = self._chunk_writes(pairs, stored, pendings, upsert)
         if self.max_memory:
             full = self.over_memory(grows)
@@ -444,8 +475,13 @@ class PrimaryCore(ReplicationCore):
             queued.grows += grows
             self.pending_write_bytes += grows
             seq = self.sent_seq + len(self.queued)
-            entries = zip(ops[1::2], itertools.repeat(seq))
-            overlay.update(zip(ops[0::2], entries, strict=True))  # type: ignore[arg-type]
+            if layer is not None:
+                self.layers.append((seq, layer))
+                queued.layers += 1
+                queued.layered_ops += len(ops)
+            else:
+                entries = zip(ops[1::2], itertools.repeat(seq))
+                self.overlay.update(zip(ops[0::2], entries, strict=True))  # type: ignore[arg-type]
         # (With nothing to write it is answered after the batches before it.)
         queued.entries.append((reply, outcome))
         if not self.flush_pending:
@@ -518,7 +554,7 @@ class PrimaryCore(ReplicationCore):
                 return Refused(self.stage, self.role)
             self.writes_replayed += 1
             return Done(remembered[OK], remembered[VALUE])
-        pending = self.overlay.get(key)
+        pending = self.pending(key)
         current = self.store.get(key) if pending is None else pending[0]
         grow = 0 if value is None else growth(command, key, value, current)
         if command is Command.INSERT:
@@ -623,7 +659,11 @@ class PrimaryCore(ReplicationCore):
             for ident in keyed[0::4]:
                 self.keyed.pop(ident, None)
         self.pending_write_bytes -= batch.grows
-        if len(ops) < _WHOLE_BATCH_OPS:
+        for _ in range(batch.layers):  # the oldest layers are this batch's
+            self.layers.popleft()
+        if batch.layered_ops == len(ops):
+            pass  # none of its writes is in the overlay
+        elif len(ops) < _WHOLE_BATCH_OPS:
             for key in ops[0::2]:
                 pending = overlay.get(key)
                 if pending is not None and pending[1] == seq:
@@ -668,6 +708,7 @@ class PrimaryCore(ReplicationCore):
         self.in_flight.clear()
         self.queued = deque([Batch()])
         self.overlay.clear()
+        self.layers.clear()
         self.keyed.clear()
         self.pending_write_bytes = 0
         self.sent_seq = self.seq

@@ -161,9 +161,9 @@ class BulkLoad:
         if self.answered or self.failure is not None:
             return  # dropped: nothing from the failure on is applied
         parser = self.parser
-        # A read's lines make thousands of short-lived lists, and a chunk thousands of
-        # overlay entries: one collection of the young generation after them, not one
-        # every 700 objects (a tenth of a load's time otherwise).
+        # A read's lines make thousands of short-lived lists (and a chunk whose keys
+        # are not all new thousands of overlay entries): one collection of the young
+        # generation after them, not one every 700 objects.
         collecting = gc.isenabled()
         gc.disable()
         try:

@@ -2653,6 +2653,38 @@ def test_a_load_chunk_sees_writes_still_in_flight(link: Link) -> None:
     assert_same_data(primary, backup)
 
 
+def test_writes_and_later_chunks_see_a_load_chunk_of_new_keys_in_flight(link: Link) -> None:
+    primary, backup = in_sync_pair(link)
+    link.paused.add("primary")
+    tokens = [link.token() for _ in range(5)]
+    submit = primary.submit_pairs
+    assert submit(["k", "loaded", "n", "1"], False, link.reply_to(tokens[0])) is None
+    link.flush()  # in flight, as a layer of its own
+    assert [seq for seq, _ in primary.layers] == [primary.in_flight[0].seq]
+    assert primary.overlay == {} and primary.visible("k") == "loaded"
+    assert link.read("primary", GET, "k") == Done(False, "")  # not acknowledged yet
+    assert link.submit(tokens[1], INSERT, "k", "again") is None  # waits: "k" is taken
+    assert link.submit(tokens[2], UPDATE, "n", "2") is None  # the overlay, read first
+    assert primary.visible("n") == "2"
+    assert submit(["k", "x", "n", "y", "m", "3"], False, link.reply_to(tokens[3])) is None
+    assert submit(["p", "4", "q", "5"], False, link.reply_to(tokens[4])) is None
+    assert len(primary.layers) == 2  # the chunk of new keys only: "k" and "n" were taken
+    link.paused.clear()
+    link.run()
+    link.flush()
+    link.run()
+    assert [link.responses[t] for t in tokens] == [
+        Loaded(2, 0),
+        Done(False),
+        Done(True),
+        Loaded(1, 2),
+        Loaded(2, 0),
+    ]
+    assert dict(primary.store.items()) == {"k": "loaded", "n": "2", "m": "3", "p": "4", "q": "5"}
+    assert not primary.layers and primary.overlay == {}
+    assert_same_data(primary, backup)
+
+
 def test_a_load_chunk_past_max_memory_is_refused_whole(make_link: Callable[..., Link]) -> None:
     link = make_link(max_memory=2 * PAIR_OVERHEAD + 10)
     primary, backup = in_sync_pair(link)
@@ -2672,6 +2704,7 @@ def test_a_load_chunk_lost_with_the_backup_is_rewound_whole(link: Link) -> None:
     link.reset()
     assert link.responses[token] == REPLICATION_FAILED
     assert dict(primary.store.items()) == {"kept": "1"} and primary.overlay == {}
+    assert not primary.layers
 
 
 def test_a_backup_refuses_load_chunks_and_a_cold_primary_too(link: Link) -> None:
