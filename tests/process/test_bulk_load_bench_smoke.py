@@ -32,6 +32,9 @@ def test_both_times_and_the_ratio_are_printed() -> None:
     for label in (r"pbkv load \(primary \+ backup\)", r"redis-cli --pipe \+ WAIT 1 0"):
         row = rf"^  {label}\s+{NUMBER}\s+[\d,]+\s+{NUMBER}  {NUMBER}$"
         assert re.search(row, out, re.M), out
+    for system in ("pbkv", "redis"):  # each round's CPU: primary + backup + client
+        each = rf"^    {system}\s+{NUMBER} s: {NUMBER} \+ {NUMBER} \+ {NUMBER}$"
+        assert re.search(each, out, re.M), out
     verdict = rf"^  pbkv / Redis \(seconds\) {NUMBER}x \(target <= 1.2\): (met|MISSED)$"
     assert re.search(verdict, out, re.M), out
     assert re.search(rf"^  pbkv / Redis \(CPU seconds, servers and client\) {NUMBER}x$", out, re.M)
