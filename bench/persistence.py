@@ -21,6 +21,8 @@ In one run on one machine:
    answers PONG (not -LOADING). Their own measures of the loading are shown beside
    (pbkv's `recovery_seconds`, Redis's "DB loaded from append only file" line), then
    the time from launching pbkv's backup to the pair in sync.
+3. The loss window on power loss: after the inserts, each `everysec` and `always`
+   server's `unsynced_max_ms` (the longest a record waited for its fsync).
 
     python -m bench.persistence                          # ~4 min at 1,000,000 pairs
     python -m bench.persistence --seconds 0.3 --rounds 1 --pairs 2000 --no-redis
@@ -215,6 +217,19 @@ def pbkv_startup(workdir: Path, pairs: int, say: Callable[[str], None]) -> dict[
             pair.cleanup()
 
 
+def loss_windows(pairs: dict[str, servers.Pbkv]) -> dict[str, dict[str, float | None]]:
+    """Per mode and server: the longest a record waited for its fsync during the run
+    (``unsynced_max_ms``): the most a power cut could have taken."""
+    return {
+        mode: {role: _persistence(pair, role).get("unsynced_max_ms") for role in ROLES}
+        for mode, pair in pairs.items()
+        if mode != "off"
+    }
+
+
+ROLES = ("primary", "backup")
+
+
 def _persistence(pair: servers.Pbkv, role: str) -> dict[str, Any]:
     status = pair.status(role)
     return {} if status is None else status.get("persistence", {})
@@ -276,6 +291,7 @@ def print_report(
     args: argparse.Namespace,
     startup: dict[str, dict[str, Any] | None],
     checks: list[tuple[str, float | None, str, bool | None]],
+    windows: dict[str, dict[str, float | None]],
 ) -> None:
     head = (
         f"{'system':<14} {'conns':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
@@ -298,6 +314,14 @@ def print_report(
                 f"{_fmt_ratio(off) if mode != 'off' else '':>7} "
                 f"{_fmt_ratio(redis) if kind == PBKV and redis is not None else '':>8}"
             )
+    if windows:
+        print()
+        print("loss window on power loss (the longest a record waited for its fsync):")
+        for mode, roles in windows.items():
+            shown = ", ".join(
+                f"{role} {'n/a' if ms is None else f'{ms:.1f} ms'}" for role, ms in roles.items()
+            )
+            print(f"  pbkv {mode:<9} {shown}")
     pbkv, redis = startup.get(PBKV), startup.get(REDIS)
     if pbkv is not None or redis is not None:
         print()
@@ -359,10 +383,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started: list[Any] = []
     startup: dict[str, dict[str, Any] | None] = {PBKV: None, REDIS: None}
     began = time.monotonic()
+    windows: dict[str, dict[str, float | None]] = {}
     try:
         systems: list[System] = []
+        pairs: dict[str, servers.Pbkv] = {}
         for mode in MODES:
-            pair = _pbkv_pair(workdir, mode)
+            pair = pairs[mode] = _pbkv_pair(workdir, mode)
             started.append(pair)
             pair.start_all()
             systems.append(_pbkv_system(system_name(PBKV, mode), pair))
@@ -374,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"redis {servers.redis_version(redis_binary)}: three primaries with a replica")
         say(f"inserts: {args.rounds} round(s) of {args.seconds:g} s per cell")
         cells = measure_inserts(systems, args, say)
+        windows = loss_windows(pairs)
         for server in started:
             with contextlib.suppress(Exception):
                 server.stop() if isinstance(server, servers.Redis) else server.cleanup()
@@ -405,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pbkv {servers.pbkv_revision()}; best of {args.rounds} round(s) of {args.seconds:g} s "
         f"(+{args.warmup:g} s warm-up) per cell; {time.monotonic() - began:.0f} s in all"
     )
-    print_report(systems, cells, args, startup, checks)
+    print_report(systems, cells, args, startup, checks, windows)
     if redis_binary is None:
         print("redis: skipped")
     return 0

@@ -69,6 +69,7 @@ from typing import Any
 from pbkv.commands import DiskFailed, Done, Loaded, Outcome, Reply
 from pbkv.config import Settings
 from pbkv.persist.datadir import DataDir
+from pbkv.persist.durability import Durability
 from pbkv.persist.framing import PersistError
 from pbkv.persist.log import Record, RecordKind, State
 from pbkv.persist.snapshot import SnapshotWriter
@@ -122,6 +123,7 @@ class Persistence:
         loop: asyncio.AbstractEventLoop,
         on_failure: Callable[[str], None],
         on_recovery: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         assert settings.data_dir is not None, "checked by Settings"
         self.mode = settings.persistence
@@ -129,6 +131,8 @@ class Persistence:
         self.rewrite_percentage = settings.rewrite_percentage
         self.rewrite_min_bytes = settings.rewrite_min_bytes
         self.loop = loop
+        self.clock = clock or loop.time  # monotonic: the waits of records for their fsync
+        self.durability = Durability()
         self.on_failure = on_failure
         self.on_recovery = on_recovery
         # Room kept free for the records of writes already admitted: the batches in
@@ -343,6 +347,7 @@ class Persistence:
             self._fail(f"appending a record failed: {exc}")
             return
         self.records += 1
+        self.durability.append(self.clock())
         if self.always and not self.sync_scheduled:
             self.sync_scheduled = True
             self.loop.call_soon(self._sync_now)
@@ -397,6 +402,7 @@ class Persistence:
         except PersistError as exc:
             self._fail(f"starting a rewrite failed: {exc}")
             return
+        self.durability.all_durable(self.clock())  # begin_rewrite synced the log
         self.rewrites += 1
         self._write_base_of(writer, self.store, self.state, replacing=False)
 
@@ -413,11 +419,13 @@ class Persistence:
 
     def _sync(self) -> None:
         started = time.perf_counter()
+        covered = self.durability.started()
         try:
             self.datadir.sync()
         except PersistError as exc:
             self._fail(f"fsync failed: {exc}")
             return
+        self.durability.finished(covered, self.clock())
         self.syncs += 1
         self.sync_seconds_max = max(self.sync_seconds_max, time.perf_counter() - started)
 
@@ -528,11 +536,14 @@ class Persistence:
     # -- status -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         status = self.datadir.status()
+        now = self.clock()
         status.update(
             mode=self.mode,
             records=self.records,
             fsyncs=self.syncs,
             fsync_max_ms=round(self.sync_seconds_max * 1000, 3),
+            unsynced_ms=round(self.durability.unsynced_age(now) * 1000, 3),
+            unsynced_max_ms=round(self.durability.largest_window(now) * 1000, 3),
             bases_written=self.bases_written,
             rewrites=self.rewrites,
             last_base_seconds=round(self.last_base_seconds, 3),

@@ -34,8 +34,9 @@ def on_loop(test: Callable[[Path], Coroutine[Any, Any, None]]) -> Callable[[Path
 
 def opened(tmp_path: Path, mode: str = "always", **kwargs: Any) -> Persistence:
     failures: list[str] = kwargs.pop("failures", [])
+    clock: Callable[[], float] | None = kwargs.pop("clock", None)
     settings = Settings(persistence=mode, data_dir=str(tmp_path), **kwargs)
-    return Persistence(settings, ADDRESS, asyncio.get_running_loop(), failures.append)
+    return Persistence(settings, ADDRESS, asyncio.get_running_loop(), failures.append, clock=clock)
 
 
 async def until_written(persistence: Persistence) -> None:
@@ -288,3 +289,62 @@ async def test_a_rollback_into_a_base_that_may_hold_its_batches_writes_a_new_bas
     await turns()
     persistence.close()
     assert loaded(tmp_path) == (State(9, 10, 0), dict(filled(200).items()))
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        await asyncio.sleep(0.001)
+
+
+@on_loop
+async def test_everysec_reports_how_long_records_waited_for_their_fsync(tmp_path: Path) -> None:
+    clock = Clock()
+    persistence = opened(tmp_path, "everysec", clock=clock)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    status = persistence.status()
+    assert status["unsynced_ms"] == 0 and status["unsynced_max_ms"] == 0
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    clock.now += 0.4
+    persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))  # younger: not the window
+    clock.now += 0.3
+    status = persistence.status()
+    assert status["unsynced_ms"] == pytest.approx(700) and status["unsynced_max_ms"] == (
+        pytest.approx(700)
+    )
+    persistence._every_second()  # the timer's fsync
+    await until(lambda: not persistence.durability.pending)
+    clock.now += 5
+    status = persistence.status()
+    assert status["unsynced_ms"] == 0 and status["unsynced_max_ms"] == pytest.approx(700)
+    persistence.persist(Record.batch(7, 3, 0, ["c", "3"]))
+    clock.now += 0.1
+    persistence._every_second()
+    await until(lambda: not persistence.durability.pending)
+    assert persistence.status()["unsynced_max_ms"] == pytest.approx(700)  # the largest
+    persistence.close()
+
+
+@on_loop
+async def test_always_makes_each_record_durable_within_its_turn(tmp_path: Path) -> None:
+    clock = Clock()
+    persistence = opened(tmp_path, clock=clock)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    clock.now += 0.002
+    assert persistence.status()["unsynced_ms"] == pytest.approx(2)
+    await until(lambda: not persistence.durability.pending)
+    status = persistence.status()
+    assert status["unsynced_ms"] == 0 and status["unsynced_max_ms"] == pytest.approx(2)
+    persistence.close()
