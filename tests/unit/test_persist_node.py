@@ -40,8 +40,10 @@ def test_a_replayed_reply_waits_for_the_fsync_of_its_writes_record(tmp_path: Pat
         # The retry: answered from the table, but not before the record is durable.
         assert node.submit(Command.INSERT, "k", "v", reply, "ident-1") is None
         assert delivered == []
-        for _ in range(3):
-            await asyncio.sleep(0)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not delivered:  # the fsync runs in a thread
+            assert asyncio.get_running_loop().time() < deadline, "never answered"
+            await asyncio.sleep(0.001)
         assert delivered == [(Done(True), False)]  # once fsynced, with the first reply
         assert core.writes_replayed == 1
 
