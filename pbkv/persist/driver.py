@@ -177,6 +177,7 @@ class Persistence:
         self.syncs = 0
         self.sync_seconds_max = 0.0
         self.bases_written = 0
+        self.base_loop_lag = 0.0  # the loop's longest stall while the last base was written
         self.last_base_seconds = 0.0
         self.recovered_pairs = 0
         self.recovery_seconds = 0.0
@@ -412,7 +413,14 @@ class Persistence:
     ) -> None:
         chunks = _store_chunks(store, self.datadir.chunk_pairs)
         self.base = _Base(writer, store, state, chunks, time.perf_counter(), replacing)
+        self.base_loop_lag = 0.0
         self.loop.call_soon(self._write_base, self.base)
+
+    def loop_lagged(self, lag: float) -> None:
+        """The event loop was busy ``lag`` seconds longer than its lag probe expected
+        (``LoopLag``): kept while a base is written, whose slices must stay short."""
+        if self.base is not None:
+            self.base_loop_lag = max(self.base_loop_lag, lag)
 
     def _rewrite_if_grown(self) -> None:
         """Rewrite the log once it has grown past the settings (Redis's
@@ -621,6 +629,7 @@ class Persistence:
             bases_written=self.bases_written,
             rewrites=self.rewrites,
             last_base_seconds=round(self.last_base_seconds, 3),
+            base_loop_lag_ms=round(self.base_loop_lag * 1000, 1),
             base_under_way=self.base is not None,
             held=len(self.held),
             recovered_pairs=self.recovered_pairs,

@@ -465,3 +465,23 @@ def test_everysec_starts_no_fsync_while_one_runs_and_close_waits_for_it(
         assert loaded(tmp_path) == (State(7, 2, 0), {"a": "1", "b": "2"})
 
     asyncio.run(run())
+
+
+@on_loop
+async def test_the_loops_stalls_are_kept_while_a_base_is_written(tmp_path: Path) -> None:
+    persistence = opened(tmp_path)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    persistence.loop_lagged(0.5)  # no base under way: not the base's
+    assert persistence.status()["base_loop_lag_ms"] == 0
+    persistence.datadir.chunk_pairs = 10
+    persistence.persist_all(State(8, 5, 0), filled(300))
+    persistence.loop_lagged(0.004)
+    persistence.loop_lagged(0.012)
+    persistence.loop_lagged(0.002)
+    await until_written(persistence)
+    persistence.loop_lagged(0.3)  # after it: not the base's
+    assert persistence.status()["base_loop_lag_ms"] == 12.0
+    persistence.persist_all(State(9, 6, 0), filled(30))  # the next base starts afresh
+    assert persistence.status()["base_loop_lag_ms"] == 0
+    await until_written(persistence)
+    persistence.close()

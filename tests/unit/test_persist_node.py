@@ -78,3 +78,21 @@ def test_a_full_disk_refuses_new_writes_but_answers_a_retry_from_the_table(
         persistence.close()
 
     asyncio.run(run())
+
+
+def test_the_lag_probe_tells_persistence_how_long_the_loop_stalled(tmp_path: Path) -> None:
+    async def run() -> None:
+        node = Node(Settings(persistence="everysec", data_dir=str(tmp_path)), Role.PRIMARY)
+        persistence = node.persistence
+        assert persistence is not None
+        now = [100.0]
+        node.clock = lambda: now[0]
+        node._probe_lag()  # the first run: when the next is due
+        persistence.persist_all(persistence.state, node.core.store)  # a base under way
+        now[0] += node.lag.interval + 0.035  # the loop was busy 35 ms past the probe's time
+        node._probe_lag()
+        node._lag_timer.cancel()
+        assert persistence.status()["base_loop_lag_ms"] == 35.0
+        persistence.close()
+
+    asyncio.run(run())
