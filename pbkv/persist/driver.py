@@ -29,11 +29,13 @@ as the running one ends, with every record appended meanwhile.
 
 A new base (``persist_all``: a full transfer, a fetch, an empty start) is
 written while serving: one shard of the store copied at a time, written in
-chunks, a few milliseconds per turn of the loop.  The records of batches
-applied meanwhile wait in memory and are appended once the base is in place
-(replaying them on a base that already holds some of their writes is
-harmless: every operation sets a key's final value or removes it).  With
-``always`` everything that acknowledges is held until the base is in place.
+chunks, a few milliseconds per turn of the loop; then a thread flushes it,
+fsyncs it and names it in the manifest (tens of milliseconds the loop never
+waits).  The records of batches applied meanwhile wait in memory and are
+appended once the base is in place (replaying them on a base that already
+holds some of their writes is harmless: every operation sets a key's final
+value or removes it).  With ``always`` everything that acknowledges is held
+until the base is in place.
 
 A log that has grown by ``rewrite_percentage`` of the base's size (and past
 ``rewrite_min_bytes``) is *rewritten*, as Redis rewrites its append-only file:
@@ -68,6 +70,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
@@ -84,7 +88,7 @@ from pbkv.persist.datadir import DataDir
 from pbkv.persist.durability import Durability
 from pbkv.persist.framing import PersistError
 from pbkv.persist.log import Record, RecordKind, State, SyncJob
-from pbkv.persist.snapshot import SnapshotWriter
+from pbkv.persist.snapshot import SnapshotInfo, SnapshotWriter
 from pbkv.persist.table import base_extra
 from pbkv.store import ShardedStore
 
@@ -169,6 +173,10 @@ class Persistence:
         # One thread, so fsyncs never overlap (each covers what the last one left).
         self._fsyncs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pbkv-fsync")
         self.fsync_running = False
+        # A base is put in place (flushed, fsynced, renamed, named by the manifest) in
+        # a thread of its own too: those fsyncs take tens of milliseconds.
+        self._bases = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pbkv-base")
+        self._finishing: concurrent.futures.Future[SnapshotInfo] | None = None
         self._closed = False
         self.base: _Base | None = None
         self.waiting: list[Record] = []  # records that follow the base being written
@@ -256,6 +264,7 @@ class Persistence:
             self._timer.cancel()
         self._closed = True
         self._fsyncs.shutdown(wait=True)  # an fsync under way ends first
+        self._bases.shutdown(wait=True)  # and a base being put in place
         if self.failed is None:
             try:
                 if self.base is None:
@@ -396,6 +405,7 @@ class Persistence:
         if self.failed is not None and self.base is None:
             self.state = state  # the base that heals the folder holds it
             return
+        self._wait_for_finishing()
         if self.base is not None:  # replaced again before the last one was in place
             self.datadir.abort_rewrite()
         # Records waiting for an older base are in the store already: this base has them.
@@ -544,17 +554,34 @@ class Persistence:
         except (PersistError, OSError) as exc:
             self._fail(f"writing a snapshot failed: {exc}")
             return
-        # Flushing tens of megabytes takes tens of milliseconds: in a thread, so the
-        # fsync in ``finish_rewrite`` then finds little left to do.
-        future = self.loop.run_in_executor(None, _flush_file, base.writer.temp_path)
+        # Flushing tens of megabytes, then the fsyncs of the file, the folder and the
+        # manifest take tens of milliseconds: in a thread.  Meanwhile the loop leaves
+        # the folder's manifest to it (``_wait_for_finishing``) and appends no record
+        # to a log the base replaces (they wait, as while it was written).
+        finishing = self._finishing = self._bases.submit(self._put_in_place, base.writer)
+        future = asyncio.wrap_future(finishing, loop=self.loop)
         future.add_done_callback(lambda done: self._finish_base(base, done))
 
-    def _finish_base(self, base: _Base, flushed: asyncio.Future[None]) -> None:
-        if base is not self.base:
+    def _put_in_place(self, writer: SnapshotWriter) -> SnapshotInfo:
+        """In the base thread: the base on disk, named by the manifest."""
+        _flush_file(writer.temp_path)
+        return self.datadir.finish_rewrite()
+
+    def _wait_for_finishing(self) -> None:
+        """A base being put in place by its thread owns the folder's manifest: let it
+        end before the loop touches them (rare: the data replaced again, or a disk
+        fault, in those milliseconds).  How it ended is ``_finish_base``'s business."""
+        finishing = self._finishing
+        if finishing is not None:
+            with contextlib.suppress(Exception):
+                finishing.result()
+
+    def _finish_base(self, base: _Base, finished: asyncio.Future[SnapshotInfo]) -> None:
+        self._finishing = None
+        if self._closed or finished.cancelled() or base is not self.base:
             return
         try:
-            flushed.result()
-            info = self.datadir.finish_rewrite()
+            info = finished.result()
         except (PersistError, OSError) as exc:
             self._fail(f"writing a snapshot failed: {exc}")
             return
@@ -592,6 +619,7 @@ class Persistence:
             self._release()
 
     def _fail(self, reason: str) -> None:
+        self._wait_for_finishing()
         base = self.base
         if base is not None and not base.replacing and self.failed is None:
             # A rewrite that failed: the old base and the log are still whole.

@@ -485,3 +485,52 @@ async def test_the_loops_stalls_are_kept_while_a_base_is_written(tmp_path: Path)
     assert persistence.status()["base_loop_lag_ms"] == 0
     await until_written(persistence)
     persistence.close()
+
+
+def test_a_base_is_put_in_place_in_a_thread_and_a_newer_one_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> None:
+        persistence = opened(tmp_path)
+        persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+        datadir = persistence.datadir
+        real_finish = datadir.finish_rewrite
+        finishing = threading.Event()
+        permit = threading.Semaphore(0)
+        threads: list[threading.Thread] = []
+
+        def finish_rewrite() -> Any:
+            threads.append(threading.current_thread())
+            finishing.set()
+            assert permit.acquire(timeout=10)
+            return real_finish()
+
+        monkeypatch.setattr(datadir, "finish_rewrite", finish_rewrite)
+        real_wait = persistence._wait_for_finishing
+        waiting = threading.Event()
+
+        def wait_for_finishing() -> None:
+            waiting.set()
+            real_wait()
+
+        monkeypatch.setattr(persistence, "_wait_for_finishing", wait_for_finishing)
+
+        def let_the_first_finish_once_the_loop_waits() -> None:
+            assert finishing.wait(10) and waiting.wait(10)
+            permit.release(2)  # the first base, then the second
+
+        persistence.persist_all(State(8, 5, 0), filled(300))
+        await until(finishing.is_set)  # the loop goes on meanwhile
+        assert threads[0] is not threading.current_thread()
+        helper = threading.Thread(target=let_the_first_finish_once_the_loop_waits)
+        helper.start()
+        # Replaced again while the first is put in place: the loop waits for it, then
+        # starts the second, which wins.
+        persistence.persist_all(State(9, 6, 0), filled(20))
+        helper.join()
+        await until_written(persistence)
+        assert persistence.bases_written == 1 and len(threads) == 2
+        persistence.close()
+        assert loaded(tmp_path) == (State(9, 6, 0), dict(filled(20).items()))
+
+    asyncio.run(run())
