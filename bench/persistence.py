@@ -21,9 +21,18 @@ In one run on one machine:
    answers PONG (not -LOADING). Their own measures of the loading are shown beside
    (pbkv's `recovery_seconds`, Redis's "DB loaded from append only file" line), then
    the time from launching pbkv's backup to the pair in sync.
+3. The loss window on power loss: after the inserts, each `everysec` and `always`
+   server's `unsynced_max_ms` (the longest a record waited for its fsync).
 
     python -m bench.persistence                          # ~4 min at 1,000,000 pairs
     python -m bench.persistence --seconds 0.3 --rounds 1 --pairs 2000 --no-redis
+
+With ``--stall`` it measures only the event loop's longest stall while a base is
+written: a pbkv pair (everysec, ``rewrite_percentage`` 1) loaded with ``--pairs``
+pairs, then a few more writes so that each server rewrites its base of the whole
+store; each server's ``base_loop_lag_ms`` against the 20 ms target.
+
+    python -m bench.persistence --stall                  # ~2 min at 1,000,000 pairs
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import uvloop
 
 from bench import bulk, servers
 from bench.compare import Cell, System, _pbkv_system, _redis_system
@@ -215,6 +226,86 @@ def pbkv_startup(workdir: Path, pairs: int, say: Callable[[str], None]) -> dict[
             pair.cleanup()
 
 
+STALL_TARGET_MS = 20.0  # the issue's bound on the event loop's stalls while a base is written
+
+
+def base_stall(workdir: Path, pairs: int, say: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """A pbkv pair (everysec) loaded with `pairs` pairs, then made to rewrite its base of
+    the whole store: a few more writes grow the log past `rewrite_percentage` (1% here),
+    so the next second starts a rewrite on each server.  Per server: the event loop's
+    longest stall while that base was written (``base_loop_lag_ms``), and the base's
+    own figures."""
+    pair = servers.Pbkv(
+        workdir,
+        "pbkv-stall",
+        settings={
+            "persistence": "everysec",
+            "data_dir": str(workdir / "stall-data"),
+            "rewrite_percentage": "1",
+            "rewrite_min_bytes": str(1 << 20),
+        },
+    )
+    try:
+        pair.start_all()
+        host, port = pair.address["primary"]
+        seconds = bulk.load_pbkv(host, port, pairs, " while loading")
+        say(f"pbkv: loaded {pairs} pairs in {seconds:.1f} s (pipelined)")
+        _until_no_base(pair)
+        before = {role: _persistence(pair, role)["bases_written"] for role in ROLES}
+        # About 1.5% of what a base of `pairs` holds, from one connection: the base's
+        # stalls, not those of a burst of pipelined writes, are what is measured.
+        extra = max(pairs * 3 // 200, 1000)
+        requests = bulk.pbkv_insert_requests(host, port, pairs, pairs + extra)
+        done = uvloop.run(bulk.http_fill(host, port, requests, connections=1, depth=4))
+        if done.ok != extra:
+            raise RuntimeError(f"pbkv refused {done.refused} of {extra} inserts")
+        for role in ROLES:
+            servers.wait_for(
+                lambda role=role: _persistence(pair, role)["bases_written"] > before[role],
+                600,
+                f"the {role}'s rewrite",
+                step=0.05,
+            )
+        _until_no_base(pair)
+        out = {}
+        for role in ROLES:
+            status = pair.status(role) or {}
+            persistence = status.get("persistence", {})
+            out[role] = {
+                "base_loop_lag_ms": persistence.get("base_loop_lag_ms"),
+                "last_base_seconds": persistence.get("last_base_seconds"),
+                "snapshot_bytes": (persistence.get("snapshot") or {}).get("size", 0),
+                "gc_pause_max_ms": status.get("gc_pause_max_ms"),
+            }
+        return out
+    finally:
+        with contextlib.suppress(Exception):
+            pair.cleanup()
+
+
+def _until_no_base(pair: servers.Pbkv) -> None:
+    for role in ROLES:
+        servers.wait_for(
+            lambda role=role: not _persistence(pair, role).get("base_under_way", True),
+            600,
+            f"the {role}'s base to be written",
+            step=0.05,
+        )
+
+
+def loss_windows(pairs: dict[str, servers.Pbkv]) -> dict[str, dict[str, float | None]]:
+    """Per mode and server: the longest a record waited for its fsync during the run
+    (``unsynced_max_ms``): the most a power cut could have taken."""
+    return {
+        mode: {role: _persistence(pair, role).get("unsynced_max_ms") for role in ROLES}
+        for mode, pair in pairs.items()
+        if mode != "off"
+    }
+
+
+ROLES = ("primary", "backup")
+
+
 def _persistence(pair: servers.Pbkv, role: str) -> dict[str, Any]:
     status = pair.status(role)
     return {} if status is None else status.get("persistence", {})
@@ -270,12 +361,8 @@ def redis_startup(
 # ---------------------------------------------------------------- report
 
 
-def print_report(
-    systems: list[System],
-    cells: dict[tuple[str, int], Cell],
-    args: argparse.Namespace,
-    startup: dict[str, dict[str, Any] | None],
-    checks: list[tuple[str, float | None, str, bool | None]],
+def print_inserts(
+    systems: list[System], cells: dict[tuple[str, int], Cell], args: argparse.Namespace
 ) -> None:
     head = (
         f"{'system':<14} {'conns':>5} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
@@ -298,6 +385,42 @@ def print_report(
                 f"{_fmt_ratio(off) if mode != 'off' else '':>7} "
                 f"{_fmt_ratio(redis) if kind == PBKV and redis is not None else '':>8}"
             )
+
+
+def print_report(
+    systems: list[System],
+    cells: dict[tuple[str, int], Cell],
+    args: argparse.Namespace,
+    startup: dict[str, dict[str, Any] | None],
+    checks: list[tuple[str, float | None, str, bool | None]],
+    windows: dict[str, dict[str, float | None]],
+    stall: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    if systems:
+        print_inserts(systems, cells, args)
+    if windows:
+        print()
+        print("loss window on power loss (the longest a record waited for its fsync):")
+        for mode, roles in windows.items():
+            shown = ", ".join(
+                f"{role} {'n/a' if ms is None else f'{ms:.1f} ms'}" for role, ms in roles.items()
+            )
+            print(f"  pbkv {mode:<9} {shown}")
+    if stall:
+        print()
+        print(
+            f"a base rewritten at {args.pairs:,} pairs: the event loop's longest stall "
+            f"(target <= {STALL_TARGET_MS:g} ms)"
+        )
+        for role, figures in stall.items():
+            ms = figures["base_loop_lag_ms"]
+            verdict = "n/a" if ms is None else _verdict(ms <= STALL_TARGET_MS)
+            print(
+                f"  {role:<8} {'n/a' if ms is None else f'{ms:.1f} ms':>9}: {verdict} "
+                f"(the base: {figures['snapshot_bytes'] / 2**20:.1f} MiB "
+                f"in {figures['last_base_seconds']} s; longest GC pauses since the start, "
+                f"per generation: {figures['gc_pause_max_ms']} ms)"
+            )
     pbkv, redis = startup.get(PBKV), startup.get(REDIS)
     if pbkv is not None or redis is not None:
         print()
@@ -319,6 +442,8 @@ def print_report(
             print(
                 f"  pbkv backup launched to pair in sync: {pbkv['backup_launch_to_in_sync']:.3f} s"
             )
+    if not checks:
+        return
     print()
     print("targets (ratios: median of the round-by-round ratios):")
     for label, value, bound, met in checks:
@@ -342,6 +467,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--pairs", type=int, default=1_000_000, help="start-up size (default 1000000; 0: skip)"
     )
+    ap.add_argument(
+        "--stall",
+        action="store_true",
+        help="only the event loop's stall while a base of --pairs pairs is rewritten",
+    )
     servers.add_redis_arguments(ap)
     ap.add_argument("--keep", action="store_true", help="keep the working directory (logs)")
     return ap
@@ -350,6 +480,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     say = servers.progress_printer(False)
+    if args.stall:
+        return stall_only(args, say)
     found = servers.redis_for_run(args, "persistence", say)
     if found is None:
         return 2
@@ -359,10 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started: list[Any] = []
     startup: dict[str, dict[str, Any] | None] = {PBKV: None, REDIS: None}
     began = time.monotonic()
+    windows: dict[str, dict[str, float | None]] = {}
     try:
         systems: list[System] = []
+        pairs: dict[str, servers.Pbkv] = {}
         for mode in MODES:
-            pair = _pbkv_pair(workdir, mode)
+            pair = pairs[mode] = _pbkv_pair(workdir, mode)
             started.append(pair)
             pair.start_all()
             systems.append(_pbkv_system(system_name(PBKV, mode), pair))
@@ -374,6 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"redis {servers.redis_version(redis_binary)}: three primaries with a replica")
         say(f"inserts: {args.rounds} round(s) of {args.seconds:g} s per cell")
         cells = measure_inserts(systems, args, say)
+        windows = loss_windows(pairs)
         for server in started:
             with contextlib.suppress(Exception):
                 server.stop() if isinstance(server, servers.Redis) else server.cleanup()
@@ -405,9 +540,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"pbkv {servers.pbkv_revision()}; best of {args.rounds} round(s) of {args.seconds:g} s "
         f"(+{args.warmup:g} s warm-up) per cell; {time.monotonic() - began:.0f} s in all"
     )
-    print_report(systems, cells, args, startup, checks)
+    print_report(systems, cells, args, startup, checks, windows)
     if redis_binary is None:
         print("redis: skipped")
+    return 0
+
+
+def stall_only(args: argparse.Namespace, say: Callable[[str], None]) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="pbkv-persistence-"))
+    try:
+        say(f"a base rewritten at {args.pairs} pairs")
+        stall = base_stall(workdir, args.pairs, say)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(f"pbkv {servers.pbkv_revision()}")
+    print_report([], {}, argparse.Namespace(**{**vars(args), "connections": []}), {}, [], {}, stall)
     return 0
 
 

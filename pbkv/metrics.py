@@ -64,11 +64,15 @@ class LoopLag:
         self._due: float | None = None
         self._buckets: collections.deque[tuple[float, float]] = collections.deque()
 
-    def fired(self, now: float) -> None:
-        """The probe timer ran at ``now``; the next one is due ``interval`` later."""
+    def fired(self, now: float) -> float:
+        """The probe timer ran at ``now``; the next one is due ``interval`` later.
+        Returns how late it ran (0 the first time)."""
+        lag = 0.0
         if self._due is not None:
-            self.record(now, max(0.0, now - self._due))
+            lag = max(0.0, now - self._due)
+            self.record(now, lag)
         self._due = now + self.interval
+        return lag
 
     def record(self, now: float, lag: float) -> None:
         self.worst = max(self.worst, lag)

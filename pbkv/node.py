@@ -377,7 +377,9 @@ class Node:
     def _probe_lag(self) -> None:
         """A timer that notes how late it fires: how long the loop was busy.  The
         lateness is measured, and read back in ``status``, on ``self.clock``."""
-        self.lag.fired(self.clock())
+        lag = self.lag.fired(self.clock())
+        if self.persistence is not None:
+            self.persistence.loop_lagged(lag)
         self._lag_timer = self.loop.call_later(self.lag.interval, self._probe_lag)
 
     def _spawn(self, coro: Any) -> None:

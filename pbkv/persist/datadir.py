@@ -27,8 +27,8 @@ new base and the increments after it.  ``start`` is the same for data that
 replaces everything (a first start, a full transfer): no appends until it is
 finished, and then it is the only history the folder holds.
 
-``DataDir`` does file operations only; the caller decides when (the loop's turn
-for ``sync``, chunks between turns for a snapshot).
+``DataDir`` does file operations only; the caller decides when (a thread for
+``sync_job``, chunks between turns for a snapshot).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from pbkv.persist.log import (
     Record,
     RecordKind,
     State,
+    SyncJob,
     read_records,
     truncate_torn_tail,
 )
@@ -371,6 +372,11 @@ class DataDir:
         """fsync the records appended since the last ``sync``."""
         if self._writer is not None:
             self._writer.sync()
+
+    def sync_job(self) -> SyncJob | None:
+        """The fsync of the records appended so far, to run in a thread while appends
+        go on (``LogWriter.sync_job``); None when there is nothing to sync."""
+        return self._writer.sync_job() if self._writer is not None else None
 
     @property
     def dirty(self) -> bool:

@@ -7,23 +7,35 @@ it acknowledges), each rollback, and each sync (a mark, or a new base when a
 transfer replaced the data).  This module says *when* it reaches the disk:
 
 * ``always``: every record is appended (one ``write``) as the action is carried
-  out, and one fsync at the next turn of the event loop covers every record
-  appended meanwhile (Redis's group commit under ``appendfsync always``).  Until
-  that fsync is done, what acknowledges those records is *held*: the primary's
-  client replies (``durable`` wraps each write's reply), the backup's frames
-  (its ACKs, its SYNC_ACK; ``hold``).  Held things go out in order once the
-  fsync returns, so no acknowledgement leaves before its record is durable.
-* ``everysec``: records are appended as they come and a timer fsyncs once a
-  second; nothing is held.  A crash of the machine (not of the process: the
-  page cache survives that) loses at most the last second or so.
+  out, and one fsync started at the next turn of the event loop covers every
+  record appended until it starts (Redis's group commit under ``appendfsync
+  always``).  Until an fsync that covers them is done, what acknowledges those
+  records is *held*: the primary's client replies (``durable`` wraps each
+  write's reply), the backup's frames (its ACKs, its SYNC_ACK; ``hold``).
+  Held things go out in order once their fsync returns, so no acknowledgement
+  leaves before its record is durable.
+* ``everysec``: records are appended as they come and a timer starts an fsync
+  once a second (none if the last one still runs, as Redis postpones); nothing
+  is held.  A crash of the machine (not of the process: the page cache survives
+  that) loses at most the last second or so: ``unsynced_max_ms`` measures it.
+
+The fsyncs run in a thread of their own, one at a time, while the loop goes on
+serving and appending (appends stay on the loop: they are the log's order).  A
+record appended while an fsync runs is not covered by it: records are numbered
+as they are appended (``Durability``), and a held acknowledgement remembers the
+last number appended when it was held; it goes out once an fsync that started
+after that record finished.  So under ``always`` the next fsync starts as soon
+as the running one ends, with every record appended meanwhile.
 
 A new base (``persist_all``: a full transfer, a fetch, an empty start) is
 written while serving: one shard of the store copied at a time, written in
-chunks, a few milliseconds per turn of the loop.  The records of batches
-applied meanwhile wait in memory and are appended once the base is in place
-(replaying them on a base that already holds some of their writes is
-harmless: every operation sets a key's final value or removes it).  With
-``always`` everything that acknowledges is held until the base is in place.
+chunks, a few milliseconds per turn of the loop; then a thread flushes it,
+fsyncs it and names it in the manifest (tens of milliseconds the loop never
+waits).  The records of batches applied meanwhile wait in memory and are
+appended once the base is in place (replaying them on a base that already
+holds some of their writes is harmless: every operation sets a key's final
+value or removes it).  With ``always`` everything that acknowledges is held
+until the base is in place.
 
 A log that has grown by ``rewrite_percentage`` of the base's size (and past
 ``rewrite_min_bytes``) is *rewritten*, as Redis rewrites its append-only file:
@@ -57,11 +69,15 @@ are accepted.  A failed log rewrite fails nothing: the rewrite is given up
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
+import contextlib
 import itertools
 import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +85,10 @@ from typing import Any
 from pbkv.commands import DiskFailed, Done, Loaded, Outcome, Reply
 from pbkv.config import Settings
 from pbkv.persist.datadir import DataDir
+from pbkv.persist.durability import Durability
 from pbkv.persist.framing import PersistError
-from pbkv.persist.log import Record, RecordKind, State
-from pbkv.persist.snapshot import SnapshotWriter
+from pbkv.persist.log import Record, RecordKind, State, SyncJob
+from pbkv.persist.snapshot import SnapshotInfo, SnapshotWriter
 from pbkv.persist.table import base_extra
 from pbkv.store import ShardedStore
 
@@ -122,6 +139,7 @@ class Persistence:
         loop: asyncio.AbstractEventLoop,
         on_failure: Callable[[str], None],
         on_recovery: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         assert settings.data_dir is not None, "checked by Settings"
         self.mode = settings.persistence
@@ -129,6 +147,8 @@ class Persistence:
         self.rewrite_percentage = settings.rewrite_percentage
         self.rewrite_min_bytes = settings.rewrite_min_bytes
         self.loop = loop
+        self.clock = clock or loop.time  # monotonic: the waits of records for their fsync
+        self.durability = Durability()
         self.on_failure = on_failure
         self.on_recovery = on_recovery
         # Room kept free for the records of writes already admitted: the batches in
@@ -143,10 +163,21 @@ class Persistence:
         self.datadir = DataDir.for_address(
             settings.data_dir, *address, chunk_pairs=BASE_CHUNK_PAIRS
         )
-        # What waits for an fsync: (deliver, refuse), ``refuse`` called instead when
-        # the records it acknowledges never reach the disk.
-        self.held: list[tuple[Callable[[], None], Callable[[], None] | None]] = []
+        # What waits for an fsync: (covers, deliver, refuse): the number of the last
+        # record it acknowledges (None: whatever follows the base being written),
+        # ``refuse`` called instead when the records never reach the disk.
+        self.held: collections.deque[
+            tuple[int | None, Callable[[], None], Callable[[], None] | None]
+        ] = collections.deque()
         self.sync_scheduled = False
+        # One thread, so fsyncs never overlap (each covers what the last one left).
+        self._fsyncs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pbkv-fsync")
+        self.fsync_running = False
+        # A base is put in place (flushed, fsynced, renamed, named by the manifest) in
+        # a thread of its own too: those fsyncs take tens of milliseconds.
+        self._bases = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pbkv-base")
+        self._finishing: concurrent.futures.Future[SnapshotInfo] | None = None
+        self._closed = False
         self.base: _Base | None = None
         self.waiting: list[Record] = []  # records that follow the base being written
         self.failed: str | None = None
@@ -154,6 +185,7 @@ class Persistence:
         self.syncs = 0
         self.sync_seconds_max = 0.0
         self.bases_written = 0
+        self.base_loop_lag = 0.0  # the loop's longest stall while the last base was written
         self.last_base_seconds = 0.0
         self.recovered_pairs = 0
         self.recovery_seconds = 0.0
@@ -230,6 +262,9 @@ class Persistence:
         """A clean stop: whatever was appended is made durable, the folder released."""
         if self._timer is not None:
             self._timer.cancel()
+        self._closed = True
+        self._fsyncs.shutdown(wait=True)  # an fsync under way ends first
+        self._bases.shutdown(wait=True)  # and a base being put in place
         if self.failed is None:
             try:
                 if self.base is None:
@@ -242,12 +277,21 @@ class Persistence:
     @property
     def holding(self) -> bool:
         """Whether what acknowledges data must wait (``always``, records not yet durable)."""
-        return self.always and (self.holding_for_disk or bool(self.held))
+        return self.always and (
+            self.replacing_base
+            or (self.failed is None and self.durability.pending)
+            or bool(self.held)
+        )
+
+    def _covers(self) -> int | None:
+        """What a thing held now waits for: the records appended so far, or with a
+        base that replaces the data, the base and the records after it."""
+        return None if self.replacing_base else self.durability.appended
 
     def hold(self, deliver: Callable[[], None]) -> None:
         """Run ``deliver`` once every record appended so far is durable (now if none)."""
         if self.holding:
-            self.held.append((deliver, None))
+            self.held.append((self._covers(), deliver, None))
         else:
             deliver()
 
@@ -259,7 +303,11 @@ class Persistence:
                 reply(DiskFailed(self.failed, applied=True))
             elif self.holding:
                 self.held.append(
-                    (lambda: reply(outcome), lambda: reply(DiskFailed(self.failed or "", True)))
+                    (
+                        self._covers(),
+                        lambda: reply(outcome),
+                        lambda: reply(DiskFailed(self.failed or "", True)),
+                    )
                 )
             else:
                 reply(outcome)
@@ -267,10 +315,14 @@ class Persistence:
         return answer
 
     def _release(self) -> None:
-        while self.held and not self.holding_for_disk:
-            held, self.held = self.held, []
-            for deliver, _ in held:
-                deliver()
+        """Deliver, in order, what the fsyncs finished so far cover."""
+        held = self.held
+        while held:
+            covers, deliver, _ = held[0]
+            if covers is None or not self.durability.covers(covers):
+                return
+            held.popleft()
+            deliver()
 
     # -- disk space -------------------------------------------------------------------
     def refusal(self) -> DiskFailed | None:
@@ -312,11 +364,11 @@ class Persistence:
             log.warning("persistence: %d bytes free again: accepting writes", free)
 
     @property
-    def holding_for_disk(self) -> bool:
-        """An fsync is due, or a base that replaces the data is not in place yet (a
-        rewrite holds nothing back: its records go on to the log meanwhile)."""
+    def replacing_base(self) -> bool:
+        """A base that replaces the data is not in place yet (a rewrite holds nothing
+        back: its records go on to the log meanwhile)."""
         base = self.base
-        return self.sync_scheduled or (base is not None and base.replacing)
+        return base is not None and base.replacing
 
     # -- the actions ------------------------------------------------------------------
     def persist(self, record: Record) -> None:
@@ -343,6 +395,7 @@ class Persistence:
             self._fail(f"appending a record failed: {exc}")
             return
         self.records += 1
+        self.durability.append(self.clock())
         if self.always and not self.sync_scheduled:
             self.sync_scheduled = True
             self.loop.call_soon(self._sync_now)
@@ -352,6 +405,7 @@ class Persistence:
         if self.failed is not None and self.base is None:
             self.state = state  # the base that heals the folder holds it
             return
+        self._wait_for_finishing()
         if self.base is not None:  # replaced again before the last one was in place
             self.datadir.abort_rewrite()
         # Records waiting for an older base are in the store already: this base has them.
@@ -369,7 +423,14 @@ class Persistence:
     ) -> None:
         chunks = _store_chunks(store, self.datadir.chunk_pairs)
         self.base = _Base(writer, store, state, chunks, time.perf_counter(), replacing)
+        self.base_loop_lag = 0.0
         self.loop.call_soon(self._write_base, self.base)
+
+    def loop_lagged(self, lag: float) -> None:
+        """The event loop was busy ``lag`` seconds longer than its lag probe expected
+        (``LoopLag``): kept while a base is written, whose slices must stay short."""
+        if self.base is not None:
+            self.base_loop_lag = max(self.base_loop_lag, lag)
 
     def _rewrite_if_grown(self) -> None:
         """Rewrite the log once it has grown past the settings (Redis's
@@ -397,39 +458,70 @@ class Persistence:
         except PersistError as exc:
             self._fail(f"starting a rewrite failed: {exc}")
             return
+        self.durability.all_durable(self.clock())  # begin_rewrite synced the log
         self.rewrites += 1
         self._write_base_of(writer, self.store, self.state, replacing=False)
 
     # -- the disk work ------------------------------------------------------------------
     def _sync_now(self) -> None:
         self.sync_scheduled = False
-        base = self.base
-        if base is not None and base.replacing:
-            return  # a base that replaces the data syncs everything once it is in place
-        if self.failed is not None:
-            return
-        self._sync()
-        self._release()
+        if self.replacing_base or self.failed is not None:
+            return  # a base that replaces the data: what follows it is synced after it
+        if not self.fsync_running:
+            self._start_fsync()
+        # else the running fsync, once done, starts the next with these records
 
-    def _sync(self) -> None:
-        started = time.perf_counter()
+    def _start_fsync(self) -> None:
+        """An fsync of every record appended so far, in the fsync thread."""
         try:
-            self.datadir.sync()
+            job = self.datadir.sync_job()
         except PersistError as exc:
             self._fail(f"fsync failed: {exc}")
             return
+        covered = self.durability.started()
+        if job is None:  # on disk already (starting a rewrite synced the log)
+            self.durability.finished(covered, self.clock())
+            self._release()
+            return
+        self.fsync_running = True
+        started = time.perf_counter()
+        future = self.loop.run_in_executor(self._fsyncs, job.run)
+        future.add_done_callback(lambda done: self._fsync_done(done, job, covered, started))
+
+    def _fsync_done(
+        self, done: asyncio.Future[None], job: SyncJob, covered: int, started: float
+    ) -> None:
+        self.fsync_running = False
+        if self._closed or done.cancelled():
+            return
+        try:
+            done.result()
+        except (PersistError, OSError) as exc:
+            self._fail(f"fsync failed: {exc}")
+            return
+        job.done()
+        self.durability.finished(covered, self.clock())
         self.syncs += 1
         self.sync_seconds_max = max(self.sync_seconds_max, time.perf_counter() - started)
+        if self.failed is not None:
+            return
+        self._release()
+        if self.always and self.durability.pending and not self.replacing_base:
+            self._start_fsync()  # the records appended while this one ran
 
     def _every_second(self) -> None:
         self._timer = self.loop.call_later(EVERYSEC, self._every_second)
         if self.failed is not None:
             self._heal()
             return
-        base = self.base
-        if not self.always and (base is None or not base.replacing) and self.datadir.dirty:
-            self._sync()
         self._rewrite_if_grown()
+        if (
+            not self.always
+            and not self.replacing_base
+            and not self.fsync_running  # still running: Redis too waits for the next second
+            and self.datadir.dirty
+        ):
+            self._start_fsync()
 
     def _heal(self) -> None:
         """The folder failed: try a new base of the whole store (a new base, a new
@@ -462,17 +554,34 @@ class Persistence:
         except (PersistError, OSError) as exc:
             self._fail(f"writing a snapshot failed: {exc}")
             return
-        # Flushing tens of megabytes takes tens of milliseconds: in a thread, so the
-        # fsync in ``finish_rewrite`` then finds little left to do.
-        future = self.loop.run_in_executor(None, _flush_file, base.writer.temp_path)
+        # Flushing tens of megabytes, then the fsyncs of the file, the folder and the
+        # manifest take tens of milliseconds: in a thread.  Meanwhile the loop leaves
+        # the folder's manifest to it (``_wait_for_finishing``) and appends no record
+        # to a log the base replaces (they wait, as while it was written).
+        finishing = self._finishing = self._bases.submit(self._put_in_place, base.writer)
+        future = asyncio.wrap_future(finishing, loop=self.loop)
         future.add_done_callback(lambda done: self._finish_base(base, done))
 
-    def _finish_base(self, base: _Base, flushed: asyncio.Future[None]) -> None:
-        if base is not self.base:
+    def _put_in_place(self, writer: SnapshotWriter) -> SnapshotInfo:
+        """In the base thread: the base on disk, named by the manifest."""
+        _flush_file(writer.temp_path)
+        return self.datadir.finish_rewrite()
+
+    def _wait_for_finishing(self) -> None:
+        """A base being put in place by its thread owns the folder's manifest: let it
+        end before the loop touches them (rare: the data replaced again, or a disk
+        fault, in those milliseconds).  How it ended is ``_finish_base``'s business."""
+        finishing = self._finishing
+        if finishing is not None:
+            with contextlib.suppress(Exception):
+                finishing.result()
+
+    def _finish_base(self, base: _Base, finished: asyncio.Future[SnapshotInfo]) -> None:
+        self._finishing = None
+        if self._closed or finished.cancelled() or base is not self.base:
             return
         try:
-            flushed.result()
-            info = self.datadir.finish_rewrite()
+            info = finished.result()
         except (PersistError, OSError) as exc:
             self._fail(f"writing a snapshot failed: {exc}")
             return
@@ -494,14 +603,23 @@ class Persistence:
             base.state.seq,
             self.last_base_seconds,
         )
-        waiting, self.waiting = self.waiting, []
-        for record in waiting:
-            self.persist(record)
+        if base.replacing:
+            # The base holds every record appended before it; those that waited for
+            # it follow it, and what was held meanwhile waits for them.
+            self.durability.all_durable(self.clock())
+            waiting, self.waiting = self.waiting, []
+            for record in waiting:
+                self.persist(record)
+            covers = self.durability.appended
+            self.held = collections.deque(
+                (covers if waits is None else waits, deliver, refuse)
+                for waits, deliver, refuse in self.held
+            )
         if self.failed is None:
-            self._sync()
             self._release()
 
     def _fail(self, reason: str) -> None:
+        self._wait_for_finishing()
         base = self.base
         if base is not None and not base.replacing and self.failed is None:
             # A rewrite that failed: the old base and the log are still whole.
@@ -519,8 +637,8 @@ class Persistence:
         self.failed = reason
         self.disk_failures += 1
         self.waiting.clear()  # in the store: the healing base holds them
-        held, self.held = self.held, []
-        for _, refuse in held:  # never acknowledged: not on disk
+        held, self.held = self.held, collections.deque()
+        for _, _, refuse in held:  # never acknowledged: not on disk
             if refuse is not None:
                 refuse()
         self.on_failure(reason)
@@ -528,14 +646,18 @@ class Persistence:
     # -- status -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         status = self.datadir.status()
+        now = self.clock()
         status.update(
             mode=self.mode,
             records=self.records,
             fsyncs=self.syncs,
             fsync_max_ms=round(self.sync_seconds_max * 1000, 3),
+            unsynced_ms=round(self.durability.unsynced_age(now) * 1000, 3),
+            unsynced_max_ms=round(self.durability.largest_window(now) * 1000, 3),
             bases_written=self.bases_written,
             rewrites=self.rewrites,
             last_base_seconds=round(self.last_base_seconds, 3),
+            base_loop_lag_ms=round(self.base_loop_lag * 1000, 1),
             base_under_way=self.base is not None,
             held=len(self.held),
             recovered_pairs=self.recovered_pairs,

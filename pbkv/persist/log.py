@@ -279,17 +279,47 @@ class LogWriter:
 
     def sync(self) -> None:
         """fsync what was appended since the last ``sync`` (nothing to do: no call)."""
+        job = self.sync_job()
+        if job is not None:
+            job.run()
+            job.done()
+
+    def sync_job(self) -> SyncJob | None:
+        """An fsync of what was appended so far, to run in another thread (``run``)
+        while appends go on; None when nothing is to be synced."""
         self._check_usable()
         if not self.dirty:
-            return
-        try:
-            os.fsync(self._fd)
-        except OSError as exc:
-            self.broken = f"fsync failed: {exc.strerror or exc}"
-            raise LogWriteError(f"{self.path}: {self.broken}") from exc
-        self.synced_size = self.size
+            return None
+        # Its own descriptor: the writer may be closed (a new base replaced the log)
+        # while the fsync runs, and the number reused.
+        return SyncJob(self, os.dup(self._fd), self.size)
+
+    def _synced(self, size: int) -> None:
+        self.synced_size = max(self.synced_size, size)
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class SyncJob:
+    """One fsync of a log up to ``size``: ``run`` (any thread), then ``done`` (the
+    writer's thread) once it succeeded.  Records appended meanwhile are not covered."""
+
+    def __init__(self, writer: LogWriter, fd: int, size: int) -> None:
+        self.writer = writer
+        self.fd = fd
+        self.size = size
+
+    def run(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self.writer.broken = f"fsync failed: {exc.strerror or exc}"
+            raise LogWriteError(f"{self.writer.path}: {self.writer.broken}") from exc
+        finally:
+            os.close(self.fd)
+
+    def done(self) -> None:
+        self.writer._synced(self.size)

@@ -5,7 +5,10 @@ loading at start, and a failed write."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
+import os
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -34,8 +37,9 @@ def on_loop(test: Callable[[Path], Coroutine[Any, Any, None]]) -> Callable[[Path
 
 def opened(tmp_path: Path, mode: str = "always", **kwargs: Any) -> Persistence:
     failures: list[str] = kwargs.pop("failures", [])
+    clock: Callable[[], float] | None = kwargs.pop("clock", None)
     settings = Settings(persistence=mode, data_dir=str(tmp_path), **kwargs)
-    return Persistence(settings, ADDRESS, asyncio.get_running_loop(), failures.append)
+    return Persistence(settings, ADDRESS, asyncio.get_running_loop(), failures.append, clock=clock)
 
 
 async def until_written(persistence: Persistence) -> None:
@@ -43,6 +47,11 @@ async def until_written(persistence: Persistence) -> None:
     while persistence.base is not None:
         assert time.monotonic() < deadline, "the base was never finished"
         await asyncio.sleep(0.001)
+
+
+async def synced(persistence: Persistence) -> None:
+    """Until no fsync is due or under way (they run in a thread: polled)."""
+    await until(lambda: not (persistence.sync_scheduled or persistence.fsync_running))
 
 
 async def turns(count: int = 3) -> None:
@@ -63,7 +72,7 @@ async def test_a_first_start_writes_an_empty_base_and_recovers_nothing(tmp_path:
     persistence = opened(tmp_path)
     assert persistence.recover(make_store("sharded", 4), State(7, 0, 0)) is None
     persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
-    await turns()
+    await synced(persistence)
     persistence.close()
     assert loaded(tmp_path) == (State(7, 1, 0), {"a": "1"})
 
@@ -91,7 +100,7 @@ async def test_always_holds_replies_and_frames_until_the_fsync(tmp_path: Path) -
     reply(Done(False))
     persistence.hold(lambda: order.append("ack 2"))
     assert replies == [Done(True)] and order == []
-    await turns()
+    await synced(persistence)
     # One fsync for both records, then everything held, in order.
     assert not persistence.datadir.dirty and persistence.syncs == 1
     assert replies == [Done(True), Done(False)] and order == ["ack 2"]
@@ -108,8 +117,8 @@ async def test_everysec_holds_nothing_and_syncs_on_a_timer(tmp_path: Path) -> No
     persistence.start()
     persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
     assert not persistence.holding and persistence.datadir.dirty
-    await asyncio.sleep(1.2)
-    assert not persistence.datadir.dirty and persistence.syncs >= 1
+    await until(lambda: not persistence.datadir.dirty)  # within the timer's second
+    assert persistence.syncs >= 1
     persistence.close()
 
 
@@ -140,7 +149,7 @@ async def test_a_new_base_is_written_while_serving(tmp_path: Path) -> None:
         assert replies == [] and time.monotonic() < deadline
         await asyncio.sleep(0.001)
     assert persistence.bases_written == 1
-    await turns()
+    await synced(persistence)
     assert replies == [Done(True)]
     persistence.close()
     state, data = loaded(tmp_path)
@@ -176,9 +185,9 @@ async def test_a_failed_append_acknowledges_nothing(tmp_path: Path) -> None:
     persistence.datadir.append = full  # type: ignore[method-assign]
     persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))
     assert failures and "no space left on device" in failures[0]
-    await turns()
+    await synced(persistence)
     # The reply held for the fsync is a failure, never a success.
-    assert len(replies) == 1 and persistence.held == []
+    assert len(replies) == 1 and not persistence.held
     (reply,) = replies
     assert isinstance(reply, DiskFailed) and reply.applied
     assert "no space left on device" in reply.reason
@@ -222,7 +231,7 @@ async def test_damage_refuses_to_load_naming_the_file_and_offset(tmp_path: Path)
     persistence.recover(make_store("sharded", 4), State(7, 0, 0))
     for seq in range(1, 4):
         persistence.persist(Record.batch(7, seq, 0, [f"k{seq}", "v"]))
-    await turns()
+    await synced(persistence)
     persistence.close()
     (log,) = (tmp_path / "127.0.0.1-8080").glob("incr.*.log")
     data = bytearray(log.read_bytes())
@@ -245,15 +254,15 @@ async def test_a_grown_log_is_rewritten_while_records_go_on(tmp_path: Path) -> N
     persistence.datadir.chunk_pairs = 10
     for seq in range(1, 80):
         persistence.persist(apply(store, Record.batch(7, seq, 0, [f"k{seq}", "v" * 20])))
-    await turns()
+    await synced(persistence)
     persistence._rewrite_if_grown()
     assert persistence.base is not None and persistence.rewrites == 1
     persistence.persist(apply(store, Record.batch(7, 80, 0, ["k1", None])))
-    await turns()
+    await synced(persistence)
     assert not persistence.holding  # a rewrite holds nothing back
     await until_written(persistence)
     persistence.persist(apply(store, Record.batch(7, 81, 0, ["k2", "later"])))
-    await turns()
+    await synced(persistence)
     status = persistence.status()
     assert status["log_bytes"] < 1000 and status["snapshot"]["file"] != "base.1.snap"
     persistence._rewrite_if_grown()
@@ -285,6 +294,243 @@ async def test_a_rollback_into_a_base_that_may_hold_its_batches_writes_a_new_bas
     assert persistence.base is not None  # a new base, not a record the old one cannot take
     persistence.persist(Record.mark(State(9, 10, 0)))
     await until_written(persistence)
-    await turns()
+    await synced(persistence)
     persistence.close()
     assert loaded(tmp_path) == (State(9, 10, 0), dict(filled(200).items()))
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        await asyncio.sleep(0.001)
+
+
+@on_loop
+async def test_everysec_reports_how_long_records_waited_for_their_fsync(tmp_path: Path) -> None:
+    clock = Clock()
+    persistence = opened(tmp_path, "everysec", clock=clock)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    status = persistence.status()
+    assert status["unsynced_ms"] == 0 and status["unsynced_max_ms"] == 0
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    clock.now += 0.4
+    persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))  # younger: not the window
+    clock.now += 0.3
+    status = persistence.status()
+    assert status["unsynced_ms"] == pytest.approx(700) and status["unsynced_max_ms"] == (
+        pytest.approx(700)
+    )
+    persistence._every_second()  # the timer's fsync
+    await until(lambda: not persistence.durability.pending)
+    clock.now += 5
+    status = persistence.status()
+    assert status["unsynced_ms"] == 0 and status["unsynced_max_ms"] == pytest.approx(700)
+    persistence.persist(Record.batch(7, 3, 0, ["c", "3"]))
+    clock.now += 0.1
+    persistence._every_second()
+    await until(lambda: not persistence.durability.pending)
+    assert persistence.status()["unsynced_max_ms"] == pytest.approx(700)  # the largest
+    persistence.close()
+
+
+@on_loop
+async def test_always_makes_each_record_durable_within_its_turn(tmp_path: Path) -> None:
+    clock = Clock()
+    persistence = opened(tmp_path, clock=clock)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+    clock.now += 0.002
+    assert persistence.status()["unsynced_ms"] == pytest.approx(2)
+    await until(lambda: not persistence.durability.pending)
+    status = persistence.status()
+    assert status["unsynced_ms"] == 0 and status["unsynced_max_ms"] == pytest.approx(2)
+    persistence.close()
+
+
+class GatedFsync:
+    """``os.fsync`` in the fsync thread, each call waiting for a permit: the test
+    decides when each fsync ends."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, error: OSError | None = None) -> None:
+        self.permits = threading.Semaphore(0)
+        self.started = 0
+        self.finished = 0
+        self.error = error
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            self.started += 1
+            assert self.permits.acquire(timeout=10), "the test never let the fsync end"
+            if self.error is not None:
+                raise self.error
+            real(fd)
+            self.finished += 1
+
+        monkeypatch.setattr("pbkv.persist.log.os.fsync", fsync)
+
+
+def test_a_record_appended_during_an_fsync_waits_for_the_next_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> None:
+        persistence = opened(tmp_path)
+        persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+        gate = GatedFsync(monkeypatch)
+        replies: list[str] = []
+        persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+        persistence.durable(lambda _: replies.append("first"))(Done(True))
+        await until(lambda: gate.started == 1)  # the fsync runs, the loop goes on
+        persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))
+        persistence.durable(lambda _: replies.append("second"))(Done(True))
+        persistence.hold(lambda: replies.append("ack 2"))
+        await turns()
+        assert replies == [] and gate.started == 1  # one fsync at a time
+        gate.permits.release()
+        await until(lambda: replies == ["first"])
+        # The second record was appended after that fsync began: the next covers it.
+        await until(lambda: gate.started == 2)
+        assert replies == ["first"] and persistence.holding
+        gate.permits.release()
+        await until(lambda: replies == ["first", "second", "ack 2"])
+        assert persistence.syncs == 2 and not persistence.holding
+        persistence.close()
+        assert loaded(tmp_path) == (State(7, 2, 0), {"a": "1", "b": "2"})
+
+    asyncio.run(run())
+
+
+def test_a_failed_fsync_in_its_thread_fails_the_folder_and_acknowledges_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> None:
+        failures: list[str] = []
+        persistence = opened(tmp_path, failures=failures)
+        persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+        gate = GatedFsync(monkeypatch, OSError(errno.EIO, "Input/output error"))
+        replies: list[Outcome] = []
+        frames: list[str] = []
+        persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+        persistence.durable(replies.append)(Done(True))
+        persistence.hold(lambda: frames.append("ack 1"))
+        gate.permits.release()
+        await until(lambda: bool(failures))
+        assert "fsync failed" in failures[0] and "Input/output error" in failures[0]
+        (reply,) = replies
+        assert isinstance(reply, DiskFailed) and reply.applied
+        assert frames == [] and not persistence.held
+        refused = persistence.refusal()
+        assert refused is not None and not refused.applied
+        persistence.close()
+
+    asyncio.run(run())
+
+
+def test_everysec_starts_no_fsync_while_one_runs_and_close_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> None:
+        persistence = opened(tmp_path, "everysec")
+        persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+        gate = GatedFsync(monkeypatch)
+        persistence.persist(Record.batch(7, 1, 0, ["a", "1"]))
+        persistence._every_second()
+        await until(lambda: gate.started == 1)
+        persistence.persist(Record.batch(7, 2, 0, ["b", "2"]))
+        persistence._every_second()  # the last one still runs: left for the next second
+        await turns()
+        assert gate.started == 1 and not persistence.holding
+
+        def let_it_end_once_closing() -> None:
+            deadline = time.monotonic() + 10
+            while not persistence._closed and time.monotonic() < deadline:
+                time.sleep(0.001)
+            gate.permits.release(2)  # the running fsync, then close's own
+
+        helper = threading.Thread(target=let_it_end_once_closing)
+        helper.start()
+        persistence.close()
+        helper.join()
+        assert gate.finished == 2  # close waited for the running fsync, then synced
+        assert loaded(tmp_path) == (State(7, 2, 0), {"a": "1", "b": "2"})
+
+    asyncio.run(run())
+
+
+@on_loop
+async def test_the_loops_stalls_are_kept_while_a_base_is_written(tmp_path: Path) -> None:
+    persistence = opened(tmp_path)
+    persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+    persistence.loop_lagged(0.5)  # no base under way: not the base's
+    assert persistence.status()["base_loop_lag_ms"] == 0
+    persistence.datadir.chunk_pairs = 10
+    persistence.persist_all(State(8, 5, 0), filled(300))
+    persistence.loop_lagged(0.004)
+    persistence.loop_lagged(0.012)
+    persistence.loop_lagged(0.002)
+    await until_written(persistence)
+    persistence.loop_lagged(0.3)  # after it: not the base's
+    assert persistence.status()["base_loop_lag_ms"] == 12.0
+    persistence.persist_all(State(9, 6, 0), filled(30))  # the next base starts afresh
+    assert persistence.status()["base_loop_lag_ms"] == 0
+    await until_written(persistence)
+    persistence.close()
+
+
+def test_a_base_is_put_in_place_in_a_thread_and_a_newer_one_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def run() -> None:
+        persistence = opened(tmp_path)
+        persistence.recover(make_store("sharded", 4), State(7, 0, 0))
+        datadir = persistence.datadir
+        real_finish = datadir.finish_rewrite
+        finishing = threading.Event()
+        permit = threading.Semaphore(0)
+        threads: list[threading.Thread] = []
+
+        def finish_rewrite() -> Any:
+            threads.append(threading.current_thread())
+            finishing.set()
+            assert permit.acquire(timeout=10)
+            return real_finish()
+
+        monkeypatch.setattr(datadir, "finish_rewrite", finish_rewrite)
+        real_wait = persistence._wait_for_finishing
+        waiting = threading.Event()
+
+        def wait_for_finishing() -> None:
+            waiting.set()
+            real_wait()
+
+        monkeypatch.setattr(persistence, "_wait_for_finishing", wait_for_finishing)
+
+        def let_the_first_finish_once_the_loop_waits() -> None:
+            assert finishing.wait(10) and waiting.wait(10)
+            permit.release(2)  # the first base, then the second
+
+        persistence.persist_all(State(8, 5, 0), filled(300))
+        await until(finishing.is_set)  # the loop goes on meanwhile
+        assert threads[0] is not threading.current_thread()
+        helper = threading.Thread(target=let_the_first_finish_once_the_loop_waits)
+        helper.start()
+        # Replaced again while the first is put in place: the loop waits for it, then
+        # starts the second, which wins.
+        persistence.persist_all(State(9, 6, 0), filled(20))
+        helper.join()
+        await until_written(persistence)
+        assert persistence.bases_written == 1 and len(threads) == 2
+        persistence.close()
+        assert loaded(tmp_path) == (State(9, 6, 0), dict(filled(20).items()))
+
+    asyncio.run(run())

@@ -73,6 +73,21 @@ def test_the_writer_reports_the_size_and_syncs_only_what_is_new(tmp_path: Path) 
     reopened.close()
 
 
+def test_a_sync_job_covers_only_what_was_appended_before_it(tmp_path: Path) -> None:
+    writer = LogWriter.create(tmp_path / "log")
+    first = writer.append(Record.batch(HISTORY, 1, 0, ["a", "b"]))
+    job = writer.sync_job()
+    assert job is not None and job.size == first
+    writer.append(Record.batch(HISTORY, 2, 0, ["c", "d"]))  # while it would run
+    writer.close()  # the job has its own descriptor: a replaced log may be closed
+    job.run()
+    job.done()
+    assert writer.synced_size == first and writer.dirty  # the second is not covered
+    other = LogWriter.create(tmp_path / "other")
+    assert other.sync_job() is None  # nothing to sync
+    other.close()
+
+
 def _log_of_three(tmp_path: Path) -> tuple[Path, bytes, list[int]]:
     path = tmp_path / "log"
     offsets = write_log(path, batches(HISTORY, [["a", "1"], ["b", None, "c", ""], ["😀", "\0"]]))

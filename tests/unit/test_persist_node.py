@@ -40,8 +40,10 @@ def test_a_replayed_reply_waits_for_the_fsync_of_its_writes_record(tmp_path: Pat
         # The retry: answered from the table, but not before the record is durable.
         assert node.submit(Command.INSERT, "k", "v", reply, "ident-1") is None
         assert delivered == []
-        for _ in range(3):
-            await asyncio.sleep(0)
+        deadline = asyncio.get_running_loop().time() + 10
+        while not delivered:  # the fsync runs in a thread
+            assert asyncio.get_running_loop().time() < deadline, "never answered"
+            await asyncio.sleep(0.001)
         assert delivered == [(Done(True), False)]  # once fsynced, with the first reply
         assert core.writes_replayed == 1
 
@@ -73,6 +75,24 @@ def test_a_full_disk_refuses_new_writes_but_answers_a_retry_from_the_table(
         assert isinstance(refused, DiskFailed) and not refused.applied
         # The retry of a write already applied is no new write: its recorded reply.
         assert node.submit(Command.DELETE, "k", None, reply, "ident-1") == Done(True, "old")
+        persistence.close()
+
+    asyncio.run(run())
+
+
+def test_the_lag_probe_tells_persistence_how_long_the_loop_stalled(tmp_path: Path) -> None:
+    async def run() -> None:
+        node = Node(Settings(persistence="everysec", data_dir=str(tmp_path)), Role.PRIMARY)
+        persistence = node.persistence
+        assert persistence is not None
+        now = [100.0]
+        node.clock = lambda: now[0]
+        node._probe_lag()  # the first run: when the next is due
+        persistence.persist_all(persistence.state, node.core.store)  # a base under way
+        now[0] += node.lag.interval + 0.035  # the loop was busy 35 ms past the probe's time
+        node._probe_lag()
+        node._lag_timer.cancel()
+        assert persistence.status()["base_loop_lag_ms"] == 35.0
         persistence.close()
 
     asyncio.run(run())
