@@ -686,6 +686,46 @@ def _after_failure(
     raise exc
 
 
+class _Retrying:
+    """One call's attempts until its deadline, without I/O, for both clients' retry
+    loops (one blocks, one awaits): what each failure leaves (``_after_failure``),
+    when the call must end, and the pause before a server tried in this round."""
+
+    def __init__(self, deadline: float, first: tuple[str, int], keyed: bool, safe: bool) -> None:
+        self.deadline, self.keyed, self.safe = deadline, keyed, safe
+        self.tried = {first}  # the servers tried since the last pause
+        self.pause = _PAUSE_FIRST
+        self.error: Exception | None = None
+        self.unknown: Exception | None = None  # an attempt that may have been applied
+
+    def failed(self, exc: Exception) -> str | None:
+        """Take a failed attempt; the primary its refusal named, if any."""
+        self.error, named, self.unknown = _after_failure(exc, self.keyed, self.safe, self.unknown)
+        return named
+
+    def time_left(self, now: float) -> float:
+        """Seconds left; past the deadline, raises what the call ends with."""
+        left = self.deadline - now
+        if left <= 0:
+            error = self.error
+            assert error is not None, "a failure comes before the deadline is checked"
+            if self.unknown is not None and self.unknown is not error:
+                raise self.unknown from error  # say that the outcome is unknown
+            raise error
+        return left
+
+    def pause_before(self, following: tuple[str, int], left: float) -> float:
+        """Seconds to wait before trying ``following``: none within a round, a
+        doubling pause once a round went by without an answer."""
+        wait = 0.0
+        if following in self.tried:
+            wait = min(self.pause, left)
+            self.pause = min(self.pause * 2, _PAUSE_MAX)
+            self.tried.clear()
+        self.tried.add(following)
+        return wait
+
+
 class Client(_Endpoint):
     """Blocking client over one keep-alive connection; not thread-safe.
 
@@ -870,29 +910,21 @@ class Client(_Endpoint):
         if not self._located:
             self._located = True
             self._switch(self._find_primary(deadline) or self.address)
-        tried = {self.address}
-        pause = _PAUSE_FIRST
-        unknown: Exception | None = None  # an attempt that may have been applied
+        retrying = _Retrying(deadline, self.address, keyed, safe)
         while True:
             try:
                 return self._send(op, method, target, body, headers, safe)
             except Exception as exc:
-                error, named, unknown = _after_failure(exc, keyed, safe, unknown)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if unknown is not None and unknown is not error:
-                    raise unknown from error  # say that the outcome is unknown
-                raise error
+                named = retrying.failed(exc)
+            left = retrying.time_left(time.monotonic())
             following = self._known(named) if named else None
             if not self.several and following is None:
                 following = self.address  # one server: try it again
             elif following is None or following == self.address:
                 following = self._find_primary(deadline) or self._next_after(self.address)
-            if following in tried:  # a round without an answer: wait before the next
-                time.sleep(min(pause, left))
-                pause = min(pause * 2, _PAUSE_MAX)
-                tried.clear()
-            tried.add(following)
+            wait = retrying.pause_before(following, left)
+            if wait:
+                time.sleep(wait)
             self._switch(following)
 
     def _find_primary(self, deadline: float) -> tuple[str, int] | None:
@@ -1196,29 +1228,21 @@ class AsyncClient(_Endpoint):
         if not self._located:
             self._located = True
             self._switch(await self._find_primary(deadline) or self.address)
-        tried = {self.address}
-        pause = _PAUSE_FIRST
-        unknown: Exception | None = None  # an attempt that may have been applied
+        retrying = _Retrying(deadline, self.address, keyed, safe)
         while True:
             try:
                 return await self._send(op, parts, credential, safe)
             except Exception as exc:
-                error, named, unknown = _after_failure(exc, keyed, safe, unknown)
-            left = deadline - time.monotonic()
-            if left <= 0:
-                if unknown is not None and unknown is not error:
-                    raise unknown from error  # say that the outcome is unknown
-                raise error
+                named = retrying.failed(exc)
+            left = retrying.time_left(time.monotonic())
             following = self._known(named) if named else None
             if not self.several and following is None:
                 following = self.address  # one server: try it again
             elif following is None or following == self.address:
                 following = await self._find_primary(deadline) or self._next_after(self.address)
-            if following in tried:  # a round without an answer: wait before the next
-                await asyncio.sleep(min(pause, left))
-                pause = min(pause * 2, _PAUSE_MAX)
-                tried.clear()
-            tried.add(following)
+            wait = retrying.pause_before(following, left)
+            if wait:
+                await asyncio.sleep(wait)
             self._switch(following)
 
     async def _find_primary(self, deadline: float) -> tuple[str, int] | None:
