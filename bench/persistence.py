@@ -17,7 +17,8 @@ In one run on one machine:
    pairs (16-byte keys, 100-byte values), then killed (`kill -9`) once no rewrite is
    under way. Each is launched again and timed from the launch to answering with every
    pair loaded: pbkv's primary (`bin/start_server -p`, alone: it loads its folder
-   before it listens) until its status answers with the pairs, Redis until PING
+   before it listens; its modules byte-compiled first, as compile.sh leaves an
+   installation) until its status answers with the pairs, Redis until PING
    answers PONG (not -LOADING). Their own measures of the loading are shown beside
    (pbkv's `recovery_seconds`, Redis's "DB loaded from append only file" line), then
    the time from launching pbkv's backup to the pair in sync.
@@ -26,6 +27,7 @@ In one run on one machine:
 
     python -m bench.persistence                          # ~4 min at 1,000,000 pairs
     python -m bench.persistence --seconds 0.3 --rounds 1 --pairs 2000 --no-redis
+    python -m bench.persistence --startup-only           # ~1 min: only part 2
 
 With ``--stall`` it measures only the event loop's longest stall while a base is
 written: a pbkv pair (everysec, ``rewrite_percentage`` 1) loaded with ``--pairs``
@@ -193,6 +195,7 @@ def pbkv_startup(workdir: Path, pairs: int, say: Callable[[str], None]) -> dict[
         on_disk = _folder_bytes(folder)
         pair.kill("primary")
         pair.kill("backup")
+        servers.byte_compile()  # started as installed, not compiling its modules again
 
         started = time.monotonic()
         launcher = pair.spawn("primary")
@@ -468,6 +471,11 @@ def _parser() -> argparse.ArgumentParser:
         "--pairs", type=int, default=1_000_000, help="start-up size (default 1000000; 0: skip)"
     )
     ap.add_argument(
+        "--startup-only",
+        action="store_true",
+        help="only the start-up from disk at --pairs pairs (no inserts)",
+    )
+    ap.add_argument(
         "--stall",
         action="store_true",
         help="only the event loop's stall while a base of --pairs pairs is rewritten",
@@ -495,18 +503,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         systems: list[System] = []
         pairs: dict[str, servers.Pbkv] = {}
-        for mode in MODES:
+        for mode in () if args.startup_only else MODES:
             pair = pairs[mode] = _pbkv_pair(workdir, mode)
             started.append(pair)
             pair.start_all()
             systems.append(_pbkv_system(system_name(PBKV, mode), pair))
-        if redis_binary is not None:
+        if redis_binary is not None and not args.startup_only:
             for mode in MODES:
                 primary, replica = _redis_pair(redis_binary, workdir, mode)
                 started += [primary, replica]
                 systems.append(_redis_system(primary, replica, system_name(REDIS, mode)))
             say(f"redis {servers.redis_version(redis_binary)}: three primaries with a replica")
-        say(f"inserts: {args.rounds} round(s) of {args.seconds:g} s per cell")
+        if systems:
+            say(f"inserts: {args.rounds} round(s) of {args.seconds:g} s per cell")
         cells = measure_inserts(systems, args, say)
         windows = loss_windows(pairs)
         for server in started:
@@ -526,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     checks: list[tuple[str, float | None, str, bool | None]] = []
-    for target in targets(args.connections, redis_binary is not None):
+    for target in [] if args.startup_only else targets(args.connections, redis_binary is not None):
         value = _median(round_ratios(cells, target.ours, target.reference, target.connections))
         met = None if value is None else value >= target.bound
         checks.append((target.label, value, f">= {target.bound}x", met))

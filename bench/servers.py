@@ -7,6 +7,7 @@ answering.
 from __future__ import annotations
 
 import argparse
+import compileall
 import http.client
 import json
 import os
@@ -81,6 +82,13 @@ def http_get_json(host: str, port: int, path: str, timeout: float = 2.0) -> Any:
         return json.loads(conn.getresponse().read())
     finally:
         conn.close()
+
+
+def byte_compile(root: Path = REPO) -> None:
+    """Compile the checkout's package to bytecode, as an installation does (compile.sh):
+    otherwise, with PYTHONDONTWRITEBYTECODE set, each start compiles every module again."""
+    if not compileall.compile_dir(root / "pbkv", quiet=1):
+        raise RuntimeError(f"cannot byte-compile {root / 'pbkv'}")
 
 
 class Pbkv:

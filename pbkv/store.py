@@ -311,6 +311,46 @@ class ShardedStore:
         self._memory = 0
         self.idempotency.clear()
 
+    def load_pairs(self, flat: list[str]) -> None:
+        """Add the pairs of ``flat`` (key, value, key, value, ...): a base's chunk, read
+        at start.  The hashing runs in C loops (``map``), and a chunk whose keys all
+        fall in one shard (a base is written shard by shard) goes in with one
+        ``dict.update``.  Raises TypeError, before changing anything, when an item is
+        not a str; should a key be there already, the sums are counted again."""
+        if len(flat) % 2:
+            raise ValueError("flat holds key, value pairs")
+        if not flat:
+            return
+        encoded = list(map(str.encode, flat))  # TypeError: not a str
+        count = len(flat) // 2
+        indices = self._indices_of(itertools.islice(encoded, 0, None, 2), count)
+        both = iter(encoded)  # zip(both, both): (key, value) pairs
+        digests = list(map(_pair_digest, map(_SEPARATOR.join, zip(both, both, strict=True))))
+        shards, sums = self._shards, self._sums
+        held = sum(map(len, shards))
+        first = indices[0]
+        items = iter(flat)
+        if indices.count(first) == count:
+            shards[first].update(zip(items, items, strict=True))
+            sums[first] += sum(digests)
+        else:
+            for index, key, value, digest in zip(indices, items, items, digests, strict=True):
+                shards[index][key] = value
+                sums[index] += digest
+        if sum(map(len, shards)) - held != count:
+            self._recount()  # a key was there: what it held is gone from the sums
+            return
+        for index, total in enumerate(sums):
+            sums[index] = total & _MASK
+        self._size += count
+        self._memory += sum(map(len, flat)) + PAIR_OVERHEAD * count
+
+    def _indices_of(self, encoded_keys: Iterable[bytes], count: int) -> list[int]:
+        """The shard of each of ``count`` encoded keys (``shard_of``, in a C loop)."""
+        if self.shard_count == 1:
+            return [0] * count
+        return list(map(self.shard_count.__rmod__, map(_key_digest, encoded_keys)))
+
     def load_chunk(self, shard: int, pairs: Iterable[tuple[str, str]]) -> None:
         """Add pairs received for ``shard`` during a transfer."""
         target = self._shards[shard]

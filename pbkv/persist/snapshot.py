@@ -46,7 +46,7 @@ from pbkv.persist.framing import (
     write_all,
 )
 from pbkv.persist.log import DEFAULT_MAX_RECORD, MAX_U64, State
-from pbkv.store import CHECKSUM_MODULUS, ShardedStore, pair_checksum, shard_of
+from pbkv.store import CHECKSUM_MODULUS, ShardedStore, pair_checksum
 
 SNAPSHOT_MAGIC = b"PBKVSNP1"
 DEFAULT_CHUNK_PAIRS = 4096
@@ -245,9 +245,10 @@ class SnapshotReader:
             raise Damage(self.path, offset, f"expected the snapshot's {kind.name.lower()}")
         return items
 
-    def _raw_chunks(self) -> Iterator[list[str]]:
-        """Each chunk's flat list; then checks the end frame against the chunks seen and
-        leaves it in ``self.summary``."""
+    def _raw_chunks(self, strings_checked: bool = True) -> Iterator[tuple[int, list[str]]]:
+        """Each chunk's offset and flat list; then checks the end frame against the
+        chunks seen and leaves it in ``self.summary``.  Without ``strings_checked`` the
+        caller checks that keys and values are strings (``fill``: as it encodes them)."""
         chunks = 0
         while True:
             offset, items = self._frame()
@@ -255,10 +256,10 @@ class SnapshotReader:
                 flat = items[1]
                 if type(flat) is not list or not flat or len(flat) % 2:
                     raise Damage(self.path, offset, "a chunk is a flat list of key, value")
-                if not all(type(item) is str for item in flat):
-                    raise Damage(self.path, offset, "keys and values must be strings")
+                if strings_checked and not all(type(item) is str for item in flat):
+                    raise _not_strings(self.path, offset)
                 chunks += 1
-                yield flat
+                yield offset, flat
                 continue
             if items[0] != Section.END or len(items) != 4:
                 raise Damage(self.path, offset, "expected a chunk or the snapshot's end")
@@ -285,7 +286,7 @@ class SnapshotReader:
         not verify (so a caller keeps nothing before the iteration completes)."""
         count = 0
         total = 0
-        for flat in self._raw_chunks():
+        for _, flat in self._raw_chunks():
             pairs = list(zip(flat[0::2], flat[1::2], strict=True))
             for key, value in pairs:
                 total += pair_checksum(key, value)
@@ -302,15 +303,16 @@ class SnapshotReader:
         own checksum and count."""
         if len(store):
             raise ValueError("fill needs an empty store")
-        shard_count = store.shard_count
-        for flat in self._raw_chunks():
-            by_shard: dict[int, list[tuple[str, str]]] = {}
-            for index in range(0, len(flat), 2):
-                key = flat[index]
-                by_shard.setdefault(shard_of(key, shard_count), []).append((key, flat[index + 1]))
-            for shard, pairs in by_shard.items():
-                store.load_chunk(shard, pairs)
+        for offset, flat in self._raw_chunks(strings_checked=False):
+            try:
+                store.load_pairs(flat)
+            except TypeError:  # raised before the chunk changed the store
+                raise _not_strings(self.path, offset) from None
         self._verify(len(store), store.pairs_checksum)
+
+
+def _not_strings(path: Path, offset: int) -> Damage:
+    return Damage(path, offset, "keys and values must be strings")
 
 
 def verify_snapshot(path: Path | str, max_record: int = DEFAULT_MAX_RECORD) -> SnapshotInfo:

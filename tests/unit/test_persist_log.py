@@ -21,8 +21,10 @@ from pbkv.persist.log import (
     LogWriteError,
     LogWriter,
     Record,
+    RecordError,
     RecordKind,
     State,
+    decode_record,
     read_records,
     scan_log,
     truncate_torn_tail,
@@ -217,6 +219,29 @@ def test_records_that_do_not_decode_are_damage(tmp_path: Path) -> None:
     path.write_bytes(b"NOTALOG!" + data[MAGIC_SIZE:])
     problem = scan_log(path).problem
     assert isinstance(problem, Damage) and problem.offset == 0
+
+
+@pytest.mark.parametrize(
+    ("ops", "reason"),
+    [
+        (["k", "v", 7, "v"], "keys must be strings"),
+        (["k", "v", None, "v"], "keys must be strings"),
+        (["k", 7], "values must be strings or null"),
+        (["k", b"v"], "values must be strings or null"),
+        (["k", None, "l", ""], None),
+    ],
+)
+def test_a_record_of_other_than_strings_does_not_decode(
+    ops: list[object], reason: str | None
+) -> None:
+    import msgpack
+
+    payload = msgpack.packb([RecordKind.BATCH, 1, 2, 0, ops, b""], use_bin_type=True)
+    if reason is None:
+        assert decode_record(payload).ops == ops
+    else:
+        with pytest.raises(RecordError, match=reason):
+            decode_record(payload)
 
 
 def test_a_failed_append_is_cut_back_off_the_file(tmp_path: Path) -> None:

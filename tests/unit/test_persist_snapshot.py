@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pbkv.persist.framing import Damage
 from pbkv.persist.log import State
-from pbkv.persist.snapshot import SnapshotReader, SnapshotWriter, verify_snapshot
+from pbkv.persist.snapshot import Section, SnapshotReader, SnapshotWriter, verify_snapshot
 from pbkv.store import HashStore, ShardedStore
 from tests.support.persist import keys, texts
 
@@ -114,6 +114,42 @@ def test_the_whole_is_checked_against_the_summary(tmp_path: Path) -> None:
     writer.count += 1
     writer.finish()
     with SnapshotReader(tmp_path / "t") as reader, pytest.raises(Damage, match="pairs"):
+        reader.fill(ShardedStore(4))
+
+
+def test_a_base_written_shard_by_shard_fills_any_store(tmp_path: Path) -> None:
+    """A base's chunks hold one shard each: a store of that layout takes each in one
+    go, another layout spreads them; both hold the pairs, sums and sizes of puts."""
+    source = ShardedStore(4)
+    for number in range(300):
+        source.put(f"key {number}", "é" * (number % 7))
+    writer = SnapshotWriter(tmp_path / "s", STATE)
+    for index in range(source.shard_count):
+        for chunk in source.shard_chunks(index, 16):
+            writer.write_chunk(chunk)
+    writer.finish()
+    for store in (ShardedStore(4), ShardedStore(7), HashStore()):
+        with SnapshotReader(tmp_path / "s") as reader:
+            reader.fill(store)
+        assert dict(store.items()) == dict(source.items())
+        assert (len(store), store.checksum, store.memory_bytes) == (
+            len(source),
+            source.checksum,
+            source.memory_bytes,
+        )
+
+
+def test_a_chunk_of_other_than_strings_is_damage_at_its_offset(tmp_path: Path) -> None:
+    writer = SnapshotWriter(tmp_path / "s", STATE)
+    writer.write_chunk([("a", "1")])
+    offset = writer.size
+    writer._write_frame([Section.CHUNK, ["b", 2]])
+    writer.chunks += 1
+    writer.finish()
+    expected = f"offset {offset}: keys and values must be strings"
+    with pytest.raises(Damage, match=expected):
+        verify_snapshot(tmp_path / "s")
+    with SnapshotReader(tmp_path / "s") as reader, pytest.raises(Damage, match=expected):
         reader.fill(ShardedStore(4))
 
 

@@ -267,6 +267,56 @@ def test_load_chunk_overwrites_with_new_values() -> None:
     assert_matches(store, {"a": "4", "b": "2"})
 
 
+# -- (e') load_pairs: a base's chunks at start ---------------------------------------------
+def flat_of(pairs: list[tuple[str, str]]) -> list[str]:
+    return [item for pair in pairs for item in pair]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@settings(max_examples=60, deadline=None)
+@given(pairs=contents, chunk_size=st.integers(1, 20), by_shard=st.booleans())
+def test_load_pairs_matches_put(
+    shape: tuple[str, int], pairs: dict[str, str], chunk_size: int, by_shard: bool
+) -> None:
+    """Chunks of one shard each (as a base writes them) or of pairs in any order."""
+    source = filled(shape, pairs)
+    if by_shard:
+        chunks = [
+            chunk
+            for index in range(source.shard_count)
+            for chunk in source.shard_chunks(index, chunk_size)
+        ]
+    else:
+        items = list(pairs.items())
+        chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    loaded = new_store(shape)
+    for chunk in chunks:
+        loaded.load_pairs(flat_of(chunk))
+    assert_matches(loaded, pairs)
+    assert loaded.memory_bytes == source.memory_bytes
+    for index in range(source.shard_count):
+        assert loaded.shard_checksum(index) == source.shard_checksum(index)
+
+    # Pairs already there are overwritten, and the sums counted again.
+    for chunk in chunks:
+        loaded.load_pairs(flat_of([(key, value + "!") for key, value in chunk]))
+    changed = {key: value + "!" for key, value in pairs.items()}
+    assert_matches(loaded, changed)
+    assert loaded.memory_bytes == filled(shape, changed).memory_bytes
+
+
+def test_load_pairs_refuses_what_is_not_strings_before_changing_anything() -> None:
+    store = ShardedStore(4)
+    store.put("kept", "1")
+    before = (dict(store.items()), store.checksum, store.memory_bytes)
+    with pytest.raises(TypeError):
+        store.load_pairs(["a", "1", "b", 2])  # type: ignore[list-item]
+    with pytest.raises(ValueError):
+        store.load_pairs(["a", "1", "b"])
+    store.load_pairs([])
+    assert (dict(store.items()), store.checksum, store.memory_bytes) == before
+
+
 # -- (f) clear -----------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @settings(max_examples=40, deadline=None)
