@@ -17,6 +17,7 @@ databases compare in O(1) and a transfer can be verified shard by shard.
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Iterable, Iterator
 
@@ -344,6 +345,43 @@ class ShardedStore:
             sums[index] = total & _MASK
         self._size += count
         self._memory += sum(map(len, flat)) + PAIR_OVERHEAD * count
+
+    def apply_all(self, batches: Iterable[list[str | None]]) -> None:
+        """``apply`` of each batch in turn (a restart's batches after its base); a batch
+        that writes distinct keys and deletes none has its hashing done in C loops."""
+        for ops in batches:
+            keys: list[str] = ops[0::2]  # type: ignore[assignment]  # even slots hold keys
+            values = ops[1::2]
+            if None in values or len(set(keys)) != len(keys):
+                self.apply(ops)  # deletes, or a key written twice: one write at a time
+            else:
+                self._put_distinct(keys, values)  # type: ignore[arg-type]  # no None
+
+    def _put_distinct(self, keys: list[str], values: list[str]) -> None:
+        """``put`` of each pair, the keys all different."""
+        count = len(keys)
+        encoded = list(map(str.encode, keys))
+        indices = self._indices_of(encoded, count)
+        shards, sums = self._shards, self._sums
+        targets = list(map(shards.__getitem__, indices))
+        olds = list(map(dict.get, targets, keys))
+        collections.deque(map(dict.__setitem__, targets, keys, values), maxlen=0)
+        pairs = zip(encoded, map(str.encode, values), strict=True)
+        for index, digest in zip(
+            indices, map(_pair_digest, map(_SEPARATOR.join, pairs)), strict=True
+        ):
+            sums[index] += digest
+        added = olds.count(None)
+        memory = sum(map(len, keys)) + sum(map(len, values)) + PAIR_OVERHEAD * count
+        if added != count:  # overwrites: the pairs they replace leave the sums
+            for index, key, encoded_key, old in zip(indices, keys, encoded, olds, strict=True):
+                if old is not None:
+                    sums[index] -= _pair_digest(encoded_key + _SEPARATOR + old.encode())
+                    memory -= len(key) + len(old) + PAIR_OVERHEAD
+        for index, total in enumerate(sums):
+            sums[index] = total & _MASK
+        self._size += added
+        self._memory += memory
 
     def _indices_of(self, encoded_keys: Iterable[bytes], count: int) -> list[int]:
         """The shard of each of ``count`` encoded keys (``shard_of``, in a C loop)."""

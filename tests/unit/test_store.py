@@ -317,6 +317,43 @@ def test_load_pairs_refuses_what_is_not_strings_before_changing_anything() -> No
     assert (dict(store.items()), store.checksum, store.memory_bytes) == before
 
 
+batch_op = st.tuples(keys, st.one_of(st.none(), values))
+batch_lists = st.lists(st.lists(batch_op, max_size=12), max_size=8)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@settings(max_examples=80, deadline=None)
+@given(pairs=contents, batches=batch_lists)
+def test_apply_all_is_apply_of_each_batch(
+    shape: tuple[str, int], pairs: dict[str, str], batches: list[list[tuple[str, str | None]]]
+) -> None:
+    """Batches of new keys, overwrites, deletes and keys written twice, on any store."""
+    ops_lists: list[list[str | None]] = [[item for op in batch for item in op] for batch in batches]
+    store, same = filled(shape, pairs), filled(shape, pairs)
+    store.apply_all(ops_lists)
+    for ops in ops_lists:
+        same.apply(ops)
+    assert_matches(store, dict(same.items()))
+    assert (len(store), store.memory_bytes) == (len(same), same.memory_bytes)
+    for index in range(store.shard_count):
+        assert store.shard_checksum(index) == same.shard_checksum(index)
+
+
+def test_apply_all_of_distinct_keys_overwrites_what_was_there() -> None:
+    store, same = ShardedStore(4), ShardedStore(4)
+    for target in (store, same):
+        target.apply(["kept", "1", "there", "old", "é", "ü"])
+    batch: list[str | None] = ["new", "x", "there", "newer", "é", "", "😀", "\0"]
+    store.apply_all([batch])
+    same.apply(batch)
+    assert dict(store.items()) == dict(same.items())
+    assert (store.checksum, len(store), store.memory_bytes) == (
+        same.checksum,
+        len(same),
+        same.memory_bytes,
+    )
+
+
 # -- (f) clear -----------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @settings(max_examples=40, deadline=None)
