@@ -50,3 +50,23 @@ def test_every_figure_and_target_is_printed() -> None:
         "always: pbkv / Redis @ 1",
         "start-up: pbkv / Redis (seconds)",
     ], out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_startup_only_measures_the_start_up_alone() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.persistence", "--startup-only", "--pairs", "2000"]
+        + ["--no-install"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=55,
+    )
+    out = done.stdout
+    assert done.returncode == 0, f"exited {done.returncode}:\n{out}{done.stderr}"
+    assert not re.search(r"^(pbkv|redis) (off|everysec|always)\s+\d", out, re.M), out
+    for name in ("pbkv primary", "redis"):
+        assert re.search(rf"^  {name}\s+{NUMBER} s\s+{NUMBER} s\s+{NUMBER} MiB$", out, re.M), out
+    verdicts = re.findall(r"^  (.+?)\s+\S+x \(target [<>]= \S+\): (met|MISSED)$", out, re.M)
+    assert [label for label, _ in verdicts] == ["start-up: pbkv / Redis (seconds)"], out
