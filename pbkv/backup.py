@@ -60,11 +60,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Undo:
-    """What undoes one applied batch: its writes and each key's value before them."""
+    """What undoes one applied batch: its writes and each key's value before them.
+
+    Kept as tuples, untracked by the garbage collector once it has seen them (as the
+    primary's record of applied batches, ``catchup.py``): the record holds up to
+    ``undo_bytes`` of them, which a full collection would otherwise walk item by item."""
 
     seq: int
-    ops: list[str | None]
-    olds: list[str | None]
+    ops: tuple[str | None, ...]
+    olds: tuple[str | None, ...]
     checksum_before: int
     count_before: int
     size: int  # bytes, roughly: what the undo record holds for it
@@ -84,7 +88,7 @@ class BatchTap(Protocol):
         """Our data changed otherwise than by a batch: the stream heard so far ends."""
 
 
-def _undo_size(ops: list[str | None], olds: list[str | None]) -> int:
+def _undo_size(ops: tuple[str | None, ...], olds: tuple[str | None, ...]) -> int:
     # In C loops (a load's batches hold thousands of pairs): None counts as empty.
     text = sum(map(len, filter(None, ops))) + sum(map(len, filter(None, olds)))
     return text + 100 * len(olds)  # object and list overheads, roughly
@@ -313,10 +317,11 @@ class BackupCore(ReplicationCore):
             store.idempotency.apply(time, keyed)
             return
         checksum, count = store.checksum, len(store)
-        olds = store.apply_recording(ops)
+        olds = tuple(store.apply_recording(ops))
         table = store.idempotency.apply(time, keyed, record=True)
-        size = _undo_size(ops, olds) + (0 if table is None else table.size)
-        entry = Undo(seq, ops, olds, checksum, count, size, time, keyed, table)
+        kept = tuple(ops)
+        size = _undo_size(kept, olds) + (0 if table is None else table.size)
+        entry = Undo(seq, kept, olds, checksum, count, size, time, keyed, table)
         self.undo.append(entry)
         self.undo_size += entry.size
         while self.undo and (

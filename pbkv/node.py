@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import socket
@@ -561,6 +562,7 @@ class Node:
         status["loop_lag_ms"] = round(self.lag.recent_max(now) * 1000, 1)
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         status["gc_pause_max_ms"] = [round(pause * 1000, 1) for pause in self.gc_pauses.longest]
+        status["gc_frozen"] = gc.get_freeze_count()
         if self.member is not None:
             status.update(self.member.status(now))
         if self.following is not None:

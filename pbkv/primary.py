@@ -795,7 +795,8 @@ class PrimaryCore(ReplicationCore):
             Catchup(theirs.seq, theirs.checksum, theirs.count, self.seq, store.checksum, len(store))
         )
         for entry in self.applied_record.after(theirs.seq):
-            self.send(BatchFrame(entry.seq, entry.ops, entry.time, entry.keyed, epoch=self.epoch))
+            ops, keyed = list(entry.ops), list(entry.keyed)  # the record keeps tuples
+            self.send(BatchFrame(entry.seq, ops, entry.time, keyed, epoch=self.epoch))
         self.catchups_sent += 1
 
     def _transfer_frame(self, frame: Any) -> Step:

@@ -11,6 +11,7 @@ Nothing here sleeps or touches a socket.
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import logging
 import random
@@ -2034,7 +2035,8 @@ def _recorded_state_differs(backup: BackupCore, seq: int) -> None:
 
 
 def _undo_record_wrong(backup: BackupCore, seq: int) -> None:
-    backup.undo[-1].olds[0] = "not what it was"
+    last = backup.undo[-1]
+    last.olds = ("not what it was", *last.olds[1:])
 
 
 @pytest.mark.parametrize(
@@ -2106,6 +2108,21 @@ def test_the_undo_record_is_bounded_by_bytes(make_link) -> None:
     assert [seq for seq, _, _ in backup.undo_points()] == list(
         range(backup.seq - len(backup.undo), backup.seq)
     )
+
+
+def test_the_undo_record_holds_nothing_the_garbage_collector_walks_item_by_item(
+    make_link,
+) -> None:
+    link = make_link()
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    assert link.write(UPDATE, "a", "2") == Done(True)
+    assert link.write(DELETE, "a") == Done(True, "2")
+    gc.collect()  # a tuple of strings and None is untracked once a collection saw it
+    kept = [part for entry in backup.undo for part in (entry.ops, entry.olds)]
+    assert kept[-2:] == [("a", None), ("2",)]
+    assert not any(gc.is_tracked(part) for part in kept)
+    for entry in primary.applied_record.entries:
+        assert not gc.is_tracked(entry.ops) and not gc.is_tracked(entry.keyed)
 
 
 def test_catches_rolling_back_one_batch_too_few(make_link, monkeypatch) -> None:
