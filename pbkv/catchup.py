@@ -19,7 +19,7 @@ it from its undo record, which holds exactly those batches (``roles.promoted``).
 An entry keeps its ops and idempotency entries as tuples: tuples of strings,
 numbers and None are untracked by the garbage collector once it has seen them,
 where lists are traversed item by item in each full collection.  The record holds
-up to ``undo_bytes`` of ops (millions of strings after a bulk load), and a full
+up to ``undo_bytes`` of ops (hundreds of thousands of strings), and a full
 collection that walked them all stalled the event loop for tens of milliseconds.
 """
 
