@@ -58,6 +58,7 @@ from pbkv.idempotency import (
     entry_size,
     fingerprint,
 )
+from pbkv.persist.log import State as DiskState
 from pbkv.stages import (
     Copy,
     Directive,
@@ -598,6 +599,10 @@ class PrimaryCore(ReplicationCore):
             self.flush_pending = True
             self.outbox.append(FlushSoon())
         return None
+
+    def recovered_from(self, state: DiskState) -> None:
+        super().recovered_from(state)
+        self.sent_seq = state.seq
 
     def flush(self, now: float) -> None:
         """Send queued batches while the window has room."""
