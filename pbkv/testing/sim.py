@@ -289,16 +289,19 @@ def lost_beyond_window(
                 _Setting(state, op.call, end, acknowledged if op.ok else None)
             )
         for key in KEYS:
-            settings = [_Setting(None, float("-inf"), float("-inf"), None), *by_key.get(key, [])]
-            kept = [
-                s
-                for s in settings
-                if s.acknowledged is not None and s.acknowledged < loss.at - window
-            ]
+            writes = [_Setting(None, float("-inf"), float("-inf"), None), *by_key.get(key, [])]
+            # Those certainly on disk: answered before the window.
+            before = loss.at - window
+            kept = [s for s in writes if s.acknowledged is not None and s.acknowledged < before]
             found = loss.contents.get(key)
-            leaves = [s for s in settings if s.state == found]
+            leaves = [s for s in writes if s.state == found]
             if any(all(k.call <= s.end for k in kept) for s in leaves):
                 continue
+            if not leaves:
+                return (
+                    f"after the power loss at {loss.at:.3f} key {key!r} holds {found!r}, "
+                    "which no write left there"
+                )
             last = max(kept, key=lambda k: k.acknowledged or 0.0)
             return (
                 f"after the power loss at {loss.at:.3f} key {key!r} holds {found!r}, but a "

@@ -86,6 +86,7 @@ class SimDisk:
         self.sync_scheduled = False
         self.fsync_running = False
         self.records_lost = 0  # by power losses
+        self.recoveries = 0  # starts that loaded data
         self.rollbacks_as_bases = 0
 
     # -- a life of the process -------------------------------------------------------
@@ -109,6 +110,7 @@ class SimDisk:
             self.durability.all_durable(0.0)
             self.state = fresh
             return None
+        self.recoveries += 1
         newest = max(i for i, item in enumerate(self.items) if isinstance(item, Base))
         base = self.items[newest]
         assert isinstance(base, Base)

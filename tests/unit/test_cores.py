@@ -2514,9 +2514,7 @@ def recovered(
         core = PrimaryCore(settings, store, link.now, rng)
     else:
         core = BackupCore(settings, store, link.now, rng)
-    core.history, core.seq, core.recovered = history, seq, True
-    if isinstance(core, PrimaryCore):
-        core.sent_seq = seq
+    core.recovered_from(DiskState(history, seq))
     if start:
         link._start(role, core)
     return core
@@ -2592,6 +2590,29 @@ def test_a_recovered_backup_rolls_back_the_batches_its_primary_never_logged(make
     rollback, mark = logged(link, "backup")[-2:]
     assert rollback == Record.rollback(DiskState(11, 5, 0))
     assert mark == Record.mark(DiskState(backup.history, 5, 0))
+
+
+@pytest.mark.parametrize("behind", [0, 1])
+def test_a_recovered_backup_is_caught_up_before_its_probe_answers(
+    make_link, monkeypatch, behind: int
+) -> None:
+    """The backup restarted from its disk alone (the primary lives on) and the primary
+    reaches it before its probe answers: caught up from cold start, it is then in sync."""
+    link = make_link(**PERSISTENT)
+    link.start_backup()
+    primary = link.start_primary()
+    assert link.write(INSERT, "key1", "one") == Done(True)
+    for number in range(behind):  # batches its disk lacks (a copy recovered from older files)
+        assert link.write(INSERT, f"more{number}", "x") == Done(True)
+    link.kill("backup")
+    monkeypatch.setattr(RoleDriver, "probe", lambda self: None)  # it never answers
+    backup = recovered(link, "backup", {"key1": "one"}, primary.history, 1)
+    assert backup.stage is S.COLD_START
+    link.fire("primary", RETRY)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert ("backup", S.COLD_START, S.WARM_START) in link.moves()
+    assert primary.resyncs_partial == 1
+    assert_same_data(primary, backup)
 
 
 # -- bulk load chunks (PrimaryCore.submit_pairs) ------------------------------------------
