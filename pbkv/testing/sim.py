@@ -95,9 +95,9 @@ LOST_REPLY_RATE = 0.1
 RETRY_DEADLINE = 5.0
 # A seed with persistence, ``always`` or ``everysec`` (half each).
 PERSISTENCE_RATE = 0.3
+RESUMED = 0.05  # a power loss waits this long after a resume (its deferred fsync ends)
 # After a power loss, the acknowledged writes that may be gone: those answered this
 # long before it or later (``everysec``: an fsync a second; the margin is the fsync's).
-RESUMED = 0.05  # a power loss waits this long after a resume (its deferred fsync ends)
 POWER_LOSS_WINDOW = {"always": 0.0, "everysec": EVERYSEC + FSYNC_SECONDS[1] + 0.01}
 RETRY_FIRST = 0.05
 COMMANDS = {
@@ -530,6 +530,7 @@ class Simulation(Network):
             delay = self.latency()
             served = self.now
             if isinstance(outcome, Done):
+                # ``served``: when the server answered (with ``always``, after the fsync).
                 self.schedule(delay, lambda: finish(outcome.ok, outcome.value, served=served))
             elif isinstance(outcome, Refused):
                 # Applied nowhere and observed nothing: not part of the history.
@@ -548,8 +549,7 @@ class Simulation(Network):
             core = primary.primary
             self.note_served(core, key)
             if command.is_read:
-                found = core.read(command, key)
-                answer(found)
+                answer(core.read(command, key))
                 return
             outcome = primary.submit(command, key, value, answer)
             if outcome is not None:
@@ -579,6 +579,10 @@ class Simulation(Network):
             if record:
                 ret = self.now if ok is not None else None
                 self.record(Operation(client, kind, key, value, call, ret, ok, output), served)
+                if any(call < loss.at for loss in self.power_losses):
+                    # Attempts on both sides of a power loss: one before it may have been
+                    # applied and lost with its table entry, and the retry applied again.
+                    self.record(Operation(client, kind, key, value, call, None, None), None)
             self.schedule(self.rng.uniform(0.001, 0.05), lambda: self.client_loop(client))
 
         def attempt() -> None:
@@ -690,13 +694,10 @@ class Simulation(Network):
                 node.running.channel_closed(self.now, "connection reset")
                 node.drain()
         elif choice < 0.9 and self.settings.persistent:
-            # Both machines lose power, with both processes running (a paused one's
-            # fsyncs wait with it: the loss window is about running time) and the data
-            # they recovered at the last loss served since (what it lost is known).
             # Aimed at a write: the power goes within an fsync's time after the next
             # record or base either server writes (or in half a second).
             self.power_cut_armed = True
-            self.schedule(0.5, self.power_cut)
+            self.schedule(0.5, self.power_cut_if_armed)
         self.schedule(self.rng.uniform(0.2, 1.5), self.nemesis)
 
     def written(self) -> None:
@@ -705,10 +706,18 @@ class Simulation(Network):
             self.power_cut_armed = False
             self.schedule(self.rng.uniform(0.0, FSYNC_SECONDS[1]), self.power_cut)
 
+    def power_cut_if_armed(self) -> None:
+        if self.power_cut_armed:
+            self.power_cut_armed = False
+            self.power_cut()
+
     def power_cut(self) -> None:
-        self.power_cut_armed = False
+        """Both machines lose power, if both processes run (a paused one's fsyncs wait
+        with it: the loss window is about running time), the faults last, and what the
+        last loss left is known (the pair served it since)."""
         running = all(node.alive and not node.paused for node in self.nodes.values())
-        if running and self.now - self.last_resume > RESUMED and not self.awaiting_restore():
+        recent = self.now - self.last_resume <= RESUMED
+        if running and not recent and self.now < self.duration and not self.awaiting_restore():
             self.power_loss()
 
     def power_loss(self) -> None:
