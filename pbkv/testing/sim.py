@@ -320,8 +320,12 @@ class RunResult:
     faults: list[str] = field(default_factory=list)
     converged: bool = True
 
+    forced_persistence: str | None = None  # the mode the run was told to use
+
     def replay_command(self) -> str:
-        return f"python -m pbkv.testing.sim --seed {self.seed} --verbose"
+        forced = self.forced_persistence
+        option = f" --persistence {forced}" if forced else ""
+        return f"python -m pbkv.testing.sim --seed {self.seed}{option} --verbose"
 
 
 class Simulation(Network):
@@ -352,6 +356,7 @@ class Simulation(Network):
         if settings is None and random.Random(seed ^ 0xD15C).random() < PERSISTENCE_RATE:
             mode = random.Random(seed ^ 0xF5C).choice(("always", "everysec"))
             self.settings = dataclasses.replace(self.settings, persistence=mode, data_dir="sim")
+        self.forced_persistence = overrides.get("persistence")
         if overrides.get("persistence", "off") != "off":
             overrides.setdefault("data_dir", "sim")  # named, never opened: the disk is simulated
         if overrides:  # e.g. undo_bytes=0: every resync a full transfer
@@ -795,6 +800,8 @@ class Simulation(Network):
         last = self.nodes[PRIMARY].core
         self.replays += last.writes_replayed if isinstance(last, PrimaryCore) else 0
         result = RunResult(self.seed, True, operations=len(self.operations), faults=self.fault_log)
+        if self.forced_persistence != "off":
+            result.forced_persistence = self.forced_persistence
         if not converged or not self.in_sync():
             result.ok = False
             result.converged = False
@@ -877,7 +884,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=0, help="first seed of the range")
     parser.add_argument("--duration", type=float, default=8.0, help="simulated seconds of load")
     parser.add_argument("--verbose", action="store_true", help="print the trace and core logs")
+    parser.add_argument(
+        "--persistence",
+        choices=("always", "everysec"),
+        help="every seed with this mode (default: three seeds in ten, either mode)",
+    )
     args = parser.parse_args(argv)
+    forced = {"persistence": args.persistence} if args.persistence else {}
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     else:
@@ -888,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     operations = 0
     for seed in seeds:
         trace = print if args.verbose else None
-        result = run_seed(seed, duration=args.duration, trace=trace)
+        result = run_seed(seed, duration=args.duration, trace=trace, **forced)
         operations += result.operations
         if result.ok is not True:
             failures += 1
