@@ -550,8 +550,11 @@ class PrimaryCore(ReplicationCore):
             if remembered[FINGERPRINT] != print_:
                 self.keys_reused += 1
                 return KEY_REUSED
-            # Acknowledged state, as a read sees it: served when a read of it would be.
-            if not self.may_read(Command.COUNT, ""):
+            # Acknowledged state, served when a read of it would be, and only from a copy
+            # that is ours: one a warm start is fetching becomes ours (and, with
+            # persistence, reaches our disk) once its sync is confirmed.  Until then a
+            # power loss of both could bring back our older copy without the write.
+            if not (self.confirmed and self.may_read(Command.COUNT, "")):
                 return Refused(self.stage, self.role)
             self.writes_replayed += 1
             return Done(remembered[OK], remembered[VALUE])

@@ -1037,6 +1037,27 @@ def test_a_byte_corrupted_on_the_wire_closes_the_channel(link: Link) -> None:
 # -- restarts: the newest confirmed data wins ------------------------------------------
 
 
+def test_a_primary_fetching_the_backups_copy_answers_a_retry_only_once_it_is_ours(
+    link: Link,
+) -> None:
+    """A retry of a write the fetched copy remembers is refused (retried later) while the
+    copy arrives, every shard included: it is not ours until the sync is confirmed (with
+    persistence, our disk still holds our older copy, which a power loss of both would
+    bring back without the write).  Then it is answered from the table."""
+    _, backup = in_sync_pair(link, {"key": "value"})
+    assert link.write(INSERT, "kept", "x", ident="retry-me") == Done(True)
+    link.kill("primary")
+    link.manual_pump = True
+    primary = link.start_primary()
+    assert primary.stage is S.WARM_START
+    while primary.stage is S.WARM_START:
+        outcome = link.submit(link.token(), INSERT, "kept", "x", ident="retry-me")
+        assert outcome == Refused(S.WARM_START, "primary")
+        assert link.pump("backup", 1) or primary.stage is S.IN_SYNC
+    assert link.write(INSERT, "kept", "x", ident="retry-me") == Done(True)
+    assert primary.writes_replayed == 1 and backup.store.get("kept") == "x"
+
+
 def test_restarted_empty_primary_fetches_the_backups_data(link: Link) -> None:
     by_shard = keys_by_shard()
     data = {key: f"v-{key}" for keys in by_shard.values() for key in keys}
