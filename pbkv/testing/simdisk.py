@@ -39,7 +39,6 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pbkv.commands import Outcome, Reply
 from pbkv.persist.datadir import Replay, replay_onto
@@ -116,7 +115,7 @@ class SimDisk:
         assert isinstance(base, Base)
         replay = Replay(base.state)
         for offset, item in enumerate(self.items[newest + 1 :], newest + 1):
-            assert isinstance(item, Record), "one base per durable prefix"
+            assert isinstance(item, Record), "after the newest base: records"
             replay.feed(item, Path(f"{self.name} log"), offset)
         flat: list[str | None] = []
         for key, value in base.pairs:
@@ -233,11 +232,3 @@ class SimDisk:
                 del self.items[:index]
                 self.first += index
                 return
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "items": len(self.items),
-            "durable": self.durability.synced - self.first + 1,
-            "held": len(self.held),
-            "records_lost": self.records_lost,
-        }
