@@ -58,6 +58,7 @@ from pbkv.idempotency import (
     TableClock,
     fingerprint,
 )
+from pbkv.persist.log import State as DiskState
 from pbkv.stages import (
     Copy,
     Directive,
@@ -549,8 +550,11 @@ class PrimaryCore(ReplicationCore):
             if remembered[FINGERPRINT] != print_:
                 self.keys_reused += 1
                 return KEY_REUSED
-            # Acknowledged state, as a read sees it: served when a read of it would be.
-            if not self.may_read(Command.COUNT, ""):
+            # Acknowledged state, served when a read of it would be, and only from a copy
+            # that is ours: one a warm start is fetching becomes ours (and, with
+            # persistence, reaches our disk) once its sync is confirmed.  Until then a
+            # power loss of both could bring back our older copy without the write.
+            if not (self.confirmed and self.may_read(Command.COUNT, "")):
                 return Refused(self.stage, self.role)
             self.writes_replayed += 1
             return Done(remembered[OK], remembered[VALUE])
@@ -598,6 +602,10 @@ class PrimaryCore(ReplicationCore):
             self.flush_pending = True
             self.outbox.append(FlushSoon())
         return None
+
+    def recovered_from(self, state: DiskState) -> None:
+        super().recovered_from(state)
+        self.sent_seq = state.seq
 
     def flush(self, now: float) -> None:
         """Send queued batches while the window has room."""
