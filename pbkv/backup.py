@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -329,6 +330,9 @@ class BackupCore(ReplicationCore):
         ):
             self.undo_size -= self.undo.popleft().size
 
+    def batch_recovered_handler(self) -> Callable[[Record], None] | None:
+        return self.recovered_batch
+
     def recovered_batch(self, record: Record) -> None:
         """A batch of our log that followed the last sync, applied at start as it was
         when it arrived: our undo record is then what it was (within its bounds), so
@@ -395,6 +399,8 @@ class BackupCore(ReplicationCore):
         if refused is not None:
             self.fail_transfer(refused)
             return Step.NONE
+        if self.stage is Stage.COLD_START:  # a recovered copy, before our probe answered
+            self.fire(Event.PRIMARY_RUNNING, "the primary catches up our recovered copy")
         # Our data moves on from here: no longer what a peer verified, nor what our
         # undo record leads back from, until the last batch matches the primary's.
         self._data_changes("a catch-up")

@@ -264,18 +264,12 @@ class Node:
             persistence = Persistence(
                 self.settings, self.address, self.loop, self._disk_failed, self._disk_healed
             )
-            # A backup keeps what undoes the batches after its last sync, as in memory.
-            undoable = core.recovered_batch if isinstance(core, BackupCore) else None
-            fresh = State(core.history, core.seq, core.copy_epoch)
-            state = persistence.recover(store, fresh, undoable)
+            state = persistence.recover(store, core.disk_state(), core.batch_recovered_handler())
         except (PersistError, OSError) as exc:
             log.error("%s cannot start: %s", self.role, exc)
             raise SystemExit(1) from None
         if state is not None:
-            core.history, core.seq, core.copy_epoch = state.history, state.seq, state.epoch
-            core.recovered = True
-            if isinstance(core, PrimaryCore):
-                core.sent_seq = state.seq
+            core.recovered_from(state)
         return persistence
 
     def _disk_failed(self, reason: str) -> None:
