@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,11 +61,15 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class Undo:
-    """What undoes one applied batch: its writes and each key's value before them."""
+    """What undoes one applied batch: its writes and each key's value before them.
+
+    Kept as tuples, untracked by the garbage collector once it has seen them (as the
+    primary's record of applied batches, ``catchup.py``): the record holds up to
+    ``undo_bytes`` of them, which a full collection would otherwise walk item by item."""
 
     seq: int
-    ops: list[str | None]
-    olds: list[str | None]
+    ops: tuple[str | None, ...]
+    olds: tuple[str | None, ...]
     checksum_before: int
     count_before: int
     size: int  # bytes, roughly: what the undo record holds for it
@@ -84,7 +89,7 @@ class BatchTap(Protocol):
         """Our data changed otherwise than by a batch: the stream heard so far ends."""
 
 
-def _undo_size(ops: list[str | None], olds: list[str | None]) -> int:
+def _undo_size(ops: tuple[str | None, ...], olds: tuple[str | None, ...]) -> int:
     # In C loops (a load's batches hold thousands of pairs): None counts as empty.
     text = sum(map(len, filter(None, ops))) + sum(map(len, filter(None, olds)))
     return text + 100 * len(olds)  # object and list overheads, roughly
@@ -313,16 +318,20 @@ class BackupCore(ReplicationCore):
             store.idempotency.apply(time, keyed)
             return
         checksum, count = store.checksum, len(store)
-        olds = store.apply_recording(ops)
+        olds = tuple(store.apply_recording(ops))
         table = store.idempotency.apply(time, keyed, record=True)
-        size = _undo_size(ops, olds) + (0 if table is None else table.size)
-        entry = Undo(seq, ops, olds, checksum, count, size, time, keyed, table)
+        kept = tuple(ops)
+        size = _undo_size(kept, olds) + (0 if table is None else table.size)
+        entry = Undo(seq, kept, olds, checksum, count, size, time, keyed, table)
         self.undo.append(entry)
         self.undo_size += entry.size
         while self.undo and (
             self.undo_size > self.settings.undo_bytes or len(self.undo) > MAX_UNDO_POINTS
         ):
             self.undo_size -= self.undo.popleft().size
+
+    def batch_recovered_handler(self) -> Callable[[Record], None] | None:
+        return self.recovered_batch
 
     def recovered_batch(self, record: Record) -> None:
         """A batch of our log that followed the last sync, applied at start as it was
@@ -390,6 +399,8 @@ class BackupCore(ReplicationCore):
         if refused is not None:
             self.fail_transfer(refused)
             return Step.NONE
+        if self.stage is Stage.COLD_START:  # a recovered copy, before our probe answered
+            self.fire(Event.PRIMARY_RUNNING, "the primary catches up our recovered copy")
         # Our data moves on from here: no longer what a peer verified, nor what our
         # undo record leads back from, until the last batch matches the primary's.
         self._data_changes("a catch-up")

@@ -15,11 +15,18 @@ any other way (a fetch, an empty start) cannot be reached by its batches.
 Bounded by bytes (``undo_bytes``, the backup's undo setting: the same history of
 batches, kept on the other side) and by ``MAX_BATCHES``.  A promoted backup starts
 it from its undo record, which holds exactly those batches (``roles.promoted``).
+
+An entry keeps its ops and idempotency entries as tuples: tuples of strings,
+numbers and None are untracked by the garbage collector once it has seen them,
+where lists are traversed item by item in each full collection.  The record holds
+up to ``undo_bytes`` of ops (hundreds of thousands of strings), and a full
+collection that walked them all stalled the event loop for tens of milliseconds.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,9 +43,9 @@ class Applied:
     """One applied batch and the state of the data before it."""
 
     seq: int
-    ops: list[str | None]
+    ops: tuple[str | None, ...]
     time: int
-    keyed: list[Any]
+    keyed: tuple[Any, ...]
     checksum_before: int
     count_before: int
     size: int
@@ -48,7 +55,7 @@ class Applied:
         return State(self.seq - 1, self.checksum_before, self.count_before)
 
 
-def batch_size(ops: list[str | None], keyed: list[Any], chars: int | None = None) -> int:
+def batch_size(ops: Sequence[str | None], keyed: Sequence[Any], chars: int | None = None) -> int:
     """Bytes a batch holds, roughly; ``chars``: its text's length, when known."""
     if chars is None:
         chars = sum(len(item) for item in ops if item is not None)
@@ -77,9 +84,9 @@ class AppliedRecord:
     def applied(
         self,
         seq: int,
-        ops: list[str | None],
+        ops: Sequence[str | None],
         time: int,
-        keyed: list[Any],
+        keyed: Sequence[Any],
         checksum_before: int,
         count_before: int,
         after: State,
@@ -97,9 +104,9 @@ class AppliedRecord:
             count_before,
         ):
             self.clear()  # not where the last one left the data: it cannot lead here
-        entry = Applied(
-            seq, ops, time, keyed, checksum_before, count_before, batch_size(ops, keyed, chars)
-        )
+        size = batch_size(ops, keyed, chars)
+        # Copied into tuples: kept out of the garbage collector's work (see the module).
+        entry = Applied(seq, tuple(ops), time, tuple(keyed), checksum_before, count_before, size)
         entries.append(entry)
         self.size += entry.size
         self.last = after

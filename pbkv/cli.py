@@ -249,6 +249,7 @@ def serve_main(argv: list[str] | None = None, ready_fd: int | None = None) -> in
 
     import uvloop
 
+    from pbkv.metrics import freeze_startup_objects
     from pbkv.node import Node  # the server's dependencies are not the client's
 
     listening: Callable[[], None] | None = None
@@ -264,6 +265,7 @@ def serve_main(argv: list[str] | None = None, ready_fd: int | None = None) -> in
 
     async def serve() -> None:
         node = Node(settings, role, member)
+        freeze_startup_objects()  # the process's own objects, and the data it recovered
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, node.stopped.set)

@@ -337,6 +337,21 @@ class ReplicationCore:
             state = DiskState(self.history, self.seq, self.copy_epoch)
             self.outbox.append(PersistAll(state) if replaced else Persist(Record.mark(state)))
 
+    def disk_state(self) -> DiskState:
+        """Our data's state as the records name it (a first start's empty base is at it)."""
+        return DiskState(self.history, self.seq, self.copy_epoch)
+
+    def batch_recovered_handler(self) -> Callable[[Record], None] | None:
+        """What takes the batches of our log that a rollback may undo at start (a backup
+        keeps what undoes them, as in memory); None: they are applied as they are."""
+        return None
+
+    def recovered_from(self, state: DiskState) -> None:
+        """Our store was loaded from disk at start, up to ``state``: a *recovered* copy
+        (see ``stages.plan``), until a peer confirms it."""
+        self.history, self.seq, self.copy_epoch = state.history, state.seq, state.epoch
+        self.recovered = True
+
     def start_tick(self) -> None:
         self.outbox.append(StartTimer(Timer.TICK, self.settings.heartbeat_interval))
 

@@ -27,8 +27,10 @@ order in which they expire.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter, xor
 from typing import Any, Final
 
 import xxhash
@@ -46,9 +48,11 @@ BATCH_ITEMS = 4
 TRANSFER_ITEMS = 5
 
 _MASK = (1 << 128) - 1
-_SEPARATOR = b"\xff"  # never in UTF-8
-_NONE = b"\x00"
-_SOME = b"\x01"
+_MASK64 = (1 << 64) - 1
+# A batch of this many entries or more is added in C-level passes over all of them,
+# a smaller one entry by entry (the passes' own cost would outweigh what they save).
+_IN_BULK = 8
+_SOME_SEED = 2  # in an entry's seed: a reply with a value (never in ``made << 2 ^ ok``)
 
 
 def fingerprint(command: str, key: str, value: str | None) -> int:
@@ -82,13 +86,30 @@ MADE: Final = 3
 DIGEST: Final = 4
 
 _digest = xxhash.xxh3_128_intdigest
+_DIGEST_OF = itemgetter(DIGEST)
+_VALUE_OF = itemgetter(VALUE)
+_KEY_OF = itemgetter(0)  # of a (key, entry) pair
+_ENTRY_OF = itemgetter(1)
+
+
+def _entry_digest(key: str, fingerprint: int, ok: bool, value: str | None, made: int) -> int:
+    """An entry's share of the table's checksum: over every field, the key's included.
+    The numbers go in as the hash's seed, the strings as its input: no text is
+    formatted (an entry is made on both servers; ``apply`` makes a batch's in bulk)."""
+    seed = (fingerprint ^ (made << 2) ^ ok) & _MASK64
+    if value is None:
+        return _digest(key.encode(), seed)
+    return _digest(b"%b\xff%b" % (key.encode(), value.encode()), seed ^ _SOME_SEED)
 
 
 def _entry(key: str, fingerprint: int, ok: bool, value: str | None, made: int) -> Entry:
-    """An entry with its checksum share: over every field, the key's included."""
-    text = _NONE if value is None else _SOME + value.encode()
-    head = b"%d:%d:%d:" % (fingerprint, ok, made)
-    return (fingerprint, ok, value, made, _digest(head + key.encode() + _SEPARATOR + text))
+    """An entry with its checksum share."""
+    return (fingerprint, ok, value, made, _entry_digest(key, fingerprint, ok, value, made))
+
+
+def _sizes(keys: list[str], values: Iterable[str | None]) -> int:
+    """What entries of these keys and reply values count for, in ``max_memory``."""
+    return len(keys) * ENTRY_OVERHEAD + sum(map(len, keys)) + sum(map(len, filter(None, values)))
 
 
 def entry_size(key: str, value: str | None) -> int:
@@ -182,33 +203,54 @@ class IdempotencyTable:
                 break
             dropped.append(self._drop_oldest())
         added: list[str] = keyed[0::BATCH_ITEMS]
-        made = self.clock
-        checksum, memory = self.checksum, self.memory
-        for i in range(0, len(keyed), BATCH_ITEMS):
-            key, value = keyed[i], keyed[i + 3]
-            if key in entries:  # never in a consistent history
-                self.checksum, self.memory = checksum, memory
-                self._add(key, _entry(key, keyed[i + 1], keyed[i + 2], value, made))
-                checksum, memory = self.checksum, self.memory
-                continue
-            entry = entries[key] = _entry(key, keyed[i + 1], keyed[i + 2], value, made)
-            checksum += entry[DIGEST]
-            memory += len(key) + ENTRY_OVERHEAD + (0 if value is None else len(value))
+        if (
+            len(added) < _IN_BULK
+            or len(set(added)) != len(added)
+            or not entries.keys().isdisjoint(added)
+        ):
+            self._add_one_by_one(keyed)  # a small batch, or one that replaces an entry
+        else:  # the batch's entries made and counted in C-level passes
+            values = keyed[3::BATCH_ITEMS]
+            made = self.clock
+            prints, oks = keyed[1::BATCH_ITEMS], keyed[2::BATCH_ITEMS]
+            if values.count(None) == len(values):  # no reply holds a value: each is hashed
+                # with its numbers as the seed, as _entry does, without a Python call
+                seeds = map(xor, map(xor, prints, repeat((made << 2) & _MASK64)), oks)
+                digests = list(map(_digest, map(str.encode, added), seeds))
+            else:
+                digests = list(map(_entry_digest, added, prints, oks, values, repeat(made)))
+            news = zip(prints, oks, values, repeat(made, len(added)), digests, strict=True)
+            entries.update(zip(added, news, strict=True))
+            self.checksum = (self.checksum + sum(digests)) & _MASK
+            self.memory += _sizes(added, values)
         over = len(entries) - self.capacity
-        if over > 0:  # the oldest go (inline: a full table drops one per write)
-            popitem = entries.popitem
-            for _ in range(over):
-                key, entry = popitem(last=False)
-                checksum -= entry[DIGEST]
-                value = entry[VALUE]
-                memory -= len(key) + ENTRY_OVERHEAD + (0 if value is None else len(value))
-                dropped.append((key, entry))
-        self.checksum, self.memory = checksum & _MASK, memory
+        if over == 1:  # the oldest goes (a full table drops one per write)
+            dropped.append(self._drop_oldest())
+        elif over > 1:
+            evicted = list(map(entries.popitem, repeat(False, over)))
+            evicted_entries = list(map(_ENTRY_OF, evicted))
+            self.checksum = (self.checksum - sum(map(_DIGEST_OF, evicted_entries))) & _MASK
+            self.memory -= _sizes(list(map(_KEY_OF, evicted)), map(_VALUE_OF, evicted_entries))
+            dropped += evicted
         if not record:
             return None
         # Roughly: the undo record holds references to entries the table held anyway.
         size = 100 * (len(added) + len(dropped)) + ENTRY_OVERHEAD * len(dropped)
         return TableUndo(before, added, dropped, size)
+
+    def _add_one_by_one(self, keyed: list[Any]) -> None:
+        """A batch's entries, one at a time (a small batch, or one where an entry
+        replaces another of its key: never in a consistent history)."""
+        entries, made = self.entries, self.clock
+        for i in range(0, len(keyed), BATCH_ITEMS):
+            key = keyed[i]
+            entry = _entry(key, keyed[i + 1], keyed[i + 2], keyed[i + 3], made)
+            if key in entries:
+                self._add(key, entry)
+                continue
+            entries[key] = entry
+            self.checksum = (self.checksum + entry[DIGEST]) & _MASK
+            self.memory += entry_size(key, entry[VALUE])
 
     def undo(self, change: TableUndo) -> None:
         """Reverse ``apply``: its entries go, those it dropped come back in front."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import itertools
 import logging
 import socket
@@ -263,18 +264,12 @@ class Node:
             persistence = Persistence(
                 self.settings, self.address, self.loop, self._disk_failed, self._disk_healed
             )
-            # A backup keeps what undoes the batches after its last sync, as in memory.
-            undoable = core.recovered_batch if isinstance(core, BackupCore) else None
-            fresh = State(core.history, core.seq, core.copy_epoch)
-            state = persistence.recover(store, fresh, undoable)
+            state = persistence.recover(store, core.disk_state(), core.batch_recovered_handler())
         except (PersistError, OSError) as exc:
             log.error("%s cannot start: %s", self.role, exc)
             raise SystemExit(1) from None
         if state is not None:
-            core.history, core.seq, core.copy_epoch = state.history, state.seq, state.epoch
-            core.recovered = True
-            if isinstance(core, PrimaryCore):
-                core.sent_seq = state.seq
+            core.recovered_from(state)
         return persistence
 
     def _disk_failed(self, reason: str) -> None:
@@ -561,6 +556,7 @@ class Node:
         status["loop_lag_ms"] = round(self.lag.recent_max(now) * 1000, 1)
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         status["gc_pause_max_ms"] = [round(pause * 1000, 1) for pause in self.gc_pauses.longest]
+        status["gc_frozen"] = gc.get_freeze_count()
         if self.member is not None:
             status.update(self.member.status(now))
         if self.following is not None:

@@ -50,14 +50,15 @@ from pbkv.core import (
     growth,
 )
 from pbkv.idempotency import (
+    BATCH_ITEMS,
     ENTRY_OVERHEAD,
     FINGERPRINT,
     OK,
     VALUE,
     TableClock,
-    entry_size,
     fingerprint,
 )
+from pbkv.persist.log import State as DiskState
 from pbkv.stages import (
     Copy,
     Directive,
@@ -534,7 +535,7 @@ class PrimaryCore(ReplicationCore):
         request a refusal; a new one is a write whose reply is remembered, replicated
         with it: even a logical failure travels in a batch and is answered once the
         backup acknowledged it."""
-        print_ = fingerprint(command.value, key, value)
+        print_ = fingerprint(command._value_, key, value)
         waiting = self.keyed.get(ident)
         if waiting is not None:
             if waiting[0] != print_:
@@ -549,8 +550,11 @@ class PrimaryCore(ReplicationCore):
             if remembered[FINGERPRINT] != print_:
                 self.keys_reused += 1
                 return KEY_REUSED
-            # Acknowledged state, as a read sees it: served when a read of it would be.
-            if not self.may_read(Command.COUNT, ""):
+            # Acknowledged state, served when a read of it would be, and only from a copy
+            # that is ours: one a warm start is fetching becomes ours (and, with
+            # persistence, reaches our disk) once its sync is confirmed.  Until then a
+            # power loss of both could bring back our older copy without the write.
+            if not (self.confirmed and self.may_read(Command.COUNT, "")):
                 return Refused(self.stage, self.role)
             self.writes_replayed += 1
             return Done(remembered[OK], remembered[VALUE])
@@ -565,7 +569,7 @@ class PrimaryCore(ReplicationCore):
             ok, new = current is not None, None
             outcome = Done(True, current) if ok else MISS
         reply_value = outcome.value
-        remembers = entry_size(ident, reply_value)
+        remembers = ENTRY_OVERHEAD + len(ident) + (0 if reply_value is None else len(reply_value))
         if self.max_memory and grow:  # what adds no pair passes, as without a key
             full = self.over_memory(grow + remembers)
             if full is not None:
@@ -598,6 +602,10 @@ class PrimaryCore(ReplicationCore):
             self.flush_pending = True
             self.outbox.append(FlushSoon())
         return None
+
+    def recovered_from(self, state: DiskState) -> None:
+        super().recovered_from(state)
+        self.sent_seq = state.seq
 
     def flush(self, now: float) -> None:
         """Send queued batches while the window has room."""
@@ -655,9 +663,8 @@ class PrimaryCore(ReplicationCore):
         keyed = batch.keyed
         store.idempotency.apply(batch.time, keyed)  # as the backup did: both expire alike
         self._record_applied(batch, checksum_before, count_before)
-        if keyed:
-            for ident in keyed[0::4]:
-                self.keyed.pop(ident, None)
+        if keyed:  # no longer in flight (a C-level pass: a batch may hold hundreds)
+            deque(map(self.keyed.pop, keyed[0::BATCH_ITEMS], itertools.repeat(None)), maxlen=0)
         self.pending_write_bytes -= batch.grows
         for _ in range(batch.layers):  # the oldest layers are this batch's
             self.layers.popleft()
@@ -795,7 +802,8 @@ class PrimaryCore(ReplicationCore):
             Catchup(theirs.seq, theirs.checksum, theirs.count, self.seq, store.checksum, len(store))
         )
         for entry in self.applied_record.after(theirs.seq):
-            self.send(BatchFrame(entry.seq, entry.ops, entry.time, entry.keyed, epoch=self.epoch))
+            ops, keyed = list(entry.ops), list(entry.keyed)  # the record keeps tuples
+            self.send(BatchFrame(entry.seq, ops, entry.time, keyed, epoch=self.epoch))
         self.catchups_sent += 1
 
     def _transfer_frame(self, frame: Any) -> Step:

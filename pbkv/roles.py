@@ -62,7 +62,15 @@ def promoted(backup: BackupCore, now: float, epoch: int) -> PrimaryCore:
     # followed it and lags by some of them catches up by those (``catchup.py``).
     store = backup.store
     applied = [
-        Applied(u.seq, u.ops, u.time, u.keyed or [], u.checksum_before, u.count_before, u.size)
+        Applied(
+            u.seq,
+            tuple(u.ops),
+            u.time,
+            tuple(u.keyed or ()),
+            u.checksum_before,
+            u.count_before,
+            u.size,
+        )
         for u in backup.undo
     ]
     primary.applied_record.extend(applied, State(backup.seq, store.checksum, len(store)))

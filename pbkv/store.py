@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import xxhash
 
@@ -222,7 +222,7 @@ class ShardedStore:
         else:
             self.put(key, value)
 
-    def apply(self, ops: list[str | None]) -> None:
+    def apply(self, ops: Sequence[str | None]) -> None:
         """A replicated batch: key, value-or-None, key, ... in order."""
         self._apply(ops, None)
 
@@ -232,7 +232,7 @@ class ShardedStore:
         self._apply(ops, olds)
         return olds
 
-    def _apply(self, ops: list[str | None], olds: list[str | None] | None) -> None:
+    def _apply(self, ops: Sequence[str | None], olds: list[str | None] | None) -> None:
         """``put`` and ``remove`` inlined, each old value added to ``olds`` (when given):
         a bulk load's batches make this both servers' busiest loop (each key is encoded
         once, for its shard and its checksum, and the sums are reduced once a batch)."""
@@ -273,7 +273,7 @@ class ShardedStore:
         self._size += size
         self._memory += memory
 
-    def undo(self, ops: list[str | None], olds: list[str | None]) -> None:
+    def undo(self, ops: Sequence[str | None], olds: Sequence[str | None]) -> None:
         """Reverse ``apply_recording(ops)``: each key back to its old value, newest first."""
         write = self.write
         for i in range(len(olds) - 1, -1, -1):

@@ -274,7 +274,10 @@ class RequestReader:
         lower = name.lower()
         if lower not in _WATCHED_HEADERS:  # Host, User-Agent...: the common case
             return
-        if lower == b"content-type":
+        if lower == b"idempotency-key":  # first: it comes with every write of a client
+            # Twice is no key: refused where it is read, never one of them taken.
+            self.idempotency_key = value if self.idempotency_key is None else REPEATED
+        elif lower == b"content-type":
             self.content_type = value
         elif lower == b"content-length":
             try:
@@ -295,9 +298,6 @@ class RequestReader:
             self.from_web_page = True
         elif lower == b"expect":
             self._expect = value.strip().lower()
-        elif lower == b"idempotency-key":
-            # Twice is no key: refused where it is read, never one of them taken.
-            self.idempotency_key = value if self.idempotency_key is None else REPEATED
 
     def on_headers_complete(self) -> None:
         self.phase = _BODY

@@ -211,18 +211,33 @@ class Loaded:
             self.snapshot.fill(store)
         finally:
             self.snapshot.close()
-        table = store.idempotency
-        load_base(table, self.extra)
-        handed = self.undoable if undoable is not None else 0
-        applied = self.batches[: len(self.batches) - handed]
-        store.apply_all(record.ops for record in applied)
-        for record in applied:  # the table is apart from the pairs: its own pass
-            replay_batch(table, record.extra)
-        if undoable is not None:
-            for record in self.batches[len(self.batches) - handed :]:
-                undoable(record)
-        table.replaced = 0  # a fuzzy base's batches add what it holds: not a conflict
+        replay_onto(store, self.extra, self.batches, self.undoable, undoable)
         return self.state
+
+
+def replay_onto(
+    store: ShardedStore,
+    extra: bytes,
+    batches: list[Record],
+    undoable_count: int,
+    undoable: Callable[[Record], None] | None = None,
+) -> None:
+    """Rebuild the data from a base and its log, the pure part of loading (the
+    simulation's disk model calls it too): ``store`` holds the base's pairs; load the
+    base's idempotency table (``extra``), apply the batches (their pairs and their
+    table entries), or with ``undoable`` hand it the last ``undoable_count`` of them
+    (those a rollback may undo) to apply instead."""
+    table = store.idempotency
+    load_base(table, extra)
+    handed = undoable_count if undoable is not None else 0
+    applied = batches[: len(batches) - handed]
+    store.apply_all(record.ops for record in applied)
+    for record in applied:  # the table is apart from the pairs: its own pass
+        replay_batch(table, record.extra)
+    if undoable is not None:
+        for record in batches[len(batches) - handed :]:
+            undoable(record)
+    table.replaced = 0  # a fuzzy base's batches add what it holds: not a conflict
 
 
 @dataclass(frozen=True, slots=True)

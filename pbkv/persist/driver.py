@@ -41,6 +41,10 @@ A log that has grown by ``rewrite_percentage`` of the base's size (and past
 ``rewrite_min_bytes``) is *rewritten*, as Redis rewrites its append-only file:
 a new base of the store as it is, written the same way, while records go on
 to a new increment after it; once the base is in place the older files go.
+Starting a rewrite (an fsync of the log, the new increment and a manifest that
+names it: tens of milliseconds on a busy disk) runs in the base thread too; the
+records of the few turns it takes wait in memory, as for a base that replaces
+the data, then go to the new increment.
 
 A base written while batches are applied may hold some of their writes; so
 a rollback to a state before the last batch such a base may hold cannot be
@@ -176,7 +180,10 @@ class Persistence:
         # A base is put in place (flushed, fsynced, renamed, named by the manifest) in
         # a thread of its own too: those fsyncs take tens of milliseconds.
         self._bases = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pbkv-base")
-        self._finishing: concurrent.futures.Future[SnapshotInfo] | None = None
+        # What the base thread does with the folder (start a rewrite, put a base in
+        # place): the loop leaves the folder to it until it is done.
+        self._finishing: concurrent.futures.Future[Any] | None = None
+        self._starting: State | None = None  # a rewrite's start under way: its state
         self._closed = False
         self.base: _Base | None = None
         self.waiting: list[Record] = []  # records that follow the base being written
@@ -264,7 +271,9 @@ class Persistence:
             self._timer.cancel()
         self._closed = True
         self._fsyncs.shutdown(wait=True)  # an fsync under way ends first
-        self._bases.shutdown(wait=True)  # and a base being put in place
+        self._bases.shutdown(wait=True)  # and a base being put in place, or a rewrite started
+        if self._starting is not None:
+            self._close_starting()
         if self.failed is None:
             try:
                 if self.base is None:
@@ -272,6 +281,21 @@ class Persistence:
             except PersistError as exc:
                 log.error("persistence: the last fsync failed: %s", exc)
         self.datadir.close()
+
+    def _close_starting(self) -> None:
+        """Stopped while a rewrite was being started: its base is given up, and the
+        records that waited for the new increment are appended to it."""
+        self._starting = None
+        self.datadir.abort_rewrite()
+        waiting, self.waiting = self.waiting, []
+        if self.failed is not None:
+            return
+        try:
+            for record in waiting:
+                self.datadir.append(record)
+        except PersistError as exc:
+            log.error("persistence: appending the last records failed: %s", exc)
+            self.failed = str(exc)
 
     # -- acknowledgements wait for their records ----------------------------------------
     @property
@@ -365,10 +389,11 @@ class Persistence:
 
     @property
     def replacing_base(self) -> bool:
-        """A base that replaces the data is not in place yet (a rewrite holds nothing
-        back: its records go on to the log meanwhile)."""
+        """Records wait in memory: a base that replaces the data is not in place yet,
+        or a rewrite's start has not switched to its new increment yet (once started, a
+        rewrite holds nothing back: its records go on to the log meanwhile)."""
         base = self.base
-        return base is not None and base.replacing
+        return (base is not None and base.replacing) or self._starting is not None
 
     # -- the actions ------------------------------------------------------------------
     def persist(self, record: Record) -> None:
@@ -378,15 +403,16 @@ class Persistence:
             return
         if record.kind is RecordKind.ROLLBACK and self.store is not None:
             state = self.state
-            if self.base is not None or (
-                record.history == state.history and record.seq < self.fuzzy_until
+            if (
+                self.base is not None
+                or self._starting is not None
+                or (record.history == state.history and record.seq < self.fuzzy_until)
             ):
                 # The base may hold writes this undoes: a base of the rolled-back store.
                 self.persist_all(record.state, self.store)
                 return
         self.state = record.state
-        base = self.base
-        if base is not None and base.replacing:
+        if self.replacing_base:
             self.waiting.append(record)
             return
         try:
@@ -406,8 +432,9 @@ class Persistence:
             self.state = state  # the base that heals the folder holds it
             return
         self._wait_for_finishing()
-        if self.base is not None:  # replaced again before the last one was in place
-            self.datadir.abort_rewrite()
+        if self.base is not None or self._starting is not None:
+            self.datadir.abort_rewrite()  # replaced again before the last one was in place
+            self._starting = None
         # Records waiting for an older base are in the store already: this base has them.
         self.waiting.clear()
         try:
@@ -423,19 +450,25 @@ class Persistence:
     ) -> None:
         chunks = _store_chunks(store, self.datadir.chunk_pairs)
         self.base = _Base(writer, store, state, chunks, time.perf_counter(), replacing)
-        self.base_loop_lag = 0.0
+        if replacing:
+            self.base_loop_lag = 0.0  # a rewrite's counts from its start (``_rewrite_if_grown``)
         self.loop.call_soon(self._write_base, self.base)
 
     def loop_lagged(self, lag: float) -> None:
         """The event loop was busy ``lag`` seconds longer than its lag probe expected
         (``LoopLag``): kept while a base is written, whose slices must stay short."""
-        if self.base is not None:
+        if self.base is not None or self._starting is not None:
             self.base_loop_lag = max(self.base_loop_lag, lag)
 
     def _rewrite_if_grown(self) -> None:
         """Rewrite the log once it has grown past the settings (Redis's
         auto-aof-rewrite-percentage and auto-aof-rewrite-min-size)."""
-        if not self.rewrite_percentage or self.base is not None or self.store is None:
+        if (
+            not self.rewrite_percentage
+            or self.base is not None
+            or self._starting is not None
+            or self.store is None
+        ):
             return
         status = self.datadir.status()
         snapshot = status["snapshot"]
@@ -453,14 +486,34 @@ class Persistence:
         log.info(
             "persistence: rewriting: the log holds %d bytes, the base %d", grown, snapshot["size"]
         )
+        state = self._starting = self.state
+        self.base_loop_lag = 0.0
+        starting = self._finishing = self._bases.submit(
+            self.datadir.begin_rewrite, state, base_extra(self.store.idempotency)
+        )
+        future = asyncio.wrap_future(starting, loop=self.loop)
+        future.add_done_callback(lambda done: self._rewrite_started(state, done))
+
+    def _rewrite_started(self, state: State, started: asyncio.Future[SnapshotWriter]) -> None:
+        """The base thread started the rewrite at ``state`` (``begin_rewrite``): its
+        base is written from now on, and the records that waited go to the new
+        increment."""
+        if self._closed or started.cancelled() or self._starting is not state:
+            return  # given up meanwhile (the data replaced, the folder failed)
+        self._finishing = None
+        self._starting = None
         try:
-            writer = self.datadir.begin_rewrite(self.state, base_extra(self.store.idempotency))
-        except PersistError as exc:
+            writer = started.result()
+        except (PersistError, OSError) as exc:
             self._fail(f"starting a rewrite failed: {exc}")
             return
         self.durability.all_durable(self.clock())  # begin_rewrite synced the log
         self.rewrites += 1
-        self._write_base_of(writer, self.store, self.state, replacing=False)
+        assert self.store is not None, "a rewrite is of the server's store"
+        self._write_base_of(writer, self.store, state, replacing=False)
+        self._append_waiting()
+        if self.failed is None:
+            self._release()
 
     # -- the disk work ------------------------------------------------------------------
     def _sync_now(self) -> None:
@@ -605,21 +658,31 @@ class Persistence:
         )
         if base.replacing:
             # The base holds every record appended before it; those that waited for
-            # it follow it, and what was held meanwhile waits for them.
+            # it follow it.
             self.durability.all_durable(self.clock())
-            waiting, self.waiting = self.waiting, []
-            for record in waiting:
-                self.persist(record)
-            covers = self.durability.appended
-            self.held = collections.deque(
-                (covers if waits is None else waits, deliver, refuse)
-                for waits, deliver, refuse in self.held
-            )
+            self._append_waiting()
         if self.failed is None:
             self._release()
 
+    def _append_waiting(self) -> None:
+        """The records that waited in memory go to the log, in order; what was held
+        meanwhile waits for them."""
+        waiting, self.waiting = self.waiting, []
+        for record in waiting:
+            self.persist(record)
+        if self.replacing_base:
+            return  # a rollback among them started a base of its own: they wait for it
+        covers = self.durability.appended
+        self.held = collections.deque(
+            (covers if waits is None else waits, deliver, refuse)
+            for waits, deliver, refuse in self.held
+        )
+
     def _fail(self, reason: str) -> None:
         self._wait_for_finishing()
+        if self._starting is not None:  # the rewrite it started is given up below
+            self._starting = None
+            self.datadir.abort_rewrite()
         base = self.base
         if base is not None and not base.replacing and self.failed is None:
             # A rewrite that failed: the old base and the log are still whole.

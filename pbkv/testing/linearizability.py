@@ -16,6 +16,10 @@ an "unknown" verdict instead of a hang.
 
 Writes whose outcome is indeterminate ("replication failed", or no reply) have no
 return event: they may be linearized at any point after their call, or never.
+
+A ``restore`` sets a key to what a server recovered from disk after a power loss
+(``value``; None: absent): a write that may have lost others before it, placed
+between the loss (its call) and the moment the server served again (its return).
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Final, Literal
 
-KINDS = frozenset({"get", "insert", "update", "delete"})
-WRITES = frozenset({"insert", "update", "delete"})
+KINDS = frozenset({"get", "insert", "update", "delete", "restore"})
+WRITES = frozenset({"insert", "update", "delete", "restore"})
 
 
 class _Mark(Enum):
@@ -57,6 +61,7 @@ class Operation:
     - update: ok=True updated; ok=False the key was missing and nothing changed.
     - delete: ok=True deleted and ``output`` is the old value; ok=False the key was
       missing (``output`` ignored).
+    - restore: ok=True; ``value`` is the key's value after it (None: absent).
     - any write with ok=None is indeterminate (answered "replication failed", or never
       answered): it may take effect at any moment after its call, even after the end of
       the history, or never.
@@ -74,7 +79,10 @@ class Operation:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown operation kind {self.kind!r}")
-        if (self.kind in ("insert", "update")) != isinstance(self.value, str):
+        if self.kind == "restore":
+            if self.ok is not True:
+                raise ValueError("a restore happened: ok=True")
+        elif (self.kind in ("insert", "update")) != isinstance(self.value, str):
             raise ValueError(f"{self.kind} takes a string value iff it is insert/update")
         if self.ok is not None:
             if self.ret is None:
@@ -243,6 +251,8 @@ def _apply(kind: str, arg: str | None, state: str | None) -> tuple[bool, str | N
         return (True, None, arg) if state is None else (False, None, state)
     if kind == "update":
         return (True, None, arg) if state is not None else (False, None, None)
+    if kind == "restore":
+        return True, None, arg
     return (True, state, None) if state is not None else (False, None, None)
 
 

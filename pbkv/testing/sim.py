@@ -19,6 +19,15 @@ that ended them.  Every write, keyed or not, must be applied at most once on the
 primary (each value is written once, each key enters the primary's idempotency
 table once), and both copies' tables must be equal at the end.
 
+Some seeds run with persistence (``always`` or ``everysec``): each server keeps
+its records and bases in a simulated folder (``pbkv.testing.simdisk``), a crashed
+server restarts from it, and the nemesis may cut the power of both servers at
+once: each keeps only what an fsync covered.  After each power loss the key's
+value the pair serves again must be one a write could have left there no earlier
+than the loss window before it (``POWER_LOSS_WINDOW``: nothing with ``always``,
+about a second with ``everysec``), and the history must be linearizable with
+that recovered content set, key by key, at the loss (a ``restore``).
+
 Run many seeds: ``python -m pbkv.testing.sim --seeds 1000``; replay one with
 its log: ``python -m pbkv.testing.sim --seed 42 --verbose``.
 """
@@ -47,18 +56,23 @@ from pbkv.commands import (
     Outcome,
     Refused,
     ReplicationFailed,
+    Reply,
 )
 from pbkv.config import Settings
+from pbkv.persist.log import Record
+from pbkv.persist.log import State as DiskState
 from pbkv.primary import PrimaryCore
-from pbkv.stages import Role, Stage
+from pbkv.stages import Role, Stage, WriteRule
 from pbkv.store import PAIR_OVERHEAD, make_store
 from pbkv.testing.linearizability import Operation, Result, check
 from pbkv.testing.link import Channel, Network, Process
+from pbkv.testing.simdisk import EVERYSEC, FSYNC_SECONDS, SimDisk
 
 log = logging.getLogger(__name__)
 
 ROLES = tuple(Role)
 PRIMARY, BACKUP = Role.PRIMARY, Role.BACKUP
+REPLICATE = WriteRule.REPLICATE
 DUPLICATE_RATE = 0.01  # share of frames a faulty network delivers twice
 CORRUPT_RATE = 0.002  # share of frames a faulty network delivers with a byte flipped
 # With a secret set, an attacker on the path: the share of frames after which it splices
@@ -79,6 +93,12 @@ ATTEMPT_TIMEOUT = 1.5
 # with the reply in it), while faults last.
 LOST_REPLY_RATE = 0.1
 RETRY_DEADLINE = 5.0
+# A seed with persistence, ``always`` or ``everysec`` (half each).
+PERSISTENCE_RATE = 0.3
+RESUMED = 0.05  # a power loss waits this long after a resume (its deferred fsync ends)
+# After a power loss, the acknowledged writes that may be gone: those answered this
+# long before it or later (``everysec``: an fsync a second; the margin is the fsync's).
+POWER_LOSS_WINDOW = {"always": 0.0, "everysec": EVERYSEC + FSYNC_SECONDS[1] + 0.01}
 RETRY_FIRST = 0.05
 COMMANDS = {
     "get": Command.GET,
@@ -113,6 +133,12 @@ class SimNode(Process):
         super().__init__(sim)
         self.sim = sim
         self.role = role
+        settings = sim.settings
+        self.disk = (
+            SimDisk(settings.persistence, str(role), random.Random(sim.rng.getrandbits(64)))
+            if settings.persistent
+            else None
+        )
 
     @property
     def label(self) -> str:
@@ -122,21 +148,31 @@ class SimNode(Process):
     def start(self) -> None:
         sim = self.sim
         store = make_store(sim.settings.store, sim.settings.shards)
-        if self.role is PRIMARY:
-            sim.count_applications(store)
         rng = random.Random(sim.rng.getrandbits(64))
         core_class = PrimaryCore if self.role is PRIMARY else BackupCore
         core = self.core = core_class(sim.settings, store, sim.now, rng)
         self.reset_driver()
+        if self.disk is not None:  # as ``Node._recover``: before anything is served
+            handler = core.batch_recovered_handler()
+            state = self.disk.recover(store, core.disk_state(), handler, self.deliver)
+            if state is not None:
+                core.recovered_from(state)
+        if self.role is PRIMARY:
+            sim.count_applications(store)  # what it applies from now on
         core.start(sim.now)
         self.drain()
 
-    def crash(self) -> None:
+    def crash(self, power_loss: bool = False) -> None:
         sim = self.sim
         if isinstance(self.core, PrimaryCore):
             sim.replays += self.core.writes_replayed
         if self.core is not None:
             sim.entries_replaced += self.core.store.idempotency.replaced
+        if self.disk is not None:
+            if power_loss:
+                self.disk.power_loss()
+            else:
+                self.disk.crash()
         super().crash()
 
     def drained(self) -> None:
@@ -152,6 +188,37 @@ class SimNode(Process):
     def sync_changed(self) -> None:
         pass  # no leadership without a coordinator
 
+    def send(self, data: bytes) -> None:
+        disk, channel = self.disk, self.channel
+        if disk is not None and disk.holding and self.role is BACKUP and channel is not None:
+            # As ``Node.send``: an ACK (or a SYNC_ACK) says the data is here: on disk first.
+            disk.hold(lambda: self.sim.transmit(channel, self, data))
+        else:
+            super().send(data)
+
+    def persist(self, record: Record) -> None:
+        if self.disk is not None:
+            self.disk.persist(record)
+
+    def persist_all(self, state: DiskState) -> None:
+        if self.disk is not None:
+            self.disk.persist_all(state, self.running.store)
+
+    def submit(
+        self, command: Command, key: str, value: str | None, reply: Reply, ident: str | None = None
+    ) -> Outcome | None:
+        """A write at the primary, as ``Node.submit`` passes it with persistence: with
+        ``always`` its reply waits until its batch is durable, and so does a retry's
+        answered from the table while records wait for their fsync."""
+        core, disk = self.primary, self.disk
+        if disk is not None and disk.always:
+            reply = disk.durable(reply)
+        outcome = core.submit(command, key, value, reply, ident)
+        if outcome is not None and ident is not None and disk is not None and disk.holding:
+            reply(outcome)
+            return None
+        return outcome
+
 
 @dataclass
 class _Attempts:
@@ -164,6 +231,87 @@ class _Attempts:
 
 
 @dataclass
+class PowerLoss:
+    """Both servers lost power at ``at``.  What they came back with, key by key: the
+    primary's value of the key (None: absent) when it first served a request on it
+    again (a read, a write accepted; reads of the shards a warm start completed come
+    before the rest) or when the pair was first in sync again, and when that was."""
+
+    at: float
+    contents: dict[str, str | None] = field(default_factory=dict)
+    served_again: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def known(self) -> bool:
+        return len(self.contents) == len(KEYS)
+
+    def note(self, key: str, value: str | None, now: float) -> None:
+        if key not in self.contents:
+            self.contents[key] = value
+            self.served_again[key] = now
+
+
+@dataclass(frozen=True, slots=True)
+class _Setting:
+    """Something that set a key: a write that took effect or may have, a restore."""
+
+    state: str | None  # the key's value after it (None: absent)
+    call: float
+    end: float  # when it had certainly taken effect (inf: maybe never)
+    acknowledged: float | None  # when the server answered success (None: it did not)
+
+
+def lost_beyond_window(
+    operations: list[Operation],
+    answered: list[float | None],
+    losses: list[PowerLoss],
+    window: float,
+) -> str | None:
+    """What was lost by a power loss that it may not lose, or None.
+
+    A key's content after the loss at T must be one that some write (or the restore
+    of an earlier loss, or the empty start) left there, unless it was overwritten by
+    a write acknowledged before T - ``window`` that certainly followed it (called
+    after it ended): such a write, and everything acknowledged before it, was on
+    disk.  With ``always`` the window is 0: nothing acknowledged may go."""
+    for number, loss in enumerate(losses):
+        by_key: dict[str, list[_Setting]] = {}
+        for earlier in losses[:number]:
+            for key, value in earlier.contents.items():
+                back = earlier.served_again[key]
+                by_key.setdefault(key, []).append(_Setting(value, earlier.at, back, back))
+        for op, acknowledged in zip(operations, answered, strict=True):
+            if op.kind in ("get", "restore") or op.ok is False or op.call >= loss.at:
+                continue
+            state = op.value if op.kind != "delete" else None
+            end = op.ret if op.ok and op.ret is not None else float("inf")
+            by_key.setdefault(op.key, []).append(
+                _Setting(state, op.call, end, acknowledged if op.ok else None)
+            )
+        for key in KEYS:
+            writes = [_Setting(None, float("-inf"), float("-inf"), None), *by_key.get(key, [])]
+            # Those certainly on disk: answered before the window.
+            before = loss.at - window
+            kept = [s for s in writes if s.acknowledged is not None and s.acknowledged < before]
+            found = loss.contents.get(key)
+            leaves = [s for s in writes if s.state == found]
+            if any(all(k.call <= s.end for k in kept) for s in leaves):
+                continue
+            if not leaves:
+                return (
+                    f"after the power loss at {loss.at:.3f} key {key!r} holds {found!r}, "
+                    "which no write left there"
+                )
+            last = max(kept, key=lambda k: k.acknowledged or 0.0)
+            return (
+                f"after the power loss at {loss.at:.3f} key {key!r} holds {found!r}, but a "
+                f"write of {last.state!r} acknowledged at {last.acknowledged or 0.0:.3f} "
+                f"(over {window:.3f}s before the loss) followed every write that leaves it"
+            )
+    return None
+
+
+@dataclass
 class RunResult:
     seed: int
     ok: bool | None
@@ -172,8 +320,12 @@ class RunResult:
     faults: list[str] = field(default_factory=list)
     converged: bool = True
 
+    forced_persistence: str | None = None  # the mode the run was told to use
+
     def replay_command(self) -> str:
-        return f"python -m pbkv.testing.sim --seed {self.seed} --verbose"
+        forced = self.forced_persistence
+        option = f" --persistence {forced}" if forced else ""
+        return f"python -m pbkv.testing.sim --seed {self.seed}{option} --verbose"
 
 
 class Simulation(Network):
@@ -201,9 +353,18 @@ class Simulation(Network):
             self.settings = dataclasses.replace(self.settings, max_memory=MEMORY_LIMIT)
         if settings is None and random.Random(seed ^ 0x0DD0).random() < NO_UNDO_RATE:
             self.settings = dataclasses.replace(self.settings, undo_bytes=0)
+        if settings is None and random.Random(seed ^ 0xD15C).random() < PERSISTENCE_RATE:
+            mode = random.Random(seed ^ 0xF5C).choice(("always", "everysec"))
+            self.settings = dataclasses.replace(self.settings, persistence=mode, data_dir="sim")
+        self.forced_persistence = overrides.get("persistence")
+        if overrides.get("persistence", "off") != "off":
+            overrides.setdefault("data_dir", "sim")  # named, never opened: the disk is simulated
         if overrides:  # e.g. undo_bytes=0: every resync a full transfer
             self.settings = dataclasses.replace(self.settings, **overrides)
         self.nodes = {role: SimNode(self, role) for role in ROLES}
+        for node in self.nodes.values():
+            if node.disk is not None:
+                node.disk.on_write = self.written
         self.partitioned = False
         self.channel_ids = itertools.count(1)
         self.clients = clients
@@ -232,6 +393,11 @@ class Simulation(Network):
         }
         self.openings: deque[tuple[int, list[bytes]]] = deque(maxlen=4)
         self.intruders = 0  # channels the attacker opened to the backup
+        self.power_losses: list[PowerLoss] = []
+        self.power_cut_armed = False
+        self.last_resume = float("-inf")
+        # When the server answered each operation of ``operations`` (None: no answer).
+        self.answered: list[float | None] = []
 
     def latency(self) -> float:
         # Mostly fast, sometimes slow: slow frames reorder old connections' traffic.
@@ -351,7 +517,9 @@ class Simulation(Network):
         primary = self.nodes[PRIMARY]
         state = {"done": False}
 
-        def finish(ok: bool | None, output: str | None, record: bool = True) -> None:
+        def finish(
+            ok: bool | None, output: str | None, record: bool = True, served: float | None = None
+        ) -> None:
             if state["done"]:
                 return
             state["done"] = True
@@ -360,15 +528,15 @@ class Simulation(Network):
                 if ok is None and kind == "get":
                     record = False
                 if record:
-                    self.operations.append(
-                        Operation(client, kind, key, value, call, ret, ok, output)
-                    )
+                    self.record(Operation(client, kind, key, value, call, ret, ok, output), served)
             self.schedule(self.rng.uniform(0.001, 0.05), lambda: self.client_loop(client))
 
         def answer(outcome: Outcome) -> None:
             delay = self.latency()
+            served = self.now
             if isinstance(outcome, Done):
-                self.schedule(delay, lambda: finish(outcome.ok, outcome.value))
+                # ``served``: when the server answered (with ``always``, after the fsync).
+                self.schedule(delay, lambda: finish(outcome.ok, outcome.value, served=served))
             elif isinstance(outcome, Refused):
                 # Applied nowhere and observed nothing: not part of the history.
                 self.schedule(delay, lambda: finish(None, None, record=False))
@@ -384,10 +552,11 @@ class Simulation(Network):
 
         def at_primary() -> None:
             core = primary.primary
+            self.note_served(core, key)
             if command.is_read:
                 answer(core.read(command, key))
                 return
-            outcome = core.submit(command, key, value, answer)
+            outcome = primary.submit(command, key, value, answer)
             if outcome is not None:
                 answer(outcome)
 
@@ -407,12 +576,18 @@ class Simulation(Network):
         self.open_operations += 1
         state = _Attempts()
 
-        def finish(ok: bool | None, output: str | None, record: bool = True) -> None:
+        def finish(
+            ok: bool | None, output: str | None, record: bool = True, served: float | None = None
+        ) -> None:
             state.done = True
             self.open_operations -= 1
             if record:
                 ret = self.now if ok is not None else None
-                self.operations.append(Operation(client, kind, key, value, call, ret, ok, output))
+                self.record(Operation(client, kind, key, value, call, ret, ok, output), served)
+                if any(call < loss.at for loss in self.power_losses):
+                    # Attempts on both sides of a power loss: one before it may have been
+                    # applied and lost with its table entry, and the retry applied again.
+                    self.record(Operation(client, kind, key, value, call, None, None), None)
             self.schedule(self.rng.uniform(0.001, 0.05), lambda: self.client_loop(client))
 
         def attempt() -> None:
@@ -426,10 +601,12 @@ class Simulation(Network):
                 if faulty and self.rng.random() < LOST_REPLY_RATE:
                     self.trace(f"the reply to {ident} (attempt {number}) is lost")
                     return
-                self.schedule(self.latency(), lambda: ended(number, outcome))
+                served = self.now
+                self.schedule(self.latency(), lambda: ended(number, outcome, served))
 
             def at_primary() -> None:
-                outcome = primary.primary.submit(command, key, value, answer, ident)
+                self.note_served(primary.primary, key)
+                outcome = primary.submit(command, key, value, answer, ident)
                 if outcome is not None:
                     answer(outcome)
 
@@ -437,12 +614,12 @@ class Simulation(Network):
                 primary.deliver(self.latency(), at_primary)
             self.schedule(ATTEMPT_TIMEOUT, lambda: ended(number, None))
 
-        def ended(number: int, outcome: Outcome | None) -> None:
+        def ended(number: int, outcome: Outcome | None, served: float | None = None) -> None:
             if state.done or number != state.attempt:
                 return  # a later attempt is under way: its answer counts
             if isinstance(outcome, Done):
                 self.retried += number > 1
-                finish(outcome.ok, outcome.value)
+                finish(outcome.ok, outcome.value, served=served)
                 return
             if isinstance(outcome, KeyReused):
                 self.violations.append(f"{ident}: the same request refused as another one")
@@ -468,6 +645,10 @@ class Simulation(Network):
     # -- nemesis -------------------------------------------------------------------------
     def note_sync(self) -> None:
         """Remember which lives of the two processes were last in sync together."""
+        if self.in_sync() and self.awaiting_restore():
+            store = self.nodes[PRIMARY].running.store
+            for key in KEYS:
+                self.power_losses[-1].note(key, store.get(key), self.now)
         if self.in_sync():
             self.synced_lives = {role: node.life for role, node in self.nodes.items()}
 
@@ -517,7 +698,56 @@ class Simulation(Network):
                 self.close_channel(channel, node)
                 node.running.channel_closed(self.now, "connection reset")
                 node.drain()
+        elif choice < 0.9 and self.settings.persistent:
+            # Aimed at a write: the power goes within an fsync's time after the next
+            # record or base either server writes (or in half a second).
+            self.power_cut_armed = True
+            self.schedule(0.5, self.power_cut_if_armed)
         self.schedule(self.rng.uniform(0.2, 1.5), self.nemesis)
+
+    def written(self) -> None:
+        """A server wrote a record or a base."""
+        if self.power_cut_armed:
+            self.power_cut_armed = False
+            self.schedule(self.rng.uniform(0.0, FSYNC_SECONDS[1]), self.power_cut)
+
+    def power_cut_if_armed(self) -> None:
+        if self.power_cut_armed:
+            self.power_cut_armed = False
+            self.power_cut()
+
+    def power_cut(self) -> None:
+        """Both machines lose power, if both processes run (a paused one's fsyncs wait
+        with it: the loss window is about running time), the faults last, and what the
+        last loss left is known (the pair served it since)."""
+        running = all(node.alive and not node.paused for node in self.nodes.values())
+        recent = self.now - self.last_resume <= RESUMED
+        if running and not recent and self.now < self.duration and not self.awaiting_restore():
+            self.power_loss()
+
+    def power_loss(self) -> None:
+        self.fault("power loss: both servers")
+        self.power_losses.append(PowerLoss(self.now))
+        for node in self.nodes.values():
+            node.crash(power_loss=True)
+            self.schedule(self.rng.uniform(0.1, 2.0), functools.partial(self.restart, node))
+        # A write lost with the power may be applied again by its retry: count afresh.
+        self.values_applied.clear()
+        self.keys_applied.clear()
+
+    def awaiting_restore(self) -> bool:
+        return bool(self.power_losses) and not self.power_losses[-1].known
+
+    def note_served(self, core: PrimaryCore, key: str) -> None:
+        """A request on ``key`` reaches the primary: if it serves it, the key's value
+        now is what the last power loss left of it (unless known already)."""
+        serves = core.may_read(Command.GET, key) or core.machine.acceptance.writes is REPLICATE
+        if self.awaiting_restore() and serves:
+            self.power_losses[-1].note(key, core.store.get(key), self.now)
+
+    def record(self, operation: Operation, served: float | None) -> None:
+        self.operations.append(operation)
+        self.answered.append(served if operation.ok is not None else None)
 
     def fault(self, text: str) -> None:
         self.fault_log.append(f"{self.now:.3f} {text}")
@@ -531,6 +761,7 @@ class Simulation(Network):
     def resume(self, node: SimNode) -> None:
         if node.paused:
             self.fault(f"resume {node.role}")
+            self.last_resume = self.now
             node.resume()
 
     def heal(self) -> None:
@@ -569,6 +800,8 @@ class Simulation(Network):
         last = self.nodes[PRIMARY].core
         self.replays += last.writes_replayed if isinstance(last, PrimaryCore) else 0
         result = RunResult(self.seed, True, operations=len(self.operations), faults=self.fault_log)
+        if self.forced_persistence != "off":
+            result.forced_persistence = self.forced_persistence
         if not converged or not self.in_sync():
             result.ok = False
             result.converged = False
@@ -615,7 +848,20 @@ class Simulation(Network):
             result.ok = False
             result.explanation = f"writes refused for max_memory became visible: {visible}"
             return result
-        verdict: Result = check(self.operations, final=primary, timeout=20.0)
+        for loss in self.power_losses:
+            assert loss.known, "the pair is in sync again"
+        window = POWER_LOSS_WINDOW.get(self.settings.persistence, 0.0)
+        lost = lost_beyond_window(self.operations, self.answered, self.power_losses, window)
+        if lost is not None:
+            result.ok = False
+            result.explanation = lost
+            return result
+        restores = [
+            Operation(-1, "restore", key, value, loss.at, loss.served_again[key], True)
+            for loss in self.power_losses
+            for key, value in loss.contents.items()
+        ]
+        verdict: Result = check(self.operations + restores, final=primary, timeout=20.0)
         result.ok = verdict.ok
         result.explanation = verdict.explanation
         return result
@@ -638,7 +884,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first", type=int, default=0, help="first seed of the range")
     parser.add_argument("--duration", type=float, default=8.0, help="simulated seconds of load")
     parser.add_argument("--verbose", action="store_true", help="print the trace and core logs")
+    parser.add_argument(
+        "--persistence",
+        choices=("always", "everysec"),
+        help="every seed with this mode (default: three seeds in ten, either mode)",
+    )
     args = parser.parse_args(argv)
+    forced = {"persistence": args.persistence} if args.persistence else {}
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     else:
@@ -649,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     operations = 0
     for seed in seeds:
         trace = print if args.verbose else None
-        result = run_seed(seed, duration=args.duration, trace=trace)
+        result = run_seed(seed, duration=args.duration, trace=trace, **forced)
         operations += result.operations
         if result.ok is not True:
             failures += 1

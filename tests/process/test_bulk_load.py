@@ -5,8 +5,11 @@ load cut by ``kill -9`` of the primary leaves whole batches, in order, on the ba
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
+import pty
 import signal
 import socket
 import subprocess
@@ -224,6 +227,74 @@ def test_a_load_cut_by_kill_9_of_the_primary_leaves_whole_batches_in_order(
     summary = f"{len(pairs) - len(held)} pairs written, {len(held)} skipped".encode()
     assert summary in done.stdout, done.stdout
     assert pair.status("backup")["keys"] == len(pairs)
+
+
+def test_a_load_under_persistence_survives_both_servers_killed_mid_load_and_after(
+    make_pair, tmp_path: Path
+) -> None:
+    """With ``always``: both servers killed during a load come back with the same whole
+    chunks, a prefix of the file; the load run again completes, and once it is
+    acknowledged, both killed again come back with every pair."""
+    pair = make_pair(persistence="always", data_dir=str(tmp_path / "data"))
+    pair.start_both()
+    pairs = numbered(200_000)
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(json_lines(pairs))
+    command = [sys.executable, "-m", "pbkv", "--config", str(pair.config), "load", str(data)]
+    load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(
+            lambda: (s := pair.status("primary")) is not None and s["batches_acked"] >= 2,
+            60,
+            what="two acknowledged load batches",
+            interval=0.005,
+        )
+        pair.kill("primary")
+        pair.kill("backup")
+        load.communicate(timeout=60)
+    finally:
+        load.kill()
+    assert load.returncode == 2  # cut: nothing of it was acknowledged to the client
+
+    def restart_both() -> dict[str, str]:
+        pair.start("backup")
+        pair.start("primary")
+        pair.wait_stage("primary", "in_sync", 60)
+        pair.wait_stage("backup", "in_sync", 60)
+        held = pair.dump("primary")
+        assert pair.dump("backup") == held
+        return held
+
+    held = restart_both()
+    assert len(held) % LOAD_PAIRS == 0 and held == dict(pairs[: len(held)])
+    done = pbkv(pair, "load", str(data))
+    assert done.returncode == 0, done.stderr
+    pair.kill("primary")
+    pair.kill("backup")
+    assert restart_both() == dict(pairs)
+
+
+def test_pbkv_load_draws_its_progress_on_a_terminal_only(make_pair, tmp_path: Path) -> None:
+    pair = make_pair()
+    pair.start_both()
+    data = tmp_path / "pairs.jsonl"
+    data.write_bytes(json_lines(numbered(300_000)))
+    command = [sys.executable, "-m", "pbkv", "--config", str(pair.config), "load", str(data)]
+    controller, terminal = pty.openpty()
+    try:
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=terminal, timeout=120)
+        os.close(terminal)
+        drawn = b""
+        with contextlib.suppress(OSError):  # EIO: the terminal's other end is closed
+            while chunk := os.read(controller, 65536):
+                drawn += chunk
+    finally:
+        os.close(controller)
+    assert done.returncode == 0 and b"300000 pairs written" in done.stdout, done.stdout
+    assert drawn.endswith(b"\r\x1b[K")  # the bar is cleared before the summary
+    assert b"MB/s" in drawn and b"%" in drawn, drawn[-300:]
+    again = pbkv(pair, "load", str(data))  # not a terminal: no bar
+    assert again.returncode == 0 and b"\x1b[K" not in again.stderr and b"MB/s" not in again.stderr
 
 
 @pytest.mark.parametrize("stall", [False, True])

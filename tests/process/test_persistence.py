@@ -113,6 +113,18 @@ def test_both_killed_under_writers_lose_no_acknowledged_write(
     assert "recovered" in log
 
 
+def test_each_server_freezes_what_it_built_and_recovered_before_serving(
+    make_pair, tmp_path: Path
+) -> None:
+    """Kept out of every full collection (``metrics.freeze_startup_objects``): the
+    collections while a base is written walk only what was made since."""
+    pair: Pair = make_pair(persistence="everysec", data_dir=str(tmp_path / "data"))
+    pair.start_both()
+    for role in ("primary", "backup"):
+        status = pair.status(role)
+        assert status is not None and status["gc_frozen"] > 1000, role
+
+
 def test_a_recovered_primary_alone_refuses_reads_until_a_sync(make_pair, tmp_path: Path) -> None:
     pair: Pair = make_pair(persistence="always", data_dir=str(tmp_path / "data"))
     pair.start_both()

@@ -172,6 +172,34 @@ def test_lost_acknowledged_write_is_rejected() -> None:
     assert "final state" in result.explanation
 
 
+def restore(call: float, ret: float, value: str | None) -> Operation:
+    """What a server recovered from disk after a power loss at ``call``."""
+    return op("restore", call, ret, True, value=value, client=-1)
+
+
+def test_a_restore_may_bring_back_an_older_value_and_later_reads_follow_it() -> None:
+    history = [
+        ins(0, 1, True, "a"),
+        upd(2, 3, True, "b"),
+        get(3.5, 4, "b"),
+        restore(5, 6, "a"),  # the power took the update
+        get(7, 8, "a"),
+    ]
+    assert check(history, final={"k": "a"}).ok is True
+
+
+def test_a_read_after_a_restore_must_see_what_it_restored() -> None:
+    history = [ins(0, 1, True, "a"), upd(2, 3, True, "b"), restore(5, 6, "a"), get(7, 8, "b")]
+    assert check(history).ok is False
+
+
+def test_a_restore_to_absent_is_a_write_of_nothing() -> None:
+    history = [ins(0, 1, True, "a"), restore(2, 3, None), get(4, 5, None), ins(6, 7, True, "c")]
+    assert check(history, final={"k": "c"}).ok is True
+    with pytest.raises(ValueError):
+        op("restore", 0, 1, None, value="a")
+
+
 def test_lost_acknowledged_delete_is_rejected() -> None:
     history = [dele(0, 1, True, "a")]
     assert check(history, initial={"k": "a"}, final={"k": "a"}).ok is False

@@ -289,3 +289,132 @@ def test_catches_a_table_not_rolled_back_with_a_partial_resync(monkeypatch):
     monkeypatch.setattr(IdempotencyTable, "undo", clock_only)
     bad = failures(range(150))
     assert len(bad) >= 3, "a rollback that keeps the table's entries went unnoticed"
+
+
+# -- persistence: a disk per server, power losses ------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["always", "everysec"])
+def test_seeds_with_a_disk_lose_power_and_lose_only_what_the_mode_allows(mode: str):
+    """Both servers lose power at once (aimed just after a write), each keeps what an
+    fsync covered; crashed servers restart from their disk.  Every history holds,
+    with what each loss took checked against the mode's window."""
+    losses = seeds_with_a_loss = lost = recoveries = 0
+    for seed in range(120):
+        simulation = sim.Simulation(seed, persistence=mode)
+        result = simulation.run()
+        assert result.ok is True, f"seed {seed}: {result.explanation}"
+        disks = [node.disk for node in simulation.nodes.values() if node.disk is not None]
+        losses += len(simulation.power_losses)
+        seeds_with_a_loss += bool(simulation.power_losses)
+        lost += sum(disk.records_lost for disk in disks)
+        recoveries += sum(disk.recoveries for disk in disks)
+    assert seeds_with_a_loss >= 50 and losses >= 60, (seeds_with_a_loss, losses)
+    # Records the power took: everysec's second, and always's fsync under way.
+    assert lost >= (100 if mode == "everysec" else 5), lost
+    assert recoveries >= 200, recoveries
+
+
+def test_a_seed_with_a_disk_replays_bit_for_bit():
+    first, second = (
+        sim.Simulation(77, persistence="everysec"),
+        sim.Simulation(77, persistence="everysec"),
+    )
+    a, b = first.run(), second.run()
+    assert a.ok and b.ok and first.power_losses
+    assert first.operations == second.operations and a.faults == b.faults
+
+
+def test_catches_acknowledging_before_the_record_is_durable(monkeypatch):
+    """With ``always``, a disk that lets the acknowledgements out before their fsync (the
+    primary's replies, the backup's ACKs): a power loss takes acknowledged writes."""
+    from pbkv.testing.simdisk import SimDisk
+
+    monkeypatch.setattr(SimDisk, "hold", lambda self, deliver: deliver())
+    bad = failures(range(150), persistence="always")
+    assert bad, "acknowledging before the fsync went unnoticed"
+    assert all("power loss" in r.explanation for r in bad), _explained(bad)
+
+
+def test_catches_a_primary_that_answers_before_it_logs_the_batch(monkeypatch):
+    """The answers queued before the batch's record: the driver sees no record waiting,
+    so they go out before it is durable."""
+    log_batch, answer = PrimaryCore.persist_batch, PrimaryCore._answer
+    late: dict[int, tuple] = {}
+
+    def log_later(self, *batch):
+        late[id(self)] = batch
+
+    def answer_then_log(self, batch):
+        answer(self, batch)
+        if id(self) in late:
+            log_batch(self, *late.pop(id(self)))
+
+    monkeypatch.setattr(PrimaryCore, "persist_batch", log_later)
+    monkeypatch.setattr(PrimaryCore, "_answer", answer_then_log)
+    assert failures(range(150), persistence="always"), "answers before the record went unnoticed"
+
+
+def test_catches_everysec_losing_more_than_its_second(monkeypatch):
+    """An fsync every three seconds: a power loss takes writes acknowledged well before
+    the window, which the check measures from the answers' times."""
+    from pbkv.testing import simdisk
+
+    monkeypatch.setattr(simdisk, "EVERYSEC", 3.0)
+    bad = failures(range(100), persistence="everysec")
+    assert bad, "a three-second loss window went unnoticed"
+    assert any("before the loss" in r.explanation for r in bad), _explained(bad)
+
+
+def test_catches_a_recovery_that_drops_the_last_batch(monkeypatch):
+    """Start-up replays one batch too few (the pure loading code the server runs)."""
+    from pbkv.testing import simdisk
+
+    replay_onto = simdisk.replay_onto
+
+    def one_too_few(store, extra, batches, undoable_count, undoable=None):
+        replay_onto(store, extra, batches[:-1], max(0, undoable_count - 1), undoable)
+
+    monkeypatch.setattr(simdisk, "replay_onto", one_too_few)
+    assert failures(range(60), persistence="always"), "a recovery losing a batch went unnoticed"
+
+
+def _loss(at: float, **contents: str | None) -> sim.PowerLoss:
+    loss = sim.PowerLoss(at)
+    for key in sim.KEYS:
+        loss.note(key, contents.get(key), at + 1.0)
+    return loss
+
+
+def test_the_loss_window_check_allows_only_writes_answered_within_it():
+    from pbkv.testing.linearizability import Operation
+
+    history = [
+        Operation(0, "insert", "k0", "a", 0.0, 0.2, True),
+        Operation(1, "update", "k0", "b", 1.0, 1.2, True),  # answered at 1.19
+        Operation(2, "insert", "k1", "c", 1.0, None, None),  # indeterminate
+    ]
+    answered = [0.19, 1.19, None]
+    # The update went with the power: within a 1 s window of a loss at 2.0, not at 2.5.
+    assert sim.lost_beyond_window(history, answered, [_loss(2.0, k0="a")], 1.0) is None
+    lost = sim.lost_beyond_window(history, answered, [_loss(2.5, k0="a")], 1.0)
+    assert lost is not None and "'b' acknowledged at 1.190" in lost
+    # With always (no window) nothing answered may go; an indeterminate write may.
+    assert sim.lost_beyond_window(history, answered, [_loss(2.0, k0="b")], 0.0) is None
+    assert sim.lost_beyond_window(history, answered, [_loss(2.0, k0="a")], 0.0) is not None
+    # Nor may a loss bring back a value no write left there.
+    made_up = sim.lost_beyond_window(history, answered, [_loss(2.0, k0="b", k1="z")], 1.0)
+    assert made_up is not None and "no write left" in made_up
+
+
+def test_the_loss_window_check_counts_an_earlier_restore_as_a_write():
+    from pbkv.testing.linearizability import Operation
+
+    history = [
+        Operation(0, "insert", "k0", "a", 0.0, 0.2, True),
+        Operation(1, "update", "k0", "b", 1.0, 1.2, True),
+    ]
+    answered = [0.19, 1.19]
+    # The first loss took the update (within its window); the second finds "a" again.
+    losses = [_loss(2.0, k0="a"), _loss(6.0, k0="a")]
+    assert sim.lost_beyond_window(history, answered, losses, 1.0) is None

@@ -208,3 +208,28 @@ def test_a_packed_chunk_keeps_the_pairs_before_one_over_a_limit() -> None:
     parser.feed(packed_chunk(["a", "1", "b", "2", "k", "v" * 9, "c", "3"], [4, 5, 7, 8]))
     assert parser.error == LineError(7, 413, "value longer than 8 bytes")
     assert pairs_of(parser) == [("a", "1"), ("b", "2")] and parser.ends == [4, 5]
+
+
+def test_the_load_progress_bar_draws_a_few_times_a_second_and_clears(monkeypatch, capsys) -> None:
+    from pbkv import cli
+
+    clock = [100.0]
+    monkeypatch.setattr(cli, "_now", lambda: clock[0])
+    bar = cli._ProgressBar(2_000_000)
+    bar(500_000)  # at once: not drawn yet
+    assert capsys.readouterr().err == ""
+    clock[0] += 0.5
+    bar(1_000_000)
+    drawn = capsys.readouterr().err
+    assert drawn.startswith("\r[" + "#" * 15 + " " * 15 + "]  50%")
+    assert "1.0 MB" in drawn and "2.0 MB/s" in drawn
+    clock[0] += 0.05  # within a tenth of a second of the last: not redrawn
+    bar(1_500_000)
+    assert capsys.readouterr().err == ""
+    unknown = cli._ProgressBar(0)  # stdin: no total, no bar, only the amount
+    clock[0] += 1.0
+    unknown(3_000_000)
+    text = capsys.readouterr().err
+    assert "[" not in text and "3.0 MB" in text
+    bar.clear()
+    assert capsys.readouterr().err == "\r\x1b[K"

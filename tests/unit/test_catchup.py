@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from pbkv.catchup import AppliedRecord
 from pbkv.stages import State
 
@@ -49,3 +51,14 @@ def test_without_undo_bytes_nothing_is_recorded() -> None:
     record = AppliedRecord(0)
     fill(record, 1, 3)
     assert len(record) == 0 and record.states(State(3, 3, 3)) == ()
+
+
+def test_the_record_holds_nothing_the_garbage_collector_walks_item_by_item() -> None:
+    # Lists would be walked in every full collection: millions of strings after a load.
+    record = AppliedRecord(1 << 20)
+    ops: list[str | None] = ["k", "v", "gone", None]
+    record.applied(1, ops, 0, ["ident", 1234, True, "v"], 0, 0, State(1, 1, 1))
+    gc.collect()
+    entry = record.entries[0]
+    assert entry.ops == ("k", "v", "gone", None) and entry.keyed == ("ident", 1234, True, "v")
+    assert not gc.is_tracked(entry.ops) and not gc.is_tracked(entry.keyed)

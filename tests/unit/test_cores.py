@@ -11,6 +11,7 @@ Nothing here sleeps or touches a socket.
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import logging
 import random
@@ -1037,6 +1038,27 @@ def test_a_byte_corrupted_on_the_wire_closes_the_channel(link: Link) -> None:
 # -- restarts: the newest confirmed data wins ------------------------------------------
 
 
+def test_a_primary_fetching_the_backups_copy_answers_a_retry_only_once_it_is_ours(
+    link: Link,
+) -> None:
+    """A retry of a write the fetched copy remembers is refused (retried later) while the
+    copy arrives, every shard included: it is not ours until the sync is confirmed (with
+    persistence, our disk still holds our older copy, which a power loss of both would
+    bring back without the write).  Then it is answered from the table."""
+    _, backup = in_sync_pair(link, {"key": "value"})
+    assert link.write(INSERT, "kept", "x", ident="retry-me") == Done(True)
+    link.kill("primary")
+    link.manual_pump = True
+    primary = link.start_primary()
+    assert primary.stage is S.WARM_START
+    while primary.stage is S.WARM_START:
+        outcome = link.submit(link.token(), INSERT, "kept", "x", ident="retry-me")
+        assert outcome == Refused(S.WARM_START, "primary")
+        assert link.pump("backup", 1) or primary.stage is S.IN_SYNC
+    assert link.write(INSERT, "kept", "x", ident="retry-me") == Done(True)
+    assert primary.writes_replayed == 1 and backup.store.get("kept") == "x"
+
+
 def test_restarted_empty_primary_fetches_the_backups_data(link: Link) -> None:
     by_shard = keys_by_shard()
     data = {key: f"v-{key}" for keys in by_shard.values() for key in keys}
@@ -2034,7 +2056,8 @@ def _recorded_state_differs(backup: BackupCore, seq: int) -> None:
 
 
 def _undo_record_wrong(backup: BackupCore, seq: int) -> None:
-    backup.undo[-1].olds[0] = "not what it was"
+    last = backup.undo[-1]
+    last.olds = ("not what it was", *last.olds[1:])
 
 
 @pytest.mark.parametrize(
@@ -2106,6 +2129,21 @@ def test_the_undo_record_is_bounded_by_bytes(make_link) -> None:
     assert [seq for seq, _, _ in backup.undo_points()] == list(
         range(backup.seq - len(backup.undo), backup.seq)
     )
+
+
+def test_the_undo_record_holds_nothing_the_garbage_collector_walks_item_by_item(
+    make_link,
+) -> None:
+    link = make_link()
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    assert link.write(UPDATE, "a", "2") == Done(True)
+    assert link.write(DELETE, "a") == Done(True, "2")
+    gc.collect()  # a tuple of strings and None is untracked once a collection saw it
+    kept = [part for entry in backup.undo for part in (entry.ops, entry.olds)]
+    assert kept[-2:] == [("a", None), ("2",)]
+    assert not any(gc.is_tracked(part) for part in kept)
+    for entry in primary.applied_record.entries:
+        assert not gc.is_tracked(entry.ops) and not gc.is_tracked(entry.keyed)
 
 
 def test_catches_rolling_back_one_batch_too_few(make_link, monkeypatch) -> None:
@@ -2514,9 +2552,7 @@ def recovered(
         core = PrimaryCore(settings, store, link.now, rng)
     else:
         core = BackupCore(settings, store, link.now, rng)
-    core.history, core.seq, core.recovered = history, seq, True
-    if isinstance(core, PrimaryCore):
-        core.sent_seq = seq
+    core.recovered_from(DiskState(history, seq))
     if start:
         link._start(role, core)
     return core
@@ -2592,6 +2628,29 @@ def test_a_recovered_backup_rolls_back_the_batches_its_primary_never_logged(make
     rollback, mark = logged(link, "backup")[-2:]
     assert rollback == Record.rollback(DiskState(11, 5, 0))
     assert mark == Record.mark(DiskState(backup.history, 5, 0))
+
+
+@pytest.mark.parametrize("behind", [0, 1])
+def test_a_recovered_backup_is_caught_up_before_its_probe_answers(
+    make_link, monkeypatch, behind: int
+) -> None:
+    """The backup restarted from its disk alone (the primary lives on) and the primary
+    reaches it before its probe answers: caught up from cold start, it is then in sync."""
+    link = make_link(**PERSISTENT)
+    link.start_backup()
+    primary = link.start_primary()
+    assert link.write(INSERT, "key1", "one") == Done(True)
+    for number in range(behind):  # batches its disk lacks (a copy recovered from older files)
+        assert link.write(INSERT, f"more{number}", "x") == Done(True)
+    link.kill("backup")
+    monkeypatch.setattr(RoleDriver, "probe", lambda self: None)  # it never answers
+    backup = recovered(link, "backup", {"key1": "one"}, primary.history, 1)
+    assert backup.stage is S.COLD_START
+    link.fire("primary", RETRY)
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert ("backup", S.COLD_START, S.WARM_START) in link.moves()
+    assert primary.resyncs_partial == 1
+    assert_same_data(primary, backup)
 
 
 # -- bulk load chunks (PrimaryCore.submit_pairs) ------------------------------------------

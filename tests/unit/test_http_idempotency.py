@@ -12,6 +12,9 @@ from pbkv.actions import Respond
 from pbkv.commands import Command, Outcome
 from pbkv.config import Settings
 from pbkv.http import HttpProtocol, Limits
+from pbkv.http.access import REPEATED
+from pbkv.http.params import idempotency_key
+from pbkv.http.replies import RequestError
 from pbkv.primary import PrimaryCore
 from pbkv.stages import Stage
 from pbkv.store import make_store
@@ -190,3 +193,23 @@ def test_a_retry_on_another_connection_while_the_first_is_in_flight_waits() -> N
     assert replies(first_transport.written)[0][:2] == (200, {"success": "true"})
     assert replies(retry_transport.written)[0][:2] == (200, {"success": "true"})
     assert app.core.writes_replicated == 1
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        (b"8e03978e-40d5-4b1c-9f0e-1a2b3c4d5e6f", "8e03978e-40d5-4b1c-9f0e-1a2b3c4d5e6f"),
+        (b'"8e03978e-40d5"', "8e03978e-40d5"),
+        (b" order_17:retry ", "order_17:retry"),
+        (b"---", "---"),
+        (b"x" * 255, "x" * 255),
+    ],
+)
+def test_a_valid_key_is_read_as_sent_whichever_way_it_is_checked(raw: bytes, key: str) -> None:
+    assert idempotency_key(raw) == key
+
+
+@pytest.mark.parametrize("raw", [b"", b"x" * 256, b"caf\xc3\xa9", b"a\x00b", REPEATED])
+def test_an_invalid_key_is_refused_whichever_way_it_is_checked(raw: bytes) -> None:
+    with pytest.raises(RequestError):
+        idempotency_key(raw)

@@ -101,7 +101,7 @@ def test_checksum_and_memory_follow_every_change_and_are_the_stores() -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.data())
 def test_undo_restores_entries_order_checksum_memory_and_clock(data: st.DataObject) -> None:
-    capacity = data.draw(st.integers(1, 6))
+    capacity = data.draw(st.integers(1, 20))
     table = IdempotencyTable(capacity=capacity, ttl=1.0)
     time = 0
     for i in range(data.draw(st.integers(0, 10))):
@@ -111,7 +111,7 @@ def test_undo_restores_entries_order_checksum_memory_and_clock(data: st.DataObje
     undos = []
     for i in range(data.draw(st.integers(1, 5))):
         time += data.draw(st.integers(0, 700))
-        new = keyed(*(f"b{i}.{j}" for j in range(data.draw(st.integers(0, 3)))))
+        new = keyed(*(f"b{i}.{j}" for j in range(data.draw(st.integers(0, 12)))))
         undos.append(table.apply(time, new, record=True))
     for undo in reversed(undos):
         if undo is not None:
@@ -169,3 +169,39 @@ def test_the_fingerprint_tells_requests_apart() -> None:
     }
     assert len(prints) == 6
     assert fingerprint("insert", "k", "v") == fingerprint("insert", "k", "v")
+
+
+_NAMES = [f"key-{i}" for i in range(30)]
+
+
+def _recounted(table: IdempotencyTable) -> tuple[int, int]:
+    """The checksum and memory of the entries held, counted one by one afresh."""
+    fresh = IdempotencyTable()
+    fresh.load(0, [item for k, e in table.entries.items() for item in (k, *e[:4])])
+    return fresh.checksum, sum(entry_size(k, e[2]) for k, e in table.entries.items())
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_a_batchs_entries_are_counted_as_one_by_one_even_when_they_replace(
+    data: st.DataObject,
+) -> None:
+    """Batches are counted in bulk; a batch that repeats a key (within itself or from
+    the table: never in a consistent history) is counted exactly all the same."""
+    ttl = data.draw(st.sampled_from([1.0, 1000.0]))  # with expiry, and without
+    table = IdempotencyTable(capacity=data.draw(st.integers(1, 20)), ttl=ttl)
+    time = replaced = 0
+    for _ in range(data.draw(st.integers(1, 12))):
+        time += data.draw(st.integers(0, 600))
+        # Up to 12 entries: small batches are added one by one, larger ones in bulk.
+        names = data.draw(
+            st.lists(st.sampled_from(_NAMES), max_size=12, unique=data.draw(st.booleans()))
+        )
+        value = data.draw(st.sampled_from([None, "", "v", "√ü"]))
+        if ttl > 100:  # nothing expires before the batch's entries come in
+            replaced += len(names) - len(set(names)) + len(set(names) & set(table.entries))
+        table.apply(time, keyed(*names, value=value))
+        assert (table.checksum, table.memory) == _recounted(table)
+        made = [e[3] for e in table.entries.values()]
+        assert made == sorted(made)  # the order made: the expiry's
+    assert table.replaced == replaced or ttl < 100

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -9,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pbkv.backup import BackupCore
 from pbkv.commands import Command
 from pbkv.config import Settings
-from pbkv.metrics import COUNTERS, GAUGES, Metrics
+from pbkv.metrics import COUNTERS, GAUGES, Metrics, freeze_startup_objects
 from pbkv.primary import PrimaryCore
 from pbkv.store import make_store
 
@@ -134,3 +135,12 @@ def test_each_scrape_reads_the_status_afresh():
     assert scrape(metrics)["pbkv_keys", (("role", "backup"),)] == 1
     status["keys"] = 2
     assert scrape(metrics)["pbkv_keys", (("role", "backup"),)] == 2
+
+
+def test_freezing_the_startup_objects_leaves_the_collections_only_what_comes_later() -> None:
+    try:
+        frozen = freeze_startup_objects()
+        assert frozen == gc.get_freeze_count() > 0
+        assert len(gc.get_objects()) < frozen  # what a full collection still walks
+    finally:
+        gc.unfreeze()

@@ -255,13 +255,28 @@ async def test_a_grown_log_is_rewritten_while_records_go_on(tmp_path: Path) -> N
     for seq in range(1, 80):
         persistence.persist(apply(store, Record.batch(7, seq, 0, [f"k{seq}", "v" * 20])))
     await synced(persistence)
+    datadir = persistence.datadir
+    begin_rewrite = datadir.begin_rewrite
+    threads: list[threading.Thread] = []
+
+    def begin_in(*args: Any) -> Any:
+        threads.append(threading.current_thread())
+        return begin_rewrite(*args)
+
+    datadir.begin_rewrite = begin_in  # type: ignore[method-assign]
     persistence._rewrite_if_grown()
-    assert persistence.base is not None and persistence.rewrites == 1
+    # Its start (an fsync, a new increment, a manifest) runs in the base thread: the
+    # record of that moment waits in memory, then goes to the new increment.
     persistence.persist(apply(store, Record.batch(7, 80, 0, ["k1", None])))
+    assert persistence.base is None and len(persistence.waiting) == 1
+    await until(lambda: persistence.base is not None)
+    assert threads and threads[0] is not threading.current_thread()
+    assert persistence.rewrites == 1 and not persistence.waiting
+    persistence.persist(apply(store, Record.batch(7, 81, 0, ["k3", "during"])))
     await synced(persistence)
-    assert not persistence.holding  # a rewrite holds nothing back
+    assert not persistence.holding  # a rewrite under way holds nothing back
     await until_written(persistence)
-    persistence.persist(apply(store, Record.batch(7, 81, 0, ["k2", "later"])))
+    persistence.persist(apply(store, Record.batch(7, 82, 0, ["k2", "later"])))
     await synced(persistence)
     status = persistence.status()
     assert status["log_bytes"] < 1000 and status["snapshot"]["file"] != "base.1.snap"
@@ -270,7 +285,61 @@ async def test_a_grown_log_is_rewritten_while_records_go_on(tmp_path: Path) -> N
     persistence.close()
     folder = tmp_path / "127.0.0.1-8080"
     assert len(list(folder.glob("base.*.snap"))) == 1
-    assert loaded(tmp_path) == (State(7, 81, 0), dict(store.items()))
+    assert loaded(tmp_path) == (State(7, 82, 0), dict(store.items()))
+
+
+def grown(tmp_path: Path, mode: str) -> tuple[Persistence, ShardedStore]:
+    """A log grown past its rewrite settings, all of it appended."""
+    persistence = opened(tmp_path, mode, rewrite_min_bytes=2000, rewrite_percentage=100)
+    store = make_store("sharded", 4)
+    persistence.recover(store, State(7, 0, 0))
+    persistence.datadir.chunk_pairs = 10
+    for seq in range(1, 80):
+        persistence.persist(apply(store, Record.batch(7, seq, 0, [f"k{seq}", "v" * 20])))
+    return persistence, store
+
+
+@on_loop
+async def test_always_holds_an_ack_of_a_record_that_waited_for_a_rewrites_start(
+    tmp_path: Path,
+) -> None:
+    persistence, store = grown(tmp_path, "always")
+    await synced(persistence)
+    fsyncs = persistence.syncs
+    persistence._rewrite_if_grown()
+    persistence.persist(apply(store, Record.batch(7, 80, 0, ["k1", None])))
+    fsyncs_seen: list[int] = []
+    persistence.hold(lambda: fsyncs_seen.append(persistence.syncs))
+    assert persistence.holding and fsyncs_seen == []
+    await until(lambda: bool(fsyncs_seen))
+    assert fsyncs_seen[0] > fsyncs  # released by an fsync of its record, in the new increment
+    await until_written(persistence)
+    persistence.close()
+    assert loaded(tmp_path) == (State(7, 80, 0), dict(store.items()))
+
+
+@on_loop
+async def test_a_stop_while_a_rewrite_starts_keeps_the_records_that_waited(tmp_path: Path) -> None:
+    persistence, store = grown(tmp_path, "everysec")
+    persistence._rewrite_if_grown()
+    persistence.persist(apply(store, Record.batch(7, 80, 0, ["k1", None])))
+    persistence.close()  # waits for the start, gives its base up, appends the record
+    assert loaded(tmp_path) == (State(7, 80, 0), dict(store.items()))
+    assert not list((tmp_path / "127.0.0.1-8080").glob("temp-*"))
+
+
+@on_loop
+async def test_data_replaced_while_a_rewrite_starts_gives_the_rewrite_up(tmp_path: Path) -> None:
+    persistence, store = grown(tmp_path, "everysec")
+    persistence._rewrite_if_grown()
+    persistence.persist(apply(store, Record.batch(7, 80, 0, ["k1", None])))
+    replaced = filled(30)
+    persistence.persist_all(State(8, 5, 0), replaced)
+    await until_written(persistence)
+    await turns()
+    assert persistence.rewrites == 0 and persistence.bases_written == 1
+    persistence.close()
+    assert loaded(tmp_path) == (State(8, 5, 0), dict(replaced.items()))
 
 
 @on_loop
