@@ -99,13 +99,21 @@ class ShardedStore:
         for index, key, value, digest in zip(indices, keys, values, digests, strict=True):
             shards[index][key] = value
             sums[index] += digest
-        if sum(map(len, shards)) - held != count:
-            self._recount()  # a key was there: what it held is gone from the sums
+        self._count_added(held, count, sum(map(len, keys)) + sum(map(len, values)))
+
+    def _count_added(self, held: int, count: int, chars: int) -> None:
+        """``count`` new pairs of ``chars`` characters were stored (``held`` pairs
+        before) and their digests added to the sums: the sums back to their modulus,
+        the size and memory counted; or, should a key have been there already (what
+        it held is gone from the sums), everything counted again."""
+        if sum(map(len, self._shards)) - held != count:
+            self._recount()
             return
+        sums = self._sums
         for index, total in enumerate(sums):
             sums[index] = total & _MASK
         self._size += count
-        self._memory += sum(map(len, keys)) + sum(map(len, values)) + PAIR_OVERHEAD * count
+        self._memory += chars + PAIR_OVERHEAD * count
 
     def _recount(self) -> None:
         """The sums, size and memory counted again from the pairs."""
@@ -338,13 +346,7 @@ class ShardedStore:
             for index, key, value, digest in zip(indices, items, items, digests, strict=True):
                 shards[index][key] = value
                 sums[index] += digest
-        if sum(map(len, shards)) - held != count:
-            self._recount()  # a key was there: what it held is gone from the sums
-            return
-        for index, total in enumerate(sums):
-            sums[index] = total & _MASK
-        self._size += count
-        self._memory += sum(map(len, flat)) + PAIR_OVERHEAD * count
+        self._count_added(held, count, sum(map(len, flat)))
 
     def apply_all(self, batches: Iterable[list[str | None]]) -> None:
         """``apply`` of each batch in turn (a restart's batches after its base); a batch

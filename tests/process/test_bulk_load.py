@@ -51,6 +51,16 @@ def load_request(body: bytes, query: str = "", headers: tuple[str, ...] = ()) ->
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def start_load(
+    pair: Pair, pairs: list[tuple[str, str]], folder: Path
+) -> tuple[Path, subprocess.Popen[bytes]]:
+    """``pairs`` written to a file in ``folder``, and ``pbkv load`` of it started."""
+    data = folder / "pairs.jsonl"
+    data.write_bytes(json_lines(pairs))
+    command = [sys.executable, "-m", "pbkv", "--config", str(pair.config), "load", str(data)]
+    return data, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
 def both_hold(pair: Pair, expected: dict[str, str]) -> None:
     for role in ("primary", "backup"):
         assert pair.dump(role) == expected, role
@@ -193,10 +203,7 @@ def test_a_load_cut_by_kill_9_of_the_primary_leaves_whole_batches_in_order(
     pair = make_pair()
     pair.start_both()
     pairs = numbered(400_000)
-    data = tmp_path / "pairs.jsonl"
-    data.write_bytes(json_lines(pairs))
-    command = [sys.executable, "-m", "pbkv", "--config", str(pair.config), "load", str(data)]
-    load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    data, load = start_load(pair, pairs, tmp_path)
     try:
         # Some batches acknowledged (by the backup, to the primary), then the crash.
         acked = wait_for(
@@ -238,10 +245,7 @@ def test_a_load_under_persistence_survives_both_servers_killed_mid_load_and_afte
     pair = make_pair(persistence="always", data_dir=str(tmp_path / "data"))
     pair.start_both()
     pairs = numbered(200_000)
-    data = tmp_path / "pairs.jsonl"
-    data.write_bytes(json_lines(pairs))
-    command = [sys.executable, "-m", "pbkv", "--config", str(pair.config), "load", str(data)]
-    load = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    data, load = start_load(pair, pairs, tmp_path)
     try:
         wait_for(
             lambda: (s := pair.status("primary")) is not None and s["batches_acked"] >= 2,

@@ -15,19 +15,24 @@ ROOT = Path(__file__).resolve().parents[2]
 NUMBER = r"\d+(?:\.\d+)?"
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
-def test_every_figure_and_target_is_printed() -> None:
+def bench(*arguments: str) -> str:
+    """``python -m bench.persistence`` with ``arguments``: what it printed (it must
+    succeed)."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.persistence", "--seconds", "0.2", "--warmup", "0.05"]
-        + ["--rounds", "1", "--pairs", "2000", "--no-install"],
+        [sys.executable, "-m", "bench.persistence", *arguments, "--no-install"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=55,
     )
-    out = done.stdout
-    assert done.returncode == 0, f"exited {done.returncode}:\n{out}{done.stderr}"
+    assert done.returncode == 0, f"exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_every_figure_and_target_is_printed() -> None:
+    out = bench("--seconds", "0.2", "--warmup", "0.05", "--rounds", "1", "--pairs", "2000")
     for system in ("pbkv", "redis"):
         for mode in ("off", "everysec", "always"):
             for conns in (64, 1):
@@ -55,16 +60,7 @@ def test_every_figure_and_target_is_printed() -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 def test_startup_only_measures_the_start_up_alone() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.persistence", "--startup-only", "--pairs", "2000"]
-        + ["--no-install"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=55,
-    )
-    out = done.stdout
-    assert done.returncode == 0, f"exited {done.returncode}:\n{out}{done.stderr}"
+    out = bench("--startup-only", "--pairs", "2000")
     assert not re.search(r"^(pbkv|redis) (off|everysec|always)\s+\d", out, re.M), out
     for name in ("pbkv primary", "redis"):
         assert re.search(rf"^  {name}\s+{NUMBER} s\s+{NUMBER} s\s+{NUMBER} MiB$", out, re.M), out
