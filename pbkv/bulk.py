@@ -98,10 +98,13 @@ class PairBuffer:
     """Pairs parsed and not yet taken: ``pairs`` (key, value, ...), ``ends`` (each
     pair's last line number), ``chars`` (of their keys and values)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: PairLimits | None = None) -> None:
         self.pairs: list[str] = []
         self.ends: list[int] = []
         self.chars = 0
+        self.limits = limits if limits is not None else PairLimits()
+        self.lines = 0  # lines (or packed pairs) read so far
+        self.error: LineError | None = None  # the first invalid one: nothing after it
 
     def take(self, max_pairs: int, max_chars: int) -> tuple[list[str], list[int]]:
         """Up to ``max_pairs`` pairs from the front of ``pairs``, fewer when their keys
@@ -133,17 +136,10 @@ class LineParser(PairBuffer):
     """
 
     def __init__(self, fmt: LineFormat = LineFormat.JSON, limits: PairLimits | None = None):
-        super().__init__()
+        super().__init__(limits)
         self.format = fmt
-        self.limits = limits if limits is not None else PairLimits()
-        self.lines = 0  # lines read so far (complete, or ended by ``end``)
-        self.error: LineError | None = None
         self._rest = b""  # the start of a line whose end has not come yet
         self._record_start = 0  # CSV: the line number a record spanning lines began on
-
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
 
     def feed(self, data: bytes) -> None:
         """Read ``data``: the lines it completes become pairs (or the error)."""
@@ -313,11 +309,9 @@ class PackedParser(PairBuffer):
     """
 
     def __init__(self, limits: PairLimits | None = None) -> None:
-        super().__init__()
+        super().__init__(limits)
         self.format = LineFormat.PACKED
-        self.limits = limits = limits if limits is not None else PairLimits()
-        self.lines = 0
-        self.error: LineError | None = None
+        limits = self.limits
         self._fed = 0  # bytes fed
         self._complete = 0  # bytes of the chunks read whole
         self._unpacker = msgpack.Unpacker(
@@ -330,10 +324,6 @@ class PackedParser(PairBuffer):
             max_map_len=0,
             max_ext_len=0,
         )
-
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
 
     def feed(self, data: bytes) -> None:
         if self.error is not None or not data:

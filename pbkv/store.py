@@ -77,11 +77,11 @@ class ShardedStore:
     def lookup(self, keys: list[str]) -> tuple[list[str | None], list[int]]:
         """Each key's value (None: absent) and shard: a bulk load's chunk checks its
         keys at once, and ``add_new`` then reuses the shards."""
-        shards, count = self._shards, self.shard_count
-        if count == 1:
+        shards = self._shards
+        if self.shard_count == 1:
             return list(map(shards[0].get, keys)), [0] * len(keys)
         # map() chains: the loops run in C (a load looks up every key it writes).
-        indices = list(map(count.__rmod__, map(_key_digest, map(str.encode, keys))))
+        indices = self._indices_of(map(str.encode, keys), len(keys))
         return list(map(dict.get, map(shards.__getitem__, indices), keys)), indices
 
     def add_new(self, ops: list[str | None], indices: list[int]) -> None:

@@ -12,11 +12,8 @@ from typing import Any
 
 from pbkv.client import Client
 from tests.support.harness import Pair
-from tests.support.raw_http import Raw, Reply, exchange, request
-
-
-def keyed(op: str, body: str, key: str) -> bytes:
-    return request("POST", f"/kv/{op}", body.encode(), headers=(f"Idempotency-Key: {key}",))
+from tests.support.keyed_writes import keyed, retry_them, write_three
+from tests.support.raw_http import Raw, Reply
 
 
 def in_sync(pair: Pair) -> None:
@@ -28,10 +25,7 @@ def test_a_retry_after_kill_9_of_the_primary_gets_the_original_reply(make_pair) 
     pair = make_pair(errors="http")
     pair.start_both()
     address = pair.address["primary"]
-    assert exchange(address, keyed("insert", "key=k&value=v", "ins-1")).json == {"success": "true"}
-    assert exchange(address, keyed("insert", "key=gone&value=old", "ins-2")).status == 200
-    deleted = exchange(address, keyed("delete", "key=gone", "del-1"))
-    assert deleted.json == {"success": "true", "value": "old"}
+    write_three(address)
     before = pair.status("primary")
     assert before is not None and before["idempotency_entries"] == 3
 
@@ -43,13 +37,7 @@ def test_a_retry_after_kill_9_of_the_primary_gets_the_original_reply(make_pair) 
     assert status is not None and status["checksum"] == before["checksum"]
     assert status["idempotency_entries"] == 3
 
-    # The retries: the first replies, nothing applied again (not "key exists", not
-    # "missing"); the same key with another request is refused.
-    assert exchange(address, keyed("insert", "key=k&value=v", "ins-1")).json == {"success": "true"}
-    again = exchange(address, keyed("delete", "key=gone", "del-1"))
-    assert again.json == {"success": "true", "value": "old"}
-    reused = exchange(address, keyed("update", "key=k&value=other", "ins-1"))
-    assert reused.status == 422
+    retry_them(address)
     after = pair.status("primary")
     assert after is not None and after["checksum"] == before["checksum"]
     assert after["writes_replayed"] == 2 and after["idempotency_keys_reused"] == 1

@@ -19,7 +19,7 @@ from pbkv.persist import address_folder
 from pbkv.testing.cluster import process_alive
 from pbkv.testing.proxy import FaultProxy
 from tests.support.harness import Pair, wait_for
-from tests.support.raw_http import exchange, request
+from tests.support.keyed_writes import retry_them, write_three
 
 WRITERS = 8
 
@@ -252,10 +252,6 @@ def test_a_full_disk_refuses_writes_with_the_reason_and_they_resume_once_freed(
     assert "refusing writes: disk full" in pair.log("primary")
 
 
-def keyed(op: str, body: str, ident: str) -> bytes:
-    return request("POST", f"/kv/{op}", body.encode(), headers=(f"Idempotency-Key: {ident}",))
-
-
 @pytest.mark.parametrize("where", ["log", "base"])
 def test_keyed_writes_are_remembered_after_both_restart_from_disk(
     make_pair, tmp_path: Path, where: str
@@ -270,10 +266,7 @@ def test_keyed_writes_are_remembered_after_both_restart_from_disk(
     pair: Pair = make_pair(**settings)
     pair.start_both()
     address = pair.address["primary"]
-    assert exchange(address, keyed("insert", "key=k&value=v", "ins-1")).json == {"success": "true"}
-    assert exchange(address, keyed("insert", "key=gone&value=old", "ins-2")).status == 200
-    deleted = exchange(address, keyed("delete", "key=gone", "del-1"))
-    assert deleted.json == {"success": "true", "value": "old"}
+    write_three(address)
     if where == "base":
         for role in ("primary", "backup"):
             wait_for(
@@ -290,10 +283,7 @@ def test_keyed_writes_are_remembered_after_both_restart_from_disk(
     assert status is not None and status["checksum"] == before["checksum"]
     assert status["idempotency_entries"] == 3
 
-    assert exchange(address, keyed("insert", "key=k&value=v", "ins-1")).json == {"success": "true"}
-    again = exchange(address, keyed("delete", "key=gone", "del-1"))
-    assert again.json == {"success": "true", "value": "old"}
-    assert exchange(address, keyed("update", "key=k&value=other", "ins-1")).status == 422
+    retry_them(address)
     after = pair.status("primary")
     assert after is not None and after["checksum"] == before["checksum"]
     assert after["writes_replayed"] == 2 and after["writes_replicated"] == 0

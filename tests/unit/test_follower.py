@@ -66,6 +66,16 @@ class Pair:
                 return
         raise AssertionError("the ends never settled")
 
+    def greet(self) -> None:
+        """The follower's HELLO, the source's answer and the follower's next words,
+        delivered once each (the copy is not started)."""
+        for data in self.follower.take():
+            self.source.received(1.0, data)
+        for data in self.source.take():
+            self.follower.received(1.0, data)
+        for data in self.follower.take():
+            self.source.received(1.0, data)
+
     def batch(self, ops: list[str | None]) -> Batch:
         """A batch the source's backup applies and forwards."""
         self.seq += 1
@@ -103,12 +113,7 @@ def test_a_follower_installs_the_copy_then_applies_the_stream() -> None:
 
 def test_batches_applied_while_the_copy_is_on_its_way_wait_then_follow_in_order() -> None:
     ends = Pair(spare_core())
-    for data in ends.follower.take():
-        ends.source.received(1.0, data)
-    for data in ends.source.take():
-        ends.follower.received(1.0, data)
-    for data in ends.follower.take():
-        ends.source.received(1.0, data)
+    ends.greet()
     assert ends.source.wants_copy
     ends.source.start(ends.store.copy(), ends.seq, ends.history, 3, 1.0)
     ends.batch(["late", "write"])  # applied after the copy was taken
@@ -190,12 +195,7 @@ def test_a_gap_in_the_stream_closes_the_source() -> None:
 def test_a_follower_that_lags_past_the_bound_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(follower_module, "FOLLOW_QUEUE_BYTES", 1000)
     ends = Pair(spare_core())
-    for data in ends.follower.take():
-        ends.source.received(1.0, data)
-    for data in ends.source.take():
-        ends.follower.received(1.0, data)
-    for data in ends.follower.take():
-        ends.source.received(1.0, data)
+    ends.greet()
     ends.source.start(ends.store.copy(), ends.seq, ends.history, 3, 1.0)
     for i in range(20):  # the copy is not sent yet: the batches wait, up to the bound
         ends.batch([f"k{i}", "v" * 100])
@@ -269,12 +269,7 @@ def test_a_copy_other_than_the_hello_announced_is_not_installed() -> None:
     target = spare_core()
     target.store.put("kept", "pair")
     ends = Pair(target)
-    for data in ends.follower.take():
-        ends.source.received(1.0, data)
-    for data in ends.source.take():
-        ends.follower.received(1.0, data)
-    for data in ends.follower.take():
-        ends.source.received(1.0, data)
+    ends.greet()
     copy = ends.store.copy()
     ends.source.start(copy, ends.seq, ends.history, 3, 1.0)
     copy.put("extra", "pair")  # the copy sent is not the one its HELLO described
