@@ -6,7 +6,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet -e '.[test,compile]'
+# The request path compiled with mypyc, when there is a C compiler (pbkv/compiled.py).
+bin/build_native
 # An editable install leaves no bytecode: without it each server start compiles every
 # module again (a tenth of a second) when PYTHONDONTWRITEBYTECODE is set.
 .venv/bin/python -m compileall -q pbkv >/dev/null

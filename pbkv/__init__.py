@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# Before any other module: whether the compiled build or the sources run.
+from pbkv import compiled as compiled
+
 if TYPE_CHECKING:
     from pbkv.client import (
         AsyncClient,

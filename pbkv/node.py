@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import httptools
 
-from pbkv import config, tls
+from pbkv import compiled, config, tls
 from pbkv.actions import Timer
 from pbkv.backup import BackupCore
 from pbkv.commands import Command, Outcome, Refused, Reply
@@ -557,6 +557,7 @@ class Node:
         status["loop_lag_max_ms"] = round(self.lag.worst * 1000, 1)
         status["gc_pause_max_ms"] = [round(pause * 1000, 1) for pause in self.gc_pauses.longest]
         status["gc_frozen"] = gc.get_freeze_count()
+        status["build"] = compiled.BUILD  # "compiled", or why the sources run
         if self.member is not None:
             status.update(self.member.status(now))
         if self.following is not None:

@@ -288,8 +288,11 @@ for _table in (PRIMARY_HANDSHAKE, BACKUP_HANDSHAKE):
 HANDSHAKES = {Role.PRIMARY: PRIMARY_HANDSHAKE, Role.BACKUP: BACKUP_HANDSHAKE}
 
 
-class ProtocolError(RuntimeError):
-    """An event or a step arrived that the tables have no entry for (a bug)."""
+class ProtocolError(Exception):
+    """An event or a step arrived that the tables have no entry for (a bug).
+
+    Not a subclass of any error a driver handles (frames, transfers, sockets), so none
+    of their handlers swallows it."""
 
 
 class StageMachine:

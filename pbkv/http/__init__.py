@@ -33,7 +33,7 @@ from pbkv.http.access import (
     peer_ip,
 )
 from pbkv.http.params import Limits, key_and_value, parse_params, split_target
-from pbkv.http.pending import PendingReply, ReplyQueue
+from pbkv.http.pending import PendingReply
 from pbkv.http.protocol import App, HttpProtocol
 from pbkv.http.reader import Phase, RequestHandler, RequestReader, percent_encode_high
 from pbkv.http.replies import (
@@ -55,7 +55,6 @@ __all__ = [
     "Limits",
     "PendingReply",
     "Phase",
-    "ReplyQueue",
     "RequestError",
     "RequestHandler",
     "RequestReader",

@@ -185,7 +185,9 @@ def split_target(target: bytes) -> tuple[bytes, bytes | None]:
         path, has_query, query = target.partition(b"?")
         return path, query.partition(b"#")[0] if has_query else None
     try:
-        url = httptools.parse_url(target)
+        # Any: httptools' stub says path and query are bytes, but either may be None
+        # (and compiled code checks the declared type).
+        url: Any = httptools.parse_url(target)
     except httptools.HttpParserInvalidURLError:
         raise RequestError(400, "malformed request target") from None
     return url.path or b"/", url.query

@@ -12,8 +12,7 @@ Redis pipeline runs in order); what is read behind a held request waits too.
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from pbkv.limits import DumpStream
@@ -44,11 +43,6 @@ class PendingReply:
         self.target = target
 
 
-class ReplyQueue(collections.deque[PendingReply]):
-    """The pending replies of one connection, oldest first."""
-
-    __slots__ = ()
-
-    def ready_bytes(self) -> int:
-        """Bytes of the replies that are known but wait behind one still being worked on."""
-        return sum(len(reply.data) for reply in self if reply.data is not None)
+def ready_bytes(replies: Iterable[PendingReply]) -> int:
+    """Bytes of the replies that are known but wait behind one still being worked on."""
+    return sum(len(reply.data) for reply in replies if reply.data is not None)

@@ -35,7 +35,7 @@ from pbkv.http.access import (
 )
 from pbkv.http.load import BulkLoad
 from pbkv.http.params import Limits, idempotency_key, key_and_value, parse_params, split_target
-from pbkv.http.pending import HeldRequest, PendingReply, ReplyQueue
+from pbkv.http.pending import HeldRequest, PendingReply, ready_bytes
 from pbkv.http.reader import Phase, RequestReader
 from pbkv.http.replies import (
     CONTINUE,
@@ -121,7 +121,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.scheme = b"http"  # of a redirect to the primary: the scheme we speak
         self.reader = RequestReader(self, limits, self.guard)
-        self._pending = ReplyQueue()
+        self._pending: collections.deque[PendingReply] = collections.deque()
         self._after_reply: Callable[[], None] | None = None
         self._queued = 0  # reply bytes ready but waiting behind an unanswered request
         self._stream: DumpStream | None = None  # the dump being sent
@@ -131,7 +131,7 @@ class HttpProtocol(asyncio.Protocol):
         self._counted = False  # in guard.clients
         self._writes_out = 0  # writes submitted whose outcome is not known yet
         # Requests that wait for those writes, in request order (see pending.py).
-        self._held = collections.deque[HeldRequest]()
+        self._held: collections.deque[HeldRequest] = collections.deque()
         self._unanswered_bytes = 0  # this connection's share of guard.pending_bytes
         self.load: BulkLoad | None = None  # the last bulk load read (see load.py)
 
@@ -551,7 +551,7 @@ class HttpProtocol(asyncio.Protocol):
                 return
         if pending:
             # Replies ready behind one still being worked on count against the bound too.
-            self._queued = pending.ready_bytes()
+            self._queued = ready_bytes(pending)
             if self._queued > self.guard.limits.max_reply_buffer:
                 self._pause_reading()
                 return

@@ -103,6 +103,7 @@ _WATCHED_HEADERS = frozenset(
 
 
 class RequestReader:
+    __deletable__ = ["_handler", "_request_ready"]
     """Reads the requests of one connection (see the module docstring)."""
 
     def __init__(self, handler: RequestHandler, limits: Limits, guard: Guard) -> None:

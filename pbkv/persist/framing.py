@@ -26,7 +26,7 @@ import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, ClassVar
 
 import xxhash
 
@@ -46,7 +46,7 @@ class PersistError(Exception):
 class FileProblem(PersistError):
     """Something wrong at a byte offset of a file."""
 
-    kind = "problem"
+    kind: ClassVar[str] = "problem"
 
     def __init__(self, path: Path | str, offset: int, reason: str) -> None:
         self.path = Path(path)
@@ -58,13 +58,13 @@ class FileProblem(PersistError):
 class TornTail(FileProblem):
     """The file ends inside its last frame: a write cut short by a crash."""
 
-    kind = "torn tail"
+    kind: ClassVar[str] = "torn tail"
 
 
 class Damage(FileProblem):
     """A frame that does not verify, not at the file's end: not a write cut short."""
 
-    kind = "damage"
+    kind: ClassVar[str] = "damage"
 
 
 def _length_check(length: int) -> int:

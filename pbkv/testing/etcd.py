@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import random
 import shutil
@@ -45,9 +44,6 @@ __all__ = ["ETCD_MISSING", "EtcdServer", "etcd_binary"]
 
 ETCD_MISSING = "etcd is not installed (Debian: apt-get install etcd-server)"
 NAME = "pbkv-test"
-# prctl(2): deliver this signal to the child when the thread that forked it exits.
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)
 _running: set[EtcdServer] = set()
 # Ports are picked below Linux's ephemeral range (32768-60999), where no outgoing
 # connection takes them: a machine busy with short connections can have that whole
@@ -76,11 +72,12 @@ def etcd_binary() -> str | None:
     return os.environ.get("PBKV_ETCD") or shutil.which("etcd")
 
 
-def _die_with_parent(parent: int) -> None:
-    """Runs in the child between fork and exec."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
+def _dying_with_parent() -> list[str]:
+    """What runs etcd so that it dies with the process that started it: util-linux's
+    ``setpriv``. Not a ``preexec_fn``: code between fork and exec is unsafe in a process
+    with threads, and the coordinator's tests run gRPC's (a child once died there)."""
+    setpriv = shutil.which("setpriv")
+    return [] if setpriv is None else [setpriv, "--pdeathsig", "KILL", "--"]
 
 
 class EtcdServer:
@@ -154,13 +151,11 @@ class EtcdServer:
             raise RuntimeError("etcd is already running")
         if self._log is None:
             self._log = self.log_file.open("ab")
-        parent = os.getpid()
         self.process = subprocess.Popen(
-            self.command(),
+            [*_dying_with_parent(), *self.command()],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=lambda: _die_with_parent(parent),
         )
         _running.add(self)
         self.wait_healthy(timeout)

@@ -12,6 +12,10 @@ from pbkv.actions import Respond
 from pbkv.primary import PrimaryCore
 from pbkv.testing import sim
 
+# The simulation counts the primary's applies by wrapping its store's methods, and the
+# bug-injection tests swap the cores' methods: both need the sources (tests/conftest.py).
+pytestmark = pytest.mark.pure_python
+
 
 @pytest.fixture(autouse=True)
 def quiet_logs():

@@ -2146,6 +2146,7 @@ def test_the_undo_record_holds_nothing_the_garbage_collector_walks_item_by_item(
         assert not gc.is_tracked(entry.ops) and not gc.is_tracked(entry.keyed)
 
 
+@pytest.mark.pure_python
 def test_catches_rolling_back_one_batch_too_few(make_link, monkeypatch) -> None:
     original = BackupCore._undo_batches
     monkeypatch.setattr(BackupCore, "_undo_batches", lambda self, steps: original(self, steps[1:]))
@@ -2153,6 +2154,7 @@ def test_catches_rolling_back_one_batch_too_few(make_link, monkeypatch) -> None:
         test_every_batch_in_flight_is_rolled_back_newest_first(make_link)
 
 
+@pytest.mark.pure_python
 def test_catches_skipping_the_checksum_comparison_after_a_rollback(make_link, monkeypatch) -> None:
     monkeypatch.setattr(BackupCore, "_holds", lambda self, checksum, count: True)
     with pytest.raises(AssertionError):

@@ -8,7 +8,7 @@ import pytest
 
 from pbkv.commands import Done, Refused
 from pbkv.http import HttpProtocol, Limits
-from pbkv.http.pending import PendingReply, ReplyQueue
+from pbkv.http.pending import PendingReply, ready_bytes
 from pbkv.http.replies import MAX_REDIRECT_TARGET
 from pbkv.limits import CLOCK_STEP, ConnectionLimits, Guard
 from pbkv.stages import Stage
@@ -224,14 +224,11 @@ def test_a_pending_reply_has_named_fields_only() -> None:
 
 
 def test_ready_bytes_count_the_replies_known_so_far() -> None:
-    queue = ReplyQueue()
-    first, second, third = PendingReply(False), PendingReply(False), PendingReply(True)
-    queue.extend([first, second, third])
-    assert queue.ready_bytes() == 0
-    second.data = b"12345"
-    third.data = b"123"
-    assert queue.ready_bytes() == 8
-    assert queue.popleft() is first
+    queue = [PendingReply(False), PendingReply(False), PendingReply(True)]
+    assert ready_bytes(queue) == 0
+    queue[1].data = b"12345"
+    queue[2].data = b"123"
+    assert ready_bytes(queue) == 8
 
 
 def test_a_reply_that_closes_is_the_last_one_sent() -> None:

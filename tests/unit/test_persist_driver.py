@@ -557,6 +557,7 @@ async def test_the_loops_stalls_are_kept_while_a_base_is_written(tmp_path: Path)
     persistence.close()
 
 
+@pytest.mark.pure_python
 def test_a_base_is_put_in_place_in_a_thread_and_a_newer_one_waits_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -250,11 +250,11 @@ def test_fire_without_a_callback() -> None:
     assert machine.stage is S.IN_SYNC
 
 
-def test_a_protocol_error_is_a_runtime_error() -> None:
+def test_a_protocol_error_is_no_error_a_driver_handles() -> None:
     # A bug, not a fault the drivers expect: no handler they have for a bad frame, a
     # bad transfer or a lost connection may swallow it.
     machine = StageMachine("backup", S.IN_SYNC)
-    with pytest.raises(RuntimeError, match="backup in stage in_sync has no transition"):
+    with pytest.raises(ProtocolError, match="backup in stage in_sync has no transition"):
         try:
             machine.fire(E.TRANSFER_STARTED, "no transfer starts while streaming")
         except (FrameError, TransferError, OSError):
