@@ -103,8 +103,9 @@ _WATCHED_HEADERS = frozenset(
 
 
 class RequestReader:
-    __deletable__ = ["_handler", "_request_ready"]
     """Reads the requests of one connection (see the module docstring)."""
+
+    __deletable__ = ["_handler", "_request_ready"]  # by close (compiled classes ask)
 
     def __init__(self, handler: RequestHandler, limits: Limits, guard: Guard) -> None:
         self.limits = limits
