@@ -13,6 +13,7 @@ import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pbkv import wire
 from pbkv.wire import (
     CONTROL_LIMIT,
     FRAME_CLASSES,
@@ -443,3 +444,25 @@ def test_control_frames_are_small_and_bulk_frames_fit_what_a_sender_builds() -> 
     limit = limits[FrameType.IDEMPOTENCY_CHUNK]
     assert len(frame) - HEADER_SIZE <= limit.max_bytes
     assert FrameCodec().feed(frame, limit) == [IdempotencyChunk(2**63, entries)]
+
+
+# Entry items near each check's edges: keys of 0, 1 and MAX_KEY_CHARS (+1) characters,
+# 64-bit bounds, bools that are ints, and values of every kind.
+_EDGE_ITEMS = st.one_of(
+    st.sampled_from(["", "k", "k" * wire.MAX_KEY_CHARS, "k" * (wire.MAX_KEY_CHARS + 1)]),
+    st.sampled_from([0, 1, -1, (1 << 64) - 1, 1 << 64, True, False, None, 1.0, b"k"]),
+    st.text(max_size=3),
+)
+
+
+@settings(max_examples=500)
+@given(items=st.sampled_from([4, 5]), entries=st.lists(st.tuples(*[_EDGE_ITEMS] * 5), max_size=4))
+def test_the_entries_check_in_columns_agrees_with_the_one_by_one(
+    items: int, entries: list[tuple[Any, ...]]
+) -> None:
+    # Mostly valid entries, with a wrong item here and there.
+    raw: list[Any] = []
+    for n, entry in enumerate(entries):
+        valid = [f"key{n}", n, n % 2 == 0, None if n % 3 else f"v{n}", n][:items]
+        raw += [item if (n + i) % 3 == 0 else valid[i] for i, item in enumerate(entry[:items])]
+    assert wire._entries_are_valid(raw, items) == (wire._first_fault(raw, items) is None)
