@@ -41,6 +41,7 @@ MODULES = (
     "pbkv.http.replies",
     "pbkv.idempotency",
     "pbkv.limits",
+    "pbkv.metrics",
     "pbkv.node",
     "pbkv.persist.driver",
     "pbkv.persist.framing",
