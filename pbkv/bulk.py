@@ -39,17 +39,26 @@ class LoadMode(enum.Enum):
     UPSERT = "upsert"  # overwrites it
 
 
-@dataclass(frozen=True, slots=True)
 class LineError(Exception):
     """Line ``line`` (1-based; for a CSV record, the line it starts on) is not a valid
     pair: ``status`` 400 (malformed) or 413 (too long)."""
 
-    line: int
-    status: int
-    reason: str
+    def __init__(self, line: int, status: int, reason: str) -> None:
+        super().__init__(line, status, reason)
+        self.line = line
+        self.status = status
+        self.reason = reason
 
     def __str__(self) -> str:
         return f"line {self.line}: {self.reason}"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LineError):
+            return NotImplemented
+        return (self.line, self.status, self.reason) == (other.line, other.status, other.reason)
+
+    def __hash__(self) -> int:
+        return hash((self.line, self.status, self.reason))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +115,12 @@ class PairBuffer:
         self.lines = 0  # lines (or packed pairs) read so far
         self.error: LineError | None = None  # the first invalid one: nothing after it
 
+    def failed(self) -> bool:
+        """Whether an invalid line was met. A method, read after calls that may set
+        ``error``: a type checker (and compiled code) keeps an attribute narrowed to
+        None across such calls."""
+        return self.error is not None
+
     def take(self, max_pairs: int, max_chars: int) -> tuple[list[str], list[int]]:
         """Up to ``max_pairs`` pairs from the front of ``pairs``, fewer when their keys
         and values pass ``max_chars`` characters, with their line numbers.  A batch
@@ -154,7 +169,7 @@ class LineParser(PairBuffer):
         block = self._rest + data[: cut + 1] if self._rest else data[: cut + 1]
         self._rest = data[cut + 1 :]
         self._take(block.split(b"\n")[:-1])
-        if self.error is None and len(self._rest) > self.limits.max_line_bytes:
+        if not self.failed() and len(self._rest) > self.limits.max_line_bytes:
             self._too_long()
 
     def end(self) -> None:
@@ -196,7 +211,7 @@ class LineParser(PairBuffer):
             self.chars += sum(map(len, flat))
             taken = len(flat) // 2
             self.ends.extend(range(first, first + taken))
-            self.lines += taken if self.error is not None else len(lines)
+            self.lines += taken if self.failed() else len(lines)
             return
         # Something is wrong: walk line by line to take the good ones and name the bad.
         for offset, line in enumerate(lines):

@@ -30,10 +30,12 @@ from types import ModuleType
 MODULES = (
     "pbkv.actions",
     "pbkv.backup",
+    "pbkv.bulk",
     "pbkv.catchup",
     "pbkv.commands",
     "pbkv.core",
     "pbkv.http.access",
+    "pbkv.http.load",
     "pbkv.http.params",
     "pbkv.http.pending",
     "pbkv.http.protocol",

@@ -498,7 +498,8 @@ class HttpProtocol(asyncio.Protocol):
         """A dump goes out in chunks as the client reads it (chunked encoding;
         to an HTTP/1.0 client, delimited by the end of the connection)."""
         parser = self.reader.parser
-        if parser is not None and parser.get_http_version() == "1.0":
+        # None once the connection closed (see RequestReader.close).
+        if parser is not None and parser.get_http_version() == "1.0":  # type: ignore[redundant-expr]
             reply.close = True
             head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
             reply.stream = DumpStream(store, chunked=False)
