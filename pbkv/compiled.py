@@ -55,6 +55,9 @@ MODULES = (
 )
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 BUILD_FILE = "_compiled.txt"  # written by bin/build_native, beside this module
+# The group's shared library, as this interpreter would name it (built for another
+# Python version, the build is not this interpreter's).
+LIBRARY = "_native__mypyc" + importlib.machinery.EXTENSION_SUFFIXES[0]
 PURE_VARIABLE = "PBKV_PURE_PYTHON"
 
 
@@ -88,12 +91,17 @@ def stale_sources(record: str, package_dir: str = PACKAGE_DIR) -> list[str]:
     return stale
 
 
-def choose(environ: Mapping[str, str], record: str | None, stale: Sequence[str]) -> str:
-    """Which build runs: ``compiled``, or why the sources run instead."""
+def choose(
+    environ: Mapping[str, str], record: str | None, stale: Sequence[str], library: bool = True
+) -> str:
+    """Which build runs: ``compiled``, or why the sources run instead (``library``:
+    whether the build's shared library is there for this interpreter)."""
     if environ.get(PURE_VARIABLE):
         return f"pure Python ({PURE_VARIABLE} is set)"
     if record is None:
         return "pure Python (not compiled)"
+    if not library:
+        return "pure Python (not compiled for this Python)"
     if stale:
         return f"pure Python (compiled build older than {', '.join(stale)})"
     return "compiled"
@@ -126,7 +134,8 @@ def _read_record(package_dir: str) -> str | None:
 def _select() -> str:
     record = _read_record(PACKAGE_DIR)
     stale = stale_sources(record, PACKAGE_DIR) if record is not None else []
-    state = choose(os.environ, record, stale)
+    library = os.path.exists(os.path.join(PACKAGE_DIR, LIBRARY))
+    state = choose(os.environ, record, stale, library)
     if state != "compiled":
         sys.meta_path.insert(0, SourcesOnly(MODULES, PACKAGE_DIR))
     if stale and not os.environ.get(PURE_VARIABLE):

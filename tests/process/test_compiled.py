@@ -60,3 +60,14 @@ def test_a_server_reports_the_build_it_runs(make_pair) -> None:
     servers.start("primary")
     status = servers.status("primary")
     assert status is not None and status["build"] == compiled.BUILD
+
+
+@pytest.mark.skipif(compiled.BUILD != "compiled", reason="needs a compiled build")
+def test_a_build_without_its_library_for_this_python_runs_the_sources(tmp_path: Path) -> None:
+    # As a build for another Python version looks to this one (its files' names differ).
+    copy = tmp_path / "pbkv"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / compiled.LIBRARY).unlink()
+    build, path, _ = imported(tmp_path)
+    assert build == "pure Python (not compiled for this Python)"
+    assert path == str(copy / "store.py")

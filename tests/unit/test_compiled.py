@@ -26,6 +26,9 @@ def test_the_compiled_build_runs_only_when_fresh_and_not_overridden() -> None:
         "pure Python (PBKV_PURE_PYTHON is set)"
     )
     assert compiled.choose({"PBKV_PURE_PYTHON": ""}, record, []) == "compiled"
+    assert compiled.choose({}, record, [], library=False) == (
+        "pure Python (not compiled for this Python)"
+    )
     assert compiled.choose({}, record, ["pbkv.store", "pbkv.core"]) == (
         "pure Python (compiled build older than pbkv.store, pbkv.core)"
     )
