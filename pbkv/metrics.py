@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import gc
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -107,7 +106,9 @@ class Metrics:
 
     def __init__(self, status: Callable[[], Status]) -> None:
         self.status = status
-        self.requests: Counter[Command] = Counter()
+        # Every command counted from 0: a plain dict's item, where a Counter's goes
+        # through Python-level lookups (compiled, 0.1 us a request).
+        self.requests: dict[Command, int] = dict.fromkeys(Command, 0)
         self._registry: CollectorRegistry | None = None  # built at the first scrape
 
     def count(self, command: Command) -> None:

@@ -49,10 +49,12 @@ _BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 
 
 def _decode_component(raw: bytes) -> str:
-    """One name or value of a form: ``+`` is a space, then percent-decoding, then UTF-8."""
-    if b"+" in raw:
+    """One name or value of a form: ``+`` is a space, then percent-decoding, then UTF-8.
+    (``find``, not ``in``: ``b"+" in raw`` first tries ``b"+"`` as an integer, and
+    raises and clears an error inside, each time.)"""
+    if raw.find(b"+") >= 0:
         raw = raw.replace(b"+", b" ")
-    if b"%" in raw:
+    if raw.find(b"%") >= 0:
         if _BAD_ESCAPE.search(raw):
             raise RequestError(
                 400, "malformed percent-escape (a % must be followed by two hex digits)"
@@ -90,7 +92,7 @@ _FLAT_JSON_OBJECT = re.compile(
 
 def _flat_json_object(body: bytes) -> bool:
     """Whether ``body`` has the shape of one object of at most MAX_PARAMS string members."""
-    if b"\\" in body:
+    if body.find(b"\\") >= 0:  # find, not in: see _decode_component
         body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
     return _FLAT_JSON_OBJECT.fullmatch(body) is not None
 
@@ -101,7 +103,7 @@ def _decode_pairs(form: bytes, into: dict[str, str]) -> None:
     by piece (each piece unescaped, then decoded)."""
     if form.count(b"&") >= MAX_PARAMS:
         raise _too_many_params()
-    if b"%" not in form and b"+" not in form:
+    if form.find(b"%") < 0 and form.find(b"+") < 0:  # find, not in: see _decode_component
         # Nothing to unescape (the common case): decode the form once, split the text.
         try:
             text = form.decode("utf-8")
