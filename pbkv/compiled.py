@@ -50,7 +50,6 @@ MODULES = (
     "pbkv.persist.log",
     "pbkv.primary",
     "pbkv.routes",
-    "pbkv.stages",
     "pbkv.store",
     "pbkv.text",
 )
