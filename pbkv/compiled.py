@@ -8,6 +8,8 @@ sources stay the reference, and they run instead:
 - when nothing was compiled (no compiler, or a plain ``pip install``);
 - when ``PBKV_PURE_PYTHON`` is set (the tests that swap a function for a broken one
   need that: compiled code calls its functions directly);
+- when the build is for another Python version (its shared library, ``LIBRARY``,
+  is not there under this interpreter's name);
 - when a source changed after the build: the build would run old code. The build
   writes each source's size and modification time to ``BUILD_FILE``; a source that
   no longer matches makes the whole package run as Python, with a warning.
@@ -26,7 +28,8 @@ from collections.abc import Mapping, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-# The request path: HTTP in and out, the store, the cores and what they call per write.
+# The request path (HTTP in and out, the store, the cores and what they call per write)
+# and the bulk load's parsers and endpoint.
 MODULES = (
     "pbkv.actions",
     "pbkv.backup",
