@@ -69,14 +69,16 @@ def source_path(module: str, package_dir: str = PACKAGE_DIR) -> str:
     return os.path.join(package_dir, *module.split(".")[1:]) + ".py"
 
 
+def _stamp(module: str, package_dir: str) -> tuple[int, int]:
+    """Size and modification time (ns) of ``module``'s source."""
+    stat = os.stat(source_path(module, package_dir))
+    return stat.st_size, stat.st_mtime_ns
+
+
 def build_record(modules: Sequence[str], package_dir: str = PACKAGE_DIR) -> str:
     """What the build writes to ``BUILD_FILE``: a line per module, with its source's size
     and modification time (ns) when it was compiled."""
-    lines = []
-    for module in modules:
-        stat = os.stat(source_path(module, package_dir))
-        lines.append(f"{module} {stat.st_size} {stat.st_mtime_ns}\n")
-    return "".join(lines)
+    return "".join("%s %d %d\n" % (module, *_stamp(module, package_dir)) for module in modules)
 
 
 def stale_sources(record: str, package_dir: str = PACKAGE_DIR) -> list[str]:
@@ -85,11 +87,9 @@ def stale_sources(record: str, package_dir: str = PACKAGE_DIR) -> list[str]:
     for line in record.splitlines():
         module, size, mtime = line.split()
         try:
-            stat = os.stat(source_path(module, package_dir))
+            if _stamp(module, package_dir) != (int(size), int(mtime)):
+                stale.append(module)
         except OSError:
-            stale.append(module)
-            continue
-        if (stat.st_size, stat.st_mtime_ns) != (int(size), int(mtime)):
             stale.append(module)
     return stale
 

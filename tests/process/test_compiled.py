@@ -41,10 +41,16 @@ def test_the_variable_makes_the_sources_run() -> None:
     assert path == str(PACKAGE / "store.py")
 
 
-@pytest.mark.skipif(compiled.BUILD != "compiled", reason="needs a compiled build")
-def test_a_source_changed_after_the_build_makes_every_source_run(tmp_path: Path) -> None:
+def copied_package(tmp_path: Path) -> Path:
+    """A copy of the package with its build, in ``tmp_path`` (times kept: still fresh)."""
     copy = tmp_path / "pbkv"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+@pytest.mark.skipif(compiled.BUILD != "compiled", reason="needs a compiled build")
+def test_a_source_changed_after_the_build_makes_every_source_run(tmp_path: Path) -> None:
+    copy = copied_package(tmp_path)
     build, path, _ = imported(tmp_path)
     assert (build, Path(path).suffix) == ("compiled", ".so")
     with open(copy / "core.py", "a") as source:
@@ -65,8 +71,7 @@ def test_a_server_reports_the_build_it_runs(make_pair) -> None:
 @pytest.mark.skipif(compiled.BUILD != "compiled", reason="needs a compiled build")
 def test_a_build_without_its_library_for_this_python_runs_the_sources(tmp_path: Path) -> None:
     # As a build for another Python version looks to this one (its files' names differ).
-    copy = tmp_path / "pbkv"
-    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    copy = copied_package(tmp_path)
     (copy / compiled.LIBRARY).unlink()
     build, path, _ = imported(tmp_path)
     assert build == "pure Python (not compiled for this Python)"
