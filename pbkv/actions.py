@@ -87,6 +87,10 @@ class Send:
     data: bytes = field(repr=False)
     frame: Frame
 
+    def __init__(self, data: bytes, frame: Frame) -> None:  # compiled: see ``compiled.py``
+        object.__setattr__(self, "data", data)
+        object.__setattr__(self, "frame", frame)
+
     def apply(self, driver: Driver) -> None:
         driver.send(self.data)
 
@@ -125,6 +129,10 @@ class Respond:
     reply: Callable[[Outcome], None]
     outcome: Outcome
 
+    def __init__(self, reply: Callable[[Outcome], None], outcome: Outcome) -> None:
+        object.__setattr__(self, "reply", reply)  # compiled: see ``compiled.py``
+        object.__setattr__(self, "outcome", outcome)
+
     def apply(self, driver: Driver) -> None:
         self.reply(self.outcome)
 
@@ -139,6 +147,9 @@ class PumpTransfer:
 class FlushSoon:
     def apply(self, driver: Driver) -> None:
         driver.flush_soon()
+
+
+FLUSH_SOON = FlushSoon()  # it holds nothing: one serves every batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +199,9 @@ class SyncChanged:
 @dataclass(frozen=True, slots=True)
 class Persist:
     record: Record = field(repr=False)
+
+    def __init__(self, record: Record) -> None:  # compiled: see ``compiled.py``
+        object.__setattr__(self, "record", record)
 
     def apply(self, driver: Driver) -> None:
         persist = getattr(driver, "persist", None)  # drivers without files: nothing

@@ -78,6 +78,28 @@ class Undo:
     keyed: list[Any] | None = None
     table: TableUndo | None = None
 
+    def __init__(  # compiled: see ``compiled.py``
+        self,
+        seq: int,
+        ops: tuple[str | None, ...],
+        olds: tuple[str | None, ...],
+        checksum_before: int,
+        count_before: int,
+        size: int,
+        time: int = 0,
+        keyed: list[Any] | None = None,
+        table: TableUndo | None = None,
+    ) -> None:
+        self.seq = seq
+        self.ops = ops
+        self.olds = olds
+        self.checksum_before = checksum_before
+        self.count_before = count_before
+        self.size = size
+        self.time = time
+        self.keyed = keyed
+        self.table = table
+
 
 class BatchTap(Protocol):
     """Who hears of the batches this backup applies (its followers: ``following.py``)."""

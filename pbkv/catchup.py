@@ -50,6 +50,24 @@ class Applied:
     count_before: int
     size: int
 
+    def __init__(  # compiled: see ``compiled.py``
+        self,
+        seq: int,
+        ops: tuple[str | None, ...],
+        time: int,
+        keyed: tuple[Any, ...],
+        checksum_before: int,
+        count_before: int,
+        size: int,
+    ) -> None:
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "ops", ops)
+        object.__setattr__(self, "time", time)
+        object.__setattr__(self, "keyed", keyed)
+        object.__setattr__(self, "checksum_before", checksum_before)
+        object.__setattr__(self, "count_before", count_before)
+        object.__setattr__(self, "size", size)
+
     @property
     def before(self) -> State:
         return State(self.seq - 1, self.checksum_before, self.count_before)

@@ -43,6 +43,11 @@ class Done:
     ok: bool
     value: str | None = None
 
+    def __init__(self, ok: bool, value: str | None = None) -> None:
+        # Written out: compiled, it builds the object natively (see ``compiled.py``).
+        object.__setattr__(self, "ok", ok)
+        object.__setattr__(self, "value", value)
+
 
 @dataclass(frozen=True, slots=True)
 class Refused:
@@ -51,6 +56,11 @@ class Refused:
     stage: Stage
     role: str
     primary: str | None = None  # set when a backup refuses a write
+
+    def __init__(self, stage: Stage, role: str, primary: str | None = None) -> None:
+        object.__setattr__(self, "stage", stage)  # compiled: see ``compiled.py``
+        object.__setattr__(self, "role", role)
+        object.__setattr__(self, "primary", primary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +99,17 @@ class Loaded:
     applied: int
     skipped: int
 
+    def __init__(self, applied: int, skipped: int) -> None:  # compiled: see ``compiled.py``
+        object.__setattr__(self, "applied", applied)
+        object.__setattr__(self, "skipped", skipped)
+
 
 @dataclass(frozen=True, slots=True)
 class Counted:
     count: int
+
+    def __init__(self, count: int) -> None:  # compiled: see ``compiled.py``
+        object.__setattr__(self, "count", count)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

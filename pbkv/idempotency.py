@@ -126,6 +126,14 @@ class TableUndo:
     dropped: list[tuple[str, Entry]]  # entries it expired or evicted, oldest first
     size: int  # bytes, roughly, this record holds
 
+    def __init__(  # compiled: see ``compiled.py``
+        self, clock: int, added: list[str], dropped: list[tuple[str, Entry]], size: int
+    ) -> None:
+        self.clock = clock
+        self.added = added
+        self.dropped = dropped
+        self.size = size
+
 
 class IdempotencyTable:
     """Key -> remembered reply, oldest first; with a running checksum and memory count."""

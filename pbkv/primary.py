@@ -24,11 +24,10 @@ import operator
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from pbkv import auth
-from pbkv.actions import Connect, FlushSoon, Respond, StartTimer, Timer
+from pbkv.actions import FLUSH_SOON, Connect, Respond, StartTimer, Timer
 from pbkv.catchup import AppliedRecord
 from pbkv.commands import (
     KEY_REUSED,
@@ -113,26 +112,33 @@ def _forget_batch(overlay: dict[str, tuple[str | None, int]], keys: list[Any], s
                 overlay[key] = pending  # a later write of that key: still in flight
 
 
-@dataclass(slots=True)
 class Batch:
-    seq: int = 0
-    ops: list[Any] = field(default_factory=list)  # key, value-or-None, key, ...
-    entries: list[tuple[Reply, Outcome]] = field(default_factory=list)  # reply, answer
-    chars: int = 0  # of the keys and values in ops: a batch's frame stays bounded
-    grows: int = 0  # bytes its writes add to the store (counted in pending_write_bytes)
-    sent_at: float = 0.0
-    deadline: float = 0.0
-    # The idempotency entries of its keyed writes (key, fingerprint, ok, value, ...),
-    # and the table time it carries (set when it is sent).
-    keyed: list[Any] = field(default_factory=list)
-    time: int = 0
-    # A bulk load's chunk of new keys at the start of ops: the shard of each of its
-    # keys (the store adds them with ``add_new``).
-    new_shards: list[int] | None = None
-    # The load chunks of new keys it carries as layers (see ``PrimaryCore.layers``),
-    # and the ops they hold.
-    layers: int = 0
-    layered_ops: int = 0
+    """Writes that travel together: queued, then in flight until acknowledged."""
+
+    __slots__ = (
+        "seq", "ops", "entries", "chars", "grows", "sent_at", "deadline", "keyed", "time",
+        "new_shards", "layers", "layered_ops",
+    )  # fmt: skip
+
+    def __init__(self) -> None:  # a plain class: compiled, built natively (``compiled.py``)
+        self.seq = 0
+        self.ops: list[Any] = []  # key, value-or-None, key, ...
+        self.entries: list[tuple[Reply, Outcome]] = []  # reply, answer
+        self.chars = 0  # of the keys and values in ops: a batch's frame stays bounded
+        self.grows = 0  # bytes its writes add to the store (counted in pending_write_bytes)
+        self.sent_at = 0.0
+        self.deadline = 0.0
+        # The idempotency entries of its keyed writes (key, fingerprint, ok, value, ...),
+        # and the table time it carries (set when it is sent).
+        self.keyed: list[Any] = []
+        self.time = 0
+        # A bulk load's chunk of new keys at the start of ops: the shard of each of its
+        # keys (the store adds them with ``add_new``).
+        self.new_shards: list[int] | None = None
+        # The load chunks of new keys it carries as layers (see ``PrimaryCore.layers``),
+        # and the ops they hold.
+        self.layers = 0
+        self.layered_ops = 0
 
     def full(self) -> bool:
         return (
@@ -413,7 +419,7 @@ class PrimaryCore(ReplicationCore):
         if not self.flush_pending:
             # Everything submitted before the driver calls flush shares one batch.
             self.flush_pending = True
-            self.outbox.append(FlushSoon())
+            self.outbox.append(FLUSH_SOON)
         return None
 
     def submit_pairs(self, pairs: list[str], upsert: bool, reply: Reply) -> Outcome | None:
@@ -487,7 +493,7 @@ class PrimaryCore(ReplicationCore):
         queued.entries.append((reply, outcome))
         if not self.flush_pending:
             self.flush_pending = True
-            self.outbox.append(FlushSoon())
+            self.outbox.append(FLUSH_SOON)
         return None
 
     @staticmethod
@@ -600,7 +606,7 @@ class PrimaryCore(ReplicationCore):
         self.keyed[ident] = (print_, queued, outcome)
         if not self.flush_pending:
             self.flush_pending = True
-            self.outbox.append(FlushSoon())
+            self.outbox.append(FLUSH_SOON)
         return None
 
     def recovered_from(self, state: DiskState) -> None:

@@ -70,6 +70,11 @@ class State:
     seq: int
     epoch: int = 0
 
+    def __init__(self, history: int, seq: int, epoch: int = 0) -> None:  # see compiled.py
+        object.__setattr__(self, "history", history)
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "epoch", epoch)
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -79,6 +84,22 @@ class Record:
     epoch: int = 0
     ops: list[str | None] = field(default_factory=list)
     extra: bytes = b""
+
+    def __init__(  # compiled: see ``compiled.py``
+        self,
+        kind: RecordKind,
+        history: int,
+        seq: int,
+        epoch: int = 0,
+        ops: list[str | None] | None = None,
+        extra: bytes = b"",
+    ) -> None:
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "history", history)
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "epoch", epoch)
+        object.__setattr__(self, "ops", [] if ops is None else ops)
+        object.__setattr__(self, "extra", extra)
 
     @classmethod
     def batch(

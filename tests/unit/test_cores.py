@@ -58,6 +58,7 @@ from pbkv.wire import (
     checksum_to_bytes,
     encode,
 )
+from tests.support.census import python_in_compiled_modules
 
 SHARDS = 4
 ROLES = ("primary", "backup")
@@ -782,6 +783,30 @@ def test_writes_queued_behind_a_full_window_go_in_the_next_batch(
     assert all(link.responses[token] == Done(True) for token in tokens)
     assert link.answer_order == tokens
     assert_same_data(primary, backup)
+
+
+def test_replicated_writes_run_no_python_of_the_compiled_modules(
+    make_link: Callable[..., Link],
+) -> None:
+    """The census of ``test_request_path.py``, of writes replicated in batches: the
+    primary queues, sends and answers them, the backup applies and acknowledges them."""
+    link = make_link(batches_in_flight=2)
+    primary, backup = in_sync_pair(link)
+    link.write(INSERT, "warm", "up")  # first calls (imports, caches) first
+    with python_in_compiled_modules() as seen:
+        for round_ in range(10):
+            tokens = []
+            for i in range(8):
+                for command in (INSERT, UPDATE, DELETE):  # each depends on the one before
+                    token = link.token()
+                    ident = f"id-{round_}-{i}-{command.value}" if i % 2 else None
+                    assert link.submit(token, command, f"k{round_}-{i}", f"v{i}", ident) is None
+                    tokens.append(token)
+            link.flush()
+            assert all(getattr(link.responses[token], "ok", False) for token in tokens)
+    assert len(primary.store) == len(backup.store) == 1
+    assert_same_data(primary, backup)
+    assert seen == {}
 
 
 def test_logical_outcomes_of_writes(link: Link) -> None:
