@@ -52,9 +52,9 @@ replayed on it (the base does not record the values it would restore): it is
 written as a new base of the rolled-back store instead.
 
 Disk faults.  A primary refuses a write *before* applying it while the folder's
-file system has less than ``headroom`` bytes free (``refusal``: ``statvfs`` once per
-turn of the event loop that brings writes), so a disk
-that fills up refuses writes cleanly: the records of the writes already
+file system has less than ``headroom`` bytes free (``refusal``: a ``statvfs`` at
+most once a millisecond while there is room, at every write while there is not),
+so a disk that fills up refuses writes cleanly: the records of the writes already
 admitted fit in the headroom, and nothing refused is applied anywhere.  Once
 space is freed the next write is accepted.
 
@@ -100,6 +100,7 @@ log = logging.getLogger(__name__)
 
 EVERYSEC = 1.0  # seconds between fsyncs with ``everysec``
 WRITE_BUDGET = 0.005  # seconds of base writing per turn of the event loop
+SPACE_CHECK_INTERVAL = 0.001  # seconds between checks of the free space while there is room
 # Pairs per chunk of a base: a chunk is written in one go (about 1 ms per 1,000 pairs).
 BASE_CHUNK_PAIRS = 1024
 
@@ -158,7 +159,7 @@ class Persistence:
         # Room kept free for the records of writes already admitted: the batches in
         # flight and queued (a batch's record is at most about twice its BATCH_CHARS).
         self.headroom = settings.disk_headroom
-        self._space_checked = False  # in this turn of the event loop
+        self._next_space_check = float("-inf")  # the clock's time
         self._space_free = 0
         self.short_of_space: str | None = None  # writes refused: the reason
         self.writes_refused = 0
@@ -355,17 +356,15 @@ class Persistence:
         if self.failed is not None:
             self.writes_refused += 1
             return DiskFailed(self.failed)
-        if not self._space_checked:
+        now = self.clock()
+        if now >= self._next_space_check or self.short_of_space is not None:
+            # Not per write: a statvfs costs what a small write does.
             self._check_space()
-            self._space_checked = True
-            self.loop.call_soon(self._next_turn)
+            self._next_space_check = now + SPACE_CHECK_INTERVAL
         if self.short_of_space is not None:
             self.writes_refused += 1
             return DiskFailed(self.short_of_space)
         return None
-
-    def _next_turn(self) -> None:
-        self._space_checked = False
 
     def _check_space(self) -> None:
         try:

@@ -605,3 +605,41 @@ def test_a_base_is_put_in_place_in_a_thread_and_a_newer_one_waits_for_it(
         assert loaded(tmp_path) == (State(9, 6, 0), dict(filled(20).items()))
 
     asyncio.run(run())
+
+
+def test_free_space_is_checked_at_most_once_a_millisecond_while_there_is_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statvfs per write would cost what the write's record does: while there is room
+    the space is looked at once a millisecond at most; while there is not, at every
+    write, so the first write after space was freed is accepted."""
+
+    async def run() -> None:
+        now = [100.0]
+        persistence = opened(tmp_path, "everysec", clock=lambda: now[0], disk_headroom=1 << 20)
+        free = [1 << 30]  # bytes
+        checks: list[float] = []
+        real = os.statvfs(tmp_path)
+
+        def statvfs(path: Any) -> os.statvfs_result:
+            checks.append(now[0])
+            blocks = free[0] // real.f_frsize
+            return os.statvfs_result((*real[:4], blocks, *real[5:]))  # f_bavail is the fifth
+
+        monkeypatch.setattr(os, "statvfs", statvfs)
+        assert [persistence.refusal() for _ in range(3)] == [None] * 3
+        assert checks == [100.0]
+        now[0] += 0.0005
+        free[0] = 1 << 16  # filled meanwhile: seen at the next check
+        assert persistence.refusal() is None and checks == [100.0]
+        now[0] += 0.0005
+        refused = persistence.refusal()
+        assert isinstance(refused, DiskFailed) and "disk full" in refused.reason
+        assert persistence.refusal() is not None and checks == [100.0, 100.001, 100.001]
+        free[0] = 1 << 30  # freed: the next write is accepted, in the same millisecond
+        assert persistence.refusal() is None and len(checks) == 4
+        assert persistence.refusal() is None and len(checks) == 4
+        assert persistence.writes_refused == 2
+        persistence.close()
+
+    asyncio.run(run())
