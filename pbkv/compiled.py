@@ -19,11 +19,14 @@ compiled modules call each other natively, so either all of them load or none).
 
 In a compiled module, what ``dataclasses`` generates (``__init__``, ``__eq__``) is
 still Python: a frozen dataclass's ``__init__`` costs about ten times a compiled one.
-The classes made per request or per batch (an outcome, a reply to send, a batch and
-what records or undoes it) therefore write their ``__init__`` out, with
-``object.__setattr__`` in a frozen one (compiled, a native store).
-``tests/unit/test_request_path.py`` holds the request path to that: a request of each
-kind runs no Python function of these modules.
+The classes made per request or per batch (an outcome, a reply to send, a frame, a
+batch and what records or undoes it) therefore write their ``__init__`` out, with
+``object.__setattr__`` in a frozen one (compiled, a native store).  Two more rules
+of compiled classes: ``dataclasses`` takes every class attribute of a compiled
+dataclass for a field (so frames keep their types in a table), and ``__new__`` calls
+``__init__`` (so a class that is copied, as frames are, rebuilds itself through
+``__reduce__``).  ``tests/unit/test_request_path.py`` holds the request path to this:
+a request of each kind runs no Python function of these modules.
 """
 
 from __future__ import annotations
@@ -36,8 +39,8 @@ from collections.abc import Mapping, Sequence
 from importlib.machinery import ModuleSpec
 from types import ModuleType
 
-# The request path (HTTP in and out, the store, the cores and what they call per write)
-# and the bulk load's parsers and endpoint.
+# The request path (HTTP in and out, the store, the cores and what they call per write,
+# the replication frames) and the bulk load's parsers and endpoint.
 MODULES = (
     "pbkv.actions",
     "pbkv.backup",
@@ -63,6 +66,7 @@ MODULES = (
     "pbkv.routes",
     "pbkv.store",
     "pbkv.text",
+    "pbkv.wire",
 )
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 BUILD_FILE = "_compiled.txt"  # written by bin/build_native, beside this module

@@ -30,8 +30,8 @@ import enum
 import hmac
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass, fields
+from typing import Any
 
 import msgpack
 import xxhash
@@ -277,26 +277,42 @@ _ENCODERS: dict[Callable[[Any], Any], Callable[[Any], Any]] = {
 
 
 # -- the frames ------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Frame:
-    """Base of every frame class: ``kind`` and the kinds of its fields, in order.
+    """Base of every frame class; ``FRAMES`` gives each its type and the kinds of its
+    fields, in order.
 
     ``epoch``: the epoch the sender acts under (a primary's own, a backup's highest
     seen; 0 without a coordinator).  Every frame has it, keyword-only and after the
     fields; it travels in the header, so ``to_wire`` leaves it out.
+
+    Each class writes its ``__init__`` out (``dataclasses`` generates the rest), and
+    the frame types and field kinds live in a table rather than in class attributes:
+    compiled, a frame is then built natively, and ``dataclasses`` would take a class
+    attribute for a field there (see ``pbkv/compiled.py``).
     """
 
-    kind: ClassVar[FrameType]
-    field_kinds: ClassVar[tuple[Any, ...]]
-    epoch: int = field(default=0, kw_only=True)
+    epoch: int
+
+    def __init__(self, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "epoch", epoch)
+
+    @property
+    def kind(self) -> FrameType:
+        return _KIND_OF[type(self)]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy (or a pickle) is built through ``__init__``: compiled, ``__new__`` alone
+        # would call it without the fields.
+        return _frame_of, (type(self), tuple(getattr(self, f.name) for f in fields(self)))
 
     def to_wire(self) -> list[Any]:
-        values = [getattr(self, name) for name in self.__slots__]
+        values = [getattr(self, f.name) for f in fields(self)[1:]]  # after the epoch
         return [
             self.kind,
             *(
                 _ENCODERS.get(kind, _same)(value)
-                for kind, value in zip(self.field_kinds, values, strict=True)
+                for kind, value in zip(_FIELD_KINDS[type(self)], values, strict=True)
             ),
         ]
 
@@ -305,160 +321,223 @@ def _same(value: Any) -> Any:
     return value
 
 
-@dataclass(frozen=True, slots=True)
+def _frame_of(cls: type[Frame], values: tuple[Any, ...]) -> Frame:
+    """The frame of class ``cls`` whose fields (the epoch first) are ``values``."""
+    epoch, *rest = values
+    return cls(*rest, epoch=epoch)
+
+
+@dataclass(frozen=True, slots=True, init=False)
 class Hello(Frame):
     """Who we are and what we hold; the primary decides from both hellos."""
 
-    kind = FrameType.HELLO
-    field_kinds = (
-        _text,
-        _flag,
-        _checksum,
-        _count,
-        _count,
-        _history,
-        _undo_points,
-        _epoch,
-        _member,
-        _flag,
-    )
     role: str
     confirmed: bool  # a peer verified our data (see the README)
     checksum: int
     count: int
     seq: int  # last replicated batch applied
     history: int  # the lineage of our data: new whenever it is replaced
-    undo: tuple[tuple[int, int, int], ...] = ()  # backup: (seq, checksum, count) it can reach
+    undo: tuple[tuple[int, int, int], ...]  # backup: (seq, checksum, count) it can reach
     # The epoch under which our data was last confirmed (the frame's own ``epoch`` is the
     # one we act under now: a backup's copy may be of an older one).
-    copy_epoch: int = 0
+    copy_epoch: int
     # With a coordinator: the sender's member name (what the in-sync record names).
-    member: str = ""
+    member: str
     # Our data was loaded from disk at start and no peer has confirmed it since.
-    recovered: bool = False
+    recovered: bool
+
+    def __init__(
+        self,
+        role: str,
+        confirmed: bool,
+        checksum: int,
+        count: int,
+        seq: int,
+        history: int,
+        undo: tuple[tuple[int, int, int], ...] = (),
+        copy_epoch: int = 0,
+        member: str = "",
+        recovered: bool = False,
+        *,
+        epoch: int = 0,
+    ) -> None:
+        object.__setattr__(self, "role", role)
+        object.__setattr__(self, "confirmed", confirmed)
+        object.__setattr__(self, "checksum", checksum)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "history", history)
+        object.__setattr__(self, "undo", undo)
+        object.__setattr__(self, "copy_epoch", copy_epoch)
+        object.__setattr__(self, "member", member)
+        object.__setattr__(self, "recovered", recovered)
+        object.__setattr__(self, "epoch", epoch)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Batch(Frame):
-    kind = FrameType.BATCH
-    field_kinds = (_count, _operations, _count, _batch_entries)
     seq: int
     ops: list[str | None]  # key, value-or-None (a delete), key, ...
     # The primary's table time (ms), by which both copies expire idempotency entries.
-    time: int = 0
+    time: int
     # The idempotency entries its keyed writes make: key, fingerprint, ok, value, ...
-    keyed: list[Any] = field(default_factory=list)
+    keyed: list[Any]
+
+    def __init__(
+        self,
+        seq: int,
+        ops: list[str | None],
+        time: int = 0,
+        keyed: list[Any] | None = None,
+        *,
+        epoch: int = 0,
+    ) -> None:
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "ops", ops)
+        object.__setattr__(self, "time", time)
+        object.__setattr__(self, "keyed", [] if keyed is None else keyed)
+        object.__setattr__(self, "epoch", epoch)
 
     def to_wire(self) -> list[Any]:  # the hot path: no generic conversion
         return [FrameType.BATCH, self.seq, self.ops, self.time, self.keyed]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Ack(Frame):
-    kind = FrameType.ACK
-    field_kinds = (_count,)
     seq: int
+
+    def __init__(self, seq: int, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "epoch", epoch)
 
     def to_wire(self) -> list[Any]:
         return [FrameType.ACK, self.seq]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Heartbeat(Frame):
-    kind = FrameType.HEARTBEAT
-    field_kinds = (_count,)
     seq: int
 
+    def __init__(self, seq: int, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Fetch(Frame):
-    kind = FrameType.FETCH
-    field_kinds = ()
+    def __init__(self, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "epoch", epoch)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class SnapshotBegin(Frame):
-    kind = FrameType.SNAPSHOT_BEGIN
-    field_kinds = (_shard_count, _count)
     shards: int
     count: int
 
+    def __init__(self, shards: int, count: int, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "shards", shards)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class ShardChunk(Frame):
-    kind = FrameType.SHARD_CHUNK
-    field_kinds = (_shard, _pairs)
     shard: int
     pairs: list[str]  # key, value, key, value, ...
 
+    def __init__(self, shard: int, pairs: list[str], *, epoch: int = 0) -> None:
+        object.__setattr__(self, "shard", shard)
+        object.__setattr__(self, "pairs", pairs)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class ShardEnd(Frame):
-    kind = FrameType.SHARD_END
-    field_kinds = (_shard, _checksum, _count)
     shard: int
     checksum: int
     count: int
 
+    def __init__(self, shard: int, checksum: int, count: int, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "shard", shard)
+        object.__setattr__(self, "checksum", checksum)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class SnapshotEnd(Frame):
-    kind = FrameType.SNAPSHOT_END
-    field_kinds = (_checksum, _count, _count)
     checksum: int
     count: int
     seq: int
 
+    def __init__(self, checksum: int, count: int, seq: int, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "checksum", checksum)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Skip(Frame):
-    kind = FrameType.SKIP
-    field_kinds = (_checksum, _count, _count)
     checksum: int
     count: int
     seq: int
 
+    def __init__(self, checksum: int, count: int, seq: int, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "checksum", checksum)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class SyncAck(Frame):
-    kind = FrameType.SYNC_ACK
-    field_kinds = (_checksum,)
     checksum: int
 
+    def __init__(self, checksum: int, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "checksum", checksum)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class SyncNack(Frame):
-    kind = FrameType.SYNC_NACK
-    field_kinds = (_text,)
     reason: str
 
+    def __init__(self, reason: str, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Fence(Frame):
-    kind = FrameType.FENCE
-    field_kinds = (_text,)
     reason: str
 
+    def __init__(self, reason: str, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Rollback(Frame):
     """The primary to a backup ahead of it in the same history: undo back to ``seq``."""
 
-    kind = FrameType.ROLLBACK
-    field_kinds = (_count, _checksum, _count)
     seq: int
     checksum: int  # the primary's: what the backup must hold afterwards
     count: int
 
+    def __init__(self, seq: int, checksum: int, count: int, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "checksum", checksum)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class Catchup(Frame):
     """The primary to a backup behind it in the same history: from the state the backup
     holds (``seq``, ``checksum``, ``count``) the batches up to ``to_seq`` follow, after
     which the backup must hold ``to_checksum`` and ``to_count``."""
 
-    kind = FrameType.CATCHUP
-    field_kinds = (_count, _checksum, _count, _count, _checksum, _count)
     seq: int
     checksum: int
     count: int
@@ -466,72 +545,108 @@ class Catchup(Frame):
     to_checksum: int
     to_count: int
 
+    def __init__(
+        self,
+        seq: int,
+        checksum: int,
+        count: int,
+        to_seq: int,
+        to_checksum: int,
+        to_count: int,
+        *,
+        epoch: int = 0,
+    ) -> None:
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "checksum", checksum)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "to_seq", to_seq)
+        object.__setattr__(self, "to_checksum", to_checksum)
+        object.__setattr__(self, "to_count", to_count)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class IdempotencyChunk(Frame):
     """Part of a transfer's idempotency table, oldest entries first, after the shards
     (at least one, so the table's time travels with an empty table too)."""
 
-    kind = FrameType.IDEMPOTENCY_CHUNK
-    field_kinds = (_count, _transfer_entries)
     clock: int  # the table's time (ms)
     entries: list[Any]  # key, fingerprint, ok, value, time made, ...
 
+    def __init__(self, clock: int, entries: list[Any], *, epoch: int = 0) -> None:
+        object.__setattr__(self, "clock", clock)
+        object.__setattr__(self, "entries", entries)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class AuthChallenge(Frame):
-    kind = FrameType.AUTH_CHALLENGE
-    field_kinds = (_bytes32,)
     nonce: bytes
 
+    def __init__(self, nonce: bytes, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "nonce", nonce)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class AuthResponse(Frame):
-    kind = FrameType.AUTH_RESPONSE
-    field_kinds = (_bytes32, _bytes32)
     nonce: bytes
     proof: bytes
 
+    def __init__(self, nonce: bytes, proof: bytes, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "nonce", nonce)
+        object.__setattr__(self, "proof", proof)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class AuthProof(Frame):
-    kind = FrameType.AUTH_PROOF
-    field_kinds = (_bytes32,)
     proof: bytes
 
+    def __init__(self, proof: bytes, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "proof", proof)
+        object.__setattr__(self, "epoch", epoch)
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(frozen=True, slots=True, init=False)
 class AuthFailed(Frame):
-    kind = FrameType.AUTH_FAILED
-    field_kinds = (_text,)
     reason: str
 
+    def __init__(self, reason: str, *, epoch: int = 0) -> None:
+        object.__setattr__(self, "reason", reason)
+        object.__setattr__(self, "epoch", epoch)
 
-FRAME_CLASSES: dict[FrameType, type[Frame]] = {
-    cls.kind: cls
-    for cls in (
+
+# Each frame type's class and the kinds of its fields, in order: how each field
+# travels and what is accepted for it (``frame_from_wire``).
+FRAMES: dict[FrameType, tuple[type[Frame], tuple[Callable[[Any], Any], ...]]] = {
+    FrameType.HELLO: (
         Hello,
-        Batch,
-        Ack,
-        Heartbeat,
-        Fetch,
-        SnapshotBegin,
-        ShardChunk,
-        ShardEnd,
-        SnapshotEnd,
-        Skip,
-        SyncAck,
-        SyncNack,
-        Fence,
-        Rollback,
-        Catchup,
-        IdempotencyChunk,
-        AuthChallenge,
-        AuthResponse,
-        AuthProof,
-        AuthFailed,
-    )
+        (_text, _flag, _checksum, _count, _count, _history, _undo_points, _epoch, _member, _flag),
+    ),
+    FrameType.BATCH: (Batch, (_count, _operations, _count, _batch_entries)),
+    FrameType.ACK: (Ack, (_count,)),
+    FrameType.HEARTBEAT: (Heartbeat, (_count,)),
+    FrameType.FETCH: (Fetch, ()),
+    FrameType.SNAPSHOT_BEGIN: (SnapshotBegin, (_shard_count, _count)),
+    FrameType.SHARD_CHUNK: (ShardChunk, (_shard, _pairs)),
+    FrameType.SHARD_END: (ShardEnd, (_shard, _checksum, _count)),
+    FrameType.SNAPSHOT_END: (SnapshotEnd, (_checksum, _count, _count)),
+    FrameType.SKIP: (Skip, (_checksum, _count, _count)),
+    FrameType.SYNC_ACK: (SyncAck, (_checksum,)),
+    FrameType.SYNC_NACK: (SyncNack, (_text,)),
+    FrameType.FENCE: (Fence, (_text,)),
+    FrameType.ROLLBACK: (Rollback, (_count, _checksum, _count)),
+    FrameType.CATCHUP: (Catchup, (_count, _checksum, _count, _count, _checksum, _count)),
+    FrameType.IDEMPOTENCY_CHUNK: (IdempotencyChunk, (_count, _transfer_entries)),
+    FrameType.AUTH_CHALLENGE: (AuthChallenge, (_bytes32,)),
+    FrameType.AUTH_RESPONSE: (AuthResponse, (_bytes32, _bytes32)),
+    FrameType.AUTH_PROOF: (AuthProof, (_bytes32,)),
+    FrameType.AUTH_FAILED: (AuthFailed, (_text,)),
 }
+FRAME_CLASSES: dict[FrameType, type[Frame]] = {kind: cls for kind, (cls, _) in FRAMES.items()}
+_KIND_OF: dict[type[Frame], FrameType] = {cls: kind for kind, cls in FRAME_CLASSES.items()}
+_FIELD_KINDS: dict[type[Frame], tuple[Callable[[Any], Any], ...]] = dict(FRAMES.values())
 assert set(FRAME_CLASSES) == set(FrameType), "every frame type needs its class"
 _FRAME_TYPES = {kind.value: kind for kind in FrameType}
 
@@ -544,8 +659,7 @@ def frame_from_wire(items: Any, epoch: int = 0) -> Frame:
     kind = _FRAME_TYPES.get(items[0])  # a dict lookup: calling the enum is slower
     if kind is None:
         raise FrameError(f"unknown frame type {items[0]}")
-    cls = FRAME_CLASSES[kind]
-    kinds = cls.field_kinds
+    cls, kinds = FRAMES[kind]
     if len(items) != len(kinds) + 1:
         raise FrameError(f"{kind.name} has {len(items) - 1} fields, expected {len(kinds)}")
     values = []

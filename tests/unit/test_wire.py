@@ -3,8 +3,10 @@ malformed-frame detection (everything a handler may assume is checked at decode)
 
 from __future__ import annotations
 
+import copy
+import pickle
 import struct
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Any
 
 import msgpack
@@ -17,6 +19,7 @@ from pbkv import wire
 from pbkv.wire import (
     CONTROL_LIMIT,
     FRAME_CLASSES,
+    FRAMES,
     HEADER_SIZE,
     MAX_FRAME,
     MAX_UNDO_POINTS,
@@ -76,10 +79,21 @@ def decode_one(items: list[Any]) -> Frame:
 
 
 # -- round trips ---------------------------------------------------------------------------
-def test_every_frame_type_has_its_class() -> None:
-    assert set(FRAME_CLASSES) == set(FrameType)
-    for kind, cls in FRAME_CLASSES.items():
-        assert cls.kind is kind
+def test_every_frame_type_has_its_class_and_a_kind_for_each_field() -> None:
+    assert set(FRAMES) == set(FrameType)
+    assert len({cls for cls, _ in FRAMES.values()}) == len(FrameType)
+    for kind, (cls, kinds) in FRAMES.items():
+        names = [f.name for f in fields(cls)]
+        assert names[0] == "epoch" and len(kinds) == len(names) - 1, cls
+        assert FRAME_CLASSES[kind] is cls
+
+
+@settings(max_examples=100, deadline=None)
+@given(frame=frames)
+def test_a_frame_copies_and_pickles_whole(frame: Frame) -> None:
+    """Copies go through ``__reduce__`` (compiled, ``__new__`` alone calls ``__init__``)."""
+    for twin in (copy.copy(frame), copy.deepcopy(frame), pickle.loads(pickle.dumps(frame))):
+        assert twin == frame and type(twin) is type(frame) and twin.epoch == frame.epoch
 
 
 @settings(max_examples=150, deadline=None)
