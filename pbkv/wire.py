@@ -659,6 +659,16 @@ def frame_from_wire(items: Any, epoch: int = 0) -> Frame:
     kind = _FRAME_TYPES.get(items[0])  # a dict lookup: calling the enum is slower
     if kind is None:
         raise FrameError(f"unknown frame type {items[0]}")
+    try:  # the frames of every batch, checked field by field as below, in one call
+        if kind is FrameType.BATCH and len(items) == 5:
+            _, seq, ops, time, keyed = items
+            return Batch(
+                _count(seq), _operations(ops), _count(time), _batch_entries(keyed), epoch=epoch
+            )
+        if kind is FrameType.ACK and len(items) == 2:
+            return Ack(_count(items[1]), epoch=epoch)
+    except FrameError:
+        pass  # refused below, with the field it is about
     cls, kinds = FRAMES[kind]
     if len(items) != len(kinds) + 1:
         raise FrameError(f"{kind.name} has {len(items) - 1} fields, expected {len(kinds)}")

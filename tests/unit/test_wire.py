@@ -283,6 +283,22 @@ def test_a_malformed_frame_is_refused_at_decode(items: list[Any], why: str) -> N
     assert FrameType(items[0]).name in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("items", "field"),
+    [
+        ([FrameType.ACK, -1], "ACK field 1"),
+        ([FrameType.BATCH, "1", [], 0, []], "BATCH field 1"),
+        ([FrameType.BATCH, 1, ["k"], 0, []], "BATCH field 2"),
+        ([FrameType.BATCH, 1, [], None, []], "BATCH field 3"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1, True]], "BATCH field 4"),
+    ],
+)
+def test_a_batch_or_an_ack_refused_names_its_field(items: list[Any], field: str) -> None:
+    """Batches and acks are decoded in one call; a bad one is refused as any frame is."""
+    with pytest.raises(FrameError, match=f"^{field}: "):
+        frame_from_wire(items)
+
+
 def test_a_batch_with_one_bad_operation_is_refused_whole() -> None:
     ops: list[Any] = [f"key{i}" for i in range(100) for _ in (0, 1)]
     ops[150] = 12345  # a key in the middle of the batch
