@@ -109,7 +109,10 @@ class Pbkv:
         """`hosts` replaces the loopback addresses (role -> address) and `launch(role,
         *argv)` wraps each script's command line (e.g. to run it in a network namespace)."""
         self.name = name
-        self.bin = root / "bin"  # another checkout's scripts run that checkout's code
+        # Another checkout's scripts run that checkout's code, from its folder: ``python
+        # -m`` looks in the current folder first, which would be this checkout's.
+        self.root = root
+        self.bin = root / "bin"
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.standalone = standalone
@@ -150,6 +153,7 @@ class Pbkv:
             capture_output=True,
             text=True,
             timeout=wait + 30,
+            cwd=self.root,
         )
         if result.returncode != 0:
             raise RuntimeError(f"{self.name}: cannot start the {role}: {result.stderr.strip()}")
@@ -160,6 +164,7 @@ class Pbkv:
             self._command("start_server", role) + ["--wait", str(wait)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=self.root,
         )
 
     def start_all(self) -> None:
