@@ -103,21 +103,10 @@ def _best(feed: Callable[[bytes], None], requests: Sequence[bytes], rounds: int)
 
 
 async def _measure_pbkv(count: int, rounds: int) -> dict[str, float]:
-    from pbkv import config
-    from pbkv.http import HttpProtocol
-    from pbkv.node import Node
-    from pbkv.stages import Role
+    from pbkv.testing.inprocess import standalone_connection
 
-    settings = config.Settings(standalone=True)
-    node = Node(settings, Role.PRIMARY)
-    node.core.start(node.clock())
-    node.core.drain(node)
-    connection = HttpProtocol(
-        node, node.limits, node.connections, settings.errors, node.access, node.guard
-    )
     transport = CountingTransport()
-    connection.connection_made(transport)  # type: ignore[arg-type]
-    feed = connection.data_received
+    feed = standalone_connection(transport).data_received
     for i in range(KEYS):
         feed(insert_request(i))
     gets = [get_request(i % KEYS) for i in range(count)]

@@ -13,10 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from pbkv import config
-from pbkv.http import HttpProtocol
-from pbkv.node import Node
-from pbkv.stages import Role
+from pbkv.testing.inprocess import standalone_connection
 from tests.support.census import python_in_compiled_modules
 from tests.support.fake_transport import FakeTransport
 
@@ -51,15 +48,8 @@ def requests(i: int) -> list[bytes]:
 
 def test_http_requests_of_every_kind_run_no_python_of_the_compiled_modules() -> None:
     async def serve() -> tuple[Counter[str], bytes]:
-        settings = config.Settings(standalone=True)
-        node = Node(settings, Role.PRIMARY)
-        node.core.start(node.clock())
-        node.core.drain(node)
-        connection = HttpProtocol(
-            node, node.limits, node.connections, settings.errors, node.access, node.guard
-        )
         transport = FakeTransport()
-        connection.connection_made(transport)  # type: ignore[arg-type]
+        connection = standalone_connection(transport)
         connection.data_received(requests(0)[0])  # first calls (imports, caches) first
         with python_in_compiled_modules() as seen:
             for i in range(1, 21):
