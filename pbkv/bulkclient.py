@@ -25,6 +25,7 @@ import orjson
 from pbkv.bulk import (
     MAX_PACKED_PAIRS,
     PACKED_CHARS,
+    CollectorPaused,
     LineFormat,
     LineParser,
     LoadMode,
@@ -98,29 +99,8 @@ def load_stream(
         if token is not None:
             head += b"Authorization: Bearer %s\r\n" % token.encode()
         sock.sendall(head + b"\r\n")
-        read = 0
-        while True:
-            block = source.read(BLOCK)
-            if block:
-                parser.feed(block)
-            else:
-                parser.end()
-            final = not block or parser.error is not None
-            out = []
-            while parser.pairs and (
-                final or len(parser.pairs) >= 2 * MAX_PACKED_PAIRS or parser.chars >= PACKED_CHARS
-            ):
-                pairs, ends = parser.take(MAX_PACKED_PAIRS, PACKED_CHARS)
-                packed = packed_chunk(pairs, ends)
-                out.append(b"%x\r\n%s\r\n" % (len(packed), packed))
-            if final:
-                out.append(b"0\r\n\r\n")
-            sock.sendall(b"".join(out))
-            read += len(block)
-            if progress is not None:
-                progress(read)
-            if final or select.select([sock], [], [], 0)[0]:
-                break  # the end, or an answer before it: the load stopped
+        with CollectorPaused():
+            _send_lines(sock, source, parser, progress)
         response = http.client.HTTPResponse(sock)
         response.begin()
         body = response.read()
@@ -133,6 +113,39 @@ def load_stream(
             error.status, str(error), error.line, summary.lines, summary.applied, summary.skipped
         )
     return summary
+
+
+def _send_lines(
+    sock: socket.socket,
+    source: BinaryIO,
+    parser: LineParser,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Read ``source`` a block at a time and send its pairs packed, a load chunk per
+    HTTP chunk, until its end, an invalid line, or an answer from the server."""
+    read = 0
+    while True:
+        block = source.read(BLOCK)
+        if block:
+            parser.feed(block)
+        else:
+            parser.end()
+        final = not block or parser.error is not None
+        out = []
+        while parser.pairs and (
+            final or len(parser.pairs) >= 2 * MAX_PACKED_PAIRS or parser.chars >= PACKED_CHARS
+        ):
+            pairs, ends = parser.take(MAX_PACKED_PAIRS, PACKED_CHARS)
+            packed = packed_chunk(pairs, ends)
+            out.append(b"%x\r\n%s\r\n" % (len(packed), packed))
+        if final:
+            out.append(b"0\r\n\r\n")
+        sock.sendall(b"".join(out))
+        read += len(block)
+        if progress is not None:
+            progress(read)
+        if final or select.select([sock], [], [], 0)[0]:
+            return  # the end, or an answer before it: the load stopped
 
 
 def _summary(

@@ -19,13 +19,20 @@ the body is then read and dropped, so the connection stays usable.
 from __future__ import annotations
 
 import collections
-import gc
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
 import orjson
 
-from pbkv.bulk import LineError, LineFormat, LineParser, LoadMode, PackedParser, PairLimits
+from pbkv.bulk import (
+    CollectorPaused,
+    LineError,
+    LineFormat,
+    LineParser,
+    LoadMode,
+    PackedParser,
+    PairLimits,
+)
 from pbkv.commands import (
     DiskFailed,
     Loaded,
@@ -161,17 +168,9 @@ class BulkLoad:
         if self.answered or self.failure is not None:
             return  # dropped: nothing from the failure on is applied
         parser = self.parser
-        # A read's lines make thousands of short-lived lists (and a chunk whose keys
-        # are not all new thousands of overlay entries): one collection of the young
-        # generation after them, not one every 700 objects.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with CollectorPaused():
             parser.feed(data)
             self._send(final=parser.error is not None)
-        finally:
-            if collecting:
-                gc.enable()
 
     def end(self) -> None:
         """The body is complete."""
