@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import enum
-import gc
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,26 +30,6 @@ class LineFormat(enum.Enum):
     CSV = "csv"  # one CSV record of two fields (a quoted field may span lines)
     # What ``pbkv load`` sends once it has read the lines itself (``PackedParser``).
     PACKED = "msgpack"
-
-
-class CollectorPaused:
-    """``with CollectorPaused():`` the cyclic garbage collector is off meanwhile.
-
-    Reading lines makes a short-lived list per JSON line (and a primary's chunk
-    whose keys are not all new, thousands of overlay entries): one collection of
-    the young generation after them, rather than one every 700 objects that walks
-    whatever is alive (measured: an eighth of ``pbkv load``'s own time)."""
-
-    def __init__(self) -> None:
-        self.collecting = False
-
-    def __enter__(self) -> None:
-        self.collecting = gc.isenabled()
-        gc.disable()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.collecting:
-            gc.enable()
 
 
 class LoadMode(enum.Enum):

@@ -25,13 +25,13 @@ import orjson
 from pbkv.bulk import (
     MAX_PACKED_PAIRS,
     PACKED_CHARS,
-    CollectorPaused,
     LineFormat,
     LineParser,
     LoadMode,
     PairLimits,
     packed_chunk,
 )
+from pbkv.metrics import CollectorPaused
 from pbkv.routes import LOAD_PATH
 
 BLOCK = 1 << 20  # bytes read from the file at a time

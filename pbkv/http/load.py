@@ -25,7 +25,6 @@ from urllib.parse import parse_qsl
 import orjson
 
 from pbkv.bulk import (
-    CollectorPaused,
     LineError,
     LineFormat,
     LineParser,
@@ -44,6 +43,7 @@ from pbkv.commands import (
 from pbkv.core import BATCH_CHARS, BATCH_WRITES
 from pbkv.http.access import check_client_token
 from pbkv.http.replies import RETRY, RequestError, raise_method, refusal_reply
+from pbkv.metrics import CollectorPaused
 from pbkv.routes import LOAD_PATH
 
 if TYPE_CHECKING:

@@ -88,6 +88,7 @@ from typing import Any
 
 from pbkv.commands import DiskFailed, Done, Loaded, Outcome, Reply
 from pbkv.config import Settings
+from pbkv.metrics import CollectorPaused
 from pbkv.persist.datadir import DataDir
 from pbkv.persist.durability import Durability
 from pbkv.persist.framing import PersistError
@@ -228,10 +229,11 @@ class Persistence:
             log.info("persistence %s: %s holds no data yet", self.mode, datadir.folder)
             return None
         started = time.perf_counter()
-        loaded = datadir.load()
-        for torn in loaded.cut:
-            log.warning("persistence: cut a torn last record (a crash's leftover): %s", torn)
-        state = self.state = loaded.fill(store, undoable)
+        with CollectorPaused():  # the records and chunks read are garbage at once
+            loaded = datadir.load()
+            for torn in loaded.cut:
+                log.warning("persistence: cut a torn last record (a crash's leftover): %s", torn)
+            state = self.state = loaded.fill(store, undoable)
         self.recovered = True
         # The base may hold writes of the batches after it (it was written while they
         # were applied), and what it held is not known now: a rollback of any batch

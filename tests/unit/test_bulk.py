@@ -5,7 +5,6 @@ line is named, with every line before it taken and nothing of it."""
 from __future__ import annotations
 
 import csv
-import gc
 import io
 
 import msgpack
@@ -14,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pbkv.bulk import (
-    CollectorPaused,
     LineError,
     LineFormat,
     LineParser,
@@ -235,20 +233,3 @@ def test_the_load_progress_bar_draws_a_few_times_a_second_and_clears(monkeypatch
     assert "[" not in text and "3.0 MB" in text
     bar.clear()
     assert capsys.readouterr().err == "\r\x1b[K"
-
-
-def test_the_collector_is_off_while_lines_are_read_and_as_it_was_after() -> None:
-    assert gc.isenabled()
-    with CollectorPaused():
-        assert not gc.isenabled()
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with CollectorPaused():  # a caller that turned it off keeps it off
-            assert not gc.isenabled()
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-    with pytest.raises(LookupError), CollectorPaused():
-        raise LookupError  # back on after an error too
-    assert gc.isenabled()

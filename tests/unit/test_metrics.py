@@ -1,16 +1,18 @@
-"""/metrics rendered from a status mapping, with no server: names, labels and values."""
+"""/metrics rendered from a status mapping, with no server: names, labels and values; and
+the collector helpers."""
 
 from __future__ import annotations
 
 import gc
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pbkv.backup import BackupCore
 from pbkv.commands import Command
 from pbkv.config import Settings
-from pbkv.metrics import COUNTERS, GAUGES, Metrics, freeze_startup_objects
+from pbkv.metrics import COUNTERS, GAUGES, CollectorPaused, Metrics, freeze_startup_objects
 from pbkv.primary import PrimaryCore
 from pbkv.store import make_store
 
@@ -144,3 +146,20 @@ def test_freezing_the_startup_objects_leaves_the_collections_only_what_comes_lat
         assert len(gc.get_objects()) < frozen  # what a full collection still walks
     finally:
         gc.unfreeze()
+
+
+def test_the_collector_is_off_meanwhile_and_as_it_was_after() -> None:
+    assert gc.isenabled()
+    with CollectorPaused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with CollectorPaused():  # a caller that turned it off keeps it off
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(LookupError), CollectorPaused():
+        raise LookupError  # back on after an error too
+    assert gc.isenabled()
