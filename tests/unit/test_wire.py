@@ -294,7 +294,7 @@ def test_a_malformed_frame_is_refused_at_decode(items: list[Any], why: str) -> N
     ],
 )
 def test_a_batch_or_an_ack_refused_names_its_field(items: list[Any], field: str) -> None:
-    """Batches and acks are decoded in one call; a bad one is refused as any frame is."""
+    """The fields are checked in one pass; a bad one is still refused naming its field."""
     with pytest.raises(FrameError, match=f"^{field}: "):
         frame_from_wire(items)
 
