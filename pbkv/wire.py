@@ -173,46 +173,29 @@ def _keyed_entries(raw: Any, items: int) -> list[Any]:
     """Idempotency entries, flat: key, fingerprint, ok, value-or-None (+ time made)."""
     if type(raw) is not list or len(raw) % items:
         raise FrameError(f"must be a flat list of {items}-item idempotency entries")
-    if not _entries_are_valid(raw, items):
-        raise FrameError(str(_first_fault(raw, items)))
+    fault = _first_fault(raw, items)
+    if fault is not None:
+        raise FrameError(fault)
     return raw
 
 
 def _first_fault(raw: list[Any], items: int) -> str | None:
-    """What is wrong with the first entry at fault (None: nothing)."""
+    """What is wrong with the first entry at fault (None: nothing).  A plain loop:
+    compiled, about a tenth of a microsecond an entry, less than checking each
+    column in C passes (``map``, ``set``, ``min``) that build lists and sets."""
     for i in range(0, len(raw), items):
-        key, print_, ok, value = raw[i : i + 4]
+        key = raw[i]
         if type(key) is not str or not 0 < len(key) <= MAX_KEY_CHARS:
             return f"an idempotency key must be 1 to {MAX_KEY_CHARS} characters"
+        print_ = raw[i + 1]
         if type(print_) is not int or not 0 <= print_ < _U64:
             return "a fingerprint must be a 64-bit non-negative integer"
-        if type(ok) is not bool or not (value is None or type(value) is str):
+        value = raw[i + 3]
+        if type(raw[i + 2]) is not bool or not (value is None or type(value) is str):
             return "a remembered reply is a flag and a string or null"
         if items == TRANSFER_ITEMS and (type(raw[i + 4]) is not int or raw[i + 4] < 0):
             return "an entry's time must be a non-negative integer"
     return None
-
-
-def _entries_are_valid(raw: list[Any], items: int) -> bool:
-    """Every entry's check at once, in C loops over each column (a batch of 64 keyed
-    writes holds 256 items; ``_first_fault`` takes a microsecond an entry)."""
-    keys, prints, oks, values = (raw[column::items] for column in range(4))
-    if not keys:
-        return True
-    return (
-        set(map(type, keys)) == {str}
-        and min(map(len, keys)) > 0
-        and max(map(len, keys)) <= MAX_KEY_CHARS
-        and set(map(type, prints)) == {int}
-        and min(prints) >= 0
-        and max(prints) < _U64
-        and set(map(type, oks)) == {bool}
-        and set(map(type, values)) <= _VALUE_TYPES
-        and (
-            items != TRANSFER_ITEMS
-            or (set(map(type, raw[4::items])) == {int} and min(raw[4::items]) >= 0)
-        )
-    )
 
 
 def _batch_entries(raw: Any) -> list[Any]:

@@ -487,7 +487,7 @@ _EDGE_ITEMS = st.one_of(
 
 @settings(max_examples=500)
 @given(items=st.sampled_from([4, 5]), entries=st.lists(st.tuples(*[_EDGE_ITEMS] * 5), max_size=4))
-def test_the_entries_check_in_columns_agrees_with_the_one_by_one(
+def test_the_entries_check_finds_exactly_the_entries_at_fault(
     items: int, entries: list[tuple[Any, ...]]
 ) -> None:
     # Mostly valid entries, with a wrong item here and there.
@@ -495,4 +495,21 @@ def test_the_entries_check_in_columns_agrees_with_the_one_by_one(
     for n, entry in enumerate(entries):
         valid = [f"key{n}", n, n % 2 == 0, None if n % 3 else f"v{n}", n][:items]
         raw += [item if (n + i) % 3 == 0 else valid[i] for i, item in enumerate(entry[:items])]
-    assert wire._entries_are_valid(raw, items) == (wire._first_fault(raw, items) is None)
+    assert (wire._first_fault(raw, items) is None) == all(
+        _valid_entry(raw[i : i + items]) for i in range(0, len(raw), items)
+    )
+
+
+def _valid_entry(entry: list[Any]) -> bool:
+    """An entry as the wire format allows it, spelled out on its own."""
+    key, print_, ok, value = entry[:4]
+    return (
+        isinstance(key, str)
+        and 1 <= len(key) <= wire.MAX_KEY_CHARS
+        and isinstance(print_, int)
+        and not isinstance(print_, bool)
+        and 0 <= print_ <= 2**64 - 1
+        and isinstance(ok, bool)
+        and (value is None or isinstance(value, str))
+        and (len(entry) == 4 or (type(entry[4]) is int and entry[4] >= 0))
+    )
