@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import enum
 import itertools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -83,6 +84,86 @@ def json_line(key: str, value: str) -> bytes:
 def json_lines(pairs: Iterable[tuple[str, str]]) -> bytes:
     dumps = orjson.dumps
     return b"".join([dumps(pair) + b"\n" for pair in pairs])
+
+
+class DumpError(Exception):
+    """A dump reply that is not a JSON array of ``["key","value"]`` pairs (or ended
+    before its closing bracket)."""
+
+
+# A JSON string, and one pair followed by its comma, whitespace allowed where JSON
+# allows it.  Possessive quantifiers: a scan never backtracks, whatever the bytes.
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_PAIRS_WITH_COMMAS = re.compile(
+    rb"(?:\s*+\[\s*+" + _STRING + rb"\s*+,\s*+" + _STRING + rb"\s*+\]\s*+,)*+", re.DOTALL
+)
+MAX_DUMP_PENDING = 256 << 20  # bytes of one pair a reader may wait for (a bound, not a size)
+
+
+class DumpReader:
+    """The pairs of a dump reply (``[["k","v"],...]``) out of its bytes, fed in
+    pieces cut anywhere: what a piece completes comes out at once, so a dump of any
+    size is read in the memory of its longest pair.
+
+    Where a pair ends cannot be told by looking for ``"],["``: a value ``],[`` is
+    written as exactly that.  A regular expression that matches whole strings finds
+    the end of the complete pairs (each with the comma after it); ``orjson`` then
+    parses them, and checks what the expression let through."""
+
+    def __init__(self, max_pending: int = MAX_DUMP_PENDING) -> None:
+        self.max_pending = max_pending
+        self._pending = b""
+        self._opened = False
+        self._scanned = 0  # bytes of ``_pending`` the last scan found no whole pair in
+        self._comma = False  # what was taken ended with a comma: a pair must follow
+
+    def feed(self, data: bytes) -> list[tuple[str, str]]:
+        """The pairs ``data`` completes."""
+        pending = self._pending + data if self._pending else data
+        if not self._opened:
+            stripped = pending.lstrip()
+            if not stripped:
+                self._pending = b""
+                return []
+            if stripped[:1] != b"[":
+                raise DumpError("a dump is a JSON array of pairs")
+            pending = stripped[1:]
+            self._opened = True
+        if len(pending) < 2 * self._scanned:  # a long pair still coming: scan again later
+            self._pending = pending
+            return []
+        end = _end_of_pairs(pending)
+        if end == 0:
+            if len(pending) > self.max_pending:
+                raise DumpError(f"a pair of the dump is longer than {self.max_pending} bytes")
+            self._pending, self._scanned = pending, len(pending)
+            return []
+        self._pending, self._scanned, self._comma = pending[end:], 0, True
+        return _dump_pairs(b"[" + pending[: end - 1] + b"]")  # without the last comma
+
+    def end(self) -> list[tuple[str, str]]:
+        """The reply ended: its last pairs; DumpError if it is not a whole array."""
+        if not self._opened:
+            raise DumpError("a dump is a JSON array of pairs (the reply was empty)")
+        rest, self._pending = self._pending, b""
+        if self._comma and rest.lstrip()[:1] == b"]":
+            raise DumpError("the dump is not valid JSON (a comma before its closing bracket)")
+        return _dump_pairs(b"[" + rest)  # the last pair and the closing bracket
+
+
+def _end_of_pairs(data: bytes) -> int:
+    match = _PAIRS_WITH_COMMAS.match(data)
+    return match.end() if match is not None else 0
+
+
+def _dump_pairs(array: bytes) -> list[tuple[str, str]]:
+    try:
+        items = orjson.loads(array)
+    except orjson.JSONDecodeError as exc:
+        raise DumpError(f"the dump is not valid JSON, or it ended early ({exc})") from None
+    if type(items) is not list or not all(map(_is_pair, items)):
+        raise DumpError("a dump is a JSON array of pairs of strings")
+    return cast("list[tuple[str, str]]", list(map(tuple, items)))
 
 
 def _is_pair(item: object) -> bool:

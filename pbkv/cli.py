@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -450,14 +451,7 @@ def _run(client: Client, args: argparse.Namespace, secret: str | None = None) ->
         else:
             print(count)
     elif command == "dump":
-        pairs = client.dump()
-        if args.json:
-            _print_json([list(pair) for pair in pairs])
-        elif args.tsv:
-            for key, value in pairs:
-                print(f"{escape(key)}\t{escape(value)}")
-        else:
-            _write_json_lines(pairs, args.file)
+        _dump(client.iter_dump(), args)
     elif command == "load":
         return _load(client, args)
     elif command == "status":
@@ -471,16 +465,49 @@ def _run(client: Client, args: argparse.Namespace, secret: str | None = None) ->
     return EXIT_OK
 
 
-def _write_json_lines(pairs: list[tuple[str, str]], path: str | None) -> None:
+DUMP_BATCH = 10_000  # pairs formatted and written at a time
+
+
+def _dump(pairs: Iterator[tuple[str, str]], args: argparse.Namespace) -> None:
+    """Write the pairs as they arrive, a batch at a time: the dump is never held whole.
+    A file is written under a temporary name, renamed once the dump ended whole: a
+    dump cut short leaves no file that looks complete (on stdout, what came before
+    the error is written)."""
+    batches = iter(lambda: list(itertools.islice(pairs, DUMP_BATCH)), [])
+    if args.json:  # one JSON array, as json.dumps writes it
+        sys.stdout.write("[")
+        separator = ""
+        for batch in batches:
+            items = (json.dumps(list(pair), ensure_ascii=False) for pair in batch)
+            sys.stdout.write(separator + ", ".join(items))
+            separator = ", "
+        sys.stdout.write("]\n")
+    elif args.tsv:
+        for batch in batches:
+            sys.stdout.write("".join(f"{escape(key)}\t{escape(value)}\n" for key, value in batch))
+    else:
+        _write_json_lines(batches, args.file)
+
+
+def _write_json_lines(batches: Iterator[list[tuple[str, str]]], path: str | None) -> None:
     from pbkv.bulk import json_lines
 
-    data = json_lines(pairs)
     if path is None or path == "-":
         sys.stdout.flush()
-        sys.stdout.buffer.write(data)
+        for batch in batches:
+            sys.stdout.buffer.write(json_lines(batch))
         sys.stdout.buffer.flush()
-    else:
-        Path(path).write_bytes(data)
+        return
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        with partial.open("wb") as out:
+            for batch in batches:
+                out.write(json_lines(batch))
+        partial.replace(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 class _ProgressBar:

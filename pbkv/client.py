@@ -42,7 +42,7 @@ import ssl
 import time
 import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Self, cast
 from urllib.parse import quote, urlencode
@@ -852,6 +852,53 @@ class Client(_Endpoint):
         """The whole database as a dict."""
         return dict(self.dump())
 
+    def iter_dump(self, block: int = 1 << 20) -> Iterator[tuple[str, str]]:
+        """Every (key, value) pair, read as the reply arrives: the dump is never held
+        whole, here or in the server (``block``: bytes read at a time).
+
+        The primary is found, and the request retried, as for ``dump`` until the
+        reply begins; the pairs then come as they are read.  A reply cut short raises
+        (``OSError``, or ``PbkvError`` for one that is not a whole dump) after the
+        pairs before it.  Leaving the iteration early closes the connection (the
+        next call opens another)."""
+        response = self._call("dump", send=self._open_dump)
+        return self._read_dump(response, block)
+
+    def _open_dump(
+        self,
+        op: str,
+        method: str,
+        target: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        safe: bool,
+    ) -> http.client.HTTPResponse:
+        """Send a dump's request; its reply with the body not read yet."""
+        opened: list[http.client.HTTPResponse] = []
+        status, raw, replied = self._exchange(method, target, body, headers, safe, opened)
+        if opened:
+            return opened[0]
+        parse_reply(op, status, raw, replied.get("retry-after"), replied)  # raises its refusal
+        raise PbkvError(status, "the dump's reply is not a dump")
+
+    def _read_dump(
+        self, response: http.client.HTTPResponse, block: int
+    ) -> Iterator[tuple[str, str]]:
+        from pbkv.bulk import DumpError, DumpReader
+
+        reader = DumpReader()
+        try:
+            while data := response.read(block):
+                yield from reader.feed(data)
+            yield from reader.end()
+        except DumpError as exc:
+            raise PbkvError(response.status, str(exc)) from None
+        except http.client.IncompleteRead as exc:
+            raise ConnectionError(f"the dump's reply ended early: {exc!r}") from None
+        finally:
+            if not response.isclosed():  # left unread: the connection cannot take another
+                self._conn.close()
+
     def status(self) -> dict[str, Any]:
         """The server's status object (role, stage, keys, checksum, ...)."""
         return cast("dict[str, Any]", self._call("status"))
@@ -895,15 +942,22 @@ class Client(_Endpoint):
             self._conn = self._connection()
 
     def _call(
-        self, op: str, params: Mapping[str, str] | None = None, credential: str | None = None
+        self,
+        op: str,
+        params: Mapping[str, str] | None = None,
+        credential: str | None = None,
+        send: Callable[..., Any] | None = None,
     ) -> Any:
+        """``op`` sent (``send``: how, ``_send`` by default), to the primary if it
+        follows one, retried as the rules say; its result."""
         method, target, body, headers = _request_parts(op, params)
         keyed = self._keyed(op, headers)
         headers = self._headers(headers, credential)
         safe = BY_NAME[op].safe
+        send = send or self._send
         if not self._followed(op):
             try:
-                return self._send(op, method, target, body, headers, safe)
+                return send(op, method, target, body, headers, safe)
             except _Unsent as exc:
                 raise exc.error from None
         deadline = time.monotonic() + self.failover
@@ -913,7 +967,7 @@ class Client(_Endpoint):
         retrying = _Retrying(deadline, self.address, keyed, safe)
         while True:
             try:
-                return self._send(op, method, target, body, headers, safe)
+                return send(op, method, target, body, headers, safe)
             except Exception as exc:
                 named = retrying.failed(exc)
             left = retrying.time_left(time.monotonic())
@@ -965,7 +1019,11 @@ class Client(_Endpoint):
         body: bytes | None,
         headers: dict[str, str],
         resendable: bool,
+        stream: list[http.client.HTTPResponse] | None = None,
     ) -> tuple[int, bytes, dict[str, str]]:
+        """One request and its reply: (status, body, the headers of REPLY_HEADERS).
+        With ``stream``, a 200 that is not a refusal is appended to it unread instead
+        (then the body returned is empty)."""
         conn = self._conn
         for attempt in (1, 2):
             sock = conn.sock
@@ -988,6 +1046,9 @@ class Client(_Endpoint):
                 raise
             try:
                 resp = conn.getresponse()
+                if stream is not None and resp.status == 200 and not resp.getheader("x-pbkv-error"):
+                    stream.append(resp)
+                    return resp.status, b"", {}
                 raw = resp.read()
             except http.client.HTTPException as exc:
                 conn.close()

@@ -589,6 +589,51 @@ def test_cli_dump_escapes(server: FakePbkv, capsys: pytest.CaptureFixture[str]) 
     assert escape("a\\tb") == "a\\\\tb"  # a literal backslash-t stays distinguishable
 
 
+def test_iter_dump_yields_every_pair_as_dump_does_and_the_client_goes_on(
+    server: FakePbkv,
+) -> None:
+    server.data.update({f"k{i}": f"v{i}" for i in range(300)})
+    server.data.update({"],[": '"],["', "back\\": "\\", "emoji 😀": "\r\n\0"})
+    with Client("127.0.0.1", server.port) as client:
+        whole = client.dump()
+        assert list(client.iter_dump(block=7)) == whole and len(whole) == 303
+        assert client.count() == 303  # the connection, read to its end, goes on
+        first = next(client.iter_dump(block=64))  # left after one pair: closed
+        assert first == whole[0]
+        assert client.count() == 303  # a new connection
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # Cut short within its announced length, then closed.
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b'[["a","b"],["c",',
+        # Ended by the close, but not a whole array.
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n" + b'[["a","b"],["c","d"],',
+    ],
+)
+def test_a_dump_cut_short_raises_after_its_pairs_and_leaves_no_file(
+    server: FakePbkv, tmp_path: Path, capsys: pytest.CaptureFixture[str], raw: bytes
+) -> None:
+    server.raw.append(raw)
+    with Client("127.0.0.1", server.port) as client:
+        pairs = client.iter_dump()
+        assert next(pairs) == ("a", "b")
+        with pytest.raises((OSError, PbkvError)):
+            list(pairs)
+    server.raw.append(raw)
+    target = tmp_path / "dump.jsonl"
+    assert _cli(server, "dump", str(target)) == 2
+    assert "pbkv:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its partial copy
+
+
+def test_a_refused_dump_raises_its_refusal(server: FakePbkv, tmp_path: Path) -> None:
+    server.forced.append((503, {"success": "false", "error": "not now", "stage": "cold_start"}, {}))
+    with Client("127.0.0.1", server.port) as client, pytest.raises(Unavailable):
+        client.iter_dump()
+
+
 def test_cli_status(server: FakePbkv, capsys: pytest.CaptureFixture[str]) -> None:
     assert _cli(server, "status") == 0
     lines = capsys.readouterr().out.splitlines()

@@ -459,6 +459,8 @@ def test_a_streamed_dump_reads_the_same_through_every_client(make_pair, capsys):
         pairs = client.dump()
         assert len(pairs) == 5000 and dict(pairs) == expected
         assert client.count() == 5000  # the connection is still usable after the stream
+        assert list(client.iter_dump(block=4096)) == pairs  # read as it arrives
+        assert client.count() == 5000
 
     async def dump_async() -> list[tuple[str, str]]:
         async with AsyncClient(host, port) as client:

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import msgpack
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pbkv.bulk import (
+    DumpError,
+    DumpReader,
     LineError,
     LineFormat,
     LineParser,
@@ -233,3 +237,81 @@ def test_the_load_progress_bar_draws_a_few_times_a_second_and_clears(monkeypatch
     assert "[" not in text and "3.0 MB" in text
     bar.clear()
     assert capsys.readouterr().err == "\r\x1b[K"
+
+
+# -- reading a dump reply as it arrives ------------------------------------------------
+
+# Values that look like the boundary between two pairs, escaped or not.
+LOOKALIKES = [("],[", "x"), ("k", '"],["'), ("\\", '\\"],["'), ("a,", '],["'), ("[", "]")]
+
+
+def read_dump(data: bytes, cuts: list[int]) -> tuple[list[tuple[str, str]], list[int]]:
+    """The pairs of a dump reply cut at ``cuts``, and how many each piece gave."""
+    reader = DumpReader()
+    pairs: list[tuple[str, str]] = []
+    counts = []
+    start = 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        got = reader.feed(data[start:cut])
+        counts.append(len(got))
+        pairs += got
+        start = cut
+    pairs += reader.end()
+    return pairs, counts
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(keys, values) | st.sampled_from(LOOKALIKES), max_size=30),
+    st.lists(st.integers(min_value=0, max_value=4000), max_size=8),
+    st.booleans(),
+)
+def test_a_dump_reply_reads_whole_whatever_the_cuts(pairs, cuts, spaced) -> None:
+    """As pbkv writes it (no spaces) or as json.dumps does: every pair, in order."""
+    items = [list(pair) for pair in pairs]
+    data = json.dumps(items).encode() if spaced else orjson.dumps(items)
+    got, _ = read_dump(data, [cut % (len(data) + 1) for cut in cuts])
+    assert got == pairs
+
+
+def test_a_dump_reply_gives_its_pairs_as_they_arrive() -> None:
+    """Pairs come out soon after the comma that follows each arrived (a scan that found
+    none waits for twice the bytes): the reply is never held whole."""
+    pairs = [(f"key-{i}", "],[" * (i % 3)) for i in range(100)]
+    data = orjson.dumps([list(pair) for pair in pairs])
+    got, counts = read_dump(data, list(range(len(data))))  # byte by byte
+    assert got == pairs
+    assert sum(counts[: len(data) // 2]) >= 45  # half the bytes: about half the pairs
+    assert sum(counts[:-1]) == 99  # all but the last, which no comma follows
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",  # no reply at all
+        b'{"success":"false"}',  # not an array
+        b'[["a","b"],["c",',  # cut short
+        b'[["a","b"]',  # no closing bracket
+        b'[["a","b"],]',  # a comma before the closing bracket
+        b'[["a","b"],["c",1]]',  # not a string
+        b'[["a","b","c"]]',  # not a pair
+        b'[["a","b"]] ["c","d"]',  # more after the array
+    ],
+)
+def test_a_dump_reply_that_is_not_a_whole_array_of_pairs_is_refused(data: bytes) -> None:
+    with pytest.raises(DumpError):
+        read_dump(data, [len(data) // 2])
+
+
+def test_a_dump_reader_waits_for_a_long_pair_up_to_its_bound() -> None:
+    long_pair = [["k", "v" * 5000]]
+    data = orjson.dumps(long_pair * 3)
+    reader = DumpReader(max_pending=12_000)
+    got = []
+    for start in range(0, len(data), 100):
+        got += reader.feed(data[start : start + 100])
+    assert got + reader.end() == [("k", "v" * 5000)] * 3
+    reader = DumpReader(max_pending=4_000)
+    with pytest.raises(DumpError, match="longer than 4000 bytes"):
+        for start in range(0, len(data), 100):
+            reader.feed(data[start : start + 100])
