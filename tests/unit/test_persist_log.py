@@ -244,6 +244,18 @@ def test_a_record_of_other_than_strings_does_not_decode(
             decode_record(payload)
 
 
+@pytest.mark.parametrize("raw_kind", [0, 4, -1, True, "1", 1.0, None])
+def test_a_record_of_an_unknown_kind_does_not_decode(raw_kind: object) -> None:
+    import msgpack
+
+    payload = msgpack.packb([raw_kind, 1, 2, 0, [], b""], use_bin_type=True)
+    with pytest.raises(RecordError, match="unknown record kind"):
+        decode_record(payload)
+    for kind in RecordKind:  # and every known one does
+        payload = msgpack.packb([int(kind), 1, 2, 0, [], b""], use_bin_type=True)
+        assert decode_record(payload).kind is kind
+
+
 def test_a_failed_append_is_cut_back_off_the_file(tmp_path: Path) -> None:
     """A write that fails half way (here: the file size limit) leaves no partial record."""
     writer = LogWriter.create(tmp_path / "log")
