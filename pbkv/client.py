@@ -805,6 +805,7 @@ class Client(_Endpoint):
             idempotency_keys=idempotency_keys,
         )
         self._conn = self._connection()
+        self._dumping: http.client.HTTPResponse | None = None  # a dump being read
 
     @classmethod
     def from_coordinator(
@@ -860,7 +861,8 @@ class Client(_Endpoint):
         reply begins; the pairs then come as they are read.  A reply cut short raises
         (``OSError``, or ``PbkvError`` for one that is not a whole dump) after the
         pairs before it.  Leaving the iteration early closes the connection (the
-        next call opens another)."""
+        next call opens another); so does another call made meanwhile, which ends
+        the dump (its next read raises ``PbkvError``)."""
         response = self._call("dump", send=self._open_dump)
         return self._read_dump(response, block)
 
@@ -877,6 +879,7 @@ class Client(_Endpoint):
         opened: list[http.client.HTTPResponse] = []
         status, raw, replied = self._exchange(method, target, body, headers, safe, opened)
         if opened:
+            self._dumping = opened[0]
             return opened[0]
         parse_reply(op, status, raw, replied.get("retry-after"), replied)  # raises its refusal
         raise PbkvError(status, "the dump's reply is not a dump")
@@ -896,8 +899,10 @@ class Client(_Endpoint):
         except http.client.IncompleteRead as exc:
             raise ConnectionError(f"the dump's reply ended early: {exc!r}") from None
         finally:
-            if not response.isclosed():  # left unread: the connection cannot take another
-                self._conn.close()
+            if self._dumping is response:
+                self._dumping = None
+                if not response.isclosed():  # left unread: no other request can follow it
+                    self._conn.close()
 
     def status(self) -> dict[str, Any]:
         """The server's status object (role, stage, keys, checksum, ...)."""
@@ -1024,6 +1029,9 @@ class Client(_Endpoint):
         """One request and its reply: (status, body, the headers of REPLY_HEADERS).
         With ``stream``, a 200 that is not a refusal is appended to it unread instead
         (then the body returned is empty)."""
+        if self._dumping is not None:  # a dump still being read: it ends here
+            self._dumping = None
+            self._conn.close()
         conn = self._conn
         for attempt in (1, 2):
             sock = conn.sock

@@ -601,6 +601,12 @@ def test_iter_dump_yields_every_pair_as_dump_does_and_the_client_goes_on(
         first = next(client.iter_dump(block=64))  # left after one pair: closed
         assert first == whole[0]
         assert client.count() == 303  # a new connection
+        pairs = client.iter_dump(block=64)
+        assert next(pairs) == whole[0]
+        assert client.count() == 303  # another call meanwhile ends the dump
+        with pytest.raises(PbkvError):
+            list(pairs)
+        assert client.count() == 303
 
 
 @pytest.mark.parametrize(
