@@ -112,46 +112,50 @@ class DumpReader:
 
     def __init__(self, max_pending: int = MAX_DUMP_PENDING) -> None:
         self.max_pending = max_pending
-        self._pending = b""
+        # A bytearray: a long pair arriving in many pieces is appended to, not copied.
+        self._pending = bytearray()
         self._opened = False
         self._scanned = 0  # bytes of ``_pending`` the last scan found no whole pair in
         self._comma = False  # what was taken ended with a comma: a pair must follow
 
     def feed(self, data: bytes) -> list[tuple[str, str]]:
         """The pairs ``data`` completes."""
-        pending = self._pending + data if self._pending else data
+        pending = self._pending
+        pending += data
         if not self._opened:
-            stripped = pending.lstrip()
-            if not stripped:
-                self._pending = b""
+            start = len(pending) - len(pending.lstrip())
+            if start == len(pending):
+                pending.clear()
                 return []
-            if stripped[:1] != b"[":
+            if pending[start] != 0x5B:  # [
                 raise DumpError("a dump is a JSON array of pairs")
-            pending = stripped[1:]
+            del pending[: start + 1]
             self._opened = True
         if len(pending) < 2 * self._scanned:  # a long pair still coming: scan again later
-            self._pending = pending
             return []
         end = _end_of_pairs(pending)
         if end == 0:
             if len(pending) > self.max_pending:
                 raise DumpError(f"a pair of the dump is longer than {self.max_pending} bytes")
-            self._pending, self._scanned = pending, len(pending)
+            self._scanned = len(pending)
             return []
-        self._pending, self._scanned, self._comma = pending[end:], 0, True
-        return _dump_pairs(b"[" + pending[: end - 1] + b"]")  # without the last comma
+        array = b"[" + pending[: end - 1] + b"]"  # without the last comma
+        del pending[:end]
+        self._scanned, self._comma = 0, True
+        return _dump_pairs(array)
 
     def end(self) -> list[tuple[str, str]]:
         """The reply ended: its last pairs; DumpError if it is not a whole array."""
         if not self._opened:
             raise DumpError("a dump is a JSON array of pairs (the reply was empty)")
-        rest, self._pending = self._pending, b""
+        rest = bytes(self._pending)
+        self._pending.clear()
         if self._comma and rest.lstrip()[:1] == b"]":
             raise DumpError("the dump is not valid JSON (a comma before its closing bracket)")
         return _dump_pairs(b"[" + rest)  # the last pair and the closing bracket
 
 
-def _end_of_pairs(data: bytes) -> int:
+def _end_of_pairs(data: bytearray) -> int:
     match = _PAIRS_WITH_COMMAS.match(data)
     return match.end() if match is not None else 0
 
