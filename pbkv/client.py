@@ -863,26 +863,10 @@ class Client(_Endpoint):
         pairs before it.  Leaving the iteration early closes the connection (the
         next call opens another); so does another call made meanwhile, which ends
         the dump (its next read raises ``PbkvError``)."""
-        response = self._call("dump", send=self._open_dump)
-        return self._read_dump(response, block)
-
-    def _open_dump(
-        self,
-        op: str,
-        method: str,
-        target: str,
-        body: bytes | None,
-        headers: dict[str, str],
-        safe: bool,
-    ) -> http.client.HTTPResponse:
-        """Send a dump's request; its reply with the body not read yet."""
-        opened: list[http.client.HTTPResponse] = []
-        status, raw, replied = self._exchange(method, target, body, headers, safe, opened)
-        if opened:
-            self._dumping = opened[0]
-            return opened[0]
-        parse_reply(op, status, raw, replied.get("retry-after"), replied)  # raises its refusal
-        raise PbkvError(status, "the dump's reply is not a dump")
+        reply = self._call("dump", stream=True)
+        if not isinstance(reply, http.client.HTTPResponse):
+            return iter(cast("list[tuple[str, str]]", reply))  # a reply read whole
+        return self._read_dump(reply, block)
 
     def _read_dump(
         self, response: http.client.HTTPResponse, block: int
@@ -951,18 +935,17 @@ class Client(_Endpoint):
         op: str,
         params: Mapping[str, str] | None = None,
         credential: str | None = None,
-        send: Callable[..., Any] | None = None,
+        stream: bool = False,
     ) -> Any:
-        """``op`` sent (``send``: how, ``_send`` by default), to the primary if it
-        follows one, retried as the rules say; its result."""
+        """``op`` sent, to the primary if it follows one, retried as the rules say; its
+        result (``stream``: see ``_send``)."""
         method, target, body, headers = _request_parts(op, params)
         keyed = self._keyed(op, headers)
         headers = self._headers(headers, credential)
         safe = BY_NAME[op].safe
-        send = send or self._send
         if not self._followed(op):
             try:
-                return send(op, method, target, body, headers, safe)
+                return self._send(op, method, target, body, headers, safe, stream)
             except _Unsent as exc:
                 raise exc.error from None
         deadline = time.monotonic() + self.failover
@@ -972,7 +955,7 @@ class Client(_Endpoint):
         retrying = _Retrying(deadline, self.address, keyed, safe)
         while True:
             try:
-                return send(op, method, target, body, headers, safe)
+                return self._send(op, method, target, body, headers, safe, stream)
             except Exception as exc:
                 named = retrying.failed(exc)
             left = retrying.time_left(time.monotonic())
@@ -1013,8 +996,14 @@ class Client(_Endpoint):
         body: bytes | None,
         headers: dict[str, str],
         safe: bool,
+        stream: bool = False,
     ) -> Any:
-        status, raw, replied = self._exchange(method, target, body, headers, safe)
+        """The reply's result; with ``stream``, a 200 that is not a refusal is returned
+        as the response itself, its body not read yet (a dump, read as it arrives)."""
+        status, raw, replied, response = self._exchange(method, target, body, headers, safe, stream)
+        if response is not None:
+            self._dumping = response
+            return response
         return parse_reply(op, status, raw, replied.get("retry-after"), replied)
 
     def _exchange(
@@ -1024,11 +1013,11 @@ class Client(_Endpoint):
         body: bytes | None,
         headers: dict[str, str],
         resendable: bool,
-        stream: list[http.client.HTTPResponse] | None = None,
-    ) -> tuple[int, bytes, dict[str, str]]:
-        """One request and its reply: (status, body, the headers of REPLY_HEADERS).
-        With ``stream``, a 200 that is not a refusal is appended to it unread instead
-        (then the body returned is empty)."""
+        stream: bool = False,
+    ) -> tuple[int, bytes, dict[str, str], http.client.HTTPResponse | None]:
+        """One request and its reply: (status, body, the headers of REPLY_HEADERS,
+        None); with ``stream``, a 200 that is not a refusal comes back unread as the
+        last item instead (its body then empty)."""
         if self._dumping is not None:  # a dump still being read: it ends here
             self._dumping = None
             self._conn.close()
@@ -1054,9 +1043,8 @@ class Client(_Endpoint):
                 raise
             try:
                 resp = conn.getresponse()
-                if stream is not None and resp.status == 200 and not resp.getheader("x-pbkv-error"):
-                    stream.append(resp)
-                    return resp.status, b"", {}
+                if stream and resp.status == 200 and not resp.getheader("x-pbkv-error"):
+                    return resp.status, b"", {}, resp
                 raw = resp.read()
             except http.client.HTTPException as exc:
                 conn.close()
@@ -1078,7 +1066,7 @@ class Client(_Endpoint):
                 value = resp.getheader(name)
                 if value is not None:
                     replied[name] = value
-            return resp.status, raw, replied
+            return resp.status, raw, replied, None
         raise AssertionError("unreachable")
 
     def _lost(self, method: str, target: str, exc: OSError, resendable: bool) -> OSError:
