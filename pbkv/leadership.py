@@ -166,6 +166,13 @@ def address_of(member: str) -> str:
     return member.rsplit(RUN_SEPARATOR, 1)[0]
 
 
+# Reasons ``why_not_primary`` gives on the way to leading, not against it.
+NO_LEASE_YET = "no lease yet"
+LEASE_NOT_CONFIRMED = "the lease is not confirmed yet"
+CAMPAIGNING = "campaigning"
+_ON_THE_WAY = frozenset({NO_LEASE_YET, LEASE_NOT_CONFIRMED, CAMPAIGNING})
+
+
 # -- settings and facts ---------------------------------------------------------------------
 
 
@@ -630,6 +637,11 @@ class Leadership:
         _, followed, followed_epoch = self.following
         return (followed, followed_epoch) == (primary, epoch)
 
+    def on_the_way(self, why: str | None) -> bool:
+        """Whether ``why`` (``why_not_primary``) is a step on the way to leading (the
+        lease being granted or confirmed, the campaign) rather than a reason against."""
+        return why in _ON_THE_WAY
+
     def why_not_primary(self, now: float) -> str | None:
         if self.phase is Phase.PRIMARY:
             return None
@@ -640,7 +652,7 @@ class Leadership:
         if self.lease is None or now >= self.valid_until:
             if not self.etcd_reachable:
                 return "no valid lease: etcd unreachable"
-            return "no lease yet" if self.lease is None else "the lease is not confirmed yet"
+            return NO_LEASE_YET if self.lease is None else LEASE_NOT_CONFIRMED
         if self.phase is Phase.CONFIRMING:
             return f"won epoch {self.epoch}; reading the in-sync record before serving"
         if not self.leader_known:
@@ -652,7 +664,7 @@ class Leadership:
         refusal = self._refusal(self.record)
         if refusal is not None:
             return refusal
-        return "campaigning"
+        return CAMPAIGNING
 
     def status(self, now: float) -> Status:
         primary = self.member if self.phase is Phase.PRIMARY else None

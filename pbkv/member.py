@@ -222,7 +222,7 @@ class Member:
             why = leadership.why_not_primary(self._now())
         if why != self._leaderless_why:
             self._leaderless_why = why
-            if why is not None and why != "campaigning":
+            if why is not None and not leadership.on_the_way(why):
                 log.warning("no primary, and this member may not become it: %s", why)
 
     def _schedule_wakeup(self) -> None:

@@ -493,6 +493,7 @@ def test_etcd_unreachable_the_primary_carries_on_until_its_lease_then_fences() -
     assert Fence in kinds(actions)
     assert not machine.may_serve(2.7) and not machine.may_acknowledge(2.7, OTHER)
     assert machine.why_not_primary(2.8) == "no valid lease: etcd unreachable"
+    assert not machine.on_the_way(machine.why_not_primary(2.8))
 
 
 def test_etcd_unreachable_sets_no_wakeup_in_the_past() -> None:
@@ -532,6 +533,8 @@ def test_a_gone_lease_is_granted_again() -> None:
     actions = machine.handle(KeepaliveAnswered(1.0, 0.9, LEASE, None))
     assert kinds(actions) == [GrantLease]
     assert machine.why_not_primary(1.0) == "no lease yet"
+    # A step on the way to leading, not a reason against it (the driver logs only those).
+    assert machine.on_the_way(machine.why_not_primary(1.0))
 
 
 # -- rule (f) and the epoch ------------------------------------------------------------------
@@ -549,6 +552,7 @@ def test_nobody_to_promote_every_member_says_why() -> None:
                 machine.handle(KeepaliveAnswered(at + 0.01, at, LEASE, 3.0))
         why = machine.status(1.5).why_not_primary or ""
         assert f"only {gone}" in why and "epoch 40" in why
+        assert not machine.on_the_way(why)
 
 
 STALE = [
