@@ -35,7 +35,7 @@ from pbkv.limits import LogThrottle
 from pbkv.persist.log import Record
 from pbkv.persist.table import batch_of
 from pbkv.stages import Copy, Directive, Event, Resync, Role, Stage, State, Step, refusal
-from pbkv.store import ShardedStore
+from pbkv.store import ShardedStore, without_pairs
 from pbkv.transfer import SnapshotReceiver, TransferError
 from pbkv.wire import (
     MAX_UNDO_POINTS,
@@ -322,35 +322,57 @@ class BackupCore(ReplicationCore):
         if seq != self.seq + 1:
             self.lose_channel(f"batch {seq} out of order (expected {self.seq + 1})")
             return Step.NONE
-        self._apply(seq, frame.ops, frame.time, frame.keyed)
+        fault = frame.absent_fault()
+        if fault is not None:
+            self.lose_channel(fault)
+            return Step.NONE
+        written = self._apply(seq, frame.ops, frame.time, frame.keyed, frame.absent)
         self.seq = seq
-        # Before the ACK: it waits for the record to be durable.
-        self.persist_batch(seq, frame.ops, frame.time, frame.keyed)
+        # Before the ACK: it waits for the record to be durable.  What is recorded and
+        # passed on is what the batch wrote: replayed anywhere, it writes the same.
+        self.persist_batch(seq, written, frame.time, frame.keyed)
         self.batches_applied += 1
         self.send(Ack(seq, epoch=self.epoch))
         if self.tap is not None:
+            if frame.absent:
+                frame = Batch(seq, written, frame.time, frame.keyed, epoch=frame.epoch)
             self.tap.applied(frame)
         return Step.STREAMING
 
-    def _apply(self, seq: int, ops: list[str | None], time: int, keyed: list[Any]) -> None:
-        """Apply batch ``seq`` to the store and the table, keeping what undoes it."""
+    def _apply(
+        self, seq: int, ops: list[str | None], time: int, keyed: list[Any], absent: int = 0
+    ) -> list[str | None]:
+        """Apply batch ``seq`` to the store and the table, keeping what undoes it; its
+        first ``absent`` pairs only where their key holds no value.  Returns the pairs
+        it wrote (``ops`` but those left)."""
         store = self.store
-        if not self.settings.undo_bytes:
-            store.apply(ops)
-            store.idempotency.apply(time, keyed)
-            return
         checksum, count = store.checksum, len(store)
-        olds = tuple(store.apply_recording(ops))
+        recording = bool(self.settings.undo_bytes)
+        written, rest = ops, ops
+        olds: list[str | None] = []
+        if absent:
+            keys: list[str] = ops[0 : 2 * absent : 2]  # type: ignore[assignment]  # even: keys
+            left = store.add_absent(ops, store.shards_of(keys))
+            rest = ops[2 * absent :]
+            if left:
+                written = without_pairs(ops, left)
+            olds = [None] * (absent - len(left))  # each key it wrote held nothing
+        if not recording:
+            store.apply(rest)
+            store.idempotency.apply(time, keyed)
+            return written
+        olds += store.apply_recording(rest)
         table = store.idempotency.apply(time, keyed, record=True)
-        kept = tuple(ops)
-        size = _undo_size(kept, olds) + (0 if table is None else table.size)
-        entry = Undo(seq, kept, olds, checksum, count, size, time, keyed, table)
+        kept, old_values = tuple(written), tuple(olds)
+        size = _undo_size(kept, old_values) + (0 if table is None else table.size)
+        entry = Undo(seq, kept, old_values, checksum, count, size, time, keyed, table)
         self.undo.append(entry)
         self.undo_size += entry.size
         while self.undo and (
             self.undo_size > self.settings.undo_bytes or len(self.undo) > MAX_UNDO_POINTS
         ):
             self.undo_size -= self.undo.popleft().size
+        return written
 
     def batch_recovered_handler(self) -> Callable[[Record], None] | None:
         return self.recovered_batch
@@ -449,6 +471,9 @@ class BackupCore(ReplicationCore):
         seq = frame.seq
         if seq != self.seq + 1 or seq > target.seq:
             self.fail_transfer(f"catch-up batch {seq} out of order (expected {self.seq + 1})")
+            return Step.NONE
+        if frame.absent:  # a catch-up sends the pairs each batch wrote
+            self.fail_transfer(f"catch-up batch {seq} has pairs written where absent")
             return Step.NONE
         self.store.apply(frame.ops)
         self.store.idempotency.apply(frame.time, frame.keyed)

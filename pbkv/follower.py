@@ -392,6 +392,8 @@ class Follower:
         target = self.target
         if frame.seq != target.seq + 1:
             raise Closed(f"batch {frame.seq} out of order (expected {target.seq + 1})")
+        if frame.absent:  # the source passes on the pairs each batch wrote
+            raise Closed(f"batch {frame.seq} has pairs written where absent")
         store = target.store
         store.apply(frame.ops)
         store.idempotency.apply(frame.time, frame.keyed)

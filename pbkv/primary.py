@@ -70,7 +70,7 @@ from pbkv.stages import (
     WriteRule,
     plan,
 )
-from pbkv.store import PAIR_OVERHEAD, ShardedStore
+from pbkv.store import PAIR_OVERHEAD, ShardedStore, without_pairs
 from pbkv.transfer import SnapshotReceiver, TransferError
 from pbkv.wire import (
     Ack,
@@ -117,7 +117,7 @@ class Batch:
 
     __slots__ = (
         "seq", "ops", "entries", "chars", "grows", "sent_at", "deadline", "keyed", "time",
-        "new_shards", "layers", "layered_ops",
+        "absent", "new_shards", "chunks", "layers", "layered_ops",
     )  # fmt: skip
 
     def __init__(self) -> None:  # a plain class: compiled, built natively (``compiled.py``)
@@ -132,11 +132,15 @@ class Batch:
         # and the table time it carries (set when it is sent).
         self.keyed: list[Any] = []
         self.time = 0
-        # A bulk load's chunk of new keys at the start of ops: the shard of each of its
-        # keys (the store adds them with ``add_new``).
-        self.new_shards: list[int] | None = None
-        # The load chunks of new keys it carries as layers (see ``PrimaryCore.layers``),
-        # and the ops they hold.
+        # Bulk load chunks at the start of ops, their pairs written where the key holds
+        # no value when the batch is applied (``absent`` pairs, on both servers): the
+        # shard of each of their keys, and each chunk's entry and pairs, answered with
+        # what was written (``add_absent``).
+        self.absent = 0
+        self.new_shards: list[int] = []
+        self.chunks: list[tuple[int, int]] = []
+        # The load chunks it carries as layers (see ``PrimaryCore.layers``), and the
+        # ops they hold.
         self.layers = 0
         self.layered_ops = 0
 
@@ -168,10 +172,11 @@ class PrimaryCore(ReplicationCore):
         # records that member as our in-sync backup). None: always (the seed's pair).
         self.authority: Callable[[float, str], bool] | None = None
         self.overlay: dict[str, tuple[str | None, int]] = {}
-        # A load chunk of new keys is in flight as a layer, (seq, {key: value}), oldest
-        # first, not as overlay entries: one dict built in C, dropped whole at its ack.
-        # Its keys are in no other layer nor the overlay when it comes; a later write
-        # of one goes to the overlay, which is therefore read first.
+        # A load chunk is in flight as a layer, (seq, {key: value}), oldest first, not
+        # as overlay entries: one dict built in C, dropped whole at its ack.  Its pairs
+        # are written only where the key holds no value (see ``_layered``); its keys are
+        # not in the overlay when it comes (nor in another layer, in upsert mode), and
+        # a later write of one goes to the overlay, which is therefore read first.
         self.layers: deque[tuple[int, dict[str, str]]] = deque()
         # Keyed writes not yet acknowledged: Idempotency-Key -> (fingerprint, the batch
         # that carries it, its outcome); a retry meanwhile is answered with that batch.
@@ -269,10 +274,15 @@ class PrimaryCore(ReplicationCore):
         return pending
 
     def _layered(self, key: str) -> tuple[str, int] | None:
-        for seq, layer in reversed(self.layers):
+        """The layer write of ``key`` that takes effect, if any.  A layer's pair is
+        written only where its key holds no value, so of the layers that hold the key
+        the oldest writes it, unless the store holds it: no other write of it was in
+        flight when those layers came, and later ones go to the overlay (read first),
+        so what the store holds now is there when they apply."""
+        for seq, layer in self.layers:  # oldest first
             value = layer.get(key)
             if value is not None:
-                return value, seq
+                return None if key in self.store else (value, seq)
         return None
 
     # -- epochs ------------------------------------------------------------------
@@ -433,25 +443,33 @@ class PrimaryCore(ReplicationCore):
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
         keys = pairs[0::2]
-        stored, shards = self.store.lookup(keys)
         fresh = dict(zip(keys, pairs[1::2], strict=True))
+        chars = sum(map(len, pairs))
+        grows = chars + PAIR_OVERHEAD * len(keys)  # every key new: the most it adds
         layer: dict[str, str] | None = None
-        if (
-            len(fresh) == len(keys)
-            and stored.count(None) == len(stored)
-            and self.overlay.keys().isdisjoint(fresh)
-            and all(map(fresh.keys().isdisjoint, map(_PAIRS_OF, self.layers)))
-        ):
-            layer = fresh
-            # Every key new (a load into an empty key space, the common case): every
-            # pair is written, and nothing needs a look pair by pair.
+        shards: list[int] = []
+        stored: list[str | None] | None = None
+        if len(fresh) == len(keys) and self.overlay.keys().isdisjoint(fresh):
+            # No key twice, none with a write in flight outside a load chunk (a load's
+            # common case): the chunk travels as a layer, each pair written where its
+            # key holds no value when the batch is applied.  In insert mode that is
+            # the whole rule: neither the store nor the other layers are looked at
+            # now (the write looks each key up anyway, on both servers, and a key an
+            # earlier layer writes is then taken).  An upsert chunk must write every
+            # pair: it is a layer only when no key holds a value or is in a layer.
+            if not upsert and (not self.max_memory or self.over_memory(grows) is None):
+                shards = self.store.shards_of(keys)
+                layer = fresh
+            elif all(map(fresh.keys().isdisjoint, map(_PAIRS_OF, self.layers))):
+                stored, shards = self.store.lookup(keys)
+                if stored.count(None) == len(stored):
+                    layer = fresh
+        if layer is not None:
             ops: list[str | None] = pairs  # type: ignore[assignment]  # str is a str | None
             skipped = 0
-            chars = sum(map(len, pairs))
-            grows = chars + PAIR_OVERHEAD * len(keys)
-            new_shards: list[int] | None = shards
         else:
-            new_shards = None
+            if stored is None:
+                stored, _ = self.store.lookup(keys)
             pendings = list(map(self.pending if self.layers else self.overlay.get, keys))
             ops, grows, skipped, chars = self._chunk_writes(pairs, stored, pendings, upsert)
         if self.max_memory:
@@ -460,8 +478,11 @@ class PrimaryCore(ReplicationCore):
                 return full
         outcome = Loaded(len(ops) // 2, skipped)
         if self.standalone:
-            self.store.apply(ops)
-            return outcome
+            if layer is None:
+                self.store.apply(ops)
+                return outcome
+            left = len(self.store.add_absent(ops, shards))
+            return Loaded(len(keys) - left, left)
         queued = self.queued[-1]
         if (
             ops
@@ -470,19 +491,22 @@ class PrimaryCore(ReplicationCore):
                 queued.keyed
                 or len(queued.ops) + len(ops) > 2 * BATCH_WRITES
                 or queued.chars + chars > BATCH_CHARS
+                # A layer joins only a batch of layers: they are its first pairs.
+                or (layer is not None and 2 * queued.absent != len(queued.ops))
             )
         ):
             queued = Batch()
             self.queued.append(queued)
         if ops:
-            if not queued.ops:
-                queued.new_shards = new_shards
             queued.ops += ops
             queued.chars += chars
             queued.grows += grows
             self.pending_write_bytes += grows
             seq = self.sent_seq + len(self.queued)
             if layer is not None:
+                queued.chunks.append((len(queued.entries), len(keys)))
+                queued.absent += len(keys)
+                queued.new_shards += shards
                 self.layers.append((seq, layer))
                 queued.layers += 1
                 queued.layered_ops += len(ops)
@@ -638,7 +662,11 @@ class PrimaryCore(ReplicationCore):
             batch.time = self.table_clock.time(self.store.idempotency.clock, now)
             self.in_flight.append(batch)
             self.batches_sent += 1
-            self.send(BatchFrame(batch.seq, batch.ops, batch.time, batch.keyed, epoch=self.epoch))
+            self.send(
+                BatchFrame(
+                    batch.seq, batch.ops, batch.time, batch.keyed, batch.absent, epoch=self.epoch
+                )
+            )
 
     def _answer(self, batch: Batch) -> None:
         outbox = self.outbox
@@ -659,16 +687,19 @@ class PrimaryCore(ReplicationCore):
         ops, overlay = batch.ops, self.overlay
         store = self.store
         checksum_before, count_before = store.checksum, len(store)
-        new_shards = batch.new_shards
-        if new_shards is None:
+        written = ops  # what the batch wrote: its pairs but those left as they were
+        if batch.absent:
+            left = store.add_absent(ops, batch.new_shards)
+            if len(ops) > 2 * batch.absent:
+                store.apply(ops[2 * batch.absent :])
+            if left:
+                written = without_pairs(ops, left)
+                self._count_left(batch, left)
+        else:
             store.apply(ops)
-        else:  # a load's chunk of new keys first
-            store.add_new(ops, new_shards)
-            if len(ops) > 2 * len(new_shards):
-                store.apply(ops[2 * len(new_shards) :])
         keyed = batch.keyed
         store.idempotency.apply(batch.time, keyed)  # as the backup did: both expire alike
-        self._record_applied(batch, checksum_before, count_before)
+        self._record_applied(batch, written, checksum_before, count_before)
         if keyed:  # no longer in flight (a C-level pass: a batch may hold hundreds)
             deque(map(self.keyed.pop, keyed[0::BATCH_ITEMS], itertools.repeat(None)), maxlen=0)
         self.pending_write_bytes -= batch.grows
@@ -685,21 +716,35 @@ class PrimaryCore(ReplicationCore):
             _forget_batch(overlay, ops[0::2], seq)
         self.seq = seq
         # Before the answers: they wait for it to be durable.
-        self.persist_batch(seq, ops, batch.time, keyed)
+        self.persist_batch(seq, written, batch.time, keyed)
         self.batches_acked += 1
-        self.writes_replicated += len(ops) // 2
+        self.writes_replicated += len(written) // 2
         self.ack_seconds_total += self.now - batch.sent_at
         self._answer(batch)
         self.flush(self.now)
         return Step.STREAMING
 
-    def _record_applied(self, batch: Batch, checksum_before: int, count_before: int) -> None:
-        """Keep the batch just applied for a member that lags (``catchup.py``)."""
+    @staticmethod
+    def _count_left(batch: Batch, left: list[int]) -> None:
+        """Answer each load chunk of ``batch`` with the pairs it wrote and those it
+        left (``left``: their numbers among the batch's pairs)."""
+        entries = batch.entries
+        first = 0
+        for entry, pairs in batch.chunks:
+            skipped = sum(1 for number in left if first <= number < first + pairs)
+            entries[entry] = (entries[entry][0], Loaded(pairs - skipped, skipped))
+            first += pairs
+
+    def _record_applied(
+        self, batch: Batch, written: list[Any], checksum_before: int, count_before: int
+    ) -> None:
+        """Keep the batch just applied (the pairs it wrote) for a member that lags
+        (``catchup.py``)."""
         store = self.store
         after = State(batch.seq, store.checksum, len(store))
         self.applied_record.applied(
             batch.seq,
-            batch.ops,
+            written,
             batch.time,
             batch.keyed,
             checksum_before,

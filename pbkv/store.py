@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import xxhash
 
@@ -75,31 +76,47 @@ class ShardedStore:
         return self._shards[shard_of(key, self.shard_count)].get(key)
 
     def lookup(self, keys: list[str]) -> tuple[list[str | None], list[int]]:
-        """Each key's value (None: absent) and shard: a bulk load's chunk checks its
-        keys at once, and ``add_new`` then reuses the shards."""
+        """Each key's value (None: absent) and shard: a bulk load's chunk in upsert mode
+        checks its keys at once, and ``add_absent`` then reuses the shards."""
         shards = self._shards
         if self.shard_count == 1:
             return list(map(shards[0].get, keys)), [0] * len(keys)
         # map() chains: the loops run in C (a load looks up every key it writes).
-        indices = self._indices_of(map(str.encode, keys), len(keys))
+        indices = self.shards_of(keys)
         return list(map(dict.get, map(shards.__getitem__, indices), keys)), indices
 
-    def add_new(self, ops: list[str | None], indices: list[int]) -> None:
-        """``apply`` of the first ``len(indices)`` pairs of ``ops``: keys that ``lookup``
-        found absent (and in the shards it gave) and that nothing wrote since.  The
-        digests are taken in C loops and each pair costs one dict store; should a key
-        be there after all, the shards' sums and sizes are counted again."""
+    def shards_of(self, keys: list[str]) -> list[int]:
+        """The shard of each key (``shard_of``, in a C loop)."""
+        return self._indices_of(map(str.encode, keys), len(keys))
+
+    def add_absent(self, ops: list[str | None], indices: list[int]) -> list[int]:
+        """Write each of the first ``len(indices)`` pairs of ``ops`` (``indices``: their
+        keys' shards) whose key holds no value, and leave a key that holds one as it
+        is: a bulk load's chunk, each key looked up once, by the write itself.  Returns
+        the numbers of the pairs left out (none when every key was new).  The values
+        must be strings; the digests are taken in C loops."""
         count = len(indices)
         keys: list[str] = ops[0 : 2 * count : 2]  # type: ignore[assignment]  # even: keys
-        values: list[str] = ops[1 : 2 * count : 2]  # type: ignore[assignment]  # new: str
+        values: list[str] = ops[1 : 2 * count : 2]  # type: ignore[assignment]  # str here
+        shards = self._shards
+        held = sum(map(len, shards))
+        left: list[int] = []
+        for number in range(count):
+            shard = shards[indices[number]]
+            size = len(shard)
+            shard.setdefault(keys[number], values[number])
+            if len(shard) == size:
+                left.append(number)
+        if left:
+            keys, values = _pairs_kept(keys, left), _pairs_kept(values, left)
+            indices = _pairs_kept(indices, left)
         encoded = zip(map(str.encode, keys), map(str.encode, values), strict=True)
         digests = map(_pair_digest, map(_SEPARATOR.join, encoded))
-        shards, sums = self._shards, self._sums
-        held = sum(map(len, shards))
-        for index, key, value, digest in zip(indices, keys, values, digests, strict=True):
-            shards[index][key] = value
+        sums = self._sums
+        for index, digest in zip(indices, digests, strict=True):
             sums[index] += digest
-        self._count_added(held, count, sum(map(len, keys)) + sum(map(len, values)))
+        self._count_added(held, len(keys), sum(map(len, keys)) + sum(map(len, values)))
+        return left
 
     def _count_added(self, held: int, count: int, chars: int) -> None:
         """``count`` new pairs of ``chars`` characters were stored (``held`` pairs
@@ -419,6 +436,23 @@ class HashStore(ShardedStore):
 
     def __init__(self, shard_count: int = 1) -> None:
         super().__init__(1)
+
+
+def _pairs_kept(items: list[Any], left: list[int]) -> list[Any]:
+    """``items`` without those at the positions in ``left``."""
+    skip = set(left)
+    return [item for number, item in enumerate(items) if number not in skip]
+
+
+def without_pairs(ops: list[Any], left: list[int]) -> list[Any]:
+    """``ops`` (key, value, ...) without the pairs numbered in ``left``."""
+    skip = set(left)
+    kept: list[Any] = []
+    for number in range(len(ops) // 2):
+        if number not in skip:
+            kept.append(ops[2 * number])
+            kept.append(ops[2 * number + 1])
+    return kept
 
 
 def _memory_of(pairs: Iterable[tuple[str, str]]) -> int:

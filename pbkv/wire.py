@@ -365,6 +365,11 @@ class Batch(Frame):
     time: int
     # The idempotency entries its keyed writes make: key, fingerprint, ok, value, ...
     keyed: list[Any]
+    # How many of the first pairs of ops are written only where their key holds no
+    # value (a bulk load's chunks in insert mode): the receiver finds out which, as
+    # the primary does when the batch is acknowledged.  Only the live stream carries
+    # them; what a server records and passes on holds the pairs it wrote.
+    absent: int
 
     def __init__(
         self,
@@ -372,6 +377,7 @@ class Batch(Frame):
         ops: list[str | None],
         time: int = 0,
         keyed: list[Any] | None = None,
+        absent: int = 0,
         *,
         epoch: int = 0,
     ) -> None:
@@ -379,10 +385,22 @@ class Batch(Frame):
         object.__setattr__(self, "ops", ops)
         object.__setattr__(self, "time", time)
         object.__setattr__(self, "keyed", [] if keyed is None else keyed)
+        object.__setattr__(self, "absent", absent)
         object.__setattr__(self, "epoch", epoch)
 
     def to_wire(self) -> list[Any]:  # the hot path: no generic conversion
-        return [FrameType.BATCH, self.seq, self.ops, self.time, self.keyed]
+        return [FrameType.BATCH, self.seq, self.ops, self.time, self.keyed, self.absent]
+
+    def absent_fault(self) -> str | None:
+        """Why its ``absent`` pairs cannot be applied (None: they can)."""
+        absent = self.absent
+        if not absent:
+            return None
+        if 2 * absent > len(self.ops):
+            return f"batch {self.seq}: {absent} pairs written where absent, of {len(self.ops) // 2}"
+        if None in self.ops[1 : 2 * absent : 2]:
+            return f"batch {self.seq}: a pair written where absent deletes"
+        return None
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -607,7 +625,7 @@ FRAMES: dict[FrameType, tuple[type[Frame], tuple[Callable[[Any], Any], ...]]] = 
         Hello,
         (_text, _flag, _checksum, _count, _count, _history, _undo_points, _epoch, _member, _flag),
     ),
-    FrameType.BATCH: (Batch, (_count, _operations, _count, _batch_entries)),
+    FrameType.BATCH: (Batch, (_count, _operations, _count, _batch_entries, _count)),
     FrameType.ACK: (Ack, (_count,)),
     FrameType.HEARTBEAT: (Heartbeat, (_count,)),
     FrameType.FETCH: (Fetch, ()),

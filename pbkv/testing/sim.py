@@ -11,6 +11,10 @@ together with the final content of both servers once the faults stop and the
 pair is in sync again.  Some seeds set a ``max_memory`` that the data reaches:
 a write refused for it must never become visible.
 
+The other clients' inserts go half the time as one-pair bulk load chunks in insert
+mode (``submit_pairs``): sent without a lookup, written where the key is absent
+when the batch is applied on each server, answered with the pairs written.
+
 Half the clients send every write with an ``Idempotency-Key`` and retry it, with
 back-off until a deadline, through lost replies, "replication failed", stage
 refusals, crashes and rewinds (as the Python clients do): all the attempts of
@@ -52,6 +56,7 @@ from pbkv.commands import (
     Command,
     Done,
     KeyReused,
+    Loaded,
     MemoryFull,
     Outcome,
     Refused,
@@ -219,6 +224,13 @@ class SimNode(Process):
             return None
         return outcome
 
+    def submit_pairs(self, pairs: list[str], reply: Reply) -> Outcome | None:
+        """A bulk load chunk in insert mode at the primary, as ``Node.submit_pairs``."""
+        disk = self.disk
+        if disk is not None and disk.always:
+            reply = disk.durable(reply)
+        return self.primary.submit_pairs(pairs, False, reply)
+
 
 @dataclass
 class _Attempts:
@@ -385,6 +397,8 @@ class Simulation(Network):
         self.refused_values: set[str] = set()
         self.fault_log: list[str] = []
         self._values = itertools.count()
+        # Which inserts go as load chunks, drawn aside (so as not to move the rest).
+        self._loads = random.Random(seed ^ 0x10AD)
         self._trace = trace
         # What an attacker on the path recorded: (connection, bytes) each way, and the
         # first bytes the primary sent on each connection (a handshake to replay).
@@ -500,7 +514,18 @@ class Simulation(Network):
                 keys[ident] = keys.get(ident, 0) + 1
             return table_apply(time, keyed, record)
 
+        add_absent = store.add_absent
+
+        def counting_absent(ops: list[str | None], indices: list[int]) -> list[int]:
+            left: list[int] = add_absent(ops, indices)
+            for number in range(len(indices)):
+                value = ops[2 * number + 1]
+                if number not in left and value is not None:
+                    values[value] = values.get(value, 0) + 1
+            return left
+
         store.apply = counting
+        store.add_absent = counting_absent
         store.idempotency.apply = counting_keys
 
     def client_loop(self, client: int) -> None:
@@ -513,6 +538,7 @@ class Simulation(Network):
         if client % 2 == 0 and kind != "get":
             self.keyed_write(client, kind, key, value)
             return
+        loaded = kind == "insert" and self._loads.random() < 0.5  # as a load chunk
         call = self.now
         primary = self.nodes[PRIMARY]
         state = {"done": False}
@@ -537,6 +563,10 @@ class Simulation(Network):
             if isinstance(outcome, Done):
                 # ``served``: when the server answered (with ``always``, after the fsync).
                 self.schedule(delay, lambda: finish(outcome.ok, outcome.value, served=served))
+            elif isinstance(outcome, Loaded):  # the insert's answer: written or skipped
+                assert outcome.applied + outcome.skipped == 1, outcome
+                ok = outcome.applied == 1
+                self.schedule(delay, lambda: finish(ok, None, served=served))
             elif isinstance(outcome, Refused):
                 # Applied nowhere and observed nothing: not part of the history.
                 self.schedule(delay, lambda: finish(None, None, record=False))
@@ -556,7 +586,11 @@ class Simulation(Network):
             if command.is_read:
                 answer(core.read(command, key))
                 return
-            outcome = primary.submit(command, key, value, answer)
+            if loaded:
+                assert value is not None
+                outcome = primary.submit_pairs([key, value], answer)
+            else:
+                outcome = primary.submit(command, key, value, answer)
             if outcome is not None:
                 answer(outcome)
 

@@ -73,7 +73,7 @@ def forge_empty_copy(pair: Pair, source: str) -> RawChannel:
     channel = RawChannel(pair.address["backup"], source)
     if channel.status == 101:
         channel.send(
-            forged_hello(), *transfer_frames({}), [FrameType.BATCH, 1, ["key0001", "x"], 0, []]
+            forged_hello(), *transfer_frames({}), [FrameType.BATCH, 1, ["key0001", "x"], 0, [], 0]
         )
     return channel
 

@@ -422,3 +422,42 @@ def test_the_loss_window_check_counts_an_earlier_restore_as_a_write():
     # The first loss took the update (within its window); the second finds "a" again.
     losses = [_loss(2.0, k0="a"), _loss(6.0, k0="a")]
     assert sim.lost_beyond_window(history, answered, losses, 1.0) is None
+
+
+# -- bulk load chunks: written where the key is absent, on each server ------------------
+
+
+def test_some_inserts_go_as_load_chunks_and_some_leave_a_key_that_holds_a_value(monkeypatch):
+    left_out = []
+    original = PrimaryCore._count_left
+
+    def counting(batch, left):
+        left_out.extend(left)
+        original(batch, left)
+
+    monkeypatch.setattr(PrimaryCore, "_count_left", staticmethod(counting))
+    assert not failures(range(60))
+    assert len(left_out) >= 20
+
+
+def test_catches_a_backup_that_writes_every_pair_of_a_load_chunk(monkeypatch):
+    from pbkv.backup import BackupCore
+
+    original = BackupCore._apply_batch
+
+    def overwriting(self, frame):
+        return original(self, dataclasses.replace(frame, absent=0))
+
+    monkeypatch.setattr(BackupCore, "_apply_batch", overwriting)
+    bad = failures(range(100))  # found when the backup's copy is served later
+    assert len(bad) >= 3, "a backup overwriting the keys a load chunk left went unnoticed"
+
+
+def test_catches_a_primary_that_logs_the_pairs_a_load_chunk_left(monkeypatch):
+    """What the primary logs (and keeps to bring a backup up to date) is the pairs
+    sent, the ones it left among them: after a power loss, a key a load left holds
+    the load's value.  (The backup's log is checked in tests/unit/test_cores.py: the
+    primary's recovered copy wins over it in these runs.)"""
+    monkeypatch.setattr("pbkv.primary.without_pairs", lambda ops, left: list(ops))
+    bad = failures(range(150), persistence="always")
+    assert len(bad) >= 3, "a log holding the pairs a load chunk left went unnoticed"

@@ -1438,7 +1438,7 @@ def test_a_batch_while_the_backup_is_in_warm_start_closes_the_channel(link: Link
     link.pump("primary", 2)  # SNAPSHOT_BEGIN and a first chunk
     assert backup.stage is S.WARM_START and backup.channel_up
 
-    link.inject("backup", [FrameType.BATCH, primary.seq + 1, ["intruder", "x"], 0, []])
+    link.inject("backup", [FrameType.BATCH, primary.seq + 1, ["intruder", "x"], 0, [], 0])
 
     assert link.closed_by[-1][0] == "backup"
     assert link.closed_by[-1][1] == "unexpected BATCH in handshake step receive_snapshot"
@@ -1471,7 +1471,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
         ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 0, "", False]),
         ("primary", [FrameType.SYNC_ACK, bytes(16)]),
         ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
-        ("backup", [FrameType.BATCH, 99, ["k", "v"], 0, []]),  # out of order
+        ("backup", [FrameType.BATCH, 99, ["k", "v"], 0, [], 0]),  # out of order
         ("backup", [FrameType.SKIP, bytes(16), 0, 0]),
         ("backup", [FrameType.FETCH]),
         ("backup", [FrameType.SNAPSHOT_BEGIN, SHARDS, 1]),
@@ -1498,8 +1498,8 @@ def test_an_unexpected_frame_in_sync_closes_the_channel(
     ("role", "frame"),
     [
         ("backup", [FrameType.BATCH, "not a number"]),
-        ("backup", [FrameType.BATCH, 2, ["k", "v", 7, "v"], 0, []]),  # an integer key mid-batch
-        ("backup", [FrameType.BATCH, 2, ["k", 7], 0, []]),
+        ("backup", [FrameType.BATCH, 2, ["k", "v", 7, "v"], 0, [], 0]),  # an integer key mid-batch
+        ("backup", [FrameType.BATCH, 2, ["k", 7], 0, [], 0]),
         ("primary", [FrameType.ACK, "1"]),
         ("primary", [FrameType.HELLO, "backup"]),
     ],
@@ -1594,7 +1594,7 @@ def test_a_batch_of_another_epoch_than_the_channels_is_refused_and_not_applied(
     primary, backup = epoch_pair(link, 7, {"a": "1"})
     seq, checksum = backup.seq, backup.store.checksum
 
-    link.inject("backup", [FrameType.BATCH, seq + 1, ["intruder", "x"], 0, []], epoch=epoch)
+    link.inject("backup", [FrameType.BATCH, seq + 1, ["intruder", "x"], 0, [], 0], epoch=epoch)
 
     assert ("intruder" in backup.store) is applied
     if applied:  # the control: the same batch under the channel's epoch is applied
@@ -1911,7 +1911,10 @@ def serving(link: Link, primary: PrimaryCore, backup: BackupCore) -> None:
             "without proving it",
         ),
         ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.AUTH_PROOF, bytes(32)]], "match"),
-        ([[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.BATCH, 9, ["k", "v"], 0, []]], "BATCH"),
+        (
+            [[FrameType.AUTH_CHALLENGE, bytes(32)], [FrameType.BATCH, 9, ["k", "v"], 0, [], 0]],
+            "BATCH",
+        ),
         ([[FrameType.FENCE, "go away"]], "unexpected FENCE"),
         (
             [
@@ -2771,6 +2774,104 @@ def test_writes_and_later_chunks_see_a_load_chunk_of_new_keys_in_flight(link: Li
     assert_same_data(primary, backup)
 
 
+def test_an_insert_chunk_is_sent_as_it_is_and_leaves_keys_that_hold_a_value(make_link) -> None:
+    link = make_link(**PERSISTENT)
+    primary, backup = in_sync_pair(link, {"a": "old", "c": "kept"})
+    tap = backup.tap = Tap()
+    before = link.mark()
+    link.paused.add("primary")  # the ACK waits: both chunks join one batch
+    first, second = link.token(), link.token()
+    assert primary.submit_pairs(["a", "new", "b", "1"], False, link.reply_to(first)) is None
+    assert primary.submit_pairs(["x", "2", "c", "3"], False, link.reply_to(second)) is None
+    assert primary.visible("a") == "old" and primary.visible("b") == "1"
+    link.flush()
+    # Not looked up first: every pair travels, each written only where its key is absent.
+    sent = [f for f in link.sent["primary"][before["primary"] :] if f.kind == FrameType.BATCH]
+    assert [(f.ops, f.absent) for f in sent] == [(["a", "new", "b", "1", "x", "2", "c", "3"], 4)]
+    link.paused.clear()
+    link.run()
+    assert (link.responses[first], link.responses[second]) == (Loaded(1, 1), Loaded(1, 1))
+    assert dict(primary.store.items()) == {"a": "old", "b": "1", "c": "kept", "x": "2"}
+    assert_same_data(primary, backup)
+    # What each records, and what a member that lags is sent, is the pairs written.
+    written = ["b", "1", "x", "2"]
+    assert list(primary.applied_record.entries[-1].ops) == written
+    assert (list(backup.undo[-1].ops), list(backup.undo[-1].olds)) == (written, [None, None])
+    seq = primary.seq
+    assert [r.ops for r in logged(link, "primary") if getattr(r, "seq", 0) == seq] == [written]
+    assert [r.ops for r in logged(link, "backup") if getattr(r, "seq", 0) == seq] == [written]
+    assert [(f.seq, f.ops, f.absent) for f in tap.frames] == [(seq, written, 0)]  # to followers
+
+
+def test_writes_meanwhile_see_a_key_an_insert_chunk_in_flight_leaves(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"a": "old"})
+    link.paused.add("primary")
+    tokens = [link.token() for _ in range(4)]
+    assert primary.submit_pairs(["a", "new", "b", "1"], False, link.reply_to(tokens[0])) is None
+    link.flush()
+    assert primary.pending("a") is None and primary.pending("b") == ("1", primary.sent_seq)
+    assert link.submit(tokens[1], INSERT, "a", "again") == Done(False)  # "a" holds "old"
+    assert link.submit(tokens[2], UPDATE, "a", "updated") is None  # after the chunk
+    assert primary.submit_pairs(["a", "x", "c", "2"], False, link.reply_to(tokens[3])) is None
+    link.paused.clear()
+    link.run()
+    link.flush()
+    link.run()
+    assert [link.responses[t] for t in (tokens[0], tokens[2], tokens[3])] == [
+        Loaded(1, 1),
+        Done(True),
+        Loaded(1, 1),
+    ]
+    assert dict(primary.store.items()) == {"a": "updated", "b": "1", "c": "2"}
+    assert_same_data(primary, backup)
+
+
+def test_insert_chunks_in_flight_may_share_keys_and_the_first_pair_wins(link: Link) -> None:
+    primary, backup = in_sync_pair(link, {"held": "old"})
+    link.paused.add("primary")
+    tokens = [link.token() for _ in range(4)]
+    submit = primary.submit_pairs
+    assert submit(["k", "first", "held", "x"], False, link.reply_to(tokens[0])) is None
+    link.flush()
+    assert submit(["k", "second", "m", "1", "held", "y"], False, link.reply_to(tokens[1])) is None
+    assert len(primary.layers) == 2  # not looked at against the first
+    assert (
+        primary.pending("k") == ("first", primary.layers[0][0]) and primary.visible("k") == "first"
+    )
+    assert primary.pending("held") is None and primary.visible("held") == "old"
+    assert link.submit(tokens[2], INSERT, "k", "third") is None  # answered in its turn
+    # Upsert mode writes every pair: a key in a layer sends it pair by pair.
+    assert submit(["k", "fourth"], True, link.reply_to(tokens[3])) is None
+    assert len(primary.layers) == 2 and primary.pending("k") == ("fourth", primary.sent_seq + 1)
+    link.paused.clear()
+    link.run()
+    link.flush()
+    link.run()
+    assert [link.responses[t] for t in tokens] == [
+        Loaded(1, 1),
+        Loaded(1, 2),
+        Done(False),
+        Loaded(1, 0),
+    ]
+    assert dict(primary.store.items()) == {"held": "old", "k": "fourth", "m": "1"}
+    assert not primary.layers and primary.overlay == {}
+    assert_same_data(primary, backup)
+
+
+@pytest.mark.parametrize(
+    ("ops", "absent", "why"),
+    [
+        (["k", "v"], 2, "batch 2: 2 pairs written where absent, of 1"),
+        (["k", None], 1, "batch 2: a pair written where absent deletes"),
+    ],
+)
+def test_a_batch_whose_absent_pairs_cannot_apply_closes_the_channel(link, ops, absent, why) -> None:
+    primary, backup = in_sync_pair(link, {"a": "1"})
+    link.inject("backup", [FrameType.BATCH, primary.seq + 1, ops, 0, [], absent])
+    assert link.closed_by[-1] == ("backup", why)
+    assert "k" not in backup.store and backup.seq == primary.seq
+
+
 def test_a_load_chunk_past_max_memory_is_refused_whole(make_link: Callable[..., Link]) -> None:
     link = make_link(max_memory=2 * PAIR_OVERHEAD + 10)
     primary, backup = in_sync_pair(link)
@@ -2966,9 +3067,11 @@ class Tap:
 
     def __init__(self) -> None:
         self.heard: list[Any] = []
+        self.frames: list[Batch] = []
 
     def applied(self, frame: Batch) -> None:
         self.heard.append(frame.seq)
+        self.frames.append(frame)
 
     def reset(self, reason: str) -> None:
         self.heard.append(reason)

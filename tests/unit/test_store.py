@@ -18,6 +18,7 @@ from pbkv.store import (
     make_store,
     pair_checksum,
     shard_of,
+    without_pairs,
 )
 
 # (kind, shard count) pairs; the hash store always has one shard.
@@ -431,20 +432,41 @@ def test_shard_of_ignores_pythonhashseed(seed: str) -> None:
 
 
 @pytest.mark.parametrize("shards", [1, 4])
-def test_lookup_then_add_new_is_apply(shards: int) -> None:
-    store, same = ShardedStore(shards), ShardedStore(shards)
-    for target in (store, same):
-        target.apply(["kept", "1", "there", "old"])
-    ops: list[str | None] = ["a", "x", "b", "", "emoji 😀", "\0\r\n"]
-    values, indices = store.lookup(ops[0::2])  # type: ignore[arg-type]
-    assert values == [None, None, None]
-    assert indices == [shard_of(key, shards) for key in ops[0::2]]  # type: ignore[arg-type]
-    # A key written after the lookup (not in a load's use) is still overwritten right.
-    store.add_new([*ops, "there", "new"], [*indices, shard_of("there", shards)])
-    same.apply([*ops, "there", "new"])
-    assert dict(store.items()) == dict(same.items())
+def test_lookup_gives_each_keys_value_and_shard(shards: int) -> None:
+    store = ShardedStore(shards)
+    store.apply(["kept", "1", "there", "old"])
+    keys = ["a", "there", "emoji 😀", "kept"]
+    values, indices = store.lookup(keys)
+    assert values == [None, "old", None, "1"]
+    assert indices == store.shards_of(keys) == [shard_of(key, shards) for key in keys]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(min_value=1, max_value=4),
+    st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=8),
+    st.lists(st.tuples(st.text(max_size=3), st.text(max_size=3)), max_size=10),
+)
+def test_add_absent_writes_a_pair_only_where_its_key_holds_no_value(shards, held, pairs) -> None:
+    store, model = ShardedStore(shards), ShardedStore(shards)
+    for target in (store, model):
+        target.apply([item for pair in held.items() for item in pair])
+    ops: list[str | None] = [item for pair in pairs for item in pair]
+    keys: list[str] = ops[0::2]  # type: ignore[assignment]
+    left = store.add_absent(ops, store.shards_of(keys))
+    expected_left = []
+    for number, (key, value) in enumerate(pairs):
+        if model.get(key) is None:
+            model.put(key, value)
+        else:
+            expected_left.append(number)
+    assert left == expected_left
+    assert without_pairs(ops, left) == [
+        item for number, pair in enumerate(pairs) if number not in left for item in pair
+    ]
+    assert dict(store.items()) == dict(model.items())
     assert (store.checksum, len(store), store.memory_bytes) == (
-        same.checksum,
-        len(same),
-        same.memory_bytes,
+        model.checksum,
+        len(model),
+        model.memory_bytes,
     )

@@ -364,7 +364,7 @@ def test_malformed_transfer_frames_are_refused_at_decode(frame: list[Any]) -> No
     "frame",
     [
         [FrameType.HEARTBEAT, 1],
-        [FrameType.BATCH, 1, [], 0, []],
+        [FrameType.BATCH, 1, [], 0, [], 0],
     ],
 )
 def test_frames_that_are_no_transfer_raise_transfer_error(frame: list[Any]) -> None:

@@ -179,8 +179,19 @@ def test_a_hello_says_whether_its_copy_was_recovered_from_disk() -> None:
 
 
 def test_a_batch_keeps_deletes_and_empty_values() -> None:
-    frame = decode_one([FrameType.BATCH, 4, ["a", None, "b", "", "", "x"], 0, []])
+    frame = decode_one([FrameType.BATCH, 4, ["a", None, "b", "", "", "x"], 0, [], 0])
     assert frame == Batch(4, ["a", None, "b", "", "", "x"])
+
+
+def test_a_batch_says_how_many_of_its_first_pairs_are_written_where_absent() -> None:
+    frame = Batch(4, ["a", "1", "b", "2", "c", None], absent=2)
+    assert decode_one(frame.to_wire()) == frame and frame.absent_fault() is None
+    assert Batch(4, ["a", "1"], absent=2).absent_fault() == (
+        "batch 4: 2 pairs written where absent, of 1"
+    )
+    assert Batch(4, ["a", "1", "c", None], absent=2).absent_fault() == (
+        "batch 4: a pair written where absent deletes"
+    )
 
 
 # -- malformed frames are refused before any handler runs -----------------------------------
@@ -251,21 +262,23 @@ def test_a_batch_keeps_deletes_and_empty_values() -> None:
         ([FrameType.SYNC_ACK, "0" * 16], "16-byte checksum"),
         ([FrameType.SYNC_NACK, None], "must be a string"),
         ([FrameType.FETCH, 1], "has 1 fields, expected 0"),
-        ([FrameType.BATCH, 1, ["k"], 0, []], "flat list"),
-        ([FrameType.BATCH, 1, ["k", "v", 7, "v"], 0, []], "keys must be strings"),
-        ([FrameType.BATCH, 1, ["k", "v", None, "v"], 0, []], "keys must be strings"),
-        ([FrameType.BATCH, 1, ["k", 7], 0, []], "values must be strings or null"),
-        ([FrameType.BATCH, 1, ["k", b"v"], 0, []], "values must be strings or null"),
-        ([FrameType.BATCH, 1, [], 0, ["i", 1, True]], "4-item idempotency entries"),
-        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, None, "", 1, True, None]], "1 to 255"),
-        ([FrameType.BATCH, 1, [], 0, ["i" * 256, 1, True, None]], "1 to 255"),
-        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, None, b"j", 1, True, None]], "1 to 255"),
-        ([FrameType.BATCH, 1, [], 0, ["i", -1, True, None]], "64-bit non-negative"),
-        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, None, "j", True, True, None]], "64-bit"),
-        ([FrameType.BATCH, 1, [], 0, ["i", 1.0, True, None]], "64-bit non-negative"),
-        ([FrameType.BATCH, 1, [], 0, ["i", 1, 1, None]], "a flag and a string or null"),
-        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, "v", "j", 1, True, 7]], "a flag and a"),
-        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, b"v"]], "a flag and a string or null"),
+        ([FrameType.BATCH, 1, ["k"], 0, [], 0], "flat list"),
+        ([FrameType.BATCH, 1, ["k", "v", 7, "v"], 0, [], 0], "keys must be strings"),
+        ([FrameType.BATCH, 1, ["k", "v", None, "v"], 0, [], 0], "keys must be strings"),
+        ([FrameType.BATCH, 1, ["k", 7], 0, [], 0], "values must be strings or null"),
+        ([FrameType.BATCH, 1, ["k", b"v"], 0, [], 0], "values must be strings or null"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1, True], 0], "4-item idempotency entries"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, None, "", 1, True, None], 0], "1 to 255"),
+        ([FrameType.BATCH, 1, [], 0, ["i" * 256, 1, True, None], 0], "1 to 255"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, None, b"j", 1, True, None], 0], "1 to 255"),
+        ([FrameType.BATCH, 1, [], 0, ["i", -1, True, None], 0], "64-bit non-negative"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, None, "j", True, True, None], 0], "64-bit"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1.0, True, None], 0], "64-bit non-negative"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1, 1, None], 0], "a flag and a string or null"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, "v", "j", 1, True, 7], 0], "a flag and a"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1, True, b"v"], 0], "a flag and a string or null"),
+        ([FrameType.BATCH, 1, ["k", "v"], 0, [], -1], "field 5: must be a non-negative"),
+        ([FrameType.BATCH, 1, ["k", "v"], 0, []], "has 4 fields, expected 5"),
         ([FrameType.IDEMPOTENCY_CHUNK, 0, ["i", 1, True, None]], "5-item idempotency entries"),
         ([FrameType.IDEMPOTENCY_CHUNK, 0, ["i", 1, True, None, -1]], "time must be a non-neg"),
         (
@@ -287,10 +300,10 @@ def test_a_malformed_frame_is_refused_at_decode(items: list[Any], why: str) -> N
     ("items", "field"),
     [
         ([FrameType.ACK, -1], "ACK field 1"),
-        ([FrameType.BATCH, "1", [], 0, []], "BATCH field 1"),
-        ([FrameType.BATCH, 1, ["k"], 0, []], "BATCH field 2"),
-        ([FrameType.BATCH, 1, [], None, []], "BATCH field 3"),
-        ([FrameType.BATCH, 1, [], 0, ["i", 1, True]], "BATCH field 4"),
+        ([FrameType.BATCH, "1", [], 0, [], 0], "BATCH field 1"),
+        ([FrameType.BATCH, 1, ["k"], 0, [], 0], "BATCH field 2"),
+        ([FrameType.BATCH, 1, [], None, [], 0], "BATCH field 3"),
+        ([FrameType.BATCH, 1, [], 0, ["i", 1, True], 0], "BATCH field 4"),
     ],
 )
 def test_a_batch_or_an_ack_refused_names_its_field(items: list[Any], field: str) -> None:
@@ -303,7 +316,7 @@ def test_a_batch_with_one_bad_operation_is_refused_whole() -> None:
     ops: list[Any] = [f"key{i}" for i in range(100) for _ in (0, 1)]
     ops[150] = 12345  # a key in the middle of the batch
     with pytest.raises(FrameError, match="keys must be strings"):
-        frame_from_wire([FrameType.BATCH, 1, ops, 0, []])
+        frame_from_wire([FrameType.BATCH, 1, ops, 0, [], 0])
 
 
 @pytest.mark.parametrize("kind", [0, 21, 99, -1, 2**40])
@@ -392,7 +405,7 @@ def test_a_bad_frame_hands_back_the_good_frames_before_it():
 
 
 def test_a_malformed_frame_hands_back_the_good_frames_before_it():
-    stream = encode(Heartbeat(1)) + encode([FrameType.BATCH, 1, ["k", 7], 0, []])
+    stream = encode(Heartbeat(1)) + encode([FrameType.BATCH, 1, ["k", 7], 0, [], 0])
     with pytest.raises(FrameError) as info:
         FrameCodec().feed(stream)
     assert info.value.frames == [Heartbeat(1)]
