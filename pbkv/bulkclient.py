@@ -1,11 +1,15 @@
 """The client side of a bulk load: a file streamed to ``POST /kvman/load``.
 
-The lines are parsed and checked here and go out packed, a load chunk at a time,
-in HTTP chunks as the file is read: a file of any size takes a block of memory.
-The server reads them only as fast as its backup acknowledges (flow control does
-the pacing).  A reply that comes before the body is all sent (the load failed)
-stops the sending.  The reply is a ``LoadSummary`` or a ``LoadFailed``, in either
-error mode of the server.
+The file goes as it is read, a block at a time in HTTP chunks: a file of any size
+takes a block of memory.  The primary parses and checks the lines (and names the
+first invalid one); it reads them only as fast as its backup acknowledges (flow
+control does the pacing).  A reply that comes before the body is all sent (the
+load failed) stops the sending.  The reply is a ``LoadSummary`` or a
+``LoadFailed``, in either error mode of the server.
+
+Why not parse here: parsing a line costs this process more than it costs the
+primary, and all three processes share the machine's cores; sending the lines as
+they are left the most CPU to the servers (``docs/performance.md``, "Bulk load").
 """
 
 from __future__ import annotations
@@ -22,22 +26,11 @@ from urllib.parse import urlencode
 
 import orjson
 
-from pbkv.bulk import (
-    MAX_PACKED_PAIRS,
-    PACKED_CHARS,
-    LineFormat,
-    LineParser,
-    LoadMode,
-    PairLimits,
-    packed_chunk,
-)
-from pbkv.metrics import CollectorPaused
+from pbkv.bulk import LineFormat, LoadMode
 from pbkv.routes import LOAD_PATH
 
 BLOCK = 1 << 20  # bytes read from the file at a time
-# The server's key and value limits are its own settings: here only a bound on what a
-# line may hold in memory, and the server refuses (413, with the line) what passes its.
-CLIENT_LIMITS = PairLimits(max_key_bytes=16 << 20, max_value_bytes=16 << 20)
+_CONTENT_TYPES = {LineFormat.JSON: b"application/x-ndjson", LineFormat.CSV: b"text/csv"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,71 +74,45 @@ def load_stream(
     """Send ``source`` (JSON lines or CSV) to the primary at ``address``; raises
     ``LoadFailed`` when a line is invalid or the server refused the load, OSError
     when the connection failed (then the pairs acknowledged so far are there, and
-    running the load again in insert mode skips them).
-
-    The lines are parsed and checked here, and go out packed (``format=msgpack``, a
-    load chunk each): the primary checks them again, but parsing them is this
-    process's work, done while the servers apply the chunks before."""
+    running the load again in insert mode skips them)."""
     started = time.monotonic()
     host, port = address
     sock: socket.socket = socket.create_connection(address, timeout=timeout)
-    parser = LineParser(fmt, CLIENT_LIMITS)
     try:
         if ssl_context is not None:
             sock = ssl_context.wrap_socket(sock, server_hostname=host)
-        target = load_target(mode, LineFormat.PACKED)
+        target = load_target(mode, fmt)
         head = b"POST %s HTTP/1.1\r\nHost: %s:%d\r\n" % (target, host.encode(), port)
-        head += b"Content-Type: application/msgpack\r\nTransfer-Encoding: chunked\r\n"
+        head += b"Content-Type: %s\r\nTransfer-Encoding: chunked\r\n" % _CONTENT_TYPES[fmt]
         if token is not None:
             head += b"Authorization: Bearer %s\r\n" % token.encode()
         sock.sendall(head + b"\r\n")
-        with CollectorPaused():
-            _send_lines(sock, source, parser, progress)
+        _send_blocks(sock, source, progress)
         response = http.client.HTTPResponse(sock)
         response.begin()
         body = response.read()
-        summary = _summary(response.status, response.headers, body, time.monotonic() - started)
+        return _summary(response.status, response.headers, body, time.monotonic() - started)
     finally:
         sock.close()
-    error = parser.error
-    if error is not None:  # every line before it is applied: the summary says how many
-        raise LoadFailed(
-            error.status, str(error), error.line, summary.lines, summary.applied, summary.skipped
-        )
-    return summary
 
 
-def _send_lines(
-    sock: socket.socket,
-    source: BinaryIO,
-    parser: LineParser,
-    progress: Callable[[int], None] | None,
+def _send_blocks(
+    sock: socket.socket, source: BinaryIO, progress: Callable[[int], None] | None
 ) -> None:
-    """Read ``source`` a block at a time and send its pairs packed, a load chunk per
-    HTTP chunk, until its end, an invalid line, or an answer from the server."""
+    """Send ``source`` a block per HTTP chunk until its end or an answer from the
+    server (the load stopped: the rest would be read and dropped)."""
     read = 0
     while True:
         block = source.read(BLOCK)
-        if block:
-            parser.feed(block)
-        else:
-            parser.end()
-        final = not block or parser.error is not None
-        out = []
-        while parser.pairs and (
-            final or len(parser.pairs) >= 2 * MAX_PACKED_PAIRS or parser.chars >= PACKED_CHARS
-        ):
-            pairs, ends = parser.take(MAX_PACKED_PAIRS, PACKED_CHARS)
-            packed = packed_chunk(pairs, ends)
-            out.append(b"%x\r\n%s\r\n" % (len(packed), packed))
-        if final:
-            out.append(b"0\r\n\r\n")
-        sock.sendall(b"".join(out))
+        if not block:
+            sock.sendall(b"0\r\n\r\n")
+            return
+        sock.sendall(b"%x\r\n%s\r\n" % (len(block), block))
         read += len(block)
         if progress is not None:
             progress(read)
-        if final or select.select([sock], [], [], 0)[0]:
-            return  # the end, or an answer before it: the load stopped
+        if select.select([sock], [], [], 0)[0]:
+            return
 
 
 def _summary(
