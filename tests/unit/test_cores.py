@@ -1787,6 +1787,11 @@ def test_a_standalone_primary_answers_writes_at_once(make_link) -> None:
     link.flush()
     assert link.sent["primary"] == [] and link.responses == {}
     assert len(primary.store) == 0
+    # Load chunks too: insert mode leaves a key that holds a value, upsert writes it.
+    assert primary.submit_pairs(["a", "1", "b", "2"], False, link.reply_to("t7")) == Loaded(2, 0)
+    assert primary.submit_pairs(["a", "x", "c", "3"], False, link.reply_to("t8")) == Loaded(1, 1)
+    assert primary.submit_pairs(["a", "y", "d", "4"], True, link.reply_to("t9")) == Loaded(2, 0)
+    assert dict(primary.store.items()) == {"a": "y", "b": "2", "c": "3", "d": "4"}
 
 
 # -- regressions -----------------------------------------------------------------------
