@@ -100,7 +100,24 @@ log = logging.getLogger(__name__)
 _WHOLE_BATCH_OPS = 256
 
 
-_PAIRS_OF = operator.itemgetter(1)  # a layer's {key: value}
+class Layer:
+    """A load chunk in flight (see ``PrimaryCore.layers``): the seq of its batch, its
+    pairs, and their {key: value}, built when first asked (a load alone never asks:
+    only a write of another request, or an upsert chunk, meanwhile)."""
+
+    __slots__ = ("seq", "pairs", "_writes")
+
+    def __init__(self, seq: int, pairs: list[str], writes: dict[str, str] | None) -> None:
+        self.seq = seq
+        self.pairs = pairs
+        self._writes = writes
+
+    def writes(self) -> dict[str, str]:
+        """{key: value}; a key given twice keeps its first pair, as the batch does."""
+        if self._writes is None:
+            pairs = self.pairs
+            self._writes = dict(zip(pairs[-2::-2], pairs[::-2], strict=True))  # last first
+        return self._writes
 
 
 def _forget_batch(overlay: dict[str, tuple[str | None, int]], keys: list[Any], seq: int) -> None:
@@ -172,12 +189,12 @@ class PrimaryCore(ReplicationCore):
         # records that member as our in-sync backup). None: always (the seed's pair).
         self.authority: Callable[[float, str], bool] | None = None
         self.overlay: dict[str, tuple[str | None, int]] = {}
-        # A load chunk is in flight as a layer, (seq, {key: value}), oldest first, not
-        # as overlay entries: one dict built in C, dropped whole at its ack.  Its pairs
-        # are written only where the key holds no value (see ``_layered``); its keys are
-        # not in the overlay when it comes (nor in another layer, in upsert mode), and
-        # a later write of one goes to the overlay, which is therefore read first.
-        self.layers: deque[tuple[int, dict[str, str]]] = deque()
+        # Load chunks in flight as layers, oldest first, not as overlay entries: each
+        # dropped whole at its ack.  Their pairs are written only where the key holds
+        # no value (see ``_layered``); a layer's keys are not in the overlay when it
+        # comes (nor in another layer, in upsert mode), and a later write of one goes
+        # to the overlay, which is therefore read first.
+        self.layers: deque[Layer] = deque()
         # Keyed writes not yet acknowledged: Idempotency-Key -> (fingerprint, the batch
         # that carries it, its outcome); a retry meanwhile is answered with that batch.
         self.keyed: dict[str, tuple[int, Batch, Outcome]] = {}
@@ -279,10 +296,10 @@ class PrimaryCore(ReplicationCore):
         the oldest writes it, unless the store holds it: no other write of it was in
         flight when those layers came, and later ones go to the overlay (read first),
         so what the store holds now is there when they apply."""
-        for seq, layer in self.layers:  # oldest first
-            value = layer.get(key)
+        for layer in self.layers:  # oldest first
+            value = layer.writes().get(key)
             if value is not None:
-                return None if key in self.store else (value, seq)
+                return None if key in self.store else (value, layer.seq)
         return None
 
     # -- epochs ------------------------------------------------------------------
@@ -443,28 +460,38 @@ class PrimaryCore(ReplicationCore):
         if self.machine.acceptance.writes is not WriteRule.REPLICATE:
             return Refused(self.stage, self.role)
         keys = pairs[0::2]
-        fresh = dict(zip(keys, pairs[1::2], strict=True))
         chars = sum(map(len, pairs))
         grows = chars + PAIR_OVERHEAD * len(keys)  # every key new: the most it adds
-        layer: dict[str, str] | None = None
+        layered = False  # whether the chunk travels as a layer
+        writes: dict[str, str] | None = None  # the layer's {key: value}, when known now
         shards: list[int] = []
         stored: list[str | None] | None = None
-        if len(fresh) == len(keys) and self.overlay.keys().isdisjoint(fresh):
-            # No key twice, none with a write in flight outside a load chunk (a load's
-            # common case): the chunk travels as a layer, each pair written where its
-            # key holds no value when the batch is applied.  In insert mode that is
-            # the whole rule: neither the store nor the other layers are looked at
-            # now (the write looks each key up anyway, on both servers, and a key an
-            # earlier layer writes is then taken).  An upsert chunk must write every
-            # pair: it is a layer only when no key holds a value or is in a layer.
-            if not upsert and (not self.max_memory or self.over_memory(grows) is None):
-                shards = self.store.shards_of(keys)
-                layer = fresh
-            elif all(map(fresh.keys().isdisjoint, map(_PAIRS_OF, self.layers))):
+        if (
+            not upsert
+            and self.overlay.keys().isdisjoint(keys)
+            and (not self.max_memory or self.over_memory(grows) is None)
+        ):
+            # Insert mode, no key with a write in flight outside a load chunk (a load's
+            # common case): the chunk travels as it is, a layer, each pair written
+            # where its key holds no value when the batch is applied.  Neither the
+            # store nor the other layers are looked at now: the write looks each key
+            # up anyway, on both servers, and a key written by an earlier pair (of this
+            # chunk or an earlier one) is then taken.
+            shards = self.store.shards_of(keys)
+            layered = True
+        else:
+            # An upsert chunk must write every pair: it is a layer only when no key is
+            # given twice, holds a value, or has a write in flight.
+            fresh = dict(zip(keys, pairs[1::2], strict=True))
+            if (
+                len(fresh) == len(keys)
+                and self.overlay.keys().isdisjoint(fresh)
+                and all(map(fresh.keys().isdisjoint, map(Layer.writes, self.layers)))
+            ):
                 stored, shards = self.store.lookup(keys)
                 if stored.count(None) == len(stored):
-                    layer = fresh
-        if layer is not None:
+                    layered, writes = True, fresh
+        if layered:
             ops: list[str | None] = pairs  # type: ignore[assignment]  # str is a str | None
             skipped = 0
         else:
@@ -478,7 +505,7 @@ class PrimaryCore(ReplicationCore):
                 return full
         outcome = Loaded(len(ops) // 2, skipped)
         if self.standalone:
-            if layer is None:
+            if not layered:
                 self.store.apply(ops)
                 return outcome
             left = len(self.store.add_absent(ops, shards))
@@ -492,7 +519,7 @@ class PrimaryCore(ReplicationCore):
                 or len(queued.ops) + len(ops) > 2 * BATCH_WRITES
                 or queued.chars + chars > BATCH_CHARS
                 # A layer joins only a batch of layers: they are its first pairs.
-                or (layer is not None and 2 * queued.absent != len(queued.ops))
+                or (layered and 2 * queued.absent != len(queued.ops))
             )
         ):
             queued = Batch()
@@ -503,11 +530,11 @@ class PrimaryCore(ReplicationCore):
             queued.grows += grows
             self.pending_write_bytes += grows
             seq = self.sent_seq + len(self.queued)
-            if layer is not None:
+            if layered:
                 queued.chunks.append((len(queued.entries), len(keys)))
                 queued.absent += len(keys)
                 queued.new_shards += shards
-                self.layers.append((seq, layer))
+                self.layers.append(Layer(seq, pairs, writes))
                 queued.layers += 1
                 queued.layered_ops += len(ops)
             else:

@@ -2754,7 +2754,7 @@ def test_writes_and_later_chunks_see_a_load_chunk_of_new_keys_in_flight(link: Li
     submit = primary.submit_pairs
     assert submit(["k", "loaded", "n", "1"], False, link.reply_to(tokens[0])) is None
     link.flush()  # in flight, as a layer of its own
-    assert [seq for seq, _ in primary.layers] == [primary.in_flight[0].seq]
+    assert [layer.seq for layer in primary.layers] == [primary.in_flight[0].seq]
     assert primary.overlay == {} and primary.visible("k") == "loaded"
     assert link.read("primary", GET, "k") == Done(False, "")  # not acknowledged yet
     assert link.submit(tokens[1], INSERT, "k", "again") is None  # waits: "k" is taken
@@ -2838,11 +2838,12 @@ def test_insert_chunks_in_flight_may_share_keys_and_the_first_pair_wins(link: Li
     submit = primary.submit_pairs
     assert submit(["k", "first", "held", "x"], False, link.reply_to(tokens[0])) is None
     link.flush()
-    assert submit(["k", "second", "m", "1", "held", "y"], False, link.reply_to(tokens[1])) is None
-    assert len(primary.layers) == 2  # not looked at against the first
-    assert (
-        primary.pending("k") == ("first", primary.layers[0][0]) and primary.visible("k") == "first"
-    )
+    second = ["k", "second", "m", "1", "held", "y", "m", "again"]
+    assert submit(second, False, link.reply_to(tokens[1])) is None
+    assert len(primary.layers) == 2  # not looked at against the first, nor itself
+    assert primary.pending("k") == ("first", primary.layers[0].seq)
+    assert primary.pending("m") == ("1", primary.layers[1].seq)  # a key's first pair
+    assert primary.visible("k") == "first"
     assert primary.pending("held") is None and primary.visible("held") == "old"
     assert link.submit(tokens[2], INSERT, "k", "third") is None  # answered in its turn
     # Upsert mode writes every pair: a key in a layer sends it pair by pair.
@@ -2854,7 +2855,7 @@ def test_insert_chunks_in_flight_may_share_keys_and_the_first_pair_wins(link: Li
     link.run()
     assert [link.responses[t] for t in tokens] == [
         Loaded(1, 1),
-        Loaded(1, 2),
+        Loaded(1, 3),
         Done(False),
         Loaded(1, 0),
     ]
