@@ -15,6 +15,7 @@ they are left the most CPU to the servers (``docs/performance.md``, "Bulk load")
 from __future__ import annotations
 
 import http.client
+import io
 import select
 import socket
 import ssl
@@ -87,8 +88,8 @@ def load_stream(
         if token is not None:
             head += b"Authorization: Bearer %s\r\n" % token.encode()
         sock.sendall(head + b"\r\n")
-        _send_blocks(sock, source, progress)
-        response = http.client.HTTPResponse(sock)
+        early = _send_blocks(sock, source, progress)
+        response = http.client.HTTPResponse(_Replayed(early, sock) if early else sock)  # type: ignore[arg-type]
         response.begin()
         body = response.read()
         return _summary(response.status, response.headers, body, time.monotonic() - started)
@@ -98,21 +99,68 @@ def load_stream(
 
 def _send_blocks(
     sock: socket.socket, source: BinaryIO, progress: Callable[[int], None] | None
-) -> None:
+) -> bytes:
     """Send ``source`` a block per HTTP chunk until its end or an answer from the
-    server (the load stopped: the rest would be read and dropped)."""
+    server (the load stopped: the rest would be read and dropped).  Returns the
+    start of that answer when it had to be read to be told from TLS's own records."""
     read = 0
     while True:
         block = source.read(BLOCK)
         if not block:
             sock.sendall(b"0\r\n\r\n")
-            return
+            return b""
         sock.sendall(b"%x\r\n%s\r\n" % (len(block), block))
         read += len(block)
         if progress is not None:
             progress(read)
         if select.select([sock], [], [], 0)[0]:
-            return
+            if not isinstance(sock, ssl.SSLSocket):
+                return b""  # the answer (or the end of the connection) is there to read
+            early = _application_data(sock)
+            if early is not None:
+                return early
+
+
+def _application_data(sock: ssl.SSLSocket) -> bytes | None:
+    """What a TLS socket that polled readable holds for the application: None when
+    it was only TLS's own records (a TLS 1.3 server sends session tickets after the
+    handshake), b"" at the end of the connection."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1 << 16)
+    except ssl.SSLWantReadError:
+        return None
+    finally:
+        sock.settimeout(timeout)
+
+
+class _Replayed:
+    """A socket whose first bytes were read already: ``http.client`` reads the reply
+    from ``makefile``, which gives those bytes back before the rest."""
+
+    def __init__(self, head: bytes, sock: socket.socket) -> None:
+        self._raw = _ReplayedRaw(head, sock)
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self._raw)
+
+
+class _ReplayedRaw(io.RawIOBase):
+    def __init__(self, head: bytes, sock: socket.socket) -> None:
+        self._head = head
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._head:
+            count = min(len(buffer), len(self._head))
+            buffer[:count] = self._head[:count]
+            self._head = self._head[count:]
+            return count
+        return self._sock.recv_into(buffer)
 
 
 def _summary(

@@ -353,6 +353,26 @@ def test_tls_pair_syncs_and_serves(make_pair, authority) -> None:
     assert "channel over TLS" in pair.log("backup")
 
 
+def test_pbkv_load_streams_a_file_of_several_blocks_over_tls(make_pair, authority) -> None:
+    """A load's body goes out a block at a time while the client watches for an early
+    reply: what TLS itself sends after the handshake (session tickets) is not one."""
+    from pbkv.bulk import json_lines
+
+    pair = tls_pair(make_pair, authority)
+    start_tls_pair(pair)
+    pairs = [(f"key-{i:08d}", "v" * 100) for i in range(30_000)]  # over 3 MiB: 4 blocks
+    command = [sys.executable, "-m", "pbkv", "--config", str(pair.config), "load", "-"]
+    done = subprocess.run(command, input=json_lines(pairs), capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert b"30000 pairs written" in done.stdout, done.stdout
+    assert len(pair.dump("backup")) == 30_000
+    # An invalid line early in a long file: the answer comes while the client sends.
+    data = json_lines(pairs[:5]) + b"not json\n" + json_lines(pairs) * 7  # over 20 MiB
+    done = subprocess.run(command, input=data, capture_output=True, timeout=60)
+    assert done.returncode == 2
+    assert b"line 6: not valid JSON" in done.stderr, done.stderr
+
+
 def test_the_backup_over_tls_redirects_to_https(make_pair, authority) -> None:
     primary_cert, primary_key = authority.issue("primary", "127.0.0.1")
     pair = make_pair(
