@@ -129,7 +129,7 @@ def _application_data(sock: ssl.SSLSocket) -> bytes | None:
     sock.setblocking(False)
     try:
         return sock.recv(1 << 16)
-    except ssl.SSLWantReadError:
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
         return None
     finally:
         sock.settimeout(timeout)
