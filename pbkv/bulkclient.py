@@ -135,21 +135,16 @@ def _application_data(sock: ssl.SSLSocket) -> bytes | None:
         sock.settimeout(timeout)
 
 
-class _Replayed:
+class _Replayed(io.RawIOBase):
     """A socket whose first bytes were read already: ``http.client`` reads the reply
-    from ``makefile``, which gives those bytes back before the rest."""
+    through ``makefile``, which gives those bytes back before the rest."""
 
-    def __init__(self, head: bytes, sock: socket.socket) -> None:
-        self._raw = _ReplayedRaw(head, sock)
-
-    def makefile(self, mode: str) -> io.BufferedReader:
-        return io.BufferedReader(self._raw)
-
-
-class _ReplayedRaw(io.RawIOBase):
     def __init__(self, head: bytes, sock: socket.socket) -> None:
         self._head = head
         self._sock = sock
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(self)
 
     def readable(self) -> bool:
         return True

@@ -215,10 +215,9 @@ class SimNode(Process):
         """A write at the primary, as ``Node.submit`` passes it with persistence: with
         ``always`` its reply waits until its batch is durable, and so does a retry's
         answered from the table while records wait for their fsync."""
-        core, disk = self.primary, self.disk
-        if disk is not None and disk.always:
-            reply = disk.durable(reply)
-        outcome = core.submit(command, key, value, reply, ident)
+        disk = self.disk
+        reply = self._durable(reply)
+        outcome = self.primary.submit(command, key, value, reply, ident)
         if outcome is not None and ident is not None and disk is not None and disk.holding:
             reply(outcome)
             return None
@@ -226,10 +225,12 @@ class SimNode(Process):
 
     def submit_pairs(self, pairs: list[str], reply: Reply) -> Outcome | None:
         """A bulk load chunk in insert mode at the primary, as ``Node.submit_pairs``."""
+        return self.primary.submit_pairs(pairs, False, self._durable(reply))
+
+    def _durable(self, reply: Reply) -> Reply:
+        """``reply``, held with ``always`` until the records before it are durable."""
         disk = self.disk
-        if disk is not None and disk.always:
-            reply = disk.durable(reply)
-        return self.primary.submit_pairs(pairs, False, reply)
+        return disk.durable(reply) if disk is not None and disk.always else reply
 
 
 @dataclass
