@@ -64,6 +64,7 @@ MODULES = (
     "pbkv.persist.log",
     "pbkv.primary",
     "pbkv.routes",
+    "pbkv.stages",
     "pbkv.store",
     "pbkv.text",
     "pbkv.wire",

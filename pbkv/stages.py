@@ -42,6 +42,11 @@ class Stage(enum.Enum):
     WARM_START = "warm_start"
     IN_SYNC = "in_sync"
 
+    # Members are singletons compared by identity: hashed by identity too, in C (as
+    # ``Command``: Enum's own __hash__ is Python code, and every frame looks its
+    # handshake step up in a table keyed by these).
+    __hash__ = object.__hash__
+
 
 class Event(enum.Enum):
     # Primary: outcome of looking for the backup / of a handshake.
@@ -194,6 +199,8 @@ ACCEPTANCE = {Role.PRIMARY: PRIMARY_ACCEPTANCE, Role.BACKUP: BACKUP_ACCEPTANCE}
 
 
 class Step(enum.Enum):
+    __hash__ = object.__hash__  # as Stage's
+
     NONE = "none"  # no channel
     # With a secret: the primary sent its nonce and awaits the backup's nonce and proof;
     AWAIT_AUTH_RESPONSE = "await_auth_response"
@@ -305,7 +312,7 @@ class StageMachine:
 
     def __init__(
         self,
-        role: Role,
+        role: Role | str,  # a name too: the machine holds the Role
         initial: Stage,
         on_transition: Callable[[Stage, Stage, str], None] | None = None,
     ) -> None:
@@ -337,7 +344,7 @@ class StageMachine:
 class Handshake:
     """The current handshake step of one role, moved only along its table."""
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role | str) -> None:
         self.role = Role(role)
         self.table = HANDSHAKES[self.role]
         self.step = Step.NONE
@@ -409,6 +416,13 @@ class State:
     seq: int
     checksum: int
     count: int
+
+    def __init__(self, seq: int, checksum: int, count: int) -> None:
+        # Written out: compiled, it builds the object natively (made per batch; see
+        # ``compiled.py``).
+        object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "checksum", checksum)
+        object.__setattr__(self, "count", count)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2260,6 +2260,7 @@ def test_a_rollback_to_a_recorded_seq_but_a_state_it_never_held_is_refused(make_
     assert backup.seq == seq and backup.store.checksum == checksum
 
 
+@pytest.mark.pure_python
 def test_catches_a_backup_that_skips_without_comparing_its_copy(make_link, monkeypatch) -> None:
     import pbkv.backup
     from pbkv.stages import Directive, refusal
