@@ -332,7 +332,8 @@ class BackupCore(ReplicationCore):
         # passed on is what the batch wrote: replayed anywhere, it writes the same.
         self.persist_batch(seq, written, frame.time, frame.keyed)
         self.batches_applied += 1
-        self.send(Ack(seq, epoch=self.epoch))
+        store = self.store
+        self.send(Ack(seq, store.checksum, len(store), epoch=self.epoch))
         if self.tap is not None:
             if frame.absent:
                 frame = Batch(seq, written, frame.time, frame.keyed, epoch=frame.epoch)

@@ -202,6 +202,10 @@ COUNTERS: dict[str, tuple[str, str]] = {
         "catchups_sent",
     ),
     "pbkv_writes_rewound": ("Writes rewound after a replication failure", "writes_rewound"),
+    "pbkv_backup_diverged": (
+        "Acknowledgements whose checksum was not the primary's after the batch",
+        "backup_diverged",
+    ),
     "pbkv_writes_replayed": (
         "Retries with an Idempotency-Key answered without being applied again",
         "writes_replayed",

@@ -217,6 +217,9 @@ class PrimaryCore(ReplicationCore):
         self.batches_sent = 0
         # Acknowledged batches: how many, their writes, and the sum of round trips.
         self.batches_acked = 0
+        # Acknowledgements whose copy was not ours after the batch (a bug, or memory gone
+        # bad): each closed the channel, and the handshake sent our copy whole.
+        self.backup_diverged = 0
         self.writes_replicated = 0
         self.ack_seconds_total = 0.0
         # Retrying: whether a retry timer is set (otherwise an attempt is under way, or
@@ -726,7 +729,8 @@ class PrimaryCore(ReplicationCore):
             store.apply(ops)
         keyed = batch.keyed
         store.idempotency.apply(batch.time, keyed)  # as the backup did: both expire alike
-        self._record_applied(batch, written, checksum_before, count_before)
+        after = State(seq, store.checksum, len(store))
+        self._record_applied(batch, written, checksum_before, count_before, after)
         if keyed:  # no longer in flight (a C-level pass: a batch may hold hundreds)
             deque(map(self.keyed.pop, keyed[0::BATCH_ITEMS], itertools.repeat(None)), maxlen=0)
         self.pending_write_bytes -= batch.grows
@@ -748,6 +752,22 @@ class PrimaryCore(ReplicationCore):
         self.writes_replicated += len(written) // 2
         self.ack_seconds_total += self.now - batch.sent_at
         self._answer(batch)
+        if (frame.checksum, frame.count) != (after.checksum, after.count):
+            # Its writes are in both copies (answered as such), but the backup's copy is
+            # not ours: nothing more goes to it until a handshake has made it ours again
+            # (our copy differs from its: sent whole).
+            self.backup_diverged += 1
+            log.error(
+                "primary: after batch %d the backup holds %d pairs, checksum %032x; we hold "
+                "%d, %032x: its copy went astray peer=backup",
+                seq,
+                frame.count,
+                frame.checksum,
+                after.count,
+                after.checksum,
+            )
+            self.lose_channel(f"the backup's copy differs from ours after batch {seq}")
+            return Step.NONE
         self.flush(self.now)
         return Step.STREAMING
 
@@ -763,12 +783,15 @@ class PrimaryCore(ReplicationCore):
             first += pairs
 
     def _record_applied(
-        self, batch: Batch, written: list[Any], checksum_before: int, count_before: int
+        self,
+        batch: Batch,
+        written: list[Any],
+        checksum_before: int,
+        count_before: int,
+        after: State,
     ) -> None:
         """Keep the batch just applied (the pairs it wrote) for a member that lags
         (``catchup.py``)."""
-        store = self.store
-        after = State(batch.seq, store.checksum, len(store))
         self.applied_record.applied(
             batch.seq,
             written,
@@ -944,6 +967,7 @@ class PrimaryCore(ReplicationCore):
             idempotency_keys_reused=self.keys_reused,
             batches_sent=self.batches_sent,
             batches_acked=self.batches_acked,
+            backup_diverged=self.backup_diverged,
             catchups_sent=self.catchups_sent,
             catchup_record_batches=len(self.applied_record),
             writes_replicated=self.writes_replicated,

@@ -405,14 +405,22 @@ class Batch(Frame):
 
 @dataclass(frozen=True, slots=True, init=False)
 class Ack(Frame):
-    seq: int
+    """A backup applied batch ``seq``, after which its copy has this checksum and count:
+    the primary compares them with its own after the batch, so a copy that went
+    astray is found at the batch where it did, not at the next handshake."""
 
-    def __init__(self, seq: int, *, epoch: int = 0) -> None:
+    seq: int
+    checksum: int
+    count: int
+
+    def __init__(self, seq: int, checksum: int, count: int, *, epoch: int = 0) -> None:
         object.__setattr__(self, "seq", seq)
+        object.__setattr__(self, "checksum", checksum)
+        object.__setattr__(self, "count", count)
         object.__setattr__(self, "epoch", epoch)
 
     def to_wire(self) -> list[Any]:
-        return [FrameType.ACK, self.seq]
+        return [FrameType.ACK, self.seq, checksum_to_bytes(self.checksum), self.count]
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -626,7 +634,7 @@ FRAMES: dict[FrameType, tuple[type[Frame], tuple[Callable[[Any], Any], ...]]] = 
         (_text, _flag, _checksum, _count, _count, _history, _undo_points, _epoch, _member, _flag),
     ),
     FrameType.BATCH: (Batch, (_count, _operations, _count, _batch_entries, _count)),
-    FrameType.ACK: (Ack, (_count,)),
+    FrameType.ACK: (Ack, (_count, _checksum, _count)),
     FrameType.HEARTBEAT: (Heartbeat, (_count,)),
     FrameType.FETCH: (Fetch, ()),
     FrameType.SNAPSHOT_BEGIN: (SnapshotBegin, (_shard_count, _count)),

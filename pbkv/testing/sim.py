@@ -171,6 +171,7 @@ class SimNode(Process):
         sim = self.sim
         if isinstance(self.core, PrimaryCore):
             sim.replays += self.core.writes_replayed
+            sim.divergences += self.core.backup_diverged
         if self.core is not None:
             sim.entries_replaced += self.core.store.idempotency.replaced
         if self.disk is not None:
@@ -393,6 +394,9 @@ class Simulation(Network):
         self.open_operations = 0  # called, not yet ended (a keyed one may be retrying)
         self.retried = 0  # keyed operations that took more than one attempt
         self.replays = 0  # retries the primary answered with a remembered reply (all lives)
+        # ACKs whose checksum was not the primary's after the batch (all lives): never,
+        # when both cores are right.
+        self.divergences = 0
         self.entries_replaced = 0  # idempotency entries that replaced one of the same key
         # Values of writes refused for max_memory: none may ever be read or kept.
         self.refused_values: set[str] = set()
@@ -833,7 +837,9 @@ class Simulation(Network):
         self.run_until(self.now + 5.0)
         self.run_until(self.now + 2 * RETRY_DEADLINE, lambda: self.open_operations == 0)
         last = self.nodes[PRIMARY].core
-        self.replays += last.writes_replayed if isinstance(last, PrimaryCore) else 0
+        if isinstance(last, PrimaryCore):
+            self.replays += last.writes_replayed
+            self.divergences += last.backup_diverged
         result = RunResult(self.seed, True, operations=len(self.operations), faults=self.fault_log)
         if self.forced_persistence != "off":
             result.forced_persistence = self.forced_persistence
@@ -864,6 +870,13 @@ class Simulation(Network):
             only = sorted(set(tables[0].items()) ^ set(tables[1].items()))[:4]
             result.ok = False
             result.explanation = f"the idempotency tables differ after sync: {only}"
+            return result
+        if self.divergences:
+            result.ok = False
+            result.explanation = (
+                f"the backup's copy was not the primary's after a batch, {self.divergences} "
+                "times (its ACK's checksum)"
+            )
             return result
         twice = sorted(
             [v for v, n in self.values_applied.items() if n > 1]

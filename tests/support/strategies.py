@@ -63,7 +63,7 @@ fields: st.SearchStrategy[Frame] = st.one_of(
     st.builds(Rollback, counts, checksums, counts),
     st.builds(Batch, counts, ops, counts, keyed),
     st.builds(IdempotencyChunk, counts, transferred),
-    st.builds(Ack, counts),
+    st.builds(Ack, counts, checksums, counts),
     st.builds(Heartbeat, counts),
     st.builds(Fetch),
     st.builds(SnapshotBegin, shard_counts, counts),

@@ -160,14 +160,14 @@ def test_replayed_frame_is_rejected() -> None:
 
 def test_reordered_or_dropped_frames_are_rejected() -> None:
     primary, backup = secured_pair()
-    first = primary.encode(Ack(1))
-    second = primary.encode(Ack(2))
+    first = primary.encode(Ack(1, 0, 0))
+    second = primary.encode(Ack(2, 0, 0))
     with pytest.raises(FrameError):
         backup.feed(second + first)
     primary, backup = secured_pair()
-    primary.encode(Ack(1))  # sent, lost on the way
+    primary.encode(Ack(1, 0, 0))  # sent, lost on the way
     with pytest.raises(FrameError):
-        backup.feed(primary.encode(Ack(2)))
+        backup.feed(primary.encode(Ack(2, 0, 0)))
 
 
 def test_injected_frames_are_rejected() -> None:
@@ -183,19 +183,19 @@ def test_injected_frames_are_rejected() -> None:
     # A frame the backup itself sent, reflected to it, fails: each direction has its key.
     primary, backup = secured_pair()
     with pytest.raises(FrameError):
-        backup.feed(backup.encode(Ack(1)))
+        backup.feed(backup.encode(Ack(1, 0, 0)))
 
 
 def test_good_frames_before_a_bad_one_are_kept_and_the_decoder_stays_failed() -> None:
     primary, backup = secured_pair()
-    good = primary.encode(Ack(1))
-    bad = bytearray(primary.encode(Ack(2)))
+    good = primary.encode(Ack(1, 0, 0))
+    bad = bytearray(primary.encode(Ack(2, 0, 0)))
     bad[-1] ^= 1
     with pytest.raises(FrameError) as caught:
         backup.feed(good + bytes(bad))
-    assert caught.value.frames == [Ack(1)]
+    assert caught.value.frames == [Ack(1, 0, 0)]
     with pytest.raises(FrameError):
-        backup.feed(primary.encode(Ack(3)))
+        backup.feed(primary.encode(Ack(3, 0, 0)))
 
 
 def test_oversized_length_is_rejected_before_buffering() -> None:
@@ -223,7 +223,7 @@ def test_switch_from_plain_to_keyed_between_two_frames_of_one_read() -> None:
     with pytest.raises(FrameError):
         backup.secure(*keys.for_role("backup"))
     # And back: the backup's keyed reply decodes on the primary.
-    assert primary.feed(backup.encode(Ack(1))) == [Ack(1)]
+    assert primary.feed(backup.encode(Ack(1, 0, 0))) == [Ack(1, 0, 0)]
 
 
 def test_plain_mode_is_the_wire_format() -> None:

@@ -48,6 +48,7 @@ from pbkv.roles import promoted
 from pbkv.stages import Copy, Directive, ProtocolError, Role, Stage, State, plan
 from pbkv.store import PAIR_OVERHEAD, ShardedStore, make_store, shard_of
 from pbkv.wire import (
+    Ack,
     Batch,
     Catchup,
     Frame,
@@ -1454,7 +1455,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
     link.submit(token, UPDATE, "a", "2")
     link.flush()
 
-    link.inject("primary", [FrameType.ACK, primary.in_flight[0].seq + 7])
+    link.inject("primary", [FrameType.ACK, primary.in_flight[0].seq + 7, bytes(16), 0])
 
     assert link.closed_by[-1][0] == "primary"
     assert "unexpected batch" in link.closed_by[-1][1]
@@ -1467,7 +1468,7 @@ def test_an_ack_for_the_wrong_batch_closes_the_channel(link: Link) -> None:
 @pytest.mark.parametrize(
     ("role", "frame"),
     [
-        ("primary", [FrameType.ACK, 1]),  # nothing in flight
+        ("primary", [FrameType.ACK, 1, bytes(16), 0]),  # nothing in flight
         ("primary", [FrameType.HELLO, "backup", True, bytes(16), 0, 0, 7, [], 0, "", False]),
         ("primary", [FrameType.SYNC_ACK, bytes(16)]),
         ("primary", [FrameType.SHARD_CHUNK, 0, ["k", "v"]]),
@@ -1500,7 +1501,7 @@ def test_an_unexpected_frame_in_sync_closes_the_channel(
         ("backup", [FrameType.BATCH, "not a number"]),
         ("backup", [FrameType.BATCH, 2, ["k", "v", 7, "v"], 0, [], 0]),  # an integer key mid-batch
         ("backup", [FrameType.BATCH, 2, ["k", 7], 0, [], 0]),
-        ("primary", [FrameType.ACK, "1"]),
+        ("primary", [FrameType.ACK, "1", bytes(16), 0]),
         ("primary", [FrameType.HELLO, "backup"]),
     ],
     ids=lambda v: v if isinstance(v, str) else FrameType(v[0]).name,
@@ -2271,6 +2272,54 @@ def test_catches_a_backup_that_skips_without_comparing_its_copy(make_link, monke
     monkeypatch.setattr(pbkv.backup, "refusal", no_comparison_on_skip)
     with pytest.raises(AssertionError):
         test_a_skip_whose_checksum_differs_from_the_backups_copy_is_refused(make_link)
+
+
+# -- every acknowledgement says what the backup holds ------------------------------------
+
+
+def test_an_ack_carries_the_backups_checksum_and_count_after_the_batch(link: Link) -> None:
+    primary, backup = in_sync_pair(link, DATA)
+    assert link.write(INSERT, "new", "v") == Done(True)
+    ack = link.sent["backup"][-1]
+    assert isinstance(ack, Ack) and ack.seq == backup.seq == primary.seq
+    assert (ack.checksum, ack.count) == (primary.store.checksum, len(primary.store))
+    assert primary.backup_diverged == 0
+
+
+def test_a_backup_whose_copy_went_astray_is_found_at_the_next_batch_and_sent_ours(
+    link: Link,
+) -> None:
+    """The batch's writes are in both copies and answered so; the channel closes (the
+    writes after it are rewound) and the handshake sends the primary's copy whole."""
+    primary, backup = in_sync_pair(link, DATA)
+    backup.store.write("key3", "went astray")  # what no batch did: a bug, bad memory
+    closed = len(link.closed_by)
+    link.paused.add("primary")  # its ACK waits
+    first, second = link.token(), link.token()
+    assert link.submit(first, INSERT, "new", "v") is None
+    link.flush()
+    assert link.submit(second, INSERT, "after", "v") is None  # behind it
+    link.flush()
+    assert second not in link.responses
+    link.paused.clear()
+    link.run()
+
+    assert link.responses[first] == Done(True)
+    assert link.responses[second] == REPLICATION_FAILED
+    assert primary.store.get("new") == "v" and primary.store.get("after") is None
+    assert primary.backup_diverged == 1
+    assert primary.status(link.now)["backup_diverged"] == 1
+    reason = f"the backup's copy differs from ours after batch {primary.seq}"
+    assert link.closed_by[closed] == ("primary", reason)
+    assert "its copy went astray" in link.caplog.text
+    full = primary.resyncs_full
+    link.fire("primary", RETRY)
+    assert primary.resyncs_full == full + 1
+    assert (primary.stage, backup.stage) == (S.IN_SYNC, S.IN_SYNC)
+    assert backup.store.get("key3") == DATA["key3"] and backup.store.get("new") == "v"
+    assert_same_data(primary, backup)
+    assert link.write(INSERT, "later", "v") == Done(True)
+    assert primary.backup_diverged == 1
 
 
 # -- max_memory, timers ----------------------------------------------------------------

@@ -31,6 +31,7 @@ class CoreApp:
     def __init__(self) -> None:
         self.core = PrimaryCore(Settings(), make_store("sharded", 4), 0.0, initial=Stage.IN_SYNC)
         self.core.confirmed = True
+        self.backup = self.core.store.empty_like()  # the copy the test's backup holds
         self.submitted: list[str | None] = []
 
     def read(self, command: Command, key: str) -> Outcome:
@@ -45,8 +46,13 @@ class CoreApp:
     def acknowledge(self) -> None:
         core = self.core
         core.flush(1.0)
+        backup = self.backup
         while core.in_flight:
-            core._batch_acked(Ack(core.in_flight[0].seq))
+            batch = core.in_flight[0]
+            assert not batch.absent  # no load chunks here
+            backup.apply(batch.ops)
+            backup.idempotency.apply(batch.time, batch.keyed)
+            core._batch_acked(Ack(batch.seq, backup.checksum, len(backup)))
         for action in core.take_actions():
             if isinstance(action, Respond):
                 action.reply(action.outcome)

@@ -59,7 +59,7 @@ def test_every_value_comes_from_the_status_or_the_request_counts():
     status = primary_status(
         keys=7, seq=9, lag=2, peer_connected=True, batches_sent=9, writes_replicated=30
     )
-    status.update(batches_acked=8, ack_seconds_total=0.25)
+    status.update(batches_acked=8, ack_seconds_total=0.25, backup_diverged=1)
     metrics = Metrics(lambda: status)
     metrics.count(Command.INSERT)
     metrics.count(Command.INSERT)
@@ -96,6 +96,7 @@ def test_every_value_comes_from_the_status_or_the_request_counts():
     assert samples["pbkv_replication_ack_seconds_sum", ()] == 0.25
     assert samples["pbkv_writes_replicated_total", role] == 30
     assert samples["pbkv_batches_total", role] == 9
+    assert samples["pbkv_backup_diverged_total", role] == 1
     assert samples["pbkv_clients_refused_total", role] == 1
     assert samples["pbkv_bodies_refused_total", role] == 2
     assert samples["pbkv_connections_timed_out_total", role] == 4
@@ -127,6 +128,7 @@ def test_the_backup_counts_batches_applied_and_has_no_acknowledgements():
     assert samples["pbkv_stage", (("role", "backup"), ("stage", "in_sync"))] == 1
     names = {name for name, _ in samples}
     assert "pbkv_writes_rewound_total" not in names  # a primary's counter
+    assert "pbkv_backup_diverged_total" not in names
     assert not any(name.startswith("pbkv_replication_ack_seconds") for name in names)
     assert "pbkv_writes_replicated_total" not in names
 

@@ -127,7 +127,7 @@ def test_a_checksum_travels_as_16_big_endian_bytes() -> None:
 
 
 # -- the epoch: in every frame's header ----------------------------------------------------
-@pytest.mark.parametrize("frame", [Batch(3, ["k", "v"]), Ack(1), Heartbeat(2), Fence("why")])
+@pytest.mark.parametrize("frame", [Batch(3, ["k", "v"]), Ack(1, 0, 0), Heartbeat(2), Fence("why")])
 @pytest.mark.parametrize("keyed", [False, True])
 def test_every_frame_carries_its_epoch_in_the_header(frame: Frame, keyed: bool) -> None:
     sender, receiver = FrameCodec(), FrameCodec()
@@ -144,12 +144,12 @@ def test_every_frame_carries_its_epoch_in_the_header(frame: Frame, keyed: bool) 
 
 def test_frames_of_different_epochs_differ() -> None:
     assert Batch(1, ["k", "v"]) != Batch(1, ["k", "v"], epoch=1)
-    assert Ack(1).epoch == 0 and Ack(1, epoch=5).epoch == 5
+    assert Ack(1, 0, 0).epoch == 0 and Ack(1, 0, 0, epoch=5).epoch == 5
 
 
 def test_a_raw_list_travels_under_the_epoch_it_is_given() -> None:
-    (frame,) = FrameCodec().feed(encode([FrameType.ACK, 4], epoch=7))
-    assert frame == Ack(4, epoch=7)
+    (frame,) = FrameCodec().feed(encode([FrameType.ACK, 4, checksum_to_bytes(0), 0], epoch=7))
+    assert frame == Ack(4, 0, 0, epoch=7)
 
 
 @pytest.mark.parametrize("keyed", [False, True])
@@ -198,11 +198,15 @@ def test_a_batch_says_how_many_of_its_first_pairs_are_written_where_absent() -> 
 @pytest.mark.parametrize(
     ("items", "why"),
     [
-        ([FrameType.ACK], "has 0 fields, expected 1"),
-        ([FrameType.ACK, 1, 2], "has 2 fields"),
-        ([FrameType.ACK, "1"], "non-negative integer"),
-        ([FrameType.ACK, -1], "non-negative integer"),
-        ([FrameType.ACK, True], "non-negative integer"),
+        ([FrameType.ACK], "has 0 fields, expected 3"),
+        ([FrameType.ACK, 1], "has 1 fields, expected 3"),
+        ([FrameType.ACK, 1, bytes(16), 0, 2], "has 4 fields"),
+        ([FrameType.ACK, "1", bytes(16), 0], "non-negative integer"),
+        ([FrameType.ACK, -1, bytes(16), 0], "non-negative integer"),
+        ([FrameType.ACK, True, bytes(16), 0], "non-negative integer"),
+        ([FrameType.ACK, 1, bytes(15), 0], "16-byte checksum"),
+        ([FrameType.ACK, 1, 0, 0], "16-byte checksum"),
+        ([FrameType.ACK, 1, bytes(16), -1], "non-negative integer"),
         ([FrameType.HEARTBEAT, 1.5], "non-negative integer"),
         ([FrameType.HELLO, "backup", 1, bytes(16), 0, 0, 0, [], 0, "", False], "true or false"),
         (
@@ -299,7 +303,9 @@ def test_a_malformed_frame_is_refused_at_decode(items: list[Any], why: str) -> N
 @pytest.mark.parametrize(
     ("items", "field"),
     [
-        ([FrameType.ACK, -1], "ACK field 1"),
+        ([FrameType.ACK, -1, bytes(16), 0], "ACK field 1"),
+        ([FrameType.ACK, 1, bytes(17), 0], "ACK field 2"),
+        ([FrameType.ACK, 1, bytes(16), None], "ACK field 3"),
         ([FrameType.BATCH, "1", [], 0, [], 0], "BATCH field 1"),
         ([FrameType.BATCH, 1, ["k"], 0, [], 0], "BATCH field 2"),
         ([FrameType.BATCH, 1, [], None, [], 0], "BATCH field 3"),
@@ -387,17 +393,17 @@ def test_length_over_max_frame() -> None:
 
 
 def test_incomplete_frame_waits() -> None:
-    data = encode(Ack(7))
+    data = encode(Ack(7, 0, 0))
     decoder = FrameCodec()
     assert decoder.feed(data[: HEADER_SIZE - 1]) == []
     assert decoder.feed(data[HEADER_SIZE - 1 : -1]) == []
-    assert decoder.feed(data[-1:] + data[:3]) == [Ack(7)]
-    assert decoder.feed(data[3:]) == [Ack(7)]
+    assert decoder.feed(data[-1:] + data[:3]) == [Ack(7, 0, 0)]
+    assert decoder.feed(data[3:]) == [Ack(7, 0, 0)]
 
 
 def test_a_bad_frame_hands_back_the_good_frames_before_it():
     good = [encode(Heartbeat(n)) for n in range(3)]
-    bad = bytearray(encode(Ack(7)))
+    bad = bytearray(encode(Ack(7, 0, 0)))
     bad[-1] ^= 0x01
     with pytest.raises(FrameError) as info:
         FrameCodec().feed(b"".join(good) + bytes(bad))
