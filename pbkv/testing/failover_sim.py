@@ -302,6 +302,8 @@ class Member(Process):
             self.close_candidate(candidate, "the role changed")
         self.close_channel("the role changed")
         self.core = new
+        if isinstance(new, PrimaryCore):
+            self.sim.primary_cores.append(new)
         new.start(self.clock())
         new.drain(self)
 
@@ -438,6 +440,9 @@ class Simulation(Network):
         self.record_ever = False
         self.beliefs = [self.rng.randrange(len(ADDRESSES)) for _ in range(CLIENTS)]
         self.operations: list[linearizability.Operation] = []
+        # Every core that served as primary: their ACKs that found the backup's copy not
+        # theirs after a batch are counted as a violation (never, when the cores are right).
+        self.primary_cores: list[PrimaryCore] = []
         self.stats = Stats()
         self.fault_log: list[str] = []
         self._values = itertools.count()
@@ -794,6 +799,9 @@ class Simulation(Network):
                 for m in self.members
             }
             raise Violation("liveness", f"no primary in sync with a backup again: {states}")
+        diverged = sum(core.backup_diverged for core in self.primary_cores)
+        if diverged:
+            raise Violation("divergence", f"{diverged} ACKs found the backup's copy not ours")
         verdict = linearizability.check(self.operations, final=final, timeout=20.0)
         if verdict.ok is False:
             raise Violation("linearizability", verdict.explanation)

@@ -102,3 +102,24 @@ def test_a_promotion_that_forgets_the_idempotency_table_is_caught(monkeypatch) -
     monkeypatch.setattr(failover_sim, "promoted", forgetting)
     caught = next((o for o in map(run_seed, range(BUG_SEEDS)) if o.violation is not None), None)
     assert caught is not None, f"a forgotten table went unnoticed in {BUG_SEEDS} seeds"
+
+
+@pytest.mark.pure_python
+def test_a_backup_whose_copy_goes_astray_is_caught_at_its_acknowledgement(monkeypatch) -> None:
+    """A backup that changes a pair no batch changed: the ACK's checksum is not the
+    primary's after that batch, and the run reports it (the primary resyncs the copy,
+    so the final contents alone would not show it)."""
+    from pbkv.backup import BackupCore
+
+    real = BackupCore._apply
+
+    def astray(self, seq, ops, time, keyed, absent=0):  # type: ignore[no-untyped-def]
+        written = real(self, seq, ops, time, keyed, absent)
+        if seq % 7 == 3 and ops:
+            self.store.write(ops[0], "astray")
+        return written
+
+    monkeypatch.setattr(BackupCore, "_apply", astray)
+    outcomes = [run_seed(seed) for seed in range(10)]
+    caught = [o for o in outcomes if o.violation is not None and o.violation.kind == "divergence"]
+    assert len(caught) >= 5, [str(o.violation) for o in outcomes]
