@@ -141,6 +141,10 @@ class _ReplicatedApp:
         self.core = PrimaryCore(Settings(), make_store("sharded", 16), 0.0, initial=Stage.IN_SYNC)
         self.core.confirmed = True
         self.core.codec = FrameCodec()
+        # The backup's copy, for the checksum its ACK carries; the CPU it takes is the
+        # backup's, counted apart and left out of the primary's (``backup_seconds``).
+        self.backup = self.core.store.empty_like()
+        self.backup_seconds = 0.0
 
     def read(self, command: Any, key: str) -> Any:
         return self.core.read(command, key)
@@ -154,10 +158,17 @@ class _ReplicatedApp:
         from pbkv.actions import Respond
         from pbkv.wire import Ack
 
-        core = self.core
+        core, backup = self.core, self.backup
         core.flush(1.0)
         while core.in_flight:
-            core._batch_acked(Ack(core.in_flight[0].seq))
+            batch = core.in_flight[0]
+            assert not batch.absent  # no load chunks here
+            started = time.process_time()
+            backup.apply(batch.ops)
+            backup.idempotency.apply(batch.time, batch.keyed)
+            ack = Ack(batch.seq, backup.checksum, len(backup))
+            self.backup_seconds += time.process_time() - started
+            core._batch_acked(ack)
             for action in core.take_actions():
                 if type(action) is Respond:
                     action.reply(action.outcome)
@@ -177,12 +188,13 @@ async def _measure_replicated(count: int, rounds: int) -> dict[str, float]:
         connections.append(connection.data_received)
 
     def feed_rounds(requests: Sequence[bytes]) -> float:
-        started = time.process_time()
+        started, backup = time.process_time(), app.backup_seconds
         for i in range(0, len(requests), CONNECTIONS):
             for feed, request in zip(connections, requests[i : i + CONNECTIONS], strict=False):
                 feed(request)
             app.acknowledge_all()
-        return (time.process_time() - started) / len(requests) * 1e6
+        spent = time.process_time() - started - (app.backup_seconds - backup)
+        return spent / len(requests) * 1e6
 
     results = {}
     start = 10 * KEYS
