@@ -20,6 +20,7 @@ changes of a few percent. Another checkout's pbkv is measured beside this one's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -159,9 +160,14 @@ class _ReplicatedApp:
         from pbkv.wire import Ack
 
         core, backup = self.core, self.backup
+        # A checkout from before ACKs carried the backup's checksum takes the seq alone.
+        with_checksum = "checksum" in {field.name for field in dataclasses.fields(Ack)}
         core.flush(1.0)
         while core.in_flight:
             batch = core.in_flight[0]
+            if not with_checksum:
+                core._batch_acked(Ack(batch.seq))  # type: ignore[call-arg]
+                continue
             assert not batch.absent  # no load chunks here
             started = time.process_time()
             backup.apply(batch.ops)

@@ -755,7 +755,7 @@ class PrimaryCore(ReplicationCore):
         if (frame.checksum, frame.count) != (after.checksum, after.count):
             # Its writes are in both copies (answered as such), but the backup's copy is
             # not ours: nothing more goes to it until a handshake has made it ours again
-            # (our copy differs from its: sent whole).
+            # (the copies differ, so ours is sent whole).
             self.backup_diverged += 1
             log.error(
                 "primary: after batch %d the backup holds %d pairs, checksum %032x; we hold "
