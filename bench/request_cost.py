@@ -146,6 +146,11 @@ class _ReplicatedApp:
         # backup's, counted apart and left out of the primary's (``backup_seconds``).
         self.backup = self.core.store.empty_like()
         self.backup_seconds = 0.0
+        # A checkout from before ACKs carried the backup's checksum takes the seq alone
+        # (looked up once: the rounds' time is the primary's).
+        from pbkv.wire import Ack
+
+        self.ack_checksum = "checksum" in {field.name for field in dataclasses.fields(Ack)}
 
     def read(self, command: Any, key: str) -> Any:
         return self.core.read(command, key)
@@ -160,12 +165,10 @@ class _ReplicatedApp:
         from pbkv.wire import Ack
 
         core, backup = self.core, self.backup
-        # A checkout from before ACKs carried the backup's checksum takes the seq alone.
-        with_checksum = "checksum" in {field.name for field in dataclasses.fields(Ack)}
         core.flush(1.0)
         while core.in_flight:
             batch = core.in_flight[0]
-            if not with_checksum:
+            if not self.ack_checksum:
                 core._batch_acked(Ack(batch.seq))  # type: ignore[call-arg]
                 continue
             assert not batch.absent  # no load chunks here
