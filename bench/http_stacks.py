@@ -462,6 +462,7 @@ class Row:
     server_us_per_request: float = 0.0  # its CPU time over the requests it served
     load_cpu_pct: float = 0.0
     server_cores: list[int] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)  # every round's req/s, in order
 
 
 def _measure(
@@ -592,7 +593,7 @@ def report(rows: Sequence[Row], meta: dict[str, Any]) -> str:
     head = (
         f"GET {PATH}?key={KEY} -> {reply(KEY)[1].decode()}, {meta['connections']} keep-alive "
         f"connections, one request in flight each, {meta['warmup']:g} s warmup then "
-        f"{meta['duration']:g} s per stack\n"
+        f"{meta['duration']:g} s per stack{_rounds_said(meta['rounds'])}\n"
         f"server pinned to core {meta['server_cpu']}, load generator (bench/loadgen.py) to "
         f"core {meta['load_cpu']}; {meta['cpu']}, {os.cpu_count()} cores\n"
     )
@@ -602,7 +603,18 @@ def report(rows: Sequence[Row], meta: dict[str, Any]) -> str:
         "than measured. us/req: the server's CPU time per request served."
     )
     names = ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
-    return f"{head}\n{table(rows)}\n\n{legend}\nversions: {names}"
+    every = "".join(
+        f"\n{r.stack} rounds (req/s): {', '.join(f'{t:,.0f}' for t in r.rounds)}"
+        for r in rows
+        if len(r.rounds) > 1
+    )
+    return f"{head}\n{table(rows)}{every}\n\n{legend}\nversions: {names}"
+
+
+def _rounds_said(rounds: int) -> str:
+    if rounds == 1:
+        return ""
+    return f", {rounds} rounds of the stacks in turn; each stack's median round shown"
 
 
 # ---------------------------------------------------------------- command line
@@ -635,6 +647,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--connections", type=int, default=CONNECTIONS, help=f"default {CONNECTIONS}")
     ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every stack this many times, interleaved; each stack's median round "
+        "is reported (default 1)",
+    )
+    ap.add_argument(
         "--pbkv-checkout",
         type=Path,
         default=REPO,
@@ -657,17 +676,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.duration <= 0:
         raise SystemExit("--duration must be positive")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     warmup = args.warmup if args.warmup is not None else min(1.0, args.duration / 5)
     server_cpu, load_cpu = choose_cpus()
     # The load generator runs here: pin before starting servers, which pin themselves away.
     os.sched_setaffinity(0, {load_cpu})
-    rows: list[Row] = []
+    runs: dict[str, list[Row]] = {name: [] for name in args.stacks}
     with tempfile.TemporaryDirectory(prefix="http-stacks-") as tmp:
-        for name in args.stacks:
-            stack = BY_NAME[name]
-            rows.append(
-                run_stack(
-                    stack,
+        # Round by round, every stack once: a spell of load from elsewhere on a shared
+        # machine falls on one round of each stack, not on all the rounds of one.
+        for _ in range(args.rounds):
+            for name in args.stacks:
+                row = run_stack(
+                    BY_NAME[name],
                     args.duration,
                     warmup,
                     Path(tmp),
@@ -675,8 +697,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     args.connections,
                     args.pbkv_checkout.resolve(),
                 )
-            )
-            _progress(rows[-1], quiet=args.json)
+                runs[name].append(row)
+                _progress(row, quiet=args.json)
+    rows = [median_round(runs[name]) for name in args.stacks]
     bare = next((r for r in rows if r.stack == "bare" and r.status == "ok"), None)
     for r in rows:
         if r.status == "ok" and bare is not None:
@@ -685,6 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "request": f"GET {PATH}?key={KEY}",
         "connections": args.connections,
         "duration": args.duration,
+        "rounds": args.rounds,
         "warmup": warmup,
         "server_cpu": server_cpu,
         "load_cpu": load_cpu,
@@ -696,6 +720,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(report(rows, meta))
     return 1 if any(r.status == "failed" for r in rows) else 0
+
+
+def median_round(rows: Sequence[Row]) -> Row:
+    """A stack's row: the round of median throughput (the lower of the middle two for
+    an even count), with every round's req/s; the first failure or skip if any."""
+    failed = next((r for r in rows if r.status != "ok"), None)
+    if failed is not None:
+        return failed
+    ordered = sorted(rows, key=lambda r: r.throughput)
+    middle = ordered[(len(ordered) - 1) // 2]
+    middle.rounds = [r.throughput for r in rows]
+    return middle
 
 
 def _progress(row: Row, quiet: bool) -> None:
