@@ -273,6 +273,7 @@ class DataDir:
             raise PersistError(f"{self.folder}: in use by another process") from None
         self.manifest: Manifest | None = None
         self._writer: LogWriter | None = None
+        self.bytes_appended = 0  # by ``append``, over this object's life
         self._rewrite: _Rewrite | None = None
         self.removed: list[str] = []  # leftovers removed at open
         try:
@@ -377,11 +378,15 @@ class DataDir:
 
     # -- appending ------------------------------------------------------------------
     def append(self, record: Record) -> int:
-        """Append one record to the current increment; returns its size.  Durable only
-        after ``sync``."""
-        if self._writer is None or (self._rewrite is not None and self._rewrite.replacing):
+        """Append one record to the current increment; returns the increment's size.
+        Durable only after ``sync``."""
+        writer = self._writer
+        if writer is None or (self._rewrite is not None and self._rewrite.replacing):
             raise PersistError(f"{self.folder}: not open for appends (load or start first)")
-        return self._writer.append(record)
+        before = writer.size
+        size = writer.append(record)
+        self.bytes_appended += size - before
+        return size
 
     def sync(self) -> None:
         """fsync the records appended since the last ``sync``."""

@@ -52,11 +52,12 @@ replayed on it (the base does not record the values it would restore): it is
 written as a new base of the rolled-back store instead.
 
 Disk faults.  A primary refuses a write *before* applying it while the folder's
-file system has less than ``headroom`` bytes free (``refusal``: a ``statvfs`` at
-most once a millisecond while there is room, at every write while there is not),
-so a disk that fills up refuses writes cleanly: the records of the writes already
-admitted fit in the headroom, and nothing refused is applied anywhere.  Once
-space is freed the next write is accepted.
+file system has less than ``headroom`` bytes free (``refusal``: a ``statvfs``
+while there is room once this server appended a quarter of the headroom since the
+last, or 50 ms passed; at every write while there is not), so a disk that fills
+up refuses writes cleanly: the records of the writes already admitted fit in the
+headroom, and nothing refused is applied anywhere.  Once space is freed the next
+write is accepted.
 
 A failed append, fsync or base (a disk that filled up anyway, an I/O error)
 *fails* the folder: after a failed fsync what is on disk is unknown (the
@@ -101,7 +102,12 @@ log = logging.getLogger(__name__)
 
 EVERYSEC = 1.0  # seconds between fsyncs with ``everysec``
 WRITE_BUDGET = 0.005  # seconds of base writing per turn of the event loop
-SPACE_CHECK_INTERVAL = 0.001  # seconds between checks of the free space while there is room
+# While there is room, the free space is looked at again after this many seconds (the
+# disk may be filled by others), or sooner once this server's own records took a
+# quarter of the headroom: a statvfs costs what several small appends do.
+SPACE_CHECK_INTERVAL = 0.05
+SPACE_CHECK_SHARE = 4  # the headroom's part appended between two looks, at most
+SPACE_CHECK_MIN_BYTES = 64 * 1024  # (with no headroom, still not at every write)
 # Pairs per chunk of a base: a chunk is written in one go (about 1 ms per 1,000 pairs).
 BASE_CHUNK_PAIRS = 1024
 
@@ -161,6 +167,7 @@ class Persistence:
         # flight and queued (a batch's record is at most about twice its BATCH_CHARS).
         self.headroom = settings.disk_headroom
         self._next_space_check = float("-inf")  # the clock's time
+        self._space_check_bytes = 0  # the datadir's bytes_appended that calls for one
         self._space_free = 0
         self.short_of_space: str | None = None  # writes refused: the reason
         self.writes_refused = 0
@@ -359,10 +366,16 @@ class Persistence:
             self.writes_refused += 1
             return DiskFailed(self.failed)
         now = self.clock()
-        if now >= self._next_space_check or self.short_of_space is not None:
-            # Not per write: a statvfs costs what a small write does.
+        if (
+            now >= self._next_space_check
+            or self.datadir.bytes_appended >= self._space_check_bytes
+            or self.short_of_space is not None
+        ):
             self._check_space()
             self._next_space_check = now + SPACE_CHECK_INTERVAL
+            self._space_check_bytes = self.datadir.bytes_appended + max(
+                self.headroom // SPACE_CHECK_SHARE, SPACE_CHECK_MIN_BYTES
+            )
         if self.short_of_space is not None:
             self.writes_refused += 1
             return DiskFailed(self.short_of_space)

@@ -135,7 +135,10 @@ def fsync_dir(folder: Path) -> None:
 
 def write_all(fd: int, data: bytes) -> None:
     """``os.write`` until done (a regular file takes it all at once unless the disk is full)."""
-    view = memoryview(data)
+    written = os.write(fd, data)
+    if written == len(data):
+        return
+    view = memoryview(data)[written:]
     while view:
         written = os.write(fd, view)
         view = view[written:]

@@ -607,16 +607,20 @@ def test_a_base_is_put_in_place_in_a_thread_and_a_newer_one_waits_for_it(
     asyncio.run(run())
 
 
-def test_free_space_is_checked_at_most_once_a_millisecond_while_there_is_room(
+def test_free_space_is_checked_every_quarter_headroom_appended_or_50_ms_while_there_is_room(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A statvfs per write would cost what the write's record does: while there is room
-    the space is looked at once a millisecond at most; while there is not, at every
-    write, so the first write after space was freed is accepted."""
+    """A statvfs per write would cost more than the write's record: while there is
+    room the space is looked at again once the records appended since the last look
+    reach a quarter of the headroom (what they may take of it), or after 50 ms (the
+    disk may be filled by others); while there is not, at every write, so the first
+    write after space was freed is accepted."""
 
     async def run() -> None:
         now = [100.0]
-        persistence = opened(tmp_path, "everysec", clock=lambda: now[0], disk_headroom=1 << 20)
+        headroom = 1 << 20
+        persistence = opened(tmp_path, "everysec", clock=lambda: now[0], disk_headroom=headroom)
+        persistence.recover(make_store("sharded", 4), State(7, 0, 0))
         free = [1 << 30]  # bytes
         checks: list[float] = []
         real = os.statvfs(tmp_path)
@@ -629,16 +633,26 @@ def test_free_space_is_checked_at_most_once_a_millisecond_while_there_is_room(
         monkeypatch.setattr(os, "statvfs", statvfs)
         assert [persistence.refusal() for _ in range(3)] == [None] * 3
         assert checks == [100.0]
-        now[0] += 0.0005
-        free[0] = 1 << 16  # filled meanwhile: seen at the next check
-        assert persistence.refusal() is None and checks == [100.0]
-        now[0] += 0.0005
+        # Records appended: no look until they add up to a quarter of the headroom.
+        value = "v" * 10_000
+        seq = 0
+        while persistence.datadir.bytes_appended < headroom // 4:
+            assert persistence.refusal() is None and checks == [100.0]
+            seq += 1
+            persistence.persist(Record.batch(7, seq, 0, [f"k{seq}", value]))
+        assert seq > 20  # many appends, one look
+        assert persistence.refusal() is None and checks == [100.0, 100.0]
+        # Time alone: a look 50 ms after the last.
+        now[0] = 100.049
+        free[0] = 1 << 16  # filled by others meanwhile: seen at the next look
+        assert persistence.refusal() is None and len(checks) == 2
+        now[0] = 100.05
         refused = persistence.refusal()
         assert isinstance(refused, DiskFailed) and "disk full" in refused.reason
-        assert persistence.refusal() is not None and checks == [100.0, 100.001, 100.001]
-        free[0] = 1 << 30  # freed: the next write is accepted, in the same millisecond
-        assert persistence.refusal() is None and len(checks) == 4
-        assert persistence.refusal() is None and len(checks) == 4
+        assert persistence.refusal() is not None and checks[2:] == [100.05, 100.05]
+        free[0] = 1 << 30  # freed: the next write is accepted, at once
+        assert persistence.refusal() is None and len(checks) == 5
+        assert persistence.refusal() is None and len(checks) == 5
         assert persistence.writes_refused == 2
         persistence.close()
 

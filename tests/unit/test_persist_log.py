@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pbkv.persist.framing import MAGIC_SIZE, Damage, TornTail
+from pbkv.persist.framing import MAGIC_SIZE, Damage, TornTail, write_all
 from pbkv.persist.log import (
     LOG_MAGIC,
     LogWriteError,
@@ -292,3 +292,28 @@ def test_the_file_starts_with_its_magic(tmp_path: Path) -> None:
     LogWriter.create(tmp_path / "log").close()
     assert (tmp_path / "log").read_bytes() == LOG_MAGIC
     assert RecordKind.BATCH == 1  # the numbers are the format: never renumbered
+
+
+@pytest.mark.pure_python  # swaps os.write under the module's function
+def test_write_all_writes_what_a_short_write_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A regular file takes a write whole unless the disk is full; when a write is
+    short, the rest follows, from where it stopped."""
+    real_write = os.write
+    calls: list[int] = []
+
+    def three_at_a_time(fd: int, data: bytes | memoryview) -> int:
+        calls.append(len(data))
+        return real_write(fd, bytes(data[:3]))
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        write_all(fd, b"0123456789")
+        monkeypatch.setattr(os, "write", three_at_a_time)
+        write_all(fd, b"abcdefgh")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"0123456789abcdefgh"
+    assert calls == [8, 5, 2]
