@@ -101,14 +101,16 @@ def _decode_pairs(form: bytes, into: dict[str, str]) -> None:
     """``application/x-www-form-urlencoded`` pairs, as ``parse_qsl`` with blank values
     kept, but on bytes: a form without escapes is decoded once, whole; another piece
     by piece (each piece unescaped, then decoded)."""
-    if form.count(b"&") >= MAX_PARAMS:
-        raise _too_many_params()
-    if form.find(b"%") < 0 and form.find(b"+") < 0:  # find, not in: see _decode_component
-        # Nothing to unescape (the common case): decode the form once, split the text.
-        try:
-            text = form.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _not_utf8() from None
+    try:
+        text: str | None = form.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None  # percent-escapes may complete the raw bytes: piece by piece below
+    # Searched and counted in the text where it decoded (native when compiled, where
+    # the bytes methods are Python calls); the same counts: "&" is one byte in UTF-8.
+    if text is not None and "%" not in text and "+" not in text:
+        # Nothing to unescape (the common case): split the text decoded once.
+        if text.count("&") >= MAX_PARAMS:
+            raise _too_many_params()
         for pair in text.split("&"):
             if not pair:
                 continue
@@ -117,6 +119,10 @@ def _decode_pairs(form: bytes, into: dict[str, str]) -> None:
                 raise _given_twice(name)
             into[name] = value
         return
+    if form.count(b"&") >= MAX_PARAMS:
+        raise _too_many_params()
+    if text is None and form.find(b"%") < 0 and form.find(b"+") < 0:  # find: see below
+        raise _not_utf8()
     for piece in form.split(b"&"):
         if not piece:
             continue
@@ -125,6 +131,13 @@ def _decode_pairs(form: bytes, into: dict[str, str]) -> None:
         if name in into:
             raise _given_twice(name)
         into[name] = _decode_component(raw_value)
+
+
+FORM_TYPE = b"application/x-www-form-urlencoded"  # what most clients send: compared whole
+
+
+def _is_json(content_type: bytes) -> bool:
+    return content_type.split(b";", 1)[0].strip().lower() == b"application/json"
 
 
 def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[str, str]:
@@ -136,7 +149,7 @@ def parse_params(query: bytes | None, body: bytes, content_type: bytes) -> dict[
         _decode_pairs(query, params)
     if not body:
         return params
-    if content_type.split(b";", 1)[0].strip().lower() == b"application/json":
+    if content_type != FORM_TYPE and _is_json(content_type):
         if body.count(b",") >= MAX_PARAMS and not _flat_json_object(body):
             raise RequestError(
                 400, f"a JSON body must be one object of at most {MAX_PARAMS} string parameters"

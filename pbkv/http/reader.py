@@ -100,6 +100,22 @@ _WATCHED_HEADERS = frozenset(
         b"idempotency-key",
     }
 )
+# The usual spellings of header names, each with its lower case, b"" for one not
+# watched: a request's headers are looked up, not lowered (a Python call per header
+# when compiled); another spelling is lowered.
+_SPELLINGS: dict[bytes, bytes] = {
+    spelling: name if name in _WATCHED_HEADERS else b""
+    for name in (
+        *_WATCHED_HEADERS,
+        b"host",
+        b"user-agent",
+        b"accept",
+        b"accept-encoding",
+        b"connection",
+        b"keep-alive",
+    )
+    for spelling in (name, name.title(), name.upper())
+}
 
 
 class RequestReader:
@@ -273,8 +289,12 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.phase = _HEADERS
-        lower = name.lower()
-        if lower not in _WATCHED_HEADERS:  # Host, User-Agent...: the common case
+        lower = _SPELLINGS.get(name)
+        if lower is None:
+            lower = name.lower()
+            if lower not in _WATCHED_HEADERS:
+                return
+        elif not lower:  # Host, User-Agent...: the common case
             return
         if lower == b"idempotency-key":  # first: it comes with every write of a client
             # Twice is no key: refused where it is read, never one of them taken.

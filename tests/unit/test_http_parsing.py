@@ -127,6 +127,24 @@ def test_raw_utf8_in_a_form_body() -> None:
     }
 
 
+def test_raw_bytes_that_an_escape_completes_are_text() -> None:
+    """The form is decoded whole only when nothing is escaped: raw bytes that are not
+    UTF-8 alone may be completed by a percent-escape (as parse_qsl reads them)."""
+    assert parse_params(None, b"key=k&value=\xc3%A9", FORM) == {"key": "k", "value": "é"}
+    with pytest.raises(RequestError, match="not valid UTF-8"):
+        parse_params(None, b"key=k&value=\xc3", FORM)
+
+
+@pytest.mark.parametrize("escaped", [False, True], ids=["plain", "escaped"])
+@pytest.mark.parametrize("utf8", [False, True], ids=["raw-bytes", "utf8"])
+def test_too_many_parameters_are_refused_before_anything_else(escaped: bool, utf8: bool) -> None:
+    """Counted first whichever way the form is read: as text, or piece by piece."""
+    value = (b"%41" if escaped else b"a") + (b"" if utf8 else b"\xff")
+    pieces = [b"k%d=%b" % (i, value) for i in range(MAX_PARAMS)] + [b"k0=again"]
+    with pytest.raises(RequestError, match=f"more than {MAX_PARAMS}"):
+        parse_params(None, b"&".join(pieces), FORM)
+
+
 def test_query_and_body_merge() -> None:
     assert parse_params(b"key=k", b"value=v", FORM) == {"key": "k", "value": "v"}
     assert parse_params(b"key=k", b'{"value": "v"}', JSON) == {"key": "k", "value": "v"}

@@ -268,3 +268,24 @@ def test_bodies_that_wait_for_room_stop_at_twice_max_pending_bytes() -> None:
     # Two fit under the bound, two more wait in the second one, then 503.
     assert [len(handler.refusals) for handler in waiting] == [0, 0, 0, 0, 1]
     assert guard.pending_bytes == 4 * size
+
+
+@pytest.mark.parametrize(
+    "spell",
+    [bytes.lower, bytes.title, bytes.upper, lambda name: name.swapcase().title().swapcase()],
+    ids=["lower", "title", "upper", "mixed"],
+)
+def test_header_names_are_read_in_any_case(spell) -> None:
+    """The usual spellings are looked up, any other is lowered: all read alike, and a
+    header that is not watched (Host) changes nothing whatever its case."""
+    names = [b"host", b"content-type", b"authorization", b"origin", b"idempotency-key"]
+    host, content_type, authorization, origin, ident = map(spell, names)
+    handler = reader_for()
+    handler.reader.feed(
+        b"POST /kv/insert HTTP/1.1\r\n%b: x\r\n%b: text/plain\r\n%b: Bearer t\r\n"
+        b"%b: http://a\r\n%b: k-1\r\nContent-Length: 0\r\n\r\n"
+        % (host, content_type, authorization, origin, ident)
+    )
+    assert handler.refusals == []
+    assert handler.headers == [(b"text/plain", b"Bearer t", True)]
+    assert handler.reader.idempotency_key == b"k-1"
