@@ -168,6 +168,7 @@ class Persistence:
         self.headroom = settings.disk_headroom
         self._next_space_check = float("-inf")  # the clock's time
         self._space_check_bytes = 0  # the datadir's bytes_appended that calls for one
+        self._space_check_step = max(self.headroom // SPACE_CHECK_SHARE, SPACE_CHECK_MIN_BYTES)
         self._space_free = 0
         self.short_of_space: str | None = None  # writes refused: the reason
         self.writes_refused = 0
@@ -373,9 +374,7 @@ class Persistence:
         ):
             self._check_space()
             self._next_space_check = now + SPACE_CHECK_INTERVAL
-            self._space_check_bytes = self.datadir.bytes_appended + max(
-                self.headroom // SPACE_CHECK_SHARE, SPACE_CHECK_MIN_BYTES
-            )
+            self._space_check_bytes = self.datadir.bytes_appended + self._space_check_step
         if self.short_of_space is not None:
             self.writes_refused += 1
             return DiskFailed(self.short_of_space)
