@@ -208,6 +208,11 @@ class PrimaryCore(ReplicationCore):
         # Batches sent and not yet acknowledged, oldest first (acks come in order).
         self.in_flight: deque[Batch] = deque()
         self.window = settings.batches_in_flight
+        # With persistence each batch costs both servers a record, and with ``always``
+        # an fsync each, in series: a batch that can still take writes waits while
+        # another is in flight, so the writes that come meanwhile share it (the window
+        # still lets full batches, such as a load's, follow each other).
+        self.fill_before_sending = settings.persistence != "off"
         self.sent_seq = 0
         self.plan: Plan | None = None  # what this channel's handshake decided
         # The batches applied last, to bring a member behind us in sync (``catchup.py``).
@@ -675,6 +680,8 @@ class PrimaryCore(ReplicationCore):
             return  # held until the leadership allows it (the driver flushes then)
         queued = self.queued
         while len(self.in_flight) < self.window and queued[0].entries:
+            if self.in_flight and self.fill_before_sending and self._can_grow(queued):
+                break  # sent once the batch in flight is acknowledged (or it fills)
             batch = queued.popleft()
             if not queued:
                 queued.append(Batch())
@@ -697,6 +704,12 @@ class PrimaryCore(ReplicationCore):
                     batch.seq, batch.ops, batch.time, batch.keyed, batch.absent, epoch=self.epoch
                 )
             )
+
+    @staticmethod
+    def _can_grow(queued: deque[Batch]) -> bool:
+        """Whether the next batch to send still takes writes (and has some to send)."""
+        batch = queued[0]
+        return len(queued) == 1 and not batch.full() and bool(batch.ops or batch.keyed)
 
     def _answer(self, batch: Batch) -> None:
         outbox = self.outbox

@@ -786,6 +786,57 @@ def test_writes_queued_behind_a_full_window_go_in_the_next_batch(
     assert_same_data(primary, backup)
 
 
+def _batch_sizes(link: Link, since: int) -> list[int]:
+    return [len(f.ops) // 2 for f in link.sent["primary"][since:] if f.kind == FrameType.BATCH]
+
+
+@pytest.mark.parametrize("persistence", ["everysec", "always"])
+def test_with_persistence_a_batch_that_can_grow_waits_for_the_one_in_flight(
+    make_link: Callable[..., Link], persistence: str
+) -> None:
+    """Each batch costs both servers a record (and an fsync with ``always``): while
+    one is in flight the next gathers every write until it is acknowledged."""
+    link = make_link(batches_in_flight=2, persistence=persistence, data_dir="unused")
+    primary, backup = in_sync_pair(link)
+    before = link.mark()
+    link.paused.add("primary")
+    tokens = [link.token() for _ in range(11)]
+    for i, token in enumerate(tokens):
+        link.submit(token, INSERT, f"b{i}", str(i))
+        link.flush()
+    assert link.kinds("primary", before["primary"]) == [FrameType.BATCH]  # the window has room
+
+    link.paused.clear()
+    link.run()
+
+    assert _batch_sizes(link, before["primary"]) == [1, 10]
+    assert all(link.responses[token] == Done(True) for token in tokens)
+    assert link.answer_order == tokens
+    assert_same_data(primary, backup)
+
+
+def test_with_persistence_full_batches_still_fill_the_window(
+    make_link: Callable[..., Link],
+) -> None:
+    link = make_link(batches_in_flight=2, persistence="always", data_dir="unused")
+    primary, backup = in_sync_pair(link)
+    before = link.mark()
+    link.paused.add("primary")
+    tokens = [link.token() for _ in range(1 + BATCH_WRITES + 5)]
+    for i, token in enumerate(tokens):
+        link.submit(token, INSERT, f"f{i}", "v")
+        link.flush()
+        if i == BATCH_WRITES:  # the second batch went out as it filled, the first in flight
+            assert link.kinds("primary", before["primary"]) == [FrameType.BATCH] * 2
+
+    link.paused.clear()
+    link.run()
+
+    assert _batch_sizes(link, before["primary"]) == [1, BATCH_WRITES, 5]
+    assert all(link.responses[token] == Done(True) for token in tokens)
+    assert_same_data(primary, backup)
+
+
 def test_replicated_writes_run_no_python_of_the_compiled_modules(
     make_link: Callable[..., Link],
 ) -> None:
