@@ -208,11 +208,11 @@ class PrimaryCore(ReplicationCore):
         # Batches sent and not yet acknowledged, oldest first (acks come in order).
         self.in_flight: deque[Batch] = deque()
         self.window = settings.batches_in_flight
-        # With persistence each batch costs both servers a record, and with ``always``
-        # an fsync each, in series: a batch that can still take writes waits while
-        # another is in flight, so the writes that come meanwhile share it (the window
-        # still lets full batches, such as a load's, follow each other).
-        self.fill_before_sending = settings.persistence != "off"
+        # With ``always`` each batch costs an fsync on each server, in series, and the
+        # disk is the limit: a batch that can still take writes waits while another
+        # is in flight, so the writes that come meanwhile share its fsyncs (full
+        # batches, such as a load's, still fill the window).
+        self.fill_before_sending = settings.persistence == "always"
         self.sent_seq = 0
         self.plan: Plan | None = None  # what this channel's handshake decided
         # The batches applied last, to bring a member behind us in sync (``catchup.py``).

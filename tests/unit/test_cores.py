@@ -761,11 +761,12 @@ def test_group_commit_one_batch_and_nothing_visible_before_the_ack(link: Link) -
     assert primary.batches_sent == 1
 
 
+@pytest.mark.parametrize("persistence", ["off", "everysec"])
 @pytest.mark.parametrize("window", [1, 2, 3])
 def test_writes_queued_behind_a_full_window_go_in_the_next_batch(
-    make_link: Callable[..., Link], window: int
+    make_link: Callable[..., Link], window: int, persistence: str
 ) -> None:
-    link = make_link(batches_in_flight=window)
+    link = make_link(batches_in_flight=window, persistence=persistence, data_dir="unused")
     primary, backup = in_sync_pair(link)
     before = link.mark()
     link.paused.add("primary")
@@ -790,13 +791,12 @@ def _batch_sizes(link: Link, since: int) -> list[int]:
     return [len(f.ops) // 2 for f in link.sent["primary"][since:] if f.kind == FrameType.BATCH]
 
 
-@pytest.mark.parametrize("persistence", ["everysec", "always"])
-def test_with_persistence_a_batch_that_can_grow_waits_for_the_one_in_flight(
-    make_link: Callable[..., Link], persistence: str
+def test_with_always_a_batch_that_can_grow_waits_for_the_one_in_flight(
+    make_link: Callable[..., Link],
 ) -> None:
-    """Each batch costs both servers a record (and an fsync with ``always``): while
-    one is in flight the next gathers every write until it is acknowledged."""
-    link = make_link(batches_in_flight=2, persistence=persistence, data_dir="unused")
+    """Each batch costs both servers an fsync: while one is in flight the next gathers
+    every write until it is acknowledged."""
+    link = make_link(batches_in_flight=2, persistence="always", data_dir="unused")
     primary, backup = in_sync_pair(link)
     before = link.mark()
     link.paused.add("primary")
@@ -815,7 +815,7 @@ def test_with_persistence_a_batch_that_can_grow_waits_for_the_one_in_flight(
     assert_same_data(primary, backup)
 
 
-def test_with_persistence_full_batches_still_fill_the_window(
+def test_with_always_full_batches_still_fill_the_window(
     make_link: Callable[..., Link],
 ) -> None:
     link = make_link(batches_in_flight=2, persistence="always", data_dir="unused")
