@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.resp_load import RespError, SyncRedis
+from pbkv import compiled
 from pbkv.launcher import process_alive
 from pbkv.testing import cluster
 
@@ -123,6 +124,7 @@ class Pbkv:
         if standalone:
             values["standalone"] = "true"
         values.update(settings or {})
+        self.build: str | None = None  # the servers' (their status says), once started
         self.config = self.dir / "settings.conf"
         self.config.write_text(json.dumps(values))
         self.address = {
@@ -170,11 +172,23 @@ class Pbkv:
     def start_all(self) -> None:
         if self.standalone:
             self.start("primary")
-            return
-        self.start("backup")
-        self.start("primary")
-        self.wait_stage("primary", "in_sync")
-        self.wait_stage("backup", "in_sync")
+        else:
+            self.start("backup")
+            self.start("primary")
+            self.wait_stage("primary", "in_sync")
+            self.wait_stage("backup", "in_sync")
+        self.check_build()
+
+    def check_build(self) -> None:
+        """Say so when the servers do not run the build this process runs (a checkout's
+        sources edited since it was compiled run as pure Python, slower)."""
+        status = self.status("primary", timeout=30)
+        self.build = None if status is None else status.get("build")
+        if self.build != compiled.BUILD:
+            print(
+                f"warning: pbkv {self.name} runs {self.build}, this benchmark {compiled.BUILD}",
+                file=sys.stderr,
+            )
 
     def stop(self, role: str) -> None:
         subprocess.run(self._command("stop_server", role), capture_output=True, timeout=60)

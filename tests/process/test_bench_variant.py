@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(compiled.BUILD != "compiled", reason="needs a compiled build")
-def test_a_variants_servers_run_its_checkouts_code(tmp_path: Path) -> None:
+def test_a_variants_servers_run_its_checkouts_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     checkout = tmp_path / "checkout"
     shutil.copytree(ROOT / "bin", checkout / "bin")
     package = shutil.copytree(
@@ -30,5 +32,9 @@ def test_a_variants_servers_run_its_checkouts_code(tmp_path: Path) -> None:
         status = servers.status()
         assert status is not None
         assert status["build"] == "pure Python (not compiled for this Python)"
+        # Compared with this compiled process, it would be slower: the benchmark says so.
+        assert servers.build == status["build"]
+        warning = f"warning: pbkv variant runs {status['build']}, this benchmark compiled"
+        assert warning in capsys.readouterr().err
     finally:
         servers.cleanup()
